@@ -1,0 +1,42 @@
+# Persona: `make demo`, `make test`, `make ui`, `make bench`. Each target sets itself up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PERSONA_HOME ?= $(CURDIR)/data
+DAGSTER_HOME ?= $(PERSONA_HOME)/dagster
+EVENTS ?= 1000000
+export PERSONA_HOME DAGSTER_HOME
+
+.PHONY: venv demo test ui bench lint clean
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Persona needs Python 3.11 or 3.12 as $(PYTHON)")'
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); \
+	  else echo "Cannot create a venv: install Debian's python3-venv package (apt-get install python3-venv)"; exit 1; fi; }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/persona demo
+
+test: venv
+	$(BIN)/ruff check persona_assets persona_assets_tests
+	$(BIN)/pytest -q
+
+ui: venv
+	$(BIN)/persona ui
+
+bench: venv
+	$(BIN)/persona bench --events $(EVENTS)
+
+lint: venv
+	$(BIN)/ruff check persona_assets persona_assets_tests
+	$(BIN)/ruff format --check persona_assets persona_assets_tests
+
+clean:
+	rm -rf $(VENV) $(PERSONA_HOME)/warehouse.duckdb* $(PERSONA_HOME)/serving $(PERSONA_HOME)/landing $(PERSONA_HOME)/dagster

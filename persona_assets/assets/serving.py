@@ -1,0 +1,42 @@
+"""The serving snapshot users query with DuckDB while runs write the warehouse."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents, columns
+from persona_assets.resources import ServingPublisher
+
+# What users may query: each contract's published columns (restricted ones stay behind).
+PUBLISHED = {
+    "raw_events": RawEvents,
+    "quarantined_events": QuarantinedEvents,
+    "ingest_files": IngestFiles,
+}
+
+
+def published_tables() -> dict[str, str]:
+    return {
+        table: f"SELECT {', '.join(columns(model, serving_only=True))} FROM {table}"
+        for table, model in PUBLISHED.items()
+    }
+
+
+@dg.asset(
+    deps=list(PUBLISHED),
+    kinds={"duckdb"},
+    group_name="serving",
+    pool="duckdb",
+    description="serving/persona.duckdb: a read-only snapshot of the published tables, swapped in atomically.",
+)
+def serving_snapshot(context: dg.AssetExecutionContext, warehouse: DuckDBResource, serving: ServingPublisher):
+    with warehouse.get_connection() as con:
+        counts = serving.publish(con, published_tables(), run_id=context.run_id)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(serving.path),
+            "tables": dg.MetadataValue.md("\n".join(f"- `{t}`: {n} rows" for t, n in counts.items())),
+            "example_query": dg.MetadataValue.md(
+                f'```\nduckdb -readonly {serving.path} "SELECT event_type, count(*) FROM raw_events GROUP BY 1"\n```'
+            ),
+        }
+    )

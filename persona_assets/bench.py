@@ -1,0 +1,97 @@
+"""`persona bench`: ingestion time and peak memory on generated data, against a DuckDB floor.
+
+Each measured step runs in its own process so its peak memory is its own; the floor and
+the ingestion run in the same bench run so their ratio is fair on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from persona_assets.settings import persona_home
+
+EVENTS_PER_PERSON = 32  # what the generator makes on average
+
+
+FLOOR = """
+import duckdb, sys
+con = duckdb.connect()
+n = con.execute("SELECT count(*) FROM (SELECT anonymousId, count(*) FROM read_json(?, format='newline_delimited',
+    ignore_errors=true, columns={'anonymousId': 'VARCHAR'}) GROUP BY 1)", [sys.argv[1]]).fetchall()[0][0]
+print(n)
+"""
+
+INGEST = """
+import duckdb, sys, json
+from pathlib import Path
+from persona_assets.core.ingest import ingest
+con = duckdb.connect(sys.argv[2])
+r = ingest(con, Path(sys.argv[1]), b"bench-key")
+print(json.dumps({"lines": r.total("lines_read"), "kept": r.total("events_kept"),
+                  "quarantined": r.total("lines_quarantined"), "duplicates": r.total("duplicates")}))
+"""
+
+
+def measure(code: str, *args: str) -> tuple[float, float, str]:
+    """Run `code` in a fresh Python; returns wall seconds, peak RSS in GB, and its stdout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"bench step failed: {code.strip().splitlines()[0]} ...")
+    return seconds, usage.ru_maxrss / 1024 / 1024, out.strip()
+
+
+def run(args) -> int:
+    from persona_assets.datagen import generate
+
+    work = Path(args.workdir) if args.workdir else persona_home() / "bench"
+    people = max(100, args.events // EVENTS_PER_PERSON)
+    data = work / f"landing-{people}-{args.format.replace('.', '')}"
+    if not (data / "_truth" / "counts.json").exists():
+        print(f"generating about {args.events} events ({people} people) into {data} ...", flush=True)
+        t = time.perf_counter()
+        generate(people, 1, data, args.format)
+        print(f"  generated in {time.perf_counter() - t:.0f} s", flush=True)
+    counts = json.loads((data / "_truth" / "counts.json").read_text())
+    pattern = str(data / ("*." + args.format))
+    warehouse = work / "bench-warehouse.duckdb"
+    for leftover in (warehouse, warehouse.with_name(warehouse.name + ".wal")):
+        leftover.unlink(missing_ok=True)
+
+    results: dict[str, object] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "events": counts["events"],
+        "lines": counts["lines"],
+        "format": args.format,
+    }
+    if args.format in ("jsonl", "jsonl.gz"):
+        floor_s, floor_gb, _ = measure(FLOOR, pattern)
+        results["floor_seconds"] = round(floor_s, 2)
+        results["floor_peak_gb"] = round(floor_gb, 2)
+    ingest_s, ingest_gb, out = measure(INGEST, str(data), str(warehouse))
+    ingested = json.loads(out.splitlines()[-1])
+    results.update(
+        ingest_seconds=round(ingest_s, 2),
+        ingest_peak_gb=round(ingest_gb, 2),
+        ingest_events_per_second=round(ingested["lines"] / ingest_s),
+        **{f"ingest_{k}": v for k, v in ingested.items()},
+    )
+    if "floor_seconds" in results:
+        results["ratio_to_floor"] = round(ingest_s / floor_s, 2)
+    warehouse.unlink(missing_ok=True)
+    out_file = work / f"bench-{people}-{args.format.replace('.', '')}.json"
+    out_file.write_text(json.dumps(results, indent=2))
+    width = max(len(k) for k in results)
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value}")
+    print(f"(written to {out_file})")
+    return 0

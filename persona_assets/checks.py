@@ -1,0 +1,72 @@
+"""Asset checks: each Pandera contract becomes a blocking check, plus SQL invariants."""
+
+import dagster as dg
+import pandas as pd
+import pandera.pandas as pa
+from dagster_duckdb import DuckDBResource
+
+from persona_assets.contracts import columns
+
+CHUNK_ROWS = 500_000
+FAILURES_SHOWN = 20
+
+
+def validate_in_chunks(con, model: type[pa.DataFrameModel], select_sql: str) -> tuple[int, pd.DataFrame]:
+    """Validate the rows of `select_sql` against `model`, a chunk at a time.
+
+    Returns the number of rows validated and the failure cases (empty when all pass).
+    """
+    reader = con.sql(select_sql).to_arrow_reader(CHUNK_ROWS)
+    rows = 0
+    failures: list[pd.DataFrame] = []
+    for batch in reader:
+        frame = batch.to_pandas()
+        rows += len(frame)
+        try:
+            model.validate(frame, lazy=True)
+        except pa.errors.SchemaErrors as err:
+            failures.append(err.failure_cases)
+    cases = pd.concat(failures, ignore_index=True) if failures else pd.DataFrame()
+    return rows, cases
+
+
+def contract_check(
+    asset: str, model: type[pa.DataFrameModel], table: str, where: str = "", description: str | None = None
+) -> dg.AssetChecksDefinition:
+    """A blocking check that `table` (or the rows `where` selects) meets its contract."""
+
+    @dg.asset_check(
+        asset=asset,
+        name=f"{table}_contract",
+        blocking=True,
+        description=description or f"Rows of {table} satisfy the {model.__name__} contract (contracts.py).",
+    )
+    def _check(warehouse: DuckDBResource) -> dg.AssetCheckResult:
+        cols = ", ".join(f'"{c}"' for c in columns(model))
+        with warehouse.get_connection() as con:
+            rows, cases = validate_in_chunks(con, model, f'SELECT {cols} FROM "{table}" {where}')
+        metadata: dict[str, object] = {"rows_validated": rows, "failure_cases": len(cases)}
+        if len(cases):
+            summary = cases.groupby(["column", "check"], dropna=False).size().reset_index(name="count")
+            metadata["failing_checks"] = dg.MetadataValue.md(summary.to_markdown(index=False))
+            shown = cases.head(FAILURES_SHOWN)[["column", "check", "failure_case", "index"]]
+            metadata["examples"] = dg.MetadataValue.md(shown.astype(str).to_markdown(index=False))
+        return dg.AssetCheckResult(passed=len(cases) == 0, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata)
+
+    return _check
+
+
+def sql_check(asset: str, name: str, violations_sql: str, description: str, blocking: bool = True):
+    """A check that passes when `violations_sql` (a SELECT of offending rows) returns none."""
+
+    @dg.asset_check(asset=asset, name=name, blocking=blocking, description=description)
+    def _check(warehouse: DuckDBResource) -> dg.AssetCheckResult:
+        with warehouse.get_connection() as con:
+            count = con.execute(f"SELECT count(*) FROM ({violations_sql})").fetchall()[0][0]
+            sample = con.execute(f"SELECT * FROM ({violations_sql}) LIMIT {FAILURES_SHOWN}").df() if count else None
+        metadata: dict[str, object] = {"violations": count}
+        if sample is not None:
+            metadata["examples"] = dg.MetadataValue.md(sample.astype(str).to_markdown(index=False))
+        return dg.AssetCheckResult(passed=count == 0, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata)
+
+    return _check

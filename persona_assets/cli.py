@@ -1,0 +1,191 @@
+"""`persona demo|generate|run|query|ui`: the command line over the asset graph and the snapshot."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+from persona_assets.settings import persona_home
+
+DEMO_PEOPLE = 10_000
+DEMO_SEED = 42
+
+
+def dagster_home() -> Path:
+    """DAGSTER_HOME (default PERSONA_HOME/dagster), holding the shipped dagster.yaml."""
+    home = Path(os.environ.get("DAGSTER_HOME") or persona_home() / "dagster").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    shipped = resources.files("persona_assets") / "dagster.yaml"
+    target = home / "dagster.yaml"
+    if not target.exists() or target.read_text() != shipped.read_text():
+        target.write_text(shipped.read_text())
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def materialize(selection: list[str] | None = None, log_level: str = "WARNING") -> bool:
+    """Run the asset graph (or a selection) in-process, recorded in DAGSTER_HOME so the UI shows it."""
+    import dagster as dg
+
+    from persona_assets.definitions import build_definitions
+
+    defs = build_definitions(persona_home())
+    job = defs.resolve_implicit_global_asset_job_def()
+    instance = dg.DagsterInstance.from_config(str(dagster_home()))
+    with instance:
+        result = job.execute_in_process(
+            instance=instance,
+            asset_selection=[dg.AssetKey(s) for s in selection] if selection else None,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        )
+    if not result.success:
+        for event in result.all_events:
+            if event.is_failure:
+                print(f"failed: {event.step_key}: {event.message}", file=sys.stderr)
+    return result.success
+
+
+def summary() -> str:
+    from persona_assets.core.publish import open_snapshot
+
+    path = persona_home() / "serving" / "persona.duckdb"
+    with open_snapshot(path) as con:
+        lines, kept, quarantined, duplicates, files = con.execute(
+            "SELECT sum(lines_read), sum(events_kept), sum(lines_quarantined), sum(duplicates), count(*) "
+            "FROM ingest_files"
+        ).fetchall()[0]
+        anons, users = con.execute(
+            "SELECT count(DISTINCT anonymous_id), count(DISTINCT user_id) FROM raw_events"
+        ).fetchall()[0]
+    return "\n".join(
+        [
+            f"Files ingested:     {files}",
+            f"Lines read:         {lines or 0}",
+            f"Events kept:        {kept or 0}",
+            f"Lines quarantined:  {quarantined or 0}",
+            f"Re-delivered copies:{duplicates or 0:>7}",
+            f"Identities seen:    {anons} anonymousIds, {users} userIds",
+            f"Query the snapshot: {path}",
+            '  persona query "SELECT event_type, count(*) AS events FROM raw_events GROUP BY 1 ORDER BY 2 DESC"',
+            f"  duckdb -readonly {path}",
+        ]
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from persona_assets.datagen import generate
+
+    out = Path(args.out) if args.out else persona_home() / "landing"
+    counts = generate(args.people, args.seed, out, args.format, args.people_per_file)
+    print(f"wrote {counts['lines']} lines ({counts['events']} events) in {counts['files']} files to {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    ok = materialize(args.select.split(",") if args.select else None)
+    if ok and (persona_home() / "serving" / "persona.duckdb").exists():
+        print(summary())
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from persona_assets.datagen import generate
+
+    landing = persona_home() / "landing"
+    if not any(landing.glob(f"events-s{args.seed}-*")):
+        print(f"Generating {args.people} people (seed {args.seed}) into {landing} ...")
+        generate(args.people, args.seed, landing, args.format)
+    else:
+        print(f"Demo data for seed {args.seed} already in {landing}; ingesting only what is new.")
+    if not materialize():
+        return 1
+    print(summary())
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from persona_assets.core.publish import open_snapshot
+
+    path = Path(args.snapshot) if args.snapshot else persona_home() / "serving" / "persona.duckdb"
+    try:
+        con = open_snapshot(path)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    with con:
+        try:
+            frame = con.execute(args.sql).df()
+        except Exception as exc:  # a user's SQL error: say it plainly
+            print(f"query failed: {exc}", file=sys.stderr)
+            return 2
+    if args.format == "csv":
+        frame.to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(frame.to_json(orient="records", date_format="iso"))
+    else:
+        print(frame.to_string(index=False, max_rows=args.max_rows))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    home = dagster_home()
+    exe = shutil.which("dagster") or str(Path(sys.executable).with_name("dagster"))
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    cmd = [exe, "dev", "-h", args.host, "-p", str(args.port)]
+    cmd += ["-w", str(workspace)] if workspace.exists() else ["-m", "persona_assets.definitions"]
+    print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home})")
+    os.execv(exe, cmd)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="persona", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="write synthetic Segment events with ground truth")
+    p.add_argument("--people", type=int, default=DEMO_PEOPLE)
+    p.add_argument("--seed", type=int, default=DEMO_SEED)
+    p.add_argument("--out", help="folder for the event files (default PERSONA_HOME/landing)")
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "jsonl.gz", "csv", "parquet"])
+    p.add_argument("--people-per-file", type=int)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("run", help="materialize the asset graph in-process")
+    p.add_argument("--select", help="comma-separated asset keys (default: all)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("demo", help="generate demo data (once), materialize everything, print a summary")
+    p.add_argument("--people", type=int, default=DEMO_PEOPLE)
+    p.add_argument("--seed", type=int, default=DEMO_SEED)
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "jsonl.gz", "csv", "parquet"])
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("query", help="run SQL on the read-only serving snapshot")
+    p.add_argument("sql")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    p.add_argument("--max-rows", type=int, default=50)
+    p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
+    p.set_defaults(fn=cmd_query)
+
+    p = sub.add_parser("ui", help="start the Dagster webserver and daemon")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(fn=cmd_ui)
+
+    p = sub.add_parser("bench", help="time ingestion against a DuckDB floor on generated data")
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "jsonl.gz", "csv", "parquet"])
+    p.add_argument("--workdir", help="where to generate and keep bench data (default PERSONA_HOME/bench)")
+    p.set_defaults(fn=lambda a: __import__("persona_assets.bench", fromlist=["run"]).run(a))
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

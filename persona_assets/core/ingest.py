@@ -1,0 +1,591 @@
+"""Landing files to `raw_events`: read, type and validate in DuckDB, quarantine the bad, hash PII.
+
+Every line read ends in exactly one of three places: `raw_events`, `quarantined_events`,
+or the ledger's count of re-delivered copies of a messageId already kept. One call is
+one transaction: a run killed half-way leaves the tables as they were.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents, columns, ddl
+from persona_assets.core.events import EVENT_TYPES, FIELDS, FLAT_COLUMNS, Field
+from persona_assets.core.pii import hmac_params, hmac_sql, normalize_email_sql, normalize_phone
+
+FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".csv": "csv", ".parquet": "parquet"}
+PARTIAL_SUFFIXES = (".tmp", ".part")
+RAW_TEXT_LIMIT = 10_000  # characters of a bad line kept in quarantine; the file keeps the rest
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """Tunables of ingestion (mirrored by `settings.IngestConfig`)."""
+
+    min_event_at: datetime = datetime(2000, 1, 1)
+    max_future_hours: float = 24.0
+    max_line_bytes: int = 1_000_000
+    max_id_chars: int = 256
+    chunk_bytes: int = 64 * 1024 * 1024
+    gmail_rules: bool = True
+
+
+@dataclass
+class FileReport:
+    file_name: str
+    status: str
+    lines_read: int = 0
+    events_kept: int = 0
+    lines_quarantined: int = 0
+    duplicates: int = 0
+
+
+@dataclass
+class IngestReport:
+    files: list[FileReport] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def total(self, attr: str) -> int:
+        return sum(getattr(f, attr) for f in self.files)
+
+
+def file_format(path: Path) -> str | None:
+    name = path.name
+    for suffix, fmt in sorted(FORMATS.items(), key=lambda kv: -len(kv[0])):
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+def landing_files(landing: Path) -> list[Path]:
+    """Complete event files at the top of the landing folder, oldest first.
+
+    Files still being written (`*.tmp`, `*.part`, hidden files) are left for later.
+    """
+    if not landing.is_dir():
+        return []
+    found = [
+        p
+        for p in landing.iterdir()
+        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(PARTIAL_SUFFIXES) and file_format(p)
+    ]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def checksum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(8 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(ddl(RawEvents, "raw_events"))
+    con.execute(ddl(QuarantinedEvents, "quarantined_events"))
+    con.execute(ddl(IngestFiles, "ingest_files"))
+
+
+# --- reading: every format becomes Arrow batches of (line, raw, <flat columns>) -------------
+
+
+def _json_line_batches(path: Path, chunk_bytes: int) -> Iterator[pa.Table]:
+    """Split a (gzipped) JSON-lines file into numbered lines, without parsing them.
+
+    Newlines are found with numpy and the lines handed to Arrow as offsets into the
+    block read, so no Python object is made per line.
+    """
+    opener = gzip.open if path.name.endswith(".gz") else open
+    line_no = 0
+    rest = b""
+    with opener(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk_bytes)
+            if not block:
+                break
+            data = rest + block
+            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+            if len(ends) == 0:
+                rest = data
+                continue
+            rest = data[ends[-1] + 1 :]
+            yield _line_table(data[: ends[-1] + 1], ends, line_no)
+            line_no += len(ends)
+    if rest:
+        yield _line_table(rest + b"\n", np.array([len(rest)]), line_no)
+
+
+def _line_table(data: bytes, ends: np.ndarray, first: int) -> pa.Table:
+    """Lines of `data` ending at the newline offsets `ends`, numbered from first + 1."""
+    offsets = np.concatenate(([0], ends + 1)).astype(np.int64)
+    binary = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(ends), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+    numbers = pa.array(np.arange(first + 1, first + 1 + len(ends), dtype=np.int64))
+    try:
+        text = binary.cast(pa.large_string())
+        bad_utf8 = pa.array(np.zeros(len(ends), dtype=bool))
+    except pa.ArrowInvalid:
+        lines = binary.to_pylist()
+        decoded = [b.decode("utf-8", errors="replace") for b in lines]
+        text = pa.array(decoded, pa.large_string())
+        bad_utf8 = pa.array([d.encode("utf-8") != b for d, b in zip(decoded, lines)])
+    text = pc.utf8_rtrim(text, characters="\r\n")
+    return pa.table({"line": numbers, "raw": text, "bad_utf8": bad_utf8})
+
+
+def _csv_batches(path: Path, chunk_bytes: int) -> Iterator[pa.Table]:
+    """CSV rows as strings with their line numbers; rows of the wrong width become bad rows."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        header = next(csv.reader([fh.readline()]), [])
+    if not header:
+        raise UnreadableFile("CSV file without a header line")
+    invalid: list[tuple[int, str]] = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        invalid.append((row.number, row.text))
+        return "skip"
+
+    reader = pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(block_size=min(chunk_bytes, 1 << 24), use_threads=False),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in header},
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=True,
+        ),
+    )
+    next_line = 2  # line 1 is the header
+    for batch in reader:
+        # Valid rows fill the line numbers the invalid ones (reported during this batch) did not take.
+        taken = sorted(n for n, _ in invalid)
+        numbers: list[int] = []
+        line = next_line
+        ti = 0
+        while len(numbers) < batch.num_rows:
+            while ti < len(taken) and taken[ti] < line:
+                ti += 1
+            if ti < len(taken) and taken[ti] == line:
+                line += 1
+                continue
+            numbers.append(line)
+            line += 1
+        bad = [(n, t) for n, t in invalid if n >= next_line]
+        next_line = max([line] + [n + 1 for n, _ in bad])
+        invalid.clear()
+        yield _flat_table(pa.Table.from_batches([batch]), numbers)
+        if bad:
+            yield _bad_rows_table(bad)
+    if invalid:
+        yield _bad_rows_table(invalid)
+
+
+def _parquet_batches(path: Path, rows: int = 500_000) -> Iterator[pa.Table]:
+    first = 1
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+        table = pa.Table.from_batches([batch])
+        table = pa.table({name: table[name].cast(pa.string()) for name in table.column_names})
+        yield _flat_table(table, list(range(first, first + table.num_rows)))
+        first += table.num_rows
+
+
+def _flat_table(table: pa.Table, numbers: list[int]) -> pa.Table:
+    cols = {"line": pa.array(numbers, pa.int64()), "malformed": pa.nulls(table.num_rows, pa.string())}
+    for flat in FLAT_COLUMNS:
+        cols[flat] = table[flat] if flat in table.column_names else pa.nulls(table.num_rows, pa.string())
+    return pa.table(cols)
+
+
+def _bad_rows_table(rows: list[tuple[int, str]]) -> pa.Table:
+    n = len(rows)
+    cols = {
+        "line": pa.array([r[0] for r in rows], pa.int64()),
+        "malformed": pa.array([r[1] for r in rows], pa.string()),
+    }
+    for flat in FLAT_COLUMNS:
+        cols[flat] = pa.nulls(n, pa.string())
+    return pa.table(cols)
+
+
+# --- typing and validation in SQL -------------------------------------------------------------
+
+ID_FIELDS = [f for f in FIELDS if f.kind == "id"]
+CONTAINERS = {"$.properties": "OBJECT", "$.traits": "OBJECT", "$.context": "OBJECT", "$.properties.products": "ARRAY"}
+
+
+def _json_select() -> str:
+    """From (line, raw, bad_utf8) to (line, raw, parse_error, bad_field, <one VARCHAR per field>)."""
+    paths = [p for f in FIELDS for p in f.paths]
+    path_list = ", ".join(f"'{p}'" for p in paths)
+    type_paths = ["$"] + [p for f in ID_FIELDS for p in f.paths] + list(CONTAINERS)
+    type_list = ", ".join(f"'{p}'" for p in type_paths)
+    # 1-based list positions for each field's paths
+    index = {p: i + 1 for i, p in enumerate(paths)}
+    values = ",\n".join(
+        f"  coalesce({', '.join(f'v[{index[p]}]' for p in f.paths)}) AS {f.column}"
+        if len(f.paths) > 1
+        else f"  v[{index[f.paths[0]]}] AS {f.column}"
+        for f in FIELDS
+    )
+    id_checks = " ".join(
+        f"WHEN t[{i + 2}] IN ('OBJECT', 'ARRAY', 'BOOLEAN') THEN '{p.removeprefix('$.')}'"
+        for i, p in enumerate(type_paths[1 : 1 + sum(len(f.paths) for f in ID_FIELDS)])
+    )
+    offset = 2 + sum(len(f.paths) for f in ID_FIELDS)
+    container_checks = " ".join(
+        f"WHEN t[{offset + i}] NOT IN ('{kind}', 'NULL') THEN '{p.removeprefix('$.')}'"
+        for i, (p, kind) in enumerate(CONTAINERS.items())
+    )
+    return f"""
+WITH lines AS (
+  SELECT line, raw,
+    CASE WHEN bad_utf8 THEN 'invalid_utf8'
+         WHEN trim(raw) = '' THEN 'empty_line'
+         WHEN strlen(raw) > $max_line_bytes THEN 'line_too_long'
+         WHEN NOT json_valid(raw) THEN 'malformed_json' END AS early_error
+  FROM _chunk
+), typed AS (
+  SELECT line, raw, early_error,
+    CASE WHEN early_error IS NULL THEN json_type(raw, [{type_list}]) END AS t
+  FROM lines
+), parsed AS (
+  SELECT line, raw, t,
+    coalesce(early_error, CASE WHEN t[1] <> 'OBJECT' THEN 'not_an_object' END) AS parse_error,
+    CASE WHEN parse_error IS NULL THEN json_extract_string(raw, [{path_list}]) END AS v
+  FROM typed
+)
+SELECT line, raw, parse_error,
+  CASE WHEN parse_error IS NULL THEN CASE {id_checks} {container_checks} END END AS bad_field,
+{values}
+FROM parsed
+"""
+
+
+def _flat_value(f: Field) -> str:
+    parts = [f"nullif(\"{flat}\", '')" for flat in f.flats]
+    return f"coalesce({', '.join(parts)})" if len(parts) > 1 else parts[0]
+
+
+def _flat_select() -> str:
+    """From CSV/Parquet columns (already strings) to the same shape as `_json_select`."""
+    values = ",\n".join(f"  {_flat_value(f)} AS {f.column}" for f in FIELDS)
+    struct = ", ".join(f'"{flat}" := "{flat}"' for flat in FLAT_COLUMNS)
+    products = _flat_value(FIELDS[[f.column for f in FIELDS].index("products")])
+    return f"""
+SELECT line,
+  coalesce(malformed, to_json(struct_pack({struct}))::VARCHAR) AS raw,
+  CASE WHEN malformed IS NOT NULL THEN 'malformed_row' END AS parse_error,
+  CASE WHEN malformed IS NULL AND {products} IS NOT NULL AND NOT json_valid({products})
+       THEN 'properties.products' END AS bad_field,
+{values}
+FROM _chunk
+"""
+
+
+def _validate_select(source_sql: str) -> str:
+    """Type each field and give each line its first problem (reason), or none."""
+    ids = [f.column for f in ID_FIELDS]
+    too_long = " ".join(f"WHEN strlen({c}) > $max_id_chars THEN '{c}'" for c in ids)
+    types = ", ".join(f"'{t}'" for t in EVENT_TYPES)
+    cleaned = {
+        f.column: f"nullif(trim(s.{f.column}), '')" if f.kind in ("id", "text", "timestamp") else f"s.{f.column}"
+        for f in FIELDS
+    }
+    return f"""
+WITH s AS ({source_sql}),
+v AS (
+  SELECT s.line, s.raw, s.parse_error, s.bad_field,
+    {cleaned["message_id"]} AS message_id,
+    lower({cleaned["event_type"]}) AS event_type,
+    {cleaned["event_name"]} AS event_name,
+    {cleaned["user_id"]} AS user_id,
+    {cleaned["anonymous_id"]} AS anonymous_id,
+    {cleaned["previous_id"]} AS previous_id,
+    {cleaned["event_at"]} AS event_at_text,
+    timezone('UTC', TRY_CAST({cleaned["event_at"]} AS TIMESTAMPTZ)) AS event_at,
+    s.email, s.phone, s.first_name, s.last_name, s.birthday, s.age, s.gender, s.postal_code, s.city, s.country,
+    s.consent, {cleaned["device_id"]} AS device_id, s.device_type, s.os_name, s.timezone, s.locale, s.page_url,
+    s.category, {cleaned["product_id"]} AS product_id,
+    s.price AS price_text, TRY_CAST(s.price AS DOUBLE) AS price,
+    s.quantity AS quantity_text, TRY_CAST(TRY_CAST(s.quantity AS DOUBLE) AS BIGINT) AS quantity,
+    s.revenue AS revenue_text, TRY_CAST(s.revenue AS DOUBLE) AS revenue,
+    {cleaned["order_id"]} AS order_id, s.products, s.search_query
+  FROM s
+)
+SELECT *,
+  CASE
+    WHEN parse_error IS NOT NULL THEN parse_error
+    WHEN bad_field IS NOT NULL THEN 'bad_type'
+    WHEN user_id IS NULL AND anonymous_id IS NULL THEN 'missing_id'
+    WHEN event_type IS NULL OR event_type NOT IN ({types}) THEN 'unknown_type'
+    WHEN event_at_text IS NULL THEN 'missing_timestamp'
+    WHEN event_at IS NULL THEN 'bad_timestamp'
+    WHEN event_at < $min_event_at OR event_at > $max_event_at THEN 'timestamp_out_of_range'
+    WHEN (price_text IS NOT NULL AND price IS NULL) OR (revenue_text IS NOT NULL AND revenue IS NULL)
+      OR (quantity_text IS NOT NULL AND (quantity IS NULL OR quantity < 0)) THEN 'bad_type'
+    WHEN event_type = 'track' AND event_name IS NULL THEN 'missing_event_name'
+    WHEN event_type = 'alias' AND previous_id IS NULL THEN 'missing_previous_id'
+    WHEN {" OR ".join(f"strlen({c}) > $max_id_chars" for c in ids)} THEN 'field_too_long'
+  END AS reason,
+  CASE
+    WHEN parse_error IS NOT NULL THEN NULL
+    WHEN bad_field IS NOT NULL THEN bad_field || ' has the wrong JSON type'
+    WHEN event_type IS NOT NULL AND event_type NOT IN ({types}) THEN 'type ' || event_type
+    WHEN event_at IS NULL AND event_at_text IS NOT NULL THEN 'timestamp ' || left(event_at_text, 64)
+    WHEN event_at < $min_event_at OR event_at > $max_event_at THEN 'timestamp ' || event_at_text
+    WHEN price_text IS NOT NULL AND price IS NULL THEN 'price ' || left(price_text, 64)
+    WHEN revenue_text IS NOT NULL AND revenue IS NULL THEN 'revenue ' || left(revenue_text, 64)
+    WHEN quantity_text IS NOT NULL AND (quantity IS NULL OR quantity < 0) THEN 'quantity ' || left(quantity_text, 64)
+    ELSE CASE {too_long} END
+  END AS detail
+FROM v
+"""
+
+
+STAGE_COLUMNS = [
+    "message_id", "event_type", "event_name", "user_id", "anonymous_id", "previous_id", "event_at",
+    "email", "phone", "first_name", "last_name", "birthday", "age", "gender", "postal_code", "city",
+    "country", "consent", "device_id", "device_type", "os_name", "timezone", "locale", "page_url",
+    "category", "product_id", "price", "quantity", "revenue", "order_id", "products", "search_query",
+]  # fmt: skip
+
+
+def _create_stage(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("DROP TABLE IF EXISTS _stage")
+    con.execute(
+        """CREATE TEMP TABLE _stage (
+        batch_id BIGINT, file_order INTEGER, line BIGINT, reason VARCHAR, detail VARCHAR, raw VARCHAR,
+        message_id VARCHAR, event_type VARCHAR, event_name VARCHAR, user_id VARCHAR, anonymous_id VARCHAR,
+        previous_id VARCHAR, event_at TIMESTAMP, email VARCHAR, phone VARCHAR, first_name VARCHAR,
+        last_name VARCHAR, birthday VARCHAR, age VARCHAR, gender VARCHAR, postal_code VARCHAR, city VARCHAR,
+        country VARCHAR, consent VARCHAR, device_id VARCHAR, device_type VARCHAR, os_name VARCHAR,
+        timezone VARCHAR, locale VARCHAR, page_url VARCHAR, category VARCHAR, product_id VARCHAR,
+        price DOUBLE, quantity BIGINT, revenue DOUBLE, order_id VARCHAR, products VARCHAR, search_query VARCHAR)"""
+    )
+
+
+def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: int, file_order: int,
+                opts: IngestOptions, params: dict) -> int:  # fmt: skip
+    """Read one file into `_stage`; returns the number of lines read."""
+    if fmt in ("jsonl", "jsonl.gz"):
+        batches, select = _json_line_batches(path, opts.chunk_bytes), _json_select()
+    elif fmt == "csv":
+        batches, select = _csv_batches(path, opts.chunk_bytes), _flat_select()
+    else:
+        batches, select = _parquet_batches(path), _flat_select()
+    batches = iter(batches)
+    sql = _validate_select(select)
+    cols = ", ".join(STAGE_COLUMNS)
+    insert = f"""
+        INSERT INTO _stage (batch_id, file_order, line, reason, detail, raw, {cols})
+        SELECT $batch_id, $file_order, line, reason, detail,
+               CASE WHEN reason IS NOT NULL THEN left(raw, {RAW_TEXT_LIMIT})
+                    WHEN message_id IS NULL THEN raw END,
+               {cols}
+        FROM ({sql})"""
+    bound = _bind(insert, {**params, "batch_id": batch_id, "file_order": file_order})
+    lines = 0
+    while True:
+        try:
+            chunk = next(batches)
+        except StopIteration:
+            break
+        except (UnreadableFile, *READ_ERRORS) as exc:
+            raise UnreadableFile(f"{type(exc).__name__}: {exc}") from exc
+        con.register("_chunk", chunk)
+        try:
+            con.execute(insert, bound)
+        finally:
+            con.unregister("_chunk")
+        lines += chunk.num_rows
+    return lines
+
+
+READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowInvalid)
+
+
+class UnreadableFile(Exception):
+    """A landing file that cannot be read at all (bad gzip, broken Parquet, not CSV)."""
+
+
+def _bind(sql: str, params: dict) -> dict:
+    """Only the parameters the statement names (DuckDB refuses extra ones)."""
+    return {k: v for k, v in params.items() if f"${k}" in sql}
+
+
+def _normalize_phones(con: duckdb.DuckDBPyConnection) -> None:
+    """E.164 for each distinct (phone, locale region) seen; a small table, not one call per event."""
+    pairs = con.execute(
+        """SELECT DISTINCT phone, upper(nullif(split_part(locale, '-', 2), '')) AS region
+           FROM _stage WHERE reason IS NULL AND phone IS NOT NULL"""
+    ).fetchall()
+    mapping = pa.table(
+        {
+            "phone": pa.array([p for p, _ in pairs], pa.string()),
+            "region": pa.array([r for _, r in pairs], pa.string()),
+            "e164": pa.array([normalize_phone(p, r) for p, r in pairs], pa.string()),
+        }
+    )
+    con.register("_phone_rows", mapping)
+    con.execute("CREATE OR REPLACE TEMP TABLE _phone_map AS SELECT * FROM _phone_rows")
+    con.unregister("_phone_rows")
+
+
+EMAIL_RE = r"""[^\s"',;:<>\[\]{}()]+@[^\s"',;:<>\[\]{}()]+"""
+PHONE_RE = r"""("[a-z_]*phone"\s*:\s*)("[^"]*"|[-+0-9 ().]+)"""
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _redact_sql(expr: str) -> str:
+    """Quarantined text keeps its shape but not the email or phone values it carried."""
+    no_email = f"regexp_replace({expr}, {_literal(EMAIL_RE)}, '<email>', 'g')"
+    return f"""regexp_replace({no_email}, {_literal(PHONE_RE)}, '\1"<phone>"', 'g')"""
+
+
+def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict) -> None:
+    """Move the staged lines to their three destinations."""
+    _normalize_phones(con)
+    raw_cols = columns(RawEvents)
+    email = normalize_email_sql("s.email", opts.gmail_rules)
+    select = {c: f"s.{c}" for c in raw_cols}
+    select["email_hash"] = hmac_sql(email)
+    select["phone_hash"] = f"CASE WHEN pm.e164 IS NOT NULL THEN {hmac_sql('pm.e164')} END"
+    select["source_line"] = "s.line"
+    select["batch_id"] = "s.batch_id"
+    # Derived ids hash the content, so re-delivered copies of an id-less event hash alike.
+    select["message_id"] = "coalesce(s.message_id, 'derived-' || sha256(s.raw))"
+    region = "upper(nullif(split_part(s.locale, '-', 2), ''))"
+    # One copy per messageId: the earliest line of the earliest file, and none already stored.
+    insert = f"""INSERT INTO raw_events ({", ".join(raw_cols)})
+        WITH kept AS (
+          SELECT {", ".join(f"{expr} AS {c}" for c, expr in select.items())}, s.file_order
+          FROM _stage s
+          LEFT JOIN _phone_map pm ON pm.phone = s.phone AND pm.region IS NOT DISTINCT FROM {region}
+          WHERE s.reason IS NULL
+        )
+        SELECT {", ".join(raw_cols)} FROM (
+          SELECT k.* FROM kept k ANTI JOIN raw_events r ON r.message_id = k.message_id
+          QUALIFY row_number() OVER (PARTITION BY k.message_id ORDER BY k.file_order, k.source_line) = 1
+        )"""
+    con.execute(insert, _bind(insert, params))
+    con.execute(
+        f"""INSERT INTO quarantined_events
+        SELECT s.batch_id, f.file_name, s.line, s.reason, s.detail, {_redact_sql("s.raw")}, now()::TIMESTAMP
+        FROM _stage s JOIN _files f USING (batch_id) WHERE s.reason IS NOT NULL"""
+    )
+
+
+def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: IngestOptions | None = None,
+           run_id: str | None = None, now: datetime | None = None) -> IngestReport:  # fmt: skip
+    """Ingest every new complete file in `landing` in one transaction."""
+    opts = opts or IngestOptions()
+    started = time.perf_counter()
+    now = now or datetime.now(UTC).replace(tzinfo=None)
+    report = IngestReport()
+    ensure_tables(con)
+    params = {
+        **hmac_params(key),
+        "max_line_bytes": opts.max_line_bytes,
+        "max_id_chars": opts.max_id_chars,
+        "min_event_at": opts.min_event_at,
+        "max_event_at": now + timedelta(hours=opts.max_future_hours),
+    }
+    known = con.execute("SELECT file_name, size_bytes, mtime_ns, checksum FROM ingest_files").fetchall()
+    by_stat = {(n, s, m) for n, s, m, _ in known}
+    by_sum = {(n, c) for n, _, _, c in known}
+    con.execute("BEGIN TRANSACTION")
+    try:
+        _create_stage(con)
+        con.execute(
+            """CREATE OR REPLACE TEMP TABLE _files (batch_id BIGINT, file_name VARCHAR, checksum VARCHAR,
+               size_bytes BIGINT, mtime_ns BIGINT, file_format VARCHAR, status VARCHAR, lines_read BIGINT,
+               error VARCHAR)"""
+        )
+        next_batch = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files").fetchall()[0][0]
+        order = 0
+        for path in landing_files(landing):
+            stat = path.stat()
+            if (path.name, stat.st_size, stat.st_mtime_ns) in by_stat:
+                report.skipped.append(path.name)
+                continue
+            digest = checksum(path)
+            if (path.name, digest) in by_sum:
+                report.skipped.append(path.name)
+                continue
+            fmt = file_format(path)
+            batch_id = next_batch + order
+            order += 1
+            try:
+                lines = _stage_file(con, path, fmt, batch_id, order, opts, params)
+                status, error = "ingested", None
+            except UnreadableFile as exc:
+                # A file that cannot be read at all is quarantined whole; the rest of the batch goes on.
+                con.execute("DELETE FROM _stage WHERE batch_id = ?", [batch_id])
+                lines, status, error = 0, "unreadable", str(exc)[:500]
+            con.execute(
+                "INSERT INTO _files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [batch_id, path.name, digest, stat.st_size, stat.st_mtime_ns, fmt, status, lines, error],
+            )
+        if order:
+            _publish_stage(con, opts, params)
+            con.execute(
+                """INSERT INTO quarantined_events
+                   SELECT batch_id, file_name, NULL, 'unreadable_file', error, NULL, now()::TIMESTAMP
+                   FROM _files WHERE status = 'unreadable'"""
+            )
+            con.execute(
+                """INSERT INTO ingest_files
+                SELECT f.batch_id, f.file_name, f.checksum, f.size_bytes, f.mtime_ns, f.file_format, f.status,
+                  f.lines_read,
+                  (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id),
+                  (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL),
+                  f.lines_read
+                    - (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id)
+                    - (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL),
+                  ?, now()::TIMESTAMP
+                FROM _files f ORDER BY f.batch_id""",
+                [run_id],
+            )
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        for name in ("_stage", "_files", "_phone_map"):
+            con.execute(f"DROP TABLE IF EXISTS {name}")
+    if order:
+        rows = con.execute(
+            """SELECT file_name, status, lines_read, events_kept, lines_quarantined, duplicates
+               FROM ingest_files WHERE batch_id >= ? ORDER BY batch_id""",
+            [next_batch],
+        ).fetchall()
+        report.files = [FileReport(*r) for r in rows]
+        report.reasons = dict(
+            con.execute(
+                "SELECT reason, count(*) FROM quarantined_events WHERE batch_id >= ? GROUP BY 1 ORDER BY 2 DESC",
+                [next_batch],
+            ).fetchall()
+        )
+    report.seconds = time.perf_counter() - started
+    return report

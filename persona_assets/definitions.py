@@ -1,0 +1,30 @@
+"""The one Definitions object: every asset, check, resource and the executor, bound once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from persona_assets.assets import ingest, serving
+from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_resource
+from persona_assets.settings import persona_home
+
+
+def build_definitions(home: Path | None = None) -> dg.Definitions:
+    """Definitions over PERSONA_HOME (or `home`, for tests)."""
+    persona = PersonaHome(home=str(home or persona_home()))
+    return dg.Definitions(
+        assets=[ingest.ingest_landing, serving.serving_snapshot],
+        asset_checks=ingest.CHECKS,
+        resources={
+            "persona": persona,
+            "warehouse": warehouse_resource(persona),
+            "serving": ServingPublisher(path=str(persona.serving_path)),
+        },
+        # One DuckDB writer at a time; in-process is also the fast choice on small machines.
+        executor=dg.in_process_executor,
+    )
+
+
+defs = build_definitions()

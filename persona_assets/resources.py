@@ -1,0 +1,50 @@
+"""Resources: where Persona keeps its files, the DuckDB warehouse, and the serving publisher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from persona_assets.core.pii import load_key
+from persona_assets.core.publish import publish_snapshot
+
+
+class PersonaHome(dg.ConfigurableResource):
+    """PERSONA_HOME: landing/, warehouse.duckdb, serving/persona.duckdb, models/."""
+
+    home: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.home)
+
+    @property
+    def landing(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.root / "warehouse.duckdb"
+
+    @property
+    def serving_path(self) -> Path:
+        return self.root / "serving" / "persona.duckdb"
+
+    def hash_key(self) -> bytes:
+        return load_key(self.root)
+
+
+class ServingPublisher(dg.ConfigurableResource):
+    """Publishes the read-only serving snapshot next to the warehouse, atomically."""
+
+    path: str
+
+    def publish(self, con, tables: dict[str, str], run_id: str | None = None) -> dict[str, int]:
+        return publish_snapshot(con, Path(self.path), tables, run_id=run_id)
+
+
+def warehouse_resource(home: PersonaHome) -> DuckDBResource:
+    home.root.mkdir(parents=True, exist_ok=True)
+    return DuckDBResource(database=str(home.warehouse_path))

@@ -1,0 +1,52 @@
+"""Fixtures: a temporary PERSONA_HOME per test and small generated data sets shared by a session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from persona_assets.datagen import generate
+
+SMALL_PEOPLE = 400
+SMALL_PER_FILE = 150
+
+
+@pytest.fixture
+def persona_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "persona"
+    (home / "landing").mkdir(parents=True)
+    monkeypatch.setenv("PERSONA_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    monkeypatch.delenv("PERSONA_HASH_KEY", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory: pytest.TempPathFactory):
+    """generated(fmt) -> folder of landing files (with _truth/) for a small population."""
+    made: dict[str, Path] = {}
+
+    def make(fmt: str = "jsonl") -> Path:
+        if fmt not in made:
+            out = tmp_path_factory.mktemp(f"gen-{fmt.replace('.', '')}")
+            generate(SMALL_PEOPLE, 7, out, fmt, people_per_file=SMALL_PER_FILE)
+            made[fmt] = out
+        return made[fmt]
+
+    return make
+
+
+def land(source: Path, landing: Path) -> list[Path]:
+    """Copy a generated data set's event files into a landing folder."""
+    copied = []
+    for path in sorted(source.iterdir()):
+        if path.is_file():
+            copied.append(Path(shutil.copy2(path, landing / path.name)))
+    return copied
+
+
+def truth_counts(source: Path) -> dict[str, int]:
+    return json.loads((source / "_truth" / "counts.json").read_text())

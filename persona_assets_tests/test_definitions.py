@@ -1,0 +1,125 @@
+import subprocess
+import sys
+
+import dagster as dg
+import duckdb
+
+from persona_assets.checks import validate_in_chunks
+from persona_assets.contracts import RawEvents, ddl
+from persona_assets.core.events import RESTRICTED_COLUMNS
+from persona_assets.definitions import build_definitions
+
+from .conftest import land, truth_counts
+
+
+def _run(home, selection=None):
+    defs = build_definitions(home)
+    job = defs.resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(),
+        asset_selection=[dg.AssetKey(s) for s in selection] if selection else None,
+        raise_on_error=False,
+    )
+
+
+def _checks(result):
+    return {
+        e.event_specific_data.check_name: e.event_specific_data.passed
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+
+
+def test_definitions_load_with_every_check_blocking():
+    defs = build_definitions()
+    specs = [spec for checks in defs.asset_checks for spec in checks.check_specs]
+    assert {s.name for s in specs} >= {"raw_events_contract", "message_id_unique", "nothing_lost"}
+    assert all(s.blocking for s in specs)
+    assert isinstance(defs.executor, dg.ExecutorDefinition) and defs.executor.name == "in_process"
+
+
+def test_materializing_everything_publishes_a_snapshot_without_restricted_columns(persona_home, generated):
+    source = generated("jsonl")
+    land(source, persona_home / "landing")
+    result = _run(persona_home)
+    assert result.success
+    assert _checks(result) == {
+        "raw_events_contract": True,
+        "quarantined_events_contract": True,
+        "ingest_files_contract": True,
+        "message_id_unique": True,
+        "pii_only_as_hashes": True,
+        "nothing_lost": True,
+    }
+    snapshot = persona_home / "serving" / "persona.duckdb"
+    with duckdb.connect(str(snapshot), read_only=True) as con:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        assert {"raw_events", "quarantined_events", "ingest_files", "snapshot_info"} <= tables
+        cols = {r[0] for r in con.execute("DESCRIBE raw_events").fetchall()}
+        assert cols.isdisjoint(RESTRICTED_COLUMNS) and "email_hash" in cols
+        kept = con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0]
+    assert kept == truth_counts(source)["events"]
+
+
+def test_a_failing_contract_check_blocks_the_snapshot(persona_home, generated):
+    land(generated("jsonl"), persona_home / "landing")
+    assert _run(persona_home).success
+    warehouse = persona_home / "warehouse.duckdb"
+    with duckdb.connect(str(warehouse)) as con:
+        # Break the contract behind the asset's back: a raw email where only hashes may be.
+        con.execute("UPDATE raw_events SET email_hash = 'jane@example.com' WHERE rowid = 1")
+    snapshot = persona_home / "serving" / "persona.duckdb"
+    before = snapshot.stat().st_mtime_ns
+    (persona_home / "landing" / "late.jsonl").write_text(
+        '{"messageId":"late-1","type":"page","anonymousId":"z","timestamp":"2026-09-02T10:00:00Z"}\n'
+    )
+    result = _run(persona_home)
+    assert not result.success
+    assert _checks(result)["pii_only_as_hashes"] is False
+    assert snapshot.stat().st_mtime_ns == before  # nothing downstream ran
+
+
+READER = """
+import duckdb, sys
+con = duckdb.connect(sys.argv[1], read_only=True)
+print(con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0], flush=True)
+sys.stdin.readline()
+print(con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0], flush=True)
+"""
+
+
+def test_a_reader_keeps_its_snapshot_while_a_run_republishes(persona_home, generated):
+    files = land(generated("jsonl"), persona_home / "landing")
+    held = files[-1].rename(persona_home / files[-1].name)
+    assert _run(persona_home).success
+    snapshot = persona_home / "serving" / "persona.duckdb"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(snapshot)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        first = int(reader.stdout.readline())
+        held.rename(persona_home / "landing" / held.name)
+        result = _run(persona_home)  # not blocked by the open reader
+        assert result.success
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+        still = int(reader.stdout.readline())
+    finally:
+        reader.kill()
+    assert still == first  # the reader's view did not change under it
+    with duckdb.connect(str(snapshot), read_only=True) as con:
+        now = con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0]
+    assert now > first
+
+
+def test_contract_validation_reports_failure_cases():
+    con = duckdb.connect()
+    con.execute(ddl(RawEvents, "raw_events"))
+    con.execute(
+        "INSERT INTO raw_events (message_id, event_type, event_at, email_hash, batch_id, source_line) VALUES "
+        "('m1', 'track', TIMESTAMP '2026-09-01', 'jane@example.com', 1, 1)"
+    )
+    rows, cases = validate_in_chunks(con, RawEvents, "SELECT * FROM raw_events")
+    assert rows == 1
+    assert set(cases["column"].dropna()) >= {"email_hash"}
+    assert any("userId" in str(c) for c in cases["check"])  # neither userId nor anonymousId
