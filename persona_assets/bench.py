@@ -22,9 +22,11 @@ EVENTS_PER_PERSON = 32  # what the generator makes on average
 FLOOR = """
 import duckdb, sys
 con = duckdb.connect()
-n = con.execute("SELECT count(*) FROM (SELECT anonymousId, count(*) FROM read_json(?, format='newline_delimited',
-    ignore_errors=true, columns={'anonymousId': 'VARCHAR'}) GROUP BY 1)", [sys.argv[1]]).fetchall()[0][0]
-print(n)
+sql = (
+    "SELECT count(*) FROM (SELECT anonymousId, count(*) FROM read_json(?, format='newline_delimited', "
+    "ignore_errors=true, columns={'anonymousId': 'VARCHAR'}) GROUP BY 1)"
+)
+print(con.execute(sql, [sys.argv[1]]).fetchall()[0][0])
 """
 
 INGEST = """

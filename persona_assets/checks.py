@@ -56,6 +56,11 @@ def contract_check(
     return _check
 
 
+def markdown(rows: list[tuple], headers: list[str]) -> dg.MetadataValue:
+    """A small table for asset metadata."""
+    return dg.MetadataValue.md(pd.DataFrame(rows, columns=headers).to_markdown(index=False) if rows else "_none_")
+
+
 def sql_check(asset: str, name: str, violations_sql: str, description: str, blocking: bool = True):
     """A check that passes when `violations_sql` (a SELECT of offending rows) returns none."""
 

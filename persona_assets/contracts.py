@@ -127,3 +127,157 @@ def ddl(model: type[pa.DataFrameModel], table: str) -> str:
     schema = model.to_schema()
     cols = ", ".join(f'"{name}" {col.metadata["sql"]}' for name, col in schema.columns.items())
     return f'CREATE TABLE IF NOT EXISTS "{table}" ({cols})'
+
+
+IDENTIFIER_TYPES = ["anonymous_id", "user_id", "email", "phone", "device_id"]
+PERSON_ID = r"^p[0-9a-f]{16}$"
+
+
+class IdentityMap(pa.DataFrameModel):
+    """Which person each identifier belongs to (email and phone as keyed hashes)."""
+
+    identifier_type: Series[str] = column("VARCHAR", isin=IDENTIFIER_TYPES)
+    identifier: Series[str] = column("VARCHAR")
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    first_seen_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    last_seen_at: Series[pd.Timestamp] = column("TIMESTAMP")
+
+    class Config:
+        strict = True
+        unique = ["identifier_type", "identifier"]
+
+
+class IdentityGuard(pa.DataFrameModel):
+    """Identifiers not used to link people: tied to too many userIds, emails or anonymousIds."""
+
+    identifier_type: Series[str] = column("VARCHAR", isin=IDENTIFIER_TYPES)
+    identifier: Series[str] = column("VARCHAR")
+    user_ids: Series[int] = column("BIGINT", ge=0)
+    emails: Series[int] = column("BIGINT", ge=0)
+    anonymous_ids: Series[int] = column("BIGINT", ge=0)
+    reason: Series[str] = column("VARCHAR")
+
+    class Config:
+        strict = True
+
+
+class PersonIdHistory(pa.DataFrameModel):
+    """When a person's id changed because people merged or split: old -> new."""
+
+    old_person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    new_person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    change: Series[str] = column("VARCHAR", isin=["merge", "split", "rekey"])
+    identifiers_moved: Series[int] = column("BIGINT", ge=1)
+    changed_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    run_id: Series[str] = column("VARCHAR", nullable=True)
+
+    class Config:
+        strict = True
+
+
+SURVIVING_TRAITS = ["email_hash", "phone_hash", "age", "birthday", "gender", "postal_code", "city", "country"]
+
+
+class DedupedUsers(pa.DataFrameModel):
+    """One row per person: identifiers, activity span and the most recent non-null value of each trait."""
+
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    identifier_count: Series[int] = column("BIGINT", ge=1)
+    anonymous_id_count: Series[int] = column("BIGINT", ge=0)
+    user_id: Series[str] = column("VARCHAR", nullable=True)
+    event_count: Series[int] = column("BIGINT", ge=0)
+    first_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    last_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    email_hash: Series[str] = column("VARCHAR", nullable=True, str_matches=HEX64)
+    email_hash_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    email_hash_message_id: Series[str] = column("VARCHAR", nullable=True)
+    phone_hash: Series[str] = column("VARCHAR", nullable=True, str_matches=HEX64)
+    phone_hash_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    phone_hash_message_id: Series[str] = column("VARCHAR", nullable=True)
+    age: Series[str] = column("VARCHAR", nullable=True)
+    age_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    age_message_id: Series[str] = column("VARCHAR", nullable=True)
+    birthday: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    birthday_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    birthday_message_id: Series[str] = column("VARCHAR", nullable=True)
+    gender: Series[str] = column("VARCHAR", nullable=True)
+    gender_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    gender_message_id: Series[str] = column("VARCHAR", nullable=True)
+    postal_code: Series[str] = column("VARCHAR", nullable=True)
+    postal_code_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    postal_code_message_id: Series[str] = column("VARCHAR", nullable=True)
+    city: Series[str] = column("VARCHAR", nullable=True)
+    city_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    city_message_id: Series[str] = column("VARCHAR", nullable=True)
+    country: Series[str] = column("VARCHAR", nullable=True)
+    country_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    country_message_id: Series[str] = column("VARCHAR", nullable=True)
+
+    class Config:
+        strict = True
+
+
+class Sessions(pa.DataFrameModel):
+    """A person's run of events without a pause longer than the session gap."""
+
+    session_id: Series[str] = column("VARCHAR", unique=True)
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    started_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    ended_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    duration_seconds: Series[float] = column("DOUBLE", ge=0)
+    event_count: Series[int] = column("BIGINT", ge=1)
+    events_per_minute: Series[float] = column("DOUBLE", ge=0)
+    device_type: Series[str] = column("VARCHAR", nullable=True)
+    anonymous_id: Series[str] = column("VARCHAR", nullable=True)
+    is_long: Series[bool] = column("BOOLEAN")
+    is_burst: Series[bool] = column("BOOLEAN")
+
+    class Config:
+        strict = True
+
+
+AGE_BRACKETS = ["<25", "25-34", "35-44", "45-54", "55+"]
+
+
+class CleanedUsers(pa.DataFrameModel):
+    """One row per person: behaviour aggregates, cleaned traits, missing ratio and outlier flags."""
+
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    first_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    last_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    event_count: Series[int] = column("BIGINT", ge=0)
+    session_count: Series[int] = column("BIGINT", ge=0)
+    avg_session_seconds: Series[float] = column("DOUBLE", nullable=True, ge=0)
+    median_session_seconds: Series[float] = column("DOUBLE", nullable=True, ge=0)
+    order_count: Series[int] = column("BIGINT", ge=0)
+    total_revenue: Series[float] = column("DOUBLE", ge=0)
+    avg_order_value: Series[float] = column("DOUBLE", nullable=True, ge=0)
+    first_order_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    last_order_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    days_since_last_order: Series[float] = column("DOUBLE", nullable=True)
+    sessions_per_week: Series[float] = column("DOUBLE", ge=0)
+    category_counts: Series[object] = column("MAP(VARCHAR, BIGINT)", nullable=True)
+    mobile_share: Series[float] = column("DOUBLE", ge=0, le=1)
+    desktop_share: Series[float] = column("DOUBLE", ge=0, le=1)
+    tablet_share: Series[float] = column("DOUBLE", ge=0, le=1)
+    night_share: Series[float] = column("DOUBLE", ge=0, le=1)
+    morning_share: Series[float] = column("DOUBLE", ge=0, le=1)
+    afternoon_share: Series[float] = column("DOUBLE", ge=0, le=1)
+    evening_share: Series[float] = column("DOUBLE", ge=0, le=1)
+    age: Series[pd.Int64Dtype] = column("BIGINT", nullable=True, coerce=True, ge=13, le=100)
+    age_bracket: Series[str] = column("VARCHAR", nullable=True, isin=AGE_BRACKETS)
+    gender: Series[str] = column("VARCHAR", nullable=True, isin=["female", "male", "nonbinary"])
+    country: Series[str] = column("VARCHAR", nullable=True, str_matches=r"^[A-Z]{2}$")
+    postal_code: Series[str] = column("VARCHAR", nullable=True)
+    has_email: Series[bool] = column("BOOLEAN")
+    has_phone: Series[bool] = column("BOOLEAN")
+    trait_issues: Series[object] = column("VARCHAR[]", nullable=True)
+    missing_ratio: Series[float] = column("DOUBLE", ge=0, le=1)
+    is_sparse: Series[bool] = column("BOOLEAN")
+    has_long_session: Series[bool] = column("BOOLEAN")
+    is_bot: Series[bool] = column("BOOLEAN")
+    outlier_flags: Series[object] = column("VARCHAR[]", nullable=True)
+    exclude_from_fitting: Series[bool] = column("BOOLEAN")
+
+    class Config:
+        strict = True

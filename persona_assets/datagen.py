@@ -216,7 +216,8 @@ def _make_person(rng: random.Random, key: str) -> Person:
     first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
     registered = rng.random() < 0.75
     has_email = registered or rng.random() < 0.6
-    email = f"{first}.{last}{rng.randint(1, 9999)}@{rng.choice(EMAIL_DOMAINS)}" if has_email else None
+    # The person's number keeps emails unique, as real mailboxes are.
+    email = f"{first}.{last}{int(key[1:], 16)}@{rng.choice(EMAIL_DOMAINS)}" if has_email else None
     phone = None
     if rng.random() < 0.5:
         phone = f"{country[5]}{rng.randint(2, 9)}{rng.randint(10, 99)}{rng.randint(1000000, 9999999)}"
@@ -259,7 +260,7 @@ def _traits(rng: random.Random, p: Person, junk_email: bool) -> dict:
     traits: dict[str, object] = {}
     if p.email:
         traits["email"] = JUNK_EMAIL if junk_email else _email_variant(rng, p.email)
-    if p.phone and rng.random() < 0.5:
+    if p.phone and (not p.email or rng.random() < 0.5):  # a phone-only person always gives it
         traits["phone"] = _phone_variant(rng, p.phone, p.country[5])
     if rng.random() < 0.6:
         traits["first_name"] = p.first_name.title() if rng.random() < 0.8 else f" {p.first_name.upper()}"

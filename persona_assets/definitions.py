@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from persona_assets.assets import ingest, serving
+from persona_assets.assets import cleaning, identity, ingest, serving
 from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_resource
 from persona_assets.settings import persona_home
 
@@ -15,8 +15,8 @@ def build_definitions(home: Path | None = None) -> dg.Definitions:
     """Definitions over PERSONA_HOME (or `home`, for tests)."""
     persona = PersonaHome(home=str(home or persona_home()))
     return dg.Definitions(
-        assets=[ingest.ingest_landing, serving.serving_snapshot],
-        asset_checks=ingest.CHECKS,
+        assets=[ingest.ingest_landing, identity.resolve_identities, cleaning.clean_users, serving.serving_snapshot],
+        asset_checks=[*ingest.CHECKS, *identity.CHECKS, *cleaning.CHECKS],
         resources={
             "persona": persona,
             "warehouse": warehouse_resource(persona),

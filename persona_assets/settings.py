@@ -9,6 +9,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field, field_validator
 
+from persona_assets.core.cleaning import MISSING_ATTRIBUTES, CleaningOptions
+from persona_assets.core.identity import IdentityOptions
 from persona_assets.core.ingest import IngestOptions
 
 HOME_ENV = "PERSONA_HOME"
@@ -49,3 +51,46 @@ class IngestConfig(dg.Config):
             max_id_chars=self.max_id_chars,
             gmail_rules=self.gmail_rules,
         )
+
+
+class IdentityConfig(dg.Config):
+    """How identifiers become people."""
+
+    max_user_ids_per_identifier: int = Field(
+        default=1, ge=1, description="An identifier seen with more userIds than this (a shared tablet) links nobody."
+    )
+    max_emails_per_identifier: int = Field(
+        default=3, ge=1, description="An identifier seen with more emails than this links nobody."
+    )
+    max_anonymous_ids_per_identifier: int = Field(
+        default=20,
+        ge=1,
+        description="An identifier seen with more anonymousIds than this (test@test.com) links nobody.",
+    )
+
+    def options(self) -> IdentityOptions:
+        return IdentityOptions(**self.model_dump())
+
+
+class CleaningConfig(dg.Config):
+    """Sessions, trait cleaning, sparsity and outliers."""
+
+    session_gap_minutes: float = Field(default=30.0, gt=0, description="Inactivity that ends a session.")
+    missing_attributes: list[str] = Field(
+        default=list(MISSING_ATTRIBUTES), description="Attributes counted for each person's missing_ratio."
+    )
+    sparse_threshold: float = Field(
+        default=0.5, gt=0, le=1, description="Above this missing_ratio a person is sparse: kept, not fitted on."
+    )
+    outlier_method: str = Field(default="mad", description="zscore, iqr or mad (on log1p of counts and money).")
+    outlier_limit: float = Field(default=3.5, gt=0, description="Fence width for person features.")
+    session_outlier_limit: float = Field(
+        default=5.0, gt=0, description="Fence width for session length and event rate (10-hour sessions, bots)."
+    )
+    outlier_action: str = Field(default="flag", description="flag, clip (to the fences) or exclude (from fitting).")
+    burst_min_events: int = Field(default=30, ge=2, description="A bot burst needs at least this many events.")
+
+    def options(self) -> CleaningOptions:
+        values = self.model_dump()
+        values["missing_attributes"] = tuple(values["missing_attributes"])
+        return CleaningOptions(**values)

@@ -3,7 +3,15 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents, columns
+from persona_assets.contracts import (
+    CleanedUsers,
+    IdentityMap,
+    IngestFiles,
+    QuarantinedEvents,
+    RawEvents,
+    Sessions,
+    columns,
+)
 from persona_assets.resources import ServingPublisher
 
 # What users may query: each contract's published columns (restricted ones stay behind).
@@ -11,6 +19,9 @@ PUBLISHED = {
     "raw_events": RawEvents,
     "quarantined_events": QuarantinedEvents,
     "ingest_files": IngestFiles,
+    "identity_map": IdentityMap,
+    "cleaned_users": CleanedUsers,
+    "sessions": Sessions,
 }
 
 

@@ -1,0 +1,85 @@
+"""cleaned_users and sessions: behaviour, cleaned traits, sparsity and outliers per person."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from persona_assets.checks import contract_check, sql_check
+from persona_assets.contracts import CleanedUsers, Sessions
+from persona_assets.core.cleaning import OUTLIER_FEATURES, clean
+from persona_assets.settings import CleaningConfig
+
+GROUP = "cleaning"
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "cleaned_users",
+            deps=["deduped_users", "identity_map"],
+            kinds={"duckdb"},
+            group_name=GROUP,
+            description="Per person: sessions, orders, revenue, mixes, cleaned traits, missing_ratio, outlier flags.",
+        ),
+        dg.AssetSpec(
+            "sessions",
+            deps=["identity_map"],
+            kinds={"duckdb"},
+            group_name=GROUP,
+            description="Each person's sessions (30-minute gap), with 10-hour sessions and bot bursts flagged.",
+        ),
+    ],
+    pool="duckdb",
+)
+def clean_users(config: CleaningConfig, warehouse: DuckDBResource):
+    with warehouse.get_connection() as con:
+        counts = clean(con, config.options())
+        quality = con.execute(
+            """SELECT count(*) AS people, count(*) FILTER (WHERE is_sparse) AS sparse,
+                      count(*) FILTER (WHERE is_bot) AS bots, count(*) FILTER (WHERE has_long_session) AS long_sessions,
+                      count(*) FILTER (WHERE exclude_from_fitting) AS excluded_from_fitting,
+                      round(avg(missing_ratio), 3) AS mean_missing_ratio
+               FROM cleaned_users"""
+        ).df()
+        outliers = con.execute(
+            "SELECT flag AS feature, count(*) AS people FROM (SELECT unnest(outlier_flags) AS flag FROM cleaned_users) "
+            "GROUP BY 1 ORDER BY 2 DESC"
+        ).df()
+        issues = con.execute(
+            "SELECT issue, count(*) AS people FROM (SELECT unnest(trait_issues) AS issue FROM cleaned_users) "
+            "GROUP BY 1 ORDER BY 2 DESC"
+        ).df()
+        flagged_sessions = con.execute(
+            "SELECT count(*) FILTER (WHERE is_long), count(*) FILTER (WHERE is_burst) FROM sessions"
+        ).fetchall()[0]
+    yield dg.MaterializeResult(
+        asset_key="cleaned_users",
+        metadata={
+            "dagster/row_count": counts["cleaned_users"],
+            "quality": dg.MetadataValue.md(quality.to_markdown(index=False)),
+            "outliers_per_feature": dg.MetadataValue.md(
+                outliers.to_markdown(index=False) if len(outliers) else "_none_"
+            ),
+            "features_checked": ", ".join(OUTLIER_FEATURES),
+            "trait_issues": dg.MetadataValue.md(issues.to_markdown(index=False) if len(issues) else "_none_"),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="sessions",
+        metadata={
+            "dagster/row_count": counts["sessions"],
+            "long_sessions": flagged_sessions[0],
+            "burst_sessions": flagged_sessions[1],
+        },
+    )
+
+
+CHECKS = [
+    contract_check("cleaned_users", CleanedUsers, "cleaned_users"),
+    contract_check("sessions", Sessions, "sessions"),
+    sql_check(
+        "cleaned_users",
+        "nobody_dropped",
+        """SELECT d.person_id FROM deduped_users d ANTI JOIN cleaned_users c USING (person_id)""",
+        "Sparse people and outliers stay: every deduped person has a cleaned row.",
+    ),
+]

@@ -1,0 +1,100 @@
+"""deduped_users and identity_map: people from identifiers seen together."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from persona_assets.checks import contract_check, markdown, sql_check
+from persona_assets.contracts import DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory
+from persona_assets.core.identity import resolve
+from persona_assets.settings import IdentityConfig
+
+GROUP = "identity"
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "deduped_users",
+            deps=["raw_events"],
+            kinds={"duckdb"},
+            group_name=GROUP,
+            description="One row per person; traits survive by most recent non-null value, with time and message.",
+        ),
+        dg.AssetSpec(
+            "identity_map",
+            deps=["raw_events"],
+            kinds={"duckdb"},
+            group_name=GROUP,
+            description="identifier_type, identifier (email/phone as keyed hash), person_id.",
+        ),
+        dg.AssetSpec(
+            "identity_guard",
+            deps=["raw_events"],
+            kinds={"duckdb"},
+            group_name=GROUP,
+            description="Identifiers kept out of linking: shared devices, junk emails, call-centre phones.",
+        ),
+        dg.AssetSpec(
+            "person_id_history",
+            deps=["raw_events"],
+            kinds={"duckdb"},
+            group_name=GROUP,
+            description="old -> new person_id when people merge or split.",
+        ),
+    ],
+    pool="duckdb",
+)
+def resolve_identities(context: dg.AssetExecutionContext, config: IdentityConfig, warehouse: DuckDBResource):
+    with warehouse.get_connection() as con:
+        report = resolve(con, config.options(), run_id=context.run_id)
+        guard = con.execute(
+            "SELECT identifier_type, reason, count(*) AS identifiers FROM identity_guard GROUP BY 1, 2 ORDER BY 3 DESC"
+        ).df()
+        sizes = con.execute(
+            "SELECT anonymous_id_count AS anonymous_ids, count(*) AS people FROM deduped_users GROUP BY 1 ORDER BY 1"
+        ).df()
+        preview = con.execute(
+            "SELECT person_id, identifier_count, event_count, first_seen_at, last_seen_at, country, gender "
+            "FROM deduped_users ORDER BY event_count DESC LIMIT 5"
+        ).df()
+        history_rows = con.execute("SELECT count(*) FROM person_id_history").fetchall()[0][0]
+    yield dg.MaterializeResult(
+        asset_key="deduped_users",
+        metadata={
+            "dagster/row_count": report.people,
+            "identifiers_in": report.identifiers,
+            "people_out": report.people,
+            "people_with_several_anonymous_ids": report.multi_identifier_people,
+            "largest_components": markdown(report.largest, ["person_id", "identifiers"]),
+            "anonymous_ids_per_person": dg.MetadataValue.md(sizes.to_markdown(index=False)),
+            "preview": dg.MetadataValue.md(preview.to_markdown(index=False)),
+        },
+    )
+    yield dg.MaterializeResult(asset_key="identity_map", metadata={"dagster/row_count": report.identifiers})
+    yield dg.MaterializeResult(
+        asset_key="identity_guard",
+        metadata={
+            "dagster/row_count": report.guard_hits,
+            "guard_hits": dg.MetadataValue.md(guard.to_markdown(index=False)),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="person_id_history", metadata={"dagster/row_count": history_rows, "changes_this_run": report.history}
+    )
+
+
+CHECKS = [
+    contract_check("deduped_users", DedupedUsers, "deduped_users"),
+    contract_check("identity_map", IdentityMap, "identity_map"),
+    contract_check("identity_guard", IdentityGuard, "identity_guard"),
+    contract_check("person_id_history", PersonIdHistory, "person_id_history"),
+    sql_check(
+        "identity_map",
+        "every_anonymous_id_has_one_person",
+        """SELECT e.anonymous_id, count(DISTINCT m.person_id) AS people
+           FROM (SELECT DISTINCT anonymous_id FROM raw_events WHERE anonymous_id IS NOT NULL) e
+           LEFT JOIN identity_map m ON m.identifier_type = 'anonymous_id' AND m.identifier = e.anonymous_id
+           GROUP BY 1 HAVING count(DISTINCT m.person_id) <> 1""",
+        "Every anonymousId in raw_events maps to exactly one person.",
+    ),
+]

@@ -1,0 +1,256 @@
+"""Sessions, behaviour aggregates, cleaned traits, missing ratios and outliers — all in DuckDB SQL.
+
+Nothing is deleted: sparse people and outliers stay, with flags that later stages read
+(`exclude_from_fitting`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import phonenumbers
+
+from persona_assets.contracts import CleanedUsers, Sessions
+from persona_assets.core.warehouse import replace_tables
+
+OUTLIER_METHODS = ("zscore", "iqr", "mad")
+OUTLIER_ACTIONS = ("flag", "clip", "exclude")
+# Person features checked for outliers, on a log1p scale (counts and money are heavy-tailed).
+OUTLIER_FEATURES = ("event_count", "session_count", "avg_session_seconds", "order_count", "total_revenue")
+MISSING_ATTRIBUTES = ("age_bracket", "gender", "country", "postal_code", "has_email", "has_phone")
+
+GENDERS = {
+    "female": ("f", "female", "woman", "w", "frau"),
+    "male": ("m", "male", "man", "mann"),
+    "nonbinary": ("nb", "non-binary", "nonbinary", "non binary", "diverse", "other"),
+}
+COUNTRY_ALIASES = {
+    "USA": "US", "UNITED STATES": "US", "UNITED STATES OF AMERICA": "US", "UK": "GB",
+    "UNITED KINGDOM": "GB", "GREAT BRITAIN": "GB", "ENGLAND": "GB", "GERMANY": "DE",
+    "DEUTSCHLAND": "DE", "FRANCE": "FR", "BRAZIL": "BR", "BRASIL": "BR", "INDIA": "IN",
+    "SPAIN": "ES", "ITALY": "IT", "CANADA": "CA", "MEXICO": "MX", "NETHERLANDS": "NL",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CleaningOptions:
+    session_gap_minutes: float = 30.0
+    missing_attributes: tuple[str, ...] = MISSING_ATTRIBUTES
+    sparse_threshold: float = 0.5
+    outlier_method: str = "mad"
+    outlier_limit: float = 3.5
+    session_outlier_limit: float = 5.0
+    outlier_action: str = "flag"
+    burst_min_events: int = 30
+    min_age: int = 13
+    max_age: int = 100
+
+    def __post_init__(self) -> None:
+        if self.outlier_method not in OUTLIER_METHODS:
+            raise ValueError(f"outlier_method must be one of {OUTLIER_METHODS}, got {self.outlier_method!r}")
+        if self.outlier_action not in OUTLIER_ACTIONS:
+            raise ValueError(f"outlier_action must be one of {OUTLIER_ACTIONS}, got {self.outlier_action!r}")
+        unknown = set(self.missing_attributes) - set(MISSING_ATTRIBUTES)
+        if unknown or not self.missing_attributes:
+            raise ValueError(f"missing_attributes must be a non-empty subset of {MISSING_ATTRIBUTES}")
+        if not 0 < self.sparse_threshold <= 1 or self.session_gap_minutes <= 0 or self.outlier_limit <= 0:
+            raise ValueError("sparse_threshold must be in (0, 1]; session_gap_minutes and outlier_limit > 0")
+
+
+def bounds_sql(expr: str, method: str, limit: float) -> str:
+    """Aggregate expressions giving the (lo, hi) fences of `expr` for an outlier method."""
+    if method == "zscore":
+        return f"avg({expr}) - {limit} * stddev_pop({expr}), avg({expr}) + {limit} * stddev_pop({expr})"
+    if method == "iqr":
+        q1, q3 = f"quantile_cont({expr}, 0.25)", f"quantile_cont({expr}, 0.75)"
+        return f"{q1} - {limit} * ({q3} - {q1}), {q3} + {limit} * ({q3} - {q1})"
+    med, mad = f"median({expr})", f"1.4826 * mad({expr})"
+    return f"{med} - {limit} * {mad}, {med} + {limit} * {mad}"
+
+
+def _vocabularies(con: duckdb.DuckDBPyConnection) -> None:
+    genders = [(alias, g) for g, aliases in GENDERS.items() for alias in aliases]
+    countries = [(c, c) for c in sorted(phonenumbers.SUPPORTED_REGIONS)] + list(COUNTRY_ALIASES.items())
+    con.execute("CREATE OR REPLACE TEMP TABLE _gender_vocab (alias VARCHAR, gender VARCHAR)")
+    con.executemany("INSERT INTO _gender_vocab VALUES (?, ?)", genders)
+    con.execute("CREATE OR REPLACE TEMP TABLE _country_vocab (alias VARCHAR, country VARCHAR)")
+    con.executemany("INSERT INTO _country_vocab VALUES (?, ?)", countries)
+    con.execute("CREATE OR REPLACE TEMP TABLE _tz AS SELECT name, utc_offset FROM pg_timezone_names()")
+
+
+def _sessions_sql(opts: CleaningOptions) -> str:
+    long_lo_hi = bounds_sql("ln(1 + duration_seconds)", opts.outlier_method, opts.session_outlier_limit)
+    burst_lo_hi = bounds_sql("ln(1 + events_per_minute)", opts.outlier_method, opts.session_outlier_limit)
+    return f"""
+WITH e AS (
+  SELECT person_id, event_at, device_type, anonymous_id,
+         CASE WHEN lag(event_at) OVER w IS NULL
+                OR event_at - lag(event_at) OVER w > to_seconds($gap_seconds) THEN 1 ELSE 0 END AS starts
+  FROM person_events WHERE person_id IS NOT NULL
+  WINDOW w AS (PARTITION BY person_id ORDER BY event_at, message_id)
+), numbered AS (
+  SELECT *, sum(starts) OVER (PARTITION BY person_id ORDER BY event_at ROWS UNBOUNDED PRECEDING) AS session_no
+  FROM e
+), s AS (
+  SELECT person_id, session_no, min(event_at) AS started_at, max(event_at) AS ended_at,
+         epoch(max(event_at) - min(event_at))::DOUBLE AS duration_seconds, count(*) AS event_count,
+         count(*) / greatest(epoch(max(event_at) - min(event_at)) / 60.0, 1.0) AS events_per_minute,
+         mode(device_type) AS device_type, mode(anonymous_id) AS anonymous_id
+  FROM numbered GROUP BY person_id, session_no
+), fences AS (
+  SELECT {long_lo_hi.split(", ")[1]} AS long_hi,
+         (SELECT {burst_lo_hi.split(", ")[1]} FROM s WHERE event_count >= $burst_min) AS burst_hi
+  FROM s
+)
+SELECT person_id || '-' || session_no AS session_id, person_id, started_at, ended_at, duration_seconds,
+       event_count, events_per_minute, device_type, anonymous_id,
+       ln(1 + duration_seconds) > long_hi AS is_long,
+       event_count >= $burst_min AND coalesce(ln(1 + events_per_minute) > burst_hi, false) AS is_burst
+FROM s, fences
+"""
+
+
+def _people_sql(opts: CleaningOptions) -> str:
+    shares = ",\n".join(
+        f"  coalesce(avg(({cond})::INT), 0) AS {name}_share"
+        for name, cond in [
+            ("mobile", "device_type = 'mobile'"),
+            ("desktop", "device_type = 'desktop'"),
+            ("tablet", "device_type = 'tablet'"),
+            ("night", "local_hour < 6"),
+            ("morning", "local_hour >= 6 AND local_hour < 12"),
+            ("afternoon", "local_hour >= 12 AND local_hour < 18"),
+            ("evening", "local_hour >= 18"),
+        ]
+    )
+    present = {
+        "age_bracket": "age_bracket IS NOT NULL",
+        "gender": "gender IS NOT NULL",
+        "country": "country IS NOT NULL",
+        "postal_code": "postal_code IS NOT NULL",
+        "has_email": "has_email",
+        "has_phone": "has_phone",
+    }
+    missing = " + ".join(f"(NOT coalesce({present[a]}, false))::INT" for a in opts.missing_attributes)
+    fence_cols = ", ".join(
+        f"{bounds_sql(f'ln(1 + {f})', opts.outlier_method, opts.outlier_limit).replace(', ', f' AS {f}_lo, ', 1)}"
+        f" AS {f}_hi"
+        for f in OUTLIER_FEATURES
+    )
+    flags = ", ".join(
+        f"CASE WHEN ln(1 + {f}) < {f}_lo OR ln(1 + {f}) > {f}_hi THEN '{f}' END" for f in OUTLIER_FEATURES
+    )
+    clipped = ", ".join(
+        f"CASE WHEN $action = 'clip' THEN least(greatest({f}, exp({f}_lo) - 1), exp({f}_hi) - 1) ELSE {f} END"
+        f"{'::BIGINT' if f in ('event_count', 'session_count', 'order_count') else ''} AS {f}"
+        for f in OUTLIER_FEATURES
+    )
+    return f"""
+WITH ev AS (
+  SELECT pe.person_id, pe.event_at, pe.event_name, pe.revenue, pe.category, pe.device_type,
+         hour(pe.event_at + coalesce(tz.utc_offset, INTERVAL 0 SECOND)) AS local_hour
+  FROM person_events pe LEFT JOIN _tz tz ON tz.name = pe.timezone
+  WHERE pe.person_id IS NOT NULL
+), behaviour AS (
+  SELECT person_id, count(*) AS event_count,
+    count(*) FILTER (WHERE event_name = 'Order Completed') AS order_count,
+    coalesce(sum(revenue) FILTER (WHERE event_name = 'Order Completed'), 0) AS total_revenue,
+    min(event_at) FILTER (WHERE event_name = 'Order Completed') AS first_order_at,
+    max(event_at) FILTER (WHERE event_name = 'Order Completed') AS last_order_at,
+{shares}
+  FROM ev GROUP BY person_id
+), categories AS (
+  SELECT person_id, map_from_entries(list((category, n) ORDER BY category)) AS category_counts
+  FROM (SELECT person_id, category, count(*) AS n FROM ev WHERE category IS NOT NULL GROUP BY 1, 2)
+  GROUP BY person_id
+), sess AS (
+  SELECT person_id, count(*) AS session_count, avg(duration_seconds) AS avg_session_seconds,
+         median(duration_seconds) AS median_session_seconds, bool_or(is_long) AS has_long_session,
+         bool_or(is_burst) AS is_bot
+  FROM sessions GROUP BY person_id
+), traits AS (
+  SELECT d.person_id, d.first_seen_at, d.last_seen_at, d.email_hash IS NOT NULL AS has_email,
+         d.phone_hash IS NOT NULL AS has_phone, d.postal_code,
+         TRY_CAST(d.age AS DOUBLE) AS age_number, d.age AS age_text,
+         date_diff('year', TRY_CAST(d.birthday AS DATE), $as_of::DATE) AS birthday_age, d.birthday,
+         gv.gender, d.gender AS gender_text, cv.country, d.country AS country_text
+  FROM deduped_users d
+  LEFT JOIN _gender_vocab gv ON gv.alias = lower(trim(d.gender))
+  LEFT JOIN _country_vocab cv ON cv.alias = upper(trim(d.country))
+), aged AS (
+  SELECT *,
+    CASE WHEN age_number IS NOT NULL AND age_number BETWEEN $min_age AND $max_age THEN round(age_number)
+         WHEN age_number IS NULL AND birthday_age BETWEEN $min_age AND $max_age THEN birthday_age END::BIGINT AS age,
+    list_filter([
+      CASE WHEN age_text IS NOT NULL AND age_number IS NULL THEN 'age_not_a_number' END,
+      CASE WHEN age_number IS NOT NULL AND NOT age_number BETWEEN $min_age AND $max_age THEN 'age_out_of_range' END,
+      CASE WHEN birthday IS NOT NULL AND birthday_age IS NULL THEN 'birthday_not_a_date' END,
+      CASE WHEN gender_text IS NOT NULL AND gender IS NULL THEN 'gender_unrecognized' END,
+      CASE WHEN country_text IS NOT NULL AND country IS NULL THEN 'country_unrecognized' END
+    ], lambda x: x IS NOT NULL) AS trait_issues
+  FROM traits
+), joined AS (
+  SELECT a.person_id, a.first_seen_at, a.last_seen_at,
+    coalesce(b.event_count, 0) AS event_count, coalesce(s.session_count, 0) AS session_count,
+    s.avg_session_seconds, s.median_session_seconds,
+    coalesce(b.order_count, 0) AS order_count, coalesce(b.total_revenue, 0) AS total_revenue,
+    b.first_order_at, b.last_order_at,
+    date_diff('second', b.last_order_at, $as_of) / 86400.0 AS days_since_last_order,
+    coalesce(s.session_count, 0) / greatest(date_diff('second', a.first_seen_at, a.last_seen_at) / 604800.0, 1.0)
+      AS sessions_per_week,
+    c.category_counts,
+    coalesce(b.mobile_share, 0) AS mobile_share, coalesce(b.desktop_share, 0) AS desktop_share,
+    coalesce(b.tablet_share, 0) AS tablet_share, coalesce(b.night_share, 0) AS night_share,
+    coalesce(b.morning_share, 0) AS morning_share, coalesce(b.afternoon_share, 0) AS afternoon_share,
+    coalesce(b.evening_share, 0) AS evening_share,
+    a.age,
+    CASE WHEN a.age < 25 THEN '<25' WHEN a.age < 35 THEN '25-34' WHEN a.age < 45 THEN '35-44'
+         WHEN a.age < 55 THEN '45-54' WHEN a.age IS NOT NULL THEN '55+' END AS age_bracket,
+    a.gender, a.country, a.postal_code, a.has_email, a.has_phone,
+    CASE WHEN len(a.trait_issues) > 0 THEN a.trait_issues END AS trait_issues,
+    coalesce(s.has_long_session, false) AS has_long_session, coalesce(s.is_bot, false) AS is_bot
+  FROM aged a
+  LEFT JOIN behaviour b USING (person_id) LEFT JOIN sess s USING (person_id) LEFT JOIN categories c USING (person_id)
+), scored AS (
+  SELECT *, ({missing}) / {len(opts.missing_attributes)}.0 AS missing_ratio FROM joined
+), fences AS (
+  SELECT {fence_cols} FROM scored WHERE missing_ratio <= $sparse_threshold
+), flagged AS (
+  SELECT scored.*, fences.*,
+    list_filter([{flags}], lambda x: x IS NOT NULL) AS flag_list
+  FROM scored, fences
+)
+SELECT * EXCLUDE ({", ".join(OUTLIER_FEATURES)}, flag_list, {", ".join(f"{f}_lo, {f}_hi" for f in OUTLIER_FEATURES)}),
+  {clipped},
+  CASE WHEN order_count > 0 THEN total_revenue / order_count END AS avg_order_value,
+  missing_ratio > $sparse_threshold AS is_sparse,
+  CASE WHEN len(flag_list) > 0 THEN flag_list END AS outlier_flags,
+  missing_ratio > $sparse_threshold OR is_bot OR ($action = 'exclude' AND (len(flag_list) > 0 OR has_long_session))
+    AS exclude_from_fitting
+FROM flagged
+"""
+
+
+def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None) -> dict[str, int]:
+    """Rebuild `sessions` and `cleaned_users` from `person_events` and `deduped_users` (one transaction)."""
+    opts = opts or CleaningOptions()
+    _vocabularies(con)
+    as_of = con.execute("SELECT coalesce(max(event_at), now()::TIMESTAMP) FROM raw_events").fetchall()[0][0]
+    params = {
+        "gap_seconds": opts.session_gap_minutes * 60,
+        "burst_min": opts.burst_min_events,
+        "as_of": as_of,
+        "min_age": opts.min_age,
+        "max_age": opts.max_age,
+        "sparse_threshold": opts.sparse_threshold,
+        "action": opts.outlier_action,
+    }
+    counts = replace_tables(
+        con,
+        [(Sessions, "sessions", _sessions_sql(opts)), (CleanedUsers, "cleaned_users", _people_sql(opts))],
+        params,
+    )
+    for name in ("_gender_vocab", "_country_vocab", "_tz"):
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+    return counts

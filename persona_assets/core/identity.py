@@ -1,0 +1,235 @@
+"""Deterministic identity resolution: identifiers seen together form a graph, a person is a component.
+
+Identifiers are integer-encoded in DuckDB and the components found by scipy's C
+implementation. An identifier tied to too many userIds, emails or anonymousIds (a shared
+tablet, `test@test.com`, a call-centre phone) is kept out of the graph's edges. A
+person's id is a pure function of its component — the hash of its earliest-seen
+identifier — so reruns and full rebuilds agree, and it changes only when people merge
+or split (recorded in `person_id_history`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from persona_assets.contracts import SURVIVING_TRAITS, DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory, ddl
+from persona_assets.core.warehouse import replace_tables
+
+
+@dataclass(frozen=True)
+class IdentityOptions:
+    max_user_ids_per_identifier: int = 1
+    max_emails_per_identifier: int = 3
+    max_anonymous_ids_per_identifier: int = 20
+
+
+@dataclass
+class IdentityReport:
+    identifiers: int = 0
+    people: int = 0
+    guard_hits: int = 0
+    multi_identifier_people: int = 0
+    largest: list[tuple[str, int]] = field(default_factory=list)
+    history: int = 0
+
+
+# (identifier_type, column in the event tuple)
+IDENTIFIER_COLUMNS = [
+    ("anonymous_id", "anonymous_id"),
+    ("anonymous_id", "previous_id"),
+    ("user_id", "user_id"),
+    ("email", "email_hash"),
+    ("phone", "phone_hash"),
+    ("device_id", "device_id"),
+]
+
+# Events are attributed to the person of their userId, else of their anonymousId.
+PERSON_EVENTS_VIEW = """
+CREATE OR REPLACE VIEW person_events AS
+SELECT coalesce(mu.person_id, ma.person_id) AS person_id, e.*
+FROM raw_events e
+LEFT JOIN identity_map mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
+LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
+"""
+
+
+def _stage_identifiers(con: duckdb.DuckDBPyConnection, opts: IdentityOptions) -> None:
+    """Temp tables: distinct identifier tuples, occurrences, nodes (integer ids) and guard hits."""
+    cols = ", ".join(sorted({c for _, c in IDENTIFIER_COLUMNS}))
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _tuples AS
+        SELECT row_number() OVER () AS tid, {cols}, min(event_at) AS first_at, max(event_at) AS last_at
+        FROM raw_events GROUP BY ALL"""
+    )
+    union = " UNION ALL ".join(
+        f"SELECT tid, '{t}' AS identifier_type, {c} AS identifier, first_at, last_at FROM _tuples WHERE {c} IS NOT NULL"
+        for t, c in IDENTIFIER_COLUMNS
+    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _occ AS {union}")
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE _nodes AS
+        SELECT (row_number() OVER (ORDER BY identifier_type, identifier) - 1)::BIGINT AS node,
+               identifier_type, identifier, min(first_at) AS first_seen_at, max(last_at) AS last_seen_at
+        FROM _occ GROUP BY identifier_type, identifier"""
+    )
+    # Everything an identifier was seen with, counted per kind of identifier.
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE _guard AS
+        WITH seen AS (
+          SELECT o.identifier_type, o.identifier,
+                 count(DISTINCT t.user_id) AS user_ids,
+                 count(DISTINCT t.email_hash) AS emails,
+                 count(DISTINCT coalesce(t.anonymous_id, t.previous_id)) AS anonymous_ids
+          FROM _occ o JOIN _tuples t USING (tid) GROUP BY 1, 2
+        )
+        SELECT *, concat_ws('; ',
+            CASE WHEN identifier_type <> 'user_id' AND user_ids > $max_users THEN user_ids || ' userIds' END,
+            CASE WHEN identifier_type <> 'email' AND emails > $max_emails THEN emails || ' emails' END,
+            CASE WHEN identifier_type <> 'anonymous_id' AND anonymous_ids > $max_anons
+                 THEN anonymous_ids || ' anonymousIds' END) AS reason
+        FROM seen
+        WHERE (identifier_type <> 'user_id' AND user_ids > $max_users)
+           OR (identifier_type <> 'email' AND emails > $max_emails)
+           OR (identifier_type <> 'anonymous_id' AND anonymous_ids > $max_anons)""",
+        {
+            "max_users": opts.max_user_ids_per_identifier,
+            "max_emails": opts.max_emails_per_identifier,
+            "max_anons": opts.max_anonymous_ids_per_identifier,
+        },
+    )
+
+
+def _components(con: duckdb.DuckDBPyConnection) -> None:
+    """Label each node with its component; guarded nodes carry no edges."""
+    edges = con.execute(
+        """WITH linked AS (
+             SELECT o.tid, n.node FROM _occ o
+             JOIN _nodes n USING (identifier_type, identifier)
+             ANTI JOIN _guard g USING (identifier_type, identifier)
+           ), hubs AS (SELECT tid, min(node) AS hub FROM linked GROUP BY tid)
+           SELECT DISTINCT h.hub, l.node FROM linked l JOIN hubs h USING (tid) WHERE l.node <> h.hub"""
+    ).fetchnumpy()
+    n = con.execute("SELECT count(*) FROM _nodes").fetchall()[0][0]
+    src = np.asarray(edges["hub"], dtype=np.int64)
+    dst = np.asarray(edges["node"], dtype=np.int64)
+    graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    con.register(
+        "_labels_arrow", pa.table({"node": np.arange(n, dtype=np.int64), "component": labels.astype(np.int64)})
+    )
+    con.execute("CREATE OR REPLACE TEMP TABLE _labels AS SELECT * FROM _labels_arrow")
+    con.unregister("_labels_arrow")
+
+
+NEW_IDENTITY_MAP = """
+WITH members AS (
+  SELECT n.*, l.component FROM _nodes n JOIN _labels l USING (node)
+  -- A guarded device, email or phone belongs to nobody; a guarded anonymous or user id is a person alone.
+  WHERE NOT EXISTS (SELECT 1 FROM _guard g WHERE g.identifier_type = n.identifier_type
+                    AND g.identifier = n.identifier AND n.identifier_type NOT IN ('anonymous_id', 'user_id'))
+), firsts AS (
+  SELECT component, arg_min(identifier_type || ':' || identifier, (first_seen_at, identifier_type, identifier)) AS first_id
+  FROM members GROUP BY component
+)
+SELECT m.identifier_type, m.identifier, 'p' || left(sha256(f.first_id), 16) AS person_id,
+       m.first_seen_at, m.last_seen_at
+FROM members m JOIN firsts f USING (component)
+"""
+
+
+def _trait_columns() -> str:
+    parts = []
+    for t in SURVIVING_TRAITS:
+        parts.append(f"arg_max({t}, (event_at, message_id)) FILTER (WHERE {t} IS NOT NULL) AS {t}")
+        parts.append(f"max(event_at) FILTER (WHERE {t} IS NOT NULL) AS {t}_observed_at")
+        parts.append(f"arg_max(message_id, (event_at, message_id)) FILTER (WHERE {t} IS NOT NULL) AS {t}_message_id")
+    return ",\n  ".join(parts)
+
+
+DEDUPED_USERS = f"""
+WITH ids AS (
+  SELECT person_id, count(*) AS identifier_count,
+         count(*) FILTER (WHERE identifier_type = 'anonymous_id') AS anonymous_id_count,
+         arg_max(identifier, last_seen_at) FILTER (WHERE identifier_type = 'user_id') AS user_id
+  FROM identity_map__next GROUP BY person_id
+), events AS (
+  SELECT coalesce(mu.person_id, ma.person_id) AS person_id, e.*
+  FROM raw_events e
+  LEFT JOIN identity_map__next mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
+  LEFT JOIN identity_map__next ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
+), traits AS (
+  SELECT person_id, count(*) AS event_count, min(event_at) AS first_seen_at, max(event_at) AS last_seen_at,
+  {_trait_columns()}
+  FROM events GROUP BY person_id
+)
+SELECT ids.*, coalesce(traits.event_count, 0) AS event_count, traits.* EXCLUDE (person_id, event_count)
+FROM ids LEFT JOIN traits USING (person_id)
+"""
+
+HISTORY = """
+INSERT INTO person_id_history
+WITH moved AS (
+  SELECT o.person_id AS old_person_id, n.person_id AS new_person_id, count(*) AS identifiers_moved
+  FROM identity_map o JOIN identity_map__next n USING (identifier_type, identifier)
+  WHERE o.person_id <> n.person_id GROUP BY 1, 2
+), fan AS (
+  SELECT o.person_id AS old_person_id, count(DISTINCT n.person_id) AS new_ids
+  FROM identity_map o JOIN identity_map__next n USING (identifier_type, identifier) GROUP BY 1
+), fan_in AS (
+  SELECT n.person_id AS new_person_id, count(DISTINCT o.person_id) AS old_ids
+  FROM identity_map o JOIN identity_map__next n USING (identifier_type, identifier) GROUP BY 1
+)
+SELECT m.old_person_id, m.new_person_id,
+       CASE WHEN f.new_ids > 1 THEN 'split' WHEN fi.old_ids > 1 THEN 'merge' ELSE 'rekey' END,
+       m.identifiers_moved, $now, $run_id
+FROM moved m JOIN fan f USING (old_person_id) JOIN fan_in fi USING (new_person_id)
+"""
+
+
+def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
+            run_id: str | None = None) -> IdentityReport:  # fmt: skip
+    """Rebuild identity_map, identity_guard and deduped_users from raw_events (one transaction)."""
+    opts = opts or IdentityOptions()
+    _stage_identifiers(con, opts)
+    _components(con)
+    con.execute(ddl(PersonIdHistory, "person_id_history"))
+    con.execute(ddl(IdentityMap, "identity_map"))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE identity_map__next AS {NEW_IDENTITY_MAP}")
+    now = datetime.now(UTC).replace(tzinfo=None)
+    counts = replace_tables(
+        con,
+        [
+            (DedupedUsers, "deduped_users", DEDUPED_USERS),
+            (IdentityGuard, "identity_guard", "SELECT * FROM _guard"),
+        ],
+        before_commit=[
+            (HISTORY, {"now": now, "run_id": run_id}),
+            ("DELETE FROM identity_map", None),
+            ("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next", None),
+            (PERSON_EVENTS_VIEW, None),
+        ],
+    )
+    report = IdentityReport(
+        identifiers=con.execute("SELECT count(*) FROM _nodes").fetchall()[0][0],
+        people=counts["deduped_users"],
+        guard_hits=counts["identity_guard"],
+    )
+    report.multi_identifier_people = con.execute(
+        "SELECT count(*) FROM deduped_users WHERE anonymous_id_count > 1"
+    ).fetchall()[0][0]
+    report.largest = con.execute(
+        "SELECT person_id, identifier_count FROM deduped_users ORDER BY identifier_count DESC, person_id LIMIT 5"
+    ).fetchall()
+    report.history = con.execute(
+        "SELECT count(*) FROM person_id_history WHERE run_id IS NOT DISTINCT FROM ? AND changed_at = ?", [run_id, now]
+    ).fetchall()[0][0]
+    for name in ("_tuples", "_occ", "_nodes", "_guard", "_labels", "identity_map__next"):
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+    return report

@@ -1,0 +1,56 @@
+"""Warehouse table plumbing: build under a temporary name, swap in one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import duckdb
+import pandera.pandas as pa
+
+from persona_assets.contracts import ddl
+
+
+def bind(sql: str, params: dict | None) -> dict:
+    """Only the parameters the statement names (DuckDB refuses extra ones)."""
+    return {k: v for k, v in (params or {}).items() if f"${k}" in sql}
+
+
+def replace_tables(
+    con: duckdb.DuckDBPyConnection,
+    tables: Iterable[tuple[type[pa.DataFrameModel], str, str]],
+    params: dict | None = None,
+    before_commit: Iterable[tuple[str, dict | None]] = (),
+) -> dict[str, int]:
+    """Rebuild each (contract, table, SELECT) under a temporary name and swap them all in at once.
+
+    The SELECT's columns are matched by name to the contract's DDL. `before_commit`
+    statements run inside the same transaction (e.g. appending history). A failure
+    anywhere leaves every table as it was.
+    """
+    counts: dict[str, int] = {}
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for model, table, select in tables:
+            tmp = f"{table}__new"
+            con.execute(f'DROP TABLE IF EXISTS "{tmp}"')
+            con.execute(ddl(model, tmp))
+            sql = f'INSERT INTO "{tmp}" BY NAME {select}'
+            con.execute(sql, bind(sql, params))
+            con.execute(f'DROP TABLE IF EXISTS "{table}"')
+            con.execute(f'ALTER TABLE "{tmp}" RENAME TO "{table}"')
+            counts[table] = con.execute(f'SELECT count(*) FROM "{table}"').fetchall()[0][0]
+        for sql, sql_params in before_commit:
+            con.execute(sql, bind(sql, sql_params))
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return counts
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'", [table]
+        ).fetchall()[0][0]
+    )
