@@ -50,3 +50,23 @@ def land(source: Path, landing: Path) -> list[Path]:
 
 def truth_counts(source: Path) -> dict[str, int]:
     return json.loads((source / "_truth" / "counts.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def resolved(tmp_path_factory: pytest.TempPathFactory):
+    """A warehouse with raw_events, identities and cleaned users for 3,000 generated people."""
+    import duckdb
+
+    from persona_assets.core.cleaning import clean
+    from persona_assets.core.identity import resolve
+    from persona_assets.core.ingest import ingest
+
+    root = tmp_path_factory.mktemp("resolved")
+    source = root / "landing"
+    generate(3000, 11, source, "jsonl", people_per_file=1000)
+    path = root / "warehouse.duckdb"
+    with duckdb.connect(str(path)) as con:
+        ingest(con, source, b"k")
+        resolve(con)
+        clean(con)
+    return path, source / "_truth"

@@ -100,7 +100,7 @@ WITH e AS (
   FROM numbered GROUP BY person_id, session_no
 ), fences AS (
   SELECT {long_lo_hi.split(", ")[1]} AS long_hi,
-         (SELECT {burst_lo_hi.split(", ")[1]} FROM s WHERE event_count >= $burst_min) AS burst_hi
+         {burst_lo_hi.split(", ")[1]} AS burst_hi
   FROM s
 )
 SELECT person_id || '-' || session_no AS session_id, person_id, started_at, ended_at, duration_seconds,
