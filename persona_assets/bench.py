@@ -40,6 +40,15 @@ print(json.dumps({"lines": r.total("lines_read"), "kept": r.total("events_kept")
 """
 
 
+STAGE = """
+import duckdb, sys
+from persona_assets.core.cleaning import clean
+from persona_assets.core.identity import resolve
+con = duckdb.connect(sys.argv[1])
+print({"identity": resolve, "cleaning": clean}[sys.argv[2]](con))
+"""
+
+
 def measure(code: str, *args: str) -> tuple[float, float, str]:
     """Run `code` in a fresh Python; returns wall seconds, peak RSS in GB, and its stdout."""
     start = time.perf_counter()
@@ -89,6 +98,10 @@ def run(args) -> int:
     )
     if "floor_seconds" in results:
         results["ratio_to_floor"] = round(ingest_s / floor_s, 2)
+    for stage in ("identity", "cleaning"):
+        stage_s, stage_gb, _ = measure(STAGE, str(warehouse), stage)
+        results[f"{stage}_seconds"] = round(stage_s, 2)
+        results[f"{stage}_peak_gb"] = round(stage_gb, 2)
     warehouse.unlink(missing_ok=True)
     out_file = work / f"bench-{people}-{args.format.replace('.', '')}.json"
     out_file.write_text(json.dumps(results, indent=2))

@@ -62,6 +62,9 @@ def summary() -> str:
         anons, users = con.execute(
             "SELECT count(DISTINCT anonymous_id), count(DISTINCT user_id) FROM raw_events"
         ).fetchall()[0]
+        people, sparse, bots = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE is_sparse), count(*) FILTER (WHERE is_bot) FROM cleaned_users"
+        ).fetchall()[0]
     return "\n".join(
         [
             f"Files ingested:     {files}",
@@ -70,8 +73,10 @@ def summary() -> str:
             f"Lines quarantined:  {quarantined or 0}",
             f"Re-delivered copies:{duplicates or 0:>7}",
             f"Identities seen:    {anons} anonymousIds, {users} userIds",
+            f"People:             {people} ({sparse} sparse, {bots} bots; all kept)",
             f"Query the snapshot: {path}",
-            '  persona query "SELECT event_type, count(*) AS events FROM raw_events GROUP BY 1 ORDER BY 2 DESC"',
+            '  persona query "SELECT age_bracket, count(*) AS people, round(avg(total_revenue), 2) AS avg_revenue '
+            'FROM cleaned_users GROUP BY 1 ORDER BY 1"',
             f"  duckdb -readonly {path}",
         ]
     )
