@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents, columns, ddl
 from persona_assets.core.events import EVENT_TYPES, FIELDS, FLAT_COLUMNS, Field
 from persona_assets.core.pii import hmac_params, hmac_sql, normalize_email_sql, normalize_phone
+from persona_assets.core.publish import sql_literal
+from persona_assets.core.warehouse import bind
 
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".csv": "csv", ".parquet": "parquet"}
 PARTIAL_SUFFIXES = (".tmp", ".part")
@@ -401,7 +403,7 @@ def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: 
                     WHEN message_id IS NULL THEN raw END,
                {cols}
         FROM ({sql})"""
-    bound = _bind(insert, {**params, "batch_id": batch_id, "file_order": file_order})
+    bound = bind(insert, {**params, "batch_id": batch_id, "file_order": file_order})
     lines = 0
     while True:
         try:
@@ -426,11 +428,6 @@ class UnreadableFile(Exception):
     """A landing file that cannot be read at all (bad gzip, broken Parquet, not CSV)."""
 
 
-def _bind(sql: str, params: dict) -> dict:
-    """Only the parameters the statement names (DuckDB refuses extra ones)."""
-    return {k: v for k, v in params.items() if f"${k}" in sql}
-
-
 def _normalize_phones(con: duckdb.DuckDBPyConnection) -> None:
     """E.164 for each distinct (phone, locale region) seen; a small table, not one call per event."""
     pairs = con.execute(
@@ -453,14 +450,10 @@ EMAIL_RE = r"""[^\s"',;:<>\[\]{}()]+@[^\s"',;:<>\[\]{}()]+"""
 PHONE_RE = r"""("[a-z_]*phone"\s*:\s*)("[^"]*"|[-+0-9 ().]+)"""
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _redact_sql(expr: str) -> str:
     """Quarantined text keeps its shape but not the email or phone values it carried."""
-    no_email = f"regexp_replace({expr}, {_literal(EMAIL_RE)}, '<email>', 'g')"
-    return f"""regexp_replace({no_email}, {_literal(PHONE_RE)}, '\1"<phone>"', 'g')"""
+    no_email = f"regexp_replace({expr}, {sql_literal(EMAIL_RE)}, '<email>', 'g')"
+    return f"""regexp_replace({no_email}, {sql_literal(PHONE_RE)}, '\1"<phone>"', 'g')"""
 
 
 def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict) -> None:
@@ -488,7 +481,7 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
           SELECT k.* FROM kept k ANTI JOIN raw_events r ON r.message_id = k.message_id
           QUALIFY row_number() OVER (PARTITION BY k.message_id ORDER BY k.file_order, k.source_line) = 1
         )"""
-    con.execute(insert, _bind(insert, params))
+    con.execute(insert, bind(insert, params))
     con.execute(
         f"""INSERT INTO quarantined_events
         SELECT s.batch_id, f.file_name, s.line, s.reason, s.detail, {_redact_sql("s.raw")}, now()::TIMESTAMP
