@@ -56,6 +56,11 @@ def contract_check(
     return _check
 
 
+def frame_md(frame: pd.DataFrame) -> dg.MetadataValue:
+    """A DataFrame as a markdown table for asset metadata ("_none_" when empty)."""
+    return dg.MetadataValue.md(frame.to_markdown(index=False) if len(frame) else "_none_")
+
+
 def markdown(rows: list[tuple], headers: list[str]) -> dg.MetadataValue:
     """A small table for asset metadata."""
     return dg.MetadataValue.md(pd.DataFrame(rows, columns=headers).to_markdown(index=False) if rows else "_none_")

@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from persona_assets.checks import contract_check, sql_check
+from persona_assets.checks import contract_check, frame_md, sql_check
 from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core.cleaning import OUTLIER_FEATURES, clean
 from persona_assets.settings import CleaningConfig
@@ -55,12 +55,12 @@ def clean_users(config: CleaningConfig, warehouse: DuckDBResource):
         asset_key="cleaned_users",
         metadata={
             "dagster/row_count": counts["cleaned_users"],
-            "quality": dg.MetadataValue.md(quality.to_markdown(index=False)),
+            "quality": frame_md(quality),
             "outliers_per_feature": dg.MetadataValue.md(
                 outliers.to_markdown(index=False) if len(outliers) else "_none_"
             ),
             "features_checked": ", ".join(OUTLIER_FEATURES),
-            "trait_issues": dg.MetadataValue.md(issues.to_markdown(index=False) if len(issues) else "_none_"),
+            "trait_issues": frame_md(issues),
         },
     )
     yield dg.MaterializeResult(

@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from persona_assets.checks import contract_check, markdown, sql_check
+from persona_assets.checks import contract_check, frame_md, markdown, sql_check
 from persona_assets.contracts import DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory
 from persona_assets.core.identity import resolve
 from persona_assets.settings import IdentityConfig
@@ -66,8 +66,8 @@ def resolve_identities(context: dg.AssetExecutionContext, config: IdentityConfig
             "people_out": report.people,
             "people_with_several_anonymous_ids": report.multi_identifier_people,
             "largest_components": markdown(report.largest, ["person_id", "identifiers"]),
-            "anonymous_ids_per_person": dg.MetadataValue.md(sizes.to_markdown(index=False)),
-            "preview": dg.MetadataValue.md(preview.to_markdown(index=False)),
+            "anonymous_ids_per_person": frame_md(sizes),
+            "preview": frame_md(preview),
         },
     )
     yield dg.MaterializeResult(asset_key="identity_map", metadata={"dagster/row_count": report.identifiers})
@@ -75,7 +75,7 @@ def resolve_identities(context: dg.AssetExecutionContext, config: IdentityConfig
         asset_key="identity_guard",
         metadata={
             "dagster/row_count": report.guard_hits,
-            "guard_hits": dg.MetadataValue.md(guard.to_markdown(index=False)),
+            "guard_hits": frame_md(guard),
         },
     )
     yield dg.MaterializeResult(

@@ -1,20 +1,15 @@
 """raw_events, quarantined_events and the ingest ledger, from the files in landing."""
 
 import dagster as dg
-import pandas as pd
 from dagster_duckdb import DuckDBResource
 
-from persona_assets.checks import contract_check, sql_check
+from persona_assets.checks import contract_check, frame_md, sql_check
 from persona_assets.contracts import HEX64, IngestFiles, QuarantinedEvents, RawEvents
 from persona_assets.core.ingest import ingest
 from persona_assets.resources import PersonaHome
 from persona_assets.settings import IngestConfig
 
 GROUP = "ingest"
-
-
-def _md(frame: pd.DataFrame) -> dg.MetadataValue:
-    return dg.MetadataValue.md(frame.to_markdown(index=False) if len(frame) else "_none_")
 
 
 @dg.multi_asset(
@@ -79,7 +74,7 @@ def ingest_landing(
             "duplicates": report.total("duplicates"),
             "events_per_second": round(lines / report.seconds, 1) if report.seconds and lines else 0.0,
             "seconds": round(report.seconds, 2),
-            "preview": _md(preview),
+            "preview": frame_md(preview),
         },
     )
     yield dg.MaterializeResult(
@@ -87,12 +82,12 @@ def ingest_landing(
         metadata={
             "dagster/row_count": totals[1],
             "new_quarantined": report.total("lines_quarantined"),
-            "by_reason": _md(reasons),
+            "by_reason": frame_md(reasons),
         },
     )
     yield dg.MaterializeResult(
         asset_key="ingest_files",
-        metadata={"dagster/row_count": totals[2], "latest_files": _md(files)},
+        metadata={"dagster/row_count": totals[2], "latest_files": frame_md(files)},
     )
 
 
