@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import duckdb
+
 from persona_assets.settings import persona_home
 
 EVENTS_PER_PERSON = 32  # what the generator makes on average
+STAGES = ("identity", "cleaning", "segmentation")
 
 
 FLOOR = """
@@ -42,10 +46,20 @@ print(json.dumps({"lines": r.total("lines_read"), "kept": r.total("events_kept")
 
 STAGE = """
 import duckdb, sys
+from pathlib import Path
+from persona_assets.core import features, segments
 from persona_assets.core.cleaning import clean
 from persona_assets.core.identity import resolve
+from persona_assets.core.models import ModelStore
 con = duckdb.connect(sys.argv[1])
-print({"identity": resolve, "cleaning": clean}[sys.argv[2]](con))
+store = ModelStore(Path(sys.argv[1]).with_name("bench-models"))
+steps = {
+    "identity": lambda: resolve(con),
+    "cleaning": lambda: clean(con),
+    "segmentation": lambda: (features.build(con, store, features.FeatureOptions(), refit=True),
+                             segments.build(con, store, segments.SegmentOptions(), retrain=True))[1]["why"],
+}
+print(steps[sys.argv[2]]())
 """
 
 
@@ -98,10 +112,13 @@ def run(args) -> int:
     )
     if "floor_seconds" in results:
         results["ratio_to_floor"] = round(ingest_s / floor_s, 2)
-    for stage in ("identity", "cleaning"):
+    shutil.rmtree(work / "bench-models", ignore_errors=True)
+    for stage in STAGES:
         stage_s, stage_gb, _ = measure(STAGE, str(warehouse), stage)
         results[f"{stage}_seconds"] = round(stage_s, 2)
         results[f"{stage}_peak_gb"] = round(stage_gb, 2)
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        results["people"] = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
     warehouse.unlink(missing_ok=True)
     out_file = work / f"bench-{people}-{args.format.replace('.', '')}.json"
     out_file.write_text(json.dumps(results, indent=2))

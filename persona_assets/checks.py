@@ -31,7 +31,12 @@ def validate_in_chunks(con, model: type[pa.DataFrameModel], select_sql: str) -> 
 
 
 def contract_check(
-    asset: str, model: type[pa.DataFrameModel], table: str, where: str = "", description: str | None = None
+    asset: str,
+    model: type[pa.DataFrameModel],
+    table: str,
+    where: str = "",
+    description: str | None = None,
+    all_columns: bool = False,
 ) -> dg.AssetChecksDefinition:
     """A blocking check that `table` (or the rows `where` selects) meets its contract."""
 
@@ -42,7 +47,7 @@ def contract_check(
         description=description or f"Rows of {table} satisfy the {model.__name__} contract (contracts.py).",
     )
     def _check(warehouse: DuckDBResource) -> dg.AssetCheckResult:
-        cols = ", ".join(f'"{c}"' for c in columns(model))
+        cols = "*" if all_columns else ", ".join(f'"{c}"' for c in columns(model))
         with warehouse.get_connection() as con:
             rows, cases = validate_in_chunks(con, model, f'SELECT {cols} FROM "{table}" {where}')
         metadata: dict[str, object] = {"rows_validated": rows, "failure_cases": len(cases)}

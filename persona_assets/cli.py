@@ -65,6 +65,10 @@ def summary() -> str:
         people, sparse, bots = con.execute(
             "SELECT count(*), count(*) FILTER (WHERE is_sparse), count(*) FILTER (WHERE is_bot) FROM cleaned_users"
         ).fetchall()[0]
+        groups = con.execute(
+            "SELECT id || ' ' || name || ' (' || round(100 * share) || '%)' FROM segment_catalog "
+            "WHERE level = 'segment' ORDER BY people DESC"
+        ).fetchall()
     return "\n".join(
         [
             f"Files ingested:     {files}",
@@ -74,6 +78,8 @@ def summary() -> str:
             f"Re-delivered copies:{duplicates or 0:>7}",
             f"Identities seen:    {anons} anonymousIds, {users} userIds",
             f"People:             {people} ({sparse} sparse, {bots} bots; all kept)",
+            f"Segments:           {len(groups)}",
+            *(f"  {g[0]}" for g in groups),
             f"Query the snapshot: {path}",
             '  persona query "SELECT age_bracket, count(*) AS people, round(avg(total_revenue), 2) AS avg_revenue '
             'FROM cleaned_users GROUP BY 1 ORDER BY 1"',

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
@@ -278,6 +279,76 @@ class CleanedUsers(pa.DataFrameModel):
     is_bot: Series[bool] = column("BOOLEAN")
     outlier_flags: Series[object] = column("VARCHAR[]", nullable=True)
     exclude_from_fitting: Series[bool] = column("BOOLEAN")
+
+    class Config:
+        strict = True
+
+
+class NormalizedFeatures(pa.DataFrameModel):
+    """The modelling matrix: one row per non-sparse person, features log1p'd, clipped and scaled.
+
+    Besides the fixed behaviour features there is one `category_<name>` column per category
+    the transform was fitted with (plus `category_other`).
+    """
+
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    used_for_fitting: Series[bool] = column("BOOLEAN")
+    transform_version: Series[int] = column("BIGINT", ge=1)
+    event_count: Series[float] = column("DOUBLE")
+    session_count: Series[float] = column("DOUBLE")
+    avg_session_seconds: Series[float] = column("DOUBLE")
+    events_per_session: Series[float] = column("DOUBLE")
+    sessions_per_week: Series[float] = column("DOUBLE")
+    order_count: Series[float] = column("DOUBLE")
+    total_revenue: Series[float] = column("DOUBLE")
+    avg_order_value: Series[float] = column("DOUBLE")
+    conversion_rate: Series[float] = column("DOUBLE")
+    mobile_share: Series[float] = column("DOUBLE")
+    desktop_share: Series[float] = column("DOUBLE")
+    tablet_share: Series[float] = column("DOUBLE")
+    night_share: Series[float] = column("DOUBLE")
+    morning_share: Series[float] = column("DOUBLE")
+    afternoon_share: Series[float] = column("DOUBLE")
+    evening_share: Series[float] = column("DOUBLE")
+
+    @pa.dataframe_check(error="every feature is a finite number")
+    def finite(cls, df: pd.DataFrame) -> Series[bool]:
+        numeric = df.drop(columns=["person_id", "used_for_fitting", "transform_version"], errors="ignore")
+        return pd.Series(np.isfinite(numeric.to_numpy(dtype=float)).all(axis=1), index=df.index)
+
+
+SEGMENT_ID = r"^S[0-9]+$"
+
+
+class Segments(pa.DataFrameModel):
+    """Each person's segment, sub-segment and noise flag under one saved segment model."""
+
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    segment_id: Series[str] = column("VARCHAR", str_matches=SEGMENT_ID)
+    segment_name: Series[str] = column("VARCHAR")
+    subsegment_id: Series[str] = column("VARCHAR", str_matches=r"^S[0-9]+\.[0-9]+$")
+    subsegment_name: Series[str] = column("VARCHAR")
+    is_noise: Series[bool] = column("BOOLEAN")
+    segment_distance: Series[float] = column("DOUBLE", ge=0)
+    segment_confidence: Series[float] = column("DOUBLE", ge=0, le=1)
+    low_confidence: Series[bool] = column("BOOLEAN")
+    model_version: Series[int] = column("BIGINT", ge=1)
+
+    class Config:
+        strict = True
+
+
+class SegmentCatalog(pa.DataFrameModel):
+    """Every segment and sub-segment of the current model: name, size and what sets it apart."""
+
+    level: Series[str] = column("VARCHAR", isin=["segment", "subsegment"])
+    id: Series[str] = column("VARCHAR", unique=True)
+    parent_id: Series[str] = column("VARCHAR", nullable=True)
+    name: Series[str] = column("VARCHAR")
+    people: Series[int] = column("BIGINT", ge=0)
+    share: Series[float] = column("DOUBLE", ge=0, le=1)
+    explanation: Series[str] = column("VARCHAR")
+    model_version: Series[int] = column("BIGINT", ge=1)
 
     class Config:
         strict = True

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from persona_assets.assets import cleaning, identity, ingest, serving
+from persona_assets.assets import cleaning, identity, ingest, segments, serving
 from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_resource
 from persona_assets.settings import persona_home
 
@@ -15,8 +15,15 @@ def build_definitions(home: Path | None = None) -> dg.Definitions:
     """Definitions over PERSONA_HOME (or `home`, for tests)."""
     persona = PersonaHome(home=str(home or persona_home()))
     return dg.Definitions(
-        assets=[ingest.ingest_landing, identity.resolve_identities, cleaning.clean_users, serving.serving_snapshot],
-        asset_checks=[*ingest.CHECKS, *identity.CHECKS, *cleaning.CHECKS],
+        assets=[
+            ingest.ingest_landing,
+            identity.resolve_identities,
+            cleaning.clean_users,
+            segments.normalized_features,
+            segments.segment_people,
+            serving.serving_snapshot,
+        ],
+        asset_checks=[*ingest.CHECKS, *identity.CHECKS, *cleaning.CHECKS, *segments.CHECKS],
         resources={
             "persona": persona,
             "warehouse": warehouse_resource(persona),

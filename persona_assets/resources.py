@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from persona_assets.core.models import ModelStore
 from persona_assets.core.pii import load_key
 from persona_assets.core.publish import publish_snapshot
 
@@ -31,6 +32,10 @@ class PersonaHome(dg.ConfigurableResource):
     @property
     def serving_path(self) -> Path:
         return self.root / "serving" / "persona.duckdb"
+
+    @property
+    def models(self) -> ModelStore:
+        return ModelStore(self.root / "models")
 
     def hash_key(self) -> bytes:
         return load_key(self.root)

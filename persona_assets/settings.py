@@ -10,8 +10,10 @@ import dagster as dg
 from pydantic import Field, field_validator
 
 from persona_assets.core.cleaning import MISSING_ATTRIBUTES, CleaningOptions
+from persona_assets.core.features import FeatureOptions
 from persona_assets.core.identity import IdentityOptions
 from persona_assets.core.ingest import IngestOptions
+from persona_assets.core.segments import SegmentOptions
 
 HOME_ENV = "PERSONA_HOME"
 
@@ -94,3 +96,50 @@ class CleaningConfig(dg.Config):
         values = self.model_dump()
         values["missing_attributes"] = tuple(values["missing_attributes"])
         return CleaningOptions(**values)
+
+
+class FeaturesConfig(dg.Config):
+    """How cleaned_users becomes the modelling matrix."""
+
+    scaling: str = Field(default="zscore", description="zscore or minmax, after log1p of counts and money.")
+    clip_method: str = Field(
+        default="mad", description="Fences the heavy-tailed features are clipped to: mad, iqr, zscore or none."
+    )
+    clip_limit: float = Field(default=3.5, gt=0, description="Fence width (the cleaning stage's outlier_limit).")
+    max_categories: int = Field(default=20, ge=1, description="Categories kept as own columns; the rest is 'other'.")
+    refit: bool = Field(
+        default=False, description="Fit a new transform (a new version) instead of scoring with the saved one."
+    )
+
+    def options(self) -> FeatureOptions:
+        return FeatureOptions(
+            scaling=self.scaling,
+            clip_method=self.clip_method,
+            clip_limit=self.clip_limit,
+            max_categories=self.max_categories,
+        )
+
+
+class SegmentsConfig(dg.Config):
+    """Segmentation: k range, sub-segments, noise, embedding and id matching."""
+
+    k_min: int = Field(default=2, ge=2, description="Smallest k tried.")
+    k_max: int = Field(default=10, ge=2, description="Largest k tried.")
+    silhouette_tolerance: float = Field(
+        default=0.02, ge=0, description="The elbow's k stands unless another k's silhouette beats it by more."
+    )
+    space: str = Field(
+        default="auto", description="features, autoencoder, or auto (the one with the better silhouette)."
+    )
+    embedding_dim: int = Field(default=4, ge=1, description="Width of the autoencoder's bottleneck.")
+    sub_k_max: int = Field(default=4, ge=2, description="Most sub-segments per segment (Ward).")
+    noise_min_cluster_size: int = Field(default=40, ge=2, description="HDBSCAN: smallest dense group (in the sample).")
+    minibatch_above: int = Field(default=100_000, ge=1, description="Use MiniBatchKMeans above this many people.")
+    match_max_distance: float = Field(
+        default=1.0, gt=0, description="A retrained segment keeps an old id when its profile is this close."
+    )
+    seed: int = Field(default=0, description="Random seed for samples, k-means and the autoencoder.")
+    retrain: bool = Field(default=False, description="Train a new model instead of assigning with the saved one.")
+
+    def options(self) -> SegmentOptions:
+        return SegmentOptions(**self.model_dump(exclude={"retrain"}))

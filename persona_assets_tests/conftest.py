@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from persona_assets.datagen import generate
@@ -70,3 +71,29 @@ def resolved(tmp_path_factory: pytest.TempPathFactory):
         resolve(con)
         clean(con)
     return path, source / "_truth"
+
+
+@pytest.fixture
+def warehouse_copy(resolved, tmp_path: Path):
+    """A private, writable copy of the resolved warehouse, with its own model store."""
+    import duckdb
+
+    from persona_assets.core.models import ModelStore
+
+    path, truth_dir = resolved
+    copy = tmp_path / "warehouse.duckdb"
+    shutil.copy2(path, copy)
+    con = duckdb.connect(str(copy))
+    yield con, ModelStore(tmp_path / "models"), truth_dir
+    con.close()
+
+
+def person_truth(con, truth_dir: Path) -> pd.DataFrame:
+    """Each resolved person_id with the generated person it mostly came from (archetype, age, bot...)."""
+    ids = pd.read_parquet(truth_dir / "identifiers.parquet")
+    mapped = con.execute(
+        "SELECT identifier AS anonymous_id, person_id FROM identity_map WHERE identifier_type = 'anonymous_id'"
+    ).df()
+    owner = ids.merge(mapped, on="anonymous_id").groupby("person_id")["person_key"].agg(lambda s: s.mode()[0])
+    people = pd.read_parquet(truth_dir / "people.parquet").set_index("person_key")
+    return people.loc[owner.to_numpy()].set_index(owner.index).reset_index(names="person_id")

@@ -44,15 +44,27 @@ def test_materializing_everything_publishes_a_snapshot_without_restricted_column
     result = _run(persona_home)
     assert result.success
     checks = _checks(result)
-    assert len(checks) == 14 and all(checks.values()), checks
+    declared = {spec.name for c in build_definitions(persona_home).asset_checks for spec in c.check_specs}
+    assert set(checks) == declared and all(checks.values()), checks
     snapshot = persona_home / "serving" / "persona.duckdb"
     with duckdb.connect(str(snapshot), read_only=True) as con:
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         assert {"raw_events", "quarantined_events", "ingest_files", "identity_map", "cleaned_users"} <= tables
+        assert {"segments", "segment_catalog"} <= tables
         cols = {r[0] for r in con.execute("DESCRIBE raw_events").fetchall()}
         assert cols.isdisjoint(RESTRICTED_COLUMNS) and "email_hash" in cols
         kept = con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0]
     assert kept == truth_counts(source)["events"]
+    # The segments asset is its own dashboard: chosen k and why, curves, sizes, names, noise.
+    metadata = {
+        e.asset_key.path[-1]: e.step_materialization_data.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }["segments"]
+    assert {"chosen_k", "why_this_k", "curves", "segments", "subsegments", "noise_share", "model_version"} <= set(
+        metadata
+    )
+    assert "data:image/png;base64," in metadata["curves"].value
+    assert "explanation" in metadata["segments"].value
 
 
 def test_a_failing_contract_check_blocks_the_snapshot(persona_home, generated):

@@ -9,6 +9,8 @@ from persona_assets.contracts import (
     IngestFiles,
     QuarantinedEvents,
     RawEvents,
+    SegmentCatalog,
+    Segments,
     Sessions,
     columns,
 )
@@ -22,6 +24,8 @@ PUBLISHED = {
     "identity_map": IdentityMap,
     "cleaned_users": CleanedUsers,
     "sessions": Sessions,
+    "segments": Segments,
+    "segment_catalog": SegmentCatalog,
 }
 
 

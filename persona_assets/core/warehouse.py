@@ -54,3 +54,22 @@ def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
             "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'", [table]
         ).fetchall()[0][0]
     )
+
+
+def replace_frame(con: duckdb.DuckDBPyConnection, table: str, frame) -> int:
+    """Replace `table` with a pandas frame's columns and rows, built aside and swapped in one transaction."""
+    view = f"_{table}_frame"
+    con.register(view, frame)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f'DROP TABLE IF EXISTS "{table}__new"')
+        con.execute(f'CREATE TABLE "{table}__new" AS SELECT * FROM "{view}"')
+        con.execute(f'DROP TABLE IF EXISTS "{table}"')
+        con.execute(f'ALTER TABLE "{table}__new" RENAME TO "{table}"')
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister(view)
+    return len(frame)

@@ -1,0 +1,116 @@
+"""normalized_features and segments: the modelling matrix and the segment model over it."""
+
+import base64
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from persona_assets.checks import contract_check, frame_md, sql_check
+from persona_assets.contracts import NormalizedFeatures, SegmentCatalog, Segments
+from persona_assets.core import features, segments
+from persona_assets.resources import PersonaHome
+from persona_assets.settings import FeaturesConfig, SegmentsConfig
+
+GROUP = "segmentation"
+
+
+@dg.asset(
+    deps=["cleaned_users"],
+    kinds={"duckdb", "scikitlearn"},
+    group_name=GROUP,
+    pool="duckdb",
+    description="One row per non-sparse person: log1p, clipped and scaled features, with a saved, versioned transform.",
+)
+def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, persona: PersonaHome):
+    with warehouse.get_connection() as con:
+        result = features.build(con, persona.models, config.options(), refit=config.refit)
+    transform = result["transform"]
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": result["rows"],
+            "transform_version": transform.version,
+            "transform": result["reason"],
+            "fitted_on_people": transform.fitted_rows,
+            "sparse_people_left_out": result["sparse_people"],
+            "scaling": transform.scaling,
+            "parameters": frame_md(transform.summary()),
+            "artifact": dg.MetadataValue.path(str(persona.models.root / features.FEATURES_KIND)),
+        }
+    )
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            "segments",
+            deps=["normalized_features"],
+            kinds={"duckdb", "scikitlearn"},
+            group_name=GROUP,
+            description="Each person's segment and sub-segment (k-means, Ward, HDBSCAN noise), ids stable across retrains.",
+        ),
+        dg.AssetSpec(
+            "segment_catalog",
+            deps=["normalized_features"],
+            kinds={"duckdb"},
+            group_name=GROUP,
+            description="Every segment and sub-segment: readable name, size, share and what sets it apart.",
+        ),
+    ],
+    pool="duckdb",
+)
+def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: PersonaHome):
+    with warehouse.get_connection() as con:
+        result = segments.build(con, persona.models, config.options(), retrain=config.retrain)
+    model = result["model"]
+    groups = result["catalog"]
+    top = groups[groups["level"] == "segment"].drop(columns=["level", "parent_id", "model_version"])
+    subs = groups[groups["level"] == "subsegment"].drop(columns=["level", "model_version"])
+    curves = model.curves.pivot(index="k", columns="space", values=["inertia", "silhouette"]).round(4)
+    curves.columns = [f"{a}_{b}" for a, b in curves.columns]
+    png = base64.b64encode(segments.curves_png(model)).decode()
+    metadata = {
+        "dagster/row_count": result["people"],
+        "model_version": model.version,
+        "trained": result["trained"],
+        "why": result["why"],
+        "chosen_k": model.chosen_k,
+        "elbow_k": model.knee,
+        "why_this_k": model.reason,
+        "space": model.space,
+        **{name: value for name, value in model.scores.items()},
+        "curves": dg.MetadataValue.md(f"![inertia and silhouette by k](data:image/png;base64,{png})"),
+        "curves_table": dg.MetadataValue.md(curves.reset_index().to_markdown(index=False)),
+        "segments": frame_md(top),
+        "subsegments": frame_md(subs),
+        "noise_share": round(result["noise_share"], 4),
+        "low_confidence_people": result["low_confidence"],
+    }
+    if result["trained"] and model.matching is not None and len(model.matching):
+        metadata["matching_to_previous_model"] = frame_md(model.matching)
+    if result["moved_share"] is not None:
+        metadata["share_moved_segment"] = round(result["moved_share"], 4)
+    yield dg.MaterializeResult(asset_key="segments", metadata=metadata)
+    yield dg.MaterializeResult(
+        asset_key="segment_catalog",
+        metadata={"dagster/row_count": len(groups), "model_version": model.version, "catalog": frame_md(groups)},
+    )
+
+
+CHECKS = [
+    # All columns: the per-category ones are checked too (finite), beyond the fixed contract columns.
+    contract_check("normalized_features", NormalizedFeatures, "normalized_features", all_columns=True),
+    contract_check("segments", Segments, "segments"),
+    contract_check("segment_catalog", SegmentCatalog, "segment_catalog"),
+    sql_check(
+        "segments",
+        "everyone_segmented",
+        "SELECT c.person_id FROM cleaned_users c ANTI JOIN segments s USING (person_id)",
+        "Every cleaned person, sparse ones too (by nearest centroid, low confidence), has a segment.",
+    ),
+    sql_check(
+        "segments",
+        "segments_in_catalog",
+        "SELECT s.person_id, s.segment_id FROM segments s ANTI JOIN segment_catalog c ON c.id = s.segment_id",
+        "Every segment id people carry is described in segment_catalog.",
+    ),
+]

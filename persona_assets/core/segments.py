@@ -1,0 +1,590 @@
+"""Segmentation: k-means with k by elbow and silhouette, Ward sub-segments, HDBSCAN noise,
+an autoencoder embedding as an alternative space, readable names and ids kept across retrains.
+
+Works on the normalized feature matrix (one row per person, pandas/numpy); everything that
+scales with people is either a nearest-centroid assignment or fitted on a sample.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import duckdb
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans, MiniBatchKMeans
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import silhouette_score
+from sklearn.metrics.pairwise import euclidean_distances
+from sklearn.neighbors import NearestNeighbors
+from sklearn.neural_network import MLPRegressor
+
+from persona_assets.contracts import SegmentCatalog, Segments
+from persona_assets.core.features import CATEGORY_PREFIX, FEATURES_KIND, load_base
+from persona_assets.core.models import ModelStore
+from persona_assets.core.warehouse import replace_tables, table_exists
+
+SPACES = ("auto", "features", "autoencoder")
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    k_min: int = 2
+    k_max: int = 10
+    scan_sample: int = 20_000
+    silhouette_sample: int = 4_000
+    silhouette_tolerance: float = 0.02
+    minibatch_above: int = 100_000
+    sub_k_max: int = 4
+    sub_sample: int = 2_000
+    min_subsegment_people: int = 60
+    noise_sample: int = 5_000
+    noise_min_cluster_size: int = 40
+    noise_min_samples: int = 10
+    space: str = "auto"
+    embedding_dim: int = 4
+    autoencoder_sample: int = 20_000
+    match_max_distance: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.k_min <= self.k_max:
+            raise ValueError(f"need 2 <= k_min <= k_max, got {self.k_min}..{self.k_max}")
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        if self.sub_k_max < 2 or self.embedding_dim < 1:
+            raise ValueError("sub_k_max must be at least 2 and embedding_dim at least 1")
+
+    def model_settings(self) -> dict:
+        """The options a saved model depends on (changing one means retraining)."""
+        return {k: v for k, v in asdict(self).items() if k != "match_max_distance"}
+
+
+@dataclass
+class Group:
+    """One segment or sub-segment: id, readable name, centroid in the model space, feature profile."""
+
+    id: str
+    name: str
+    centroid: np.ndarray
+    profile: np.ndarray  # mean normalized features of its fitted members (for naming and matching)
+    size: int
+    explanation: list[dict] = field(default_factory=list)
+    parent: str | None = None
+
+
+@dataclass
+class SegmentModel:
+    version: int
+    feature_version: int
+    features: list[str]
+    space: str
+    encoder: list[tuple[np.ndarray, np.ndarray]] | None
+    segments: list[Group]
+    subsegments: list[Group]
+    noise_points: np.ndarray  # non-noise sample points in model space
+    noise_reach: np.ndarray  # each point's core distance: within it, a person is not noise
+    curves: pd.DataFrame
+    chosen_k: int
+    knee: int
+    reason: str
+    scores: dict[str, float]
+    settings: dict
+    matching: pd.DataFrame | None = None
+
+
+def encode(X: np.ndarray, encoder: list[tuple[np.ndarray, np.ndarray]] | None) -> np.ndarray:
+    """Map features into the model space (identity, or the autoencoder's bottleneck)."""
+    if encoder is None:
+        return X
+    out = X
+    for weights, bias in encoder:
+        out = np.tanh(out @ weights + bias)
+    return out
+
+
+def train_autoencoder(X: np.ndarray, opts: SegmentOptions) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+    """An MLP taught to reproduce its input through a narrow middle layer; returns the encoder half and its R²."""
+    rng = np.random.default_rng(opts.seed)
+    rows = X[rng.choice(len(X), min(len(X), opts.autoencoder_sample), replace=False)]
+    hidden = max(2 * opts.embedding_dim, min(32, X.shape[1]))
+    net = MLPRegressor(
+        hidden_layer_sizes=(hidden, opts.embedding_dim, hidden),
+        activation="tanh",
+        max_iter=500,
+        early_stopping=True,
+        random_state=opts.seed,
+    )
+    # Not converging within max_iter is reported (as its R²), not raised: the embedding is
+    # only used when its clustering beats the raw features on silhouette.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        net.fit(rows, rows)
+    encoder = [(net.coefs_[i], net.intercepts_[i]) for i in range(2)]
+    return encoder, float(net.score(rows, rows))
+
+
+def knee(ks: list[int], inertia: list[float]) -> int:
+    """The elbow of a falling inertia curve: the k farthest below the chord from first to last point."""
+    if len(ks) < 3:
+        return ks[0]
+    x = (np.asarray(ks) - ks[0]) / (ks[-1] - ks[0])
+    y = np.asarray(inertia, dtype=float)
+    y = (y - y[-1]) / (y[0] - y[-1]) if y[0] != y[-1] else np.zeros_like(y)
+    return ks[int(np.argmax((1 - x) - y))]
+
+
+def _kmeans(Z: np.ndarray, k: int, opts: SegmentOptions, n_init: int = 4):
+    if len(Z) > opts.minibatch_above:
+        return MiniBatchKMeans(k, n_init=n_init, batch_size=4096, random_state=opts.seed).fit(Z)
+    return KMeans(k, n_init=n_init, random_state=opts.seed).fit(Z)
+
+
+def scan_k(Z: np.ndarray, opts: SegmentOptions) -> pd.DataFrame:
+    """Inertia (per person) and silhouette for each k, on samples."""
+    rng = np.random.default_rng(opts.seed)
+    rows = Z[rng.choice(len(Z), min(len(Z), opts.scan_sample), replace=False)]
+    probe = rng.choice(len(rows), min(len(rows), opts.silhouette_sample), replace=False)
+    out = []
+    for k in range(opts.k_min, min(opts.k_max, len(rows) - 1) + 1):
+        km = _kmeans(rows, k, opts)
+        labels = km.labels_[probe]
+        sil = silhouette_score(rows[probe], labels) if len(set(labels)) > 1 else -1.0
+        out.append({"k": k, "inertia": km.inertia_ / len(rows), "silhouette": float(sil)})
+    return pd.DataFrame(out)
+
+
+def choose_k(curve: pd.DataFrame, tolerance: float) -> tuple[int, int, str]:
+    """k at the elbow, unless another k's silhouette beats the elbow's by more than `tolerance`."""
+    ks, sil = curve["k"].tolist(), dict(zip(curve["k"], curve["silhouette"]))
+    elbow = knee(ks, curve["inertia"].tolist())
+    best = max(ks, key=lambda k: sil[k])
+    if sil[best] - sil[elbow] > tolerance:
+        return (
+            best,
+            elbow,
+            (
+                f"silhouette {sil[best]:.3f} at k={best} beats the elbow k={elbow} ({sil[elbow]:.3f}) by more than {tolerance}"
+            ),
+        )
+    return (
+        elbow,
+        elbow,
+        (
+            f"elbow of the inertia curve at k={elbow} (silhouette {sil[elbow]:.3f}; best {sil[best]:.3f} at k={best},"
+            f" within {tolerance})"
+        ),
+    )
+
+
+# Readable words for a feature far above (+) or below (-) the average.
+PHRASES = {
+    ("total_revenue", 1): "High-Value",
+    ("total_revenue", -1): "Low-Spend",
+    ("avg_order_value", 1): "Big-Basket",
+    ("order_count", 1): "Frequent Buyers",
+    ("order_count", -1): "Non-Buyers",
+    ("conversion_rate", 1): "Converters",
+    ("conversion_rate", -1): "Browsers",
+    ("session_count", 1): "Regulars",
+    ("session_count", -1): "Occasional",
+    ("sessions_per_week", 1): "Habitual",
+    ("events_per_session", 1): "Deep Browsers",
+    ("events_per_session", -1): "Quick Visitors",
+    ("avg_session_seconds", 1): "Long Sessions",
+    ("avg_session_seconds", -1): "Short Sessions",
+    ("event_count", 1): "Highly Active",
+    ("event_count", -1): "Light Users",
+    ("mobile_share", 1): "Mobile-First",
+    ("desktop_share", 1): "Desktop",
+    ("tablet_share", 1): "Tablet",
+    ("night_share", 1): "Night Owls",
+    ("morning_share", 1): "Morning",
+    ("afternoon_share", 1): "Afternoon",
+    ("evening_share", 1): "Evening",
+}
+
+
+def _phrase(feature: str, sign: int) -> str | None:
+    if feature.startswith(CATEGORY_PREFIX):
+        category = feature[len(CATEGORY_PREFIX) :]
+        return f"{category.replace('_', ' ').title()} Fans" if sign > 0 and category != "other" else None
+    return PHRASES.get((feature, sign))
+
+
+def describe(
+    profile: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    features: list[str],
+    taken: set[str],
+    words: int = 2,
+    fallback: str = "Average",
+) -> tuple[str, list[dict]]:
+    """A name from the features farthest from the reference, and the explanation rows behind it."""
+    diff = (profile - mean) / np.where(std > 0, std, 1.0)
+    order = np.argsort(-np.abs(diff))
+    explanation = [
+        {"feature": features[i], "difference_in_sd": round(float(diff[i]), 2)} for i in order[:5] if abs(diff[i]) > 0
+    ]
+    phrases = [p for i in order if abs(diff[i]) >= 0.25 and (p := _phrase(features[i], int(np.sign(diff[i]))))]
+    phrases = list(dict.fromkeys(phrases)) or [fallback]
+    for n in range(words, len(phrases) + 1):
+        name = " · ".join(phrases[:n])
+        if name not in taken:
+            return name, explanation
+    name, suffix = " · ".join(phrases[:words]), 2
+    while f"{name} ({suffix})" in taken:
+        suffix += 1
+    return f"{name} ({suffix})", explanation
+
+
+def _subsegments(Z: np.ndarray, X: np.ndarray, parent: Group, opts: SegmentOptions, features: list[str]) -> list[Group]:
+    """Ward clusters within one segment, on a sample; the sub-k with the best silhouette wins."""
+    rng = np.random.default_rng(opts.seed)
+    idx = rng.choice(len(Z), min(len(Z), opts.sub_sample), replace=False)
+    zs, xs = Z[idx], X[idx]
+    best_labels, best_sil = np.zeros(len(zs), dtype=int), -1.0
+    if len(zs) >= 2 * opts.min_subsegment_people:
+        for k in range(2, opts.sub_k_max + 1):
+            labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(zs)
+            if np.bincount(labels).min() < opts.min_subsegment_people * len(zs) / len(Z):
+                continue
+            sil = silhouette_score(zs, labels)
+            if sil > best_sil:
+                best_labels, best_sil = labels, sil
+    mean, std = xs.mean(axis=0), xs.std(axis=0)
+    groups, taken = [], set()
+    for j in range(best_labels.max() + 1):
+        members = best_labels == j
+        profile = xs[members].mean(axis=0)
+        # Named against the parent segment: what sets this part apart within it ("Core" if nothing).
+        name, explanation = describe(profile, mean, std, features, taken, words=1, fallback="Core")
+        taken.add(name)
+        groups.append(
+            Group(
+                id=f"{parent.id}.{j + 1}",
+                name=name,
+                centroid=zs[members].mean(axis=0),
+                profile=profile,
+                size=int(round(members.sum() * len(Z) / len(zs))),
+                explanation=explanation,
+                parent=parent.id,
+            )
+        )
+    return groups
+
+
+def _noise_reference(Z: np.ndarray, opts: SegmentOptions) -> tuple[np.ndarray, np.ndarray]:
+    """HDBSCAN on a sample: the points in dense groups, each with its core distance."""
+    rng = np.random.default_rng(opts.seed)
+    rows = Z[rng.choice(len(Z), min(len(Z), opts.noise_sample), replace=False)]
+    labels = HDBSCAN(
+        min_cluster_size=min(opts.noise_min_cluster_size, max(2, len(rows) // 10)),
+        min_samples=min(opts.noise_min_samples, len(rows) - 1),
+        copy=True,
+    ).fit_predict(rows)
+    dense = rows[labels >= 0]
+    if len(dense) <= opts.noise_min_samples:
+        return rows, np.full(len(rows), np.inf)
+    dist, _ = NearestNeighbors(n_neighbors=opts.noise_min_samples + 1).fit(rows).kneighbors(dense)
+    return dense, dist[:, -1]
+
+
+def is_noise(Z: np.ndarray, model: SegmentModel) -> np.ndarray:
+    """A person is noise when no dense sample point reaches them within its core distance."""
+    dist, idx = NearestNeighbors(n_neighbors=1).fit(model.noise_points).kneighbors(Z)
+    return dist[:, 0] > model.noise_reach[idx[:, 0]]
+
+
+def _match(previous: list[Group], current: list[Group], max_distance: float) -> tuple[dict[int, str], pd.DataFrame]:
+    """Hungarian matching of new groups to old ones by profile distance; close pairs keep the old id."""
+    if not previous:
+        return {}, pd.DataFrame()
+    cost = np.linalg.norm(
+        np.stack([g.profile for g in current])[:, None, :] - np.stack([g.profile for g in previous])[None], axis=2
+    )
+    rows, cols = linear_sum_assignment(cost)
+    kept, report = {}, []
+    for r, c in zip(rows, cols):
+        ok = cost[r, c] <= max_distance
+        if ok:
+            kept[r] = previous[c].id
+        report.append(
+            {
+                "new": r,
+                "previous_id": previous[c].id,
+                "distance": round(float(cost[r, c]), 3),
+                "kept_id": ok,
+            }
+        )
+    return kept, pd.DataFrame(report)
+
+
+def _numbered(kept: dict[int, str], count: int, previous_ids: list[str], prefix: str) -> list[str]:
+    used = [int(i.split(".")[-1][len(prefix) :] if prefix else i.split(".")[-1]) for i in previous_ids]
+    next_no = max(used, default=0) + 1
+    ids = []
+    for j in range(count):
+        if j in kept:
+            ids.append(kept[j])
+        else:
+            ids.append(f"{prefix}{next_no}")
+            next_no += 1
+    return ids
+
+
+def train(
+    X: pd.DataFrame, opts: SegmentOptions, feature_version: int, version: int, previous: SegmentModel | None = None
+) -> SegmentModel:
+    """Fit a segment model on the fit rows of the normalized matrix."""
+    features = list(X.columns)
+    Xn = X.to_numpy(dtype=float)
+    if len(Xn) < max(10, opts.k_min + 1):
+        raise ValueError(f"need at least {max(10, opts.k_min + 1)} people to segment, got {len(Xn)}")
+    spaces: dict[str, tuple[np.ndarray, object]] = {"features": (Xn, None)}
+    scores: dict[str, float] = {}
+    if opts.space in ("auto", "autoencoder"):
+        encoder, r2 = train_autoencoder(Xn, opts)
+        spaces["autoencoder"] = (encode(Xn, encoder), encoder)
+        scores["autoencoder_reconstruction_r2"] = round(r2, 3)
+    curves, picks = [], {}
+    for name, (Z, _) in spaces.items():
+        curve = scan_k(Z, opts).assign(space=name)
+        curves.append(curve)
+        k, elbow, reason = choose_k(curve, opts.silhouette_tolerance)
+        picks[name] = (k, elbow, reason, float(curve.set_index("k").loc[k, "silhouette"]))
+        scores[f"silhouette_{name}"] = round(picks[name][3], 3)
+    space = opts.space if opts.space != "auto" else max(picks, key=lambda s: picks[s][3])
+    Z, encoder = spaces[space]
+    k, elbow, reason, _ = picks[space]
+    km = _kmeans(Z, k, opts, n_init=10)
+    labels = km.labels_
+    mean, std = Xn.mean(axis=0), Xn.std(axis=0)
+    segments: list[Group] = []
+    for j in range(k):
+        members = labels == j
+        segments.append(
+            Group(
+                id="",
+                name="",
+                centroid=km.cluster_centers_[j],
+                profile=Xn[members].mean(axis=0),
+                size=int(members.sum()),
+            )
+        )
+    # Profiles are comparable only over the same features (a new category means new ids).
+    if previous is not None and previous.features != features:
+        previous = None
+    kept, matching = _match(previous.segments if previous else [], segments, opts.match_max_distance)
+    ids = _numbered(kept, k, [g.id for g in previous.segments] if previous else [], "S")
+    taken: set[str] = set()
+    for j in sorted(range(k), key=lambda j: -segments[j].size):
+        segments[j].id = ids[j]
+        segments[j].name, segments[j].explanation = describe(segments[j].profile, mean, std, features, taken)
+        taken.add(segments[j].name)
+    if len(matching):
+        matching["new"] = [f"{segments[r].id} {segments[r].name}" for r in matching["new"]]
+    subsegments: list[Group] = []
+    for j, seg in enumerate(segments):
+        members = labels == j
+        subs = _subsegments(Z[members], Xn[members], seg, opts, features)
+        old = [g for g in (previous.subsegments if previous else []) if g.parent == seg.id]
+        sub_kept, _ = _match(old, subs, opts.match_max_distance)
+        for sub, sub_id in zip(subs, _numbered(sub_kept, len(subs), [g.id for g in old], "")):
+            sub.id = sub_id if "." in sub_id else f"{seg.id}.{sub_id}"
+        subsegments.extend(subs)
+    points, reach = _noise_reference(Z, opts)
+    return SegmentModel(
+        version=version,
+        feature_version=feature_version,
+        features=features,
+        space=space,
+        encoder=encoder,
+        segments=segments,
+        subsegments=subsegments,
+        noise_points=points,
+        noise_reach=reach,
+        curves=pd.concat(curves, ignore_index=True),
+        chosen_k=k,
+        knee=elbow,
+        reason=f"{space} space (best silhouette); {reason}",
+        scores=scores,
+        settings=opts.model_settings(),
+        matching=matching,
+    )
+
+
+def assign(model: SegmentModel, X: pd.DataFrame) -> pd.DataFrame:
+    """Segment, sub-segment and noise for every row by nearest centroid in the model's space."""
+    Z = encode(X[model.features].to_numpy(dtype=float), model.encoder)
+    centroids = np.stack([g.centroid for g in model.segments])
+    dist = euclidean_distances(Z, centroids)
+    order = np.argsort(dist, axis=1)
+    nearest = order[:, 0]
+    d1 = dist[np.arange(len(Z)), nearest]
+    d2 = dist[np.arange(len(Z)), order[:, 1]] if len(centroids) > 1 else d1
+    out = pd.DataFrame(
+        {
+            "segment_id": [model.segments[j].id for j in nearest],
+            "segment_name": [model.segments[j].name for j in nearest],
+            "segment_distance": d1,
+            # 0 on the border between two segments, near 1 at a centroid.
+            "segment_confidence": np.where(d2 > 0, 1 - d1 / np.where(d2 > 0, d2, 1), 1.0),
+        },
+        index=X.index,
+    )
+    out["subsegment_id"] = None
+    out["subsegment_name"] = None
+    for j, seg in enumerate(model.segments):
+        subs = [g for g in model.subsegments if g.parent == seg.id]
+        rows = np.flatnonzero(nearest == j)
+        if not len(rows) or not subs:
+            continue
+        sub_dist = euclidean_distances(Z[rows], np.stack([g.centroid for g in subs]))
+        pick = sub_dist.argmin(axis=1)
+        out.iloc[rows, out.columns.get_loc("subsegment_id")] = [subs[p].id for p in pick]
+        out.iloc[rows, out.columns.get_loc("subsegment_name")] = [subs[p].name for p in pick]
+    out["is_noise"] = is_noise(Z, model)
+    return out
+
+
+def catalog(model: SegmentModel, people: pd.DataFrame) -> pd.DataFrame:
+    """One row per segment and sub-segment: name, size now, share, and why (top features vs average)."""
+    total = max(len(people), 1)
+    rows = []
+    for level, groups, key in (
+        ("segment", model.segments, "segment_id"),
+        ("subsegment", model.subsegments, "subsegment_id"),
+    ):
+        counts = people[key].value_counts()
+        for g in groups:
+            rows.append(
+                {
+                    "level": level,
+                    "id": g.id,
+                    "parent_id": g.parent,
+                    "name": g.name,
+                    "people": int(counts.get(g.id, 0)),
+                    "share": round(int(counts.get(g.id, 0)) / total, 4),
+                    "explanation": "; ".join(
+                        f"{e['feature']} {'+' if e['difference_in_sd'] > 0 else ''}{e['difference_in_sd']} sd"
+                        for e in g.explanation
+                    ),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+SEGMENTS_KIND = "segments"
+
+
+def _matrix(con: duckdb.DuckDBPyConnection, store: ModelStore) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """The normalized matrix for everyone: non-sparse people from the table, sparse ones scored
+    with the same saved transform. Returns (matrix, flags, transform version)."""
+    table = con.execute("SELECT * FROM normalized_features ORDER BY person_id").df()
+    if table.empty:
+        raise ValueError("normalized_features is empty: nobody to segment")
+    version = int(table["transform_version"].iloc[0])
+    transform = store.load(FEATURES_KIND, version).payload
+    sparse = load_base(con, "WHERE is_sparse")
+    matrix = pd.concat([table[transform.features], transform.apply(sparse)], ignore_index=True)
+    flags = pd.DataFrame(
+        {
+            "person_id": pd.concat([table["person_id"], sparse["person_id"]], ignore_index=True),
+            "used_for_fitting": np.r_[table["used_for_fitting"].to_numpy(dtype=bool), np.zeros(len(sparse), bool)],
+        }
+    )
+    return matrix, flags, version
+
+
+def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOptions, retrain: bool = False) -> dict:
+    """Assign everyone a segment with the saved model, training (and saving) a new one when needed."""
+    matrix, flags, feature_version = _matrix(con, store)
+    saved = store.latest(SEGMENTS_KIND)
+    previous: SegmentModel | None = saved.payload if saved else None
+    reasons = {
+        "retrain on request": retrain,
+        "no saved model": previous is None,
+        "features were refitted": previous is not None and previous.feature_version != feature_version,
+        "segmentation settings changed": previous is not None and previous.settings != opts.model_settings(),
+    }
+    why = [reason for reason, hit in reasons.items() if hit]
+    if why:
+        fit_rows = matrix[flags["used_for_fitting"].to_numpy()]
+        model = train(fit_rows, opts, feature_version, (saved.version if saved else 0) + 1, previous)
+        store.save(SEGMENTS_KIND, model, summary(model))
+    else:
+        model = previous
+    assigned = assign(model, matrix)
+    assigned.insert(0, "person_id", flags["person_id"].to_numpy())
+    assigned["low_confidence"] = ~flags["used_for_fitting"].to_numpy()
+    assigned["model_version"] = model.version
+    moved = None
+    if table_exists(con, "segments"):
+        before = con.execute("SELECT person_id, segment_id AS before FROM segments").df()
+        both = assigned[["person_id", "segment_id"]].merge(before, on="person_id")
+        moved = float((both["segment_id"] != both["before"]).mean()) if len(both) else None
+    groups = catalog(model, assigned).assign(model_version=model.version)
+    con.register("_segments_frame", assigned)
+    con.register("_catalog_frame", groups)
+    try:
+        counts = replace_tables(
+            con,
+            [(Segments, "segments", "SELECT * FROM _segments_frame"),
+             (SegmentCatalog, "segment_catalog", "SELECT * FROM _catalog_frame")],
+        )  # fmt: skip
+    finally:
+        con.unregister("_segments_frame")
+        con.unregister("_catalog_frame")
+    return {
+        "model": model,
+        "trained": bool(why),
+        "why": "; ".join(why) or f"assigned with saved model v{model.version}",
+        "moved_share": moved,
+        "catalog": groups,
+        "people": counts["segments"],
+        "noise_share": float(assigned["is_noise"].mean()),
+        "low_confidence": int(assigned["low_confidence"].sum()),
+    }
+
+
+def summary(model: SegmentModel) -> dict:
+    return {
+        "version": model.version,
+        "feature_version": model.feature_version,
+        "space": model.space,
+        "chosen_k": model.chosen_k,
+        "knee": model.knee,
+        "reason": model.reason,
+        "scores": model.scores,
+        "segments": [{"id": g.id, "name": g.name, "size": g.size} for g in model.segments],
+        "subsegments": [{"id": g.id, "name": g.name, "size": g.size} for g in model.subsegments],
+        "settings": model.settings,
+    }
+
+
+def curves_png(model: SegmentModel) -> bytes:
+    """Inertia and silhouette by k for each feature space, the chosen k marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
+    for space, curve in model.curves.groupby("space"):
+        axes[0].plot(curve["k"], curve["inertia"] / curve["inertia"].iloc[0], marker="o", label=space)
+        axes[1].plot(curve["k"], curve["silhouette"], marker="o", label=space)
+    for ax, title in zip(axes, ("inertia (relative to smallest k)", "silhouette (sample)")):
+        ax.axvline(model.chosen_k, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("k")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

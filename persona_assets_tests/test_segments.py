@@ -1,0 +1,105 @@
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from persona_assets.core import features, segments
+from persona_assets.core.segments import SegmentOptions, choose_k, knee
+
+from .conftest import person_truth
+
+
+@pytest.fixture
+def segmented(warehouse_copy):
+    con, store, truth_dir = warehouse_copy
+    features.build(con, store, features.FeatureOptions())
+    result = segments.build(con, store, SegmentOptions())
+    return con, store, truth_dir, result
+
+
+def _segments(con) -> pd.DataFrame:
+    return con.execute("SELECT * FROM segments ORDER BY person_id").df()
+
+
+def test_segments_recover_the_planted_archetypes(segmented):
+    con, _, truth_dir, result = segmented
+    people = _segments(con).merge(person_truth(con, truth_dir), on="person_id")
+    humans = people[~people.is_bot]
+    ari = adjusted_rand_score(humans.archetype, humans.segment_id)
+    assert ari >= 0.8, f"adjusted Rand index {ari:.3f}"
+    assert result["model"].chosen_k == 5
+
+
+def test_retraining_on_the_same_data_keeps_people_in_their_segment_ids(segmented):
+    con, store, _, first = segmented
+    before = _segments(con)
+    again = segments.build(con, store, SegmentOptions(seed=3), retrain=True)
+    after = _segments(con)
+    assert again["trained"] and again["model"].version == first["model"].version + 1
+    kept = (before.set_index("person_id").segment_id == after.set_index("person_id").segment_id).mean()
+    assert kept >= 0.95
+    assert again["moved_share"] == pytest.approx(1 - kept)
+    matching = again["model"].matching
+    assert len(matching) == first["model"].chosen_k and matching.kept_id.all()
+
+
+def test_a_refresh_assigns_with_the_saved_model(segmented):
+    con, store, _, first = segmented
+    again = segments.build(con, store, SegmentOptions())
+    assert not again["trained"] and again["model"].version == first["model"].version
+    assert again["moved_share"] == 0
+    # A features refit means the saved model no longer fits the matrix: it retrains.
+    features.build(con, store, features.FeatureOptions(), refit=True)
+    assert segments.build(con, store, SegmentOptions())["why"] == "features were refitted"
+
+
+def test_everyone_has_a_segment_and_sparse_people_are_low_confidence(segmented):
+    con, *_ = segmented
+    table = _segments(con).merge(
+        con.execute("SELECT person_id, is_sparse, exclude_from_fitting FROM cleaned_users").df(), on="person_id"
+    )
+    assert len(table) == con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
+    assert table.is_sparse.any()
+    assert (table.low_confidence == (table.is_sparse | table.exclude_from_fitting)).all()
+    assert table.segment_confidence.between(0, 1).all()
+    assert 0 < table.is_noise.mean() < 0.3
+
+
+def test_names_are_readable_unique_and_subsegments_nest(segmented):
+    con, *_ = segmented
+    catalog = con.execute("SELECT * FROM segment_catalog").df()
+    top = catalog[catalog.level == "segment"]
+    assert top.name.is_unique and top.explanation.str.contains(" sd").all()
+    assert top.name.str.contains("Fans").sum() >= 4, "category-led archetypes are named after their categories"
+    table = _segments(con)
+    assert (table.subsegment_id.str.split(".").str[0] == table.segment_id).all()
+    subs = catalog[catalog.level == "subsegment"]
+    assert set(subs.parent_id) == set(top.id)
+    assert top.people.sum() == len(table)
+
+
+def test_the_elbow_is_the_knee_of_the_inertia_curve():
+    ks = list(range(2, 11))
+    inertia = [100, 70, 45, 22, 20, 18.5, 17.5, 16.8, 16.2]
+    assert knee(ks, inertia) == 5
+    curve = pd.DataFrame({"k": ks, "inertia": inertia, "silhouette": [0.2, 0.25, 0.3, 0.4, 0.41, 0.3, 0.3, 0.2, 0.2]})
+    assert choose_k(curve, 0.02)[0] == 5, "a silhouette within the tolerance does not move k"
+    curve.loc[curve.k == 8, "silhouette"] = 0.6
+    assert choose_k(curve, 0.02)[0] == 8, "a clearly better silhouette wins"
+
+
+def test_the_autoencoder_space_is_compared_with_the_raw_features(segmented):
+    model = segmented[3]["model"]
+    assert {"silhouette_features", "silhouette_autoencoder"} <= set(model.scores)
+    best = max(("features", "autoencoder"), key=lambda s: model.scores[f"silhouette_{s}"])
+    assert model.space == best
+    assert set(model.curves.space) == {"features", "autoencoder"}
+    assert segments.curves_png(model)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_space_only_when_asked(warehouse_copy):
+    con, store, _ = warehouse_copy
+    features.build(con, store, features.FeatureOptions())
+    model = segments.build(con, store, SegmentOptions(space="features", k_max=6))["model"]
+    assert model.space == "features" and model.encoder is None and "silhouette_autoencoder" not in model.scores
+    assert np.isfinite(model.curves.silhouette).all()
