@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 PERSONA_HOME ?= $(CURDIR)/data
 DAGSTER_HOME ?= $(PERSONA_HOME)/dagster
 EVENTS ?= 1000000
+SEGMENT_PEOPLE ?= 1000000
 export PERSONA_HOME DAGSTER_HOME
 
 .PHONY: venv demo test ui bench lint clean
@@ -32,7 +33,7 @@ ui: venv
 	$(BIN)/persona ui
 
 bench: venv
-	$(BIN)/persona bench --events $(EVENTS)
+	$(BIN)/persona bench --events $(EVENTS) --segment-people $(SEGMENT_PEOPLE)
 
 lint: venv
 	$(BIN)/ruff check persona_assets persona_assets_tests

@@ -1,4 +1,4 @@
-"""`persona demo|generate|run|query|ui`: the command line over the asset graph and the snapshot."""
+"""`persona demo|generate|run|retrain|query|ui|bench`: the command line over the asset graph and the snapshot."""
 
 from __future__ import annotations
 
@@ -27,14 +27,14 @@ def dagster_home() -> Path:
     return home
 
 
-def materialize(selection: list[str] | None = None, log_level: str = "WARNING") -> bool:
-    """Run the asset graph (or a selection) in-process, recorded in DAGSTER_HOME so the UI shows it."""
+def materialize(selection: list[str] | None = None, log_level: str = "WARNING", job_name: str | None = None) -> bool:
+    """Run the asset graph (a selection, or a named job) in-process, recorded in DAGSTER_HOME so the UI shows it."""
     import dagster as dg
 
     from persona_assets.definitions import build_definitions
 
     defs = build_definitions(persona_home())
-    job = defs.resolve_implicit_global_asset_job_def()
+    job = defs.resolve_job_def(job_name) if job_name else defs.resolve_implicit_global_asset_job_def()
     instance = dg.DagsterInstance.from_config(str(dagster_home()))
     with instance:
         result = job.execute_in_process(
@@ -100,6 +100,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     ok = materialize(args.select.split(",") if args.select else None)
     if ok and (persona_home() / "serving" / "persona.duckdb").exists():
+        print(summary())
+    return 0 if ok else 1
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    ok = materialize(job_name="retrain_models")
+    if ok:
         print(summary())
     return 0 if ok else 1
 
@@ -170,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--select", help="comma-separated asset keys (default: all)")
     p.set_defaults(fn=cmd_run)
 
+    p = sub.add_parser(
+        "retrain", help="refit the feature transform and retrain the models now (as the weekly schedule)"
+    )
+    p.set_defaults(fn=cmd_retrain)
+
     p = sub.add_parser("demo", help="generate demo data (once), materialize everything, print a summary")
     p.add_argument("--people", type=int, default=DEMO_PEOPLE)
     p.add_argument("--seed", type=int, default=DEMO_SEED)
@@ -192,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--format", default="jsonl", choices=["jsonl", "jsonl.gz", "csv", "parquet"])
     p.add_argument("--workdir", help="where to generate and keep bench data (default PERSONA_HOME/bench)")
+    p.add_argument(
+        "--segment-people",
+        type=int,
+        default=0,
+        help="resample cleaned_users to this many people before timing segmentation (default: as generated)",
+    )
     p.set_defaults(fn=lambda a: __import__("persona_assets.bench", fromlist=["run"]).run(a))
 
     args = parser.parse_args(argv)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from persona_assets import schedules
 from persona_assets.assets import cleaning, identity, ingest, segments, serving
 from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_resource
 from persona_assets.settings import persona_home
@@ -24,6 +25,8 @@ def build_definitions(home: Path | None = None) -> dg.Definitions:
             serving.serving_snapshot,
         ],
         asset_checks=[*ingest.CHECKS, *identity.CHECKS, *cleaning.CHECKS, *segments.CHECKS],
+        jobs=[schedules.retrain_models],
+        schedules=[schedules.weekly_retrain],
         resources={
             "persona": persona,
             "warehouse": warehouse_resource(persona),

@@ -29,6 +29,35 @@ def test_demo_twice_counts_no_event_twice_and_query_answers(persona_home):
     assert kept(first.stdout).split()[-1] == str(truth["events"])
     out = persona("query", "SELECT count(*) AS n FROM raw_events", "--format", "json", env_home=persona_home).stdout
     assert json.loads(out) == [{"n": truth["events"]}]
+    assert "Segments:" in first.stdout
+    # A retrain on request makes model version 2; people keep their ids where segments held.
+    before = persona(
+        "query",
+        "SELECT person_id, segment_id FROM segments ORDER BY 1",
+        "--format",
+        "json",
+        "--max-rows",
+        "100000",
+        env_home=persona_home,
+    )
+    retrained = persona("retrain", env_home=persona_home)
+    assert "Segments:" in retrained.stdout
+    versions = persona(
+        "query", "SELECT DISTINCT model_version AS v FROM segments", "--format", "json", env_home=persona_home
+    )
+    assert json.loads(versions.stdout) == [{"v": 2}]
+    after = persona(
+        "query",
+        "SELECT person_id, segment_id FROM segments ORDER BY 1",
+        "--format",
+        "json",
+        "--max-rows",
+        "100000",
+        env_home=persona_home,
+    )
+    same = {r["person_id"]: r["segment_id"] for r in json.loads(before.stdout)}
+    kept = sum(same[r["person_id"]] == r["segment_id"] for r in json.loads(after.stdout)) / len(same)
+    assert kept >= 0.95
     # The demo's runs are recorded in the project-local DAGSTER_HOME the UI reads.
     assert (persona_home / "dagster" / "dagster.yaml").read_text().count("enabled: false") == 2
 

@@ -58,7 +58,7 @@ def test_new_people_are_scored_with_the_saved_transform_until_a_refit(warehouse_
     again = build(con, store, FeatureOptions())
     assert again["transform"].version == first.version and "saved transform" in again["reason"]
     saved = store.load(features.FEATURES_KIND, first.version).payload
-    base = load_base(con, "WHERE NOT is_sparse")
+    base = load_base(con, saved.categories, "WHERE NOT is_sparse")
     expected = saved.apply(base).set_index(base.person_id)
     table = _table(con).set_index("person_id")[saved.features]
     pd.testing.assert_frame_equal(table, expected[saved.features], check_names=False, atol=1e-9)

@@ -3,6 +3,7 @@ import hashlib
 import hmac
 import json
 import shutil
+from datetime import datetime
 
 import duckdb
 import pyarrow.parquet as pq
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from persona_assets.core.ingest import ingest, landing_files
+from persona_assets.core.ingest import IngestOptions, ingest, landing_files
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
 
 from .conftest import land, truth_counts
@@ -78,6 +79,31 @@ def test_reingesting_the_same_files_counts_nothing_twice(tmp_path, generated):
     assert third.total("events_kept") == 0
     assert third.total("duplicates") + third.total("lines_quarantined") == third.total("lines_read")
     assert con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0] == before
+
+
+def test_staging_in_small_steps_gives_the_same_tables_as_one_step(tmp_path, generated):
+    # A big landing folder is moved on from the stage every stage_bytes; copies of an event
+    # in later files must still count as copies, and nothing else may change.
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    files = land(generated("jsonl"), landing)
+    shutil.copy(files[0], landing / "zz-redelivered.jsonl")
+    tables = []
+    for name, stage_bytes in (("one", 1 << 40), ("small", 1)):
+        with duckdb.connect(str(tmp_path / f"{name}.duckdb")) as con:
+            ingest(con, landing, KEY, IngestOptions(stage_bytes=stage_bytes), now=datetime(2026, 11, 1))
+            tables.append(
+                [
+                    con.execute(f"SELECT * EXCLUDE ({skip}) FROM {t} ORDER BY ALL").fetchall()
+                    for t, skip in (
+                        ("raw_events", "batch_id"),
+                        ("quarantined_events", "quarantined_at"),
+                        ("ingest_files", "ingested_at, run_id, mtime_ns"),
+                    )
+                ]  # fmt: skip
+            )
+    assert tables[0] == tables[1]
+    assert tables[1][2][-1][-1] > 0, "the re-delivered file's lines are counted as copies"
 
 
 def test_quarantine_names_the_reason_for_each_bad_line(tmp_path):

@@ -51,9 +51,10 @@ SELECT person_id, is_sparse, exclude_from_fitting,
   coalesce(avg_order_value, 0) AS avg_order_value,
   order_count / greatest(session_count, 1) AS conversion_rate,
   mobile_share, desktop_share, tablet_share, night_share, morning_share, afternoon_share, evening_share,
-  category_counts
+  coalesce(list_sum(map_values(category_counts)), 0)::DOUBLE AS category_total{category_columns}
 FROM cleaned_users
 """
+FITTING = "WHERE NOT is_sparse AND NOT exclude_from_fitting"
 
 
 def slug(name: str) -> str:
@@ -86,9 +87,13 @@ class FeatureTransform:
             out[name] = np.log1p(base[name].astype(float).clip(lower=0).fillna(0))
         for name in SHARE_FEATURES:
             out[name] = base[name].astype(float).fillna(0)
-        shares = category_shares(base["category_counts"], self.categories)
-        for col, values in zip(self.category_columns(), shares.T):
-            out[col] = values
+        total = base["category_total"].to_numpy(dtype=float)
+        known = np.zeros(len(base))
+        for i, col in enumerate(self.category_columns()[:-1]):
+            counts = base[f"category_n{i}"].to_numpy(dtype=float)
+            known += counts
+            out[col] = _share(counts, total)
+        out[CATEGORY_PREFIX + "other"] = _share(total - known, total)
         return out
 
     def apply(self, base: pd.DataFrame) -> pd.DataFrame:
@@ -119,20 +124,8 @@ class FeatureTransform:
         return asdict(self)
 
 
-def category_shares(counts: pd.Series, categories: list[str]) -> np.ndarray:
-    """Each person's share of category events, one column per known category plus "other"."""
-    index = {c: i for i, c in enumerate(categories)}
-    out = np.zeros((len(counts), len(categories) + 1))
-    for row, mapping in enumerate(counts):
-        for key, n in _entries(mapping):
-            out[row, index.get(key, len(categories))] += n
-    totals = out.sum(axis=1, keepdims=True)
-    return np.divide(out, totals, out=np.zeros_like(out), where=totals > 0)
-
-
-def _entries(mapping) -> list[tuple[str, float]]:
-    """(category, count) pairs of a MAP value as DuckDB hands it to pandas (a dict, or missing)."""
-    return list(mapping.items()) if isinstance(mapping, dict) else []
+def _share(part: np.ndarray, total: np.ndarray) -> np.ndarray:
+    return np.divide(part, total, out=np.zeros_like(part), where=total > 0)
 
 
 def fences(values: np.ndarray, method: str, limit: float) -> tuple[float, float]:
@@ -153,28 +146,33 @@ def fences(values: np.ndarray, method: str, limit: float) -> tuple[float, float]
     return mid - limit * spread, mid + limit * spread
 
 
-def load_base(con: duckdb.DuckDBPyConnection, where: str = "") -> pd.DataFrame:
-    return con.execute(f"{BASE_SQL} {where} ORDER BY person_id").df()
+def load_base(con: duckdb.DuckDBPyConnection, categories: list[str], where: str = "") -> pd.DataFrame:
+    """cleaned_users rows (ordered by person_id) with per-category event counts as plain columns."""
+    columns = "".join(
+        f",\n  coalesce(category_counts[${i + 1}], 0)::DOUBLE AS category_n{i}" for i in range(len(categories))
+    )
+    sql = f"{BASE_SQL.format(category_columns=columns)} {where} ORDER BY person_id"
+    return con.execute(sql, list(categories)).df()
 
 
-def top_categories(base: pd.DataFrame, limit: int) -> list[str]:
+def top_categories(con: duckdb.DuckDBPyConnection, limit: int, where: str = FITTING) -> list[str]:
     """The categories most people touched (at most `limit`), in a stable order."""
-    seen: dict[str, int] = {}
-    for mapping in base["category_counts"]:
-        for key, _ in _entries(mapping):
-            seen[key] = seen.get(key, 0) + 1
-    ranked = sorted(seen, key=lambda k: (-seen[k], k))[:limit]
-    return sorted(ranked)
+    rows = con.execute(
+        f"""SELECT category FROM (SELECT unnest(map_keys(category_counts)) AS category FROM cleaned_users {where})
+            GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT {int(limit)}"""
+    ).fetchall()
+    return sorted(r[0] for r in rows)
 
 
 def fit(
     base: pd.DataFrame,
+    categories: list[str],
     scaling: str = "zscore",
     clip_method: str = "mad",
     clip_limit: float = 3.5,
-    max_categories: int = 20,
 ) -> FeatureTransform:
-    """Fit the transform on the rows given (callers pass the people fit for modelling)."""
+    """Fit the transform on the rows given: the people fit for modelling, loaded with
+    `load_base(con, categories)`."""
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     if clip_method not in CLIP_METHODS:
@@ -183,7 +181,7 @@ def fit(
         raise ValueError(f"need at least 2 people to fit features on, got {len(base)}")
     transform = FeatureTransform(
         scaling=scaling,
-        categories=top_categories(base, max_categories),
+        categories=categories,
         clip_lo={},
         clip_hi={},
         center={},
@@ -230,16 +228,19 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
     A new transform is fitted on request, when none is saved yet, or when the settings changed;
     otherwise new people are scored with the saved one, as the models trained on it expect.
     """
-    base = load_base(con)
-    fit_rows = base[~base["is_sparse"] & ~base["exclude_from_fitting"]]
     saved = store.latest(FEATURES_KIND)
     if refit or saved is None or not opts.matches(saved.payload):
         reason = "refit on request" if refit else "no saved transform" if saved is None else "settings changed"
-        transform = fit(fit_rows, opts.scaling, opts.clip_method, opts.clip_limit, opts.max_categories)
+        categories = top_categories(con, opts.max_categories)
+        base = load_base(con, categories)
+        fit_rows = base[~base["is_sparse"] & ~base["exclude_from_fitting"]]
+        transform = fit(fit_rows, categories, opts.scaling, opts.clip_method, opts.clip_limit)
         transform.version = (saved.version if saved else 0) + 1
         store.save(FEATURES_KIND, transform, transform.to_dict())
     else:
         reason, transform = f"scored with saved transform v{saved.version}", saved.payload
+        base = load_base(con, transform.categories)
+        fit_rows = base[~base["is_sparse"] & ~base["exclude_from_fitting"]]
     rows = base[~base["is_sparse"]]
     matrix = transform.apply(rows)
     frame = pd.concat(

@@ -44,6 +44,9 @@ class IngestOptions:
     max_line_bytes: int = 1_000_000
     max_id_chars: int = 256
     chunk_bytes: int = 64 * 1024 * 1024
+    # Staged lines are moved on to raw_events after about this many bytes of input, so a
+    # large landing folder is ingested in bounded memory (still in one transaction).
+    stage_bytes: int = 512 * 1024 * 1024
     gmail_rules: bool = True
 
 
@@ -516,7 +519,7 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
                error VARCHAR)"""
         )
         next_batch = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files").fetchall()[0][0]
-        order = 0
+        order, staged_bytes = 0, 0
         for path in landing_files(landing):
             stat = path.stat()
             if (path.name, stat.st_size, stat.st_mtime_ns) in by_stat:
@@ -540,6 +543,13 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
                 "INSERT INTO _files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [batch_id, path.name, digest, stat.st_size, stat.st_mtime_ns, fmt, status, lines, error],
             )
+            staged_bytes += stat.st_size
+            if staged_bytes >= opts.stage_bytes:
+                # Earlier files' events are in raw_events now (uncommitted), so the ANTI JOIN
+                # still keeps the first copy of a messageId across the whole run.
+                _publish_stage(con, opts, params)
+                con.execute("DELETE FROM _stage")
+                staged_bytes = 0
         if order:
             _publish_stage(con, opts, params)
             con.execute(

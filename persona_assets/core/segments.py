@@ -490,7 +490,7 @@ def _matrix(con: duckdb.DuckDBPyConnection, store: ModelStore) -> tuple[pd.DataF
         raise ValueError("normalized_features is empty: nobody to segment")
     version = int(table["transform_version"].iloc[0])
     transform = store.load(FEATURES_KIND, version).payload
-    sparse = load_base(con, "WHERE is_sparse")
+    sparse = load_base(con, transform.categories, "WHERE is_sparse")
     matrix = pd.concat([table[transform.features], transform.apply(sparse)], ignore_index=True)
     flags = pd.DataFrame(
         {
