@@ -20,7 +20,7 @@ import duckdb
 from persona_assets.settings import persona_home
 
 EVENTS_PER_PERSON = 32  # what the generator makes on average
-STAGES = ("identity", "cleaning", "segmentation")
+STAGES = ("identity", "cleaning", "segmentation", "profiles")
 
 
 FLOOR = """
@@ -37,7 +37,8 @@ INGEST = """
 import duckdb, sys, json
 from pathlib import Path
 from persona_assets.core.ingest import ingest
-con = duckdb.connect(sys.argv[2])
+from persona_assets.core.warehouse import connection_config
+con = duckdb.connect(sys.argv[2], config=connection_config())
 r = ingest(con, Path(sys.argv[1]), b"bench-key")
 print(json.dumps({"lines": r.total("lines_read"), "kept": r.total("events_kept"),
                   "quarantined": r.total("lines_quarantined"), "duplicates": r.total("duplicates")}))
@@ -47,17 +48,22 @@ print(json.dumps({"lines": r.total("lines_read"), "kept": r.total("events_kept")
 STAGE = """
 import duckdb, sys
 from pathlib import Path
-from persona_assets.core import features, segments
+from persona_assets.core import features, imputation, profiles, segments
+from persona_assets.settings import shipped_enrichment
 from persona_assets.core.cleaning import clean
 from persona_assets.core.identity import resolve
 from persona_assets.core.models import ModelStore
-con = duckdb.connect(sys.argv[1])
+from persona_assets.core.warehouse import connection_config
+con = duckdb.connect(sys.argv[1], config=connection_config())
 store = ModelStore(Path(sys.argv[1]).with_name("bench-models"))
 steps = {
     "identity": lambda: resolve(con),
     "cleaning": lambda: clean(con),
     "segmentation": lambda: (features.build(con, store, features.FeatureOptions(), refit=True),
                              segments.build(con, store, segments.SegmentOptions(), retrain=True))[1]["why"],
+    "profiles": lambda: (imputation.impute(con, store, imputation.ImputationOptions(
+                             enrichment_path=str(shipped_enrichment())), retrain=True),
+                         profiles.build(con))[1],
 }
 print(steps[sys.argv[2]]())
 """
@@ -133,13 +139,17 @@ def run(args) -> int:
         results["ratio_to_floor"] = round(ingest_s / floor_s, 2)
     shutil.rmtree(work / "bench-models", ignore_errors=True)
     for stage in STAGES:
-        if stage == "segmentation" and args.segment_people:
-            results["segmentation_people"] = resample_people(warehouse, args.segment_people)
         stage_s, stage_gb, _ = measure(STAGE, str(warehouse), stage)
         results[f"{stage}_seconds"] = round(stage_s, 2)
         results[f"{stage}_peak_gb"] = round(stage_gb, 2)
     with duckdb.connect(str(warehouse), read_only=True) as con:
         results["people"] = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
+    if args.segment_people:
+        # Last: it replaces cleaned_users with resampled people that have no events.
+        results["resampled_people"] = resample_people(warehouse, args.segment_people)
+        stage_s, stage_gb, _ = measure(STAGE, str(warehouse), "segmentation")
+        results["resampled_segmentation_seconds"] = round(stage_s, 2)
+        results["resampled_segmentation_peak_gb"] = round(stage_gb, 2)
     warehouse.unlink(missing_ok=True)
     out_file = work / f"bench-{people}-{args.format.replace('.', '')}.json"
     out_file.write_text(json.dumps(results, indent=2))

@@ -72,7 +72,10 @@ def markdown(rows: list[tuple], headers: list[str]) -> dg.MetadataValue:
 
 
 def sql_check(asset: str, name: str, violations_sql: str, description: str, blocking: bool = True):
-    """A check that passes when `violations_sql` (a SELECT of offending rows) returns none."""
+    """A check that passes when `violations_sql` (a SELECT of offending rows) returns none.
+
+    A blocking check fails as an error and stops what depends on the asset; a non-blocking
+    one is a warning the UI shows while everything goes on."""
 
     @dg.asset_check(asset=asset, name=name, blocking=blocking, description=description)
     def _check(warehouse: DuckDBResource) -> dg.AssetCheckResult:
@@ -82,6 +85,7 @@ def sql_check(asset: str, name: str, violations_sql: str, description: str, bloc
         metadata: dict[str, object] = {"violations": count}
         if sample is not None:
             metadata["examples"] = dg.MetadataValue.md(sample.astype(str).to_markdown(index=False))
-        return dg.AssetCheckResult(passed=count == 0, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata)
+        severity = dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN
+        return dg.AssetCheckResult(passed=count == 0, severity=severity, metadata=metadata)
 
     return _check

@@ -1,4 +1,4 @@
-"""`persona demo|generate|run|retrain|query|ui|bench`: the command line over the asset graph and the snapshot."""
+"""`persona demo|generate|run|retrain|query|profile|ui|bench`: the command line over the asset graph and the snapshot."""
 
 from __future__ import annotations
 
@@ -65,6 +65,10 @@ def summary() -> str:
         people, sparse, bots = con.execute(
             "SELECT count(*), count(*) FILTER (WHERE is_sparse), count(*) FILTER (WHERE is_bot) FROM cleaned_users"
         ).fetchall()[0]
+        completeness, imputed = con.execute(
+            "SELECT round(avg(completeness), 2), count(*) FILTER (WHERE age_bracket_source = 'imputed_model') "
+            "FROM user_profiles"
+        ).fetchall()[0]
         groups = con.execute(
             "SELECT id || ' ' || name || ' (' || round(100 * share) || '%)' FROM segment_catalog "
             "WHERE level = 'segment' ORDER BY people DESC"
@@ -78,11 +82,13 @@ def summary() -> str:
             f"Re-delivered copies:{duplicates or 0:>7}",
             f"Identities seen:    {anons} anonymousIds, {users} userIds",
             f"People:             {people} ({sparse} sparse, {bots} bots; all kept)",
+            f"Profiles:           {people} (mean completeness {completeness}; {imputed} age brackets imputed)",
             f"Segments:           {len(groups)}",
             *(f"  {g[0]}" for g in groups),
             f"Query the snapshot: {path}",
-            '  persona query "SELECT age_bracket, count(*) AS people, round(avg(total_revenue), 2) AS avg_revenue '
-            'FROM cleaned_users GROUP BY 1 ORDER BY 1"',
+            '  persona query "SELECT segment_name, age_bracket, count(*) AS people FROM user_profiles '
+            'GROUP BY ALL ORDER BY ALL"',
+            "  persona profile <person_id, email, phone, userId or anonymousId>",
             f"  duckdb -readonly {path}",
         ]
     )
@@ -150,6 +156,48 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from persona_assets.core.pii import load_key
+    from persona_assets.core.profiles import find_person
+    from persona_assets.core.publish import open_snapshot
+
+    try:
+        con = open_snapshot(persona_home() / "serving" / "persona.duckdb")
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    with con:
+        people = find_person(con, args.who, load_key(persona_home()))
+        if not people:
+            print(f"no profile found for {args.who!r}", file=sys.stderr)
+            return 1
+        for person_id in people:
+            frame = con.execute("SELECT * FROM user_profiles WHERE person_id = ?", [person_id]).df()
+            width = max(len(c) for c in frame.columns)
+            for column, value in frame.iloc[0].items():
+                print(f"{column:<{width}}  {_plain(value)}")
+            if len(people) > 1:
+                print()
+    return 0
+
+
+def _plain(value) -> str:
+    """One profile field as a person reads it: maps by weight, lists joined, numbers short."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda kv: -kv[1] if isinstance(kv[1], int | float) else 0)
+        return ", ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in items) or "-"
+    if isinstance(value, list | tuple | np.ndarray):
+        return ", ".join(str(v) for v in value) or "-"
+    if value is None or pd.isna(value):
+        return "-"
+    if isinstance(value, float | np.floating):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     home = dagster_home()
     exe = shutil.which("dagster") or str(Path(sys.executable).with_name("dagster"))
@@ -194,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rows", type=int, default=50)
     p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
     p.set_defaults(fn=cmd_query)
+
+    p = sub.add_parser("profile", help="print one profile, by person_id, email, phone, userId, anonymousId or device")
+    p.add_argument("who")
+    p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("ui", help="start the Dagster webserver and daemon")
     p.add_argument("--host", default="127.0.0.1")

@@ -352,3 +352,125 @@ class SegmentCatalog(pa.DataFrameModel):
 
     class Config:
         strict = True
+
+
+TRAIT_SOURCES = ["observed", "enriched", "inferred", "imputed_model", "imputed_stat", "unknown"]
+
+
+class ImputedAttributes(pa.DataFrameModel):
+    """One row per person and trait: the value and where it came from."""
+
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    trait: Series[str] = column("VARCHAR")
+    value: Series[str] = column("VARCHAR", nullable=True)
+    source: Series[str] = column("VARCHAR", isin=TRAIT_SOURCES)
+    confidence: Series[float] = column("DOUBLE", ge=0, le=1)
+    model_version: Series[pd.Int64Dtype] = column("BIGINT", nullable=True, coerce=True)
+    observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+
+    @pa.dataframe_check(error="a value has a source other than unknown, and unknown has no value")
+    def source_matches_value(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["value"].isna() == (df["source"] == "unknown")
+
+    @pa.dataframe_check(error="only model imputations carry a model version")
+    def model_version_only_for_models(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["model_version"].isna() != (df["source"] == "imputed_model")
+
+    class Config:
+        strict = True
+        unique = ["person_id", "trait"]
+
+
+class TraitModelMetrics(pa.DataFrameModel):
+    """Holdout scores of each trait model next to its baselines."""
+
+    trait: Series[str] = column("VARCHAR")
+    model: Series[str] = column("VARCHAR", isin=["lightgbm", "random_forest", "majority_baseline"])
+    accuracy: Series[float] = column("DOUBLE", ge=0, le=1)
+    macro_f1: Series[float] = column("DOUBLE", ge=0, le=1)
+    train_rows: Series[int] = column("BIGINT", ge=1)
+    holdout_rows: Series[int] = column("BIGINT", ge=1)
+    model_version: Series[int] = column("BIGINT", ge=1)
+    beats_baseline: Series[bool] = column("BOOLEAN")
+    trained_at: Series[pd.Timestamp] = column("TIMESTAMP")
+
+    class Config:
+        strict = True
+
+
+class TraitModelDrift(pa.DataFrameModel):
+    """Population stability index of each model input, training snapshot vs. now."""
+
+    trait: Series[str] = column("VARCHAR")
+    feature: Series[str] = column("VARCHAR")
+    psi: Series[float] = column("DOUBLE", ge=0)
+    model_version: Series[int] = column("BIGINT", ge=1)
+
+    class Config:
+        strict = True
+
+
+class TraitImportance(pa.DataFrameModel):
+    """How much an answer to each askable trait is worth (for next_question)."""
+
+    trait: Series[str] = column("VARCHAR", unique=True)
+    segment_ami: Series[float] = column("DOUBLE", ge=0, le=1)
+    importance: Series[float] = column("DOUBLE", ge=0)
+
+    class Config:
+        strict = True
+
+
+class UserProfiles(pa.DataFrameModel):
+    """One row per person: what users query (DESIGN.md section 4)."""
+
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    identifier_count: Series[int] = column("BIGINT", ge=1)
+    first_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    last_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    session_count: Series[int] = column("BIGINT", ge=0)
+    avg_session_seconds: Series[float] = column("DOUBLE", nullable=True, ge=0)
+    event_count: Series[int] = column("BIGINT", ge=0)
+    order_count: Series[int] = column("BIGINT", ge=0)
+    total_revenue: Series[float] = column("DOUBLE", ge=0)
+    avg_order_value: Series[float] = column("DOUBLE", nullable=True, ge=0)
+    first_order_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    last_order_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    days_since_last_order: Series[float] = column("DOUBLE", nullable=True)
+    sessions_per_week: Series[float] = column("DOUBLE", ge=0)
+    top_category: Series[str] = column("VARCHAR", nullable=True)
+    category_affinity: Series[object] = column("MAP(VARCHAR, DOUBLE)", nullable=True)
+    age_bracket: Series[str] = column("VARCHAR", nullable=True, isin=AGE_BRACKETS)
+    age_bracket_source: Series[str] = column("VARCHAR", isin=TRAIT_SOURCES)
+    age_bracket_confidence: Series[float] = column("DOUBLE", ge=0, le=1)
+    age_bracket_model_version: Series[pd.Int64Dtype] = column("BIGINT", nullable=True, coerce=True)
+    gender: Series[str] = column("VARCHAR", nullable=True, isin=["female", "male", "nonbinary"])
+    gender_source: Series[str] = column("VARCHAR", isin=TRAIT_SOURCES)
+    gender_confidence: Series[float] = column("DOUBLE", ge=0, le=1)
+    gender_model_version: Series[pd.Int64Dtype] = column("BIGINT", nullable=True, coerce=True)
+    country: Series[str] = column("VARCHAR", nullable=True, str_matches=r"^[A-Z]{2}$")
+    country_source: Series[str] = column("VARCHAR", isin=TRAIT_SOURCES)
+    country_confidence: Series[float] = column("DOUBLE", ge=0, le=1)
+    country_model_version: Series[pd.Int64Dtype] = column("BIGINT", nullable=True, coerce=True)
+    primary_device: Series[str] = column("VARCHAR", nullable=True)
+    primary_device_confidence: Series[float] = column("DOUBLE", ge=0, le=1)
+    usual_daypart: Series[str] = column("VARCHAR", nullable=True, isin=["night", "morning", "afternoon", "evening"])
+    usual_daypart_confidence: Series[float] = column("DOUBLE", ge=0, le=1)
+    intent_score: Series[float] = column("DOUBLE", ge=0, le=1)
+    enriched: Series[object] = column("MAP(VARCHAR, VARCHAR)", nullable=True)
+    segment_id: Series[str] = column("VARCHAR", str_matches=SEGMENT_ID)
+    segment_name: Series[str] = column("VARCHAR")
+    subsegment_id: Series[str] = column("VARCHAR")
+    subsegment_name: Series[str] = column("VARCHAR")
+    is_noise: Series[bool] = column("BOOLEAN")
+    segment_confidence: Series[float] = column("DOUBLE", ge=0, le=1)
+    missing_ratio: Series[float] = column("DOUBLE", ge=0, le=1)
+    is_sparse: Series[bool] = column("BOOLEAN")
+    is_bot: Series[bool] = column("BOOLEAN")
+    outlier_flags: Series[object] = column("VARCHAR[]", nullable=True)
+    completeness: Series[float] = column("DOUBLE", ge=0, le=1)
+    next_question: Series[str] = column("VARCHAR", nullable=True)
+    updated_at: Series[pd.Timestamp] = column("TIMESTAMP")
+
+    class Config:
+        strict = True

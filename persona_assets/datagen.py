@@ -125,7 +125,7 @@ class Catalog:
             self.products[cat] = items
             # Each product is loved by one age bracket and, weaker, one gender.
             self.age_taste[cat] = [
-                [6.0 if b == k % len(AGE_BRACKETS) else 0.4 + rng.random() * 0.4 for k in range(len(items))]
+                [2.5 if b == k % len(AGE_BRACKETS) else 0.4 + rng.random() * 0.4 for k in range(len(items))]
                 for b in range(len(AGE_BRACKETS))
             ]
             self.gender_taste[cat] = [

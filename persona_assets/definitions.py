@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from persona_assets import schedules
-from persona_assets.assets import cleaning, identity, ingest, segments, serving
+from persona_assets.assets import cleaning, identity, ingest, profiles, segments, serving
 from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_resource
 from persona_assets.settings import persona_home
 
@@ -22,9 +22,11 @@ def build_definitions(home: Path | None = None) -> dg.Definitions:
             cleaning.clean_users,
             segments.normalized_features,
             segments.segment_people,
+            profiles.impute_attributes,
+            profiles.user_profiles,
             serving.serving_snapshot,
         ],
-        asset_checks=[*ingest.CHECKS, *identity.CHECKS, *cleaning.CHECKS, *segments.CHECKS],
+        asset_checks=[*ingest.CHECKS, *identity.CHECKS, *cleaning.CHECKS, *segments.CHECKS, *profiles.CHECKS],
         jobs=[schedules.retrain_models],
         schedules=[schedules.weekly_retrain],
         resources={

@@ -10,6 +10,7 @@ from dagster_duckdb import DuckDBResource
 from persona_assets.core.models import ModelStore
 from persona_assets.core.pii import load_key
 from persona_assets.core.publish import publish_snapshot
+from persona_assets.core.warehouse import connection_config
 
 
 class PersonaHome(dg.ConfigurableResource):
@@ -52,4 +53,4 @@ class ServingPublisher(dg.ConfigurableResource):
 
 def warehouse_resource(home: PersonaHome) -> DuckDBResource:
     home.root.mkdir(parents=True, exist_ok=True)
-    return DuckDBResource(database=str(home.warehouse_path))
+    return DuckDBResource(database=str(home.warehouse_path), connection_config=connection_config())

@@ -9,9 +9,11 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field, field_validator
 
+from persona_assets.core.affinity import AffinityOptions
 from persona_assets.core.cleaning import MISSING_ATTRIBUTES, CleaningOptions
 from persona_assets.core.features import FeatureOptions
 from persona_assets.core.identity import IdentityOptions
+from persona_assets.core.imputation import ImputationOptions
 from persona_assets.core.ingest import IngestOptions
 from persona_assets.core.segments import SegmentOptions
 
@@ -143,3 +145,59 @@ class SegmentsConfig(dg.Config):
 
     def options(self) -> SegmentOptions:
         return SegmentOptions(**self.model_dump(exclude={"retrain"}))
+
+
+def shipped_enrichment() -> Path:
+    """The sample enrichment table: PERSONA_HOME's own copy if present, else the one in the repository."""
+    own = persona_home() / "enrichment" / "postal_areas.csv"
+    return own if own.exists() else Path(__file__).resolve().parents[1] / "data" / "enrichment" / "postal_areas.csv"
+
+
+class ImputationConfig(dg.Config):
+    """Filling gaps: enrichment, inference, trait models, statistical fallback."""
+
+    model_traits: list[str] = Field(
+        default=["age_bracket", "gender"], description="Traits predicted with LightGBM (age_bracket, gender, country)."
+    )
+    statistical_fallback: list[str] = Field(
+        default=["country"],
+        description="Traits that, still missing, get the most frequent value (or the median age, for 'age').",
+    )
+    confidence_threshold: float = Field(
+        default=0.5, ge=0, le=1, description="A model's prediction is kept only at or above this probability."
+    )
+    min_lift: float = Field(
+        default=0.0, ge=0, description="A model must beat the majority baseline's accuracy and macro-F1 by more."
+    )
+    holdout_share: float = Field(default=0.25, gt=0, lt=1, description="Stratified holdout for the model scores.")
+    max_training_rows: int = Field(default=200_000, ge=100, description="LightGBM trains on at most this many people.")
+    product_components: int = Field(default=16, ge=2, description="Width of the product-interest embedding (SVD).")
+    enrichment_path: str = Field(
+        default="", description="CSV of third-party attributes (default: the shipped data/enrichment sample)."
+    )
+    enrichment_keys: list[str] = Field(
+        default=["country", "postal_prefix"], description="Join columns (country, postal_code, postal_prefix)."
+    )
+    enriched_confidence: float = Field(default=0.8, ge=0, le=1, description="Confidence given to enriched values.")
+    intent_window_days: float = Field(default=7.0, gt=0, description="Recent activity counted in intent_score.")
+    seed: int = Field(default=0, description="Random seed for splits and models.")
+    retrain: bool = Field(default=False, description="Train new trait models instead of predicting with saved ones.")
+
+    def options(self) -> ImputationOptions:
+        values = self.model_dump(exclude={"retrain"})
+        for key in ("model_traits", "statistical_fallback", "enrichment_keys"):
+            values[key] = tuple(values[key])
+        values["enrichment_path"] = self.enrichment_path or str(shipped_enrichment())
+        return ImputationOptions(**values)
+
+
+class ProfilesConfig(dg.Config):
+    """Category affinity: the same weights and half-life the real-time path uses."""
+
+    view_weight: float = Field(default=1.0, ge=0, description="Weight of a product view.")
+    add_to_cart_weight: float = Field(default=3.0, ge=0, description="Weight of an add-to-cart.")
+    purchase_weight: float = Field(default=5.0, ge=0, description="Weight of a purchased product.")
+    half_life_days: float = Field(default=30.0, gt=0, description="An interaction counts half after this many days.")
+
+    def options(self) -> AffinityOptions:
+        return AffinityOptions(**self.model_dump())

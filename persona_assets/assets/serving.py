@@ -6,12 +6,15 @@ from dagster_duckdb import DuckDBResource
 from persona_assets.contracts import (
     CleanedUsers,
     IdentityMap,
+    ImputedAttributes,
     IngestFiles,
     QuarantinedEvents,
     RawEvents,
     SegmentCatalog,
     Segments,
     Sessions,
+    TraitModelMetrics,
+    UserProfiles,
     columns,
 )
 from persona_assets.resources import ServingPublisher
@@ -26,6 +29,9 @@ PUBLISHED = {
     "sessions": Sessions,
     "segments": Segments,
     "segment_catalog": SegmentCatalog,
+    "imputed_attributes": ImputedAttributes,
+    "trait_models": TraitModelMetrics,
+    "user_profiles": UserProfiles,
 }
 
 
@@ -51,7 +57,7 @@ def serving_snapshot(context: dg.AssetExecutionContext, warehouse: DuckDBResourc
             "path": dg.MetadataValue.path(serving.path),
             "tables": dg.MetadataValue.md("\n".join(f"- `{t}`: {n} rows" for t, n in counts.items())),
             "example_query": dg.MetadataValue.md(
-                f'```\nduckdb -readonly {serving.path} "SELECT event_type, count(*) FROM raw_events GROUP BY 1"\n```'
+                f'```\nduckdb -readonly {serving.path} "SELECT segment_name, count(*) FROM user_profiles GROUP BY 1"\n```'
             ),
         }
     )

@@ -480,8 +480,12 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
           LEFT JOIN _phone_map pm ON pm.phone = s.phone AND pm.region IS NOT DISTINCT FROM {region}
           WHERE s.reason IS NULL
         )
+        , stored AS (
+          -- Probe the stored ids with this batch's (a hash of the batch, not of everything stored).
+          SELECT message_id FROM raw_events WHERE message_id IN (SELECT message_id FROM kept)
+        )
         SELECT {", ".join(raw_cols)} FROM (
-          SELECT k.* FROM kept k ANTI JOIN raw_events r ON r.message_id = k.message_id
+          SELECT k.* FROM kept k ANTI JOIN stored r ON r.message_id = k.message_id
           QUALIFY row_number() OVER (PARTITION BY k.message_id ORDER BY k.file_order, k.source_line) = 1
         )"""
     con.execute(insert, bind(insert, params))

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import duckdb
 import pandera.pandas as pa
 
 from persona_assets.contracts import ddl
+
+MEMORY_ENV = "PERSONA_DUCKDB_MEMORY_LIMIT"
+
+
+def connection_config() -> dict[str, str]:
+    """DuckDB settings for warehouse connections: a memory limit (default 5GB) past which
+    DuckDB spills to disk, so a big landing folder cannot take the machine's memory."""
+    return {"memory_limit": os.environ.get(MEMORY_ENV, "5GB")}
 
 
 def bind(sql: str, params: dict | None) -> dict:

@@ -1,0 +1,544 @@
+"""imputed_attributes: every trait a profile shows, each value with its source, confidence and model.
+
+Sources, in the order they are tried for a trait a person lacks:
+observed → enriched (third-party table) → inferred (from session context) → imputed_model
+(LightGBM, only when it beats the majority baseline on a holdout and only above a confidence
+threshold) → imputed_stat (median / most frequent, for traits named in the settings) → unknown.
+An observed value is never replaced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.decomposition import TruncatedSVD
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.feature_extraction.text import TfidfTransformer
+from sklearn.metrics import accuracy_score, adjusted_mutual_info_score, f1_score
+from sklearn.model_selection import train_test_split
+
+from persona_assets.contracts import ImputedAttributes, TraitImportance, TraitModelDrift, TraitModelMetrics
+from persona_assets.core.affinity import INTERACTIONS_SQL
+from persona_assets.core.features import FEATURES_KIND, load_base
+from persona_assets.core.models import ModelStore
+from persona_assets.core.warehouse import replace_tables
+
+SOURCES = ("observed", "enriched", "inferred", "imputed_model", "imputed_stat", "unknown")
+TRAITS_KIND = "traits"
+# Traits cleaned_users observes; the categorical ones can be modelled.
+OBSERVED_TRAITS = {"age_bracket": "age", "gender": "gender", "country": "country", "postal_code": "postal_code"}
+MODELLABLE = ("age_bracket", "gender", "country")
+ENRICHMENT_KEYS = ("country", "postal_code", "postal_prefix")
+# Where a missing country can be read from a timezone (the ones the locale does not settle).
+TIMEZONE_COUNTRY = {
+    "America/New_York": "US", "America/Chicago": "US", "America/Denver": "US", "America/Los_Angeles": "US",
+    "America/Phoenix": "US", "Europe/London": "GB", "Europe/Berlin": "DE", "Europe/Paris": "FR",
+    "Europe/Madrid": "ES", "Europe/Rome": "IT", "Europe/Amsterdam": "NL", "America/Sao_Paulo": "BR",
+    "Asia/Kolkata": "IN", "America/Toronto": "CA", "America/Mexico_City": "MX", "Asia/Tokyo": "JP",
+    "Australia/Sydney": "AU",
+}  # fmt: skip
+DAYPARTS = ("night", "morning", "afternoon", "evening")
+DEVICES = ("mobile", "desktop", "tablet")
+
+
+@dataclass(frozen=True)
+class ImputationOptions:
+    model_traits: tuple[str, ...] = ("age_bracket", "gender")
+    statistical_fallback: tuple[str, ...] = ("country",)
+    confidence_threshold: float = 0.5
+    holdout_share: float = 0.25
+    min_lift: float = 0.0
+    max_training_rows: int = 200_000
+    forest_training_rows: int = 50_000
+    product_components: int = 16
+    enrichment_path: str = ""
+    enrichment_keys: tuple[str, ...] = ("country", "postal_prefix")
+    enriched_confidence: float = 0.8
+    intent_window_days: float = 7.0
+    drift_bins: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.model_traits) - set(MODELLABLE)
+        if unknown:
+            raise ValueError(f"model_traits must be among {MODELLABLE}, got {sorted(unknown)}")
+        if set(self.statistical_fallback) - {*MODELLABLE, "age"}:
+            raise ValueError(f"statistical_fallback must be among {(*MODELLABLE, 'age')}")
+        if not set(self.enrichment_keys) <= set(ENRICHMENT_KEYS) or not self.enrichment_keys:
+            raise ValueError(f"enrichment_keys must be a non-empty subset of {ENRICHMENT_KEYS}")
+        if not 0 < self.holdout_share < 1 or not 0 <= self.confidence_threshold <= 1:
+            raise ValueError("holdout_share must be in (0, 1) and confidence_threshold in [0, 1]")
+
+    def model_settings(self) -> dict:
+        keys = ("model_traits", "holdout_share", "max_training_rows", "forest_training_rows", "product_components")
+        return {k: getattr(self, k) for k in keys} | {"seed": self.seed}
+
+
+@dataclass
+class ProductEmbedding:
+    """Which products each person touched, as a low-rank vector (tf-idf, truncated SVD)."""
+
+    products: list[str]
+    tfidf: TfidfTransformer
+    svd: TruncatedSVD
+
+    def transform(self, matrix: sp.csr_matrix) -> np.ndarray:
+        vectors = self.svd.transform(self.tfidf.transform(matrix))
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class TraitModel:
+    trait: str
+    classes: list[str]
+    model: lgb.LGBMClassifier
+    metrics: list[dict]  # one row per model (lightgbm, random_forest, majority_baseline)
+    beats_baseline: bool
+    reference: dict[str, tuple[np.ndarray, np.ndarray]]  # feature -> (bin edges, training shares)
+
+
+@dataclass
+class TraitModels:
+    version: int
+    feature_version: int
+    segment_version: int
+    features: list[str]
+    segments: list[str]
+    embedding: ProductEmbedding | None
+    traits: dict[str, TraitModel]
+    settings: dict
+    trained_at: datetime = field(default_factory=datetime.now)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _people(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    return con.execute(
+        """SELECT c.person_id, c.is_bot, c.age, c.age_bracket, c.gender, c.country, c.postal_code,
+                  left(regexp_replace(c.postal_code, '[^0-9A-Za-z]', '', 'g'), 2) AS postal_prefix,
+                  c.night_share, c.morning_share, c.afternoon_share, c.evening_share,
+                  coalesce(d.age_observed_at, d.birthday_observed_at) AS age_observed_at,
+                  d.gender_observed_at, d.country_observed_at, d.postal_code_observed_at,
+                  s.segment_id
+           FROM cleaned_users c JOIN deduped_users d USING (person_id) LEFT JOIN segments s USING (person_id)
+           ORDER BY c.person_id"""
+    ).df()
+
+
+def _context(con: duckdb.DuckDBPyConnection, as_of: datetime, window_days: float) -> pd.DataFrame:
+    """Per person: usual timezone and locale region, primary device and its share, recent intent signals."""
+    return con.execute(
+        f"""
+        WITH ev AS (SELECT * FROM person_events WHERE person_id IS NOT NULL),
+        tz AS (SELECT person_id, mode(timezone) AS usual_timezone,
+                      mode(upper(nullif(split_part(locale, '-', 2), ''))) AS locale_region FROM ev GROUP BY 1),
+        dev AS (SELECT person_id, arg_max(device_type, n) AS primary_device, max(n) / sum(n) AS device_share
+                FROM (SELECT person_id, device_type, count(*) AS n FROM ev WHERE device_type IS NOT NULL GROUP BY 1, 2)
+                GROUP BY 1),
+        recent AS (SELECT person_id,
+                     count(*) FILTER (WHERE event_name = 'Product Viewed') AS views,
+                     count(*) FILTER (WHERE event_name = 'Product Added') AS adds,
+                     count(*) FILTER (WHERE event_name = 'Products Searched') AS searches
+                   FROM ev WHERE event_at > $as_of - to_days({int(math.ceil(window_days))}) GROUP BY 1)
+        SELECT tz.person_id, usual_timezone, locale_region, primary_device, device_share,
+               coalesce(views, 0) AS views, coalesce(adds, 0) AS adds, coalesce(searches, 0) AS searches
+        FROM tz LEFT JOIN dev USING (person_id) LEFT JOIN recent USING (person_id)""",
+        {"as_of": as_of},
+    ).df()
+
+
+def _product_matrix(con: duckdb.DuckDBPyConnection, people: pd.Index, products: list[str] | None) -> tuple:
+    counts = con.execute(
+        f"SELECT person_id, product_id, count(*) AS n FROM ({INTERACTIONS_SQL}) WHERE product_id IS NOT NULL GROUP BY 1, 2"
+    ).df()
+    if products is None:
+        products = sorted(counts["product_id"].unique())
+    columns = pd.Index(products).get_indexer(counts["product_id"])
+    rows = people.get_indexer(counts["person_id"])
+    keep = (columns >= 0) & (rows >= 0)
+    matrix = sp.csr_matrix(
+        (counts["n"].to_numpy(float)[keep], (rows[keep], columns[keep])), shape=(len(people), len(products))
+    )
+    return matrix, products
+
+
+def model_inputs(
+    con: duckdb.DuckDBPyConnection, store: ModelStore, people: pd.DataFrame, saved: TraitModels | None, opts
+) -> tuple[pd.DataFrame, dict]:
+    """Behavioural proxies for every person: normalized features, segment, product embedding."""
+    feature_version = int(con.execute("SELECT max(transform_version) FROM normalized_features").fetchall()[0][0])
+    if saved is not None and saved.feature_version != feature_version:
+        raise ValueError("saved trait models were trained on another feature transform: retrain them")
+    transform = store.load(FEATURES_KIND, feature_version).payload
+    base = load_base(con, transform.categories)
+    behaviour = transform.apply(base).set_axis(base["person_id"].to_numpy())
+    behaviour = behaviour.reindex(people["person_id"]).fillna(0.0)
+    segment_version = int(con.execute("SELECT max(model_version) FROM segments").fetchall()[0][0])
+    segments = (
+        saved.segments
+        if saved is not None and saved.segment_version == segment_version
+        else sorted(people["segment_id"].dropna().unique())
+    )
+    onehot = pd.DataFrame(
+        {f"segment_{s}": (people["segment_id"] == s).to_numpy(float) for s in segments}, index=behaviour.index
+    )
+    index = pd.Index(people["person_id"])
+    embedding = saved.embedding if saved is not None else None
+    matrix, products = _product_matrix(con, index, embedding.products if embedding else None)
+    if embedding is None and matrix.shape[1] > opts.product_components:
+        tfidf = TfidfTransformer().fit(matrix)
+        svd = TruncatedSVD(opts.product_components, random_state=opts.seed).fit(tfidf.transform(matrix))
+        embedding = ProductEmbedding(products, tfidf, svd)
+    parts = [behaviour, onehot]
+    if embedding is not None:
+        vectors = embedding.transform(matrix)
+        parts.append(
+            pd.DataFrame(vectors, index=behaviour.index, columns=[f"product_{i}" for i in range(vectors.shape[1])])
+        )
+    inputs = pd.concat(parts, axis=1)
+    return inputs, {
+        "feature_version": feature_version,
+        "segment_version": segment_version,
+        "segments": segments,
+        "embedding": embedding,
+    }
+
+
+# ---------------------------------------------------------------- models
+
+
+def _reference(X: pd.DataFrame, bins: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Decile edges and shares of each model input at training time, for drift (PSI) later."""
+    out = {}
+    for name in X.columns:
+        values = X[name].to_numpy(float)
+        edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
+        out[name] = (edges, _shares(values, edges))
+    return out
+
+
+def _shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+    return counts / max(counts.sum(), 1)
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Population stability index between two share vectors (0.1: some shift, 0.2: significant)."""
+    e, a = np.clip(expected, 1e-4, None), np.clip(actual, 1e-4, None)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _sample(rng: np.random.Generator, n: int, limit: int) -> np.ndarray:
+    return np.sort(rng.choice(n, limit, replace=False)) if n > limit else np.arange(n)
+
+
+def train_trait(trait: str, X: pd.DataFrame, y: pd.Series, opts: ImputationOptions) -> TraitModel:
+    """LightGBM (kept) and a RandomForest baseline on a stratified split, scored against the majority class."""
+    rng = np.random.default_rng(opts.seed)
+    counts = y.value_counts()
+    keep = y.isin(counts[counts >= 2].index).to_numpy()
+    X, y = X[keep], y[keep]
+    rows = _sample(rng, len(y), opts.max_training_rows)
+    X, y = X.iloc[rows], y.iloc[rows]
+    if y.nunique() < 2:
+        raise ValueError(f"{trait}: need at least two observed values to learn from, got {y.unique().tolist()}")
+    X_train, X_test, y_train, y_test = train_test_split(
+        X, y, test_size=opts.holdout_share, stratify=y, random_state=opts.seed
+    )
+    model = lgb.LGBMClassifier(
+        n_estimators=200, learning_rate=0.05, num_leaves=31, min_child_samples=20, random_state=opts.seed,
+        n_jobs=2, verbose=-1,
+    )  # fmt: skip
+    model.fit(X_train, y_train)
+    forest_rows = _sample(rng, len(y_train), opts.forest_training_rows)
+    forest = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, n_jobs=2, random_state=opts.seed)
+    forest.fit(X_train.iloc[forest_rows], y_train.iloc[forest_rows])
+    majority = y_train.mode()[0]
+    predictions = {
+        "lightgbm": model.predict(X_test),
+        "random_forest": forest.predict(X_test),
+        "majority_baseline": np.full(len(y_test), majority, dtype=object),
+    }
+    metrics = [
+        {
+            "trait": trait,
+            "model": name,
+            "accuracy": float(accuracy_score(y_test, pred)),
+            "macro_f1": float(f1_score(y_test, pred, average="macro", zero_division=0)),
+            "train_rows": len(y_train),
+            "holdout_rows": len(y_test),
+        }
+        for name, pred in predictions.items()
+    ]
+    ours, base = metrics[0], metrics[2]
+    beats = ours["accuracy"] > base["accuracy"] + opts.min_lift and ours["macro_f1"] > base["macro_f1"] + opts.min_lift
+    return TraitModel(trait, list(model.classes_), model, metrics, beats, _reference(X_train, opts.drift_bins))
+
+
+# ---------------------------------------------------------------- values
+
+
+class TraitTable:
+    """Builds each trait's rows in order of preference; a person gets the first source that has a value."""
+
+    def __init__(self, person_ids: pd.Series) -> None:
+        self.ids = person_ids.to_numpy()
+        self.parts: list[pd.DataFrame] = []
+        self.filled: dict[str, np.ndarray] = {}
+
+    def missing(self, trait: str) -> np.ndarray:
+        return ~self.filled.setdefault(trait, np.zeros(len(self.ids), dtype=bool))
+
+    def add(self, trait: str, mask, values, source: str, confidence, model_version=None, observed_at=None) -> None:
+        """Give `trait` to the people in `mask` who have no value for it yet (scalars apply to all)."""
+        take = np.asarray(mask, dtype=bool) & self.missing(trait)
+        if not take.any():
+            return
+        n = len(self.ids)
+
+        def full(value, dtype) -> np.ndarray:
+            array = np.asarray(value, dtype=dtype)
+            return np.broadcast_to(array, (n,)) if array.ndim == 0 else array
+
+        self.parts.append(
+            pd.DataFrame(
+                {
+                    "person_id": self.ids[take],
+                    "trait": trait,
+                    "value": full(values, object)[take],
+                    "source": source,
+                    "confidence": full(confidence, float)[take],
+                    "model_version": pd.array([model_version] * int(take.sum()), dtype="Int64"),
+                    "observed_at": full(observed_at, "datetime64[ns]")[take]
+                    if observed_at is not None
+                    else np.full(int(take.sum()), np.datetime64("NaT"), dtype="datetime64[ns]"),
+                }
+            )
+        )
+        self.filled[trait] |= take
+
+    def unknown(self, trait: str) -> None:
+        self.add(trait, np.ones(len(self.ids), dtype=bool), None, "unknown", 0.0)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.concat(self.parts, ignore_index=True)
+
+
+def _enrichment(path: Path, keys: tuple[str, ...]) -> pd.DataFrame:
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = set(keys) - set(table.columns)
+    if missing:
+        raise ValueError(f"enrichment table {path} lacks the key column(s) {sorted(missing)}")
+    return table.drop_duplicates(list(keys))
+
+
+def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOptions, retrain: bool = False) -> dict:
+    """Rebuild imputed_attributes (and the model, drift and importance tables) for everyone."""
+    people = _people(con)
+    as_of = con.execute("SELECT coalesce(max(event_at), now()::TIMESTAMP) FROM raw_events").fetchall()[0][0]
+    context = _context(con, as_of, opts.intent_window_days).set_index("person_id").reindex(people["person_id"])
+    saved = store.latest(TRAITS_KIND)
+    previous: TraitModels | None = saved.payload if saved else None
+    feature_version, segment_version = con.execute(
+        "SELECT (SELECT max(transform_version) FROM normalized_features), (SELECT max(model_version) FROM segments)"
+    ).fetchall()[0]
+    reasons = {
+        "retrain on request": retrain,
+        "no saved models": previous is None,
+        "features were refitted": previous is not None and previous.feature_version != feature_version,
+        "segments were retrained": previous is not None and previous.segment_version != segment_version,
+        "settings changed": previous is not None and previous.settings != opts.model_settings(),
+    }
+    why = [r for r, hit in reasons.items() if hit]
+    # A retrain refits the product embedding too; otherwise the saved one scores everyone.
+    inputs, info = model_inputs(con, store, people, None if why else previous, opts)
+    if why:
+        humans = ~people["is_bot"].to_numpy()
+        traits = {}
+        for trait in opts.model_traits:
+            labelled = humans & people[trait].notna().to_numpy()
+            traits[trait] = train_trait(trait, inputs[labelled], people.loc[labelled, trait].astype(str), opts)
+        models = TraitModels(
+            version=(saved.version if saved else 0) + 1,
+            feature_version=info["feature_version"],
+            segment_version=info["segment_version"],
+            features=list(inputs.columns),
+            segments=info["segments"],
+            embedding=info["embedding"],
+            traits=traits,
+            settings=opts.model_settings(),
+        )
+        store.save(TRAITS_KIND, models, _summary(models))
+    else:
+        models = previous
+    inputs = inputs.reindex(columns=models.features, fill_value=0.0)
+
+    table = TraitTable(people["person_id"])
+    # 1. observed
+    for trait, column in OBSERVED_TRAITS.items():
+        values = people[trait]
+        table.add(trait, values.notna().to_numpy(), values.astype(object).to_numpy(), "observed", 1.0,
+                  observed_at=people[f"{column}_observed_at"].to_numpy())  # fmt: skip
+    if "age" in opts.statistical_fallback:
+        table.add("age", people["age"].notna().to_numpy(), people["age"].astype("string").to_numpy(dtype=object),
+                  "observed", 1.0, observed_at=people["age_observed_at"].to_numpy())  # fmt: skip
+    # 2. contextual inference: country from the locale, else the timezone; device; daypart; intent
+    region = context["locale_region"].where(context["locale_region"].str.fullmatch(r"[A-Z]{2}", na=False))
+    table.add("country", region.notna().to_numpy(), region.to_numpy(dtype=object), "inferred", 0.9)
+    from_tz = context["usual_timezone"].map(TIMEZONE_COUNTRY)
+    table.add("country", from_tz.notna().to_numpy(), from_tz.to_numpy(dtype=object), "inferred", 0.8)
+    device = context["primary_device"]
+    table.add("primary_device", device.notna().to_numpy(), device.to_numpy(dtype=object), "inferred",
+              context["device_share"].fillna(0).to_numpy())  # fmt: skip
+    shares = people[[f"{d}_share" for d in DAYPARTS]].to_numpy(float)
+    has_daypart = shares.sum(axis=1) > 0
+    table.add("usual_daypart", has_daypart, np.array(DAYPARTS, dtype=object)[shares.argmax(axis=1)], "inferred",
+              shares.max(axis=1))  # fmt: skip
+    intent = 1 - np.exp(-(0.1 * context["views"] + 0.5 * context["adds"] + 0.2 * context["searches"]).fillna(0))
+    table.add("intent_score", np.ones(len(people), bool), np.round(intent.to_numpy(), 4).astype(str).astype(object),
+              "inferred", 1.0)  # fmt: skip
+    # 3. third-party enrichment (after inference, so an inferred country can find its row)
+    enrichment = _enrich(table, people, opts)
+    # 4. models
+    for trait in opts.model_traits:
+        tm = models.traits[trait]
+        todo = table.missing(trait)
+        if not tm.beats_baseline or not todo.any():
+            continue
+        proba = tm.model.predict_proba(inputs[todo])
+        best = proba.argmax(axis=1)
+        confident = np.zeros(len(people), dtype=bool)
+        confident[todo] = proba.max(axis=1) >= opts.confidence_threshold
+        values = np.empty(len(people), dtype=object)
+        values[todo] = np.array(tm.classes, dtype=object)[best]
+        confidence = np.zeros(len(people))
+        confidence[todo] = proba.max(axis=1)
+        table.add(trait, confident, values, "imputed_model", confidence, model_version=models.version)
+    # 5. statistics, for the traits the settings name (a failed model's trait stays unknown)
+    for trait in opts.statistical_fallback:
+        if trait in opts.model_traits and not models.traits[trait].beats_baseline:
+            continue
+        observed = people[trait].dropna() if trait != "age" else people["age"].dropna()
+        if observed.empty:
+            continue
+        if trait == "age":
+            value, share = str(int(observed.median())), 0.5
+        else:
+            freq = observed.value_counts(normalize=True)
+            value, share = freq.index[0], float(freq.iloc[0])
+        table.add(trait, np.ones(len(people), bool), value, "imputed_stat", share)
+    for trait in (*OBSERVED_TRAITS, "primary_device", "usual_daypart", *enrichment["columns"]):
+        table.unknown(trait)
+    values = table.frame()
+
+    drift = _drift(models, inputs)
+    importance = _importance(people, opts)
+    metrics = pd.DataFrame(
+        [
+            {**m, "model_version": models.version, "beats_baseline": tm.beats_baseline, "trained_at": models.trained_at}
+            for tm in models.traits.values()
+            for m in tm.metrics
+        ]
+    )
+    frames = {"values": values, "metrics": metrics, "drift": drift, "importance": importance}
+    for name, frame in frames.items():
+        con.register(f"_imputed_{name}", frame)
+    try:
+        counts = replace_tables(
+            con,
+            [
+                (ImputedAttributes, "imputed_attributes", "SELECT * FROM _imputed_values"),
+                (TraitModelMetrics, "trait_models", "SELECT * FROM _imputed_metrics"),
+                (TraitModelDrift, "trait_model_drift", "SELECT * FROM _imputed_drift"),
+                (TraitImportance, "trait_importance", "SELECT * FROM _imputed_importance"),
+            ],
+        )
+    finally:
+        for name in frames:
+            con.unregister(f"_imputed_{name}")
+    return {
+        "models": models,
+        "trained": bool(why),
+        "why": "; ".join(why) or f"predicted with saved models v{models.version}",
+        "counts": counts,
+        "metrics": metrics,
+        "drift": drift,
+        "importance": importance,
+        "sources": values.groupby(["trait", "source"]).size().unstack(fill_value=0),
+        "enrichment": enrichment,
+    }
+
+
+def _enrich(table: TraitTable, people: pd.DataFrame, opts: ImputationOptions) -> dict:
+    path = Path(opts.enrichment_path) if opts.enrichment_path else None
+    if path is None or not path.exists():
+        return {"path": str(path) if path else None, "columns": [], "matched": 0, "unmatched": 0, "no_key": 0}
+    reference = _enrichment(path, opts.enrichment_keys)
+    keys = pd.DataFrame({"person_id": people["person_id"]})
+    filled = table.frame()
+    for key in opts.enrichment_keys:
+        if key == "country":
+            # The country as the profile now has it: observed, or inferred from the locale.
+            country = filled[filled["trait"] == "country"].set_index("person_id")["value"]
+            keys[key] = keys["person_id"].map(country)
+        else:
+            keys[key] = people[key].to_numpy()
+    has_key = keys[list(opts.enrichment_keys)].notna().all(axis=1).to_numpy()
+    joined = keys.merge(reference, on=list(opts.enrichment_keys), how="left", indicator=True)
+    matched = (joined["_merge"] == "both").to_numpy()
+    columns = [c for c in reference.columns if c not in opts.enrichment_keys]
+    for column in columns:
+        table.add(column, matched, joined[column].to_numpy(dtype=object), "enriched", opts.enriched_confidence)
+    return {
+        "path": str(path),
+        "columns": columns,
+        "matched": int(matched.sum()),
+        "unmatched": int((has_key & ~matched).sum()),
+        "no_key": int((~has_key).sum()),
+    }
+
+
+def _drift(models: TraitModels, inputs: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for trait, tm in models.traits.items():
+        for feature, (edges, expected) in tm.reference.items():
+            if feature in inputs:
+                actual = _shares(inputs[feature].to_numpy(float), edges)
+                rows.append(
+                    {"trait": trait, "feature": feature, "psi": psi(expected, actual), "model_version": models.version}
+                )
+    return pd.DataFrame(rows, columns=["trait", "feature", "psi", "model_version"])
+
+
+def _importance(people: pd.DataFrame, opts: ImputationOptions) -> pd.DataFrame:
+    """How much knowing each askable trait is worth: how much it tells about segments (mutual
+    information adjusted for chance, so a many-valued trait like a postcode gets no free credit),
+    plus a bonus when a model learns from it or it unlocks enrichment."""
+    rows = []
+    for trait in ("age_bracket", "gender", "country", "postal_code"):
+        known = people[[trait, "segment_id"]].dropna()
+        nmi = max(0.0, float(adjusted_mutual_info_score(known[trait], known["segment_id"]))) if len(known) > 1 else 0.0
+        bonus = 0.5 * (trait in opts.model_traits) + 0.5 * (trait in opts.enrichment_keys or
+                                                             (trait == "postal_code" and "postal_prefix" in opts.enrichment_keys))  # fmt: skip
+        rows.append({"trait": trait, "segment_ami": round(nmi, 4), "importance": round(0.5 + nmi + bonus, 4)})
+    return pd.DataFrame(rows)
+
+
+def _summary(models: TraitModels) -> dict:
+    return {
+        "version": models.version,
+        "feature_version": models.feature_version,
+        "segment_version": models.segment_version,
+        "features": models.features,
+        "traits": {t: {"beats_baseline": m.beats_baseline, "metrics": m.metrics} for t, m in models.traits.items()},
+        "settings": models.settings,
+    }

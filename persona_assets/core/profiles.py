@@ -1,0 +1,100 @@
+"""user_profiles: one row per person — identity, behaviour, affinity, traits with provenance, segment, quality."""
+
+from __future__ import annotations
+
+import re
+
+import duckdb
+
+from persona_assets.contracts import PERSON_ID, UserProfiles
+from persona_assets.core.affinity import AffinityOptions, affinity_sql
+from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
+from persona_assets.core.warehouse import replace_tables
+
+CORE_TRAITS = ("age_bracket", "gender", "country")
+INFERRED_TRAITS = ("primary_device", "usual_daypart")
+# Traits that are scores or optional numbers, not answers a profile is complete without.
+NOT_COUNTED = ("intent_score", "age", "postal_code")
+
+
+def profiles_sql(opts: AffinityOptions) -> str:
+    def one(trait: str, field: str) -> str:
+        return f"any_value({field}) FILTER (WHERE trait = '{trait}')"
+
+    core = ",\n    ".join(
+        f"{one(t, 'value')} AS {t}, {one(t, 'source')} AS {t}_source, {one(t, 'confidence')} AS {t}_confidence, "
+        f"{one(t, 'model_version')} AS {t}_model_version"
+        for t in CORE_TRAITS
+    )
+    inferred = ",\n    ".join(
+        f"{one(t, 'value')} AS {t}, {one(t, 'confidence')} AS {t}_confidence" for t in INFERRED_TRAITS
+    )
+    not_counted = ", ".join(f"'{t}'" for t in NOT_COUNTED)
+    return f"""
+WITH traits AS (
+  SELECT person_id,
+    {core},
+    {inferred},
+    {one("intent_score", "TRY_CAST(value AS DOUBLE)")} AS intent_score,
+    map_from_entries(list((trait, value) ORDER BY trait) FILTER (WHERE source = 'enriched')) AS enriched,
+    -- each answer counts by how sure we are of it: observed 1, unknown 0
+    avg(confidence) FILTER (WHERE trait NOT IN ({not_counted})) AS completeness
+  FROM imputed_attributes GROUP BY person_id
+), asks AS (
+  SELECT a.person_id,
+         arg_max(a.trait, (1 - a.confidence) * i.importance) FILTER (WHERE a.source <> 'observed') AS next_question
+  FROM imputed_attributes a JOIN trait_importance i USING (trait) GROUP BY a.person_id
+), affinity AS ({affinity_sql(opts)})
+SELECT c.person_id, d.identifier_count, c.first_seen_at, c.last_seen_at,
+  c.session_count, c.avg_session_seconds, c.event_count, c.order_count, c.total_revenue, c.avg_order_value,
+  c.first_order_at, c.last_order_at, c.days_since_last_order, c.sessions_per_week,
+  f.top_category, f.category_affinity,
+  t.* EXCLUDE (person_id, completeness),
+  s.segment_id, s.segment_name, s.subsegment_id, s.subsegment_name, s.is_noise, s.segment_confidence,
+  c.missing_ratio, c.is_sparse, c.is_bot, c.outlier_flags, coalesce(t.completeness, 0) AS completeness,
+  q.next_question, $updated_at AS updated_at
+FROM cleaned_users c
+JOIN deduped_users d USING (person_id)
+LEFT JOIN segments s USING (person_id)
+LEFT JOIN traits t USING (person_id)
+LEFT JOIN asks q USING (person_id)
+LEFT JOIN affinity f USING (person_id)
+"""
+
+
+def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None) -> dict[str, int]:
+    """Rebuild user_profiles (one transaction)."""
+    opts = opts or AffinityOptions()
+    as_of = con.execute("SELECT coalesce(max(event_at), now()::TIMESTAMP) FROM raw_events").fetchall()[0][0]
+    now = con.execute("SELECT now()::TIMESTAMP").fetchall()[0][0]
+    return replace_tables(
+        con, [(UserProfiles, "user_profiles", profiles_sql(opts))], {"as_of": as_of, "updated_at": now}
+    )
+
+
+def find_person(con: duckdb.DuckDBPyConnection, query: str, key: bytes, gmail_rules: bool = True) -> list[str]:
+    """person_ids for a person_id, email, phone, userId, anonymousId or device id.
+
+    An email or phone is normalized and hashed with the installation's key first, as ingest
+    did: the raw value never needs to be stored to be found.
+    """
+    query = query.strip()
+    if re.fullmatch(PERSON_ID, query):
+        candidates = [("person", query)]
+    else:
+        candidates = [(t, query) for t in ("user_id", "anonymous_id", "device_id")]
+        if "@" in query and (email := normalize_email(query, gmail_rules)):
+            candidates.append(("email", hmac_hex(key, email)))
+        if re.fullmatch(r"[+0-9 ()./-]{6,}", query) and (phone := normalize_phone(query, None)):
+            candidates.append(("phone", hmac_hex(key, phone)))
+    found: list[str] = []
+    for kind, value in candidates:
+        if kind == "person":
+            rows = con.execute("SELECT person_id FROM user_profiles WHERE person_id = ?", [value]).fetchall()
+        else:
+            rows = con.execute(
+                "SELECT DISTINCT person_id FROM identity_map WHERE identifier_type = ? AND identifier = ?",
+                [kind, value],
+            ).fetchall()
+        found += [r[0] for r in rows if r[0] not in found]
+    return found

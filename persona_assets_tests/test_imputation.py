@@ -1,0 +1,172 @@
+import shutil
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+from persona_assets.core import features, imputation, segments
+from persona_assets.core.imputation import ImputationOptions, impute, psi
+from persona_assets.core.models import ModelStore
+from persona_assets.settings import shipped_enrichment
+
+from .conftest import person_truth
+
+
+def _options(**over) -> ImputationOptions:
+    return ImputationOptions(enrichment_path=str(shipped_enrichment()), **over)
+
+
+def _prepare(con, store):
+    features.build(con, store, features.FeatureOptions())
+    segments.build(con, store, segments.SegmentOptions())
+
+
+@pytest.fixture(scope="module")
+def imputed(resolved, tmp_path_factory):
+    """One imputation shared by the tests that only read it (each writer test takes its own copy)."""
+    path, truth_dir = resolved
+    root = tmp_path_factory.mktemp("imputed")
+    shutil.copy2(path, root / "warehouse.duckdb")
+    con = duckdb.connect(str(root / "warehouse.duckdb"))
+    store = ModelStore(root / "models")
+    _prepare(con, store)
+    yield con, store, truth_dir, impute(con, store, _options())
+    con.close()
+
+
+def _values(con, trait: str) -> pd.DataFrame:
+    return con.execute("SELECT * FROM imputed_attributes WHERE trait = ?", [trait]).df()
+
+
+def test_imputed_age_brackets_beat_the_majority_baseline_on_hidden_ages(imputed):
+    con, _, truth_dir, _ = imputed
+    truth = person_truth(con, truth_dir)
+    values = _values(con, "age_bracket").merge(truth[["person_id", "age_bracket", "is_bot"]], on="person_id",
+                                                suffixes=("", "_true"))  # fmt: skip
+    hidden = values[values.source != "observed"]
+    guessed = hidden[hidden.source == "imputed_model"]
+    assert len(guessed) >= 0.5 * len(hidden), "most people without an age get a confident guess"
+    majority = values.loc[values.source == "observed", "value"].mode()[0]
+    accuracy = accuracy_score(guessed.age_bracket, guessed.value)
+    baseline = accuracy_score(guessed.age_bracket, [majority] * len(guessed))
+    macro = f1_score(guessed.age_bracket, guessed.value, average="macro")
+    macro_baseline = f1_score(guessed.age_bracket, [majority] * len(guessed), average="macro")
+    assert accuracy >= baseline + 0.15, (accuracy, baseline)
+    assert macro >= macro_baseline + 0.15, (macro, macro_baseline)
+
+
+def test_holdout_scores_sit_beside_a_forest_and_the_majority(imputed):
+    con, *_ = imputed
+    scores = con.execute("SELECT * FROM trait_models").df()
+    assert set(scores.model) == {"lightgbm", "random_forest", "majority_baseline"}
+    assert set(scores.trait) == {"age_bracket", "gender"}
+    for _, group in scores.groupby("trait"):
+        by_model = group.set_index("model")
+        assert by_model.loc["lightgbm", "accuracy"] > by_model.loc["majority_baseline", "accuracy"]
+        assert group.beats_baseline.all()
+
+
+def test_every_value_has_a_source_and_observed_values_are_never_replaced(imputed):
+    con, *_ = imputed
+    table = con.execute("SELECT * FROM imputed_attributes").df()
+    assert set(table.source) <= set(imputation.SOURCES) and table.source.notna().all()
+    assert (table.value.isna() == (table.source == "unknown")).all()
+    people = con.execute("SELECT person_id, age_bracket, gender, country FROM cleaned_users").df()
+    for trait in ("age_bracket", "gender", "country"):
+        merged = people.merge(table[table.trait == trait], on="person_id")
+        observed = merged[merged[trait].notna()]
+        assert len(merged) == len(people)
+        assert (observed.source == "observed").all() and (observed.value == observed[trait]).all()
+    model_rows = table[table.source == "imputed_model"]
+    assert model_rows.model_version.notna().all() and (model_rows.confidence >= 0.5).all()
+
+
+def test_a_model_that_cannot_beat_the_majority_leaves_its_trait_unknown(warehouse_copy):
+    con, store, _ = warehouse_copy
+    # Genders that behaviour cannot predict: mostly one value, assigned at random.
+    con.execute(
+        """UPDATE cleaned_users SET gender = CASE WHEN hash(person_id || 'g') % 10 = 0 THEN 'male' ELSE 'female' END
+           WHERE gender IS NOT NULL"""
+    )
+    _prepare(con, store)
+    result = impute(con, store, _options(statistical_fallback=("country", "gender")))
+    assert not result["models"].traits["gender"].beats_baseline
+    gender = _values(con, "gender")
+    assert set(gender.source) == {"observed", "unknown"}, "no model guess and no statistical guess either"
+    failing = con.execute("SELECT trait FROM trait_models WHERE model = 'lightgbm' AND NOT beats_baseline").fetchall()
+    assert failing == [("gender",)]
+
+
+def test_saved_models_predict_until_a_retrain_and_drift_stays_low_on_the_same_people(warehouse_copy):
+    con, store, _ = warehouse_copy
+    _prepare(con, store)
+    first = impute(con, store, _options())
+    again = impute(con, store, _options())
+    assert not again["trained"] and again["models"].version == first["models"].version
+    assert again["drift"]["psi"].max() < 0.2
+    retrained = impute(con, store, _options(), retrain=True)
+    assert retrained["trained"] and retrained["models"].version == first["models"].version + 1
+
+
+def test_population_stability_index():
+    even = np.full(10, 0.1)
+    assert psi(even, even) == 0
+    shifted = np.array([0.3, 0.3, 0.1, 0.1, 0.05, 0.05, 0.04, 0.03, 0.02, 0.01])
+    assert psi(even, shifted) > 0.2
+
+
+def test_country_is_inferred_from_the_locale_when_not_given(imputed):
+    con, _, truth_dir, _ = imputed
+    truth = person_truth(con, truth_dir)
+    country = _values(con, "country").merge(truth[["person_id", "country"]], on="person_id")
+    inferred = country[country.source == "inferred"]
+    assert len(inferred) > 100
+    assert (inferred.value == inferred.country).mean() >= 0.95
+
+
+def test_enrichment_joins_and_counts_unmatched_keys(imputed, warehouse_copy, tmp_path):
+    con, _, _, result = imputed
+    info = result["enrichment"]
+    people = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
+    assert info["matched"] + info["unmatched"] + info["no_key"] == people
+    assert info["matched"] > 0 and info["unmatched"] > 0, "the sample has gaps on purpose"
+    assert set(info["columns"]) == {"region", "urbanicity", "income_band"}
+    enriched = con.execute("SELECT count(DISTINCT person_id) FROM imputed_attributes WHERE source = 'enriched'")
+    assert enriched.fetchall()[0][0] == info["matched"]
+    # Another table, keyed by country only (in a private copy: the shared one stays as it was).
+    con, store, _ = warehouse_copy
+    _prepare(con, store)
+    table = tmp_path / "countries.csv"
+    table.write_text("country,market\nUS,americas\nBR,americas\nGB,europe\nDE,europe\nFR,europe\nIN,asia\n")
+    other = impute(con, store, ImputationOptions(enrichment_path=str(table), enrichment_keys=("country",)))
+    assert other["enrichment"]["columns"] == ["market"] and other["enrichment"]["unmatched"] == 0
+
+
+def test_next_question_asks_for_what_is_missing_and_worth_most(imputed):
+    con, *_ = imputed
+    from persona_assets.core import profiles
+
+    profiles.build(con)
+    asked = con.execute(
+        """SELECT p.person_id, p.next_question, a.source FROM user_profiles p
+           JOIN imputed_attributes a ON a.person_id = p.person_id AND a.trait = p.next_question"""
+    ).df()
+    assert len(asked) > 0 and (asked.source != "observed").all()
+    importance = dict(con.execute("SELECT trait, importance FROM trait_importance").fetchall())
+    best = con.execute(
+        """SELECT a.person_id, a.trait, (1 - a.confidence) * i.importance AS worth
+           FROM imputed_attributes a JOIN trait_importance i USING (trait) WHERE a.source <> 'observed'"""
+    ).df()
+    top = best.sort_values("worth").groupby("person_id").tail(1).set_index("person_id")
+    merged = asked.set_index("person_id").join(top)
+    assert (merged.next_question == merged.trait).mean() > 0.99  # ties may pick either
+    assert set(importance) == {"age_bracket", "gender", "country", "postal_code"}
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="model_traits"):
+        ImputationOptions(model_traits=("shoe_size",))
+    with pytest.raises(ValueError, match="enrichment_keys"):
+        ImputationOptions(enrichment_keys=("city",))
