@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
+
 
 def persona(*args, env_home, check=True):
     env = {**os.environ, "PERSONA_HOME": str(env_home)}
@@ -58,6 +60,13 @@ def test_demo_twice_counts_no_event_twice_and_query_answers(persona_home):
     same = {r["person_id"]: r["segment_id"] for r in json.loads(before.stdout)}
     kept = sum(same[r["person_id"]] == r["segment_id"] for r in json.loads(after.stdout)) / len(same)
     assert kept >= 0.95
+    # One profile, found by an email written differently from how it was sent.
+    people = pd.read_parquet(persona_home / "landing" / "_truth" / "people.parquet")
+    email = people[people.email.notna() & ~people.is_bot].email.iloc[0]
+    shown = persona("profile", f" {email.upper()} ", env_home=persona_home).stdout
+    assert "age_bracket_source" in shown and "next_question" in shown and email not in shown
+    missing = persona("profile", "nobody@example.org", env_home=persona_home, check=False)
+    assert missing.returncode == 1 and "no profile" in missing.stderr
     # The demo's runs are recorded in the project-local DAGSTER_HOME the UI reads.
     assert (persona_home / "dagster" / "dagster.yaml").read_text().count("enabled: false") == 2
 

@@ -99,6 +99,14 @@ def test_a_model_that_cannot_beat_the_majority_leaves_its_trait_unknown(warehous
     assert failing == [("gender",)]
 
 
+def test_too_few_answers_means_no_model_rather_than_a_failed_one(warehouse_copy):
+    con, store, _ = warehouse_copy
+    _prepare(con, store)
+    result = impute(con, store, _options(min_labelled_people=10**6))
+    assert result["not_modelled"] == ["age_bracket", "gender"] and len(result["metrics"]) == 0
+    assert set(_values(con, "age_bracket").source) == {"observed", "unknown"}
+
+
 def test_saved_models_predict_until_a_retrain_and_drift_stays_low_on_the_same_people(warehouse_copy):
     con, store, _ = warehouse_copy
     _prepare(con, store)

@@ -55,6 +55,7 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
             "model_version": models.version,
             "trained": result["trained"],
             "why": result["why"],
+            "not_modelled_too_few_answers": ", ".join(result["not_modelled"]) or "none",
             "values_by_source": frame_md(result["sources"].reset_index()),
             "model_scores": frame_md(metrics),
             "enrichment_table": enrichment["path"] or "none",

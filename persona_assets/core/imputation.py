@@ -46,6 +46,7 @@ TIMEZONE_COUNTRY = {
     "Australia/Sydney": "AU",
 }  # fmt: skip
 DAYPARTS = ("night", "morning", "afternoon", "evening")
+METRIC_COLUMNS = ["trait", "model", "accuracy", "macro_f1", "train_rows", "holdout_rows"]
 DEVICES = ("mobile", "desktop", "tablet")
 
 
@@ -64,6 +65,7 @@ class ImputationOptions:
     enriched_confidence: float = 0.8
     intent_window_days: float = 7.0
     drift_bins: int = 10
+    min_labelled_people: int = 200
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,7 +80,8 @@ class ImputationOptions:
             raise ValueError("holdout_share must be in (0, 1) and confidence_threshold in [0, 1]")
 
     def model_settings(self) -> dict:
-        keys = ("model_traits", "holdout_share", "max_training_rows", "forest_training_rows", "product_components")
+        keys = ("model_traits", "holdout_share", "max_training_rows", "forest_training_rows", "product_components",
+                "min_labelled_people")  # fmt: skip
         return {k: getattr(self, k) for k in keys} | {"seed": self.seed}
 
 
@@ -366,7 +369,9 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
         traits = {}
         for trait in opts.model_traits:
             labelled = humans & people[trait].notna().to_numpy()
-            traits[trait] = train_trait(trait, inputs[labelled], people.loc[labelled, trait].astype(str), opts)
+            # Too few answers to learn from is no evidence a model fails: the trait is just not modelled.
+            if labelled.sum() >= opts.min_labelled_people:
+                traits[trait] = train_trait(trait, inputs[labelled], people.loc[labelled, trait].astype(str), opts)
         models = TraitModels(
             version=(saved.version if saved else 0) + 1,
             feature_version=info["feature_version"],
@@ -410,9 +415,9 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     enrichment = _enrich(table, people, opts)
     # 4. models
     for trait in opts.model_traits:
-        tm = models.traits[trait]
+        tm = models.traits.get(trait)
         todo = table.missing(trait)
-        if not tm.beats_baseline or not todo.any():
+        if tm is None or not tm.beats_baseline or not todo.any():
             continue
         proba = tm.model.predict_proba(inputs[todo])
         best = proba.argmax(axis=1)
@@ -425,7 +430,7 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
         table.add(trait, confident, values, "imputed_model", confidence, model_version=models.version)
     # 5. statistics, for the traits the settings name (a failed model's trait stays unknown)
     for trait in opts.statistical_fallback:
-        if trait in opts.model_traits and not models.traits[trait].beats_baseline:
+        if trait in models.traits and not models.traits[trait].beats_baseline:
             continue
         observed = people[trait].dropna() if trait != "age" else people["age"].dropna()
         if observed.empty:
@@ -447,7 +452,8 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
             {**m, "model_version": models.version, "beats_baseline": tm.beats_baseline, "trained_at": models.trained_at}
             for tm in models.traits.values()
             for m in tm.metrics
-        ]
+        ],
+        columns=[*METRIC_COLUMNS, "model_version", "beats_baseline", "trained_at"],
     )
     frames = {"values": values, "metrics": metrics, "drift": drift, "importance": importance}
     for name, frame in frames.items():
@@ -467,6 +473,7 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
             con.unregister(f"_imputed_{name}")
     return {
         "models": models,
+        "not_modelled": [t for t in opts.model_traits if t not in models.traits],
         "trained": bool(why),
         "why": "; ".join(why) or f"predicted with saved models v{models.version}",
         "counts": counts,
