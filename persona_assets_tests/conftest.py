@@ -97,3 +97,19 @@ def person_truth(con, truth_dir: Path) -> pd.DataFrame:
     owner = ids.merge(mapped, on="anonymous_id").groupby("person_id")["person_key"].agg(lambda s: s.mode()[0])
     people = pd.read_parquet(truth_dir / "people.parquet").set_index("person_key")
     return people.loc[owner.to_numpy()].set_index(owner.index).reset_index(names="person_id")
+
+
+def segmented_copy(resolved, root: Path):
+    """A writable copy of the resolved warehouse in `root` with features and segments built."""
+    import duckdb
+
+    from persona_assets.core import features, segments
+    from persona_assets.core.models import ModelStore
+
+    path, truth_dir = resolved
+    shutil.copy2(path, root / "warehouse.duckdb")
+    con = duckdb.connect(str(root / "warehouse.duckdb"))
+    store = ModelStore(root / "models")
+    features.build(con, store, features.FeatureOptions())
+    segments.build(con, store, segments.SegmentOptions())
+    return con, store, truth_dir

@@ -32,33 +32,19 @@ def test_demo_twice_counts_no_event_twice_and_query_answers(persona_home):
     out = persona("query", "SELECT count(*) AS n FROM raw_events", "--format", "json", env_home=persona_home).stdout
     assert json.loads(out) == [{"n": truth["events"]}]
     assert "Segments:" in first.stdout
+
     # A retrain on request makes model version 2; people keep their ids where segments held.
-    before = persona(
-        "query",
-        "SELECT person_id, segment_id FROM segments ORDER BY 1",
-        "--format",
-        "json",
-        "--max-rows",
-        "100000",
-        env_home=persona_home,
-    )
+    def rows(sql: str) -> list[dict]:
+        out = persona("query", sql, "--format", "json", "--max-rows", "100000", env_home=persona_home).stdout
+        return json.loads(out)
+
+    before = rows("SELECT person_id, segment_id FROM segments ORDER BY 1")
     retrained = persona("retrain", env_home=persona_home)
     assert "Segments:" in retrained.stdout
-    versions = persona(
-        "query", "SELECT DISTINCT model_version AS v FROM segments", "--format", "json", env_home=persona_home
-    )
-    assert json.loads(versions.stdout) == [{"v": 2}]
-    after = persona(
-        "query",
-        "SELECT person_id, segment_id FROM segments ORDER BY 1",
-        "--format",
-        "json",
-        "--max-rows",
-        "100000",
-        env_home=persona_home,
-    )
-    same = {r["person_id"]: r["segment_id"] for r in json.loads(before.stdout)}
-    kept = sum(same[r["person_id"]] == r["segment_id"] for r in json.loads(after.stdout)) / len(same)
+    assert rows("SELECT DISTINCT model_version AS v FROM segments") == [{"v": 2}]
+    after = rows("SELECT person_id, segment_id FROM segments ORDER BY 1")
+    same = {r["person_id"]: r["segment_id"] for r in before}
+    kept = sum(same[r["person_id"]] == r["segment_id"] for r in after) / len(same)
     assert kept >= 0.95
     # One profile, found by an email written differently from how it was sent.
     people = pd.read_parquet(persona_home / "landing" / "_truth" / "people.parquet")

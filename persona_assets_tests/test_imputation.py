@@ -1,6 +1,3 @@
-import shutil
-
-import duckdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,10 +5,9 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from persona_assets.core import features, imputation, segments
 from persona_assets.core.imputation import ImputationOptions, impute, psi
-from persona_assets.core.models import ModelStore
 from persona_assets.settings import shipped_enrichment
 
-from .conftest import person_truth
+from .conftest import person_truth, segmented_copy
 
 
 def _options(**over) -> ImputationOptions:
@@ -26,12 +22,7 @@ def _prepare(con, store):
 @pytest.fixture(scope="module")
 def imputed(resolved, tmp_path_factory):
     """One imputation shared by the tests that only read it (each writer test takes its own copy)."""
-    path, truth_dir = resolved
-    root = tmp_path_factory.mktemp("imputed")
-    shutil.copy2(path, root / "warehouse.duckdb")
-    con = duckdb.connect(str(root / "warehouse.duckdb"))
-    store = ModelStore(root / "models")
-    _prepare(con, store)
+    con, store, truth_dir = segmented_copy(resolved, tmp_path_factory.mktemp("imputed"))
     yield con, store, truth_dir, impute(con, store, _options())
     con.close()
 

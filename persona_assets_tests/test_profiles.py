@@ -1,27 +1,19 @@
-import shutil
-
-import duckdb
 import pandas as pd
 import pytest
 
-from persona_assets.core import features, imputation, profiles, segments
+from persona_assets.core import imputation, profiles
 from persona_assets.core.affinity import INTERACTIONS_SQL, AffinityOptions, decay_to, decayed_update
-from persona_assets.core.models import ModelStore
 from persona_assets.core.pii import hmac_hex, normalize_email
 from persona_assets.settings import shipped_enrichment
+
+from .conftest import segmented_copy
 
 KEY = b"k"  # the key the resolved fixture was ingested with
 
 
 @pytest.fixture(scope="module")
 def profiled(resolved, tmp_path_factory):
-    path, truth_dir = resolved
-    root = tmp_path_factory.mktemp("profiled")
-    shutil.copy2(path, root / "warehouse.duckdb")
-    con = duckdb.connect(str(root / "warehouse.duckdb"))
-    store = ModelStore(root / "models")
-    features.build(con, store, features.FeatureOptions())
-    segments.build(con, store, segments.SegmentOptions())
+    con, store, truth_dir = segmented_copy(resolved, tmp_path_factory.mktemp("profiled"))
     imputation.impute(con, store, imputation.ImputationOptions(enrichment_path=str(shipped_enrichment())))
     profiles.build(con)
     yield con, truth_dir
