@@ -170,7 +170,7 @@ class ImputationConfig(dg.Config):
         default=0.0, ge=0, description="A model must beat the majority baseline's accuracy and macro-F1 by more."
     )
     holdout_share: float = Field(default=0.25, gt=0, lt=1, description="Stratified holdout for the model scores.")
-    max_training_rows: int = Field(default=200_000, ge=100, description="LightGBM trains on at most this many people.")
+    max_training_rows: int = Field(default=100_000, ge=100, description="LightGBM trains on at most this many people.")
     product_components: int = Field(default=16, ge=2, description="Width of the product-interest embedding (SVD).")
     min_labelled_people: int = Field(
         default=200, ge=10, description="A trait is modelled only when at least this many people state it."

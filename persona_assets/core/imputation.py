@@ -57,8 +57,8 @@ class ImputationOptions:
     confidence_threshold: float = 0.5
     holdout_share: float = 0.25
     min_lift: float = 0.0
-    max_training_rows: int = 200_000
-    forest_training_rows: int = 50_000
+    max_training_rows: int = 100_000
+    forest_training_rows: int = 30_000
     product_components: int = 16
     enrichment_path: str = ""
     enrichment_keys: tuple[str, ...] = ("country", "postal_prefix")
@@ -258,12 +258,12 @@ def train_trait(trait: str, X: pd.DataFrame, y: pd.Series, opts: ImputationOptio
         X, y, test_size=opts.holdout_share, stratify=y, random_state=opts.seed
     )
     model = lgb.LGBMClassifier(
-        n_estimators=200, learning_rate=0.05, num_leaves=31, min_child_samples=20, random_state=opts.seed,
-        n_jobs=2, verbose=-1,
+        n_estimators=150, learning_rate=0.08, num_leaves=31, min_child_samples=20, max_bin=63,
+        random_state=opts.seed, n_jobs=2, verbose=-1,
     )  # fmt: skip
     model.fit(X_train, y_train)
     forest_rows = _sample(rng, len(y_train), opts.forest_training_rows)
-    forest = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, n_jobs=2, random_state=opts.seed)
+    forest = RandomForestClassifier(n_estimators=60, min_samples_leaf=2, n_jobs=2, random_state=opts.seed)
     forest.fit(X_train.iloc[forest_rows], y_train.iloc[forest_rows])
     majority = y_train.mode()[0]
     predictions = {
