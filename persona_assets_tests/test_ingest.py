@@ -258,6 +258,38 @@ def test_a_failed_ingest_leaves_every_table_as_it_was(tmp_path, generated, monke
     assert after == before
 
 
+def test_a_run_killed_after_a_committed_group_resumes_without_counting_twice(tmp_path, generated, monkeypatch):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    files = land(generated("jsonl"), landing)
+    import persona_assets.core.ingest as core
+
+    real, calls = core._publish_stage, []
+
+    def dies_on_the_second_group(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed half-way")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "_publish_stage", dies_on_the_second_group)
+    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    small = IngestOptions(stage_bytes=1)  # every file is its own group
+    with pytest.raises(RuntimeError, match="half-way"):
+        ingest(con, landing, KEY, small)
+    ledger = con.execute("SELECT file_name, lines_read, events_kept + lines_quarantined + duplicates FROM ingest_files")
+    committed = ledger.fetchall()
+    assert [r[0] for r in committed] == [files[0].name], "the first group is whole, the second left nothing"
+    assert committed[0][1] == committed[0][2]
+    monkeypatch.setattr(core, "_publish_stage", real)
+    report = ingest(con, landing, KEY, small)
+    assert report.skipped == [files[0].name]
+    truth = truth_counts(generated("jsonl"))
+    stored = con.execute("SELECT count(*), count(DISTINCT message_id) FROM raw_events").fetchall()[0]
+    assert stored == (truth["events"], truth["events"])
+    assert con.execute("SELECT sum(lines_read) FROM ingest_files").fetchall()[0][0] == truth["lines"]
+
+
 def test_csv_and_parquet_land_in_the_same_columns_as_json(tmp_path, generated):
     seen = {}
     for fmt in ("jsonl", "csv", "parquet"):

@@ -44,8 +44,8 @@ class IngestOptions:
     max_line_bytes: int = 1_000_000
     max_id_chars: int = 256
     chunk_bytes: int = 64 * 1024 * 1024
-    # Staged lines are moved on to raw_events after about this many bytes of input, so a
-    # large landing folder is ingested in bounded memory (still in one transaction).
+    # Files are committed in groups of about this many bytes of input, so a large landing
+    # folder is ingested in bounded memory.
     stage_bytes: int = 512 * 1024 * 1024
     gmail_rules: bool = True
 
@@ -496,9 +496,39 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
     )
 
 
+def _finish_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, run_id: str | None) -> None:
+    """Move the staged files' lines to raw_events and quarantined_events and write their ledger rows."""
+    _publish_stage(con, opts, params)
+    con.execute(
+        """INSERT INTO quarantined_events
+           SELECT batch_id, file_name, NULL, 'unreadable_file', error, NULL, now()::TIMESTAMP
+           FROM _files WHERE status = 'unreadable'"""
+    )
+    con.execute(
+        """INSERT INTO ingest_files
+        SELECT f.batch_id, f.file_name, f.checksum, f.size_bytes, f.mtime_ns, f.file_format, f.status,
+          f.lines_read,
+          (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id),
+          (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL),
+          f.lines_read
+            - (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id)
+            - (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL),
+          ?, now()::TIMESTAMP
+        FROM _files f ORDER BY f.batch_id""",
+        [run_id],
+    )
+    con.execute("DELETE FROM _stage")
+    con.execute("DELETE FROM _files")
+
+
 def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: IngestOptions | None = None,
            run_id: str | None = None, now: datetime | None = None) -> IngestReport:  # fmt: skip
-    """Ingest every new complete file in `landing` in one transaction."""
+    """Ingest every new complete file in `landing`.
+
+    Files are committed in groups of about `stage_bytes` of input, each group with its ledger
+    rows in one transaction: a failure leaves every earlier group complete and nothing of its
+    own group, and the next run picks up the files not yet in the ledger.
+    """
     opts = opts or IngestOptions()
     started = time.perf_counter()
     now = now or datetime.now(UTC).replace(tzinfo=None)
@@ -549,31 +579,14 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
             )
             staged_bytes += stat.st_size
             if staged_bytes >= opts.stage_bytes:
-                # Earlier files' events are in raw_events now (uncommitted), so the ANTI JOIN
-                # still keeps the first copy of a messageId across the whole run.
-                _publish_stage(con, opts, params)
-                con.execute("DELETE FROM _stage")
+                # A big landing folder commits a group of whole files at a time: memory stays
+                # bounded, and a run killed later resumes after the last committed group.
+                _finish_group(con, opts, params, run_id)
+                con.execute("COMMIT")
+                con.execute("BEGIN TRANSACTION")
                 staged_bytes = 0
         if order:
-            _publish_stage(con, opts, params)
-            con.execute(
-                """INSERT INTO quarantined_events
-                   SELECT batch_id, file_name, NULL, 'unreadable_file', error, NULL, now()::TIMESTAMP
-                   FROM _files WHERE status = 'unreadable'"""
-            )
-            con.execute(
-                """INSERT INTO ingest_files
-                SELECT f.batch_id, f.file_name, f.checksum, f.size_bytes, f.mtime_ns, f.file_format, f.status,
-                  f.lines_read,
-                  (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id),
-                  (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL),
-                  f.lines_read
-                    - (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id)
-                    - (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL),
-                  ?, now()::TIMESTAMP
-                FROM _files f ORDER BY f.batch_id""",
-                [run_id],
-            )
+            _finish_group(con, opts, params, run_id)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
