@@ -242,18 +242,24 @@ def describe(
     return f"{name} ({suffix})", explanation
 
 
-def _subsegments(Z: np.ndarray, X: np.ndarray, parent: Group, opts: SegmentOptions, features: list[str]) -> list[Group]:
-    """Ward clusters within one segment, on a sample; the sub-k with the best silhouette wins."""
-    rng = np.random.default_rng(opts.seed)
-    idx = rng.choice(len(Z), min(len(Z), opts.sub_sample), replace=False)
-    zs, xs = Z[idx], X[idx]
-    best_labels, best_sil = np.zeros(len(zs), dtype=int), -1.0
-    if len(zs) >= 2 * opts.min_subsegment_people:
+def _subsegments(X: np.ndarray, parent: Group, opts: SegmentOptions, features: list[str]) -> list[Group]:
+    """Ward clusters within one segment, on a sample; the sub-k with the best silhouette wins.
+
+    Always in the normalized feature space (whichever space the segments use), so a
+    retrain that changes the autoencoder leaves the sub-segments of a segment alone.
+
+    The sample is the people whose feature rows hash lowest, not a random draw: a retrain of
+    an unchanged segment samples the same people and so finds the same sub-segments."""
+    row_hashes = pd.util.hash_pandas_object(pd.DataFrame(X), index=False).to_numpy()
+    idx = np.sort(np.argsort(row_hashes, kind="stable")[: opts.sub_sample])
+    xs = X[idx]
+    best_labels, best_sil = np.zeros(len(xs), dtype=int), -1.0
+    if len(xs) >= 2 * opts.min_subsegment_people:
         for k in range(2, opts.sub_k_max + 1):
-            labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(zs)
-            if np.bincount(labels).min() < opts.min_subsegment_people * len(zs) / len(Z):
+            labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(xs)
+            if np.bincount(labels).min() < opts.min_subsegment_people * len(xs) / len(X):
                 continue
-            sil = silhouette_score(zs, labels)
+            sil = silhouette_score(xs, labels)
             if sil > best_sil:
                 best_labels, best_sil = labels, sil
     mean, std = xs.mean(axis=0), xs.std(axis=0)
@@ -268,9 +274,9 @@ def _subsegments(Z: np.ndarray, X: np.ndarray, parent: Group, opts: SegmentOptio
             Group(
                 id=f"{parent.id}.{j + 1}",
                 name=name,
-                centroid=zs[members].mean(axis=0),
+                centroid=profile,
                 profile=profile,
-                size=int(round(members.sum() * len(Z) / len(zs))),
+                size=int(round(members.sum() * len(X) / len(xs))),
                 explanation=explanation,
                 parent=parent.id,
             )
@@ -391,7 +397,7 @@ def train(
     subsegments: list[Group] = []
     for j, seg in enumerate(segments):
         members = labels == j
-        subs = _subsegments(Z[members], Xn[members], seg, opts, features)
+        subs = _subsegments(Xn[members], seg, opts, features)
         old = [g for g in (previous.subsegments if previous else []) if g.parent == seg.id]
         sub_kept, _ = _match(old, subs, opts.match_max_distance)
         for sub, sub_id in zip(subs, _numbered(sub_kept, len(subs), [g.id for g in old], "")):
@@ -420,7 +426,8 @@ def train(
 
 def assign(model: SegmentModel, X: pd.DataFrame) -> pd.DataFrame:
     """Segment, sub-segment and noise for every row by nearest centroid in the model's space."""
-    Z = encode(X[model.features].to_numpy(dtype=float), model.encoder)
+    Xn = X[model.features].to_numpy(dtype=float)
+    Z = encode(Xn, model.encoder)
     centroids = np.stack([g.centroid for g in model.segments])
     dist = euclidean_distances(Z, centroids)
     order = np.argsort(dist, axis=1)
@@ -444,7 +451,8 @@ def assign(model: SegmentModel, X: pd.DataFrame) -> pd.DataFrame:
         rows = np.flatnonzero(nearest == j)
         if not len(rows) or not subs:
             continue
-        sub_dist = euclidean_distances(Z[rows], np.stack([g.centroid for g in subs]))
+        # Sub-segment centroids live in the feature space (see _subsegments).
+        sub_dist = euclidean_distances(Xn[rows], np.stack([g.centroid for g in subs]))
         pick = sub_dist.argmin(axis=1)
         out.iloc[rows, out.columns.get_loc("subsegment_id")] = [subs[p].id for p in pick]
         out.iloc[rows, out.columns.get_loc("subsegment_name")] = [subs[p].name for p in pick]
