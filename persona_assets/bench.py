@@ -69,16 +69,27 @@ print(steps[sys.argv[2]]())
 """
 
 
+# The child reports its own high-water mark: ru_maxrss from wait4 would start from the
+# parent's size at fork (Linux keeps it across exec).
+PEAK = (
+    "\nimport re as _re\nprint('PEAK_KB', _re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+)
+
+
 def measure(code: str, *args: str) -> tuple[float, float, str]:
-    """Run `code` in a fresh Python; returns wall seconds, peak RSS in GB, and its stdout."""
+    """Run `code` in a fresh Python; returns wall seconds, its peak RSS in GB, and its stdout."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code + PEAK, *args], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"bench step failed: {code.strip().splitlines()[0]} ...")
-    return seconds, usage.ru_maxrss / 1024 / 1024, out.strip()
+    lines = out.strip().splitlines()
+    peak_kb = usage.ru_maxrss
+    if lines and lines[-1].startswith("PEAK_KB "):
+        peak_kb = int(lines.pop().split()[1])
+    return seconds, peak_kb / 1024 / 1024, "\n".join(lines)
 
 
 def resample_people(warehouse: Path, people: int) -> int:
@@ -101,7 +112,6 @@ def resample_people(warehouse: Path, people: int) -> int:
 
 
 def run(args) -> int:
-    from persona_assets.datagen import generate
 
     work = Path(args.workdir) if args.workdir else persona_home() / "bench"
     people = max(100, args.events // EVENTS_PER_PERSON)
@@ -109,7 +119,10 @@ def run(args) -> int:
     if not (data / "_truth" / "counts.json").exists():
         print(f"generating about {args.events} events ({people} people) into {data} ...", flush=True)
         t = time.perf_counter()
-        generate(people, 1, data, args.format)
+        # In its own process: a child's peak-memory figure starts from its parent's size at
+        # fork, so the bench process itself must stay small.
+        cmd = [sys.executable, "-m", "persona_assets.cli", "generate", "--people", str(people), "--seed", "1"]
+        subprocess.run([*cmd, "--out", str(data), "--format", args.format], check=True, stdout=subprocess.DEVNULL)
         print(f"  generated in {time.perf_counter() - t:.0f} s", flush=True)
     counts = json.loads((data / "_truth" / "counts.json").read_text())
     pattern = str(data / ("*." + args.format))
