@@ -12,7 +12,7 @@ import duckdb
 import phonenumbers
 
 from persona_assets.contracts import CleanedUsers, Sessions
-from persona_assets.core.warehouse import replace_tables
+from persona_assets.core.warehouse import data_as_of, replace_tables
 
 OUTLIER_METHODS = ("zscore", "iqr", "mad")
 OUTLIER_ACTIONS = ("flag", "clip", "exclude")
@@ -236,7 +236,7 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None) -
     """Rebuild `sessions` and `cleaned_users` from `person_events` and `deduped_users` (one transaction)."""
     opts = opts or CleaningOptions()
     _vocabularies(con)
-    as_of = con.execute("SELECT coalesce(max(event_at), now()::TIMESTAMP) FROM raw_events").fetchall()[0][0]
+    as_of = data_as_of(con)
     params = {
         "gap_seconds": opts.session_gap_minutes * 60,
         "burst_min": opts.burst_min_events,

@@ -229,18 +229,17 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
     otherwise new people are scored with the saved one, as the models trained on it expect.
     """
     saved = store.latest(FEATURES_KIND)
-    if refit or saved is None or not opts.matches(saved.payload):
+    refitting = refit or saved is None or not opts.matches(saved.payload)
+    categories = top_categories(con, opts.max_categories) if refitting else saved.payload.categories
+    base = load_base(con, categories)
+    if refitting:
         reason = "refit on request" if refit else "no saved transform" if saved is None else "settings changed"
-        categories = top_categories(con, opts.max_categories)
-        base = load_base(con, categories)
         fit_rows = base[~base["is_sparse"] & ~base["exclude_from_fitting"]]
         transform = fit(fit_rows, categories, opts.scaling, opts.clip_method, opts.clip_limit)
         transform.version = (saved.version if saved else 0) + 1
         store.save(FEATURES_KIND, transform, transform.to_dict())
     else:
         reason, transform = f"scored with saved transform v{saved.version}", saved.payload
-        base = load_base(con, transform.categories)
-        fit_rows = base[~base["is_sparse"] & ~base["exclude_from_fitting"]]
     rows = base[~base["is_sparse"]]
     matrix = transform.apply(rows)
     frame = pd.concat(
@@ -257,5 +256,4 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
         axis=1,
     )
     replace_frame(con, "normalized_features", frame)
-    return {"transform": transform, "reason": reason, "rows": len(frame), "fitted_rows": len(fit_rows),
-            "sparse_people": int(base["is_sparse"].sum())}  # fmt: skip
+    return {"transform": transform, "reason": reason, "rows": len(frame), "sparse_people": int(base["is_sparse"].sum())}

@@ -29,7 +29,7 @@ from persona_assets.contracts import ImputedAttributes, TraitImportance, TraitMo
 from persona_assets.core.affinity import INTERACTIONS_SQL
 from persona_assets.core.features import FEATURES_KIND, load_base
 from persona_assets.core.models import ModelStore
-from persona_assets.core.warehouse import replace_tables
+from persona_assets.core.warehouse import data_as_of, replace_frames
 
 SOURCES = ("observed", "enriched", "inferred", "imputed_model", "imputed_stat", "unknown")
 TRAITS_KIND = "traits"
@@ -175,22 +175,22 @@ def _product_matrix(con: duckdb.DuckDBPyConnection, people: pd.Index, products: 
 
 
 def model_inputs(
-    con: duckdb.DuckDBPyConnection, store: ModelStore, people: pd.DataFrame, saved: TraitModels | None, opts
-) -> tuple[pd.DataFrame, dict]:
-    """Behavioural proxies for every person: normalized features, segment, product embedding."""
-    feature_version = int(con.execute("SELECT max(transform_version) FROM normalized_features").fetchall()[0][0])
-    if saved is not None and saved.feature_version != feature_version:
-        raise ValueError("saved trait models were trained on another feature transform: retrain them")
+    con: duckdb.DuckDBPyConnection,
+    store: ModelStore,
+    people: pd.DataFrame,
+    saved: TraitModels | None,
+    opts: ImputationOptions,
+    feature_version: int,
+) -> tuple[pd.DataFrame, list[str], ProductEmbedding | None]:
+    """Behavioural proxies for every person: normalized features, segment, product embedding.
+
+    With `saved` models, their segment columns and product embedding are reused; without,
+    both are taken afresh from the data (a retrain)."""
     transform = store.load(FEATURES_KIND, feature_version).payload
     base = load_base(con, transform.categories)
     behaviour = transform.apply(base).set_axis(base["person_id"].to_numpy())
     behaviour = behaviour.reindex(people["person_id"]).fillna(0.0)
-    segment_version = int(con.execute("SELECT max(model_version) FROM segments").fetchall()[0][0])
-    segments = (
-        saved.segments
-        if saved is not None and saved.segment_version == segment_version
-        else sorted(people["segment_id"].dropna().unique())
-    )
+    segments = saved.segments if saved is not None else sorted(people["segment_id"].dropna().unique())
     onehot = pd.DataFrame(
         {f"segment_{s}": (people["segment_id"] == s).to_numpy(float) for s in segments}, index=behaviour.index
     )
@@ -207,13 +207,7 @@ def model_inputs(
         parts.append(
             pd.DataFrame(vectors, index=behaviour.index, columns=[f"product_{i}" for i in range(vectors.shape[1])])
         )
-    inputs = pd.concat(parts, axis=1)
-    return inputs, {
-        "feature_version": feature_version,
-        "segment_version": segment_version,
-        "segments": segments,
-        "embedding": embedding,
-    }
+    return pd.concat(parts, axis=1), segments, embedding
 
 
 # ---------------------------------------------------------------- models
@@ -347,7 +341,7 @@ def _enrichment(path: Path, keys: tuple[str, ...]) -> pd.DataFrame:
 def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOptions, retrain: bool = False) -> dict:
     """Rebuild imputed_attributes (and the model, drift and importance tables) for everyone."""
     people = _people(con)
-    as_of = con.execute("SELECT coalesce(max(event_at), now()::TIMESTAMP) FROM raw_events").fetchall()[0][0]
+    as_of = data_as_of(con)
     context = _context(con, as_of, opts.intent_window_days).set_index("person_id").reindex(people["person_id"])
     saved = store.latest(TRAITS_KIND)
     previous: TraitModels | None = saved.payload if saved else None
@@ -363,7 +357,7 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     }
     why = [r for r, hit in reasons.items() if hit]
     # A retrain refits the product embedding too; otherwise the saved one scores everyone.
-    inputs, info = model_inputs(con, store, people, None if why else previous, opts)
+    inputs, segments, embedding = model_inputs(con, store, people, None if why else previous, opts, feature_version)
     if why:
         humans = ~people["is_bot"].to_numpy()
         traits = {}
@@ -374,11 +368,11 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
                 traits[trait] = train_trait(trait, inputs[labelled], people.loc[labelled, trait].astype(str), opts)
         models = TraitModels(
             version=(saved.version if saved else 0) + 1,
-            feature_version=info["feature_version"],
-            segment_version=info["segment_version"],
+            feature_version=feature_version,
+            segment_version=segment_version,
             features=list(inputs.columns),
-            segments=info["segments"],
-            embedding=info["embedding"],
+            segments=segments,
+            embedding=embedding,
             traits=traits,
             settings=opts.model_settings(),
         )
@@ -455,22 +449,15 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
         ],
         columns=[*METRIC_COLUMNS, "model_version", "beats_baseline", "trained_at"],
     )
-    frames = {"values": values, "metrics": metrics, "drift": drift, "importance": importance}
-    for name, frame in frames.items():
-        con.register(f"_imputed_{name}", frame)
-    try:
-        counts = replace_tables(
-            con,
-            [
-                (ImputedAttributes, "imputed_attributes", "SELECT * FROM _imputed_values"),
-                (TraitModelMetrics, "trait_models", "SELECT * FROM _imputed_metrics"),
-                (TraitModelDrift, "trait_model_drift", "SELECT * FROM _imputed_drift"),
-                (TraitImportance, "trait_importance", "SELECT * FROM _imputed_importance"),
-            ],
-        )
-    finally:
-        for name in frames:
-            con.unregister(f"_imputed_{name}")
+    counts = replace_frames(
+        con,
+        [
+            (ImputedAttributes, "imputed_attributes", values),
+            (TraitModelMetrics, "trait_models", metrics),
+            (TraitModelDrift, "trait_model_drift", drift),
+            (TraitImportance, "trait_importance", importance),
+        ],
+    )
     return {
         "models": models,
         "not_modelled": [t for t in opts.model_traits if t not in models.traits],

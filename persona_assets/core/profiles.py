@@ -9,7 +9,7 @@ import duckdb
 from persona_assets.contracts import PERSON_ID, UserProfiles
 from persona_assets.core.affinity import AffinityOptions, affinity_sql
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
-from persona_assets.core.warehouse import replace_tables
+from persona_assets.core.warehouse import data_as_of, replace_tables
 
 CORE_TRAITS = ("age_bracket", "gender", "country")
 INFERRED_TRAITS = ("primary_device", "usual_daypart")
@@ -65,7 +65,7 @@ LEFT JOIN affinity f USING (person_id)
 def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None) -> dict[str, int]:
     """Rebuild user_profiles (one transaction)."""
     opts = opts or AffinityOptions()
-    as_of = con.execute("SELECT coalesce(max(event_at), now()::TIMESTAMP) FROM raw_events").fetchall()[0][0]
+    as_of = data_as_of(con)
     now = con.execute("SELECT now()::TIMESTAMP").fetchall()[0][0]
     return replace_tables(
         con, [(UserProfiles, "user_profiles", profiles_sql(opts))], {"as_of": as_of, "updated_at": now}

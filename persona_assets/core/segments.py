@@ -25,7 +25,7 @@ from sklearn.neural_network import MLPRegressor
 from persona_assets.contracts import SegmentCatalog, Segments
 from persona_assets.core.features import CATEGORY_PREFIX, FEATURES_KIND, load_base
 from persona_assets.core.models import ModelStore
-from persona_assets.core.warehouse import replace_tables, table_exists
+from persona_assets.core.warehouse import replace_frames, table_exists
 
 SPACES = ("auto", "features", "autoencoder")
 
@@ -537,17 +537,7 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
         both = assigned[["person_id", "segment_id"]].merge(before, on="person_id")
         moved = float((both["segment_id"] != both["before"]).mean()) if len(both) else None
     groups = catalog(model, assigned).assign(model_version=model.version)
-    con.register("_segments_frame", assigned)
-    con.register("_catalog_frame", groups)
-    try:
-        counts = replace_tables(
-            con,
-            [(Segments, "segments", "SELECT * FROM _segments_frame"),
-             (SegmentCatalog, "segment_catalog", "SELECT * FROM _catalog_frame")],
-        )  # fmt: skip
-    finally:
-        con.unregister("_segments_frame")
-        con.unregister("_catalog_frame")
+    counts = replace_frames(con, [(Segments, "segments", assigned), (SegmentCatalog, "segment_catalog", groups)])
     return {
         "model": model,
         "trained": bool(why),

@@ -57,6 +57,25 @@ def replace_tables(
     return counts
 
 
+def replace_frames(
+    con: duckdb.DuckDBPyConnection, tables: Iterable[tuple[type[pa.DataFrameModel], str, object]]
+) -> dict[str, int]:
+    """replace_tables for (contract, table, pandas frame) triples: all swapped in at once."""
+    tables = list(tables)
+    for _, table, frame in tables:
+        con.register(f"_{table}_frame", frame)
+    try:
+        return replace_tables(con, [(model, table, f'SELECT * FROM "_{table}_frame"') for model, table, _ in tables])
+    finally:
+        for _, table, _ in tables:
+            con.unregister(f"_{table}_frame")
+
+
+def data_as_of(con: duckdb.DuckDBPyConnection):
+    """The time the data reaches: the newest event (now, before any). Recency is measured to it."""
+    return con.execute("SELECT coalesce(max(event_at), now()::TIMESTAMP) FROM raw_events").fetchall()[0][0]
+
+
 def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
     return bool(
         con.execute(
