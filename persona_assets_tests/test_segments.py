@@ -48,7 +48,10 @@ def test_retraining_on_the_same_data_keeps_people_in_their_segment_ids(segmented
 
 def test_a_refresh_assigns_with_the_saved_model(segmented):
     con, store, _, first = segmented
-    again = segments.build(con, store, SegmentOptions())
+    # Nothing changed upstream: an incremental refresh has nobody to assign.
+    idle = segments.build(con, store, SegmentOptions())
+    assert idle["mode"] == "incremental" and idle["people_recomputed"] == 0
+    again = segments.build(con, store, SegmentOptions(), full=True)
     assert not again["trained"] and again["model"].version == first["model"].version
     assert again["moved_share"] == 0
     # A features refit means the saved model no longer fits the matrix: it retrains.

@@ -6,13 +6,16 @@ Nothing is deleted: sparse people and outliers stay, with flags that later stage
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import duckdb
 import phonenumbers
 
 from persona_assets.contracts import CleanedUsers, Sessions
-from persona_assets.core.warehouse import data_as_of, replace_tables
+from persona_assets.core import refresh
+from persona_assets.core.identity import stage_scope_events
+from persona_assets.core.refresh import SCOPE
+from persona_assets.core.warehouse import bind, data_as_of, replace_tables
 
 OUTLIER_METHODS = ("zscore", "iqr", "mad")
 OUTLIER_ACTIONS = ("flag", "clip", "exclude")
@@ -79,39 +82,43 @@ def _vocabularies(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE OR REPLACE TEMP TABLE _tz AS SELECT name, utc_offset FROM pg_timezone_names()")
 
 
-def _sessions_sql(opts: CleaningOptions) -> str:
-    long_lo_hi = bounds_sql("ln(1 + duration_seconds)", opts.outlier_method, opts.session_outlier_limit)
-    burst_lo_hi = bounds_sql("ln(1 + events_per_minute)", opts.outlier_method, opts.session_outlier_limit)
+def _session_rows_sql(events: str) -> str:
+    """Sessions (without flags) of the people in `events` (person_events, or an incremental run's scope)."""
     return f"""
 WITH e AS (
   SELECT person_id, event_at, device_type, anonymous_id,
          CASE WHEN lag(event_at) OVER w IS NULL
                 OR event_at - lag(event_at) OVER w > to_seconds($gap_seconds) THEN 1 ELSE 0 END AS starts
-  FROM person_events WHERE person_id IS NOT NULL
+  FROM {events} WHERE person_id IS NOT NULL
   WINDOW w AS (PARTITION BY person_id ORDER BY event_at, message_id)
 ), numbered AS (
   SELECT *, sum(starts) OVER (PARTITION BY person_id ORDER BY event_at ROWS UNBOUNDED PRECEDING) AS session_no
   FROM e
-), s AS (
-  SELECT person_id, session_no, min(event_at) AS started_at, max(event_at) AS ended_at,
-         epoch(max(event_at) - min(event_at))::DOUBLE AS duration_seconds, count(*) AS event_count,
-         count(*) / greatest(epoch(max(event_at) - min(event_at)) / 60.0, 1.0) AS events_per_minute,
-         mode(device_type) AS device_type, mode(anonymous_id) AS anonymous_id
-  FROM numbered GROUP BY person_id, session_no
-), fences AS (
-  SELECT {long_lo_hi.split(", ")[1]} AS long_hi,
-         {burst_lo_hi.split(", ")[1]} AS burst_hi
-  FROM s
 )
-SELECT person_id || '-' || session_no AS session_id, person_id, started_at, ended_at, duration_seconds,
-       event_count, events_per_minute, device_type, anonymous_id,
-       ln(1 + duration_seconds) > long_hi AS is_long,
+SELECT person_id || '-' || session_no AS session_id, person_id, min(event_at) AS started_at,
+       max(event_at) AS ended_at, epoch(max(event_at) - min(event_at))::DOUBLE AS duration_seconds,
+       count(*) AS event_count,
+       count(*) / greatest(epoch(max(event_at) - min(event_at)) / 60.0, 1.0) AS events_per_minute,
+       mode(device_type) AS device_type, mode(anonymous_id) AS anonymous_id
+FROM numbered GROUP BY person_id, session_no
+"""
+
+
+def _sessions_sql(opts: CleaningOptions, rows: str) -> str:
+    """Flag long and burst sessions against fences over every session in `rows`."""
+    long_hi = bounds_sql("ln(1 + duration_seconds)", opts.outlier_method, opts.session_outlier_limit).split(", ")[1]
+    burst_hi = bounds_sql("ln(1 + events_per_minute)", opts.outlier_method, opts.session_outlier_limit).split(", ")[1]
+    return f"""
+WITH s AS ({rows}), fences AS (SELECT {long_hi} AS long_hi, {burst_hi} AS burst_hi FROM s)
+SELECT s.*, ln(1 + duration_seconds) > long_hi AS is_long,
        event_count >= $burst_min AND coalesce(ln(1 + events_per_minute) > burst_hi, false) AS is_burst
 FROM s, fences
 """
 
 
-def _people_sql(opts: CleaningOptions) -> str:
+def _scored_sql(opts: CleaningOptions, events: str, people: str) -> str:
+    """Per-person rows (everything but what depends on the whole population or the clock) for
+    the people in `events`; `people` filters deduped_users to the same people."""
     shares = ",\n".join(
         f"  coalesce(avg(({cond})::INT), 0) AS {name}_share"
         for name, cond in [
@@ -133,24 +140,11 @@ def _people_sql(opts: CleaningOptions) -> str:
         "has_phone": "has_phone",
     }
     missing = " + ".join(f"(NOT coalesce({present[a]}, false))::INT" for a in opts.missing_attributes)
-    fence_cols = ", ".join(
-        f"{bounds_sql(f'ln(1 + {f})', opts.outlier_method, opts.outlier_limit).replace(', ', f' AS {f}_lo, ', 1)}"
-        f" AS {f}_hi"
-        for f in OUTLIER_FEATURES
-    )
-    flags = ", ".join(
-        f"CASE WHEN ln(1 + {f}) < {f}_lo OR ln(1 + {f}) > {f}_hi THEN '{f}' END" for f in OUTLIER_FEATURES
-    )
-    clipped = ", ".join(
-        f"CASE WHEN $action = 'clip' THEN least(greatest({f}, exp({f}_lo) - 1), exp({f}_hi) - 1) ELSE {f} END"
-        f"{'::BIGINT' if f in ('event_count', 'session_count', 'order_count') else ''} AS {f}"
-        for f in OUTLIER_FEATURES
-    )
     return f"""
 WITH ev AS (
   SELECT pe.person_id, pe.event_at, pe.event_name, pe.revenue, pe.category, pe.device_type,
          hour(pe.event_at + coalesce(tz.utc_offset, INTERVAL 0 SECOND)) AS local_hour
-  FROM person_events pe LEFT JOIN _tz tz ON tz.name = pe.timezone
+  FROM {events} pe LEFT JOIN _tz tz ON tz.name = pe.timezone
   WHERE pe.person_id IS NOT NULL
 ), behaviour AS (
   SELECT person_id, count(*) AS event_count,
@@ -166,9 +160,8 @@ WITH ev AS (
   GROUP BY person_id
 ), sess AS (
   SELECT person_id, count(*) AS session_count, avg(duration_seconds) AS avg_session_seconds,
-         median(duration_seconds) AS median_session_seconds, bool_or(is_long) AS has_long_session,
-         bool_or(is_burst) AS is_bot
-  FROM sessions GROUP BY person_id
+         median(duration_seconds) AS median_session_seconds
+  FROM _session_rows GROUP BY person_id
 ), traits AS (
   SELECT d.person_id, d.first_seen_at, d.last_seen_at, d.email_hash IS NOT NULL AS has_email,
          d.phone_hash IS NOT NULL AS has_phone, d.postal_code,
@@ -178,6 +171,7 @@ WITH ev AS (
   FROM deduped_users d
   LEFT JOIN _gender_vocab gv ON gv.alias = lower(trim(d.gender))
   LEFT JOIN _country_vocab cv ON cv.alias = upper(trim(d.country))
+  {people}
 ), aged AS (
   SELECT *,
     CASE WHEN age_number IS NOT NULL AND age_number BETWEEN $min_age AND $max_age THEN round(age_number)
@@ -196,7 +190,6 @@ WITH ev AS (
     s.avg_session_seconds, s.median_session_seconds,
     coalesce(b.order_count, 0) AS order_count, coalesce(b.total_revenue, 0) AS total_revenue,
     b.first_order_at, b.last_order_at,
-    date_diff('second', b.last_order_at, $as_of) / 86400.0 AS days_since_last_order,
     coalesce(s.session_count, 0) / greatest(date_diff('second', a.first_seen_at, a.last_seen_at) / 604800.0, 1.0)
       AS sessions_per_week,
     c.category_counts,
@@ -208,12 +201,38 @@ WITH ev AS (
     CASE WHEN a.age < 25 THEN '<25' WHEN a.age < 35 THEN '25-34' WHEN a.age < 45 THEN '35-44'
          WHEN a.age < 55 THEN '45-54' WHEN a.age IS NOT NULL THEN '55+' END AS age_bracket,
     a.gender, a.country, a.postal_code, a.has_email, a.has_phone,
-    CASE WHEN len(a.trait_issues) > 0 THEN a.trait_issues END AS trait_issues,
-    coalesce(s.has_long_session, false) AS has_long_session, coalesce(s.is_bot, false) AS is_bot
+    CASE WHEN len(a.trait_issues) > 0 THEN a.trait_issues END AS trait_issues
   FROM aged a
   LEFT JOIN behaviour b USING (person_id) LEFT JOIN sess s USING (person_id) LEFT JOIN categories c USING (person_id)
+)
+SELECT *, ({missing}) / {len(opts.missing_attributes)}.0 AS missing_ratio FROM joined
+"""
+
+
+def _finish_sql(opts: CleaningOptions, scored: str) -> str:
+    """Everyone's final row from their per-person rows in `scored`: recency to the data's
+    as-of time, bot and long-session flags from the sessions table, and outlier flags
+    against fences over the whole (non-sparse) population."""
+    fence_cols = ", ".join(
+        f"{bounds_sql(f'ln(1 + {f})', opts.outlier_method, opts.outlier_limit).replace(', ', f' AS {f}_lo, ', 1)}"
+        f" AS {f}_hi"
+        for f in OUTLIER_FEATURES
+    )
+    flags = ", ".join(
+        f"CASE WHEN ln(1 + {f}) < {f}_lo OR ln(1 + {f}) > {f}_hi THEN '{f}' END" for f in OUTLIER_FEATURES
+    )
+    clipped = ", ".join(
+        f"CASE WHEN $action = 'clip' THEN least(greatest({f}, exp({f}_lo) - 1), exp({f}_hi) - 1) ELSE {f} END"
+        f"{'::BIGINT' if f in ('event_count', 'session_count', 'order_count') else ''} AS {f}"
+        for f in OUTLIER_FEATURES
+    )
+    return f"""
+WITH sess AS (
+  SELECT person_id, bool_or(is_long) AS has_long_session, bool_or(is_burst) AS is_bot FROM sessions GROUP BY 1
 ), scored AS (
-  SELECT *, ({missing}) / {len(opts.missing_attributes)}.0 AS missing_ratio FROM joined
+  SELECT p.*, date_diff('second', p.last_order_at, $as_of) / 86400.0 AS days_since_last_order,
+         coalesce(s.has_long_session, false) AS has_long_session, coalesce(s.is_bot, false) AS is_bot
+  FROM ({scored}) p LEFT JOIN sess s USING (person_id)
 ), fences AS (
   SELECT {fence_cols} FROM scored WHERE missing_ratio <= $sparse_threshold
 ), flagged AS (
@@ -232,8 +251,22 @@ FROM flagged
 """
 
 
-def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None) -> dict[str, int]:
-    """Rebuild `sessions` and `cleaned_users` from `person_events` and `deduped_users` (one transaction)."""
+# Columns of cleaned_users that _finish_sql derives; the rest are each person's own.
+DERIVED_COLUMNS = ("days_since_last_order", "has_long_session", "is_bot", "avg_order_value", "is_sparse",
+                   "outlier_flags", "exclude_from_fitting")  # fmt: skip
+# What later stages read: a change in these puts a person in the next stage's scope.
+DOWNSTREAM_FLAGS = ("is_sparse", "is_bot", "has_long_session", "exclude_from_fitting")
+
+
+def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, full: bool = False) -> dict:
+    """Bring `sessions` and `cleaned_users` up to date (one transaction).
+
+    Incrementally, sessions and per-person rows are recomputed from the events of the people
+    identity changed (and of people whose age moved with the data's as-of date); fences, flags
+    and recency are then redone over everyone's rows, which is cheap and keeps the result equal
+    to a full rebuild. With `outlier_action='clip'` the stored values are clipped, so fences
+    cannot be recomputed from them: every run is full.
+    """
     opts = opts or CleaningOptions()
     _vocabularies(con)
     as_of = data_as_of(con)
@@ -246,11 +279,57 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None) -
         "sparse_threshold": opts.sparse_threshold,
         "action": opts.outlier_action,
     }
+    p = refresh.plan(con, "cleaning", asdict(opts), ("sessions", "cleaned_users"),
+                     full=full or opts.outlier_action == "clip",
+                     full_reason="full rebuild asked for" if full else "outlier_action is clip")  # fmt: skip
+    if p.full:
+        events, people = "person_events", ""
+        sessions = "SELECT * FROM _session_rows"
+        scored = "SELECT * FROM _scored_new"
+    else:
+        # An age from a birthday moves when the data's as-of date passes the birthday.
+        refresh.widen(
+            con,
+            """SELECT person_id FROM deduped_users WHERE birthday IS NOT NULL AND age IS NULL
+               AND date_diff('year', TRY_CAST(birthday AS DATE), $old::DATE)
+                   IS DISTINCT FROM date_diff('year', TRY_CAST(birthday AS DATE), $new::DATE)""",
+            {"old": p.previous_as_of or as_of, "new": as_of},
+        )
+        stage_scope_events(con)
+        events, people = "_scope_events", f"WHERE d.person_id IN (SELECT person_id FROM {SCOPE})"
+        sessions = f"""SELECT * EXCLUDE (is_long, is_burst) FROM sessions WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})
+                       UNION ALL BY NAME SELECT * FROM _session_rows"""
+        scored = f"""SELECT * EXCLUDE ({", ".join(DERIVED_COLUMNS)}) FROM cleaned_users
+                     WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})
+                     UNION ALL BY NAME SELECT * FROM _scored_new"""
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _flags_before AS SELECT person_id, {', '.join(DOWNSTREAM_FLAGS)} FROM cleaned_users"
+        )
+    sql = f"CREATE OR REPLACE TEMP TABLE _session_rows AS {_session_rows_sql(events)}"
+    con.execute(sql, bind(sql, params))
+    sql = f"CREATE OR REPLACE TEMP TABLE _scored_new AS {_scored_sql(opts, events, people)}"
+    con.execute(sql, bind(sql, params))
+    recomputed = refresh.scope_size(con)
+
+    def record() -> None:
+        if not p.full:  # people whose flags moved with the population's fences go downstream too
+            refresh.widen(
+                con,
+                f"""SELECT person_id FROM (SELECT person_id, {", ".join(DOWNSTREAM_FLAGS)} FROM cleaned_users
+                    EXCEPT SELECT * FROM _flags_before)""",
+            )
+        refresh.record(con, p, as_of, refresh.scope_size(con))
+
     counts = replace_tables(
         con,
-        [(Sessions, "sessions", _sessions_sql(opts)), (CleanedUsers, "cleaned_users", _people_sql(opts))],
+        [
+            (Sessions, "sessions", _sessions_sql(opts, sessions)),
+            (CleanedUsers, "cleaned_users", _finish_sql(opts, scored)),
+        ],
         params,
+        before_commit=[(record, None)],
     )
-    for name in ("_gender_vocab", "_country_vocab", "_tz"):
+    for name in ("_gender_vocab", "_country_vocab", "_tz", "_session_rows", "_scored_new", "_scope_events",
+                 "_flags_before"):  # fmt: skip
         con.execute(f"DROP TABLE IF EXISTS {name}")
-    return counts
+    return {**counts, "mode": p.mode, "why": p.reason, "people_recomputed": None if p.full else recomputed}

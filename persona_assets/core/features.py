@@ -13,8 +13,10 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from persona_assets.core import refresh
 from persona_assets.core.models import ModelStore
-from persona_assets.core.warehouse import replace_frame
+from persona_assets.core.refresh import SCOPE
+from persona_assets.core.warehouse import replace_frame, splice_frame
 
 # Counts, durations and money: heavy-tailed, so modelled on a log1p scale and clipped.
 LOG_FEATURES = (
@@ -222,21 +224,26 @@ class FeatureOptions:
 FEATURES_KIND = "features"
 
 
-def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOptions, refit: bool = False) -> dict:
-    """Rebuild `normalized_features` with the saved transform, fitting (and saving) a new one when needed.
+def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOptions, refit: bool = False,
+          full: bool = False) -> dict:  # fmt: skip
+    """Bring `normalized_features` up to date with the saved transform, fitting (and saving) a new one when needed.
 
     A new transform is fitted on request, when none is saved yet, or when the settings changed;
-    otherwise new people are scored with the saved one, as the models trained on it expect.
+    otherwise people are scored with the saved one, as the models trained on it expect.
+    Incrementally, only the people cleaning changed are scored again.
     """
     saved = store.latest(FEATURES_KIND)
     refitting = refit or saved is None or not opts.matches(saved.payload)
+    version = (saved.version + 1 if refitting else saved.version) if saved else 1
+    p = refresh.plan(con, "features", {**asdict(opts), "transform_version": version}, ("normalized_features",),
+                     full=full or refitting, full_reason="full rebuild asked for" if full else "transform refitted")  # fmt: skip
     categories = top_categories(con, opts.max_categories) if refitting else saved.payload.categories
-    base = load_base(con, categories)
+    base = load_base(con, categories, "" if p.full else f"WHERE person_id IN (SELECT person_id FROM {SCOPE})")
     if refitting:
         reason = "refit on request" if refit else "no saved transform" if saved is None else "settings changed"
         fit_rows = base[~base["is_sparse"] & ~base["exclude_from_fitting"]]
         transform = fit(fit_rows, categories, opts.scaling, opts.clip_method, opts.clip_limit)
-        transform.version = (saved.version if saved else 0) + 1
+        transform.version = version
         store.save(FEATURES_KIND, transform, transform.to_dict())
     else:
         reason, transform = f"scored with saved transform v{saved.version}", saved.payload
@@ -255,5 +262,18 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
         ],
         axis=1,
     )
-    replace_frame(con, "normalized_features", frame)
-    return {"transform": transform, "reason": reason, "rows": len(frame), "sparse_people": int(base["is_sparse"].sum())}
+    recorded = lambda: refresh.record(con, p, None, len(base))  # noqa: E731
+    if p.full:
+        replace_frame(con, "normalized_features", frame, before_commit=recorded)
+    else:
+        splice_frame(con, "normalized_features", frame, before_commit=recorded)
+    total = con.execute("SELECT count(*) FROM normalized_features").fetchall()[0][0]
+    return {
+        "transform": transform,
+        "reason": reason,
+        "rows": total,
+        "sparse_people": int(base["is_sparse"].sum()) if p.full else None,
+        "mode": p.mode,
+        "why": p.reason,
+        "people_recomputed": None if p.full else len(base),
+    }

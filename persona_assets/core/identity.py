@@ -10,7 +10,7 @@ or split (recorded in `person_id_history`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 import duckdb
@@ -20,7 +20,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from persona_assets.contracts import SURVIVING_TRAITS, DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory, ddl
-from persona_assets.core.warehouse import replace_tables
+from persona_assets.core import refresh
+from persona_assets.core.refresh import SCOPE
+from persona_assets.core.warehouse import data_as_of, replace_tables
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class IdentityReport:
     multi_identifier_people: int = 0
     largest: list[tuple[str, int]] = field(default_factory=list)
     history: int = 0
+    mode: str = "full"
+    why: str = ""
+    people_recomputed: int | None = None
 
 
 # (identifier_type, column in the event tuple)
@@ -60,13 +65,36 @@ LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifi
 """
 
 
-def _stage_identifiers(con: duckdb.DuckDBPyConnection, opts: IdentityOptions) -> None:
-    """Temp tables: distinct identifier tuples, occurrences, nodes (integer ids) and guard hits."""
+def stage_scope_events(con: duckdb.DuckDBPyConnection, name: str = "_scope_events") -> None:
+    """`person_events` for the people in `_scope` only, reading just the events of their
+    userIds and anonymousIds (a userId's person wins, as in the view)."""
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {name} AS
+        WITH ids AS (
+          SELECT identifier_type, identifier FROM identity_map
+          WHERE identifier_type IN ('user_id', 'anonymous_id') AND person_id IN (SELECT person_id FROM {SCOPE})
+        ), candidates AS (
+          SELECT e.* FROM raw_events e SEMI JOIN ids ON ids.identifier_type = 'user_id' AND ids.identifier = e.user_id
+          UNION ALL
+          SELECT e.* FROM raw_events e
+          SEMI JOIN ids ON ids.identifier_type = 'anonymous_id' AND ids.identifier = e.anonymous_id
+        ), events AS (SELECT * FROM candidates QUALIFY row_number() OVER (PARTITION BY message_id) = 1)
+        SELECT coalesce(mu.person_id, ma.person_id) AS person_id, e.*
+        FROM events e
+        LEFT JOIN identity_map mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
+        LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
+        WHERE coalesce(mu.person_id, ma.person_id) IN (SELECT person_id FROM {SCOPE})"""
+    )
+
+
+def _stage_identifiers(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, events: str = "raw_events") -> None:
+    """Temp tables: distinct identifier tuples, occurrences, nodes (integer ids) and guard hits,
+    from `events` (all of raw_events, or the events an incremental run touches)."""
     cols = ", ".join(sorted({c for _, c in IDENTIFIER_COLUMNS}))
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _tuples AS
         SELECT row_number() OVER () AS tid, {cols}, min(event_at) AS first_at, max(event_at) AS last_at
-        FROM raw_events GROUP BY ALL"""
+        FROM {events} GROUP BY ALL"""
     )
     union = " UNION ALL ".join(
         f"SELECT tid, '{t}' AS identifier_type, {c} AS identifier, first_at, last_at FROM _tuples WHERE {c} IS NOT NULL"
@@ -130,7 +158,7 @@ def _components(con: duckdb.DuckDBPyConnection) -> None:
 
 NEW_IDENTITY_MAP = """
 WITH members AS (
-  SELECT n.*, l.component FROM _nodes n JOIN _labels l USING (node)
+  SELECT n.*, l.component FROM _nodes n JOIN _labels l USING (node) {area}
   -- A guarded device, email or phone belongs to nobody; a guarded anonymous or user id is a person alone.
   WHERE NOT EXISTS (SELECT 1 FROM _guard g WHERE g.identifier_type = n.identifier_type
                     AND g.identifier = n.identifier AND n.identifier_type NOT IN ('anonymous_id', 'user_id'))
@@ -153,17 +181,19 @@ def _trait_columns() -> str:
     return ",\n  ".join(parts)
 
 
+# {map}: the identity map to read; {events}: events holding every event of the people built;
+# {people}: an optional filter to the people built.
 DEDUPED_USERS = f"""
 WITH ids AS (
   SELECT person_id, count(*) AS identifier_count,
          count(*) FILTER (WHERE identifier_type = 'anonymous_id') AS anonymous_id_count,
          arg_max(identifier, last_seen_at) FILTER (WHERE identifier_type = 'user_id') AS user_id
-  FROM identity_map__next GROUP BY person_id
+  FROM {{map}} {{people}} GROUP BY person_id
 ), events AS (
   SELECT coalesce(mu.person_id, ma.person_id) AS person_id, e.*
-  FROM raw_events e
-  LEFT JOIN identity_map__next mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
-  LEFT JOIN identity_map__next ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
+  FROM {{events}} e
+  LEFT JOIN {{map}} mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
+  LEFT JOIN {{map}} ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
 ), traits AS (
   SELECT person_id, count(*) AS event_count, min(event_at) AS first_seen_at, max(event_at) AS last_seen_at,
   {_trait_columns()}
@@ -175,16 +205,16 @@ FROM ids LEFT JOIN traits USING (person_id)
 
 HISTORY = """
 INSERT INTO person_id_history
-WITH moved AS (
-  SELECT o.person_id AS old_person_id, n.person_id AS new_person_id, count(*) AS identifiers_moved
+WITH pairs AS (
+  SELECT o.person_id AS old_person_id, n.person_id AS new_person_id
   FROM identity_map o JOIN identity_map__next n USING (identifier_type, identifier)
-  WHERE o.person_id <> n.person_id GROUP BY 1, 2
+), moved AS (
+  SELECT old_person_id, new_person_id, count(*) AS identifiers_moved
+  FROM pairs WHERE old_person_id <> new_person_id GROUP BY 1, 2
 ), fan AS (
-  SELECT o.person_id AS old_person_id, count(DISTINCT n.person_id) AS new_ids
-  FROM identity_map o JOIN identity_map__next n USING (identifier_type, identifier) GROUP BY 1
+  SELECT old_person_id, count(DISTINCT new_person_id) AS new_ids FROM pairs GROUP BY 1
 ), fan_in AS (
-  SELECT n.person_id AS new_person_id, count(DISTINCT o.person_id) AS old_ids
-  FROM identity_map o JOIN identity_map__next n USING (identifier_type, identifier) GROUP BY 1
+  SELECT new_person_id, count(DISTINCT old_person_id) AS old_ids FROM pairs GROUP BY 1
 )
 SELECT m.old_person_id, m.new_person_id,
        CASE WHEN f.new_ids > 1 THEN 'split' WHEN fi.old_ids > 1 THEN 'merge' ELSE 'rekey' END,
@@ -194,32 +224,69 @@ FROM moved m JOIN fan f USING (old_person_id) JOIN fan_in fi USING (new_person_i
 
 
 def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
-            run_id: str | None = None) -> IdentityReport:  # fmt: skip
-    """Rebuild identity_map, identity_guard and deduped_users from raw_events (one transaction)."""
+            run_id: str | None = None, full: bool = False) -> IdentityReport:  # fmt: skip
+    """Bring identity_map, identity_guard and deduped_users up to date with raw_events (one transaction).
+
+    Incrementally, only the identifiers of new events and the people holding them are
+    recomputed (see `_stage_area`); the result equals a full rebuild on the same events.
+    """
     opts = opts or IdentityOptions()
-    _stage_identifiers(con, opts)
-    _components(con)
     con.execute(ddl(PersonIdHistory, "person_id_history"))
     con.execute(ddl(IdentityMap, "identity_map"))
-    con.execute(f"CREATE OR REPLACE TEMP TABLE identity_map__next AS {NEW_IDENTITY_MAP}")
+    p = refresh.plan(con, "identity", asdict(opts), ("deduped_users", "identity_guard"), full=full)
+    as_of = data_as_of(con)
     now = datetime.now(UTC).replace(tzinfo=None)
-    counts = replace_tables(
-        con,
-        [
-            (DedupedUsers, "deduped_users", DEDUPED_USERS),
-            (IdentityGuard, "identity_guard", "SELECT * FROM _guard"),
-        ],
-        before_commit=[
-            (HISTORY, {"now": now, "run_id": run_id}),
-            ("DELETE FROM identity_map", None),
-            ("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next", None),
-            (PERSON_EVENTS_VIEW, None),
-        ],
-    )
+    history = (HISTORY, {"now": now, "run_id": run_id})
+    if p.full:
+        _stage_identifiers(con, opts)
+        _components(con)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE identity_map__next AS {NEW_IDENTITY_MAP.format(area='')}")
+        deduped = DEDUPED_USERS.format(map="identity_map__next", events="raw_events", people="")
+        replace_tables(
+            con,
+            [(DedupedUsers, "deduped_users", deduped), (IdentityGuard, "identity_guard", "SELECT * FROM _guard")],
+            before_commit=[
+                history,
+                ("DELETE FROM identity_map", None),
+                ("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next", None),
+                (PERSON_EVENTS_VIEW, None),
+                (lambda: refresh.record(con, p, as_of, None), None),
+            ],
+        )
+    else:
+        _stage_area(con, opts, p.since_batch)
+        _components(con)
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE identity_map__next AS
+                {NEW_IDENTITY_MAP.format(area="SEMI JOIN _area USING (identifier_type, identifier)")}"""
+        )
+        deduped = DEDUPED_USERS.format(
+            map="identity_map", events="_area_events", people=f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"
+        )
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(f"INSERT INTO {SCOPE} SELECT DISTINCT person_id FROM identity_map__next")
+            con.execute(HISTORY, history[1])
+            con.execute("DELETE FROM identity_guard WHERE (identifier_type, identifier) IN (SELECT * FROM _area)")
+            con.execute(
+                "INSERT INTO identity_guard BY NAME SELECT * FROM _guard SEMI JOIN _area USING (identifier_type, identifier)"
+            )
+            con.execute("DELETE FROM identity_map WHERE (identifier_type, identifier) IN (SELECT * FROM _area)")
+            con.execute("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next")
+            con.execute(f"DELETE FROM deduped_users WHERE person_id IN (SELECT person_id FROM {SCOPE})")
+            con.execute(f"INSERT INTO deduped_users BY NAME {deduped}")
+            refresh.record(con, p, as_of, refresh.scope_size(con))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
     report = IdentityReport(
-        identifiers=con.execute("SELECT count(*) FROM _nodes").fetchall()[0][0],
-        people=counts["deduped_users"],
-        guard_hits=counts["identity_guard"],
+        identifiers=con.execute("SELECT count(*) FROM identity_map").fetchall()[0][0],
+        people=con.execute("SELECT count(*) FROM deduped_users").fetchall()[0][0],
+        guard_hits=con.execute("SELECT count(*) FROM identity_guard").fetchall()[0][0],
+        mode=p.mode,
+        why=p.reason,
+        people_recomputed=None if p.full else refresh.scope_size(con),
     )
     report.multi_identifier_people = con.execute(
         "SELECT count(*) FROM deduped_users WHERE anonymous_id_count > 1"
@@ -230,6 +297,51 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
     report.history = con.execute(
         "SELECT count(*) FROM person_id_history WHERE run_id IS NOT DISTINCT FROM ? AND changed_at = ?", [run_id, now]
     ).fetchall()[0][0]
-    for name in ("_tuples", "_occ", "_nodes", "_guard", "_labels", "identity_map__next"):
+    for name in ("_tuples", "_occ", "_nodes", "_guard", "_labels", "identity_map__next", "_new_ids", "_area",
+                 "_area_events"):  # fmt: skip
         con.execute(f"DROP TABLE IF EXISTS {name}")
     return report
+
+
+def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, since_batch: int) -> None:
+    """The part of the identity graph new events can change, staged like a full rebuild.
+
+    The area is every identifier in a new event plus every identifier of a person holding one.
+    Guard counts only grow as events arrive, and a component can only gain edges through a new
+    event's identifiers, so no person outside the area changes. `_area_events` holds every
+    event touching the area, so the area's tuples, guard counts and first/last-seen times are
+    complete; `_scope` starts as the people who held area identifiers before.
+    """
+    new_ids = " UNION ".join(
+        f"SELECT '{t}' AS identifier_type, {c} AS identifier FROM raw_events WHERE batch_id > $since AND {c} IS NOT NULL"
+        for t, c in IDENTIFIER_COLUMNS
+    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _new_ids AS {new_ids}", {"since": since_batch})
+    con.execute(
+        f"""INSERT INTO {SCOPE} SELECT DISTINCT person_id FROM identity_map
+            SEMI JOIN _new_ids USING (identifier_type, identifier)"""
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _area AS
+            SELECT identifier_type, identifier FROM identity_map WHERE person_id IN (SELECT person_id FROM {SCOPE})
+            UNION SELECT identifier_type, identifier FROM _new_ids"""
+    )
+    touching = " UNION ALL ".join(
+        f"""SELECT e.* FROM raw_events e SEMI JOIN _area a
+            ON a.identifier_type = '{t}' AND a.identifier = e.{c}"""
+        for t, c in IDENTIFIER_COLUMNS
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _area_events AS
+            SELECT * FROM ({touching}) QUALIFY row_number() OVER (PARTITION BY message_id) = 1"""
+    )
+    _stage_identifiers(con, opts, "_area_events")
+    # Guard counts are exact for area identifiers; everyone else keeps theirs.
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE _guard_area AS
+           SELECT * FROM _guard SEMI JOIN _area USING (identifier_type, identifier)
+           UNION ALL BY NAME
+           SELECT * FROM identity_guard ANTI JOIN _area USING (identifier_type, identifier)"""
+    )
+    con.execute("DROP TABLE _guard")
+    con.execute("ALTER TABLE _guard_area RENAME TO _guard")

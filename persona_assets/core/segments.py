@@ -23,9 +23,11 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.neural_network import MLPRegressor
 
 from persona_assets.contracts import SegmentCatalog, Segments
+from persona_assets.core import refresh
 from persona_assets.core.features import CATEGORY_PREFIX, FEATURES_KIND, load_base
 from persona_assets.core.models import ModelStore
-from persona_assets.core.warehouse import replace_frames, table_exists
+from persona_assets.core.refresh import SCOPE
+from persona_assets.core.warehouse import replace_frames, splice_frame, table_exists
 
 SPACES = ("auto", "features", "autoencoder")
 
@@ -424,6 +426,10 @@ def train(
     )
 
 
+SEGMENT_COLUMNS = ("segment_id", "segment_name", "segment_distance", "segment_confidence", "subsegment_id",
+                   "subsegment_name", "is_noise")  # fmt: skip
+
+
 def assign(model: SegmentModel, X: pd.DataFrame) -> pd.DataFrame:
     """Segment, sub-segment and noise for every row by nearest centroid in the model's space."""
     Xn = X[model.features].to_numpy(dtype=float)
@@ -490,15 +496,19 @@ def catalog(model: SegmentModel, people: pd.DataFrame) -> pd.DataFrame:
 SEGMENTS_KIND = "segments"
 
 
-def _matrix(con: duckdb.DuckDBPyConnection, store: ModelStore) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """The normalized matrix for everyone: non-sparse people from the table, sparse ones scored
-    with the same saved transform. Returns (matrix, flags, transform version)."""
-    table = con.execute("SELECT * FROM normalized_features ORDER BY person_id").df()
-    if table.empty:
+def _matrix(
+    con: duckdb.DuckDBPyConnection, store: ModelStore, scope: str = ""
+) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """The normalized matrix for everyone (or the people `scope` names): non-sparse people from
+    the table, sparse ones scored with the same saved transform. Returns (matrix, flags, transform version)."""
+    version = con.execute("SELECT max(transform_version) FROM normalized_features").fetchall()[0][0]
+    if version is None:
         raise ValueError("normalized_features is empty: nobody to segment")
-    version = int(table["transform_version"].iloc[0])
-    transform = store.load(FEATURES_KIND, version).payload
-    sparse = load_base(con, transform.categories, "WHERE is_sparse")
+    table = con.execute(
+        f"SELECT * FROM normalized_features {'WHERE ' + scope if scope else ''} ORDER BY person_id"
+    ).df()
+    transform = store.load(FEATURES_KIND, int(version)).payload
+    sparse = load_base(con, transform.categories, f"WHERE is_sparse {'AND ' + scope if scope else ''}")
     matrix = pd.concat([table[transform.features], transform.apply(sparse)], ignore_index=True)
     flags = pd.DataFrame(
         {
@@ -509,44 +519,78 @@ def _matrix(con: duckdb.DuckDBPyConnection, store: ModelStore) -> tuple[pd.DataF
     return matrix, flags, version
 
 
-def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOptions, retrain: bool = False) -> dict:
-    """Assign everyone a segment with the saved model, training (and saving) a new one when needed."""
-    matrix, flags, feature_version = _matrix(con, store)
+def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOptions, retrain: bool = False,
+          full: bool = False) -> dict:  # fmt: skip
+    """Assign segments with the saved model, training (and saving) a new one when needed.
+
+    Incrementally, only the people whose features changed are assigned again; the catalog's
+    sizes are then counted over everyone.
+    """
+    version = con.execute("SELECT max(transform_version) FROM normalized_features").fetchall()[0][0]
     saved = store.latest(SEGMENTS_KIND)
     previous: SegmentModel | None = saved.payload if saved else None
     reasons = {
         "retrain on request": retrain,
         "no saved model": previous is None,
-        "features were refitted": previous is not None and previous.feature_version != feature_version,
+        "features were refitted": previous is not None and previous.feature_version != version,
         "segmentation settings changed": previous is not None and previous.settings != opts.model_settings(),
     }
     why = [reason for reason, hit in reasons.items() if hit]
+    model_version = (saved.version if saved else 0) + 1 if why else saved.version
+    p = refresh.plan(con, "segments", {**opts.model_settings(), "model_version": model_version},
+                     ("segments", "segment_catalog"), full=full or bool(why),
+                     full_reason="full rebuild asked for" if full else "model retrained")  # fmt: skip
+    matrix, flags, feature_version = _matrix(
+        con, store, "" if p.full else f"person_id IN (SELECT person_id FROM {SCOPE})"
+    )
     if why:
         fit_rows = matrix[flags["used_for_fitting"].to_numpy()]
-        model = train(fit_rows, opts, feature_version, (saved.version if saved else 0) + 1, previous)
+        model = train(fit_rows, opts, feature_version, model_version, previous)
         store.save(SEGMENTS_KIND, model, summary(model))
     else:
         model = previous
-    assigned = assign(model, matrix)
+    assigned = assign(model, matrix) if len(matrix) else pd.DataFrame(columns=list(SEGMENT_COLUMNS))
     assigned.insert(0, "person_id", flags["person_id"].to_numpy())
-    assigned["low_confidence"] = ~flags["used_for_fitting"].to_numpy()
+    assigned["low_confidence"] = ~flags["used_for_fitting"].to_numpy(dtype=bool)
     assigned["model_version"] = model.version
     moved = None
     if table_exists(con, "segments"):
         before = con.execute("SELECT person_id, segment_id AS before FROM segments").df()
         both = assigned[["person_id", "segment_id"]].merge(before, on="person_id")
         moved = float((both["segment_id"] != both["before"]).mean()) if len(both) else None
-    groups = catalog(model, assigned).assign(model_version=model.version)
-    counts = replace_frames(con, [(Segments, "segments", assigned), (SegmentCatalog, "segment_catalog", groups)])
+
+    def finish() -> None:
+        everyone = con.execute("SELECT segment_id, subsegment_id FROM segments").df()
+        groups = catalog(model, everyone).assign(model_version=model.version)
+        con.register("_catalog_frame", groups)
+        con.execute("DELETE FROM segment_catalog")
+        con.execute("INSERT INTO segment_catalog BY NAME SELECT * FROM _catalog_frame")
+        con.unregister("_catalog_frame")
+        refresh.record(con, p, None, len(assigned))
+
+    if p.full:
+        groups = catalog(model, assigned).assign(model_version=model.version)
+        replace_frames(
+            con,
+            [(Segments, "segments", assigned), (SegmentCatalog, "segment_catalog", groups)],
+            before_commit=lambda: refresh.record(con, p, None, len(assigned)),
+        )
+    else:
+        splice_frame(con, "segments", assigned, before_commit=finish)
+    stats = con.execute(
+        "SELECT count(*), coalesce(avg(is_noise::INT), 0), count(*) FILTER (WHERE low_confidence) FROM segments"
+    ).fetchall()[0]
     return {
         "model": model,
         "trained": bool(why),
         "why": "; ".join(why) or f"assigned with saved model v{model.version}",
         "moved_share": moved,
-        "catalog": groups,
-        "people": counts["segments"],
-        "noise_share": float(assigned["is_noise"].mean()),
-        "low_confidence": int(assigned["low_confidence"].sum()),
+        "catalog": con.execute("SELECT * FROM segment_catalog").df(),
+        "people": stats[0],
+        "noise_share": float(stats[1]),
+        "low_confidence": int(stats[2]),
+        "mode": p.mode,
+        "people_recomputed": None if p.full else len(assigned),
     }
 
 

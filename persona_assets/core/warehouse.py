@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import duckdb
 import pandera.pandas as pa
@@ -28,12 +28,12 @@ def replace_tables(
     con: duckdb.DuckDBPyConnection,
     tables: Iterable[tuple[type[pa.DataFrameModel], str, str]],
     params: dict | None = None,
-    before_commit: Iterable[tuple[str, dict | None]] = (),
+    before_commit: Iterable[tuple[str | Callable[[], object], dict | None]] = (),
 ) -> dict[str, int]:
     """Rebuild each (contract, table, SELECT) under a temporary name and swap them all in at once.
 
     The SELECT's columns are matched by name to the contract's DDL. `before_commit`
-    statements run inside the same transaction (e.g. appending history). A failure
+    statements (or callables) run inside the same transaction (e.g. appending history). A failure
     anywhere leaves every table as it was.
     """
     counts: dict[str, int] = {}
@@ -49,7 +49,10 @@ def replace_tables(
             con.execute(f'ALTER TABLE "{tmp}" RENAME TO "{table}"')
             counts[table] = con.execute(f'SELECT count(*) FROM "{table}"').fetchall()[0][0]
         for sql, sql_params in before_commit:
-            con.execute(sql, bind(sql, sql_params))
+            if callable(sql):
+                sql()
+            else:
+                con.execute(sql, bind(sql, sql_params))
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -58,14 +61,20 @@ def replace_tables(
 
 
 def replace_frames(
-    con: duckdb.DuckDBPyConnection, tables: Iterable[tuple[type[pa.DataFrameModel], str, object]]
+    con: duckdb.DuckDBPyConnection,
+    tables: Iterable[tuple[type[pa.DataFrameModel], str, object]],
+    before_commit: Callable[[], object] | None = None,
 ) -> dict[str, int]:
     """replace_tables for (contract, table, pandas frame) triples: all swapped in at once."""
     tables = list(tables)
     for _, table, frame in tables:
         con.register(f"_{table}_frame", frame)
     try:
-        return replace_tables(con, [(model, table, f'SELECT * FROM "_{table}_frame"') for model, table, _ in tables])
+        return replace_tables(
+            con,
+            [(model, table, f'SELECT * FROM "_{table}_frame"') for model, table, _ in tables],
+            before_commit=[(before_commit, None)] if before_commit else (),
+        )
     finally:
         for _, table, _ in tables:
             con.unregister(f"_{table}_frame")
@@ -84,7 +93,8 @@ def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
     )
 
 
-def replace_frame(con: duckdb.DuckDBPyConnection, table: str, frame) -> int:
+def replace_frame(con: duckdb.DuckDBPyConnection, table: str, frame,
+                  before_commit: Callable[[], object] | None = None) -> int:  # fmt: skip
     """Replace `table` with a pandas frame's columns and rows, built aside and swapped in one transaction."""
     view = f"_{table}_frame"
     con.register(view, frame)
@@ -94,6 +104,28 @@ def replace_frame(con: duckdb.DuckDBPyConnection, table: str, frame) -> int:
         con.execute(f'CREATE TABLE "{table}__new" AS SELECT * FROM "{view}"')
         con.execute(f'DROP TABLE IF EXISTS "{table}"')
         con.execute(f'ALTER TABLE "{table}__new" RENAME TO "{table}"')
+        if before_commit is not None:
+            before_commit()
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister(view)
+    return len(frame)
+
+
+def splice_frame(con: duckdb.DuckDBPyConnection, table: str, frame, before_commit: Callable[[], object] | None = None,
+                 key: str = "person_id") -> int:  # fmt: skip
+    """An incremental run's rows in place of the old rows of the people in `_scope` (one transaction)."""
+    view = f"_{table}_frame"
+    con.register(view, frame)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f'DELETE FROM "{table}" WHERE {key} IN (SELECT person_id FROM _scope)')
+        con.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM "{view}"')
+        if before_commit is not None:
+            before_commit()
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
