@@ -421,6 +421,17 @@ class TraitImportance(pa.DataFrameModel):
         strict = True
 
 
+class CategoryScores(pa.DataFrameModel):
+    """Each person's decayed interest per category at the data's as-of time (behind category_affinity)."""
+
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    category: Series[str] = column("VARCHAR")
+    score: Series[float] = column("DOUBLE", ge=0)
+
+    class Config:
+        strict = True
+
+
 class UserProfiles(pa.DataFrameModel):
     """One row per person: what users query (DESIGN.md section 4)."""
 

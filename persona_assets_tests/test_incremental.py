@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -56,15 +57,27 @@ def build(con: duckdb.DuckDBPyConnection, landing: Path, store: ModelStore, full
     return report
 
 
-def split_lines(source: Path, out: Path, parts: int, seed: int) -> list[list[str]]:
-    """Every generated line dealt at random into `parts` files: each person's events, their
-    re-delivered copies and their late events arrive spread over several increments."""
+def split_lines(source: Path, parts: int, seed: int) -> list[list[str]]:
+    """Every generated line dealt into `parts` files, mostly in time order (so the data's clock
+    moves on with each increment: recency, decay, intent windows and birthdays all move), a
+    third at random (late and out-of-order events, re-delivered copies in later files)."""
     lines = [line for f in sorted(source.glob("*.jsonl")) for line in f.read_text().splitlines(keepends=True)]
     rng = random.Random(seed)
+    stamps = [_stamp(line) for line in lines]
+    order = sorted(s for s in stamps if s)
+    cuts = [order[len(order) * (i + 1) // parts - 1] for i in range(parts - 1)]
     dealt: list[list[str]] = [[] for _ in range(parts)]
-    for line in lines:
-        dealt[rng.randrange(parts)].append(line)
+    for line, stamp in zip(lines, stamps):
+        in_time = stamp and rng.random() < 2 / 3
+        dealt[sum(stamp > c for c in cuts) if in_time else rng.randrange(parts)].append(line)
     return dealt
+
+
+def _stamp(line: str) -> str:
+    try:
+        return str(json.loads(line).get("timestamp") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 def table(con: duckdb.DuckDBPyConnection, name: str) -> pd.DataFrame:
@@ -83,9 +96,10 @@ def assert_same(a: pd.DataFrame, b: pd.DataFrame, name: str) -> None:
                 f"{name}.{column}"
             )
         else:
-            left, right = x.map(_comparable), y.map(_comparable)
-            differ = left != right
-            assert not differ.any(), f"{name}.{column}: {differ.sum()} rows differ, e.g.\n{a[differ].head(3)}\n{b[differ].head(3)}"
+            differ = pd.Series([_comparable(u) != _comparable(v) for u, v in zip(x, y)], index=a.index)
+            assert not differ.any(), (
+                f"{name}.{column}: {differ.sum()} rows differ, e.g.\n{a[differ].head(3)}\n{b[differ].head(3)}"
+            )
 
 
 def _comparable(value):
@@ -96,7 +110,7 @@ def _comparable(value):
         return tuple(_comparable(v) for v in value)
     if isinstance(value, float):
         return None if np.isnan(value) else round(value, 9)
-    if value is pd.NaT or value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or value is pd.NaT or value is pd.NA:
         return None
     return value
 
@@ -105,10 +119,12 @@ def _comparable(value):
 def increments(tmp_path_factory) -> tuple[Path, list[list[str]]]:
     root = tmp_path_factory.mktemp("increments")
     generate(2000, 23, root / "gen", "jsonl", people_per_file=1000)
-    dealt = split_lines(root / "gen", root, INCREMENTS, seed=5)
-    # A last, small increment: a few people come back (late copies of their own old events included).
-    few = dealt[0][:40]
-    return root, [*dealt, few]
+    dealt = split_lines(root / "gen", INCREMENTS, seed=5)
+    # A last, small increment: the newest events (the clock moves on for everyone, but few people
+    # act), with re-delivered copies of old events.
+    last = sorted(dealt[-1], key=_stamp)
+    dealt[-1], newest = last[:-80], last[-80:]
+    return root, [*dealt, newest + dealt[0][:20]]
 
 
 def test_increments_equal_a_full_rebuild(increments, tmp_path):
@@ -139,3 +155,33 @@ def test_increments_equal_a_full_rebuild(increments, tmp_path):
         rebuilt = {name: table(con, name) for name in COMPARED}
     for name in COMPARED:
         assert_same(incremental[name], rebuilt[name], name)
+
+
+def _event(message_id: str, kind: str, at: str, **fields) -> str:
+    return json.dumps({"messageId": message_id, "type": kind, "timestamp": at, **fields}) + "\n"
+
+
+def test_the_clock_moving_reaches_people_without_new_events(tmp_path):
+    """A new year in the data ages people whose age comes from a birthday, though they did nothing."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "a.jsonl").write_text(
+        _event(
+            "m1", "identify", "2025-12-20T10:00:00Z", userId="ua", anonymousId="a1", traits={"birthday": "1990-06-15"}
+        )
+        + _event("m2", "track", "2025-12-31T10:00:00Z", anonymousId="b1", event="Products Searched")
+    )
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as con:
+        ingest.ingest(con, landing, KEY)
+        identity.resolve(con)
+        cleaning.clean(con)
+        age = "SELECT c.age FROM cleaned_users c JOIN identity_map m USING (person_id) WHERE m.identifier = 'ua'"
+        assert con.execute(age).fetchall() == [(35,)]
+        (landing / "b.jsonl").write_text(
+            _event("m3", "track", "2026-01-02T10:00:00Z", anonymousId="b1", event="Products Searched")
+        )
+        ingest.ingest(con, landing, KEY)
+        assert identity.resolve(con).people_recomputed == 1  # only b1's person has new events
+        report = cleaning.clean(con)
+        assert report["mode"] == "incremental" and report["people_recomputed"] == 2
+        assert con.execute(age).fetchall() == [(36,)]

@@ -42,38 +42,46 @@ def decay_to(score: float, seconds: float, opts: AffinityOptions) -> float:
     return score * 2 ** (-max(seconds, 0.0) / 86400.0 / opts.half_life_days)
 
 
-# Every product interaction with its kind and category: views and adds carry the category on
-# the event; an order carries it per product inside the `products` JSON.
-INTERACTIONS_SQL = """
+def interactions_sql(events: str = "person_events") -> str:
+    """Every product interaction in `events` with its kind and category: views and adds carry the
+    category on the event; an order carries it per product inside the `products` JSON."""
+    return f"""
 SELECT person_id, event_at, CASE event_name WHEN 'Product Viewed' THEN 'view' ELSE 'add_to_cart' END AS kind,
        category, product_id
-FROM person_events
+FROM {events}
 WHERE person_id IS NOT NULL AND event_name IN ('Product Viewed', 'Product Added')
 UNION ALL
 SELECT person_id, event_at, 'purchase' AS kind, item.category, item.product_id
 FROM (
   SELECT person_id, event_at,
-         unnest(from_json(products, '[{"category": "VARCHAR", "product_id": "VARCHAR"}]')) AS item
-  FROM person_events
+         unnest(from_json(products, '[{{"category": "VARCHAR", "product_id": "VARCHAR"}}]')) AS item
+  FROM {events}
   WHERE person_id IS NOT NULL AND event_name = 'Order Completed' AND json_valid(products)
 )
 """
 
 
-def affinity_sql(opts: AffinityOptions) -> str:
-    """person_id, category_affinity MAP(category → score), top_category, as of `$as_of`."""
+INTERACTIONS_SQL = interactions_sql()
+
+
+def scores_sql(opts: AffinityOptions, events: str = "person_events") -> str:
+    """person_id, category, score: each person's decayed interest per category, as of `$as_of`."""
     weight = (
         f"CASE kind WHEN 'view' THEN {float(opts.view_weight)} WHEN 'add_to_cart' THEN {float(opts.add_to_cart_weight)}"
         f" ELSE {float(opts.purchase_weight)} END"
     )
     decay = f"pow(2.0, -greatest(epoch($as_of - event_at), 0) / 86400.0 / {float(opts.half_life_days)})"
     return f"""
-WITH scored AS (
-  SELECT person_id, category, sum({weight} * {decay}) AS score
-  FROM ({INTERACTIONS_SQL}) WHERE category IS NOT NULL GROUP BY 1, 2
-)
+SELECT person_id, category, sum({weight} * {decay}) AS score
+FROM ({interactions_sql(events)}) WHERE category IS NOT NULL GROUP BY 1, 2
+"""
+
+
+def affinity_sql(scores: str) -> str:
+    """person_id, category_affinity MAP(category → score), top_category, from a relation of scores."""
+    return f"""
 SELECT person_id,
        map_from_entries(list((category, round(score, 6)) ORDER BY category)) AS category_affinity,
-       arg_max(category, score) AS top_category
-FROM scored GROUP BY person_id
+       arg_max(category, (score, category)) AS top_category
+FROM {scores} GROUP BY person_id
 """

@@ -99,7 +99,8 @@ SELECT person_id || '-' || session_no AS session_id, person_id, min(event_at) AS
        max(event_at) AS ended_at, epoch(max(event_at) - min(event_at))::DOUBLE AS duration_seconds,
        count(*) AS event_count,
        count(*) / greatest(epoch(max(event_at) - min(event_at)) / 60.0, 1.0) AS events_per_minute,
-       mode(device_type) AS device_type, mode(anonymous_id) AS anonymous_id
+       mode(device_type ORDER BY device_type) AS device_type,
+       mode(anonymous_id ORDER BY anonymous_id) AS anonymous_id
 FROM numbered GROUP BY person_id, session_no
 """
 

@@ -187,7 +187,7 @@ DEDUPED_USERS = f"""
 WITH ids AS (
   SELECT person_id, count(*) AS identifier_count,
          count(*) FILTER (WHERE identifier_type = 'anonymous_id') AS anonymous_id_count,
-         arg_max(identifier, last_seen_at) FILTER (WHERE identifier_type = 'user_id') AS user_id
+         arg_max(identifier, (last_seen_at, identifier)) FILTER (WHERE identifier_type = 'user_id') AS user_id
   FROM {{map}} {{people}} GROUP BY person_id
 ), events AS (
   SELECT coalesce(mu.person_id, ma.person_id) AS person_id, e.*
@@ -265,7 +265,7 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
         )
         con.execute("BEGIN TRANSACTION")
         try:
-            con.execute(f"INSERT INTO {SCOPE} SELECT DISTINCT person_id FROM identity_map__next")
+            refresh.widen(con, "SELECT person_id FROM identity_map__next")
             con.execute(HISTORY, history[1])
             con.execute("DELETE FROM identity_guard WHERE (identifier_type, identifier) IN (SELECT * FROM _area)")
             con.execute(

@@ -10,7 +10,7 @@ An observed value is never replaced.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -26,10 +26,13 @@ from sklearn.metrics import accuracy_score, adjusted_mutual_info_score, f1_score
 from sklearn.model_selection import train_test_split
 
 from persona_assets.contracts import ImputedAttributes, TraitImportance, TraitModelDrift, TraitModelMetrics
-from persona_assets.core.affinity import INTERACTIONS_SQL
+from persona_assets.core import refresh
+from persona_assets.core.affinity import interactions_sql
 from persona_assets.core.features import FEATURES_KIND, load_base
+from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.models import ModelStore
-from persona_assets.core.warehouse import data_as_of, replace_frames
+from persona_assets.core.refresh import SCOPE
+from persona_assets.core.warehouse import data_as_of, replace_frames, splice_frame
 
 SOURCES = ("observed", "enriched", "inferred", "imputed_model", "imputed_stat", "unknown")
 TRAITS_KIND = "traits"
@@ -124,27 +127,29 @@ class TraitModels:
 # ---------------------------------------------------------------- inputs
 
 
-def _people(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+def _people(con: duckdb.DuckDBPyConnection, where: str = "") -> pd.DataFrame:
     return con.execute(
-        """SELECT c.person_id, c.is_bot, c.age, c.age_bracket, c.gender, c.country, c.postal_code,
+        f"""SELECT c.person_id, c.is_bot, c.age, c.age_bracket, c.gender, c.country, c.postal_code,
                   left(regexp_replace(c.postal_code, '[^0-9A-Za-z]', '', 'g'), 2) AS postal_prefix,
                   c.night_share, c.morning_share, c.afternoon_share, c.evening_share,
                   coalesce(d.age_observed_at, d.birthday_observed_at) AS age_observed_at,
                   d.gender_observed_at, d.country_observed_at, d.postal_code_observed_at,
                   s.segment_id
            FROM cleaned_users c JOIN deduped_users d USING (person_id) LEFT JOIN segments s USING (person_id)
-           ORDER BY c.person_id"""
+           {where} ORDER BY c.person_id"""
     ).df()
 
 
-def _context(con: duckdb.DuckDBPyConnection, as_of: datetime, window_days: float) -> pd.DataFrame:
+def _context(con: duckdb.DuckDBPyConnection, as_of: datetime, window_days: float,
+             events: str = "person_events") -> pd.DataFrame:  # fmt: skip
     """Per person: usual timezone and locale region, primary device and its share, recent intent signals."""
     return con.execute(
         f"""
-        WITH ev AS (SELECT * FROM person_events WHERE person_id IS NOT NULL),
-        tz AS (SELECT person_id, mode(timezone) AS usual_timezone,
-                      mode(upper(nullif(split_part(locale, '-', 2), ''))) AS locale_region FROM ev GROUP BY 1),
-        dev AS (SELECT person_id, arg_max(device_type, n) AS primary_device, max(n) / sum(n) AS device_share
+        WITH ev AS (SELECT * FROM {events} WHERE person_id IS NOT NULL),
+        tz AS (SELECT person_id, mode(timezone ORDER BY timezone) AS usual_timezone,
+                      mode(upper(nullif(split_part(locale, '-', 2), ''))
+                           ORDER BY upper(nullif(split_part(locale, '-', 2), ''))) AS locale_region FROM ev GROUP BY 1),
+        dev AS (SELECT person_id, arg_max(device_type, (n, device_type)) AS primary_device, max(n) / sum(n) AS device_share
                 FROM (SELECT person_id, device_type, count(*) AS n FROM ev WHERE device_type IS NOT NULL GROUP BY 1, 2)
                 GROUP BY 1),
         recent AS (SELECT person_id,
@@ -159,9 +164,11 @@ def _context(con: duckdb.DuckDBPyConnection, as_of: datetime, window_days: float
     ).df()
 
 
-def _product_matrix(con: duckdb.DuckDBPyConnection, people: pd.Index, products: list[str] | None) -> tuple:
+def _product_matrix(con: duckdb.DuckDBPyConnection, people: pd.Index, products: list[str] | None,
+                    events: str = "person_events") -> tuple:  # fmt: skip
     counts = con.execute(
-        f"SELECT person_id, product_id, count(*) AS n FROM ({INTERACTIONS_SQL}) WHERE product_id IS NOT NULL GROUP BY 1, 2"
+        f"SELECT person_id, product_id, count(*) AS n FROM ({interactions_sql(events)}) "
+        "WHERE product_id IS NOT NULL GROUP BY 1, 2"
     ).df()
     if products is None:
         products = sorted(counts["product_id"].unique())
@@ -181,13 +188,15 @@ def model_inputs(
     saved: TraitModels | None,
     opts: ImputationOptions,
     feature_version: int,
+    scoped: bool = False,
 ) -> tuple[pd.DataFrame, list[str], ProductEmbedding | None]:
     """Behavioural proxies for every person: normalized features, segment, product embedding.
 
     With `saved` models, their segment columns and product embedding are reused; without,
-    both are taken afresh from the data (a retrain)."""
+    both are taken afresh from the data (a retrain). `scoped`: only the people in `_scope`
+    (their events staged in `_scope_events`)."""
     transform = store.load(FEATURES_KIND, feature_version).payload
-    base = load_base(con, transform.categories)
+    base = load_base(con, transform.categories, f"WHERE person_id IN (SELECT person_id FROM {SCOPE})" if scoped else "")
     behaviour = transform.apply(base).set_axis(base["person_id"].to_numpy())
     behaviour = behaviour.reindex(people["person_id"]).fillna(0.0)
     segments = saved.segments if saved is not None else sorted(people["segment_id"].dropna().unique())
@@ -196,14 +205,17 @@ def model_inputs(
     )
     index = pd.Index(people["person_id"])
     embedding = saved.embedding if saved is not None else None
-    matrix, products = _product_matrix(con, index, embedding.products if embedding else None)
+    matrix, products = _product_matrix(
+        con, index, embedding.products if embedding else None, "_scope_events" if scoped else "person_events"
+    )
     if embedding is None and matrix.shape[1] > opts.product_components:
         tfidf = TfidfTransformer().fit(matrix)
         svd = TruncatedSVD(opts.product_components, random_state=opts.seed).fit(tfidf.transform(matrix))
         embedding = ProductEmbedding(products, tfidf, svd)
     parts = [behaviour, onehot]
     if embedding is not None:
-        vectors = embedding.transform(matrix)
+        width = embedding.svd.n_components
+        vectors = embedding.transform(matrix) if matrix.shape[0] else np.zeros((0, width))
         parts.append(
             pd.DataFrame(vectors, index=behaviour.index, columns=[f"product_{i}" for i in range(vectors.shape[1])])
         )
@@ -327,6 +339,9 @@ class TraitTable:
         self.add(trait, np.ones(len(self.ids), dtype=bool), None, "unknown", 0.0)
 
     def frame(self) -> pd.DataFrame:
+        if not self.parts:
+            return pd.DataFrame(columns=["person_id", "trait", "value", "source", "confidence", "model_version",
+                                         "observed_at"])  # fmt: skip
         return pd.concat(self.parts, ignore_index=True)
 
 
@@ -338,11 +353,16 @@ def _enrichment(path: Path, keys: tuple[str, ...]) -> pd.DataFrame:
     return table.drop_duplicates(list(keys))
 
 
-def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOptions, retrain: bool = False) -> dict:
-    """Rebuild imputed_attributes (and the model, drift and importance tables) for everyone."""
-    people = _people(con)
+def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOptions, retrain: bool = False,
+           full: bool = False) -> dict:  # fmt: skip
+    """Bring imputed_attributes (and the model, drift and importance tables) up to date.
+
+    Incrementally, only the people segmentation changed (and people whose recent-intent window
+    lost events as the data's clock moved) are predicted again, with the saved models; the
+    statistical fallbacks and trait importance are recounted over everyone, and drift is
+    measured on full runs only (it needs every person's model inputs).
+    """
     as_of = data_as_of(con)
-    context = _context(con, as_of, opts.intent_window_days).set_index("person_id").reindex(people["person_id"])
     saved = store.latest(TRAITS_KIND)
     previous: TraitModels | None = saved.payload if saved else None
     feature_version, segment_version = con.execute(
@@ -356,8 +376,26 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
         "settings changed": previous is not None and previous.settings != opts.model_settings(),
     }
     why = [r for r, hit in reasons.items() if hit]
+    version = (saved.version if saved else 0) + 1 if why else saved.version
+    p = refresh.plan(con, "imputation", {**opts.model_settings(), **asdict(opts), "model_version": version},
+                     ("imputed_attributes", "trait_models", "trait_model_drift", "trait_importance"),
+                     full=full or bool(why), full_reason="full rebuild asked for" if full else "models retrained")  # fmt: skip
+    if not p.full:
+        # Recent intent counts events of the last window: people whose window lost events move too.
+        window = f"INTERVAL {int(math.ceil(opts.intent_window_days))} DAY"
+        refresh.widen(
+            con,
+            f"SELECT person_id FROM person_events WHERE event_at > $old - {window} AND event_at <= $new - {window}",
+            {"old": p.previous_as_of or as_of, "new": as_of},
+        )
+        stage_scope_events(con)
+    people = _people(con, "" if p.full else f"WHERE c.person_id IN (SELECT person_id FROM {SCOPE})")
+    events = "person_events" if p.full else "_scope_events"
+    context = _context(con, as_of, opts.intent_window_days, events).set_index("person_id").reindex(people["person_id"])
     # A retrain refits the product embedding too; otherwise the saved one scores everyone.
-    inputs, segments, embedding = model_inputs(con, store, people, None if why else previous, opts, feature_version)
+    inputs, segments, embedding = model_inputs(
+        con, store, people, None if why else previous, opts, feature_version, scoped=not p.full
+    )
     if why:
         humans = ~people["is_bot"].to_numpy()
         traits = {}
@@ -367,7 +405,7 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
             if labelled.sum() >= opts.min_labelled_people:
                 traits[trait] = train_trait(trait, inputs[labelled], people.loc[labelled, trait].astype(str), opts)
         models = TraitModels(
-            version=(saved.version if saved else 0) + 1,
+            version=version,
             feature_version=feature_version,
             segment_version=segment_version,
             features=list(inputs.columns),
@@ -423,24 +461,14 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
         confidence[todo] = proba.max(axis=1)
         table.add(trait, confident, values, "imputed_model", confidence, model_version=models.version)
     # 5. statistics, for the traits the settings name (a failed model's trait stays unknown)
-    for trait in opts.statistical_fallback:
-        if trait in models.traits and not models.traits[trait].beats_baseline:
-            continue
-        observed = people[trait].dropna() if trait != "age" else people["age"].dropna()
-        if observed.empty:
-            continue
-        if trait == "age":
-            value, share = str(int(observed.median())), 0.5
-        else:
-            freq = observed.value_counts(normalize=True)
-            value, share = freq.index[0], float(freq.iloc[0])
+    statistics = _statistics(con, opts, models)
+    for trait, (value, share) in statistics.items():
         table.add(trait, np.ones(len(people), bool), value, "imputed_stat", share)
     for trait in (*OBSERVED_TRAITS, "primary_device", "usual_daypart", *enrichment["columns"]):
         table.unknown(trait)
     values = table.frame()
 
-    drift = _drift(models, inputs)
-    importance = _importance(people, opts)
+    importance = _importance(_importance_inputs(con), opts)
     metrics = pd.DataFrame(
         [
             {**m, "model_version": models.version, "beats_baseline": tm.beats_baseline, "trained_at": models.trained_at}
@@ -449,15 +477,41 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
         ],
         columns=[*METRIC_COLUMNS, "model_version", "beats_baseline", "trained_at"],
     )
-    counts = replace_frames(
-        con,
-        [
-            (ImputedAttributes, "imputed_attributes", values),
-            (TraitModelMetrics, "trait_models", metrics),
-            (TraitModelDrift, "trait_model_drift", drift),
-            (TraitImportance, "trait_importance", importance),
-        ],
-    )
+
+    def finish() -> None:
+        # Everyone's statistical guess follows the population's current mode or median.
+        for trait, (value, share) in statistics.items():
+            con.execute(
+                "UPDATE imputed_attributes SET value = ?, confidence = ? WHERE trait = ? AND source = 'imputed_stat'",
+                [value, share, trait],
+            )
+        refresh.record(con, p, as_of, len(people))
+
+    if p.full:
+        drift = _drift(models, inputs)
+        replace_frames(
+            con,
+            [
+                (ImputedAttributes, "imputed_attributes", values),
+                (TraitModelMetrics, "trait_models", metrics),
+                (TraitModelDrift, "trait_model_drift", drift),
+                (TraitImportance, "trait_importance", importance),
+            ],
+            before_commit=finish,
+        )
+    else:
+        drift = con.execute("SELECT * FROM trait_model_drift").df()
+
+        def splice() -> None:
+            con.register("_importance_frame", importance)
+            con.execute("DELETE FROM trait_importance")
+            con.execute("INSERT INTO trait_importance BY NAME SELECT * FROM _importance_frame")
+            con.unregister("_importance_frame")
+            finish()
+
+        splice_frame(con, "imputed_attributes", values, before_commit=splice)
+    con.execute("DROP TABLE IF EXISTS _scope_events")
+    counts = {"imputed_attributes": con.execute("SELECT count(*) FROM imputed_attributes").fetchall()[0][0]}
     return {
         "models": models,
         "not_modelled": [t for t in opts.model_traits if t not in models.traits],
@@ -469,6 +523,8 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
         "importance": importance,
         "sources": values.groupby(["trait", "source"]).size().unstack(fill_value=0),
         "enrichment": enrichment,
+        "mode": p.mode,
+        "people_recomputed": None if p.full else len(people),
     }
 
 
@@ -511,6 +567,34 @@ def _drift(models: TraitModels, inputs: pd.DataFrame) -> pd.DataFrame:
                     {"trait": trait, "feature": feature, "psi": psi(expected, actual), "model_version": models.version}
                 )
     return pd.DataFrame(rows, columns=["trait", "feature", "psi", "model_version"])
+
+
+def _statistics(con: duckdb.DuckDBPyConnection, opts: ImputationOptions, models: TraitModels) -> dict:
+    """trait -> (value, share) for the statistical fallbacks, over everyone: the median age, or
+    the most frequent value (ties to the first in sort order). A failed model's trait has none."""
+    found = {}
+    for trait in opts.statistical_fallback:
+        if trait in models.traits and not models.traits[trait].beats_baseline:
+            continue
+        if trait == "age":
+            median = con.execute("SELECT median(age) FROM cleaned_users").fetchall()[0][0]
+            if median is not None:
+                found[trait] = (str(int(median)), 0.5)
+            continue
+        top = con.execute(
+            f"""SELECT {trait}, count(*) / sum(count(*)) OVER () FROM cleaned_users WHERE {trait} IS NOT NULL
+                GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"""
+        ).fetchall()
+        if top:
+            found[trait] = (top[0][0], float(top[0][1]))
+    return found
+
+
+def _importance_inputs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    return con.execute(
+        """SELECT c.age_bracket, c.gender, c.country, c.postal_code, s.segment_id
+           FROM cleaned_users c LEFT JOIN segments s USING (person_id) ORDER BY c.person_id"""
+    ).df()
 
 
 def _importance(people: pd.DataFrame, opts: ImputationOptions) -> pd.DataFrame:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 
 import duckdb
 
-from persona_assets.contracts import PERSON_ID, UserProfiles
-from persona_assets.core.affinity import AffinityOptions, affinity_sql
+from persona_assets.contracts import PERSON_ID, CategoryScores, UserProfiles
+from persona_assets.core import refresh
+from persona_assets.core.affinity import AffinityOptions, affinity_sql, decay_to, scores_sql
+from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
-from persona_assets.core.warehouse import data_as_of, replace_tables
+from persona_assets.core.refresh import SCOPE
+from persona_assets.core.warehouse import bind, data_as_of, replace_tables
 
 CORE_TRAITS = ("age_bracket", "gender", "country")
 INFERRED_TRAITS = ("primary_device", "usual_daypart")
@@ -17,7 +21,10 @@ INFERRED_TRAITS = ("primary_device", "usual_daypart")
 NOT_COUNTED = ("intent_score", "age", "postal_code")
 
 
-def profiles_sql(opts: AffinityOptions) -> str:
+def profiles_sql(updated: str = "$updated_at") -> str:
+    """Everyone's profile from the person-level tables and `category_scores`; `updated` is the
+    expression for updated_at (an incremental run keeps it for people it did not touch)."""
+
     def one(trait: str, field: str) -> str:
         return f"any_value({field}) FILTER (WHERE trait = '{trait}')"
 
@@ -42,9 +49,9 @@ WITH traits AS (
   FROM imputed_attributes GROUP BY person_id
 ), asks AS (
   SELECT a.person_id,
-         arg_max(a.trait, (1 - a.confidence) * i.importance) FILTER (WHERE a.source <> 'observed') AS next_question
+         arg_max(a.trait, ((1 - a.confidence) * i.importance, a.trait)) FILTER (WHERE a.source <> 'observed') AS next_question
   FROM imputed_attributes a JOIN trait_importance i USING (trait) GROUP BY a.person_id
-), affinity AS ({affinity_sql(opts)})
+), affinity AS ({affinity_sql("category_scores")})
 SELECT c.person_id, d.identifier_count, c.first_seen_at, c.last_seen_at,
   c.session_count, c.avg_session_seconds, c.event_count, c.order_count, c.total_revenue, c.avg_order_value,
   c.first_order_at, c.last_order_at, c.days_since_last_order, c.sessions_per_week,
@@ -52,7 +59,7 @@ SELECT c.person_id, d.identifier_count, c.first_seen_at, c.last_seen_at,
   t.* EXCLUDE (person_id, completeness),
   s.segment_id, s.segment_name, s.subsegment_id, s.subsegment_name, s.is_noise, s.segment_confidence,
   c.missing_ratio, c.is_sparse, c.is_bot, c.outlier_flags, coalesce(t.completeness, 0) AS completeness,
-  q.next_question, $updated_at AS updated_at
+  q.next_question, {updated} AS updated_at
 FROM cleaned_users c
 JOIN deduped_users d USING (person_id)
 LEFT JOIN segments s USING (person_id)
@@ -62,14 +69,54 @@ LEFT JOIN affinity f USING (person_id)
 """
 
 
-def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None) -> dict[str, int]:
-    """Rebuild user_profiles (one transaction)."""
+def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, full: bool = False) -> dict:
+    """Bring user_profiles up to date (one transaction).
+
+    Category scores are the only part read from events: incrementally they are recomputed for
+    the people imputation changed, and everyone else's are carried forward to the new as-of
+    time by the decay factor alone (`decay_to`, the formula the real-time path uses). The
+    profile rows are then rebuilt from the person-level tables, which is cheap.
+    """
     opts = opts or AffinityOptions()
     as_of = data_as_of(con)
     now = con.execute("SELECT now()::TIMESTAMP").fetchall()[0][0]
-    return replace_tables(
-        con, [(UserProfiles, "user_profiles", profiles_sql(opts))], {"as_of": as_of, "updated_at": now}
+    p = refresh.plan(con, "profiles", asdict(opts), ("user_profiles", "category_scores"), full=full)
+    params = {"as_of": as_of, "updated_at": now}
+    if p.full:
+        scores = [(CategoryScores, "category_scores", scores_sql(opts))]
+        updated = "$updated_at"
+    else:
+        stage_scope_events(con)
+        elapsed = (as_of - (p.previous_as_of or as_of)).total_seconds()
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(
+                f"UPDATE category_scores SET score = score * ? WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})",
+                [decay_to(1.0, elapsed, opts)],
+            )
+            con.execute(f"DELETE FROM category_scores WHERE person_id IN (SELECT person_id FROM {SCOPE})")
+            sql = f"INSERT INTO category_scores BY NAME {scores_sql(opts, '_scope_events')}"
+            con.execute(sql, bind(sql, params))
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE _updated AS SELECT person_id, updated_at FROM user_profiles "
+                f"WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})"
+            )
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        scores = []
+        updated = "coalesce((SELECT u.updated_at FROM _updated u WHERE u.person_id = c.person_id), $updated_at)"
+    counts = replace_tables(
+        con,
+        [*scores, (UserProfiles, "user_profiles", profiles_sql(updated))],
+        params,
+        before_commit=[(lambda: refresh.record(con, p, as_of, refresh.scope_size(con)), None)],
+        transaction=p.full,
     )
+    recomputed = None if p.full else refresh.scope_size(con)
+    for name in ("_scope_events", "_updated"):
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+    return {**counts, "mode": p.mode, "why": p.reason, "people_recomputed": recomputed}
 
 
 def find_person(con: duckdb.DuckDBPyConnection, query: str, key: bytes, gmail_rules: bool = True) -> list[str]:

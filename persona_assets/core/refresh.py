@@ -70,7 +70,7 @@ def plan(con: duckdb.DuckDBPyConnection, stage: str, settings: object, tables: t
     state = con.execute(
         "SELECT change_seq, batch_id, as_of, settings FROM refresh_state WHERE stage = ?", [stage]
     ).fetchall()
-    upto_seq = con.execute("SELECT coalesce(max(change_seq), 0) FROM person_changes").fetchall()[0][0]
+    upto_seq = _last_seq(con)
     upto_batch = con.execute("SELECT coalesce(max(batch_id), 0) FROM raw_events").fetchall()[0][0]
     p = Plan(stage, True, "", upto_seq=upto_seq, upto_batch=upto_batch, settings=key)
     upstream = UPSTREAM.get(stage)
@@ -100,6 +100,14 @@ def plan(con: duckdb.DuckDBPyConnection, stage: str, settings: object, tables: t
     return p
 
 
+def _last_seq(con: duckdb.DuckDBPyConnection) -> int:
+    """The newest sequence number handed out (log entries are pruned, watermarks are not)."""
+    return con.execute(
+        """SELECT greatest((SELECT coalesce(max(change_seq), 0) FROM person_changes),
+                           (SELECT coalesce(max(change_seq), 0) FROM refresh_state))"""
+    ).fetchall()[0][0]
+
+
 def widen(con: duckdb.DuckDBPyConnection, select: str, params: dict | list | None = None) -> int:
     """Add the people a SELECT of person_id names to this run's scope; returns how many were new."""
     before = scope_size(con)
@@ -118,8 +126,7 @@ def scope_size(con: duckdb.DuckDBPyConnection) -> int:
 def record(con: duckdb.DuckDBPyConnection, p: Plan, as_of: datetime | None, people: int | None) -> None:
     """Inside the stage's transaction: log who this run changed (everyone for a full run), move
     the watermark, and drop log entries every reader has consumed."""
-    seq = p.upto_seq + 1
-    seq = max(seq, con.execute("SELECT coalesce(max(change_seq), 0) + 1 FROM person_changes").fetchall()[0][0])
+    seq = max(p.upto_seq, _last_seq(con)) + 1
     if p.stage not in UPSTREAM.values():
         pass  # the last stage: nobody reads its changes
     elif p.full:

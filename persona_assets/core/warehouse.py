@@ -29,15 +29,17 @@ def replace_tables(
     tables: Iterable[tuple[type[pa.DataFrameModel], str, str]],
     params: dict | None = None,
     before_commit: Iterable[tuple[str | Callable[[], object], dict | None]] = (),
+    transaction: bool = True,
 ) -> dict[str, int]:
     """Rebuild each (contract, table, SELECT) under a temporary name and swap them all in at once.
 
     The SELECT's columns are matched by name to the contract's DDL. `before_commit`
     statements (or callables) run inside the same transaction (e.g. appending history). A failure
-    anywhere leaves every table as it was.
+    anywhere leaves every table as it was. `transaction=False`: the caller has already begun it.
     """
     counts: dict[str, int] = {}
-    con.execute("BEGIN TRANSACTION")
+    if transaction:
+        con.execute("BEGIN TRANSACTION")
     try:
         for model, table, select in tables:
             tmp = f"{table}__new"
