@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from persona_assets import schedules
+from persona_assets import automation, schedules
 from persona_assets.assets import cleaning, identity, ingest, profiles, segments, serving
 from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_resource
 from persona_assets.settings import persona_home
@@ -27,8 +27,9 @@ def build_definitions(home: Path | None = None) -> dg.Definitions:
             serving.serving_snapshot,
         ],
         asset_checks=[*ingest.CHECKS, *identity.CHECKS, *cleaning.CHECKS, *segments.CHECKS, *profiles.CHECKS],
-        jobs=[schedules.retrain_models],
-        schedules=[schedules.weekly_retrain],
+        jobs=[schedules.retrain_models, automation.ingest_landing_job, automation.nightly_refresh],
+        schedules=[schedules.weekly_retrain, automation.nightly_schedule],
+        sensors=[automation.landing_sensor, automation.automation_sensor, automation.failure_sensor],
         resources={
             "persona": persona,
             "warehouse": warehouse_resource(persona),

@@ -37,6 +37,10 @@ class IngestConfig(dg.Config):
         default=256, ge=1, description="A longer messageId, userId, anonymousId or id is quarantined as field_too_long."
     )
     gmail_rules: bool = Field(default=True, description="Gmail addresses with dots or +tags are the same address.")
+    files: list[str] = Field(
+        default=[],
+        description="Only these landing file names (the landing sensor names the one it saw); empty: every new file.",
+    )
 
     @field_validator("min_event_at")
     @classmethod
@@ -57,7 +61,16 @@ class IngestConfig(dg.Config):
         )
 
 
-class IdentityConfig(dg.Config):
+class RefreshConfig(dg.Config):
+    """Person-level stages refresh incrementally unless told otherwise."""
+
+    full_refresh: bool = Field(
+        default=False,
+        description="Recompute every person instead of only those new events touched (the nightly refresh does).",
+    )
+
+
+class IdentityConfig(RefreshConfig):
     """How identifiers become people."""
 
     max_user_ids_per_identifier: int = Field(
@@ -73,10 +86,10 @@ class IdentityConfig(dg.Config):
     )
 
     def options(self) -> IdentityOptions:
-        return IdentityOptions(**self.model_dump())
+        return IdentityOptions(**self.model_dump(exclude={"full_refresh"}))
 
 
-class CleaningConfig(dg.Config):
+class CleaningConfig(RefreshConfig):
     """Sessions, trait cleaning, sparsity and outliers."""
 
     session_gap_minutes: float = Field(default=30.0, gt=0, description="Inactivity that ends a session.")
@@ -95,12 +108,12 @@ class CleaningConfig(dg.Config):
     burst_min_events: int = Field(default=30, ge=2, description="A bot burst needs at least this many events.")
 
     def options(self) -> CleaningOptions:
-        values = self.model_dump()
+        values = self.model_dump(exclude={"full_refresh"})
         values["missing_attributes"] = tuple(values["missing_attributes"])
         return CleaningOptions(**values)
 
 
-class FeaturesConfig(dg.Config):
+class FeaturesConfig(RefreshConfig):
     """How cleaned_users becomes the modelling matrix."""
 
     scaling: str = Field(default="zscore", description="zscore or minmax, after log1p of counts and money.")
@@ -122,7 +135,7 @@ class FeaturesConfig(dg.Config):
         )
 
 
-class SegmentsConfig(dg.Config):
+class SegmentsConfig(RefreshConfig):
     """Segmentation: k range, sub-segments, noise, embedding and id matching."""
 
     k_min: int = Field(default=2, ge=2, description="Smallest k tried.")
@@ -144,7 +157,7 @@ class SegmentsConfig(dg.Config):
     retrain: bool = Field(default=False, description="Train a new model instead of assigning with the saved one.")
 
     def options(self) -> SegmentOptions:
-        return SegmentOptions(**self.model_dump(exclude={"retrain"}))
+        return SegmentOptions(**self.model_dump(exclude={"retrain", "full_refresh"}))
 
 
 def shipped_enrichment() -> Path:
@@ -153,7 +166,7 @@ def shipped_enrichment() -> Path:
     return own if own.exists() else Path(__file__).resolve().parents[1] / "data" / "enrichment" / "postal_areas.csv"
 
 
-class ImputationConfig(dg.Config):
+class ImputationConfig(RefreshConfig):
     """Filling gaps: enrichment, inference, trait models, statistical fallback."""
 
     model_traits: list[str] = Field(
@@ -187,14 +200,14 @@ class ImputationConfig(dg.Config):
     retrain: bool = Field(default=False, description="Train new trait models instead of predicting with saved ones.")
 
     def options(self) -> ImputationOptions:
-        values = self.model_dump(exclude={"retrain"})
+        values = self.model_dump(exclude={"retrain", "full_refresh"})
         for key in ("model_traits", "statistical_fallback", "enrichment_keys"):
             values[key] = tuple(values[key])
         values["enrichment_path"] = self.enrichment_path or str(shipped_enrichment())
         return ImputationOptions(**values)
 
 
-class ProfilesConfig(dg.Config):
+class ProfilesConfig(RefreshConfig):
     """Category affinity: the same weights and half-life the real-time path uses."""
 
     view_weight: float = Field(default=1.0, ge=0, description="Weight of a product view.")
@@ -203,4 +216,4 @@ class ProfilesConfig(dg.Config):
     half_life_days: float = Field(default=30.0, gt=0, description="An interaction counts half after this many days.")
 
     def options(self) -> AffinityOptions:
-        return AffinityOptions(**self.model_dump())
+        return AffinityOptions(**self.model_dump(exclude={"full_refresh"}))

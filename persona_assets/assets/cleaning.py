@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from persona_assets.automation import EAGER
 from persona_assets.checks import contract_check, frame_md, sql_check
 from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core.cleaning import OUTLIER_FEATURES, clean
@@ -16,6 +17,7 @@ GROUP = "cleaning"
         dg.AssetSpec(
             "cleaned_users",
             deps=["deduped_users", "identity_map"],
+            automation_condition=EAGER,
             kinds={"duckdb"},
             group_name=GROUP,
             description="Per person: sessions, orders, revenue, mixes, cleaned traits, missing_ratio, outlier flags.",
@@ -23,6 +25,7 @@ GROUP = "cleaning"
         dg.AssetSpec(
             "sessions",
             deps=["identity_map"],
+            automation_condition=EAGER,
             kinds={"duckdb"},
             group_name=GROUP,
             description="Each person's sessions (30-minute gap), with 10-hour sessions and bot bursts flagged.",
@@ -32,7 +35,7 @@ GROUP = "cleaning"
 )
 def clean_users(config: CleaningConfig, warehouse: DuckDBResource):
     with warehouse.get_connection() as con:
-        counts = clean(con, config.options())
+        counts = clean(con, config.options(), full=config.full_refresh)
         quality = con.execute(
             """SELECT count(*) AS people, count(*) FILTER (WHERE is_sparse) AS sparse,
                       count(*) FILTER (WHERE is_bot) AS bots, count(*) FILTER (WHERE has_long_session) AS long_sessions,
@@ -55,6 +58,11 @@ def clean_users(config: CleaningConfig, warehouse: DuckDBResource):
         asset_key="cleaned_users",
         metadata={
             "dagster/row_count": counts["cleaned_users"],
+            "refresh": counts["mode"],
+            "why": counts["why"],
+            "people_recomputed": counts["people_recomputed"]
+            if counts["people_recomputed"] is not None
+            else counts["cleaned_users"],
             "quality": frame_md(quality),
             "outliers_per_feature": dg.MetadataValue.md(
                 outliers.to_markdown(index=False) if len(outliers) else "_none_"

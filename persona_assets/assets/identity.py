@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from persona_assets.automation import EAGER
 from persona_assets.checks import contract_check, frame_md, markdown, sql_check
 from persona_assets.contracts import DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory
 from persona_assets.core.identity import resolve
@@ -16,6 +17,7 @@ GROUP = "identity"
         dg.AssetSpec(
             "deduped_users",
             deps=["raw_events"],
+            automation_condition=EAGER,
             kinds={"duckdb"},
             group_name=GROUP,
             description="One row per person; traits survive by most recent non-null value, with time and message.",
@@ -23,6 +25,7 @@ GROUP = "identity"
         dg.AssetSpec(
             "identity_map",
             deps=["raw_events"],
+            automation_condition=EAGER,
             kinds={"duckdb"},
             group_name=GROUP,
             description="identifier_type, identifier (email/phone as keyed hash), person_id.",
@@ -30,6 +33,7 @@ GROUP = "identity"
         dg.AssetSpec(
             "identity_guard",
             deps=["raw_events"],
+            automation_condition=EAGER,
             kinds={"duckdb"},
             group_name=GROUP,
             description="Identifiers kept out of linking: shared devices, junk emails, call-centre phones.",
@@ -37,6 +41,7 @@ GROUP = "identity"
         dg.AssetSpec(
             "person_id_history",
             deps=["raw_events"],
+            automation_condition=EAGER,
             kinds={"duckdb"},
             group_name=GROUP,
             description="old -> new person_id when people merge or split.",
@@ -46,7 +51,7 @@ GROUP = "identity"
 )
 def resolve_identities(context: dg.AssetExecutionContext, config: IdentityConfig, warehouse: DuckDBResource):
     with warehouse.get_connection() as con:
-        report = resolve(con, config.options(), run_id=context.run_id)
+        report = resolve(con, config.options(), run_id=context.run_id, full=config.full_refresh)
         guard = con.execute(
             "SELECT identifier_type, reason, count(*) AS identifiers FROM identity_guard GROUP BY 1, 2 ORDER BY 3 DESC"
         ).df()
@@ -64,6 +69,9 @@ def resolve_identities(context: dg.AssetExecutionContext, config: IdentityConfig
             "dagster/row_count": report.people,
             "identifiers_in": report.identifiers,
             "people_out": report.people,
+            "refresh": report.mode,
+            "why": report.why,
+            "people_recomputed": report.people_recomputed if report.people_recomputed is not None else report.people,
             "people_with_several_anonymous_ids": report.multi_identifier_people,
             "largest_components": markdown(report.largest, ["person_id", "identifiers"]),
             "anonymous_ids_per_person": frame_md(sizes),

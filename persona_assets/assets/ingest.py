@@ -16,18 +16,21 @@ GROUP = "ingest"
     specs=[
         dg.AssetSpec(
             "raw_events",
+            skippable=True,
             kinds={"duckdb"},
             group_name=GROUP,
             description="Validated Segment events, one row per messageId; email and phone as keyed hashes.",
         ),
         dg.AssetSpec(
             "quarantined_events",
+            skippable=True,
             kinds={"duckdb"},
             group_name=GROUP,
             description="Every line that could not become an event: file, line number, reason, redacted text.",
         ),
         dg.AssetSpec(
             "ingest_files",
+            skippable=True,
             kinds={"duckdb"},
             group_name=GROUP,
             description="The ingest ledger: each landing file read once, with lines read = kept + quarantined + duplicates.",
@@ -38,9 +41,17 @@ GROUP = "ingest"
 def ingest_landing(
     context: dg.AssetExecutionContext, config: IngestConfig, persona: PersonaHome, warehouse: DuckDBResource
 ):
-    """Reads every new complete file in PERSONA_HOME/landing in one transaction."""
+    """Reads every new complete file in PERSONA_HOME/landing (or the files the config names).
+
+    A run for named files (the landing sensor's) that finds them already ingested materializes
+    nothing, so automation downstream is not woken for nothing.
+    """
+    only = set(config.files) or None
     with warehouse.get_connection() as con:
-        report = ingest(con, persona.landing, persona.hash_key(), config.options(), run_id=context.run_id)
+        report = ingest(con, persona.landing, persona.hash_key(), config.options(), run_id=context.run_id, only=only)
+        if only and not report.files:
+            context.log.info(f"Already ingested, nothing new: {', '.join(sorted(only))}")
+            return
         totals = con.execute(
             """SELECT (SELECT count(*) FROM raw_events), (SELECT count(*) FROM quarantined_events),
                       (SELECT count(*) FROM ingest_files)"""

@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from persona_assets.automation import EAGER, PROFILES_FRESHNESS
 from persona_assets.checks import contract_check, frame_md, sql_check
 from persona_assets.contracts import (
     ImputedAttributes,
@@ -23,6 +24,7 @@ def _spec(key: str, description: str) -> dg.AssetSpec:
     return dg.AssetSpec(
         key,
         deps=["segments", "normalized_features", "cleaned_users", "deduped_users"],
+        automation_condition=EAGER,
         kinds={"duckdb", "lightgbm"},
         group_name=GROUP,
         description=description,
@@ -44,7 +46,9 @@ def _spec(key: str, description: str) -> dg.AssetSpec:
 )
 def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, persona: PersonaHome):
     with warehouse.get_connection() as con:
-        result = imputation.impute(con, persona.models, config.options(), retrain=config.retrain)
+        result = imputation.impute(
+            con, persona.models, config.options(), retrain=config.retrain, full=config.full_refresh
+        )
     models, enrichment = result["models"], result["enrichment"]
     metrics = result["metrics"][["trait", "model", "accuracy", "macro_f1", "train_rows", "holdout_rows"]].round(4)
     drift = result["drift"].sort_values("psi", ascending=False)
@@ -55,6 +59,10 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
             "model_version": models.version,
             "trained": result["trained"],
             "why": result["why"],
+            "refresh": result["mode"],
+            "people_recomputed": result["people_recomputed"]
+            if result["people_recomputed"] is not None
+            else result["counts"]["imputed_attributes"],
             "not_modelled_too_few_answers": ", ".join(result["not_modelled"]) or "none",
             "values_by_source": frame_md(result["sources"].reset_index()),
             "model_scores": frame_md(metrics),
@@ -85,6 +93,8 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
 
 @dg.asset(
     deps=["imputed_attributes", "trait_importance", "segments", "cleaned_users", "deduped_users"],
+    automation_condition=EAGER,
+    freshness_policy=PROFILES_FRESHNESS,
     kinds={"duckdb"},
     group_name=GROUP,
     pool="duckdb",
@@ -93,7 +103,7 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
 )
 def user_profiles(config: ProfilesConfig, warehouse: DuckDBResource):
     with warehouse.get_connection() as con:
-        counts = profiles.build(con, config.options())
+        counts = profiles.build(con, config.options(), full=config.full_refresh)
         quality = con.execute(
             """SELECT round(avg(completeness), 3) AS mean_completeness,
                       count(*) FILTER (WHERE age_bracket IS NOT NULL) AS with_age_bracket,
@@ -114,6 +124,11 @@ def user_profiles(config: ProfilesConfig, warehouse: DuckDBResource):
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": counts["user_profiles"],
+            "refresh": counts["mode"],
+            "why": counts["why"],
+            "people_recomputed": counts["people_recomputed"]
+            if counts["people_recomputed"] is not None
+            else counts["user_profiles"],
             "quality": frame_md(quality),
             "next_questions": frame_md(questions),
             "preview_top_spenders": frame_md(preview),

@@ -5,6 +5,7 @@ import base64
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from persona_assets.automation import EAGER
 from persona_assets.checks import contract_check, frame_md, sql_check
 from persona_assets.contracts import NormalizedFeatures, SegmentCatalog, Segments
 from persona_assets.core import features, segments
@@ -16,6 +17,7 @@ GROUP = "segmentation"
 
 @dg.asset(
     deps=["cleaned_users"],
+    automation_condition=EAGER,
     kinds={"duckdb", "scikitlearn"},
     group_name=GROUP,
     pool="duckdb",
@@ -23,15 +25,20 @@ GROUP = "segmentation"
 )
 def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, persona: PersonaHome):
     with warehouse.get_connection() as con:
-        result = features.build(con, persona.models, config.options(), refit=config.refit)
+        result = features.build(con, persona.models, config.options(), refit=config.refit, full=config.full_refresh)
     transform = result["transform"]
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": result["rows"],
             "transform_version": transform.version,
             "transform": result["reason"],
+            "refresh": result["mode"],
+            "why": result["why"],
+            "people_recomputed": result["people_recomputed"]
+            if result["people_recomputed"] is not None
+            else result["rows"],
             "fitted_on_people": transform.fitted_rows,
-            "sparse_people_left_out": result["sparse_people"],
+            "sparse_people_left_out": result["sparse_people"] if result["sparse_people"] is not None else "unchanged",
             "scaling": transform.scaling,
             "parameters": frame_md(transform.summary()),
             "artifact": dg.MetadataValue.path(str(persona.models.root / features.FEATURES_KIND)),
@@ -44,6 +51,7 @@ def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, perso
         dg.AssetSpec(
             "segments",
             deps=["normalized_features"],
+            automation_condition=EAGER,
             kinds={"duckdb", "scikitlearn"},
             group_name=GROUP,
             description="Each person's segment and sub-segment (k-means, Ward, HDBSCAN noise), ids stable across retrains.",
@@ -51,6 +59,7 @@ def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, perso
         dg.AssetSpec(
             "segment_catalog",
             deps=["normalized_features"],
+            automation_condition=EAGER,
             kinds={"duckdb"},
             group_name=GROUP,
             description="Every segment and sub-segment: readable name, size, share and what sets it apart.",
@@ -60,7 +69,7 @@ def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, perso
 )
 def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: PersonaHome):
     with warehouse.get_connection() as con:
-        result = segments.build(con, persona.models, config.options(), retrain=config.retrain)
+        result = segments.build(con, persona.models, config.options(), retrain=config.retrain, full=config.full_refresh)
     model = result["model"]
     groups = result["catalog"]
     top = groups[groups["level"] == "segment"].drop(columns=["level", "parent_id", "model_version"])
@@ -73,6 +82,10 @@ def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: P
         "model_version": model.version,
         "trained": result["trained"],
         "why": result["why"],
+        "refresh": result["mode"],
+        "people_recomputed": result["people_recomputed"]
+        if result["people_recomputed"] is not None
+        else result["people"],
         "chosen_k": model.chosen_k,
         "elbow_k": model.knee,
         "why_this_k": model.reason,

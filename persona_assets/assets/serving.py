@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from persona_assets.automation import EAGER
 from persona_assets.contracts import (
     CleanedUsers,
     IdentityMap,
@@ -44,6 +45,7 @@ def published_tables() -> dict[str, str]:
 
 @dg.asset(
     deps=list(PUBLISHED),
+    automation_condition=EAGER,
     kinds={"duckdb"},
     group_name="serving",
     pool="duckdb",

@@ -521,7 +521,11 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
         "metrics": metrics,
         "drift": drift,
         "importance": importance,
-        "sources": values.groupby(["trait", "source"]).size().unstack(fill_value=0),
+        "sources": con.execute("SELECT trait, source, count(*) AS n FROM imputed_attributes GROUP BY ALL")
+        .df()
+        .pivot(index="trait", columns="source", values="n")
+        .fillna(0)
+        .astype(int),
         "enrichment": enrichment,
         "mode": p.mode,
         "people_recomputed": None if p.full else len(people),

@@ -522,8 +522,9 @@ def _finish_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: d
 
 
 def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: IngestOptions | None = None,
-           run_id: str | None = None, now: datetime | None = None) -> IngestReport:  # fmt: skip
-    """Ingest every new complete file in `landing`.
+           run_id: str | None = None, now: datetime | None = None,
+           only: set[str] | None = None) -> IngestReport:  # fmt: skip
+    """Ingest every new complete file in `landing` (or, with `only`, those of the names given).
 
     Files are committed in groups of about `stage_bytes` of input, each group with its ledger
     rows in one transaction: a failure leaves every earlier group complete and nothing of its
@@ -555,6 +556,8 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
         next_batch = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files").fetchall()[0][0]
         order, staged_bytes = 0, 0
         for path in landing_files(landing):
+            if only is not None and path.name not in only:
+                continue
             stat = path.stat()
             if (path.name, stat.st_size, stat.st_mtime_ns) in by_stat:
                 report.skipped.append(path.name)

@@ -1,0 +1,147 @@
+"""Keeping profiles fresh without clicks: the landing sensor, declarative automation downstream,
+the nightly full refresh, and a sensor that records failed runs where people look.
+
+The flow: a file lands → `landing_sensor` starts one ingest run for it (run key = name, size
+and modification time, so a restarted daemon never starts it twice) → `raw_events` updates →
+every person-level asset is `eager` (their blocking checks run in the same run and stop
+what is downstream of a failure) → `user_profiles` and the serving snapshot follow.
+"""
+
+import json
+import os
+import time
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+
+from persona_assets.core.ingest import landing_files
+from persona_assets.resources import PersonaHome
+
+# Downstream of raw_events everything refreshes as soon as its inputs did (incrementally).
+EAGER = dg.AutomationCondition.eager()
+
+# How stale user_profiles may get: the nightly refresh keeps it under a day.
+PROFILES_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=48), warn_window=timedelta(hours=26))
+
+INGEST_KEYS = ["raw_events", "quarantined_events", "ingest_files"]
+ingest_landing_job = dg.define_asset_job(
+    "ingest_landing_file",
+    selection=dg.AssetSelection.assets(*INGEST_KEYS),
+    description="Ingest the landing files named in the config (the landing sensor's runs).",
+)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def landing_requests(landing, cursor: dict[str, str], settle_seconds: float, now: float):
+    """(run requests, new cursor, files still settling) for the files in `landing`.
+
+    A file is ready when it is complete (not `*.tmp`/`*.part`/hidden) and unchanged for
+    `settle_seconds`; the cursor remembers each file's size and mtime once requested.
+    """
+    requests, settling, seen = [], [], {}
+    for path in landing_files(landing):
+        stat = path.stat()
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        seen[path.name] = stamp
+        if cursor.get(path.name) == stamp:
+            continue
+        if now - stat.st_mtime < settle_seconds:
+            settling.append(path.name)
+            seen[path.name] = cursor.get(path.name, "")
+            continue
+        requests.append(
+            dg.RunRequest(
+                run_key=f"{path.name}:{stamp}",
+                run_config={"ops": {"ingest_landing": {"config": {"files": [path.name]}}}},
+                tags={"persona/landing_file": path.name},
+            )
+        )
+    return requests, {k: v for k, v in seen.items() if v}, settling
+
+
+@dg.sensor(
+    job=ingest_landing_job,
+    minimum_interval_seconds=int(_env_seconds("PERSONA_LANDING_INTERVAL", 15)),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Starts one ingest run per new complete file in PERSONA_HOME/landing.",
+)
+def landing_sensor(context: dg.SensorEvaluationContext, persona: PersonaHome):
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    settle = _env_seconds("PERSONA_LANDING_SETTLE_SECONDS", 10)
+    requests, cursor, settling = landing_requests(persona.landing, cursor, settle, time.time())
+    skip = None
+    if not requests:
+        skip = f"still being written: {', '.join(settling)}" if settling else "no new files in landing"
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor), skip_reason=skip)
+
+
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "persona_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=int(_env_seconds("PERSONA_AUTOMATION_INTERVAL", 30)),
+    description="Refreshes every asset downstream of new events (AutomationCondition.eager).",
+)
+
+
+FAILURES_DDL = """CREATE TABLE IF NOT EXISTS run_failures (run_id VARCHAR, job_name VARCHAR, failed_at TIMESTAMP,
+    failed_steps VARCHAR, error VARCHAR, landing_file VARCHAR)"""
+
+
+def record_failure(path, run_id: str, job: str, steps: list[str], error: str, landing_file: str | None) -> None:
+    """Append a failed run to PERSONA_HOME/ops.duckdb (not the warehouse: a run may hold its lock)."""
+    import duckdb
+
+    with duckdb.connect(str(path)) as con:
+        con.execute(FAILURES_DDL)
+        con.execute(
+            "INSERT INTO run_failures VALUES (?, ?, ?, ?, ?, ?)",
+            [run_id, job, datetime.now(UTC).replace(tzinfo=None), ",".join(steps), error[:2000], landing_file],
+        )
+
+
+@dg.run_failure_sensor(
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=int(_env_seconds("PERSONA_FAILURE_INTERVAL", 30)),
+    description="Records each failed run in ops.duckdb `run_failures` and tags the run with what failed.",
+)
+def failure_sensor(context: dg.RunFailureSensorContext, persona: PersonaHome):
+    run = context.dagster_run
+    steps = [event.step_key for event in context.get_step_failure_events() if event.step_key]
+    error = context.failure_event.message or "run failed"
+    for event in context.get_step_failure_events():
+        data = event.step_failure_data
+        if data and data.error:
+            error = f"{event.step_key}: {data.error.message.strip()}"
+            break
+    record_failure(persona.root / "ops.duckdb", run.run_id, run.job_name, steps, error,
+                   run.tags.get("persona/landing_file"))  # fmt: skip
+    context.instance.add_run_tags(
+        run.run_id, {"persona/failed_steps": ",".join(steps) or "run", "persona/failure": error[:200]}
+    )
+
+
+def _person_level_config(full: bool) -> dict:
+    ops = ("resolve_identities", "clean_users", "normalized_features", "segment_people", "impute_attributes",
+           "user_profiles")  # fmt: skip
+    return {"ops": {op: {"config": {"full_refresh": full}} for op in ops}}
+
+
+nightly_refresh = dg.define_asset_job(
+    "nightly_refresh",
+    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*INGEST_KEYS),
+    description="Recompute every person from all events with the saved models (full refresh): the same result "
+    "the incremental refreshes reach, and drift measured on everyone.",
+    config=_person_level_config(full=True),
+)
+
+nightly_schedule = dg.ScheduleDefinition(
+    name="nightly",
+    job=nightly_refresh,
+    cron_schedule="0 2 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="02:00: full refresh of every person-level table and the serving snapshot.",
+)

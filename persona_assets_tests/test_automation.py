@@ -1,0 +1,128 @@
+"""The landing sensor, declarative automation, the failure sensor and the schedules, evaluated by Dagster."""
+
+import json
+import os
+import time
+
+import dagster as dg
+import duckdb
+
+from persona_assets import automation
+from persona_assets.definitions import build_definitions
+
+from .conftest import land
+
+PERSON_LEVEL = {
+    "deduped_users", "identity_map", "cleaned_users", "sessions", "normalized_features", "segments",
+    "segment_catalog", "imputed_attributes", "user_profiles", "serving_snapshot",
+}  # fmt: skip
+
+
+def _sensor_tick(defs, sensor, instance, cursor=None):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources)
+    return sensor(context)
+
+
+def test_the_landing_sensor_waits_for_complete_files_and_requests_each_once(persona_home, generated):
+    landing = persona_home / "landing"
+    defs = build_definitions(persona_home)
+    instance = dg.DagsterInstance.ephemeral()
+    (landing / "incoming.jsonl.part").write_text("{}\n")  # still being written under its temporary name
+    fresh = landing / "fresh.jsonl"
+    fresh.write_text("{}\n")  # complete name, but modified just now
+    landed = land(generated("jsonl"), landing)
+    for path in landed:
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    old = landed[0]
+    first = _sensor_tick(defs, automation.landing_sensor, instance)
+    requested = {r.tags["persona/landing_file"] for r in first.run_requests}
+    assert old.name in requested and "fresh.jsonl" not in requested and "incoming.jsonl.part" not in requested
+    request = next(r for r in first.run_requests if r.tags["persona/landing_file"] == old.name)
+    assert request.run_config["ops"]["ingest_landing"]["config"]["files"] == [old.name]
+    assert request.run_key.startswith(old.name + ":")
+    # Next tick: nothing twice; the settled file now goes.
+    os.utime(fresh, (time.time() - 60, time.time() - 60))
+    second = _sensor_tick(defs, automation.landing_sensor, instance, first.cursor)
+    assert [r.tags["persona/landing_file"] for r in second.run_requests] == ["fresh.jsonl"]
+    third = _sensor_tick(defs, automation.landing_sensor, instance, second.cursor)
+    assert not third.run_requests and "no new files" in third.skip_reason.skip_message
+    # A file rewritten in place is new again (its run key changes with size and mtime).
+    fresh.write_text("{}\n{}\n")
+    os.utime(fresh, (time.time() - 60, time.time() - 60))
+    fourth = _sensor_tick(defs, automation.landing_sensor, instance, third.cursor)
+    assert [r.tags["persona/landing_file"] for r in fourth.run_requests] == ["fresh.jsonl"]
+    assert json.loads(fourth.cursor).keys() >= {"fresh.jsonl", old.name}
+
+
+def test_a_landed_file_flows_to_profiles_through_automation(persona_home, generated):
+    landing = persona_home / "landing"
+    files = land(generated("jsonl"), landing)
+    held_back = files[-1].rename(persona_home / files[-1].name)
+    defs = build_definitions(persona_home)
+    instance = dg.DagsterInstance.ephemeral()
+    everything = defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance)
+    assert everything.success
+    settled = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert settled.total_requested == 0  # all materialized by the run that targeted them
+
+    # The sensor's run for a new file, then one automation tick: every person-level asset is requested.
+    held_back.rename(landing / held_back.name)
+    ingest_job = defs.resolve_job_def("ingest_landing_file")
+    run_config = {"ops": {"ingest_landing": {"config": {"files": [held_back.name]}}}}
+    assert ingest_job.execute_in_process(instance=instance, run_config=run_config).success
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=settled.cursor)
+    requested = {key.to_user_string() for key in tick._requested_partitions_by_asset_key}
+    assert PERSON_LEVEL <= requested, requested
+    assert not requested & set(automation.INGEST_KEYS)
+
+    # A run for a file already ingested materializes nothing, so automation stays quiet.
+    assert ingest_job.execute_in_process(instance=instance, run_config=run_config).success
+    quiet = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert quiet.total_requested == 0
+
+
+def test_sensors_and_schedules_are_on_by_default_and_profiles_declare_freshness():
+    defs = build_definitions()
+    repo = defs.get_repository_def()
+    sensors = {s.name: s for s in repo.sensor_defs}
+    assert set(sensors) == {"landing_sensor", "persona_automation", "failure_sensor"}
+    assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
+    schedules = {s.name: s for s in repo.schedule_defs}
+    assert {"nightly", "weekly_retrain"} <= set(schedules)
+    assert all(s.default_status == dg.DefaultScheduleStatus.RUNNING for s in schedules.values())
+    profiles = defs.resolve_assets_def("user_profiles")
+    assert profiles.specs_by_key[dg.AssetKey("user_profiles")].freshness_policy is not None
+    nightly = defs.resolve_job_def("nightly_refresh").run_config["ops"]
+    assert (
+        nightly["resolve_identities"]["config"]["full_refresh"] and nightly["user_profiles"]["config"]["full_refresh"]
+    )
+
+
+def test_a_failed_run_is_recorded_in_a_table_and_in_its_tags(persona_home):
+    defs = build_definitions(persona_home)
+    instance = dg.DagsterInstance.ephemeral()
+    (persona_home / "landing" / "a.jsonl").write_text("")
+    # identity needs raw_events: running it alone on an empty warehouse fails.
+    failed = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance,
+        asset_selection=[
+            dg.AssetKey(k) for k in ("deduped_users", "identity_map", "identity_guard", "person_id_history")
+        ],
+        raise_on_error=False,
+    )
+    assert not failed.success
+    run = instance.get_run_by_id(failed.run_id)
+    failure = next(e for e in failed.all_events if e.event_type_value == "PIPELINE_FAILURE")
+    context = dg.build_run_status_sensor_context(
+        sensor_name="failure_sensor",
+        dagster_instance=instance,
+        dagster_run=run,
+        dagster_event=failure,
+        resources={"persona": defs.resources["persona"]},
+    ).for_run_failure()
+    automation.failure_sensor(context)
+    with duckdb.connect(str(persona_home / "ops.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT run_id, job_name, failed_steps, error FROM run_failures").fetchall()
+    assert rows[0][0] == failed.run_id and "resolve_identities" in rows[0][2] and rows[0][3]
+    tags = instance.get_run_by_id(failed.run_id).tags
+    assert "resolve_identities" in tags["persona/failed_steps"] and tags["persona/failure"]
