@@ -11,6 +11,13 @@ export PERSONA_HOME DAGSTER_HOME
 
 .PHONY: venv demo test ui bench lint clean
 
+# Debian packages a target needs, installed when missing (as root), else named.
+define debian_package
+	@command -v $(1) >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2); \
+	  else echo "This target needs Debian's $(2) package: sudo apt-get install $(2)"; exit 1; fi; }
+endef
+
 $(BIN)/.installed: pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Persona needs Python 3.11 or 3.12 as $(PYTHON)")'
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -26,6 +33,7 @@ demo: venv
 	$(BIN)/persona demo
 
 test: venv
+	$(call debian_package,chromium,chromium)
 	$(BIN)/ruff check persona_assets persona_assets_tests
 	$(BIN)/pytest -q
 

@@ -117,6 +117,30 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_refresh(args: argparse.Namespace) -> int:
+    ok = materialize(job_name="nightly_refresh")
+    if ok:
+        print(summary())
+    return 0 if ok else 1
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    import duckdb
+
+    path = persona_home() / "ops.duckdb"
+    if not path.exists():
+        print("no failed runs recorded")
+        return 0
+    with duckdb.connect(str(path), read_only=True) as con:
+        frame = con.execute(
+            "SELECT failed_at, job_name, run_id, failed_steps, landing_file, error FROM run_failures "
+            "ORDER BY failed_at DESC LIMIT ?",
+            [args.limit],
+        ).df()
+    print(frame.to_string(index=False, max_colwidth=100) if len(frame) else "no failed runs recorded")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from persona_assets.datagen import generate
 
@@ -229,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         "retrain", help="refit the feature transform and retrain the models now (as the weekly schedule)"
     )
     p.set_defaults(fn=cmd_retrain)
+
+    p = sub.add_parser("refresh", help="recompute every person from all events now (as the nightly schedule)")
+    p.set_defaults(fn=cmd_refresh)
+
+    p = sub.add_parser("failures", help="list failed runs the failure sensor recorded (PERSONA_HOME/ops.duckdb)")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(fn=cmd_failures)
 
     p = sub.add_parser("demo", help="generate demo data (once), materialize everything, print a summary")
     p.add_argument("--people", type=int, default=DEMO_PEOPLE)
