@@ -20,7 +20,7 @@ import duckdb
 from persona_assets.settings import persona_home
 
 EVENTS_PER_PERSON = 32  # what the generator makes on average
-STAGES = ("identity", "cleaning", "segmentation", "profiles")
+STAGES = ("identity", "cleaning", "segmentation", "profiles", "serving")
 
 
 FLOOR = """
@@ -48,24 +48,61 @@ print(json.dumps({"lines": r.total("lines_read"), "kept": r.total("events_kept")
 STAGE = """
 import duckdb, sys
 from pathlib import Path
+from persona_assets.assets.serving import published_tables
 from persona_assets.core import features, imputation, profiles, segments
-from persona_assets.settings import shipped_enrichment
 from persona_assets.core.cleaning import clean
 from persona_assets.core.identity import resolve
 from persona_assets.core.models import ModelStore
+from persona_assets.core.publish import publish_snapshot
 from persona_assets.core.warehouse import connection_config
+from persona_assets.settings import shipped_enrichment
 con = duckdb.connect(sys.argv[1], config=connection_config())
 store = ModelStore(Path(sys.argv[1]).with_name("bench-models"))
+full = sys.argv[3] == "full"  # a full build trains the models; a refresh uses them
+traits = imputation.ImputationOptions(enrichment_path=str(shipped_enrichment()))
 steps = {
-    "identity": lambda: resolve(con),
-    "cleaning": lambda: clean(con),
-    "segmentation": lambda: (features.build(con, store, features.FeatureOptions(), refit=True),
-                             segments.build(con, store, segments.SegmentOptions(), retrain=True))[1]["why"],
-    "profiles": lambda: (imputation.impute(con, store, imputation.ImputationOptions(
-                             enrichment_path=str(shipped_enrichment())), retrain=True),
-                         profiles.build(con))[1],
+    "identity": lambda: resolve(con, full=full).mode,
+    "cleaning": lambda: clean(con, full=full)["mode"],
+    "segmentation": lambda: (features.build(con, store, features.FeatureOptions(), refit=full, full=full),
+                             segments.build(con, store, segments.SegmentOptions(), retrain=full, full=full))[1]["mode"],
+    "profiles": lambda: (imputation.impute(con, store, traits, retrain=full, full=full),
+                         profiles.build(con, full=full))[1]["mode"],
+    "serving": lambda: publish_snapshot(con, Path(sys.argv[1]).with_name("bench-serving.duckdb"), published_tables()),
 }
 print(steps[sys.argv[2]]())
+"""
+
+# Splits a generated data set: the newest `share` of events (by timestamp) become one new
+# landing file, the rest the base. Lines without a readable timestamp stay in the base.
+SPLIT = """
+import re, sys
+from pathlib import Path
+source, base, new, share = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
+stamp = re.compile(rb'"timestamp":"([^"]+)"')
+files = sorted(source.glob("*.jsonl"))
+sample = []
+for f in files:
+    with open(f, "rb") as fh:
+        for i, line in enumerate(fh):
+            if i % 50 == 0 and (m := stamp.search(line)):
+                sample.append(m.group(1))
+sample.sort()
+cutoff = sample[int(len(sample) * (1 - share))]
+base.mkdir(parents=True, exist_ok=True)
+new.parent.mkdir(parents=True, exist_ok=True)
+kept = moved = 0
+with open(new, "wb") as out_new:
+    for f in files:
+        with open(f, "rb") as fh, open(base / f.name, "wb") as out_base:
+            for line in fh:
+                m = stamp.search(line)
+                if m and m.group(1) >= cutoff:
+                    out_new.write(line)
+                    moved += 1
+                else:
+                    out_base.write(line)
+                    kept += 1
+print(kept, moved)
 """
 
 
@@ -125,6 +162,16 @@ def run(args) -> int:
         subprocess.run([*cmd, "--out", str(data), "--format", args.format], check=True, stdout=subprocess.DEVNULL)
         print(f"  generated in {time.perf_counter() - t:.0f} s", flush=True)
     counts = json.loads((data / "_truth" / "counts.json").read_text())
+    increment = None
+    if args.refresh_share and args.format == "jsonl":
+        # The refresh figure: the newest share of events lands after a full build of the rest.
+        tag = f"{args.refresh_share:g}".replace(".", "p")
+        base, increment = work / f"{data.name}-base-{tag}", work / f"{data.name}-new-{tag}" / "newest.jsonl"
+        if not increment.exists():
+            print(f"splitting off the newest {args.refresh_share:.1%} of events ...", flush=True)
+            subprocess.run([sys.executable, "-c", SPLIT, str(data), str(base), str(increment),
+                            str(args.refresh_share)], check=True)  # fmt: skip
+        data = base
     pattern = str(data / ("*." + args.format))
     warehouse = work / "bench-warehouse.duckdb"
     for leftover in (warehouse, warehouse.with_name(warehouse.name + ".wal")):
@@ -152,11 +199,26 @@ def run(args) -> int:
         results["ratio_to_floor"] = round(ingest_s / floor_s, 2)
     shutil.rmtree(work / "bench-models", ignore_errors=True)
     for stage in STAGES:
-        stage_s, stage_gb, _ = measure(STAGE, str(warehouse), stage)
+        stage_s, stage_gb, _ = measure(STAGE, str(warehouse), stage, "full")
         results[f"{stage}_seconds"] = round(stage_s, 2)
         results[f"{stage}_peak_gb"] = round(stage_gb, 2)
+    results["full_build_seconds"] = round(ingest_s + sum(results[f"{s}_seconds"] for s in STAGES), 2)
     with duckdb.connect(str(warehouse), read_only=True) as con:
         results["people"] = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
+    if increment is not None:
+        refresh_s, _, out = measure(INGEST, str(increment.parent), str(warehouse))
+        results["refresh_new_events"] = json.loads(out.splitlines()[-1])["kept"]
+        results["refresh_ingest_seconds"] = round(refresh_s, 2)
+        for stage in STAGES:
+            stage_s, stage_gb, mode = measure(STAGE, str(warehouse), stage, "incremental")
+            results[f"refresh_{stage}_seconds"] = round(stage_s, 2)
+            refresh_s += stage_s
+        with duckdb.connect(str(warehouse), read_only=True) as con:
+            results["refresh_people_recomputed"] = con.execute(
+                "SELECT people FROM refresh_state WHERE stage = 'cleaning'"
+            ).fetchall()[0][0]
+        results["refresh_seconds"] = round(refresh_s, 2)
+        results["refresh_share_of_full_build"] = round(refresh_s / results["full_build_seconds"], 3)
     if args.segment_people:
         # Last: it replaces cleaned_users with resampled people that have no events.
         results["resampled_people"] = resample_people(warehouse, args.segment_people)
@@ -164,6 +226,7 @@ def run(args) -> int:
         results["resampled_segmentation_seconds"] = round(stage_s, 2)
         results["resampled_segmentation_peak_gb"] = round(stage_gb, 2)
     warehouse.unlink(missing_ok=True)
+    work.joinpath("bench-serving.duckdb").unlink(missing_ok=True)
     out_file = work / f"bench-{people}-{args.format.replace('.', '')}.json"
     out_file.write_text(json.dumps(results, indent=2))
     width = max(len(k) for k in results)

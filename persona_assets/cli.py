@@ -293,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="resample cleaned_users to this many people before timing segmentation (default: as generated)",
     )
+    p.add_argument(
+        "--refresh-share",
+        type=float,
+        default=0.01,
+        help="hold back this share of the newest events and time an incremental refresh with them (0: skip)",
+    )
     p.set_defaults(fn=lambda a: __import__("persona_assets.bench", fromlist=["run"]).run(a))
 
     args = parser.parse_args(argv)
