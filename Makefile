@@ -9,7 +9,7 @@ EVENTS ?= 1000000
 SEGMENT_PEOPLE ?= 1000000
 export PERSONA_HOME DAGSTER_HOME
 
-.PHONY: venv demo test ui bench lint clean
+.PHONY: venv demo test ui bench stream lint clean
 
 # Debian packages a target needs, installed when missing (as root), else named.
 define debian_package
@@ -34,6 +34,7 @@ demo: venv
 
 test: venv
 	$(call debian_package,chromium,chromium)
+	$(call debian_package,redis-server,redis-server)
 	$(BIN)/ruff check persona_assets persona_assets_tests
 	$(BIN)/pytest -q
 
@@ -41,7 +42,12 @@ ui: venv
 	$(BIN)/persona ui
 
 bench: venv
+	$(call debian_package,redis-server,redis-server)
 	$(BIN)/persona bench --events $(EVENTS) --segment-people $(SEGMENT_PEOPLE)
+
+stream: venv
+	$(call debian_package,redis-server,redis-server)
+	$(BIN)/persona stream --start-redis
 
 lint: venv
 	$(BIN)/ruff check persona_assets persona_assets_tests

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import sys
 from importlib import resources
 from pathlib import Path
@@ -117,6 +118,44 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_stream(args: argparse.Namespace) -> int:
+    from persona_assets import stream
+
+    server = None
+    home = persona_home()
+    if args.start_redis:
+        server, args.redis = stream.start_redis(home / "redis")
+        (home / "redis" / "url").write_text(args.redis)
+        print(f"redis-server on {args.redis} (PERSONA_REDIS_URL for other shells; persona publish finds it)")
+    client = stream.connect(args.redis)
+    opts = stream.ConsumerOptions(
+        batch=args.batch,
+        flush_seconds=args.flush_seconds,
+        flush_events=args.flush_events,
+        claim_idle_ms=args.claim_idle_ms,
+    )
+    name = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
+    print(f"consuming {stream.STREAM} as {name}; flushing to {home / 'landing'} every {args.flush_seconds:g} s")
+    try:
+        worker = stream.run(client, home / "landing", home / "serving" / "persona.duckdb", name, opts,
+                            max_events=args.max_events)  # fmt: skip
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+            (home / "redis" / "url").unlink(missing_ok=True)
+    print(f"applied {worker.applied}, already applied {worker.skipped}, quarantined {worker.quarantined}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from persona_assets import stream
+
+    sent = stream.publish(stream.connect(args.redis), Path(args.file), rate=args.rate, limit=args.limit)
+    print(f"published {sent} events to {stream.STREAM}")
+    return 0
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     ok = materialize(job_name="nightly_refresh")
     if ok:
@@ -197,12 +236,44 @@ def cmd_profile(args: argparse.Namespace) -> int:
             return 1
         for person_id in people:
             frame = con.execute("SELECT * FROM user_profiles WHERE person_id = ?", [person_id]).df()
-            width = max(len(c) for c in frame.columns)
-            for column, value in frame.iloc[0].items():
+            row = dict(frame.iloc[0].items()) if len(frame) else {"person_id": person_id}
+            row.update(_live(person_id, row))
+            width = max(len(c) for c in row)
+            for column, value in row.items():
                 print(f"{column:<{width}}  {_plain(value)}")
             if len(people) > 1:
                 print()
     return 0
+
+
+def _live(person_id: str, batch: dict) -> dict:
+    """With a stream configured (PERSONA_REDIS_URL), the hot profile over the batch one: the
+    newer of each time, the live session, and category affinity decayed to now."""
+    if not os.environ.get("PERSONA_REDIS_URL") and not (persona_home() / "redis" / "url").exists():
+        return {}
+    from persona_assets import stream
+
+    try:
+        hot = stream.hot_profile(stream.connect(), person_id)
+    except Exception as exc:  # the stream is optional: say so, show the batch profile
+        return {"live": f"hot store unreachable: {exc}"}
+    if not hot:
+        return {"live": "no streamed events for this person"}
+
+    def later(a, b):
+        return max((v for v in (a, b) if v is not None and v == v), default=None)
+
+    return {
+        "last_seen_at": later(batch.get("last_seen_at"), hot["last_seen_at"]),
+        "last_order_at": later(batch.get("last_order_at"), hot["last_order_at"]),
+        "live_events_streamed": hot["events"],
+        "live_orders_streamed": hot["orders"],
+        "live_days_since_last_order": hot["days_since_last_order"],
+        "live_session_started_at": hot["session_started_at"],
+        "live_session_events": hot["session_events"],
+        "live_category_affinity": {c: round(v, 6) for c, v in hot["category_affinity"].items()},
+        "live_top_category": hot["top_category"],
+    }
 
 
 def _plain(value) -> str:
@@ -253,6 +324,24 @@ def main(argv: list[str] | None = None) -> int:
         "retrain", help="refit the feature transform and retrain the models now (as the weekly schedule)"
     )
     p.set_defaults(fn=cmd_retrain)
+
+    p = sub.add_parser("stream", help="consume the Redis stream: hot profiles per event, flushed to landing")
+    p.add_argument("--redis", help="redis URL (default PERSONA_REDIS_URL, the one --start-redis started, or :6379)")
+    p.add_argument("--consumer", help="consumer name in the group (default host-pid)")
+    p.add_argument("--start-redis", action="store_true", help="start Debian's redis-server on a free port first")
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--flush-seconds", type=float, default=10.0)
+    p.add_argument("--flush-events", type=int, default=50_000)
+    p.add_argument("--max-events", type=int, help="stop after this many events (for tests and benchmarks)")
+    p.add_argument("--claim-idle-ms", type=int, default=30_000, help="claim other consumers' entries pending this long")
+    p.set_defaults(fn=cmd_stream)
+
+    p = sub.add_parser("publish", help="push a JSON-lines file's events to the Redis stream")
+    p.add_argument("file")
+    p.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--redis", help="redis URL (default PERSONA_REDIS_URL, the one --start-redis started, or :6379)")
+    p.set_defaults(fn=cmd_publish)
 
     p = sub.add_parser("refresh", help="recompute every person from all events now (as the nightly schedule)")
     p.set_defaults(fn=cmd_refresh)

@@ -504,14 +504,14 @@ class _Writer:
         if self.fmt in ("jsonl", "jsonl.gz"):
             self.fh.write(json.dumps(item, separators=(",", ":")) + "\n")
             return
-        flat = flatten(item)
-        flat["properties_products"] = (
-            json.dumps(flat["properties_products"]) if flat["properties_products"] is not None else None
-        )
         if self.fmt == "csv":
+            flat = flatten(item)
+            flat["properties_products"] = (
+                json.dumps(flat["properties_products"]) if flat["properties_products"] is not None else None
+            )
             self.csv.writerow(["" if v is None else v for v in flat.values()])
-        else:  # Parquet columns are typed: numbers stay numbers, everything else is text
-            self.rows.append({k: v if v is None or k in NUMERIC_COLUMNS else str(v) for k, v in flat.items()})
+        else:
+            self.rows.append(parquet_row(item))
 
     def close(self) -> None:
         if self.fmt == "parquet":
@@ -531,6 +531,22 @@ NUMERIC_COLUMNS = {
 
 def _parquet_schema() -> pa.Schema:
     return pa.schema([(c, NUMERIC_COLUMNS.get(c, pa.string())) for c in FLAT_COLUMNS])
+
+
+def parquet_row(event: dict) -> dict:
+    """An event as a row of a Parquet landing file: flat columns, numbers stay numbers, the
+    rest text, products as JSON."""
+    flat = flatten(event)
+    if flat["properties_products"] is not None:
+        flat["properties_products"] = json.dumps(flat["properties_products"])
+    return {k: v if v is None or k in NUMERIC_COLUMNS else str(v) for k, v in flat.items()}
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    """Rows of `parquet_row` as a landing file, written aside and renamed into place."""
+    tmp = path.with_name(path.name + ".part")
+    pq.write_table(pa.Table.from_pylist(rows, schema=_parquet_schema()), tmp)
+    tmp.rename(path)
 
 
 def generate(people: int, seed: int, out: Path, fmt: str = "jsonl", people_per_file: int | None = None,

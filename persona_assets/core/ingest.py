@@ -424,6 +424,35 @@ def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: 
     return lines
 
 
+def validate_lines(con: duckdb.DuckDBPyConnection, lines: list[str], opts: IngestOptions | None = None,
+                   now: datetime | None = None, bad_utf8: list[bool] | None = None) -> list[dict]:  # fmt: skip
+    """Each JSON line checked exactly as a landing file's line is: a dict per line with its
+    `reason` (None when valid), `detail` and typed fields, `message_id` derived as ingest does."""
+    opts = opts or IngestOptions()
+    now = now or datetime.now(UTC).replace(tzinfo=None)
+    params = {
+        "max_line_bytes": opts.max_line_bytes,
+        "max_id_chars": opts.max_id_chars,
+        "min_event_at": opts.min_event_at,
+        "max_event_at": now + timedelta(hours=opts.max_future_hours),
+    }
+    chunk = pa.table(
+        {
+            "line": pa.array(range(1, len(lines) + 1), pa.int64()),
+            "raw": pa.array(lines, pa.large_string()),
+            "bad_utf8": pa.array(bad_utf8 or [False] * len(lines)),
+        }
+    )
+    sql = f"""SELECT line, reason, detail, coalesce(message_id, 'derived-' || sha256(raw)) AS message_id,
+                     {", ".join(c for c in STAGE_COLUMNS if c != "message_id")}
+              FROM ({_validate_select(_json_select())}) ORDER BY line"""
+    con.register("_chunk", chunk)
+    try:
+        return con.execute(sql, bind(sql, params)).df().replace({np.nan: None}).to_dict("records")
+    finally:
+        con.unregister("_chunk")
+
+
 READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowInvalid)
 
 

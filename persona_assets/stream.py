@@ -1,0 +1,506 @@
+"""Real-time profiles: a Redis Streams consumer that keeps a hot profile per person.
+
+Each batch read from the consumer group is validated with the same SQL as a landing file
+(`ingest.validate_lines`); bad events go to the quarantine stream with their reason. A good
+event is resolved to a person with the identity map loaded from the serving snapshot (an
+unknown anonymousId gets a provisional id until the next batch stitch), then applied to
+that person's hot profile by one Lua script that first adds the messageId to a processed
+set: applying twice is impossible, so a re-delivery after a crash never double counts.
+The category scores use the batch formula (`affinity.decayed_update`): kept as of the
+person's newest event and decayed forward when read.
+
+Consumed events are also written to landing as Parquet (every `flush_seconds` or
+`flush_events`), and only then acknowledged: a consumer killed before a flush leaves its
+entries pending, and the next consumer claims and replays them (the processed set makes
+the replay harmless for the hot profile; ingest keeps one copy of each messageId).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+import duckdb
+
+from persona_assets.core.affinity import AffinityOptions, decay_to
+from persona_assets.core.ingest import validate_lines
+from persona_assets.datagen import parquet_row, write_parquet
+
+STREAM = "persona:events"
+GROUP = "persona"
+QUARANTINE = "persona:quarantine"
+SEEN = "persona:seen"
+PROVISIONAL = "persona:provisional"  # anonymousId -> provisional person id, until a batch stitches it
+IDS = {"user_id": "persona:ids:user", "anonymous_id": "persona:ids:anon"}
+PROVISIONAL_PREFIX = "t"
+REDIS_ENV = "PERSONA_REDIS_URL"
+KINDS = {"Product Viewed": "view", "Product Added": "add_to_cart", "Order Completed": "purchase"}
+
+
+def hot_key(person_id: str) -> str:
+    return f"persona:hot:{person_id}"
+
+
+def scores_key(person_id: str) -> str:
+    return f"persona:hot:{person_id}:scores"
+
+
+# KEYS: seen set, hot hash, scores hash. ARGV: message id, epoch seconds, is_order, revenue,
+# half-life seconds, session gap seconds, then (category, weight) pairs.
+APPLY = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+local t = tonumber(ARGV[2])
+local hot, scores = KEYS[2], KEYS[3]
+redis.call('HINCRBY', hot, 'events', 1)
+local last = tonumber(redis.call('HGET', hot, 'last_seen') or '-1e300')
+if t > last then redis.call('HSET', hot, 'last_seen', ARGV[2]) end
+if ARGV[3] == '1' then
+  redis.call('HINCRBY', hot, 'orders', 1)
+  redis.call('HINCRBYFLOAT', hot, 'revenue', ARGV[4])
+  local last_order = tonumber(redis.call('HGET', hot, 'last_order') or '-1e300')
+  if t > last_order then redis.call('HSET', hot, 'last_order', ARGV[2]) end
+end
+local gap = tonumber(ARGV[6])
+local s_start = tonumber(redis.call('HGET', hot, 'session_start') or '-1e300')
+local s_last = tonumber(redis.call('HGET', hot, 'session_last') or '-1e300')
+if t > s_last + gap then
+  redis.call('HSET', hot, 'session_start', ARGV[2], 'session_last', ARGV[2], 'session_events', 1)
+else
+  redis.call('HINCRBY', hot, 'session_events', 1)
+  if t > s_last then redis.call('HSET', hot, 'session_last', ARGV[2]) end
+  if t < s_start then redis.call('HSET', hot, 'session_start', ARGV[2]) end
+end
+if #ARGV > 6 then
+  local half = tonumber(ARGV[5])
+  local ref = tonumber(redis.call('HGET', hot, 'scores_at') or ARGV[2])
+  if t > ref then
+    local f = 2 ^ (-(t - ref) / half)
+    local all = redis.call('HGETALL', scores)
+    for i = 1, #all, 2 do
+      redis.call('HSET', scores, all[i], string.format('%.17g', tonumber(all[i + 1]) * f))
+    end
+    ref = t
+  end
+  redis.call('HSET', hot, 'scores_at', string.format('%.17g', ref))
+  for i = 7, #ARGV, 2 do
+    local w = tonumber(ARGV[i + 1]) * 2 ^ (-(ref - t) / half)
+    local old = tonumber(redis.call('HGET', scores, ARGV[i]) or '0')
+    redis.call('HSET', scores, ARGV[i], string.format('%.17g', old + w))
+  end
+end
+return 1
+"""
+
+
+class EventSource(Protocol):
+    """Where events come from. Redis Streams is the shipped one; another broker implements this."""
+
+    def read(self, count: int, block_ms: int) -> list[tuple[str, bytes]]: ...  # (entry id, JSON line)
+
+    def ack(self, entry_ids: list[str]) -> None: ...
+
+    def quarantine(self, entry_id: str, line: str, reason: str, detail: str | None) -> None: ...
+
+
+class RedisStreamSource:
+    """A consumer in the `persona` group of the `persona:events` stream.
+
+    It first re-reads its own pending entries (from before a restart), then claims entries
+    left pending by consumers that died (idle longer than `claim_idle_ms`), then reads new ones.
+    """
+
+    def __init__(self, client, consumer: str, claim_idle_ms: int = 30_000) -> None:
+        self.redis, self.consumer, self.claim_idle_ms = client, consumer, claim_idle_ms
+        try:
+            client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except Exception as exc:  # BUSYGROUP: it exists
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._own_pending: str | None = "0"
+        self._claim_cursor, self._next_claim = "0-0", 0.0
+        self.held: set[str] = set()  # read and not yet acknowledged: never claimed back from ourselves
+
+    def read(self, count: int, block_ms: int) -> list[tuple[str, bytes]]:
+        if self._own_pending is not None:  # entries this consumer had before it restarted
+            entries = self._entries(
+                self.redis.xreadgroup(GROUP, self.consumer, {STREAM: self._own_pending}, count=count)
+            )
+            if entries:
+                self._own_pending = entries[-1][0]
+                return self._hold(entries)
+            self._own_pending = None
+        if time.monotonic() >= self._next_claim:
+            # One pass over the group's pending entries, a page at a time, then a pause.
+            cursor, claimed, *_ = self.redis.xautoclaim(
+                STREAM, GROUP, self.consumer, self.claim_idle_ms, self._claim_cursor, count=count
+            )
+            self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
+            if self._claim_cursor == "0-0":
+                self._next_claim = time.monotonic() + max(self.claim_idle_ms / 1000, 1.0)
+            fresh = [(i.decode(), f[b"event"]) for i, f in claimed if f and i.decode() not in self.held]
+            if fresh:
+                return self._hold(fresh)
+        return self._hold(
+            self._entries(self.redis.xreadgroup(GROUP, self.consumer, {STREAM: ">"}, count=count, block=block_ms))
+        )
+
+    def _hold(self, entries: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        self.held.update(i for i, _ in entries)
+        return entries
+
+    @staticmethod
+    def _entries(reply) -> list[tuple[str, bytes]]:
+        return [(i.decode(), f[b"event"]) for _, items in reply or [] for i, f in items if f]
+
+    def ack(self, entry_ids: list[str]) -> None:
+        if entry_ids:
+            self.redis.xack(STREAM, GROUP, *entry_ids)
+            self.held.difference_update(entry_ids)
+
+    def quarantine(self, entry_id: str, line: str, reason: str, detail: str | None) -> None:
+        self.redis.xadd(QUARANTINE, {"entry": entry_id, "reason": reason, "detail": detail or "", "event": line})
+
+
+def load_identity(client, snapshot: Path) -> int:
+    """identity_map's userId and anonymousId rows from the serving snapshot into Redis."""
+    from persona_assets.core.publish import open_snapshot
+
+    with open_snapshot(snapshot) as con:
+        rows = con.execute(
+            "SELECT identifier_type, identifier, person_id FROM identity_map "
+            "WHERE identifier_type IN ('user_id', 'anonymous_id')"
+        ).fetchall()
+    pipe = client.pipeline(transaction=False)
+    for kind, key in IDS.items():
+        pipe.delete(key + ":next")
+        mapping = {identifier: person for t, identifier, person in rows if t == kind}
+        items = list(mapping.items())
+        for start in range(0, len(items), 10_000):
+            pipe.hset(key + ":next", mapping=dict(items[start : start + 10_000]))
+        pipe.hset(key + ":next", "__loaded__", "1")
+        pipe.rename(key + ":next", key)
+    pipe.execute()
+    return len(rows)
+
+
+def stitch_provisional(client, opts: AffinityOptions | None = None) -> int:
+    """Move each provisional hot profile whose anonymousId the batch now knows onto the real
+    person: counters add, times take the later, category scores add at a common time."""
+    opts = opts or AffinityOptions()
+    half = opts.half_life_days * 86400
+    moved = 0
+    for key, provisional in client.hgetall(PROVISIONAL).items():
+        key, provisional = key.decode(), provisional.decode()
+        real = client.hget(IDS["anonymous_id"], key) or client.hget(IDS["user_id"], key)
+        if real is None:
+            continue
+        real = real.decode()
+        src = {k.decode(): v.decode() for k, v in client.hgetall(hot_key(provisional)).items()}
+        dst = {k.decode(): v.decode() for k, v in client.hgetall(hot_key(real)).items()}
+        merged = dict(dst)
+        for name in ("events", "orders", "session_events"):
+            merged[name] = str(int(dst.get(name, 0)) + int(src.get(name, 0)))
+        merged["revenue"] = repr(float(dst.get("revenue", 0.0)) + float(src.get("revenue", 0.0)))
+        for name in ("last_seen", "last_order", "session_last", "scores_at"):
+            values = [float(v[name]) for v in (src, dst) if name in v]
+            if values:
+                merged[name] = repr(max(values))
+        if "session_start" in src or "session_start" in dst:
+            merged["session_start"] = repr(min(float(v["session_start"]) for v in (src, dst) if "session_start" in v))
+        scores: dict[str, float] = {}
+        at = float(merged.get("scores_at", 0.0))
+        for hot, name in ((src, provisional), (dst, real)):
+            for category, score in client.hgetall(scores_key(name)).items():
+                shift = at - float(hot.get("scores_at", at))
+                scores[category.decode()] = scores.get(category.decode(), 0.0) + float(score) * 2 ** (-shift / half)
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(hot_key(real), mapping=merged)
+        if scores:
+            pipe.hset(scores_key(real), mapping={c: repr(v) for c, v in scores.items()})
+        pipe.delete(hot_key(provisional), scores_key(provisional))
+        pipe.hdel(PROVISIONAL, key)
+        pipe.execute()
+        moved += 1
+    return moved
+
+
+def provisional_id(anonymous_id: str) -> str:
+    import hashlib
+
+    return PROVISIONAL_PREFIX + hashlib.sha256(anonymous_id.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ConsumerOptions:
+    batch: int = 500
+    block_ms: int = 200
+    flush_seconds: float = 10.0
+    flush_events: int = 50_000
+    session_gap_minutes: float = 30.0
+    claim_idle_ms: int = 30_000
+    affinity: AffinityOptions = field(default_factory=AffinityOptions)
+
+
+@dataclass
+class Consumer:
+    """Reads, validates, resolves, applies and flushes; `step()` handles one batch."""
+
+    client: object
+    source: EventSource
+    landing: Path
+    opts: ConsumerOptions = field(default_factory=ConsumerOptions)
+    applied: int = 0
+    skipped: int = 0
+    quarantined: int = 0
+    latencies: list[float] = field(default_factory=list)
+    _buffer: list[dict] = field(default_factory=list)
+    _buffer_ids: list[str] = field(default_factory=list)
+    _last_flush: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.con = duckdb.connect()
+        self.apply = self.client.register_script(APPLY)
+
+    def step(self) -> int:
+        entries = self.source.read(self.opts.batch, self.opts.block_ms)
+        if entries:
+            self._handle(entries)
+        if self._buffer_ids and (
+            len(self._buffer_ids) >= self.opts.flush_events
+            or time.monotonic() - self._last_flush >= self.opts.flush_seconds
+        ):
+            self.flush()
+        return len(entries)
+
+    def _handle(self, raw_entries: list[tuple[str, bytes]]) -> None:
+        entries, bad_utf8 = [], []
+        for entry_id, data in raw_entries:
+            text = data.decode("utf-8", errors="replace")
+            entries.append((entry_id, text))
+            bad_utf8.append(text.encode("utf-8") != data)
+        rows = validate_lines(self.con, [line for _, line in entries], bad_utf8=bad_utf8)
+        people = self._resolve(rows)
+        pipe = self.client.pipeline(transaction=False)
+        gap = self.opts.session_gap_minutes * 60
+        half = self.opts.affinity.half_life_days * 86400
+        good: list[tuple[str, dict]] = []
+        for (entry_id, line), row, person in zip(entries, rows, people):
+            if row["reason"] is not None:
+                self.source.quarantine(entry_id, line, row["reason"], row["detail"])
+                self.quarantined += 1
+                self._buffer_ids.append(entry_id)  # acknowledged with the next flush: it is handled
+                continue
+            at = row["event_at"].replace(tzinfo=UTC).timestamp()
+            is_order = row["event_name"] == "Order Completed"
+            pairs: list[str] = []
+            for category, kind in _interactions(row):
+                pairs += [category, repr(self.opts.affinity.weight(kind))]
+            self.apply(
+                keys=[SEEN, hot_key(person), scores_key(person)],
+                args=[
+                    row["message_id"],
+                    repr(at),
+                    "1" if is_order else "0",
+                    repr(row["revenue"] or 0.0),
+                    repr(half),
+                    repr(gap),
+                    *pairs,
+                ],  # fmt: skip
+                client=pipe,
+            )
+            good.append((entry_id, json.loads(line)))
+        results = pipe.execute()
+        now_ms = time.time() * 1000
+        for (entry_id, event), done in zip(good, results):
+            self.applied += int(done)
+            self.skipped += int(not done)
+            if done:  # an entry id starts with the millisecond Redis added it
+                self.latencies.append(now_ms - int(entry_id.split("-")[0]))
+            self._buffer.append(parquet_row(event))
+            self._buffer_ids.append(entry_id)
+
+    def _resolve(self, rows: list[dict]) -> list[str | None]:
+        """A userId's person, else the anonymousId's, else a provisional id for the anonymousId."""
+        pipe = self.client.pipeline(transaction=False)
+        for row in rows:
+            pipe.hget(IDS["user_id"], row["user_id"] or "")
+            pipe.hget(IDS["anonymous_id"], row["anonymous_id"] or "")
+        found = pipe.execute()
+        people = []
+        for i, row in enumerate(rows):
+            by_user, by_anon = found[2 * i], found[2 * i + 1]
+            person = by_user or by_anon
+            if person is not None:
+                people.append(person.decode())
+            else:
+                key = row["anonymous_id"] or row["user_id"] or row["message_id"]
+                people.append(provisional_id(key))
+                self.client.hset(PROVISIONAL, key, people[-1])
+        return people
+
+    def flush(self) -> Path | None:
+        """Write the consumed events to landing as one Parquet file, then acknowledge them."""
+        path = None
+        if self._buffer:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+            path = self.landing / f"stream-{stamp}-{uuid.uuid4().hex[:6]}.parquet"
+            self.landing.mkdir(parents=True, exist_ok=True)
+            write_parquet(self._buffer, path)
+        self.source.ack(self._buffer_ids)
+        self._buffer, self._buffer_ids = [], []
+        self._last_flush = time.monotonic()
+        return path
+
+
+def _interactions(row: dict) -> list[tuple[str, str]]:
+    """(category, kind) of each product interaction in an event, as the batch counts them."""
+    kind = KINDS.get(row["event_name"] or "")
+    if kind in ("view", "add_to_cart"):
+        return [(row["category"], kind)] if row["category"] else []
+    if kind == "purchase" and row["products"]:
+        try:
+            items = json.loads(row["products"])
+        except ValueError:
+            return []
+        return [(i["category"], "purchase") for i in items if isinstance(i, dict) and i.get("category")]
+    return []
+
+
+def hot_profile(client, person_id: str, as_of: datetime | None = None, opts: AffinityOptions | None = None) -> dict:
+    """A person's hot profile, with category scores decayed to `as_of` (default now)."""
+    opts = opts or AffinityOptions()
+    raw = {k.decode(): v.decode() for k, v in client.hgetall(hot_key(person_id)).items()}
+    if not raw:
+        return {}
+    scores = {k.decode(): float(v) for k, v in client.hgetall(scores_key(person_id)).items()}
+    at = (as_of or datetime.now(UTC)).replace(tzinfo=UTC).timestamp()
+    scores_at = float(raw.get("scores_at", at))
+    affinity = {c: decay_to(s, at - scores_at, opts) for c, s in sorted(scores.items())}
+
+    def moment(key: str):
+        return datetime.fromtimestamp(float(raw[key]), UTC).replace(tzinfo=None) if key in raw else None
+
+    last_order = moment("last_order")
+    return {
+        "person_id": person_id,
+        "events": int(raw.get("events", 0)),
+        "orders": int(raw.get("orders", 0)),
+        "revenue": float(raw.get("revenue", 0.0)),
+        "last_seen_at": moment("last_seen"),
+        "last_order_at": last_order,
+        "days_since_last_order": (at - float(raw["last_order"])) / 86400 if last_order else None,
+        "session_started_at": moment("session_start"),
+        "session_events": int(raw.get("session_events", 0)),
+        "category_affinity": affinity,
+        "top_category": max(affinity, key=affinity.get) if affinity else None,
+    }
+
+
+def redis_url(home: Path | None = None) -> str:
+    """PERSONA_REDIS_URL, else the server `persona stream --start-redis` started for this
+    PERSONA_HOME, else Redis's default port on loopback."""
+    if os.environ.get(REDIS_ENV):
+        return os.environ[REDIS_ENV]
+    if home is not None and (home / "redis" / "url").exists():
+        return (home / "redis" / "url").read_text().strip()
+    return "redis://127.0.0.1:6379/0"
+
+
+def connect(url: str | None = None):
+    import redis
+
+    from persona_assets.settings import persona_home
+
+    return redis.Redis.from_url(url or redis_url(persona_home()))
+
+
+def start_redis(folder: Path, timeout: float = 20.0) -> tuple[subprocess.Popen, str]:
+    """Debian's redis-server on a free loopback port, its files in `folder`; returns (process, url)."""
+    import shutil
+    import socket
+
+    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(exe).exists():
+        raise RuntimeError("redis-server is not installed: apt-get install redis-server (make stream does it as root)")
+    folder.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client, deadline = connect(url), time.monotonic() + timeout
+    while True:
+        try:
+            client.ping()
+            return server, url
+        except Exception:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.05)
+
+
+def run(client, landing: Path, snapshot: Path, consumer: str, opts: ConsumerOptions,
+        reload_seconds: float = 60.0, max_events: int | None = None) -> Consumer:  # fmt: skip
+    """Consume until SIGTERM/SIGINT (or `max_events`), reloading the identity map when the
+    snapshot changes; flushes before it stops."""
+    source = RedisStreamSource(client, consumer, opts.claim_idle_ms)
+    worker = Consumer(client, source, landing, opts)
+    stop = False
+
+    def _stop(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    loaded_mtime, last_check = None, -math.inf
+    while not stop and (max_events is None or worker.applied + worker.skipped + worker.quarantined < max_events):
+        if time.monotonic() - last_check > reload_seconds and snapshot.exists():
+            last_check = time.monotonic()
+            if snapshot.stat().st_mtime != loaded_mtime:
+                loaded_mtime = snapshot.stat().st_mtime
+                load_identity(client, snapshot)
+                stitch_provisional(client, opts.affinity)
+        worker.step()
+    worker.flush()
+    return worker
+
+
+def publish(client, path: Path, rate: float | None = None, limit: int | None = None) -> int:
+    """Push a JSON-lines landing file's lines to the stream, at most `rate` per second."""
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    sent, started = 0, time.monotonic()
+    pipe = client.pipeline(transaction=False)
+    with opener(path, "rb") as fh:
+        for line in fh:
+            line = line.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            pipe.xadd(STREAM, {"event": line})
+            sent += 1
+            if rate:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    pipe.execute()
+                    time.sleep(ahead)
+            elif sent % 1000 == 0:
+                pipe.execute()
+            if limit and sent >= limit:
+                break
+    pipe.execute()
+    return sent
