@@ -3,8 +3,8 @@ the nightly full refresh, and a sensor that records failed runs where people loo
 
 The flow: a file lands → `landing_sensor` starts one ingest run for it (run key = name, size
 and modification time, so a restarted daemon never starts it twice) → `raw_events` updates →
-every person-level asset is `eager` (their blocking checks run in the same run and stop
-what is downstream of a failure) → `user_profiles` and the serving snapshot follow.
+every person-level asset is `eager` and waits for its inputs' blocking checks (which run
+in the same run and stop what is downstream of a failure) → `user_profiles` and the serving snapshot follow.
 """
 
 import json
@@ -17,8 +17,9 @@ import dagster as dg
 from persona_assets.core.ingest import landing_files
 from persona_assets.resources import PersonaHome
 
-# Downstream of raw_events everything refreshes as soon as its inputs did (incrementally).
-EAGER = dg.AutomationCondition.eager()
+# Downstream of raw_events everything refreshes as soon as its inputs did (incrementally),
+# unless a blocking check on an input failed. One tick requests the whole chain as one run.
+EAGER = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 
 # How stale user_profiles may get: the nightly refresh keeps it under a day.
 PROFILES_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=48), warn_window=timedelta(hours=26))

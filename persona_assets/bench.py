@@ -106,6 +106,83 @@ print(kept, moved)
 """
 
 
+# One consumer process draining `n` entries: events/s from its first read, and the
+# event-to-hot-profile latency of each event (from the millisecond Redis added it).
+CONSUME = """
+import json, sys, time
+import numpy as np
+from pathlib import Path
+from persona_assets import stream
+client = stream.connect(sys.argv[1])
+n = int(sys.argv[2])
+worker = stream.Consumer(client, stream.RedisStreamSource(client, "bench"), Path(sys.argv[3]),
+                         stream.ConsumerOptions(block_ms=5, flush_seconds=5.0))
+worker.step()
+print("ready", flush=True)
+started = None
+while worker.applied + worker.skipped + worker.quarantined < n:
+    if worker.step() and started is None:
+        started = time.perf_counter()
+seconds = time.perf_counter() - started
+worker.flush()
+lat = np.array(worker.latencies)
+print(json.dumps({"events": n, "seconds": seconds, "p50_ms": float(np.percentile(lat, 50)),
+                  "p99_ms": float(np.percentile(lat, 99))}))
+"""
+
+
+def stream_bench(work: Path, people: int = 3000, rate: float = 2000.0, seconds: float = 15.0) -> dict:
+    """Throughput of one consumer on a full stream, then latency with events offered at `rate`/s."""
+    from persona_assets import stream
+    from persona_assets.assets.serving import published_tables
+    from persona_assets.core.cleaning import clean
+    from persona_assets.core.identity import resolve
+    from persona_assets.core.ingest import ingest, landing_files
+    from persona_assets.core.publish import publish_snapshot
+    from persona_assets.datagen import generate
+
+    root = work / "stream-bench"
+    shutil.rmtree(root, ignore_errors=True)
+    generate(people, 3, root / "landing", "jsonl")
+    with duckdb.connect(str(root / "warehouse.duckdb")) as con:  # the identity map the consumer resolves with
+        ingest(con, root / "landing", b"bench-key")
+        resolve(con)
+        clean(con)
+        publish_snapshot(con, root / "snapshot.duckdb", {"identity_map": published_tables()["identity_map"]})
+    server, url = stream.start_redis(root / "redis")
+    try:
+        client = stream.connect(url)
+        stream.load_identity(client, root / "snapshot.duckdb")
+        total = sum(stream.publish(client, path) for path in landing_files(root / "landing"))
+        _, _, out = measure(CONSUME, url, str(total), str(root / "flushed"))
+        full = json.loads(out.splitlines()[-1])
+        # Latency: a fresh stream, events offered at `rate` while the consumer keeps up.
+        client.flushall()
+        stream.load_identity(client, root / "snapshot.duckdb")
+        offered = int(rate * seconds)
+        consumer = subprocess.Popen(
+            [sys.executable, "-c", CONSUME, url, str(offered), str(root / "flushed")], stdout=subprocess.PIPE, text=True
+        )
+        assert consumer.stdout.readline().strip() == "ready"  # imported and in the group
+        publish_path = root / "offered.jsonl"
+        with open(publish_path, "w") as fh:
+            for path in landing_files(root / "landing"):
+                fh.write(path.read_text())
+        stream.publish(client, publish_path, rate=rate, limit=offered)
+        out, _ = consumer.communicate(timeout=300)
+        paced = json.loads(out.strip().splitlines()[-1])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {
+        "stream_events": total,
+        "stream_events_per_second": round(total / full["seconds"]),
+        "stream_offered_per_second": rate,
+        "stream_latency_p50_ms": round(paced["p50_ms"], 1),
+        "stream_latency_p99_ms": round(paced["p99_ms"], 1),
+    }
+
+
 # The child reports its own high-water mark: ru_maxrss from wait4 would start from the
 # parent's size at fork (Linux keeps it across exec).
 PEAK = (
@@ -227,6 +304,8 @@ def run(args) -> int:
         results["resampled_segmentation_peak_gb"] = round(stage_gb, 2)
     warehouse.unlink(missing_ok=True)
     work.joinpath("bench-serving.duckdb").unlink(missing_ok=True)
+    if args.stream:
+        results.update(stream_bench(work))
     out_file = work / f"bench-{people}-{args.format.replace('.', '')}.json"
     out_file.write_text(json.dumps(results, indent=2))
     width = max(len(k) for k in results)

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis", help="redis URL (default PERSONA_REDIS_URL, the one --start-redis started, or :6379)")
     p.add_argument("--consumer", help="consumer name in the group (default host-pid)")
     p.add_argument("--start-redis", action="store_true", help="start Debian's redis-server on a free port first")
-    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--flush-seconds", type=float, default=10.0)
     p.add_argument("--flush-events", type=int, default=50_000)
     p.add_argument("--max-events", type=int, help="stop after this many events (for tests and benchmarks)")
@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="resample cleaned_users to this many people before timing segmentation (default: as generated)",
     )
+    p.add_argument("--no-stream", dest="stream", action="store_false", help="skip the Redis stream benchmark")
     p.add_argument(
         "--refresh-share",
         type=float,

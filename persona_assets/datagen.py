@@ -542,12 +542,6 @@ def parquet_row(event: dict) -> dict:
     return {k: v if v is None or k in NUMERIC_COLUMNS else str(v) for k, v in flat.items()}
 
 
-def write_parquet(rows: list[dict], path: Path) -> None:
-    """Rows of `parquet_row` as a landing file, written aside and renamed into place."""
-    tmp = path.with_name(path.name + ".part")
-    pq.write_table(pa.Table.from_pylist(rows, schema=_parquet_schema()), tmp)
-    tmp.rename(path)
-
 
 def generate(people: int, seed: int, out: Path, fmt: str = "jsonl", people_per_file: int | None = None,
              truth_dir: Path | None = None) -> dict:  # fmt: skip

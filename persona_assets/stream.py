@@ -32,8 +32,9 @@ from typing import Protocol
 import duckdb
 
 from persona_assets.core.affinity import AffinityOptions, decay_to
+from persona_assets.core.events import FIELDS
 from persona_assets.core.ingest import validate_lines
-from persona_assets.datagen import parquet_row, write_parquet
+from persona_assets.datagen import NUMERIC_COLUMNS
 
 STREAM = "persona:events"
 GROUP = "persona"
@@ -54,50 +55,61 @@ def scores_key(person_id: str) -> str:
     return f"persona:hot:{person_id}:scores"
 
 
-# KEYS: seen set, hot hash, scores hash. ARGV: message id, epoch seconds, is_order, revenue,
-# half-life seconds, session gap seconds, then (category, weight) pairs.
+# One call applies a whole batch, atomically. KEYS: the processed set, then per event its
+# hot hash and scores hash. ARGV: half-life seconds, session gap seconds, then per event:
+# message id, epoch seconds, is_order, revenue, n pairs, then n (category, weight) pairs.
+# Returns, per event, 1 (applied) or 0 (already applied before).
 APPLY = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-local t = tonumber(ARGV[2])
-local hot, scores = KEYS[2], KEYS[3]
-redis.call('HINCRBY', hot, 'events', 1)
-local last = tonumber(redis.call('HGET', hot, 'last_seen') or '-1e300')
-if t > last then redis.call('HSET', hot, 'last_seen', ARGV[2]) end
-if ARGV[3] == '1' then
-  redis.call('HINCRBY', hot, 'orders', 1)
-  redis.call('HINCRBYFLOAT', hot, 'revenue', ARGV[4])
-  local last_order = tonumber(redis.call('HGET', hot, 'last_order') or '-1e300')
-  if t > last_order then redis.call('HSET', hot, 'last_order', ARGV[2]) end
-end
-local gap = tonumber(ARGV[6])
-local s_start = tonumber(redis.call('HGET', hot, 'session_start') or '-1e300')
-local s_last = tonumber(redis.call('HGET', hot, 'session_last') or '-1e300')
-if t > s_last + gap then
-  redis.call('HSET', hot, 'session_start', ARGV[2], 'session_last', ARGV[2], 'session_events', 1)
-else
-  redis.call('HINCRBY', hot, 'session_events', 1)
-  if t > s_last then redis.call('HSET', hot, 'session_last', ARGV[2]) end
-  if t < s_start then redis.call('HSET', hot, 'session_start', ARGV[2]) end
-end
-if #ARGV > 6 then
-  local half = tonumber(ARGV[5])
-  local ref = tonumber(redis.call('HGET', hot, 'scores_at') or ARGV[2])
-  if t > ref then
-    local f = 2 ^ (-(t - ref) / half)
-    local all = redis.call('HGETALL', scores)
-    for i = 1, #all, 2 do
-      redis.call('HSET', scores, all[i], string.format('%.17g', tonumber(all[i + 1]) * f))
+local half, gap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local done, a = {}, 3
+for e = 1, (#KEYS - 1) / 2 do
+  local hot, scores = KEYS[2 * e], KEYS[2 * e + 1]
+  local id, at, is_order, revenue, pairs = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+  local first = a + 5
+  a = first + 2 * pairs
+  if redis.call('SADD', KEYS[1], id) == 0 then
+    done[e] = 0
+  else
+    done[e] = 1
+    local t = tonumber(at)
+    redis.call('HINCRBY', hot, 'events', 1)
+    local last = tonumber(redis.call('HGET', hot, 'last_seen') or '-1e300')
+    if t > last then redis.call('HSET', hot, 'last_seen', at) end
+    if is_order == '1' then
+      redis.call('HINCRBY', hot, 'orders', 1)
+      redis.call('HINCRBYFLOAT', hot, 'revenue', revenue)
+      local last_order = tonumber(redis.call('HGET', hot, 'last_order') or '-1e300')
+      if t > last_order then redis.call('HSET', hot, 'last_order', at) end
     end
-    ref = t
-  end
-  redis.call('HSET', hot, 'scores_at', string.format('%.17g', ref))
-  for i = 7, #ARGV, 2 do
-    local w = tonumber(ARGV[i + 1]) * 2 ^ (-(ref - t) / half)
-    local old = tonumber(redis.call('HGET', scores, ARGV[i]) or '0')
-    redis.call('HSET', scores, ARGV[i], string.format('%.17g', old + w))
+    local s_start = tonumber(redis.call('HGET', hot, 'session_start') or '-1e300')
+    local s_last = tonumber(redis.call('HGET', hot, 'session_last') or '-1e300')
+    if t > s_last + gap then
+      redis.call('HSET', hot, 'session_start', at, 'session_last', at, 'session_events', 1)
+    else
+      redis.call('HINCRBY', hot, 'session_events', 1)
+      if t > s_last then redis.call('HSET', hot, 'session_last', at) end
+      if t < s_start then redis.call('HSET', hot, 'session_start', at) end
+    end
+    if pairs > 0 then
+      local ref = tonumber(redis.call('HGET', hot, 'scores_at') or at)
+      if t > ref then
+        local f = 2 ^ (-(t - ref) / half)
+        local all = redis.call('HGETALL', scores)
+        for i = 1, #all, 2 do
+          redis.call('HSET', scores, all[i], string.format('%.17g', tonumber(all[i + 1]) * f))
+        end
+        ref = t
+      end
+      redis.call('HSET', hot, 'scores_at', string.format('%.17g', ref))
+      for i = first, first + 2 * pairs - 1, 2 do
+        local w = tonumber(ARGV[i + 1]) * 2 ^ (-(ref - t) / half)
+        local old = tonumber(redis.call('HGET', scores, ARGV[i]) or '0')
+        redis.call('HSET', scores, ARGV[i], string.format('%.17g', old + w))
+      end
+    end
   end
 end
-return 1
+return done
 """
 
 
@@ -241,7 +253,7 @@ def provisional_id(anonymous_id: str) -> str:
 
 @dataclass
 class ConsumerOptions:
-    batch: int = 500
+    batch: int = 1000
     block_ms: int = 200
     flush_seconds: float = 10.0
     flush_events: int = 50_000
@@ -262,7 +274,7 @@ class Consumer:
     skipped: int = 0
     quarantined: int = 0
     latencies: list[float] = field(default_factory=list)
-    _buffer: list[dict] = field(default_factory=list)
+    _buffer: list[str] = field(default_factory=list)
     _buffer_ids: list[str] = field(default_factory=list)
     _last_flush: float = field(default_factory=time.monotonic)
 
@@ -289,62 +301,46 @@ class Consumer:
             bad_utf8.append(text.encode("utf-8") != data)
         rows = validate_lines(self.con, [line for _, line in entries], bad_utf8=bad_utf8)
         people = self._resolve(rows)
-        pipe = self.client.pipeline(transaction=False)
-        gap = self.opts.session_gap_minutes * 60
-        half = self.opts.affinity.half_life_days * 86400
-        good: list[tuple[str, dict]] = []
+        keys, args = [SEEN], [repr(self.opts.affinity.half_life_days * 86400), repr(self.opts.session_gap_minutes * 60)]
+        good: list[tuple[str, str]] = []
         for (entry_id, line), row, person in zip(entries, rows, people):
             if row["reason"] is not None:
                 self.source.quarantine(entry_id, line, row["reason"], row["detail"])
                 self.quarantined += 1
                 self._buffer_ids.append(entry_id)  # acknowledged with the next flush: it is handled
                 continue
-            at = row["event_at"].replace(tzinfo=UTC).timestamp()
-            is_order = row["event_name"] == "Order Completed"
-            pairs: list[str] = []
-            for category, kind in _interactions(row):
-                pairs += [category, repr(self.opts.affinity.weight(kind))]
-            self.apply(
-                keys=[SEEN, hot_key(person), scores_key(person)],
-                args=[
-                    row["message_id"],
-                    repr(at),
-                    "1" if is_order else "0",
-                    repr(row["revenue"] or 0.0),
-                    repr(half),
-                    repr(gap),
-                    *pairs,
-                ],  # fmt: skip
-                client=pipe,
-            )
-            good.append((entry_id, json.loads(line)))
-        results = pipe.execute()
+            pairs = _interactions(row)
+            keys += [hot_key(person), scores_key(person)]
+            args += [row["message_id"], repr(row["event_at"].replace(tzinfo=UTC).timestamp()),
+                     "1" if row["event_name"] == "Order Completed" else "0", repr(row["revenue"] or 0.0),
+                     str(len(pairs))]  # fmt: skip
+            for category, kind in pairs:
+                args += [category, repr(self.opts.affinity.weight(kind))]
+            good.append((entry_id, line))
+        results = self.apply(keys=keys, args=args) if good else []
         now_ms = time.time() * 1000
-        for (entry_id, event), done in zip(good, results):
+        for (entry_id, line), done in zip(good, results):
             self.applied += int(done)
             self.skipped += int(not done)
             if done:  # an entry id starts with the millisecond Redis added it
                 self.latencies.append(now_ms - int(entry_id.split("-")[0]))
-            self._buffer.append(parquet_row(event))
+            self._buffer.append(line)
             self._buffer_ids.append(entry_id)
 
-    def _resolve(self, rows: list[dict]) -> list[str | None]:
+    def _resolve(self, rows: list[dict]) -> list[str]:
         """A userId's person, else the anonymousId's, else a provisional id for the anonymousId."""
-        pipe = self.client.pipeline(transaction=False)
-        for row in rows:
-            pipe.hget(IDS["user_id"], row["user_id"] or "")
-            pipe.hget(IDS["anonymous_id"], row["anonymous_id"] or "")
-        found = pipe.execute()
+        by_user = self.client.hmget(IDS["user_id"], [row["user_id"] or "" for row in rows]) if rows else []
+        by_anon = self.client.hmget(IDS["anonymous_id"], [row["anonymous_id"] or "" for row in rows]) if rows else []
         people = []
-        for i, row in enumerate(rows):
-            by_user, by_anon = found[2 * i], found[2 * i + 1]
-            person = by_user or by_anon
+        for row, user, anon in zip(rows, by_user, by_anon):
+            person = user or anon
             if person is not None:
                 people.append(person.decode())
             else:
                 key = row["anonymous_id"] or row["user_id"] or row["message_id"]
                 people.append(provisional_id(key))
-                self.client.hset(PROVISIONAL, key, people[-1])
+                if row["reason"] is None:
+                    self.client.hset(PROVISIONAL, key, people[-1])
         return people
 
     def flush(self) -> Path | None:
@@ -354,11 +350,35 @@ class Consumer:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             path = self.landing / f"stream-{stamp}-{uuid.uuid4().hex[:6]}.parquet"
             self.landing.mkdir(parents=True, exist_ok=True)
-            write_parquet(self._buffer, path)
+            write_flat_parquet(self.con, self._buffer, path)
         self.source.ack(self._buffer_ids)
         self._buffer, self._buffer_ids = [], []
         self._last_flush = time.monotonic()
         return path
+
+
+def write_flat_parquet(con: duckdb.DuckDBPyConnection, lines: list[str], path: Path) -> None:
+    """JSON events as a Parquet landing file with the flat columns ingest reads (numbers typed,
+    products as JSON text), written aside and renamed into place."""
+    import pyarrow as pa
+
+    columns = []
+    for f in FIELDS:
+        for json_path, flat in zip(f.paths, f.flats):
+            value = f"json_extract_string(raw, '{json_path}')"
+            if flat in NUMERIC_COLUMNS:
+                sql_type = "BIGINT" if NUMERIC_COLUMNS[flat] == pa.int64() else "DOUBLE"
+                value = f"TRY_CAST({value} AS {sql_type})"
+            elif f.kind == "json":
+                value = f"json_extract(raw, '{json_path}')::VARCHAR"
+            columns.append(f'{value} AS "{flat}"')
+    con.register("_flush_lines", pa.table({"raw": pa.array(lines, pa.large_string())}))
+    tmp = path.with_name(path.name + ".part")
+    try:
+        con.execute(f"COPY (SELECT {', '.join(columns)} FROM _flush_lines) TO '{tmp}' (FORMAT parquet)")
+    finally:
+        con.unregister("_flush_lines")
+    tmp.rename(path)
 
 
 def _interactions(row: dict) -> list[tuple[str, str]]:

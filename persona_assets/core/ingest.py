@@ -448,7 +448,9 @@ def validate_lines(con: duckdb.DuckDBPyConnection, lines: list[str], opts: Inges
               FROM ({_validate_select(_json_select())}) ORDER BY line"""
     con.register("_chunk", chunk)
     try:
-        return con.execute(sql, bind(sql, params)).df().replace({np.nan: None}).to_dict("records")
+        result = con.execute(sql, bind(sql, params))
+        names = [d[0] for d in result.description]
+        return [dict(zip(names, row)) for row in result.fetchall()]
     finally:
         con.unregister("_chunk")
 
