@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         help="resample cleaned_users to this many people before timing segmentation (default: as generated)",
     )
     p.add_argument("--no-stream", dest="stream", action="store_false", help="skip the Redis stream benchmark")
+    p.add_argument("--keep", action="store_true", help="keep the bench warehouse and snapshot for inspection")
     p.add_argument(
         "--refresh-share",
         type=float,

@@ -542,7 +542,6 @@ def parquet_row(event: dict) -> dict:
     return {k: v if v is None or k in NUMERIC_COLUMNS else str(v) for k, v in flat.items()}
 
 
-
 def generate(people: int, seed: int, out: Path, fmt: str = "jsonl", people_per_file: int | None = None,
              truth_dir: Path | None = None) -> dict:  # fmt: skip
     """Write landing files for `people` people into `out` and ground truth into `truth_dir`.

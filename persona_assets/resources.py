@@ -47,8 +47,8 @@ class ServingPublisher(dg.ConfigurableResource):
 
     path: str
 
-    def publish(self, con, tables: dict[str, str], run_id: str | None = None) -> dict[str, int]:
-        return publish_snapshot(con, Path(self.path), tables, run_id=run_id)
+    def publish(self, con, tables: dict[str, str], run_id: str | None = None, append: dict | None = None) -> dict:
+        return publish_snapshot(con, Path(self.path), tables, run_id=run_id, append=append)
 
 
 def warehouse_resource(home: PersonaHome) -> DuckDBResource:

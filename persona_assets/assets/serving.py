@@ -36,6 +36,10 @@ PUBLISHED = {
 }
 
 
+# Tables that only ever grow, by the key they grow along: a publish adds only their new rows.
+APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "ingest_files": "batch_id"}
+
+
 def published_tables() -> dict[str, str]:
     return {
         table: f"SELECT {', '.join(columns(model, serving_only=True))} FROM {table}"
@@ -53,7 +57,7 @@ def published_tables() -> dict[str, str]:
 )
 def serving_snapshot(context: dg.AssetExecutionContext, warehouse: DuckDBResource, serving: ServingPublisher):
     with warehouse.get_connection() as con:
-        counts = serving.publish(con, published_tables(), run_id=context.run_id)
+        counts = serving.publish(con, published_tables(), run_id=context.run_id, append=APPEND_ONLY)
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(serving.path),

@@ -7,6 +7,7 @@ holds the old file keeps its consistent view after a publish (the rename swaps i
 from __future__ import annotations
 
 import os
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,22 +20,44 @@ def sql_literal(text: str) -> str:
 
 
 def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[str, str],
-                     run_id: str | None = None) -> dict[str, int]:  # fmt: skip
-    """Write each `name -> SELECT` into a fresh file, then rename it over `path`.
+                     run_id: str | None = None, append: dict[str, str] | None = None) -> dict[str, int]:  # fmt: skip
+    """Write each `name -> SELECT` into a new file, then rename it over `path`.
 
     Table names are Persona's own; the SELECTs run on the warehouse connection `con`.
-    Returns the row count of each published table.
+    `append` names append-only tables and their ever-growing key (`raw_events: batch_id`):
+    the new file starts as a copy of the previous snapshot and those tables only get the rows
+    past the key they reached (written whole again if their row count no longer matches),
+    so a refresh does not copy every event again. Returns the row count of each table.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
         leftover.unlink(missing_ok=True)
+    append = append or {}
+    if append and path.exists():
+        shutil.copyfile(path, tmp)
     counts: dict[str, int] = {}
     con.execute(f"ATTACH {sql_literal(str(tmp))} AS _snapshot")
     try:
+        existing = {
+            r[0]
+            for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = '_snapshot'").fetchall()
+        }
         for name, select in tables.items():
+            key = append.get(name)
+            if key and name in existing:
+                con.execute(
+                    f'INSERT INTO _snapshot."{name}" SELECT * FROM ({select}) '
+                    f'WHERE "{key}" > (SELECT coalesce(max("{key}"), -1) FROM _snapshot."{name}")'
+                )
+                want = con.execute(f"SELECT count(*) FROM ({select})").fetchall()[0][0]
+                if con.execute(f'SELECT count(*) FROM _snapshot."{name}"').fetchall()[0][0] == want:
+                    counts[name] = want
+                    continue
+            con.execute(f'DROP TABLE IF EXISTS _snapshot."{name}"')
             con.execute(f'CREATE TABLE _snapshot."{name}" AS {select}')
             counts[name] = con.execute(f'SELECT count(*) FROM _snapshot."{name}"').fetchall()[0][0]
+        con.execute("DROP TABLE IF EXISTS _snapshot.snapshot_info")
         con.execute(
             "CREATE TABLE _snapshot.snapshot_info AS SELECT ?::TIMESTAMP AS published_at, ?::VARCHAR AS run_id, "
             "?::VARCHAR[] AS tables",
