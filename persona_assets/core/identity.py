@@ -65,26 +65,32 @@ LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifi
 """
 
 
+# The event columns later stages read from a scope's events (sessions, behaviour, context,
+# product interactions): a narrow scan of raw_events is most of an incremental run's cost.
+SCOPE_EVENT_COLUMNS = ("message_id", "user_id", "anonymous_id", "event_at", "event_name", "revenue", "category",
+                       "device_type", "timezone", "locale", "product_id", "products")  # fmt: skip
+
+
 def stage_scope_events(con: duckdb.DuckDBPyConnection, name: str = "_scope_events") -> None:
-    """`person_events` for the people in `_scope` only, reading just the events of their
-    userIds and anonymousIds (a userId's person wins, as in the view)."""
+    """`person_events` for the people in `_scope` only: one scan of the columns later stages
+    read, of the events of their userIds and anonymousIds (a userId's person wins, as in the view)."""
+    cols = ", ".join(f"e.{c}" for c in SCOPE_EVENT_COLUMNS)
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _scope_ids AS
+            SELECT identifier_type, identifier FROM identity_map
+            WHERE identifier_type IN ('user_id', 'anonymous_id') AND person_id IN (SELECT person_id FROM {SCOPE})"""
+    )
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE {name} AS
-        WITH ids AS (
-          SELECT identifier_type, identifier FROM identity_map
-          WHERE identifier_type IN ('user_id', 'anonymous_id') AND person_id IN (SELECT person_id FROM {SCOPE})
-        ), candidates AS (
-          SELECT e.* FROM raw_events e SEMI JOIN ids ON ids.identifier_type = 'user_id' AND ids.identifier = e.user_id
-          UNION ALL
-          SELECT e.* FROM raw_events e
-          SEMI JOIN ids ON ids.identifier_type = 'anonymous_id' AND ids.identifier = e.anonymous_id
-        ), events AS (SELECT * FROM candidates QUALIFY row_number() OVER (PARTITION BY message_id) = 1)
-        SELECT coalesce(mu.person_id, ma.person_id) AS person_id, e.*
-        FROM events e
+        SELECT coalesce(mu.person_id, ma.person_id) AS person_id, {cols}
+        FROM (SELECT * FROM raw_events
+              WHERE user_id IN (SELECT identifier FROM _scope_ids WHERE identifier_type = 'user_id')
+                 OR anonymous_id IN (SELECT identifier FROM _scope_ids WHERE identifier_type = 'anonymous_id')) e
         LEFT JOIN identity_map mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
         LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
         WHERE coalesce(mu.person_id, ma.person_id) IN (SELECT person_id FROM {SCOPE})"""
     )
+    con.execute("DROP TABLE _scope_ids")
 
 
 def _stage_identifiers(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, events: str = "raw_events") -> None:
@@ -326,15 +332,12 @@ def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, since_bat
             SELECT identifier_type, identifier FROM identity_map WHERE person_id IN (SELECT person_id FROM {SCOPE})
             UNION SELECT identifier_type, identifier FROM _new_ids"""
     )
-    touching = " UNION ALL ".join(
-        f"""SELECT e.* FROM raw_events e SEMI JOIN _area a
-            ON a.identifier_type = '{t}' AND a.identifier = e.{c}"""
-        for t, c in IDENTIFIER_COLUMNS
+    # One scan of raw_events: the columns identity reads, of every event holding an area identifier.
+    touching = " OR ".join(
+        f"{c} IN (SELECT identifier FROM _area WHERE identifier_type = '{t}')" for t, c in IDENTIFIER_COLUMNS
     )
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _area_events AS
-            SELECT * FROM ({touching}) QUALIFY row_number() OVER (PARTITION BY message_id) = 1"""
-    )
+    cols = ", ".join(sorted({c for _, c in IDENTIFIER_COLUMNS} | {"message_id", "event_at", *SURVIVING_TRAITS}))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _area_events AS SELECT {cols} FROM raw_events WHERE {touching}")
     _stage_identifiers(con, opts, "_area_events")
     # Guard counts are exact for area identifiers; everyone else keeps theirs.
     con.execute(

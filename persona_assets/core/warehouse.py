@@ -95,43 +95,43 @@ def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
     )
 
 
+def _frame_transaction(con: duckdb.DuckDBPyConnection, table: str, frame, statements: list[str],
+                       before_commit: Callable[[], object] | None) -> int:  # fmt: skip
+    """Run `statements` (which read the frame as {view}) and `before_commit` in one transaction."""
+    view = f"_{table}_frame"
+    con.register(view, frame)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for sql in statements:
+            con.execute(sql.format(table=table, view=view))
+        if before_commit is not None:
+            before_commit()
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister(view)
+    return len(frame)
+
+
 def replace_frame(con: duckdb.DuckDBPyConnection, table: str, frame,
                   before_commit: Callable[[], object] | None = None) -> int:  # fmt: skip
     """Replace `table` with a pandas frame's columns and rows, built aside and swapped in one transaction."""
-    view = f"_{table}_frame"
-    con.register(view, frame)
-    con.execute("BEGIN TRANSACTION")
-    try:
-        con.execute(f'DROP TABLE IF EXISTS "{table}__new"')
-        con.execute(f'CREATE TABLE "{table}__new" AS SELECT * FROM "{view}"')
-        con.execute(f'DROP TABLE IF EXISTS "{table}"')
-        con.execute(f'ALTER TABLE "{table}__new" RENAME TO "{table}"')
-        if before_commit is not None:
-            before_commit()
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.unregister(view)
-    return len(frame)
+    statements = [
+        'DROP TABLE IF EXISTS "{table}__new"',
+        'CREATE TABLE "{table}__new" AS SELECT * FROM "{view}"',
+        'DROP TABLE IF EXISTS "{table}"',
+        'ALTER TABLE "{table}__new" RENAME TO "{table}"',
+    ]
+    return _frame_transaction(con, table, frame, statements, before_commit)
 
 
-def splice_frame(con: duckdb.DuckDBPyConnection, table: str, frame, before_commit: Callable[[], object] | None = None,
-                 key: str = "person_id") -> int:  # fmt: skip
+def splice_frame(con: duckdb.DuckDBPyConnection, table: str, frame,
+                 before_commit: Callable[[], object] | None = None) -> int:  # fmt: skip
     """An incremental run's rows in place of the old rows of the people in `_scope` (one transaction)."""
-    view = f"_{table}_frame"
-    con.register(view, frame)
-    con.execute("BEGIN TRANSACTION")
-    try:
-        con.execute(f'DELETE FROM "{table}" WHERE {key} IN (SELECT person_id FROM _scope)')
-        con.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM "{view}"')
-        if before_commit is not None:
-            before_commit()
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.unregister(view)
-    return len(frame)
+    statements = [
+        'DELETE FROM "{table}" WHERE person_id IN (SELECT person_id FROM _scope)',
+        'INSERT INTO "{table}" BY NAME SELECT * FROM "{view}"',
+    ]
+    return _frame_transaction(con, table, frame, statements, before_commit)
