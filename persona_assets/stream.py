@@ -24,6 +24,7 @@ import signal
 import subprocess
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -277,10 +278,18 @@ class Consumer:
     _buffer: list[str] = field(default_factory=list)
     _buffer_ids: list[str] = field(default_factory=list)
     _last_flush: float = field(default_factory=time.monotonic)
+    _pending: Future | None = None
 
     def __post_init__(self) -> None:
         self.con = duckdb.connect()
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush")
         self.apply = self.client.register_script(APPLY)
+        # Warm up before the first event: the first validation query and the script load
+        # would otherwise stall the first batch by half a second.
+        self.client.script_load(APPLY)
+        validate_lines(
+            self.con, ['{"type":"track","event":"warm-up","anonymousId":"x","timestamp":"2026-01-01T00:00:00Z"}']
+        )
 
     def step(self) -> int:
         entries = self.source.read(self.opts.batch, self.opts.block_ms)
@@ -290,7 +299,7 @@ class Consumer:
             len(self._buffer_ids) >= self.opts.flush_events
             or time.monotonic() - self._last_flush >= self.opts.flush_seconds
         ):
-            self.flush()
+            self.flush(wait=False)
         return len(entries)
 
     def _handle(self, raw_entries: list[tuple[str, bytes]]) -> None:
@@ -343,18 +352,30 @@ class Consumer:
                     self.client.hset(PROVISIONAL, key, people[-1])
         return people
 
-    def flush(self) -> Path | None:
-        """Write the consumed events to landing as one Parquet file, then acknowledge them."""
-        path = None
-        if self._buffer:
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-            path = self.landing / f"stream-{stamp}-{uuid.uuid4().hex[:6]}.parquet"
-            self.landing.mkdir(parents=True, exist_ok=True)
-            write_flat_parquet(self.con, self._buffer, path)
-        self.source.ack(self._buffer_ids)
+    def flush(self, wait: bool = True) -> None:
+        """Write the consumed events to landing as one Parquet file, then acknowledge them.
+
+        In the loop this runs on a background thread (its own DuckDB connection; DuckDB and
+        the socket wait release the GIL), so events keep flowing to hot profiles meanwhile.
+        Flushes stay in order, and the last one is waited for when the consumer stops."""
+        lines, ids = self._buffer, self._buffer_ids
         self._buffer, self._buffer_ids = [], []
         self._last_flush = time.monotonic()
-        return path
+        if self._pending is not None:
+            self._pending.result()  # the previous flush first; its error, if any, surfaces here
+            self._pending = None
+        if wait:
+            self._write_and_ack(lines, ids)
+        elif lines or ids:
+            self._pending = self._flusher.submit(self._write_and_ack, lines, ids)
+
+    def _write_and_ack(self, lines: list[str], ids: list[str]) -> None:
+        if lines:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+            self.landing.mkdir(parents=True, exist_ok=True)
+            with duckdb.connect() as con:
+                write_flat_parquet(con, lines, self.landing / f"stream-{stamp}-{uuid.uuid4().hex[:6]}.parquet")
+        self.source.ack(ids)
 
 
 def write_flat_parquet(con: duckdb.DuckDBPyConnection, lines: list[str], path: Path) -> None:
@@ -362,20 +383,23 @@ def write_flat_parquet(con: duckdb.DuckDBPyConnection, lines: list[str], path: P
     products as JSON text), written aside and renamed into place."""
     import pyarrow as pa
 
-    columns = []
-    for f in FIELDS:
-        for json_path, flat in zip(f.paths, f.flats):
-            value = f"json_extract_string(raw, '{json_path}')"
-            if flat in NUMERIC_COLUMNS:
-                sql_type = "BIGINT" if NUMERIC_COLUMNS[flat] == pa.int64() else "DOUBLE"
-                value = f"TRY_CAST({value} AS {sql_type})"
-            elif f.kind == "json":
-                value = f"json_extract(raw, '{json_path}')::VARCHAR"
-            columns.append(f'{value} AS "{flat}"')
+    paths = [(json_path, flat, f.kind) for f in FIELDS for json_path, flat in zip(f.paths, f.flats)]
+    columns = []  # one parse per line: every path extracted at once, then picked by position
+    for i, (json_path, flat, kind) in enumerate(paths, start=1):
+        value = f"v[{i}]"
+        if flat in NUMERIC_COLUMNS:
+            value = f"TRY_CAST({value} AS {'BIGINT' if NUMERIC_COLUMNS[flat] == pa.int64() else 'DOUBLE'})"
+        elif kind == "json":
+            value = f"json_extract(raw, '{json_path}')::VARCHAR"
+        columns.append(f'{value} AS "{flat}"')
+    extract = f"json_extract_string(raw, [{', '.join(repr(p) for p, _, _ in paths)}])"
     con.register("_flush_lines", pa.table({"raw": pa.array(lines, pa.large_string())}))
     tmp = path.with_name(path.name + ".part")
     try:
-        con.execute(f"COPY (SELECT {', '.join(columns)} FROM _flush_lines) TO '{tmp}' (FORMAT parquet)")
+        con.execute(
+            f"COPY (SELECT {', '.join(columns)} FROM (SELECT raw, {extract} AS v FROM _flush_lines)) "
+            f"TO '{tmp}' (FORMAT parquet)"
+        )
     finally:
         con.unregister("_flush_lines")
     tmp.rename(path)
