@@ -422,11 +422,12 @@ class TraitImportance(pa.DataFrameModel):
 
 
 class CategoryScores(pa.DataFrameModel):
-    """Each person's decayed interest per category at the data's as-of time (behind category_affinity)."""
+    """Each person's decayed interest per category, valued at `scored_at` (behind category_affinity)."""
 
     person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
     category: Series[str] = column("VARCHAR")
     score: Series[float] = column("DOUBLE", ge=0)
+    scored_at: Series[pd.Timestamp] = column("TIMESTAMP")
 
     class Config:
         strict = True

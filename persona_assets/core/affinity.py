@@ -65,23 +65,25 @@ INTERACTIONS_SQL = interactions_sql()
 
 
 def scores_sql(opts: AffinityOptions, events: str = "person_events") -> str:
-    """person_id, category, score: each person's decayed interest per category, as of `$as_of`."""
+    """person_id, category, score, scored_at: each person's decayed interest per category, as of `$as_of`."""
     weight = (
         f"CASE kind WHEN 'view' THEN {float(opts.view_weight)} WHEN 'add_to_cart' THEN {float(opts.add_to_cart_weight)}"
         f" ELSE {float(opts.purchase_weight)} END"
     )
     decay = f"pow(2.0, -greatest(epoch($as_of - event_at), 0) / 86400.0 / {float(opts.half_life_days)})"
     return f"""
-SELECT person_id, category, sum({weight} * {decay}) AS score
+SELECT person_id, category, sum({weight} * {decay}) AS score, $as_of::TIMESTAMP AS scored_at
 FROM ({interactions_sql(events)}) WHERE category IS NOT NULL GROUP BY 1, 2
 """
 
 
-def affinity_sql(scores: str) -> str:
-    """person_id, category_affinity MAP(category → score), top_category, from a relation of scores."""
+def affinity_sql(scores: str, opts: AffinityOptions) -> str:
+    """person_id, category_affinity MAP(category → score), top_category, from a relation of scores
+    each valued at its `scored_at`, carried forward to `$as_of` by the decay factor alone."""
+    score = f"score * pow(2.0, -greatest(epoch($as_of - scored_at), 0) / 86400.0 / {float(opts.half_life_days)})"
     return f"""
 SELECT person_id,
-       map_from_entries(list((category, round(score, 6)) ORDER BY category)) AS category_affinity,
-       arg_max(category, (score, category)) AS top_category
-FROM {scores} GROUP BY person_id
+       map_from_entries(list((category, round(now_score, 6)) ORDER BY category)) AS category_affinity,
+       arg_max(category, (now_score, category)) AS top_category
+FROM (SELECT person_id, category, {score} AS now_score FROM {scores}) GROUP BY person_id
 """

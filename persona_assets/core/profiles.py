@@ -9,7 +9,7 @@ import duckdb
 
 from persona_assets.contracts import PERSON_ID, CategoryScores, UserProfiles
 from persona_assets.core import refresh
-from persona_assets.core.affinity import AffinityOptions, affinity_sql, decay_to, scores_sql
+from persona_assets.core.affinity import AffinityOptions, affinity_sql, scores_sql
 from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
 from persona_assets.core.refresh import SCOPE
@@ -21,7 +21,7 @@ INFERRED_TRAITS = ("primary_device", "usual_daypart")
 NOT_COUNTED = ("intent_score", "age", "postal_code")
 
 
-def profiles_sql(updated: str = "$updated_at") -> str:
+def profiles_sql(opts: AffinityOptions, updated: str = "$updated_at") -> str:
     """Everyone's profile from the person-level tables and `category_scores`; `updated` is the
     expression for updated_at (an incremental run keeps it for people it did not touch)."""
 
@@ -51,7 +51,7 @@ WITH traits AS (
   SELECT a.person_id,
          arg_max(a.trait, ((1 - a.confidence) * i.importance, a.trait)) FILTER (WHERE a.source <> 'observed') AS next_question
   FROM imputed_attributes a JOIN trait_importance i USING (trait) GROUP BY a.person_id
-), affinity AS ({affinity_sql("category_scores")})
+), affinity AS ({affinity_sql("category_scores", opts)})
 SELECT c.person_id, d.identifier_count, c.first_seen_at, c.last_seen_at,
   c.session_count, c.avg_session_seconds, c.event_count, c.order_count, c.total_revenue, c.avg_order_value,
   c.first_order_at, c.last_order_at, c.days_since_last_order, c.sessions_per_week,
@@ -73,27 +73,25 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
     """Bring user_profiles up to date (one transaction).
 
     Category scores are the only part read from events: incrementally they are recomputed for
-    the people imputation changed, and everyone else's are carried forward to the new as-of
-    time by the decay factor alone (`decay_to`, the formula the real-time path uses). The
-    profile rows are then rebuilt from the person-level tables, which is cheap.
+    the people imputation changed; everyone else's keep the time they were valued at and are
+    carried forward to the new as-of time by the decay factor alone (the formula the
+    real-time path uses). The profile rows are then rebuilt from the person-level tables.
     """
     opts = opts or AffinityOptions()
     as_of = data_as_of(con)
     now = con.execute("SELECT now()::TIMESTAMP").fetchall()[0][0]
-    p = refresh.plan(con, "profiles", asdict(opts), ("user_profiles", "category_scores"), full=full)
+    # scores_layout: category_scores keep each row's own valuation time (older warehouses rebuild once)
+    p = refresh.plan(
+        con, "profiles", {**asdict(opts), "scores_layout": 2}, ("user_profiles", "category_scores"), full=full
+    )
     params = {"as_of": as_of, "updated_at": now}
     if p.full:
         scores = [(CategoryScores, "category_scores", scores_sql(opts))]
         updated = "$updated_at"
     else:
         stage_scope_events(con)
-        elapsed = (as_of - (p.previous_as_of or as_of)).total_seconds()
         con.execute("BEGIN TRANSACTION")
         try:
-            con.execute(
-                f"UPDATE category_scores SET score = score * ? WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})",
-                [decay_to(1.0, elapsed, opts)],
-            )
             con.execute(f"DELETE FROM category_scores WHERE person_id IN (SELECT person_id FROM {SCOPE})")
             sql = f"INSERT INTO category_scores BY NAME {scores_sql(opts, '_scope_events')}"
             con.execute(sql, bind(sql, params))
@@ -108,7 +106,7 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
         updated = "coalesce((SELECT u.updated_at FROM _updated u WHERE u.person_id = c.person_id), $updated_at)"
     counts = replace_tables(
         con,
-        [*scores, (UserProfiles, "user_profiles", profiles_sql(updated))],
+        [*scores, (UserProfiles, "user_profiles", profiles_sql(opts, updated))],
         params,
         before_commit=[(lambda: refresh.record(con, p, as_of, refresh.scope_size(con)), None)],
         transaction=p.full,
