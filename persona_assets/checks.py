@@ -89,3 +89,9 @@ def sql_check(asset: str, name: str, violations_sql: str, description: str, bloc
         return dg.AssetCheckResult(passed=count == 0, severity=severity, metadata=metadata)
 
     return _check
+
+
+def refresh_metadata(mode: str, recomputed: int | None, everyone: int, why: str | None = None) -> dict:
+    """What a person-level stage's run was: full or incremental, why, and how many people it recomputed."""
+    out = {"refresh": mode, "people_recomputed": everyone if recomputed is None else recomputed}
+    return out if why is None else {**out, "why": why}

@@ -4,7 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER
-from persona_assets.checks import contract_check, frame_md, sql_check
+from persona_assets.checks import contract_check, frame_md, refresh_metadata, sql_check
 from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core.cleaning import OUTLIER_FEATURES, clean
 from persona_assets.settings import CleaningConfig
@@ -58,11 +58,7 @@ def clean_users(config: CleaningConfig, warehouse: DuckDBResource):
         asset_key="cleaned_users",
         metadata={
             "dagster/row_count": counts["cleaned_users"],
-            "refresh": counts["mode"],
-            "why": counts["why"],
-            "people_recomputed": counts["people_recomputed"]
-            if counts["people_recomputed"] is not None
-            else counts["cleaned_users"],
+            **refresh_metadata(counts["mode"], counts["people_recomputed"], counts["cleaned_users"], counts["why"]),
             "quality": frame_md(quality),
             "outliers_per_feature": dg.MetadataValue.md(
                 outliers.to_markdown(index=False) if len(outliers) else "_none_"

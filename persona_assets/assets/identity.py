@@ -4,7 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER
-from persona_assets.checks import contract_check, frame_md, markdown, sql_check
+from persona_assets.checks import contract_check, frame_md, markdown, refresh_metadata, sql_check
 from persona_assets.contracts import DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory
 from persona_assets.core.identity import resolve
 from persona_assets.settings import IdentityConfig
@@ -69,9 +69,7 @@ def resolve_identities(context: dg.AssetExecutionContext, config: IdentityConfig
             "dagster/row_count": report.people,
             "identifiers_in": report.identifiers,
             "people_out": report.people,
-            "refresh": report.mode,
-            "why": report.why,
-            "people_recomputed": report.people_recomputed if report.people_recomputed is not None else report.people,
+            **refresh_metadata(report.mode, report.people_recomputed, report.people, report.why),
             "people_with_several_anonymous_ids": report.multi_identifier_people,
             "largest_components": markdown(report.largest, ["person_id", "identifiers"]),
             "anonymous_ids_per_person": frame_md(sizes),

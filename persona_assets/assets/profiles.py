@@ -4,7 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER, PROFILES_FRESHNESS
-from persona_assets.checks import contract_check, frame_md, sql_check
+from persona_assets.checks import contract_check, frame_md, refresh_metadata, sql_check
 from persona_assets.contracts import (
     ImputedAttributes,
     TraitImportance,
@@ -59,10 +59,7 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
             "model_version": models.version,
             "trained": result["trained"],
             "why": result["why"],
-            "refresh": result["mode"],
-            "people_recomputed": result["people_recomputed"]
-            if result["people_recomputed"] is not None
-            else result["counts"]["imputed_attributes"],
+            **refresh_metadata(result["mode"], result["people_recomputed"], result["people"]),
             "not_modelled_too_few_answers": ", ".join(result["not_modelled"]) or "none",
             "values_by_source": frame_md(result["sources"].reset_index()),
             "model_scores": frame_md(metrics),
@@ -124,11 +121,7 @@ def user_profiles(config: ProfilesConfig, warehouse: DuckDBResource):
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": counts["user_profiles"],
-            "refresh": counts["mode"],
-            "why": counts["why"],
-            "people_recomputed": counts["people_recomputed"]
-            if counts["people_recomputed"] is not None
-            else counts["user_profiles"],
+            **refresh_metadata(counts["mode"], counts["people_recomputed"], counts["user_profiles"], counts["why"]),
             "quality": frame_md(quality),
             "next_questions": frame_md(questions),
             "preview_top_spenders": frame_md(preview),

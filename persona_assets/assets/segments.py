@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER
-from persona_assets.checks import contract_check, frame_md, sql_check
+from persona_assets.checks import contract_check, frame_md, refresh_metadata, sql_check
 from persona_assets.contracts import NormalizedFeatures, SegmentCatalog, Segments
 from persona_assets.core import features, segments
 from persona_assets.resources import PersonaHome
@@ -32,11 +32,7 @@ def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, perso
             "dagster/row_count": result["rows"],
             "transform_version": transform.version,
             "transform": result["reason"],
-            "refresh": result["mode"],
-            "why": result["why"],
-            "people_recomputed": result["people_recomputed"]
-            if result["people_recomputed"] is not None
-            else result["rows"],
+            **refresh_metadata(result["mode"], result["people_recomputed"], result["rows"], result["why"]),
             "fitted_on_people": transform.fitted_rows,
             "sparse_people_left_out": result["sparse_people"] if result["sparse_people"] is not None else "unchanged",
             "scaling": transform.scaling,
@@ -82,10 +78,7 @@ def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: P
         "model_version": model.version,
         "trained": result["trained"],
         "why": result["why"],
-        "refresh": result["mode"],
-        "people_recomputed": result["people_recomputed"]
-        if result["people_recomputed"] is not None
-        else result["people"],
+        **refresh_metadata(result["mode"], result["people_recomputed"], result["people"]),
         "chosen_k": model.chosen_k,
         "elbow_k": model.knee,
         "why_this_k": model.reason,

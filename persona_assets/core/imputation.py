@@ -528,6 +528,7 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
         .astype(int),
         "enrichment": enrichment,
         "mode": p.mode,
+        "people": len(people),
         "people_recomputed": None if p.full else len(people),
     }
 

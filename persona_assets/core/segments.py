@@ -555,7 +555,8 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
     assigned["model_version"] = model.version
     moved = None
     if table_exists(con, "segments"):
-        before = con.execute("SELECT person_id, segment_id AS before FROM segments").df()
+        scope = "" if p.full else f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"
+        before = con.execute(f"SELECT person_id, segment_id AS before FROM segments {scope}").df()
         both = assigned[["person_id", "segment_id"]].merge(before, on="person_id")
         moved = float((both["segment_id"] != both["before"]).mean()) if len(both) else None
 
