@@ -162,6 +162,47 @@ class IdentityGuard(pa.DataFrameModel):
         strict = True
 
 
+class IdentityPii(pa.DataFrameModel):
+    """Restricted: the matching traits of each record (a person as deterministic stitching found them).
+
+    Names and birth dates live only here and in raw_events; neither is ever published.
+    """
+
+    record_id: Series[str] = column("VARCHAR", serving=False, str_matches=PERSON_ID, unique=True)
+    person_id: Series[str] = column("VARCHAR", serving=False, str_matches=PERSON_ID)
+    anchor_type: Series[str] = column("VARCHAR", serving=False, isin=IDENTIFIER_TYPES)
+    anchor: Series[str] = column("VARCHAR", serving=False)
+    user_ids: Series[int] = column("BIGINT", serving=False, ge=0)
+    user_id: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    first_name: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    last_name: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    birthday: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    age: Series[pd.Int64Dtype] = column("BIGINT", serving=False, nullable=True, coerce=True)
+    postal_code: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    city: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    phone_hash: Series[str] = column("VARCHAR", serving=False, nullable=True)
+
+    class Config:
+        strict = True
+
+
+class IdentityLinks(pa.DataFrameModel):
+    """Probabilistic links between records above the threshold: why people merged, or why they did not."""
+
+    record_id_l: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    record_id_r: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    match_probability: Series[float] = column("DOUBLE", ge=0, le=1)
+    match_weight: Series[float] = column("DOUBLE")
+    weights: Series[str] = column("VARCHAR")
+    status: Series[str] = column("VARCHAR", isin=["merged", "redundant", "blocked"])
+    reason: Series[str] = column("VARCHAR", nullable=True)
+    model_version: Series[int] = column("BIGINT", ge=1)
+
+    class Config:
+        strict = True
+
+
 class PersonIdHistory(pa.DataFrameModel):
     """When a person's id changed because people merged or split: old -> new."""
 

@@ -621,3 +621,93 @@ def _write_truth(truth: Truth, truth_dir: Path) -> None:
     )
     pq.write_table(pa.Table.from_pylist(truth.long_sessions, schema=schema), truth_dir / "long_sessions.parquet")
     (truth_dir / "counts.json").write_text(json.dumps(truth.counts, indent=2, sort_keys=True))
+
+
+# Sign-up records: people who registered more than once under different emails and devices,
+# with the typos and gaps of hand-typed forms. Names are built from syllables so that their
+# frequencies look like a real population's (a few common, a long tail), unlike the small
+# name lists above.
+SYLLABLES = ("an", "be", "ca", "da", "el", "fi", "go", "ha", "is", "jo", "ka", "li", "ma", "no", "or", "pa",
+             "ri", "sa", "te", "ul", "va", "wi", "xe", "yo", "za", "ro", "mi", "ne", "lu", "to")  # fmt: skip
+
+
+SYLLABLE_WEIGHTS = tuple(1 / (i + 1) ** 0.7 for i in range(len(SYLLABLES)))  # Zipf-like: a few common
+
+
+def _name(rng: random.Random, parts: tuple[int, int]) -> str:
+    return "".join(rng.choices(SYLLABLES, SYLLABLE_WEIGHTS, k=rng.randint(*parts)))
+
+
+def _typo(rng: random.Random, text: str) -> str:
+    if len(text) < 2:
+        return text
+    i = rng.randrange(len(text) - 1)
+    kind = rng.random()
+    if kind < 0.4:
+        return text[:i] + text[i + 1] + text[i] + text[i + 2 :]  # swap neighbours
+    if kind < 0.7:
+        return text[:i] + text[i + 1 :]  # drop one
+    return text[:i] + rng.choice("aeioulnrst") + text[i + 1 :]  # mistype one
+
+
+def _record_variant(rng: random.Random, traits: dict) -> dict:
+    """A second sign-up of the same person: one or two fields mistyped or left out."""
+    out = dict(traits)
+    for _ in range(rng.choice((1, 1, 2))):
+        field = rng.choice(("first_name", "last_name", "birthday", "postal_code", "city"))
+        if out.get(field) is None:
+            continue
+        roll = rng.random()
+        if roll < 0.25:
+            out[field] = None
+        elif field == "birthday":
+            y, m, d = out[field].split("-")
+            out[field] = f"{y}-{d}-{m}" if int(d) <= 12 and roll < 0.6 else f"{y[:3]}{rng.randint(0, 9)}-{m}-{d}"
+        elif field == "postal_code":
+            i = rng.randrange(len(out[field]))
+            out[field] = out[field][:i] + str(rng.randint(0, 9)) + out[field][i + 1 :]
+        else:
+            out[field] = _typo(rng, out[field])
+    return out
+
+
+def identify_records(count: int, seed: int, out: Path, duplicate_share: float = 0.25) -> dict:
+    """Write `count` identify events (JSON lines) for sign-ups sharing no identifier: each has its
+    own anonymousId, and `duplicate_share` of them are a person signing up again (with typos).
+    The true person of each anonymousId goes to `<out>/_truth/records.parquet`."""
+    rng = random.Random(seed)
+    out = Path(out)
+    (out / "_truth").mkdir(parents=True, exist_ok=True)
+    people: list[tuple[str, dict]] = []
+    anonymous_ids, keys = [], []
+    start = END_AT - timedelta(days=HISTORY_DAYS)
+    with (out / f"signups-s{seed}.jsonl").open("w") as fh:
+        for i in range(count):
+            if people and rng.random() < duplicate_share:
+                key, base = rng.choice(people)
+                traits = _record_variant(rng, base)
+            else:
+                postal = f"{rng.randint(1000, 99999):05d}"
+                base = {
+                    "first_name": _name(rng, (2, 3)),
+                    "last_name": _name(rng, (2, 4)),
+                    "birthday": f"{rng.randint(1940, 2008)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+                    "postal_code": postal,
+                    "city": "town-" + postal[:3],
+                }
+                key = f"r{i:08d}"
+                people.append((key, base))
+                traits = base
+            anon = _uuid(rng)
+            anonymous_ids.append(anon)
+            keys.append(key)
+            event = {
+                "type": "identify",
+                "messageId": _uuid(rng),
+                "anonymousId": anon,
+                "timestamp": _iso(start + timedelta(seconds=rng.randrange(HISTORY_DAYS * 86400))),
+                "traits": {k: (v.title() if k.endswith("name") else v) for k, v in traits.items() if v is not None},
+            }
+            fh.write(json.dumps(event) + "\n")
+    pq.write_table(pa.table({"anonymous_id": anonymous_ids, "person_key": keys}), out / "_truth" / "records.parquet")
+    return {"records": count, "people": len(people)}

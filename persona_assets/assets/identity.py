@@ -1,11 +1,21 @@
 """deduped_users and identity_map: people from identifiers seen together."""
 
+import base64
+
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER
 from persona_assets.checks import contract_check, frame_md, markdown, refresh_metadata, sql_check
-from persona_assets.contracts import DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory
+from persona_assets.contracts import (
+    DedupedUsers,
+    IdentityGuard,
+    IdentityLinks,
+    IdentityMap,
+    IdentityPii,
+    PersonIdHistory,
+)
+from persona_assets.core import linkage
 from persona_assets.core.identity import resolve
 from persona_assets.settings import IdentityConfig
 
@@ -39,6 +49,23 @@ GROUP = "identity"
             description="Identifiers kept out of linking: shared devices, junk emails, call-centre phones.",
         ),
         dg.AssetSpec(
+            "identity_links",
+            deps=["raw_events"],
+            automation_condition=EAGER,
+            kinds={"duckdb", "splink"},
+            group_name=GROUP,
+            description="Probabilistic links between people who share no identifier: probability, match weights "
+            "per comparison, and whether they merged.",
+        ),
+        dg.AssetSpec(
+            "identity_pii",
+            deps=["raw_events"],
+            automation_condition=EAGER,
+            kinds={"duckdb"},
+            group_name=GROUP,
+            description="Restricted: the names, birth dates and places linkage compares. Never published.",
+        ),
+        dg.AssetSpec(
             "person_id_history",
             deps=["raw_events"],
             automation_condition=EAGER,
@@ -51,7 +78,14 @@ GROUP = "identity"
 )
 def resolve_identities(context: dg.AssetExecutionContext, config: IdentityConfig, warehouse: DuckDBResource):
     with warehouse.get_connection() as con:
-        report = resolve(con, config.options(), run_id=context.run_id, full=config.full_refresh)
+        report = resolve(con, config.options(), run_id=context.run_id, full=config.full_refresh,
+                         retrain_linkage=config.retrain_linkage)  # fmt: skip
+        link_rows = con.execute(
+            "SELECT status, count(*) AS links, round(avg(match_probability), 4) AS mean_probability "
+            "FROM identity_links GROUP BY 1 ORDER BY 1"
+        ).df()
+        pii_rows = con.execute("SELECT count(*) FROM identity_pii").fetchall()[0][0]
+        chart = linkage.weights_png(con, config.link_threshold) if report.links.enabled else None
         guard = con.execute(
             "SELECT identifier_type, reason, count(*) AS identifiers FROM identity_guard GROUP BY 1, 2 ORDER BY 3 DESC"
         ).df()
@@ -84,6 +118,28 @@ def resolve_identities(context: dg.AssetExecutionContext, config: IdentityConfig
             "guard_hits": frame_md(guard),
         },
     )
+    links = report.links
+    link_meta = {
+        "enabled": links.enabled,
+        "threshold": config.link_threshold,
+        "records_compared": links.records,
+        "candidate_pairs": links.candidate_pairs,
+        "links_above_threshold": links.links,
+        "merges": links.merges,
+        "blocked_by_user_id_guard": links.blocked,
+        "model_version": links.model_version or 0,
+        "model_trained_this_run": links.trained,
+        "links_by_status": frame_md(link_rows),
+    }
+    if links.note:
+        link_meta["note"] = links.note
+    if chart:
+        png = base64.b64encode(chart).decode()
+        link_meta["match_weights"] = dg.MetadataValue.md(f"![match weights](data:image/png;base64,{png})")
+    yield dg.MaterializeResult(
+        asset_key="identity_links", metadata={"dagster/row_count": int(link_rows["links"].sum()), **link_meta}
+    )
+    yield dg.MaterializeResult(asset_key="identity_pii", metadata={"dagster/row_count": pii_rows})
     yield dg.MaterializeResult(
         asset_key="person_id_history", metadata={"dagster/row_count": history_rows, "changes_this_run": report.history}
     )
@@ -94,6 +150,8 @@ CHECKS = [
     contract_check("identity_map", IdentityMap, "identity_map"),
     contract_check("identity_guard", IdentityGuard, "identity_guard"),
     contract_check("person_id_history", PersonIdHistory, "person_id_history"),
+    contract_check("identity_links", IdentityLinks, "identity_links"),
+    contract_check("identity_pii", IdentityPii, "identity_pii"),
     sql_check(
         "identity_map",
         "every_anonymous_id_has_one_person",

@@ -19,8 +19,17 @@ import pyarrow as pa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from persona_assets.contracts import SURVIVING_TRAITS, DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory, ddl
-from persona_assets.core import refresh
+from persona_assets.contracts import (
+    SURVIVING_TRAITS,
+    DedupedUsers,
+    IdentityGuard,
+    IdentityLinks,
+    IdentityMap,
+    IdentityPii,
+    PersonIdHistory,
+    ddl,
+)
+from persona_assets.core import linkage, refresh
 from persona_assets.core.refresh import SCOPE
 from persona_assets.core.warehouse import data_as_of, replace_tables
 
@@ -30,6 +39,10 @@ class IdentityOptions:
     max_user_ids_per_identifier: int = 1
     max_emails_per_identifier: int = 3
     max_anonymous_ids_per_identifier: int = 20
+    linkage: bool = True
+    link_threshold: float = 0.9
+    link_across_user_ids: bool = False
+    min_link_records: int = 1000
 
 
 @dataclass
@@ -43,6 +56,7 @@ class IdentityReport:
     mode: str = "full"
     why: str = ""
     people_recomputed: int | None = None
+    links: linkage.LinkReport = field(default_factory=linkage.LinkReport)
 
 
 # (identifier_type, column in the event tuple)
@@ -162,19 +176,23 @@ def _components(con: duckdb.DuckDBPyConnection) -> None:
     con.unregister("_labels_arrow")
 
 
+MEMBERS = """
+CREATE OR REPLACE TEMP VIEW _members AS
+SELECT n.*, l.component FROM _nodes n JOIN _labels l USING (node) {area}
+-- A guarded device, email or phone belongs to nobody; a guarded anonymous or user id is a person alone.
+WHERE NOT EXISTS (SELECT 1 FROM _guard g WHERE g.identifier_type = n.identifier_type
+                  AND g.identifier = n.identifier AND n.identifier_type NOT IN ('anonymous_id', 'user_id'))
+"""
+
 NEW_IDENTITY_MAP = """
-WITH members AS (
-  SELECT n.*, l.component FROM _nodes n JOIN _labels l USING (node) {area}
-  -- A guarded device, email or phone belongs to nobody; a guarded anonymous or user id is a person alone.
-  WHERE NOT EXISTS (SELECT 1 FROM _guard g WHERE g.identifier_type = n.identifier_type
-                    AND g.identifier = n.identifier AND n.identifier_type NOT IN ('anonymous_id', 'user_id'))
-), firsts AS (
+CREATE OR REPLACE TEMP TABLE identity_map__next AS
+WITH firsts AS (
   SELECT component, arg_min(identifier_type || ':' || identifier, (first_seen_at, identifier_type, identifier)) AS first_id
-  FROM members GROUP BY component
+  FROM _members GROUP BY component
 )
 SELECT m.identifier_type, m.identifier, 'p' || left(sha256(f.first_id), 16) AS person_id,
        m.first_seen_at, m.last_seen_at
-FROM members m JOIN firsts f USING (component)
+FROM _members m JOIN firsts f USING (component)
 """
 
 
@@ -230,8 +248,9 @@ FROM moved m JOIN fan f USING (old_person_id) JOIN fan_in fi USING (new_person_i
 
 
 def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
-            run_id: str | None = None, full: bool = False) -> IdentityReport:  # fmt: skip
-    """Bring identity_map, identity_guard and deduped_users up to date with raw_events (one transaction).
+            run_id: str | None = None, full: bool = False, retrain_linkage: bool = False) -> IdentityReport:  # fmt: skip
+    """Bring identity_map, identity_guard and deduped_users (and, with linkage, identity_pii and
+    identity_links) up to date with raw_events, in one transaction.
 
     Incrementally, only the identifiers of new events and the people holding them are
     recomputed (see `_stage_area`); the result equals a full rebuild on the same events.
@@ -239,19 +258,36 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
     opts = opts or IdentityOptions()
     con.execute(ddl(PersonIdHistory, "person_id_history"))
     con.execute(ddl(IdentityMap, "identity_map"))
-    p = refresh.plan(con, "identity", asdict(opts), ("deduped_users", "identity_guard"), full=full)
+    linkage.ensure_tables(con)
+    model = linkage.latest_model(con) if opts.linkage else None
+    train = opts.linkage and (retrain_linkage or model is None)
+    settings = {**asdict(opts), "link_model": model[0] if model else None}
+    p = refresh.plan(con, "identity", settings, ("deduped_users", "identity_guard"),
+                     full=full or retrain_linkage, full_reason="full rebuild asked for" if full else "retraining linkage")  # fmt: skip
     as_of = data_as_of(con)
     now = datetime.now(UTC).replace(tzinfo=None)
     history = (HISTORY, {"now": now, "run_id": run_id})
+    links = linkage.LinkReport(enabled=opts.linkage)
     if p.full:
         _stage_identifiers(con, opts)
         _components(con)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE identity_map__next AS {NEW_IDENTITY_MAP.format(area='')}")
+        con.execute(MEMBERS.format(area=""))
+        saved = _link(con, opts, links, model, train and p.full, outside=None)
+        if saved is not None:
+            p.settings = refresh.settings_key({**settings, "link_model": links.model_version})
+        con.execute(NEW_IDENTITY_MAP)
         deduped = DEDUPED_USERS.format(map="identity_map__next", events="raw_events", people="")
+        tables = [(DedupedUsers, "deduped_users", deduped), (IdentityGuard, "identity_guard", "SELECT * FROM _guard")]
+        if links.enabled:
+            people = linkage.record_people_sql("identity_map__next")
+            tables += [(IdentityPii, "identity_pii", linkage.PII_SELECT.format(people=people)),
+                       (IdentityLinks, "identity_links", linkage.LINKS_SELECT.format(people=people))]  # fmt: skip
         replace_tables(
             con,
-            [(DedupedUsers, "deduped_users", deduped), (IdentityGuard, "identity_guard", "SELECT * FROM _guard")],
+            tables,
+            params={"model_version": links.model_version},
             before_commit=[
+                *([(lambda: linkage.save_model(con, saved, links.records), None)] if saved is not None else []),
                 history,
                 ("DELETE FROM identity_map", None),
                 ("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next", None),
@@ -260,12 +296,23 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
             ],
         )
     else:
-        _stage_area(con, opts, p.since_batch)
-        _components(con)
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE identity_map__next AS
-                {NEW_IDENTITY_MAP.format(area="SEMI JOIN _area USING (identifier_type, identifier)")}"""
-        )
+        for _ in range(MAX_LINK_ROUNDS):
+            _stage_area(con, opts, p.since_batch)
+            _components(con)
+            con.execute(MEMBERS.format(area="SEMI JOIN _area USING (identifier_type, identifier)"))
+            outside = f"SELECT * FROM identity_pii WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})"
+            _link(con, opts, links, model, False, outside=outside, cluster=False)
+            pulled = linkage.outside_people(con) if links.enabled else []
+            if not pulled:
+                break
+            # A new record links to someone outside the run: take that person in, and look again.
+            refresh.widen(con, "SELECT unnest($people) AS person_id", {"people": pulled})
+        else:
+            raise RuntimeError(f"incremental linkage kept reaching new people after {MAX_LINK_ROUNDS} rounds; "
+                               "run identity with full_refresh")  # fmt: skip
+        if links.enabled:
+            links.merges = linkage.cluster(con, _link_user_ids(opts))["merged"]
+        con.execute(NEW_IDENTITY_MAP)
         deduped = DEDUPED_USERS.format(
             map="identity_map", events="_area_events", people=f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"
         )
@@ -281,6 +328,8 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
             con.execute("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next")
             con.execute(f"DELETE FROM deduped_users WHERE person_id IN (SELECT person_id FROM {SCOPE})")
             con.execute(f"INSERT INTO deduped_users BY NAME {deduped}")
+            if links.enabled:
+                _splice_links(con, links.model_version)
             refresh.record(con, p, as_of, refresh.scope_size(con))
             con.execute("COMMIT")
         except BaseException:
@@ -293,6 +342,7 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
         mode=p.mode,
         why=p.reason,
         people_recomputed=None if p.full else refresh.scope_size(con),
+        links=links,
     )
     report.multi_identifier_people = con.execute(
         "SELECT count(*) FROM deduped_users WHERE anonymous_id_count > 1"
@@ -303,10 +353,58 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
     report.history = con.execute(
         "SELECT count(*) FROM person_id_history WHERE run_id IS NOT DISTINCT FROM ? AND changed_at = ?", [run_id, now]
     ).fetchall()[0][0]
+    con.execute("DROP VIEW IF EXISTS _members")
     for name in ("_tuples", "_occ", "_nodes", "_guard", "_labels", "identity_map__next", "_new_ids", "_area",
-                 "_area_events"):  # fmt: skip
+                 "_area_events", "_records", "_candidates", "_link_status"):  # fmt: skip
         con.execute(f"DROP TABLE IF EXISTS {name}")
     return report
+
+
+MAX_LINK_ROUNDS = 5
+
+
+def _link_user_ids(opts: IdentityOptions) -> int:
+    """How many different userIds one person may hold after linkage (the guard against over-merging)."""
+    return 1_000_000 if opts.link_across_user_ids else 1
+
+
+def _link(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, links: linkage.LinkReport,
+          model: tuple[int, dict] | None, train: bool, outside: str | None, cluster: bool = True) -> dict | None:  # fmt: skip
+    """Stage records, train a model if asked and there are enough records, score candidate pairs
+    and (on a full run) merge. Returns newly trained settings to save, else None."""
+    if not links.enabled:
+        return None
+    links.records = linkage.stage_records(con, "_area_events" if outside else "raw_events", "_members")
+    trained = None
+    if train:
+        if links.records < opts.min_link_records:
+            links.note = f"no linkage model yet: {links.records} records to learn from, {opts.min_link_records} needed"
+        else:
+            trained = linkage.train(con)
+            model = (None, trained)
+            links.trained = True
+    if model is None:
+        links.enabled = False
+        links.note = links.note or "no linkage model yet: the next full run with enough records trains one"
+        return None
+    links.model_version = model[0] if model[0] is not None else linkage.next_version(con)
+    links.candidate_pairs = linkage.predict(con, model[1], opts.link_threshold, outside)
+    links.links = con.execute("SELECT count(*) FROM _candidates").fetchall()[0][0]
+    if cluster:
+        counts = linkage.cluster(con, _link_user_ids(opts))
+        links.merges, links.blocked = counts["merged"], counts["blocked"]
+    return trained
+
+
+def _splice_links(con: duckdb.DuckDBPyConnection, model_version: int) -> None:
+    """Replace the records and links of the people this incremental run rebuilt."""
+    old = f"SELECT record_id FROM identity_pii WHERE person_id IN (SELECT person_id FROM {SCOPE})"
+    con.execute(f"DELETE FROM identity_links WHERE record_id_l IN ({old}) OR record_id_r IN ({old})")
+    con.execute(f"DELETE FROM identity_pii WHERE person_id IN (SELECT person_id FROM {SCOPE})")
+    people = linkage.record_people_sql("identity_map__next")
+    con.execute(f"INSERT INTO identity_pii BY NAME {linkage.PII_SELECT.format(people=people)}")
+    sql = f"INSERT INTO identity_links BY NAME {linkage.LINKS_SELECT.format(people=people)}"
+    con.execute(sql, {"model_version": model_version})
 
 
 def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, since_batch: int) -> None:
@@ -323,10 +421,7 @@ def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, since_bat
         for t, c in IDENTIFIER_COLUMNS
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE _new_ids AS {new_ids}", {"since": since_batch})
-    con.execute(
-        f"""INSERT INTO {SCOPE} SELECT DISTINCT person_id FROM identity_map
-            SEMI JOIN _new_ids USING (identifier_type, identifier)"""
-    )
+    refresh.widen(con, "SELECT person_id FROM identity_map SEMI JOIN _new_ids USING (identifier_type, identifier)")
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _area AS
             SELECT identifier_type, identifier FROM identity_map WHERE person_id IN (SELECT person_id FROM {SCOPE})
@@ -336,7 +431,8 @@ def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, since_bat
     touching = " OR ".join(
         f"{c} IN (SELECT identifier FROM _area WHERE identifier_type = '{t}')" for t, c in IDENTIFIER_COLUMNS
     )
-    cols = ", ".join(sorted({c for _, c in IDENTIFIER_COLUMNS} | {"message_id", "event_at", *SURVIVING_TRAITS}))
+    cols = ", ".join(sorted({c for _, c in IDENTIFIER_COLUMNS} | {"message_id", "event_at", *SURVIVING_TRAITS,
+                                                              "first_name", "last_name"}))  # fmt: skip
     con.execute(f"CREATE OR REPLACE TEMP TABLE _area_events AS SELECT {cols} FROM raw_events WHERE {touching}")
     _stage_identifiers(con, opts, "_area_events")
     # Guard counts are exact for area identifiers; everyone else keeps theirs.
