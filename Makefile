@@ -7,6 +7,7 @@ PERSONA_HOME ?= $(CURDIR)/data
 DAGSTER_HOME ?= $(PERSONA_HOME)/dagster
 EVENTS ?= 1000000
 SEGMENT_PEOPLE ?= 1000000
+LINK_RECORDS ?= 1000000
 export PERSONA_HOME DAGSTER_HOME
 
 .PHONY: venv demo test ui bench stream lint clean
@@ -43,7 +44,7 @@ ui: venv
 
 bench: venv
 	$(call debian_package,redis-server,redis-server)
-	$(BIN)/persona bench --events $(EVENTS) --segment-people $(SEGMENT_PEOPLE)
+	$(BIN)/persona bench --events $(EVENTS) --segment-people $(SEGMENT_PEOPLE) --link-records $(LINK_RECORDS)
 
 stream: venv
 	$(call debian_package,redis-server,redis-server)

@@ -141,6 +141,51 @@ print(json.dumps({"events": n, "seconds": seconds, "p50_ms": float(np.percentile
 """
 
 
+LINK = """
+import duckdb, json, sys
+import pandas as pd
+from persona_assets.core.identity import IdentityOptions, resolve
+from persona_assets.core.warehouse import connection_config
+con = duckdb.connect(sys.argv[1], config=connection_config())
+report = resolve(con, IdentityOptions(linkage=sys.argv[2] == "on"), full=True)
+truth = pd.read_parquet(sys.argv[3]).set_index("anonymous_id").person_key
+people = con.execute("SELECT identifier, person_id FROM identity_map WHERE identifier_type = 'anonymous_id'").df()
+people["truth"] = people.identifier.map(truth)
+pairs = lambda keys: int(people.groupby(keys).size().map(lambda n: n * (n - 1) // 2).sum())
+true, found, correct = pairs("truth"), pairs("person_id"), pairs(["truth", "person_id"])
+p, r = correct / max(found, 1), correct / max(true, 1)
+l = report.links
+print(json.dumps({"records": l.records, "candidate_pairs": l.candidate_pairs, "links": l.links, "merges": l.merges,
+                  "precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / max(p + r, 1e-12), 4)}))
+"""
+
+
+def link_bench(work: Path, records: int) -> dict:
+    """Identity over `records` sign-ups sharing no identifier: deterministic only, then with linkage."""
+    from persona_assets.datagen import identify_records
+
+    data = work / f"signups-{records}"
+    if not (data / "_truth" / "records.parquet").exists():
+        print(f"generating {records} sign-up records into {data} ...", flush=True)
+        identify_records(records, 1, data)
+    warehouse = work / "link-warehouse.duckdb"
+    warehouse.unlink(missing_ok=True)
+    ingest_s, _, _ = measure(INGEST, str(data), str(warehouse))
+    truth = str(data / "_truth" / "records.parquet")
+    plain_s, _, _ = measure(LINK, str(warehouse), "off", truth)
+    link_s, link_gb, out = measure(LINK, str(warehouse), "on", truth)
+    found = json.loads(out.splitlines()[-1])
+    warehouse.unlink(missing_ok=True)
+    return {
+        "link_records": records,
+        "link_ingest_seconds": round(ingest_s, 2),
+        "link_identity_without_linkage_seconds": round(plain_s, 2),
+        "link_identity_with_linkage_seconds": round(link_s, 2),
+        "link_peak_gb": round(link_gb, 2),
+        **{f"link_{k}": v for k, v in found.items() if k != "records"},
+    }
+
+
 def stream_bench(work: Path, people: int = 3000, rate: float = 2000.0, seconds: float = 15.0) -> dict:
     """Throughput of one consumer on a full stream, then latency with events offered at `rate`/s."""
     from persona_assets import stream
@@ -319,6 +364,8 @@ def run(args) -> int:
         work.joinpath("bench-serving.duckdb").unlink(missing_ok=True)
     if args.stream:
         results.update(stream_bench(work))
+    if args.link_records:
+        results.update(link_bench(work, args.link_records))
     out_file = work / f"bench-{people}-{args.format.replace('.', '')}.json"
     out_file.write_text(json.dumps(results, indent=2))
     width = max(len(k) for k in results)

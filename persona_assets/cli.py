@@ -385,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stream", dest="stream", action="store_false", help="skip the Redis stream benchmark")
     p.add_argument("--keep", action="store_true", help="keep the bench warehouse and snapshot for inspection")
     p.add_argument(
+        "--link-records",
+        type=int,
+        default=0,
+        help="also time identity with probabilistic linkage on this many sign-ups",
+    )
+    p.add_argument(
         "--refresh-share",
         type=float,
         default=0.01,

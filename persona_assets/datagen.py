@@ -693,7 +693,8 @@ def identify_records(count: int, seed: int, out: Path, duplicate_share: float = 
                     "last_name": _name(rng, (2, 4)),
                     "birthday": f"{rng.randint(1940, 2008)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
                     "postal_code": postal,
-                    "city": "town-" + postal[:3],
+                    # A postcode area holds several localities (as in FEBRL's Australian data).
+                    "city": f"{_name(rng, (2, 3))}-{postal[:3]}",
                 }
                 key = f"r{i:08d}"
                 people.append((key, base))

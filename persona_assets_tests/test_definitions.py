@@ -56,7 +56,25 @@ def test_materializing_everything_publishes_a_snapshot_without_restricted_column
         cols = {r[0] for r in con.execute("DESCRIBE raw_events").fetchall()}
         assert cols.isdisjoint(RESTRICTED_COLUMNS) and "email_hash" in cols
         kept = con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0]
+        assert not tables & {"identity_pii", "identity_links", "identity_link_model"}
+        text_columns = con.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE data_type = 'VARCHAR'"
+        ).fetchall()
+        published = set()
+        for table, column in text_columns:
+            rows = con.execute(f'SELECT DISTINCT lower("{column}") FROM "{table}" WHERE "{column}" IS NOT NULL')
+            published |= {r[0] for r in rows.fetchall()}
     assert kept == truth_counts(source)["events"]
+    # No name or birth date (what linkage matches on) is anywhere in the snapshot, in any column.
+    with duckdb.connect(str(persona_home / "warehouse.duckdb"), read_only=True) as con:
+        matching = {
+            r[0]
+            for r in con.execute(
+                """SELECT DISTINCT lower(trim(v)) FROM (SELECT unnest([first_name, last_name, birthday]) AS v
+                   FROM raw_events) WHERE v IS NOT NULL"""
+            ).fetchall()
+        }
+    assert len(matching) > 20 and not matching & published, sorted(matching & published)[:5]
     # The segments asset is its own dashboard: chosen k and why, curves, sizes, names, noise.
     metadata = {
         e.asset_key.path[-1]: e.step_materialization_data.materialization.metadata

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from persona_assets.core import cleaning, features, identity, imputation, ingest, profiles, segments
+from persona_assets.core import cleaning, features, identity, imputation, ingest, linkage, profiles, segments
 from persona_assets.core.models import ModelStore
 from persona_assets.datagen import generate
 from persona_assets.settings import shipped_enrichment
@@ -23,6 +23,8 @@ INCREMENTS = 4
 # Every person-level table, with the columns that say when or in which batch a row was written left out.
 COMPARED = {
     "identity_map": [],
+    "identity_pii": [],
+    "identity_links": [],
     "identity_guard": [],
     "deduped_users": [],
     "sessions": [],
@@ -36,6 +38,8 @@ COMPARED = {
 }
 KEYS = {
     "identity_map": ["identifier_type", "identifier"],
+    "identity_pii": ["record_id"],
+    "identity_links": ["record_id_l", "record_id_r"],
     "identity_guard": ["identifier_type", "identifier"],
     "sessions": ["session_id"],
     "segment_catalog": ["id"],
@@ -47,7 +51,9 @@ KEYS = {
 def build(con: duckdb.DuckDBPyConnection, landing: Path, store: ModelStore, full: bool = False) -> dict:
     """One refresh of the whole graph, as the assets run it."""
     ingest.ingest(con, landing, KEY)
-    report = {"identity": identity.resolve(con, full=full).people_recomputed}
+    # The linkage model is trained on the first (full) build, as the other models are, and reused.
+    opts = identity.IdentityOptions(min_link_records=100)
+    report = {"identity": identity.resolve(con, opts, full=full).people_recomputed}
     report["cleaning"] = cleaning.clean(con, full=full).get("people_recomputed")
     report["features"] = features.build(con, store, features.FeatureOptions(), full=full).get("people_recomputed")
     report["segments"] = segments.build(con, store, segments.SegmentOptions(), full=full).get("people_recomputed")
@@ -151,6 +157,11 @@ def test_increments_equal_a_full_rebuild(increments, tmp_path):
         shutil.copy2(path, full_home / "landing" / path.name)
     shutil.copytree(inc_home / "models", full_home / "models")
     with duckdb.connect(str(full_home / "warehouse.duckdb")) as con:
+        # The linkage model is kept in the warehouse itself: bring it along too.
+        linkage.ensure_tables(con)
+        con.execute(f"ATTACH '{inc_home / 'warehouse.duckdb'}' AS inc (READ_ONLY)")
+        con.execute(f"INSERT INTO {linkage.MODEL_TABLE} SELECT * FROM inc.{linkage.MODEL_TABLE}")
+        con.execute("DETACH inc")
         build(con, full_home / "landing", ModelStore(full_home / "models"), full=True)
         rebuilt = {name: table(con, name) for name in COMPARED}
     for name in COMPARED:

@@ -55,6 +55,7 @@ def test_febrl3_deduplication_reaches_f1_097_without_the_social_security_number(
     path, truth, report = febrl3
     with duckdb.connect(str(path), read_only=True) as con:
         precision, recall, f1 = pairwise_scores(con, truth)
+    print(f"FEBRL3 precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f}")
     assert report.links.trained and report.links.records == 5000
     # Blocking keeps the candidates near-linear: far below the 12.5M pairs of 5,000 records.
     assert report.links.candidate_pairs < 100_000
@@ -66,6 +67,7 @@ def test_febrl4_linkage_reaches_f1_098(tmp_path):
     resolve(con)
     precision, recall, f1 = pairwise_scores(con, truth)
     con.close()
+    print(f"FEBRL4 precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f}")
     assert f1 >= 0.98, (precision, recall, f1)
 
 
@@ -166,3 +168,31 @@ def test_generated_people_are_not_overmerged_by_linkage(resolved):
         models = con.execute("SELECT count(*) FROM identity_link_model").fetchall()[0][0]
     assert records >= 1000 and models == 1
     # test_identity's precision and recall over anonymousIds run on this same warehouse.
+
+
+def test_the_identity_asset_reports_linkage_in_dagster(persona_home):
+    import dagster as dg
+
+    from persona_assets.definitions import build_definitions
+
+    febrl_events(["dataset3.csv"], persona_home / "landing" / "febrl3.jsonl")
+    keys = ["raw_events", "quarantined_events", "ingest_files", "deduped_users", "identity_map", "identity_guard",
+            "identity_links", "identity_pii", "person_id_history"]  # fmt: skip
+    job = build_definitions(persona_home).resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.ephemeral(), asset_selection=[dg.AssetKey(k) for k in keys]
+    )
+    assert result.success
+    checks = {
+        e.event_specific_data.check_name: e.event_specific_data.passed
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+    assert checks["identity_links_contract"] and checks["identity_pii_contract"]
+    metadata = {
+        e.asset_key.path[-1]: e.step_materialization_data.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }["identity_links"]
+    assert metadata["threshold"].value == 0.9 and metadata["model_trained_this_run"].value
+    assert metadata["candidate_pairs"].value > metadata["links_above_threshold"].value > metadata["merges"].value > 2000
+    assert "data:image/png;base64," in metadata["match_weights"].value

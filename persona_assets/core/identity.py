@@ -260,19 +260,29 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
     con.execute(ddl(IdentityMap, "identity_map"))
     linkage.ensure_tables(con)
     model = linkage.latest_model(con) if opts.linkage else None
-    train = opts.linkage and (retrain_linkage or model is None)
+    waiting = ""
+    train = opts.linkage and retrain_linkage
+    if opts.linkage and model is None:
+        people = linkage.matching_people(con)
+        train = people >= opts.min_link_records
+        waiting = (
+            ""
+            if train
+            else f"no linkage model yet: {people} people with a name or birth date, {opts.min_link_records} needed"
+        )
     settings = {**asdict(opts), "link_model": model[0] if model else None}
-    p = refresh.plan(con, "identity", settings, ("deduped_users", "identity_guard"),
-                     full=full or retrain_linkage, full_reason="full rebuild asked for" if full else "retraining linkage")  # fmt: skip
+    # Training a model changes how everyone links, so it makes the run full.
+    p = refresh.plan(con, "identity", settings, ("deduped_users", "identity_guard"), full=full or train,
+                     full_reason="full rebuild asked for" if full else "training the linkage model")  # fmt: skip
     as_of = data_as_of(con)
     now = datetime.now(UTC).replace(tzinfo=None)
     history = (HISTORY, {"now": now, "run_id": run_id})
-    links = linkage.LinkReport(enabled=opts.linkage)
+    links = linkage.LinkReport(enabled=opts.linkage and (model is not None or train), note=waiting)
     if p.full:
         _stage_identifiers(con, opts)
         _components(con)
         con.execute(MEMBERS.format(area=""))
-        saved = _link(con, opts, links, model, train and p.full, outside=None)
+        saved = _link(con, opts, links, model, train, outside=None)
         if saved is not None:
             p.settings = refresh.settings_key({**settings, "link_model": links.model_version})
         con.execute(NEW_IDENTITY_MAP)
@@ -288,6 +298,8 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
             params={"model_version": links.model_version},
             before_commit=[
                 *([(lambda: linkage.save_model(con, saved, links.records), None)] if saved is not None else []),
+                # Linkage off (or no model yet): no links stand, and no matching traits are kept.
+                *([] if links.enabled else [("DELETE FROM identity_links", None), ("DELETE FROM identity_pii", None)]),
                 history,
                 ("DELETE FROM identity_map", None),
                 ("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next", None),
@@ -370,23 +382,23 @@ def _link_user_ids(opts: IdentityOptions) -> int:
 
 def _link(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, links: linkage.LinkReport,
           model: tuple[int, dict] | None, train: bool, outside: str | None, cluster: bool = True) -> dict | None:  # fmt: skip
-    """Stage records, train a model if asked and there are enough records, score candidate pairs
-    and (on a full run) merge. Returns newly trained settings to save, else None."""
+    """Stage records, train a model if asked, score candidate pairs and (unless the caller merges
+    later) merge. Returns newly trained settings to save, else None."""
     if not links.enabled:
         return None
     links.records = linkage.stage_records(con, "_area_events" if outside else "raw_events", "_members")
     trained = None
     if train:
-        if links.records < opts.min_link_records:
-            links.note = f"no linkage model yet: {links.records} records to learn from, {opts.min_link_records} needed"
-        else:
+        if links.records < 2:
+            links.enabled, links.note = False, "no linkage model: fewer than two people to compare"
+            return None
+        try:
             trained = linkage.train(con)
-            model = (None, trained)
-            links.trained = True
-    if model is None:
-        links.enabled = False
-        links.note = links.note or "no linkage model yet: the next full run with enough records trains one"
-        return None
+        except linkage.NotTrainable as exc:
+            links.enabled, links.note = False, f"no linkage model: {exc}"
+            return None
+        model = (None, trained)
+        links.trained = True
     links.model_version = model[0] if model[0] is not None else linkage.next_version(con)
     links.candidate_pairs = linkage.predict(con, model[1], opts.link_threshold, outside)
     links.links = con.execute("SELECT count(*) FROM _candidates").fetchall()[0][0]

@@ -48,7 +48,15 @@ DETERMINISTIC_RULES = (
     "l.last_name = r.last_name AND l.birthday = r.birthday AND l.postal_code = r.postal_code",
 )
 # EM needs blocks where matches are common; each pass estimates the comparisons not blocked on.
-EM_RULES = ("l.birthday = r.birthday", "l.first_name = r.first_name AND l.last_name = r.last_name")
+EM_RULES = (
+    "l.birthday = r.birthday",
+    "l.first_name = r.first_name AND l.last_name = r.last_name",
+    "l.postal_code = r.postal_code",
+)
+
+
+class NotTrainable(ValueError):
+    """The records give EM nothing to learn from."""
 
 
 @dataclass
@@ -95,10 +103,12 @@ def latest_model(con: duckdb.DuckDBPyConnection) -> tuple[int, dict] | None:
     return (row[0][0], json.loads(row[0][1])) if row else None
 
 
-def matching_rows(con: duckdb.DuckDBPyConnection) -> int:
-    """Events carrying a name or a birth date: enough of them and a model can be trained."""
+def matching_people(con: duckdb.DuckDBPyConnection) -> int:
+    """People (userIds, else anonymousIds) whose events carry a name or a birth date: with enough
+    of them a model can be trained. Cheap, and the same number at planning and training time."""
     return con.execute(
-        "SELECT count(*) FROM raw_events WHERE first_name IS NOT NULL OR last_name IS NOT NULL OR birthday IS NOT NULL"
+        """SELECT count(DISTINCT coalesce(user_id, anonymous_id)) FROM raw_events
+           WHERE first_name IS NOT NULL OR last_name IS NOT NULL OR birthday IS NOT NULL"""
     ).fetchall()[0][0]
 
 
@@ -154,24 +164,7 @@ def _settings(threshold_rules: tuple[str, ...]) -> dict:
             cl.DateOfBirthComparison("birthday", input_is_string=True),
             cl.ExactMatch("age"),
             cl.LevenshteinAtThresholds("postal_code", [1, 2]),
-            # Where two people share a postcode, their city says nothing more (a postcode names its
-            # city): the city counts only when the postcodes differ or one is missing.
-            cl.CustomComparison(
-                output_column_name="city",
-                comparison_levels=[
-                    {
-                        "sql_condition": "city_l IS NULL OR city_r IS NULL OR postal_code_l = postal_code_r",
-                        "label_for_charts": "no city to compare, or the same postcode",
-                        "is_null_level": True,
-                    },
-                    {"sql_condition": "city_l = city_r", "label_for_charts": "same city"},
-                    {
-                        "sql_condition": "jaro_winkler_similarity(city_l, city_r) >= 0.9",
-                        "label_for_charts": "similar city",
-                    },
-                    {"sql_condition": "ELSE", "label_for_charts": "different city"},
-                ],
-            ),
+            cl.JaroWinklerAtThresholds("city", [0.9, 0.8]),
             cl.ExactMatch("phone_hash"),
         ],
         blocking_rules_to_generate_predictions=list(threshold_rules),
@@ -209,11 +202,20 @@ def train(con: duckdb.DuckDBPyConnection) -> dict:
     linker, scratch = _linker(records, settings)
     try:
         linker.training.estimate_u_using_random_sampling(max_pairs=5e6, seed=1)
+        from splink.internals.exceptions import EMTrainingException
+
+        passes = 0
         for rule in EM_RULES:
             # The prior stays at the deterministic estimate: with few true matches EM would drive it to zero.
-            linker.training.estimate_parameters_using_expectation_maximisation(
-                rule, max_pairs=2e6, fix_probability_two_random_records_match=True
-            )
+            try:
+                linker.training.estimate_parameters_using_expectation_maximisation(
+                    rule, max_pairs=2e6, fix_probability_two_random_records_match=True
+                )
+                passes += 1
+            except EMTrainingException:
+                continue  # no pairs agree on this rule's keys (small data): the other passes estimate
+        if not passes:
+            raise NotTrainable(f"no two people agree on any of {', '.join(EM_RULES)}")
         return linker.misc.save_model_to_json()
     finally:
         scratch.close()
@@ -377,9 +379,7 @@ def weights_png(con: duckdb.DuckDBPyConnection, threshold: float) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = con.execute(
-        "SELECT match_weight, status, weights FROM _candidates JOIN _link_status USING (record_id_l, record_id_r)"
-    ).fetchall()
+    rows = con.execute("SELECT match_weight, status, weights FROM identity_links").fetchall()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
     for status in ("merged", "redundant", "blocked"):
         values = [w for w, s, _ in rows if s == status]
