@@ -5,9 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PERSONA_HOME ?= $(CURDIR)/data
 DAGSTER_HOME ?= $(PERSONA_HOME)/dagster
-EVENTS ?= 1000000
-SEGMENT_PEOPLE ?= 1000000
-LINK_RECORDS ?= 1000000
+SCALE ?= 1m
 export PERSONA_HOME DAGSTER_HOME
 
 .PHONY: venv demo test ui bench stream lint clean
@@ -44,7 +42,7 @@ ui: venv
 
 bench: venv
 	$(call debian_package,redis-server,redis-server)
-	$(BIN)/persona bench --events $(EVENTS) --segment-people $(SEGMENT_PEOPLE) --link-records $(LINK_RECORDS)
+	$(BIN)/persona bench --scale $(SCALE)
 
 stream: venv
 	$(call debian_package,redis-server,redis-server)

@@ -20,7 +20,7 @@ import duckdb
 from persona_assets.settings import persona_home
 
 EVENTS_PER_PERSON = 32  # what the generator makes on average
-STAGES = ("identity", "cleaning", "segmentation", "profiles", "serving")
+STAGES = ("identity", "cleaning", "features", "segments", "imputation", "profiles", "serving")
 
 
 FLOOR = """
@@ -46,7 +46,7 @@ print(json.dumps({"lines": r.total("lines_read"), "kept": r.total("events_kept")
 
 
 STAGE = """
-import duckdb, sys
+import duckdb, json, sys
 from pathlib import Path
 from persona_assets.assets.serving import APPEND_ONLY, published_tables
 from persona_assets.core import features, imputation, profiles, segments
@@ -60,26 +60,70 @@ con = duckdb.connect(sys.argv[1], config=connection_config())
 store = ModelStore(Path(sys.argv[1]).with_name("bench-models"))
 full = sys.argv[3] == "full"  # a full build trains the models; a refresh uses them
 traits = imputation.ImputationOptions(enrichment_path=str(shipped_enrichment()))
-steps = {
-    "identity": lambda: resolve(con, full=full).mode,
-    "cleaning": lambda: clean(con, full=full)["mode"],
-    "segmentation": lambda: (features.build(con, store, features.FeatureOptions(), refit=full, full=full),
-                             segments.build(con, store, segments.SegmentOptions(), retrain=full, full=full))[1]["mode"],
-    "profiles": lambda: (imputation.impute(con, store, traits, retrain=full, full=full),
-                         profiles.build(con, full=full))[1]["mode"],
-    "serving": lambda: publish_snapshot(con, Path(sys.argv[1]).with_name("bench-serving.duckdb"), published_tables(),
-                                        append=APPEND_ONLY),
+snapshot = Path(sys.argv[1]).with_name("bench-serving.duckdb")
+count = lambda table: con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+steps = {  # name: (run it, rows in, rows out)
+    "identity": (lambda: resolve(con, full=full), "raw_events", "deduped_users"),
+    "cleaning": (lambda: clean(con, full=full), "deduped_users", "cleaned_users"),
+    "features": (lambda: features.build(con, store, features.FeatureOptions(), refit=full, full=full),
+                 "cleaned_users", "normalized_features"),
+    "segments": (lambda: segments.build(con, store, segments.SegmentOptions(), retrain=full, full=full),
+                 "normalized_features", "segments"),
+    "imputation": (lambda: imputation.impute(con, store, traits, retrain=full, full=full),
+                   "cleaned_users", "imputed_attributes"),
+    "profiles": (lambda: profiles.build(con, full=full), "cleaned_users", "user_profiles"),
+    "serving": (lambda: publish_snapshot(con, snapshot, published_tables(), append=APPEND_ONLY), None, None),
 }
 if sys.argv[2] == "refresh":  # every stage in one process, as one Dagster run executes them
-    import json, time
+    import time
     took = {}
-    for name in steps:
+    for name, (step, _, _) in steps.items():
         started = time.perf_counter()
-        steps[name]()
+        step()
         took[name] = time.perf_counter() - started
     print(json.dumps(took))
 else:
-    print(steps[sys.argv[2]]())
+    step, rows_in, rows_out = steps[sys.argv[2]]
+    before = count(rows_in) if rows_in else None
+    result = step()
+    if rows_out is None:  # the snapshot: rows published
+        before = rows_after = sum(result.values())
+    else:
+        rows_after = count(rows_out)
+    print(json.dumps({"rows_in": before, "rows_out": rows_after}))
+"""
+
+# Profile look-ups as `persona profile` does them, on the snapshot: by userId, anonymousId
+# and person_id, with the connection open (the look-up itself) and from a cold open.
+LOOKUP = """
+import json, random, sys, time
+from pathlib import Path
+import numpy as np
+from persona_assets.core.profiles import find_person
+from persona_assets.core.publish import open_snapshot
+path, n = Path(sys.argv[1]), int(sys.argv[2])
+con = open_snapshot(path)
+keys = [r[0] for r in con.execute(
+    "SELECT identifier FROM identity_map WHERE identifier_type IN ('user_id', 'anonymous_id') "
+    "USING SAMPLE reservoir(2000 ROWS) REPEATABLE (7)").fetchall()]
+keys += [r[0] for r in con.execute("SELECT person_id FROM user_profiles USING SAMPLE reservoir(1000 ROWS) REPEATABLE (7)").fetchall()]
+random.Random(7).shuffle(keys)
+def lookup(c, who):
+    return [c.execute("SELECT * FROM user_profiles WHERE person_id = ?", [p]).fetchall() for p in find_person(c, who, b"k")]
+for who in keys[:50]:  # warm the file cache, as a serving process would be
+    lookup(con, who)
+warm = []
+for who in keys[:n]:
+    t = time.perf_counter(); lookup(con, who); warm.append((time.perf_counter() - t) * 1000)
+con.close()
+cold = []
+for who in keys[:50]:
+    t = time.perf_counter()
+    with open_snapshot(path) as c:
+        lookup(c, who)
+    cold.append((time.perf_counter() - t) * 1000)
+print(json.dumps({"lookups": len(warm), "p50_ms": float(np.percentile(warm, 50)), "p99_ms": float(np.percentile(warm, 99)),
+                  "cold_p50_ms": float(np.percentile(cold, 50)), "cold_p99_ms": float(np.percentile(cold, 99))}))
 """
 
 # Splits a generated data set: the newest `share` of events (by timestamp) become one new
@@ -280,8 +324,18 @@ def resample_people(warehouse: Path, people: int) -> int:
         return con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
 
 
-def run(args) -> int:
+SCALES = {  # make bench SCALE=...: events generated, sign-ups linked, people resampled for segmentation
+    "small": {"events": 100_000, "link_records": 10_000, "segment_people": 0},
+    "1m": {"events": 1_000_000, "link_records": 100_000, "segment_people": 0},
+    "20m": {"events": 20_000_000, "link_records": 1_000_000, "segment_people": 1_000_000},
+}
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
+
+def run(args) -> int:
+    if args.scale:
+        for key, value in SCALES[args.scale].items():
+            setattr(args, key, value)
     work = Path(args.workdir) if args.workdir else persona_home() / "bench"
     people = max(100, args.events // EVENTS_PER_PERSON)
     data = work / f"landing-{people}-{args.format.replace('.', '')}"
@@ -310,66 +364,195 @@ def run(args) -> int:
         leftover.unlink(missing_ok=True)
 
     results: dict[str, object] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "scale": args.scale or f"{args.events} events",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
         "events": counts["events"],
         "lines": counts["lines"],
         "format": args.format,
     }
+    stages: dict[str, dict] = {}
     if args.format in ("jsonl", "jsonl.gz"):
         floor_s, floor_gb, _ = measure(FLOOR, pattern)
         results["floor_seconds"] = round(floor_s, 2)
         results["floor_peak_gb"] = round(floor_gb, 2)
+    print("full build ...", flush=True)
     ingest_s, ingest_gb, out = measure(INGEST, str(data), str(warehouse))
     ingested = json.loads(out.splitlines()[-1])
+    stages["ingest"] = _stage(ingest_s, ingest_gb, ingested["lines"], ingested["kept"])
     results.update(
-        ingest_seconds=round(ingest_s, 2),
-        ingest_peak_gb=round(ingest_gb, 2),
         ingest_events_per_second=round(ingested["lines"] / ingest_s),
         **{f"ingest_{k}": v for k, v in ingested.items()},
     )
-    if "floor_seconds" in results:
-        results["ratio_to_floor"] = round(ingest_s / floor_s, 2)
     shutil.rmtree(work / "bench-models", ignore_errors=True)
     for stage in STAGES:
-        stage_s, stage_gb, _ = measure(STAGE, str(warehouse), stage, "full")
-        results[f"{stage}_seconds"] = round(stage_s, 2)
-        results[f"{stage}_peak_gb"] = round(stage_gb, 2)
-    results["full_build_seconds"] = round(ingest_s + sum(results[f"{s}_seconds"] for s in STAGES), 2)
+        stage_s, stage_gb, out = measure(STAGE, str(warehouse), stage, "full")
+        rows = json.loads(out.splitlines()[-1])
+        stages[stage] = _stage(stage_s, stage_gb, rows["rows_in"], rows["rows_out"])
+        print(f"  {stage}: {stage_s:.1f} s", flush=True)
+    results["stages"] = stages
+    results["full_build_seconds"] = round(sum(s["seconds"] for s in stages.values()), 2)
+    results["full_build_peak_gb"] = max(s["peak_gb"] for s in stages.values())
+    if "floor_seconds" in results:
+        results["ingest_ratio_to_floor"] = round(ingest_s / floor_s, 2)
+        results["full_build_ratio_to_floor"] = round(results["full_build_seconds"] / floor_s, 2)
     with duckdb.connect(str(warehouse), read_only=True) as con:
         results["people"] = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
     if increment is not None:
+        print("incremental refresh ...", flush=True)
         refresh_s, _, out = measure(INGEST, str(increment.parent), str(warehouse))
-        results["refresh_new_events"] = json.loads(out.splitlines()[-1])["kept"]
-        results["refresh_ingest_seconds"] = round(refresh_s, 2)
+        refresh = {"new_events": json.loads(out.splitlines()[-1])["kept"], "ingest_seconds": round(refresh_s, 2)}
         stages_s, stages_gb, out = measure(STAGE, str(warehouse), "refresh", "incremental")
         for stage, seconds in json.loads(out.splitlines()[-1]).items():
-            results[f"refresh_{stage}_seconds"] = round(seconds, 2)
-        results["refresh_stages_wall_seconds"] = round(stages_s, 2)  # the stages plus one process start
-        results["refresh_peak_gb"] = round(stages_gb, 2)
+            refresh[f"{stage}_seconds"] = round(seconds, 2)
+        refresh["stages_wall_seconds"] = round(stages_s, 2)  # the stages plus one process start
+        refresh["peak_gb"] = round(stages_gb, 2)
         refresh_s += stages_s
         with duckdb.connect(str(warehouse), read_only=True) as con:
-            results["refresh_people_recomputed"] = con.execute(
+            refresh["people_recomputed"] = con.execute(
                 "SELECT people FROM refresh_state WHERE stage = 'cleaning'"
             ).fetchall()[0][0]
-        results["refresh_seconds"] = round(refresh_s, 2)
-        results["refresh_share_of_full_build"] = round(refresh_s / results["full_build_seconds"], 3)
+        refresh["seconds"] = round(refresh_s, 2)
+        refresh["share_of_full_build"] = round(refresh_s / results["full_build_seconds"], 3)
+        results["refresh"] = refresh
+    print("profile look-ups ...", flush=True)
+    _, _, out = measure(LOOKUP, str(work / "bench-serving.duckdb"), "2000")
+    results["lookup"] = {k: round(v, 2) for k, v in json.loads(out.splitlines()[-1]).items()}
     if args.segment_people:
         # Last: it replaces cleaned_users with resampled people that have no events.
+        print(f"segmentation on {args.segment_people} resampled people ...", flush=True)
         results["resampled_people"] = resample_people(warehouse, args.segment_people)
-        stage_s, stage_gb, _ = measure(STAGE, str(warehouse), "segmentation")
-        results["resampled_segmentation_seconds"] = round(stage_s, 2)
-        results["resampled_segmentation_peak_gb"] = round(stage_gb, 2)
+        for stage in ("features", "segments"):
+            stage_s, stage_gb, _ = measure(STAGE, str(warehouse), stage, "full")
+            results[f"resampled_{stage}_seconds"] = round(stage_s, 2)
+            results[f"resampled_{stage}_peak_gb"] = round(stage_gb, 2)
     if not args.keep:
         warehouse.unlink(missing_ok=True)
         work.joinpath("bench-serving.duckdb").unlink(missing_ok=True)
     if args.stream:
-        results.update(stream_bench(work))
+        print("stream ...", flush=True)
+        results["stream"] = stream_bench(work)
     if args.link_records:
-        results.update(link_bench(work, args.link_records))
+        print("linkage ...", flush=True)
+        results["linkage"] = link_bench(work, args.link_records)
     out_file = work / f"bench-{people}-{args.format.replace('.', '')}.json"
     out_file.write_text(json.dumps(results, indent=2))
-    width = max(len(k) for k in results)
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value}")
+    print(report_markdown(results))
     print(f"(written to {out_file})")
+    if args.scale:
+        DOCS.joinpath("benchmarks").mkdir(parents=True, exist_ok=True)
+        DOCS.joinpath("benchmarks", f"{args.scale}.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_docs()
+        print(f"(and to {DOCS / 'benchmarks.md'})")
     return 0
+
+
+def machine() -> str:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = model
+    except (OSError, StopIteration):
+        pass
+    memory = psutil.virtual_memory().total / 1024**3
+    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GB, Python {platform.python_version()}, DuckDB {duckdb.__version__}"
+
+
+def _stage(seconds: float, peak_gb: float, rows_in: int | None, rows_out: int | None) -> dict:
+    return {"seconds": round(seconds, 2), "peak_gb": round(peak_gb, 2), "rows_in": rows_in, "rows_out": rows_out}
+
+
+# Goals from the performance issue, checked on the 20m run.
+GOALS = (
+    ("full build under 15 minutes", lambda r: r["full_build_seconds"] < 900, lambda r: f"{r['full_build_seconds']:.0f} s"),
+    ("full build under 12 GB peak", lambda r: r["full_build_peak_gb"] < 12, lambda r: f"{r['full_build_peak_gb']} GB"),
+    ("whole graph under 15x the floor", lambda r: r.get("full_build_ratio_to_floor", 99) < 15,
+     lambda r: f"{r.get('full_build_ratio_to_floor')}x"),
+    ("1% refresh under 10% of the full build", lambda r: r["refresh"]["share_of_full_build"] < 0.10,
+     lambda r: f"{r['refresh']['share_of_full_build']:.1%}"),
+    ("profile look-up p99 under 10 ms", lambda r: r["lookup"]["p99_ms"] < 10, lambda r: f"{r['lookup']['p99_ms']} ms"),
+)  # fmt: skip
+
+
+def report_markdown(r: dict) -> str:
+    """One bench run as markdown: the per-stage table, then the summary figures."""
+    lines = [f"### {r['scale']}: {r['events']:,} events, {r['people']:,} people ({r['date']})", "",
+             f"Machine: {r['machine']}.", "",
+             "| stage | seconds | peak GB | rows in | rows out |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, st in r["stages"].items():
+        rows_in = f"{st['rows_in']:,}" if st["rows_in"] is not None else ""
+        rows_out = f"{st['rows_out']:,}" if st["rows_out"] is not None else ""
+        lines.append(f"| {name} | {st['seconds']:.1f} | {st['peak_gb']:.2f} | {rows_in} | {rows_out} |")
+    lines.append(f"| **full build** | **{r['full_build_seconds']:.1f}** | **{r['full_build_peak_gb']:.2f}** | | |")
+    lines.append("")
+    if "floor_seconds" in r:
+        lines.append(
+            f"- Floor (DuckDB reads the same files once, groups by anonymousId): {r['floor_seconds']:.1f} s; "
+            f"ingest {r['ingest_ratio_to_floor']}x, whole graph {r['full_build_ratio_to_floor']}x."
+        )
+    if "refresh" in r:
+        f = r["refresh"]
+        parts = ", ".join(
+            f"{k[:-8]} {v:.1f}" for k, v in f.items() if k.endswith("_seconds") and k != "stages_wall_seconds"
+        )
+        lines.append(
+            f"- Incremental refresh with the newest 1% ({f['new_events']:,} events, {f['people_recomputed']:,} "
+            f"people recomputed): {f['seconds']:.1f} s = {f['share_of_full_build']:.1%} of the full build ({parts} s)."
+        )
+    lk = r["lookup"]
+    lines.append(
+        f"- Profile look-up on the snapshot ({lk['lookups']:.0f} by userId, anonymousId or person_id): "
+        f"p50 {lk['p50_ms']} ms, p99 {lk['p99_ms']} ms; from a cold open p50 {lk['cold_p50_ms']} ms, "
+        f"p99 {lk['cold_p99_ms']} ms."
+    )
+    if "resampled_people" in r:
+        lines.append(
+            f"- Segmentation on {r['resampled_people']:,} resampled people: features "
+            f"{r['resampled_features_seconds']:.1f} s ({r['resampled_features_peak_gb']} GB), segments "
+            f"{r['resampled_segments_seconds']:.1f} s ({r['resampled_segments_peak_gb']} GB)."
+        )
+    if "stream" in r:
+        st = r["stream"]
+        lines.append(
+            f"- Stream: {st['stream_events_per_second']:,} events/s on one consumer; at "
+            f"{st['stream_offered_per_second']:.0f}/s offered, latency p50 {st['stream_latency_p50_ms']} ms, "
+            f"p99 {st['stream_latency_p99_ms']} ms."
+        )
+    if "linkage" in r:
+        lk = r["linkage"]
+        lines.append(
+            f"- Probabilistic linkage of {lk['link_records']:,} sign-ups: identity {lk['link_identity_with_linkage_seconds']:.1f} s "
+            f"with linkage ({lk['link_identity_without_linkage_seconds']:.1f} s without), {lk['link_peak_gb']} GB, "
+            f"{lk['link_candidate_pairs']:,} candidate pairs, pairwise F1 {lk['link_f1']}."
+        )
+    if r["scale"] == "20m":
+        lines += ["", "| goal (20m) | measured | met |", "|---|---:|:---:|"]
+        for goal, met, shown in GOALS:
+            try:
+                lines.append(f"| {goal} | {shown(r)} | {'yes' if met(r) else 'no'} |")
+            except KeyError:
+                lines.append(f"| {goal} | not measured | |")
+    return "\n".join(lines) + "\n"
+
+
+BENCH_DOC_HEAD = """# Benchmarks
+
+Written by `make bench SCALE=small|1m|20m` (`persona bench --scale ...`): each run generates its
+data with the project's generator, builds the whole graph (each stage in its own process,
+so its peak memory is its own), refreshes with the newest 1% of events held back, looks up
+profiles on the snapshot, and (where set) times the stream and probabilistic linkage. The raw
+figures are in `docs/benchmarks/<scale>.json`. The machine is shared and noisy: compare
+ratios within one run.
+
+"""
+
+
+def write_docs() -> None:
+    runs = []
+    for scale in SCALES:
+        path = DOCS / "benchmarks" / f"{scale}.json"
+        if path.exists():
+            runs.append(report_markdown(json.loads(path.read_text())))
+    (DOCS / "benchmarks.md").write_text(BENCH_DOC_HEAD + "\n".join(runs))

@@ -372,7 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(fn=cmd_ui)
 
-    p = sub.add_parser("bench", help="time ingestion against a DuckDB floor on generated data")
+    p = sub.add_parser(
+        "bench", help="time the whole graph, a refresh, look-ups (and stream, linkage) on generated data"
+    )
+    p.add_argument("--scale", choices=["small", "1m", "20m"], help="a preset (events, linkage, segmentation) that "
+                   "also writes docs/benchmarks.md")  # fmt: skip
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--format", default="jsonl", choices=["jsonl", "jsonl.gz", "csv", "parquet"])
     p.add_argument("--workdir", help="where to generate and keep bench data (default PERSONA_HOME/bench)")

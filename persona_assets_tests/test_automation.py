@@ -106,7 +106,15 @@ def test_a_failed_run_is_recorded_in_a_table_and_in_its_tags(persona_home):
     failed = defs.resolve_implicit_global_asset_job_def().execute_in_process(
         instance=instance,
         asset_selection=[
-            dg.AssetKey(k) for k in ("deduped_users", "identity_map", "identity_guard", "person_id_history")
+            dg.AssetKey(k)
+            for k in (
+                "deduped_users",
+                "identity_map",
+                "identity_guard",
+                "identity_links",
+                "identity_pii",
+                "person_id_history",
+            )  # fmt: skip
         ],
         raise_on_error=False,
     )

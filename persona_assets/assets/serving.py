@@ -40,9 +40,15 @@ PUBLISHED = {
 APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "ingest_files": "batch_id"}
 
 
+# Tables looked up by key (`persona profile`): stored in key order, so a look-up reads one
+# row group (DuckDB skips the others by their min/max) instead of scanning the table.
+LOOKUP_ORDER = {"identity_map": "identifier, identifier_type", "user_profiles": "person_id"}
+
+
 def published_tables() -> dict[str, str]:
     return {
         table: f"SELECT {', '.join(columns(model, serving_only=True))} FROM {table}"
+        + (f" ORDER BY {LOOKUP_ORDER[table]}" if table in LOOKUP_ORDER else "")
         for table, model in PUBLISHED.items()
     }
 

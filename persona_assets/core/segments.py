@@ -244,7 +244,11 @@ def describe(
     return f"{name} ({suffix})", explanation
 
 
-def _subsegments(X: np.ndarray, parent: Group, opts: SegmentOptions, features: list[str]) -> list[Group]:
+SUBSEGMENT_STICKINESS = 0.05  # silhouette a new sub-split must gain over the previous one to replace it
+
+
+def _subsegments(X: np.ndarray, parent: Group, opts: SegmentOptions, features: list[str],
+                 previous: list[Group] = ()) -> list[Group]:  # fmt: skip
     """Ward clusters within one segment, on a sample; the sub-k with the best silhouette wins.
 
     Always in the normalized feature space (whichever space the segments use), so a
@@ -264,6 +268,16 @@ def _subsegments(X: np.ndarray, parent: Group, opts: SegmentOptions, features: l
             sil = silhouette_score(xs, labels)
             if sil > best_sil:
                 best_labels, best_sil = labels, sil
+        if len(previous) >= 2:
+            # A retrain keeps the segment's previous sub-segments (people to their nearest old
+            # centroid) unless a new split is clearly better: sub-segments should not churn
+            # because a few people moved between segments.
+            old = np.stack([g.centroid for g in previous])
+            kept_labels = np.linalg.norm(xs[:, None, :] - old[None], axis=2).argmin(axis=1)
+            if len(np.unique(kept_labels)) >= 2:
+                kept_sil = silhouette_score(xs, kept_labels)
+                if kept_sil >= best_sil - SUBSEGMENT_STICKINESS:
+                    best_labels, best_sil = np.unique(kept_labels, return_inverse=True)[1], kept_sil
     mean, std = xs.mean(axis=0), xs.std(axis=0)
     groups, taken = [], set()
     for j in range(best_labels.max() + 1):
@@ -399,8 +413,8 @@ def train(
     subsegments: list[Group] = []
     for j, seg in enumerate(segments):
         members = labels == j
-        subs = _subsegments(Xn[members], seg, opts, features)
         old = [g for g in (previous.subsegments if previous else []) if g.parent == seg.id]
+        subs = _subsegments(Xn[members], seg, opts, features, old)
         sub_kept, _ = _match(old, subs, opts.match_max_distance)
         for sub, sub_id in zip(subs, _numbered(sub_kept, len(subs), [g.id for g in old], "")):
             sub.id = sub_id if "." in sub_id else f"{seg.id}.{sub_id}"
