@@ -212,8 +212,10 @@ def train(con: duckdb.DuckDBPyConnection) -> dict:
                     rule, max_pairs=2e6, fix_probability_two_random_records_match=True
                 )
                 passes += 1
-            except EMTrainingException:
-                continue  # no pairs agree on this rule's keys (small data): the other passes estimate
+            except (EMTrainingException, ValueError):
+                # No pairs agree on this rule's keys, or EM drove a level's m to zero (small data,
+                # few true matches): this pass is skipped and the others estimate.
+                continue
         if not passes:
             raise NotTrainable(f"no two people agree on any of {', '.join(EM_RULES)}")
         return linker.misc.save_model_to_json()
