@@ -186,7 +186,7 @@ def _linker(records: pa.Table, settings: dict):
 
     scratch = duckdb.connect()  # Splink's working tables stay out of the warehouse
     db = DuckDBAPI(scratch)
-    return Linker(db.register(records), settings, log_level=logging.ERROR), scratch
+    return Linker(db.register(records), settings, log_level=logging.ERROR), scratch, db
 
 
 def _splink_input(con: duckdb.DuckDBPyConnection, select: str) -> pa.Table:
@@ -199,7 +199,7 @@ def train(con: duckdb.DuckDBPyConnection) -> dict:
     records = _splink_input(con, "SELECT *, true AS in_area FROM _records")
     settings = _settings(BLOCKING_RULES)
     settings["probability_two_random_records_match"] = prior(con)
-    linker, scratch = _linker(records, settings)
+    linker, scratch, _ = _linker(records, settings)
     try:
         linker.training.estimate_u_using_random_sampling(max_pairs=5e6, seed=1)
         from splink.internals.exceptions import EMTrainingException
@@ -252,18 +252,21 @@ def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outsi
     if outside:
         select += f" UNION ALL BY NAME SELECT *, false AS in_area FROM ({outside})"
     records = _splink_input(con, select)
-    area = "" if outside is None else " AND (l.in_area OR r.in_area)"
     settings = dict(model)
     settings["blocking_rules_to_generate_predictions"] = [
-        {"blocking_rule": rule + area, "sql_dialect": "duckdb"} for rule in BLOCKING_RULES
+        {"blocking_rule": rule, "sql_dialect": "duckdb"} for rule in BLOCKING_RULES
     ]
     settings["retain_intermediate_calculation_columns"] = True
     settings["retain_matching_columns"] = False
-    linker, scratch = _linker(records, settings)
+    linker, scratch, db = _linker(records, settings)
     try:
-        # Blocked pairs first, to count them; predict reuses them from Splink's cache.
-        blocked = linker.inference.compute_blocked_pairs_for_predict()
-        compared = scratch.sql(f"SELECT count(*) FROM {blocked.physical_name}").fetchall()[0][0]
+        if outside is None:
+            # Blocked pairs first, to count them; predict reuses them from Splink's cache.
+            blocked = linker.inference.compute_blocked_pairs_for_predict().physical_name
+        else:
+            blocked = _area_pairs(scratch, records)
+            linker.table_management.register_blocked_pairs_for_predict(db.register(blocked))
+        compared = scratch.sql(f"SELECT count(*) FROM {blocked}").fetchall()[0][0]
         pairs = linker.inference.predict(threshold_match_probability=threshold)
         table = scratch.sql(f"SELECT * FROM {pairs.physical_name}").to_arrow_table()
     finally:
@@ -289,6 +292,28 @@ def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outsi
     )
     con.unregister("_candidates_arrow")
     return compared
+
+
+def _area_pairs(scratch: duckdb.DuckDBPyConnection, records: pa.Table) -> str:
+    """The pairs Splink's blocking would give that have a record of this run on at least one side,
+    found from those records outward: each rule joins the run's few records to everyone's, so an
+    incremental run does not pair up everyone to keep a handful. Each pair keeps the first rule
+    that found it, as Splink's own blocking does."""
+    scratch.register("_records_arrow", records)
+    scratch.execute("CREATE TABLE _records AS SELECT * FROM _records_arrow")
+    scratch.unregister("_records_arrow")
+    found = " UNION ALL ".join(
+        f"""SELECT '{i}' AS match_key, least(l.record_id, r.record_id) AS join_key_l,
+                   greatest(l.record_id, r.record_id) AS join_key_r
+            FROM (SELECT * FROM _records WHERE in_area) l JOIN _records r
+            ON {rule} AND l.record_id <> r.record_id"""
+        for i, rule in enumerate(BLOCKING_RULES)
+    )
+    scratch.execute(
+        f"""CREATE TABLE _area_blocked AS SELECT min(match_key) AS match_key, join_key_l, join_key_r
+            FROM ({found}) GROUP BY join_key_l, join_key_r"""
+    )
+    return "_area_blocked"
 
 
 def outside_people(con: duckdb.DuckDBPyConnection) -> list[str]:
