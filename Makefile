@@ -42,7 +42,7 @@ ui: venv
 
 bench: venv
 	$(call debian_package,redis-server,redis-server)
-	$(BIN)/persona bench --scale $(SCALE)
+	$(BIN)/persona bench --scale $(SCALE) $(if $(PROFILE),--profile)
 
 stream: venv
 	$(call debian_package,redis-server,redis-server)

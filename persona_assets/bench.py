@@ -289,8 +289,15 @@ PEAK = (
 )
 
 
-def measure(code: str, *args: str) -> tuple[float, float, str]:
-    """Run `code` in a fresh Python; returns wall seconds, its peak RSS in GB, and its stdout."""
+def measure(code: str, *args: str, profile: Path | None = None) -> tuple[float, float, str]:
+    """Run `code` in a fresh Python; returns wall seconds, its peak RSS in GB, and its stdout.
+    With `profile`, the run is sampled by pyinstrument and its call tree written there."""
+    if profile:
+        code = (
+            "from pyinstrument import Profiler as _Profiler\n_profiler = _Profiler(interval=0.01)\n_profiler.start()\n"
+            + code
+            + f"\n_profiler.stop()\nopen({str(profile)!r}, 'w').write(_profiler.output_text(unicode=False, color=False))"
+        )
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code + PEAK, *args], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read() if proc.stdout else ""
@@ -377,7 +384,11 @@ def run(args) -> int:
         results["floor_seconds"] = round(floor_s, 2)
         results["floor_peak_gb"] = round(floor_gb, 2)
     print("full build ...", flush=True)
-    ingest_s, ingest_gb, out = measure(INGEST, str(data), str(warehouse))
+    profiles = None
+    if args.profile:
+        profiles = DOCS / "profiles" / (args.scale or "custom")
+        profiles.mkdir(parents=True, exist_ok=True)
+    ingest_s, ingest_gb, out = measure(INGEST, str(data), str(warehouse), profile=_profile_path(profiles, "ingest"))
     ingested = json.loads(out.splitlines()[-1])
     stages["ingest"] = _stage(ingest_s, ingest_gb, ingested["lines"], ingested["kept"])
     results.update(
@@ -386,7 +397,7 @@ def run(args) -> int:
     )
     shutil.rmtree(work / "bench-models", ignore_errors=True)
     for stage in STAGES:
-        stage_s, stage_gb, out = measure(STAGE, str(warehouse), stage, "full")
+        stage_s, stage_gb, out = measure(STAGE, str(warehouse), stage, "full", profile=_profile_path(profiles, stage))
         rows = json.loads(out.splitlines()[-1])
         stages[stage] = _stage(stage_s, stage_gb, rows["rows_in"], rows["rows_out"])
         print(f"  {stage}: {stage_s:.1f} s", flush=True)
@@ -445,6 +456,10 @@ def run(args) -> int:
         write_docs()
         print(f"(and to {DOCS / 'benchmarks.md'})")
     return 0
+
+
+def _profile_path(folder: Path | None, stage: str) -> Path | None:
+    return folder / f"{stage}.txt" if folder else None
 
 
 def machine() -> str:

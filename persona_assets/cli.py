@@ -378,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", choices=["small", "1m", "20m"], help="a preset (events, linkage, segmentation) that "
                    "also writes docs/benchmarks.md")  # fmt: skip
     p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument(
+        "--profile", action="store_true", help="sample each full-build stage with pyinstrument (docs/profiles/<scale>/)"
+    )
     p.add_argument("--format", default="jsonl", choices=["jsonl", "jsonl.gz", "csv", "parquet"])
     p.add_argument("--workdir", help="where to generate and keep bench data (default PERSONA_HOME/bench)")
     p.add_argument(
