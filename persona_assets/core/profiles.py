@@ -125,21 +125,27 @@ def find_person(con: duckdb.DuckDBPyConnection, query: str, key: bytes, gmail_ru
     """
     query = query.strip()
     if re.fullmatch(PERSON_ID, query):
-        candidates = [("person", query)]
+        lookups = [("SELECT person_id FROM user_profiles WHERE person_id = ?", [query])]
     else:
-        candidates = [(t, query) for t in ("user_id", "anonymous_id", "device_id")]
+        # One query for the identifiers taken as written (the snapshot keeps identity_map in
+        # identifier order, so it reads one row group), one more for a hashed email or phone.
+        lookups = [
+            (
+                "SELECT DISTINCT person_id FROM identity_map WHERE identifier = ? "
+                "AND identifier_type IN ('user_id', 'anonymous_id', 'device_id') ORDER BY person_id",
+                [query],
+            )
+        ]
+        hashed = []
         if "@" in query and (email := normalize_email(query, gmail_rules)):
-            candidates.append(("email", hmac_hex(key, email)))
+            hashed.append(("email", hmac_hex(key, email)))
         if re.fullmatch(r"[+0-9 ()./-]{6,}", query) and (phone := normalize_phone(query, None)):
-            candidates.append(("phone", hmac_hex(key, phone)))
+            hashed.append(("phone", hmac_hex(key, phone)))
+        lookups += [
+            ("SELECT DISTINCT person_id FROM identity_map WHERE identifier = ? AND identifier_type = ?", [value, kind])
+            for kind, value in hashed
+        ]
     found: list[str] = []
-    for kind, value in candidates:
-        if kind == "person":
-            rows = con.execute("SELECT person_id FROM user_profiles WHERE person_id = ?", [value]).fetchall()
-        else:
-            rows = con.execute(
-                "SELECT DISTINCT person_id FROM identity_map WHERE identifier_type = ? AND identifier = ?",
-                [kind, value],
-            ).fetchall()
-        found += [r[0] for r in rows if r[0] not in found]
+    for sql, params in lookups:
+        found += [r[0] for r in con.execute(sql, params).fetchall() if r[0] not in found]
     return found
