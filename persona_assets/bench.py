@@ -46,33 +46,35 @@ print(json.dumps({"lines": r.total("lines_read"), "kept": r.total("events_kept")
 
 
 STAGE = """
-import duckdb, json, sys
+import duckdb, importlib, json, sys
 from pathlib import Path
-from persona_assets.assets.serving import APPEND_ONLY, published_tables
-from persona_assets.core import features, imputation, profiles, segments
-from persona_assets.core.cleaning import clean
-from persona_assets.core.identity import resolve
-from persona_assets.core.models import ModelStore
-from persona_assets.core.publish import publish_snapshot
 from persona_assets.core.warehouse import connection_config
-from persona_assets.settings import shipped_enrichment
 con = duckdb.connect(sys.argv[1], config=connection_config())
-store = ModelStore(Path(sys.argv[1]).with_name("bench-models"))
 full = sys.argv[3] == "full"  # a full build trains the models; a refresh uses them
-traits = imputation.ImputationOptions(enrichment_path=str(shipped_enrichment()))
+models = Path(sys.argv[1]).with_name("bench-models")
 snapshot = Path(sys.argv[1]).with_name("bench-serving.duckdb")
 count = lambda table: con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+# Each stage imports only what it uses, as a long-lived Dagster process would have imported
+# everything once: a fresh process per stage should not charge every stage for LightGBM and Dagster.
+core = lambda name: importlib.import_module(f"persona_assets.core.{name}")
+store = lambda: core("models").ModelStore(models)
+def traits():
+    from persona_assets.settings import shipped_enrichment
+    return core("imputation").ImputationOptions(enrichment_path=str(shipped_enrichment()))
+def publish():
+    from persona_assets.assets.serving import APPEND_ONLY, published_tables
+    return core("publish").publish_snapshot(con, snapshot, published_tables(), append=APPEND_ONLY)
 steps = {  # name: (run it, rows in, rows out)
-    "identity": (lambda: resolve(con, full=full), "raw_events", "deduped_users"),
-    "cleaning": (lambda: clean(con, full=full), "deduped_users", "cleaned_users"),
-    "features": (lambda: features.build(con, store, features.FeatureOptions(), refit=full, full=full),
-                 "cleaned_users", "normalized_features"),
-    "segments": (lambda: segments.build(con, store, segments.SegmentOptions(), retrain=full, full=full),
-                 "normalized_features", "segments"),
-    "imputation": (lambda: imputation.impute(con, store, traits, retrain=full, full=full),
+    "identity": (lambda: core("identity").resolve(con, full=full), "raw_events", "deduped_users"),
+    "cleaning": (lambda: core("cleaning").clean(con, full=full), "deduped_users", "cleaned_users"),
+    "features": (lambda: core("features").build(con, store(), core("features").FeatureOptions(), refit=full,
+                                                full=full), "cleaned_users", "normalized_features"),
+    "segments": (lambda: core("segments").build(con, store(), core("segments").SegmentOptions(), retrain=full,
+                                                full=full), "normalized_features", "segments"),
+    "imputation": (lambda: core("imputation").impute(con, store(), traits(), retrain=full, full=full),
                    "cleaned_users", "imputed_attributes"),
-    "profiles": (lambda: profiles.build(con, full=full), "cleaned_users", "user_profiles"),
-    "serving": (lambda: publish_snapshot(con, snapshot, published_tables(), append=APPEND_ONLY), None, None),
+    "profiles": (lambda: core("profiles").build(con, full=full), "cleaned_users", "user_profiles"),
+    "serving": (publish, None, None),
 }
 if sys.argv[2] == "refresh":  # every stage in one process, as one Dagster run executes them
     import time
@@ -377,6 +379,7 @@ def run(args) -> int:
         "events": counts["events"],
         "lines": counts["lines"],
         "format": args.format,
+        "profiled": bool(args.profile),  # pyinstrument sampling adds a little to each stage
     }
     stages: dict[str, dict] = {}
     if args.format in ("jsonl", "jsonl.gz"):
@@ -493,8 +496,9 @@ GOALS = (
 
 def report_markdown(r: dict) -> str:
     """One bench run as markdown: the per-stage table, then the summary figures."""
+    sampled = " Stages sampled by pyinstrument (adds a little)." if r.get("profiled") else ""
     lines = [f"### {r['scale']}: {r['events']:,} events, {r['people']:,} people ({r['date']})", "",
-             f"Machine: {r['machine']}.", "",
+             f"Machine: {r['machine']}.{sampled}", "",
              "| stage | seconds | peak GB | rows in | rows out |", "|---|---:|---:|---:|---:|"]  # fmt: skip
     for name, st in r["stages"].items():
         rows_in = f"{st['rows_in']:,}" if st["rows_in"] is not None else ""

@@ -180,7 +180,6 @@ class IdentityPii(pa.DataFrameModel):
     age: Series[pd.Int64Dtype] = column("BIGINT", serving=False, nullable=True, coerce=True)
     postal_code: Series[str] = column("VARCHAR", serving=False, nullable=True)
     city: Series[str] = column("VARCHAR", serving=False, nullable=True)
-    phone_hash: Series[str] = column("VARCHAR", serving=False, nullable=True)
 
     class Config:
         strict = True

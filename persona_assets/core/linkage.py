@@ -1,5 +1,8 @@
 """Probabilistic identity: link people who share no identifier, by name, birth date, age, postcode and city.
 
+(Not by phone: a phone is an identifier, so two records never share a usable one, and "both
+have a phone and they differ" is the only level left, which carries no evidence.)
+
 A *record* is a person as deterministic stitching found them (one component of the
 identifier graph, keyed by the id that component alone would get). Records are compared
 with Splink on DuckDB: blocking rules keep the candidate pairs near-linear, comparison
@@ -30,7 +33,7 @@ from persona_assets.contracts import IdentityLinks, IdentityPii, ddl
 from persona_assets.core.refresh import SCOPE
 
 MODEL_TABLE = "identity_link_model"
-COMPARED = ("first_name", "last_name", "birthday", "age", "postal_code", "city", "phone_hash")
+COMPARED = ("first_name", "last_name", "birthday", "age", "postal_code", "city")
 
 # Each rule is an equi-join, so each person meets only those who agree on these keys.
 # Together they still catch a pair with a typo in any one field.
@@ -84,7 +87,6 @@ TRAIT_SQL = {
     "age": "CASE WHEN TRY_CAST(trim(e.age) AS DOUBLE) BETWEEN 0 AND 120 THEN TRY_CAST(trim(e.age) AS DOUBLE)::BIGINT END",
     "postal_code": "nullif(upper(replace(trim(e.postal_code), ' ', '')), '')",
     "city": _norm("e.city"),
-    "phone_hash": "e.phone_hash",
 }
 
 
@@ -120,8 +122,7 @@ def stage_records(con: duckdb.DuckDBPyConnection, events: str, members: str) -> 
         f"arg_max({sql}, (e.event_at, e.message_id)) FILTER (WHERE {sql} IS NOT NULL) AS {name}"
         for name, sql in TRAIT_SQL.items()
     )
-    any_trait = " OR ".join(f"e.{c} IS NOT NULL" for c in ("first_name", "last_name", "birthday", "age",
-                                                              "postal_code", "city", "phone_hash"))  # fmt: skip
+    any_trait = " OR ".join(f"e.{c} IS NOT NULL" for c in COMPARED)
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _records AS
         WITH firsts AS (
@@ -142,10 +143,7 @@ def stage_records(con: duckdb.DuckDBPyConnection, events: str, members: str) -> 
         SELECT 'p' || left(sha256(f.first_id), 16) AS record_id, f.component, f.anchor_type, f.anchor,
                coalesce(len(f.user_id_list), 0) AS user_ids, f.user_id_list[1] AS user_id,
                coalesce(f.user_id_list, []) AS user_id_list,
-               t.* EXCLUDE (component, phone_hash),
-               -- a phone many people share (a call centre) says nothing about whether two of them match
-               CASE WHEN t.phone_hash NOT IN (SELECT identifier FROM _guard WHERE identifier_type = 'phone')
-                    THEN t.phone_hash END AS phone_hash
+               t.* EXCLUDE (component)
         FROM firsts f JOIN traits t USING (component)
         WHERE t.first_name IS NOT NULL OR t.last_name IS NOT NULL OR t.birthday IS NOT NULL"""
     )
@@ -165,7 +163,6 @@ def _settings(threshold_rules: tuple[str, ...]) -> dict:
             cl.ExactMatch("age"),
             cl.LevenshteinAtThresholds("postal_code", [1, 2]),
             cl.JaroWinklerAtThresholds("city", [0.9, 0.8]),
-            cl.ExactMatch("phone_hash"),
         ],
         blocking_rules_to_generate_predictions=list(threshold_rules),
         retain_matching_columns=False,
