@@ -62,8 +62,9 @@ def traits():
     from persona_assets.settings import shipped_enrichment
     return core("imputation").ImputationOptions(enrichment_path=str(shipped_enrichment()))
 def publish():
-    from persona_assets.assets.serving import APPEND_ONLY, published_tables
-    return core("publish").publish_snapshot(con, snapshot, published_tables(), append=APPEND_ONLY)
+    from persona_assets.assets.serving import APPEND_ONLY, LOOKUP_INDEXES, published_tables
+    return core("publish").publish_snapshot(con, snapshot, published_tables(), append=APPEND_ONLY,
+                                            indexes=LOOKUP_INDEXES)
 steps = {  # name: (run it, rows in, rows out)
     "identity": (lambda: core("identity").resolve(con, full=full), "raw_events", "deduped_users"),
     "cleaning": (lambda: core("cleaning").clean(con, full=full), "deduped_users", "cleaned_users"),
@@ -568,10 +569,11 @@ ratios within one run.
 """
 
 
-def write_docs() -> None:
+def write_docs(docs: Path = DOCS) -> None:
+    """docs/benchmarks.md from every scale's docs/benchmarks/<scale>.json."""
     runs = []
     for scale in SCALES:
-        path = DOCS / "benchmarks" / f"{scale}.json"
+        path = docs / "benchmarks" / f"{scale}.json"
         if path.exists():
             runs.append(report_markdown(json.loads(path.read_text())))
-    (DOCS / "benchmarks.md").write_text(BENCH_DOC_HEAD + "\n".join(runs))
+    (docs / "benchmarks.md").write_text(BENCH_DOC_HEAD + "\n".join(runs))

@@ -40,9 +40,10 @@ PUBLISHED = {
 APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "ingest_files": "batch_id"}
 
 
-# Tables looked up by key (`persona profile`): stored in key order, so a look-up reads one
-# row group (DuckDB skips the others by their min/max) instead of scanning the table.
+# Tables looked up by key (`persona profile`): stored in key order (DuckDB skips row groups by
+# their min/max) and indexed on the key, so a look-up is a point read, not a scan.
 LOOKUP_ORDER = {"identity_map": "identifier, identifier_type", "user_profiles": "person_id"}
+LOOKUP_INDEXES = {"identity_map": "identifier", "user_profiles": "person_id"}
 
 
 def published_tables() -> dict[str, str]:
@@ -63,7 +64,9 @@ def published_tables() -> dict[str, str]:
 )
 def serving_snapshot(context: dg.AssetExecutionContext, warehouse: DuckDBResource, serving: ServingPublisher):
     with warehouse.get_connection() as con:
-        counts = serving.publish(con, published_tables(), run_id=context.run_id, append=APPEND_ONLY)
+        counts = serving.publish(
+            con, published_tables(), run_id=context.run_id, append=APPEND_ONLY, indexes=LOOKUP_INDEXES
+        )
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(serving.path),

@@ -19,15 +19,21 @@ def sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def sql_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[str, str],
-                     run_id: str | None = None, append: dict[str, str] | None = None) -> dict[str, int]:  # fmt: skip
+                     run_id: str | None = None, append: dict[str, str] | None = None,
+                     indexes: dict[str, str] | None = None) -> dict[str, int]:  # fmt: skip
     """Write each `name -> SELECT` into a new file, then rename it over `path`.
 
     Table names are Persona's own; the SELECTs run on the warehouse connection `con`.
     `append` names append-only tables and their ever-growing key (`raw_events: batch_id`):
     the new file starts as a copy of the previous snapshot and those tables only get the rows
     past the key they reached (written whole again if their row count no longer matches),
-    so a refresh does not copy every event again. Returns the row count of each table.
+    so a refresh does not copy every event again. `indexes` (`table: column`) get an index in
+    the snapshot, for point look-ups. Returns the row count of each table.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -37,6 +43,7 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
     if append and path.exists():
         shutil.copyfile(path, tmp)
     counts: dict[str, int] = {}
+    default = con.execute("SELECT current_database()").fetchall()[0][0]
     con.execute(f"ATTACH {sql_literal(str(tmp))} AS _snapshot")
     try:
         existing = {
@@ -57,6 +64,13 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
             con.execute(f'DROP TABLE IF EXISTS _snapshot."{name}"')
             con.execute(f'CREATE TABLE _snapshot."{name}" AS {select}')
             counts[name] = con.execute(f'SELECT count(*) FROM _snapshot."{name}"').fetchall()[0][0]
+            if name in (indexes or {}):
+                # CREATE INDEX takes no database prefix: make the snapshot the default for it.
+                con.execute("USE _snapshot")
+                try:
+                    con.execute(f'CREATE INDEX "{name}_lookup" ON "{name}" ("{indexes[name]}")')
+                finally:
+                    con.execute(f"USE {sql_identifier(default)}")
         con.execute("DROP TABLE IF EXISTS _snapshot.snapshot_info")
         con.execute(
             "CREATE TABLE _snapshot.snapshot_info AS SELECT ?::TIMESTAMP AS published_at, ?::VARCHAR AS run_id, "

@@ -1,0 +1,42 @@
+"""`persona bench` end to end on a tiny data set: every figure the docs table needs is measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from persona_assets.bench import SCALES, report_markdown, write_docs
+
+
+def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
+    work = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "persona_assets.cli", "bench", "--events", "6400", "--no-stream",
+           "--refresh-share", "0.05", "--link-records", "3000", "--workdir", str(work)]  # fmt: skip
+    env = {**os.environ, "PERSONA_HOME": str(tmp_path)}
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    results = json.loads(next(work.glob("bench-*.json")).read_text())
+    stages = results["stages"]
+    assert list(stages) == ["ingest", "identity", "cleaning", "features", "segments", "imputation", "profiles",
+                            "serving"]  # fmt: skip
+    for name, stage in stages.items():
+        assert stage["seconds"] > 0 and stage["peak_gb"] > 0, name
+        assert stage["rows_out"] > 0, name
+    assert stages["identity"]["rows_in"] == stages["ingest"]["rows_out"]  # events in, people out
+    assert stages["identity"]["rows_out"] == stages["profiles"]["rows_out"] == results["people"]
+    assert results["full_build_ratio_to_floor"] > 1
+    refresh = results["refresh"]
+    assert refresh["new_events"] > 0 and 0 < refresh["share_of_full_build"] < 1
+    assert 0 < results["lookup"]["p50_ms"] <= results["lookup"]["p99_ms"]
+    assert results["linkage"]["link_records"] == 3000 and results["linkage"]["link_f1"] > 0.9
+
+    # The docs page: one section per scale run, each with its stage table.
+    docs = tmp_path / "docs"
+    (docs / "benchmarks").mkdir(parents=True)
+    (docs / "benchmarks" / "small.json").write_text(json.dumps({**results, "scale": "small"}))
+    write_docs(docs)
+    page = (docs / "benchmarks.md").read_text()
+    assert "### small:" in page and "| imputation |" in page and "| **full build** |" in page
+    assert "goal (20m)" in report_markdown({**results, "scale": "20m"})
+    assert set(SCALES) == {"small", "1m", "20m"}
