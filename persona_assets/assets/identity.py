@@ -22,57 +22,33 @@ from persona_assets.settings import IdentityConfig
 GROUP = "identity"
 
 
+def _spec(name: str, description: str, kinds: frozenset = frozenset({"duckdb"})) -> dg.AssetSpec:
+    """One table the identity step writes: all read raw_events and refresh together."""
+    return dg.AssetSpec(
+        name,
+        deps=["raw_events"],
+        automation_condition=EAGER,
+        kinds=set(kinds),
+        group_name=GROUP,
+        description=description,
+    )
+
+
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec(
-            "deduped_users",
-            deps=["raw_events"],
-            automation_condition=EAGER,
-            kinds={"duckdb"},
-            group_name=GROUP,
-            description="One row per person; traits survive by most recent non-null value, with time and message.",
+        _spec(
+            "deduped_users", "One row per person; traits survive by most recent non-null value, with time and message."
         ),
-        dg.AssetSpec(
-            "identity_map",
-            deps=["raw_events"],
-            automation_condition=EAGER,
-            kinds={"duckdb"},
-            group_name=GROUP,
-            description="identifier_type, identifier (email/phone as keyed hash), person_id.",
-        ),
-        dg.AssetSpec(
-            "identity_guard",
-            deps=["raw_events"],
-            automation_condition=EAGER,
-            kinds={"duckdb"},
-            group_name=GROUP,
-            description="Identifiers kept out of linking: shared devices, junk emails, call-centre phones.",
-        ),
-        dg.AssetSpec(
+        _spec("identity_map", "identifier_type, identifier (email/phone as keyed hash), person_id."),
+        _spec("identity_guard", "Identifiers kept out of linking: shared devices, junk emails, call-centre phones."),
+        _spec(
             "identity_links",
-            deps=["raw_events"],
-            automation_condition=EAGER,
-            kinds={"duckdb", "splink"},
-            group_name=GROUP,
-            description="Probabilistic links between people who share no identifier: probability, match weights "
-            "per comparison, and whether they merged.",
+            "Probabilistic links between people who share no identifier: probability, match weights per comparison, "
+            "and whether they merged.",
+            frozenset({"duckdb", "splink"}),
         ),
-        dg.AssetSpec(
-            "identity_pii",
-            deps=["raw_events"],
-            automation_condition=EAGER,
-            kinds={"duckdb"},
-            group_name=GROUP,
-            description="Restricted: the names, birth dates and places linkage compares. Never published.",
-        ),
-        dg.AssetSpec(
-            "person_id_history",
-            deps=["raw_events"],
-            automation_condition=EAGER,
-            kinds={"duckdb"},
-            group_name=GROUP,
-            description="old -> new person_id when people merge or split.",
-        ),
+        _spec("identity_pii", "Restricted: the names, birth dates and places linkage compares. Never published."),
+        _spec("person_id_history", "old -> new person_id when people merge or split."),
     ],
     pool="duckdb",
 )
