@@ -304,7 +304,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -405,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(fn=lambda a: __import__("persona_assets.bench", fromlist=["run"]).run(a))
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 

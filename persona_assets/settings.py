@@ -42,6 +42,14 @@ class IngestConfig(dg.Config):
         description="Only these landing file names (the landing sensor names the one it saw); empty: every new file.",
     )
 
+    @field_validator("files")
+    @classmethod
+    def _names_only(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"files takes names of files in the landing folder, not paths: got {name!r}")
+        return value
+
     @field_validator("min_event_at")
     @classmethod
     def _iso_date(cls, value: str) -> str:

@@ -339,3 +339,43 @@ def test_fuzzed_lines_are_all_accounted_for(tmp_path_factory, lines):
     assert report.total("events_kept") + report.total("lines_quarantined") + report.total("duplicates") == read
     stored = con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0]
     assert stored == report.total("events_kept")
+
+
+def test_a_landing_link_that_leads_outside_the_folder_is_refused(tmp_path):
+    import duckdb
+
+    from persona_assets.core.ingest import ingest
+
+    landing, outside = tmp_path / "landing", tmp_path / "elsewhere"
+    landing.mkdir()
+    outside.mkdir()
+    event = (
+        '{"messageId": "m1", "type": "track", "event": "x", "anonymousId": "a", "timestamp": "2026-01-01T00:00:00Z"}\n'
+    )
+    (outside / "secret.jsonl").write_text(event)
+    (landing / "secret.jsonl").symlink_to(outside / "secret.jsonl")
+    (landing / "own.jsonl").write_text(event.replace("m1", "m2"))
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        report = ingest(con, landing, b"k")
+        ids = [r[0] for r in con.execute("SELECT message_id FROM raw_events").fetchall()]
+    assert ids == ["m2"] and report.refused == ["secret.jsonl"]
+
+
+def test_security_defaults_key_file_private_ui_local_files_are_names(tmp_path, monkeypatch):
+    import stat
+
+    import pytest
+    from pydantic import ValidationError
+
+    from persona_assets.cli import build_parser
+    from persona_assets.core.pii import load_key
+    from persona_assets.settings import IngestConfig
+
+    monkeypatch.delenv("PERSONA_HASH_KEY", raising=False)
+    load_key(tmp_path)
+    assert stat.S_IMODE((tmp_path / ".hash_key").stat().st_mode) == 0o600
+    assert build_parser().parse_args(["ui"]).host == "127.0.0.1"
+    for bad in ("../warehouse.duckdb", "/etc/passwd", "sub/file.jsonl", ".."):
+        with pytest.raises(ValidationError, match="names of files in the landing folder"):
+            IngestConfig(files=[bad])
+    assert IngestConfig(files=["events-1.jsonl"]).files == ["events-1.jsonl"]

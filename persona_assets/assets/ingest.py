@@ -70,6 +70,8 @@ def ingest_landing(
         ).df()
     lines = report.total("lines_read")
     kept = report.total("events_kept")
+    if report.refused:
+        context.log.warning(f"refused (outside the landing folder): {', '.join(report.refused)}")
     context.log.info(
         f"{len(report.files)} new files, {len(report.skipped)} already ingested; "
         f"{lines} lines: {kept} kept, {report.total('lines_quarantined')} quarantined, {report.total('duplicates')} duplicates"
@@ -80,6 +82,9 @@ def ingest_landing(
             "dagster/row_count": totals[0],
             "new_files": len(report.files),
             "skipped_files": len(report.skipped),
+            "refused_files": dg.MetadataValue.md(
+                "\n".join(f"- `{n}`: leads outside the landing folder, not read" for n in report.refused) or "none"
+            ),
             "lines_read": lines,
             "events_kept": kept,
             "duplicates": report.total("duplicates"),

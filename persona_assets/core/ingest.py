@@ -64,6 +64,7 @@ class FileReport:
 class IngestReport:
     files: list[FileReport] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # links that lead outside the landing folder
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -89,9 +90,26 @@ def landing_files(landing: Path) -> list[Path]:
     found = [
         p
         for p in landing.iterdir()
-        if p.is_file() and not p.name.startswith(".") and not p.name.endswith(PARTIAL_SUFFIXES) and file_format(p)
+        if p.is_file()
+        and not p.name.startswith(".")
+        and not p.name.endswith(PARTIAL_SUFFIXES)
+        and file_format(p)
+        and _inside(p, landing)
     ]
     return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def _inside(path: Path, landing: Path) -> bool:
+    """A landing entry is read only if it really is in the landing folder: a symlink to a file
+    elsewhere (`/etc/passwd`, another tenant's folder) is refused."""
+    return path.resolve().parent == landing.resolve()
+
+
+def refused_files(landing: Path) -> list[str]:
+    """Landing entries that lead outside the landing folder, by name (never read)."""
+    if not landing.is_dir():
+        return []
+    return sorted(p.name for p in landing.iterdir() if p.is_file() and file_format(p) and not _inside(p, landing))
 
 
 def checksum(path: Path) -> str:
@@ -586,6 +604,7 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
         )
         next_batch = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files").fetchall()[0][0]
         order, staged_bytes = 0, 0
+        report.refused = refused_files(landing)
         for path in landing_files(landing):
             if only is not None and path.name not in only:
                 continue
