@@ -42,14 +42,13 @@ APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "inge
 
 # Tables looked up by key (`persona profile`): stored in key order (DuckDB skips row groups by
 # their min/max) and indexed on the key, so a look-up is a point read, not a scan.
-LOOKUP_ORDER = {"identity_map": "identifier, identifier_type", "user_profiles": "person_id"}
-LOOKUP_INDEXES = {"identity_map": "identifier", "user_profiles": "person_id"}
+LOOKUP_KEYS = {"identity_map": "identifier", "user_profiles": "person_id"}
 
 
 def published_tables() -> dict[str, str]:
     return {
         table: f"SELECT {', '.join(columns(model, serving_only=True))} FROM {table}"
-        + (f" ORDER BY {LOOKUP_ORDER[table]}" if table in LOOKUP_ORDER else "")
+        + (f" ORDER BY {LOOKUP_KEYS[table]}" if table in LOOKUP_KEYS else "")
         for table, model in PUBLISHED.items()
     }
 
@@ -65,7 +64,7 @@ def published_tables() -> dict[str, str]:
 def serving_snapshot(context: dg.AssetExecutionContext, warehouse: DuckDBResource, serving: ServingPublisher):
     with warehouse.get_connection() as con:
         counts = serving.publish(
-            con, published_tables(), run_id=context.run_id, append=APPEND_ONLY, indexes=LOOKUP_INDEXES
+            con, published_tables(), run_id=context.run_id, append=APPEND_ONLY, indexes=LOOKUP_KEYS
         )
     return dg.MaterializeResult(
         metadata={

@@ -323,7 +323,8 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
             raise RuntimeError(f"incremental linkage kept reaching new people after {MAX_LINK_ROUNDS} rounds; "
                                "run identity with full_refresh")  # fmt: skip
         if links.enabled:
-            links.merges = linkage.cluster(con, _link_user_ids(opts))["merged"]
+            counts = linkage.cluster(con, _link_user_ids(opts))
+            links.merges, links.blocked = counts["merged"], counts["blocked"]
         con.execute(NEW_IDENTITY_MAP)
         deduped = DEDUPED_USERS.format(
             map="identity_map", events="_area_events", people=f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"

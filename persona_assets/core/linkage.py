@@ -233,7 +233,7 @@ def prior(con: duckdb.DuckDBPyConnection, recall: float = 0.7) -> float:
 
 
 def save_model(con: duckdb.DuckDBPyConnection, settings: dict, records: int) -> int:
-    version = con.execute(f"SELECT coalesce(max(version), 0) + 1 FROM {MODEL_TABLE}").fetchall()[0][0]
+    version = next_version(con)
     con.execute(
         f"INSERT INTO {MODEL_TABLE} VALUES (?, ?, ?, ?)",
         [version, datetime.now(UTC).replace(tzinfo=None), records, json.dumps(settings)],
@@ -409,7 +409,7 @@ def weights_png(con: duckdb.DuckDBPyConnection, threshold: float) -> bytes:
         values = [w for w, s, _ in rows if s == status]
         if values:
             axes[0].hist(values, bins=30, alpha=0.7, label=f"{status} ({len(values)})")
-    axes[0].axvline(np.log2(threshold / (1 - threshold)) if threshold < 1 else 0, color="grey", linestyle="--")
+    axes[0].axvline(np.log2(threshold / (1 - threshold)), color="grey", linestyle="--")
     axes[0].set_title("match weight of links (threshold dashed)", fontsize=10)
     axes[0].legend(fontsize=8)
     per = {}
