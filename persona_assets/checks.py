@@ -9,6 +9,22 @@ from persona_assets.contracts import columns
 
 CHUNK_ROWS = 500_000
 FAILURES_SHOWN = 20
+# Columns that name a person. Metadata lands in Dagster's event log, which `persona forget`
+# cannot edit, so tables shown there leave these out (values are replaced by a mark).
+IDENTIFYING = {
+    "person_id", "old_person_id", "new_person_id", "anonymous_id", "user_id", "previous_id", "device_id",
+    "message_id", "identifier", "email_hash", "phone_hash", "record_id", "record_id_l", "record_id_r",
+    "session_id", "raw_text", "anchor",
+}  # fmt: skip
+HIDDEN = "(identifier hidden)"
+
+
+def shareable(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame without identifying columns, and without identifying values in failure cases."""
+    frame = frame.drop(columns=[c for c in frame.columns if c in IDENTIFYING])
+    if {"column", "failure_case"} <= set(frame.columns):
+        frame = frame.assign(failure_case=frame["failure_case"].where(~frame["column"].isin(IDENTIFYING), HIDDEN))
+    return frame
 
 
 def validate_in_chunks(con, model: type[pa.DataFrameModel], select_sql: str) -> tuple[int, pd.DataFrame]:
@@ -54,7 +70,7 @@ def contract_check(
         if len(cases):
             summary = cases.groupby(["column", "check"], dropna=False).size().reset_index(name="count")
             metadata["failing_checks"] = dg.MetadataValue.md(summary.to_markdown(index=False))
-            shown = cases.head(FAILURES_SHOWN)[["column", "check", "failure_case", "index"]]
+            shown = shareable(cases.head(FAILURES_SHOWN)[["column", "check", "failure_case", "index"]])
             metadata["examples"] = dg.MetadataValue.md(shown.astype(str).to_markdown(index=False))
         return dg.AssetCheckResult(passed=len(cases) == 0, severity=dg.AssetCheckSeverity.ERROR, metadata=metadata)
 
@@ -62,13 +78,13 @@ def contract_check(
 
 
 def frame_md(frame: pd.DataFrame) -> dg.MetadataValue:
-    """A DataFrame as a markdown table for asset metadata ("_none_" when empty)."""
-    return dg.MetadataValue.md(frame.to_markdown(index=False) if len(frame) else "_none_")
+    """A DataFrame as a markdown table for asset metadata ("_none_" when empty), identifiers left out."""
+    return dg.MetadataValue.md(shareable(frame).to_markdown(index=False) if len(frame) else "_none_")
 
 
 def markdown(rows: list[tuple], headers: list[str]) -> dg.MetadataValue:
-    """A small table for asset metadata."""
-    return dg.MetadataValue.md(pd.DataFrame(rows, columns=headers).to_markdown(index=False) if rows else "_none_")
+    """A small table for asset metadata (identifiers left out)."""
+    return frame_md(pd.DataFrame(rows, columns=headers))
 
 
 def sql_check(asset: str, name: str, violations_sql: str, description: str, blocking: bool = True):
@@ -84,7 +100,7 @@ def sql_check(asset: str, name: str, violations_sql: str, description: str, bloc
             sample = con.execute(f"SELECT * FROM ({violations_sql}) LIMIT {FAILURES_SHOWN}").df() if count else None
         metadata: dict[str, object] = {"violations": count}
         if sample is not None:
-            metadata["examples"] = dg.MetadataValue.md(sample.astype(str).to_markdown(index=False))
+            metadata["examples"] = dg.MetadataValue.md(shareable(sample).astype(str).to_markdown(index=False))
         severity = dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN
         return dg.AssetCheckResult(passed=count == 0, severity=severity, metadata=metadata)
 

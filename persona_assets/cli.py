@@ -1,4 +1,4 @@
-"""`persona demo|generate|run|retrain|query|profile|ui|bench`: the command line over the asset graph and the snapshot."""
+"""`persona demo|generate|run|retrain|query|profile|forget|ui|bench`: the command line over the asset graph and the snapshot."""
 
 from __future__ import annotations
 
@@ -304,6 +304,90 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _writer(path: Path, wait_seconds: float):
+    """The warehouse's one writer connection, waiting while a run holds it."""
+    import time
+
+    import duckdb
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return duckdb.connect(str(path))
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise SystemExit(f"The warehouse is busy ({exc}); try again when the run has finished.") from None
+            time.sleep(1.0)
+
+
+def _forget_redis(home: Path, skip: bool):
+    """The Redis that holds this home's hot store: the running one, or (when only its
+    append-only files are left) one started on them for the erasure. (client, server or None)."""
+    from persona_assets import stream
+
+    if skip:
+        return None, None
+    url = os.environ.get(stream.REDIS_ENV) or (
+        (home / "redis" / "url").read_text().strip() if (home / "redis" / "url").exists() else None
+    )
+    if url:
+        client = stream.connect(url)
+        try:
+            client.ping()
+        except Exception as exc:
+            raise SystemExit(f"Redis at {url} holds hot profiles but does not answer ({exc}). Start it, "
+                             "or pass --skip-redis to erase everything else now.") from None  # fmt: skip
+        return client, None
+    if (home / "redis").is_dir() and any((home / "redis").iterdir()):
+        server, url = stream.start_redis(home / "redis")
+        return stream.connect(url), server
+    return None, None
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from persona_assets import stream
+    from persona_assets.assets.serving import LOOKUP_KEYS, published_tables
+    from persona_assets.core import erasure
+    from persona_assets.core.pii import load_key
+    from persona_assets.core.publish import publish_snapshot
+
+    home = persona_home()
+    path = home / "warehouse.duckdb"
+    if not path.exists():
+        print(f"No warehouse at {path}: nothing to forget.", file=sys.stderr)
+        return 1
+    key = load_key(home)
+    client, server = _forget_redis(home, args.skip_redis)
+    try:
+        con = _writer(path, args.wait)
+        try:
+            report = erasure.plan(con, key, args.who)
+            hot = stream.forget(client, key, report) if client is not None else None
+            erasure.erase(con, key, report, home / "landing")
+            snapshot = home / "serving" / "persona.duckdb"
+            if snapshot.exists():  # written afresh: no copy of the old file, so no old rows in its free blocks
+                publish_snapshot(con, snapshot, published_tables(), run_id="forget", indexes=LOOKUP_KEYS)
+        finally:
+            con.close()
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+    saved = erasure.compact(path) if not args.no_compact else 0
+    who = f"{len(report.people)} person(s)" if report.people else "no stored person (identifier logged for suppression)"
+    print(f"Forgot {who}: {report.identifiers} identifiers, {report.events} events, "
+          f"{report.quarantined_lines} quarantined lines, {report.landing_lines} landing lines in "
+          f"{report.landing_files} files.")  # fmt: skip
+    for table, n in sorted(report.rows.items()):
+        print(f"  {table}: {n} rows")
+    if hot is not None:
+        print(f"  Redis: {hot['hot_keys']} hot keys, {hot['stream_entries']} stream entries, {hot['seen']} messageIds")
+    if not args.no_compact:
+        print(f"  warehouse compacted ({saved / 1e6:.1f} MB freed); snapshot republished")
+    print("Later events for these identifiers are suppressed until one arrives with personalization consent.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -366,6 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="print one profile, by person_id, email, phone, userId, anonymousId or device")
     p.add_argument("who")
     p.set_defaults(fn=cmd_profile)
+
+    p = sub.add_parser("forget", help="erase a person everywhere (by email, phone, userId, anonymousId or person_id)")
+    p.add_argument("who")
+    p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a running run to let go")
+    p.add_argument("--skip-redis", action="store_true", help="leave the hot store alone (it is unreachable)")
+    p.add_argument("--no-compact", action="store_true", help="skip rewriting the warehouse file (faster; "
+                   "deleted rows may stay in its free blocks until the next compaction)")  # fmt: skip
+    p.set_defaults(fn=cmd_forget)
 
     p = sub.add_parser("ui", help="start the Dagster webserver and daemon")
     p.add_argument("--host", default="127.0.0.1")

@@ -37,7 +37,7 @@ class RawEvents(pa.DataFrameModel):
     postal_code: Series[str] = column("VARCHAR", nullable=True)
     city: Series[str] = column("VARCHAR", nullable=True)
     country: Series[str] = column("VARCHAR", nullable=True)
-    consent: Series[str] = column("VARCHAR", nullable=True)
+    consent: Series[str] = column("VARCHAR", nullable=True, isin=["granted", "declined"])
     device_id: Series[str] = column("VARCHAR", nullable=True)
     device_type: Series[str] = column("VARCHAR", nullable=True)
     os_name: Series[str] = column("VARCHAR", nullable=True)
@@ -107,10 +107,15 @@ class IngestFiles(pa.DataFrameModel):
     duplicates: Series[int] = column("BIGINT", ge=0)
     run_id: Series[str] = column("VARCHAR", nullable=True)
     ingested_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    # Lines of erased people: dropped at ingest (suppressed) or deleted later by `persona forget`.
+    lines_suppressed: Series[int] = column("BIGINT DEFAULT 0", ge=0)
+    lines_erased: Series[int] = column("BIGINT DEFAULT 0", ge=0)
 
-    @pa.dataframe_check(error="every line read is kept, quarantined or a counted duplicate")
+    @pa.dataframe_check(error="every line read is kept, quarantined, a counted duplicate, suppressed or erased")
     def nothing_lost(cls, df: pd.DataFrame) -> Series[bool]:
-        accounted = df["events_kept"] + df["lines_quarantined"] + df["duplicates"]
+        accounted = (
+            df["events_kept"] + df["lines_quarantined"] + df["duplicates"] + df["lines_suppressed"] + df["lines_erased"]
+        )
         return (df["status"] == "unreadable") | (accounted == df["lines_read"])
 
     class Config:
@@ -128,6 +133,18 @@ def ddl(model: type[pa.DataFrameModel], table: str) -> str:
     schema = model.to_schema()
     cols = ", ".join(f'"{name}" {col.metadata["sql"]}' for name, col in schema.columns.items())
     return f'CREATE TABLE IF NOT EXISTS "{table}" ({cols})'
+
+
+class ErasureLog(pa.DataFrameModel):
+    """Who was forgotten, as keyed hashes only: later events for these identifiers are
+    suppressed until one arrives with consent (`consented_at`). Restricted: never published."""
+
+    erasure_hash: Series[str] = column("VARCHAR", serving=False, str_matches=HEX64, unique=True)
+    erased_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    consented_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+
+    class Config:
+        strict = True
 
 
 IDENTIFIER_TYPES = ["anonymous_id", "user_id", "email", "phone", "device_id"]
@@ -216,7 +233,17 @@ class PersonIdHistory(pa.DataFrameModel):
         strict = True
 
 
-SURVIVING_TRAITS = ["email_hash", "phone_hash", "age", "birthday", "gender", "postal_code", "city", "country"]
+SURVIVING_TRAITS = [
+    "email_hash",
+    "phone_hash",
+    "age",
+    "birthday",
+    "gender",
+    "postal_code",
+    "city",
+    "country",
+    "consent",
+]
 
 
 class DedupedUsers(pa.DataFrameModel):
@@ -253,6 +280,10 @@ class DedupedUsers(pa.DataFrameModel):
     country: Series[str] = column("VARCHAR", nullable=True)
     country_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
     country_message_id: Series[str] = column("VARCHAR", nullable=True)
+    # The person's last word on personalization: 'declined' keeps them out of profiling.
+    consent: Series[str] = column("VARCHAR", nullable=True, isin=["granted", "declined"])
+    consent_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    consent_message_id: Series[str] = column("VARCHAR", nullable=True)
 
     class Config:
         strict = True

@@ -33,8 +33,10 @@ from typing import Protocol
 import duckdb
 
 from persona_assets.core.affinity import AffinityOptions, decay_to
+from persona_assets.core.erasure import ErasureReport, EventMatcher, erasure_hash, event_identifiers
 from persona_assets.core.events import FIELDS
 from persona_assets.core.ingest import validate_lines
+from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
 from persona_assets.datagen import NUMERIC_COLUMNS
 
 STREAM = "persona:events"
@@ -43,6 +45,8 @@ QUARANTINE = "persona:quarantine"
 SEEN = "persona:seen"
 PROVISIONAL = "persona:provisional"  # anonymousId -> provisional person id, until a batch stitches it
 IDS = {"user_id": "persona:ids:user", "anonymous_id": "persona:ids:anon"}
+ERASED = "persona:erased"  # keyed erasure hashes of forgotten identifiers: their events are dropped
+DECLINED = "persona:declined"  # people who declined personalization: counted, never profiled
 PROVISIONAL_PREFIX = "t"
 REDIS_ENV = "PERSONA_REDIS_URL"
 KINDS = {"Product Viewed": "view", "Product Added": "add_to_cart", "Order Completed": "purchase"}
@@ -271,14 +275,21 @@ class Consumer:
     source: EventSource
     landing: Path
     opts: ConsumerOptions = field(default_factory=ConsumerOptions)
+    key: bytes | None = None  # the hash key, to recognise erased identifiers (loaded from PERSONA_HOME if None)
     applied: int = 0
     skipped: int = 0
     quarantined: int = 0
+    suppressed: int = 0  # events of erased people: acknowledged, never applied or written
+    not_profiled: int = 0  # events of people who declined personalization: written for counts only
     latencies: list[float] = field(default_factory=list)
     _buffer: list[str] = field(default_factory=list)
     _buffer_ids: list[str] = field(default_factory=list)
     _last_flush: float = field(default_factory=time.monotonic)
     _pending: Future | None = None
+
+    @property
+    def handled(self) -> int:
+        return self.applied + self.skipped + self.quarantined + self.suppressed + self.not_profiled
 
     def __post_init__(self) -> None:
         self.con = duckdb.connect()
@@ -310,13 +321,23 @@ class Consumer:
             bad_utf8.append(text.encode("utf-8") != data)
         rows = validate_lines(self.con, [line for _, line in entries], bad_utf8=bad_utf8)
         people = self._resolve(rows)
+        actions = self._privacy(rows, people)
         keys, args = [SEEN], [repr(self.opts.affinity.half_life_days * 86400), repr(self.opts.session_gap_minutes * 60)]
         good: list[tuple[str, str]] = []
-        for (entry_id, line), row, person in zip(entries, rows, people):
+        for (entry_id, line), row, person, action in zip(entries, rows, people, actions):
+            if action == "drop":
+                self.suppressed += 1
+                self._buffer_ids.append(entry_id)
+                continue
             if row["reason"] is not None:
                 self.source.quarantine(entry_id, line, row["reason"], row["detail"])
                 self.quarantined += 1
                 self._buffer_ids.append(entry_id)  # acknowledged with the next flush: it is handled
+                continue
+            if action == "count":
+                self.not_profiled += 1
+                self._buffer.append(line)
+                self._buffer_ids.append(entry_id)
                 continue
             pairs = _interactions(row)
             keys += [hot_key(person), scores_key(person)]
@@ -335,6 +356,60 @@ class Consumer:
                 self.latencies.append(now_ms - int(entry_id.split("-")[0]))
             self._buffer.append(line)
             self._buffer_ids.append(entry_id)
+
+    def _hash_key(self) -> bytes:
+        """The hash key, read when the first erased identifier needs checking."""
+        if self.key is None:
+            from persona_assets.core.pii import load_key
+            from persona_assets.settings import persona_home
+
+            self.key = load_key(persona_home())
+        return self.key
+
+    def _identifiers(self, row: dict) -> list[str]:
+        """A validated row's identifiers in identity_map form (email and phone hashed)."""
+        found = [row[c] for c in ("user_id", "anonymous_id", "previous_id") if row.get(c)]
+        email = normalize_email(row["email"]) if row.get("email") else None
+        region = row["locale"].split("-")[1].upper() if row.get("locale") and "-" in row["locale"] else None
+        phone = normalize_phone(row["phone"], region) if row.get("phone") else None
+        return found + [hmac_hex(self._hash_key(), v) for v in (email, phone) if v]
+
+    def _privacy(self, rows: list[dict], people: list[str]) -> list[str]:
+        """Per row: 'apply', 'count' (declined personalization: written to landing, no hot profile)
+        or 'drop' (an erased person's event, until one comes with consent granted)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(ERASED)
+        pipe.smismember(DECLINED, people) if people else pipe.exists(DECLINED)
+        erased_any, declined = pipe.execute()
+        declined = declined if people else [0] * len(rows)
+        actions = ["apply"] * len(rows)
+        if erased_any:
+            hashes = [[erasure_hash(self._hash_key(), i) for i in self._identifiers(row)] for row in rows]
+            flat = [h for hs in hashes for h in hs]
+            hits = dict(zip(flat, self.client.smismember(ERASED, flat))) if flat else {}
+            for i, (row, hs) in enumerate(zip(rows, hashes)):
+                if any(hits.get(h) for h in hs):
+                    if row["reason"] is None and row["consent"] == "granted":
+                        self.client.srem(ERASED, *hs)  # back with consent: suppression lifts from here on
+                    else:
+                        actions[i] = "drop"
+        state = {p: bool(d) for p, d in zip(people, declined)}  # declined as of each event, in order
+        for i, (row, person) in enumerate(zip(rows, people)):
+            if actions[i] == "drop" or row["reason"] is not None:
+                continue
+            if row["consent"] in ("declined", "granted"):
+                state[person] = row["consent"] == "declined"
+            if state[person]:
+                actions[i] = "count"
+        for person, was in dict(zip(people, declined)).items():
+            if state[person] and not was:
+                # Declined in this batch: none of this batch's events are applied, the profile goes.
+                self.client.sadd(DECLINED, person)
+                self.client.delete(hot_key(person), scores_key(person))
+                actions = ["count" if p == person and a == "apply" else a for a, p in zip(actions, people)]
+            elif was and not state[person]:
+                self.client.srem(DECLINED, person)
+        return actions
 
     def _resolve(self, rows: list[dict]) -> list[str]:
         """A userId's person, else the anonymousId's, else a provisional id for the anonymousId."""
@@ -370,12 +445,84 @@ class Consumer:
             self._pending = self._flusher.submit(self._write_and_ack, lines, ids)
 
     def _write_and_ack(self, lines: list[str], ids: list[str]) -> None:
+        if lines and self.client.exists(ERASED):
+            lines = self._not_erased(lines)  # people forgotten while their events waited here
         if lines:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
             self.landing.mkdir(parents=True, exist_ok=True)
             with duckdb.connect() as con:
                 write_flat_parquet(con, lines, self.landing / f"stream-{stamp}-{uuid.uuid4().hex[:6]}.parquet")
         self.source.ack(ids)
+
+    def _not_erased(self, lines: list[str]) -> list[str]:
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                events.append({})
+        key = self._hash_key()
+        hashes = [[erasure_hash(key, i) for i in event_identifiers(e, key)] if isinstance(e, dict) else []
+                  for e in events]  # fmt: skip
+        flat = [h for hs in hashes for h in hs]
+        hits = dict(zip(flat, self.client.smismember(ERASED, flat))) if flat else {}
+        return [line for line, hs in zip(lines, hashes) if not any(hits.get(h) for h in hs)]
+
+
+def forget(client, key: bytes, report: ErasureReport, page: int = 1000) -> dict[str, int]:
+    """Erase a person from Redis: mark their identifiers erased (the consumer drops their events
+    from now on), delete their hot profiles and id mappings, their entries in the event and
+    quarantine streams (pending ones too) and their processed messageIds; then rewrite the
+    append-only file so no old copy of them stays on disk."""
+    counts = {"erased_ids": len(report.erasure_hashes), "hot_keys": 0, "stream_entries": 0, "seen": 0}
+    if report.erasure_hashes:
+        client.sadd(ERASED, *report.erasure_hashes)
+    doomed = [*report.people]
+    for raw in report.raw_ids:
+        provisional = client.hget(PROVISIONAL, raw)
+        doomed += [provisional.decode()] if provisional else []
+        doomed.append(provisional_id(raw))
+        client.hdel(PROVISIONAL, raw)
+        for mapping in IDS.values():
+            client.hdel(mapping, raw)
+    for person in doomed:
+        counts["hot_keys"] += client.delete(hot_key(person), scores_key(person))
+        client.srem(DECLINED, person)
+    for start in range(0, len(report.message_ids), 10_000):
+        counts["seen"] += client.srem(SEEN, *report.message_ids[start : start + 10_000])
+    matcher = EventMatcher(report, key, gmail_rules=True)
+    for stream in (STREAM, QUARANTINE):
+        cursor = "-"
+        while True:
+            entries = client.xrange(stream, min=cursor, max="+", count=page)
+            theirs = [i for i, fields in entries if matcher.json_line(fields.get(b"event", b""))]
+            if theirs:
+                if stream == STREAM:
+                    client.xack(STREAM, GROUP, *theirs)
+                counts["stream_entries"] += client.xdel(stream, *theirs)
+            if len(entries) < page:
+                break
+            last = entries[-1][0].decode()
+            cursor = "(" + last
+    if client.config_get("appendonly").get("appendonly") == "yes":
+        _rewrite_aof(client)
+    return counts
+
+
+def _rewrite_aof(client, timeout: float = 60.0) -> None:
+    """BGREWRITEAOF and wait for it: the old append-only file (with every command ever run) goes."""
+    deadline = time.monotonic() + timeout
+    while client.info("persistence").get("aof_rewrite_in_progress"):
+        time.sleep(0.05)  # one already running started before the erasure: wait, then start ours
+    client.bgrewriteaof()
+    time.sleep(0.05)
+    while True:
+        info = client.info("persistence")
+        if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("Redis did not finish rewriting its append-only file in time")
+        time.sleep(0.05)
 
 
 def write_flat_parquet(con: duckdb.DuckDBPyConnection, lines: list[str], path: Path) -> None:
@@ -398,7 +545,8 @@ def write_flat_parquet(con: duckdb.DuckDBPyConnection, lines: list[str], path: P
     try:
         con.execute(
             f"COPY (SELECT {', '.join(columns)} FROM (SELECT raw, {extract} AS v FROM _flush_lines)) "
-            f"TO '{tmp}' (FORMAT parquet)"
+            "TO $path (FORMAT parquet)",
+            {"path": str(tmp)},
         )
     finally:
         con.unregister("_flush_lines")
@@ -511,7 +659,7 @@ def run(client, landing: Path, snapshot: Path, consumer: str, opts: ConsumerOpti
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     loaded_mtime, last_check = None, -math.inf
-    while not stop and (max_events is None or worker.applied + worker.skipped + worker.quarantined < max_events):
+    while not stop and (max_events is None or worker.handled < max_events):
         if time.monotonic() - last_check > reload_seconds and snapshot.exists():
             last_check = time.monotonic()
             if snapshot.stat().st_mtime != loaded_mtime:

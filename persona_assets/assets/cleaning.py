@@ -83,7 +83,12 @@ CHECKS = [
     sql_check(
         "cleaned_users",
         "nobody_dropped",
-        """SELECT d.person_id FROM deduped_users d ANTI JOIN cleaned_users c USING (person_id)""",
-        "Sparse people and outliers stay: every deduped person has a cleaned row.",
+        """SELECT d.person_id, 'missing' AS problem FROM deduped_users d ANTI JOIN cleaned_users c USING (person_id)
+           WHERE d.consent IS DISTINCT FROM 'declined'
+           UNION ALL
+           SELECT person_id, 'declined personalization but profiled' FROM cleaned_users
+           WHERE person_id IN (SELECT person_id FROM deduped_users WHERE consent = 'declined')""",
+        "Sparse people and outliers stay: every deduped person has a cleaned row, except those who "
+        "declined personalization, who have none.",
     ),
 ]

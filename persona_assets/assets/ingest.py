@@ -33,7 +33,7 @@ GROUP = "ingest"
             skippable=True,
             kinds={"duckdb"},
             group_name=GROUP,
-            description="The ingest ledger: each landing file read once, with lines read = kept + quarantined + duplicates.",
+            description="The ingest ledger: each landing file read once, with lines read = kept + quarantined + duplicates (+ lines of erased people).",
         ),
     ],
     pool="duckdb",
@@ -65,7 +65,7 @@ def ingest_landing(
             "any_value(source_line) AS example_line FROM quarantined_events GROUP BY 1 ORDER BY 2 DESC"
         ).df()
         files = con.execute(
-            "SELECT file_name, status, lines_read, events_kept, lines_quarantined, duplicates "
+            "SELECT file_name, status, lines_read, events_kept, lines_quarantined, duplicates, lines_suppressed "
             "FROM ingest_files ORDER BY batch_id DESC LIMIT 20"
         ).df()
     lines = report.total("lines_read")
@@ -74,7 +74,8 @@ def ingest_landing(
         context.log.warning(f"refused (outside the landing folder): {', '.join(report.refused)}")
     context.log.info(
         f"{len(report.files)} new files, {len(report.skipped)} already ingested; "
-        f"{lines} lines: {kept} kept, {report.total('lines_quarantined')} quarantined, {report.total('duplicates')} duplicates"
+        f"{lines} lines: {kept} kept, {report.total('lines_quarantined')} quarantined, {report.total('duplicates')} duplicates, "
+        f"{report.total('lines_suppressed')} suppressed (erased people)"
     )
     yield dg.MaterializeResult(
         asset_key="raw_events",
@@ -88,6 +89,7 @@ def ingest_landing(
             "lines_read": lines,
             "events_kept": kept,
             "duplicates": report.total("duplicates"),
+            "suppressed": report.total("lines_suppressed"),
             "events_per_second": round(lines / report.seconds, 1) if report.seconds and lines else 0.0,
             "seconds": round(report.seconds, 2),
             "preview": frame_md(preview),
@@ -141,11 +143,13 @@ CHECKS = [
     sql_check(
         "ingest_files",
         "nothing_lost",
-        """SELECT f.file_name, f.lines_read, f.events_kept, f.lines_quarantined, f.duplicates,
-                  (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id) AS events_stored
+        """SELECT f.file_name, f.lines_read, f.events_kept, f.lines_quarantined, f.duplicates, f.lines_suppressed,
+                  f.lines_erased, (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id) AS events_stored
            FROM ingest_files f
-           WHERE f.status = 'ingested' AND (f.lines_read <> f.events_kept + f.lines_quarantined + f.duplicates
-              OR f.events_kept <> (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id))""",
-        "Every line read is in raw_events, in quarantined_events, or counted as a re-delivered copy.",
+           WHERE f.status = 'ingested'
+             AND (f.lines_read <> f.events_kept + f.lines_quarantined + f.duplicates + f.lines_suppressed + f.lines_erased
+                  OR f.events_kept <> (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id))""",
+        "Every line read is in raw_events, in quarantined_events, counted as a re-delivered copy, "
+        "or counted as a line of an erased person (suppressed at ingest, or erased later).",
     ),
 ]

@@ -82,6 +82,12 @@ def _vocabularies(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE OR REPLACE TEMP TABLE _tz AS SELECT name, utc_offset FROM pg_timezone_names()")
 
 
+# People who declined personalization: their events still count, but profiling starts here,
+# so they get no sessions and no cleaned row, and nothing downstream (features, segments,
+# models, imputations, profiles) ever sees them.
+DECLINED = "(SELECT person_id FROM deduped_users WHERE consent = 'declined')"
+
+
 def _session_rows_sql(events: str) -> str:
     """Sessions (without flags) of the people in `events` (person_events, or an incremental run's scope)."""
     return f"""
@@ -89,7 +95,7 @@ WITH e AS (
   SELECT person_id, event_at, device_type, anonymous_id,
          CASE WHEN lag(event_at) OVER w IS NULL
                 OR event_at - lag(event_at) OVER w > to_seconds($gap_seconds) THEN 1 ELSE 0 END AS starts
-  FROM {events} WHERE person_id IS NOT NULL
+  FROM {events} WHERE person_id IS NOT NULL AND person_id NOT IN (SELECT person_id FROM {DECLINED})
   WINDOW w AS (PARTITION BY person_id ORDER BY event_at, message_id)
 ), numbered AS (
   SELECT *, sum(starts) OVER (PARTITION BY person_id ORDER BY event_at ROWS UNBOUNDED PRECEDING) AS session_no
@@ -169,7 +175,7 @@ WITH ev AS (
          TRY_CAST(d.age AS DOUBLE) AS age_number, d.age AS age_text,
          date_diff('year', TRY_CAST(d.birthday AS DATE), $as_of::DATE) AS birthday_age, d.birthday,
          gv.gender, d.gender AS gender_text, cv.country, d.country AS country_text
-  FROM deduped_users d
+  FROM (SELECT * FROM deduped_users WHERE person_id NOT IN (SELECT person_id FROM {DECLINED})) d
   LEFT JOIN _gender_vocab gv ON gv.alias = lower(trim(d.gender))
   LEFT JOIN _country_vocab cv ON cv.alias = upper(trim(d.country))
   {people}

@@ -76,6 +76,20 @@ PERSON_KEYS = ("user_id", "anonymous_id")
 RESTRICTED_COLUMNS = tuple(f.column for f in FIELDS if f.kind == "restricted")
 
 
+# `context.consent.personalization` spellings, read as granted or declined; anything else
+# (or none) says nothing, and the person's last word stands.
+CONSENT_GRANTED = ("true", "yes", "1", "granted", "accepted", "opt_in", "opt-in", "optin")
+CONSENT_DECLINED = ("false", "no", "0", "declined", "denied", "rejected", "opt_out", "opt-out", "optout")
+
+
+def consent_sql(expr: str) -> str:
+    """DuckDB expression: 'granted', 'declined' or NULL from a consent value as sent."""
+    granted = ", ".join(f"'{v}'" for v in CONSENT_GRANTED)
+    declined = ", ".join(f"'{v}'" for v in CONSENT_DECLINED)
+    value = f"lower(trim({expr}))"
+    return f"CASE WHEN {value} IN ({granted}) THEN 'granted' WHEN {value} IN ({declined}) THEN 'declined' END"
+
+
 def flatten(event: dict) -> dict[str, object]:
     """Flatten a nested Segment event into the underscore names of FLAT_COLUMNS."""
     out: dict[str, object] = {}

@@ -547,6 +547,9 @@ def _enrich(table: TraitTable, people: pd.DataFrame, opts: ImputationOptions) ->
             keys[key] = keys["person_id"].map(country)
         else:
             keys[key] = people[key].to_numpy()
+        # Object dtype always: a run whose people all lack the key would make it float NaN, which
+        # pandas refuses to merge with the reference's text.
+        keys[key] = keys[key].astype(object)
     has_key = keys[list(opts.enrichment_keys)].notna().all(axis=1).to_numpy()
     joined = keys.merge(reference, on=list(opts.enrichment_keys), how="left", indicator=True)
     matched = (joined["_merge"] == "both").to_numpy()

@@ -25,7 +25,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents, columns, ddl
-from persona_assets.core.events import EVENT_TYPES, FIELDS, FLAT_COLUMNS, Field
+from persona_assets.core.erasure import active_erasures, ensure_log, suppress_staged
+from persona_assets.core.events import EVENT_TYPES, FIELDS, FLAT_COLUMNS, Field, consent_sql
 from persona_assets.core.pii import hmac_params, hmac_sql, normalize_email_sql, normalize_phone
 from persona_assets.core.publish import sql_literal
 from persona_assets.core.warehouse import bind
@@ -58,6 +59,7 @@ class FileReport:
     events_kept: int = 0
     lines_quarantined: int = 0
     duplicates: int = 0
+    lines_suppressed: int = 0  # lines of erased people, dropped
 
 
 @dataclass
@@ -124,6 +126,10 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(ddl(RawEvents, "raw_events"))
     con.execute(ddl(QuarantinedEvents, "quarantined_events"))
     con.execute(ddl(IngestFiles, "ingest_files"))
+    # Warehouses from before erasure existed get the ledger's two new counts.
+    for name in ("lines_suppressed", "lines_erased"):
+        con.execute(f"ALTER TABLE ingest_files ADD COLUMN IF NOT EXISTS {name} BIGINT DEFAULT 0")
+    ensure_log(con)
 
 
 # --- reading: every format becomes Arrow batches of (line, raw, <flat columns>) -------------
@@ -345,7 +351,7 @@ v AS (
     {cleaned["event_at"]} AS event_at_text,
     timezone('UTC', TRY_CAST({cleaned["event_at"]} AS TIMESTAMPTZ)) AS event_at,
     s.email, s.phone, s.first_name, s.last_name, s.birthday, s.age, s.gender, s.postal_code, s.city, s.country,
-    s.consent, {cleaned["device_id"]} AS device_id, s.device_type, s.os_name, s.timezone, s.locale, s.page_url,
+    {consent_sql("s.consent")} AS consent, {cleaned["device_id"]} AS device_id, s.device_type, s.os_name, s.timezone, s.locale, s.page_url,
     s.category, {cleaned["product_id"]} AS product_id,
     s.price AS price_text, TRY_CAST(s.price AS DOUBLE) AS price,
     s.quantity AS quantity_text, TRY_CAST(TRY_CAST(s.quantity AS DOUBLE) AS BIGINT) AS quantity,
@@ -508,11 +514,24 @@ def _redact_sql(expr: str) -> str:
     return f"""regexp_replace({no_email}, {sql_literal(PHONE_RE)}, '\1"<phone>"', 'g')"""
 
 
-def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict) -> None:
-    """Move the staged lines to their three destinations."""
+def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, suppress: bool) -> None:
+    """Move the staged lines to their three destinations (after taking out erased people's lines)."""
     _normalize_phones(con)
     raw_cols = columns(RawEvents)
     email = normalize_email_sql("s.email", opts.gmail_rules)
+    region = "upper(nullif(split_part(s.locale, '-', 2), ''))"
+    if suppress:
+        phone = f"CASE WHEN pm.e164 IS NOT NULL THEN {hmac_sql('pm.e164')} END"
+        suppress_staged(
+            con,
+            f"""SELECT s.batch_id, s.line, s.event_at, s.consent,
+                       unnest([s.user_id, s.anonymous_id, s.previous_id, {hmac_sql(email)}, {phone}]) AS identifier
+                FROM _stage s
+                LEFT JOIN _phone_map pm ON pm.phone = s.phone AND pm.region IS NOT DISTINCT FROM {region}""",
+            params,
+        )
+    else:
+        con.execute("CREATE OR REPLACE TEMP TABLE _suppressed (batch_id BIGINT, line BIGINT)")
     select = {c: f"s.{c}" for c in raw_cols}
     select["email_hash"] = hmac_sql(email)
     select["phone_hash"] = f"CASE WHEN pm.e164 IS NOT NULL THEN {hmac_sql('pm.e164')} END"
@@ -520,7 +539,6 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
     select["batch_id"] = "s.batch_id"
     # Derived ids hash the content, so re-delivered copies of an id-less event hash alike.
     select["message_id"] = "coalesce(s.message_id, 'derived-' || sha256(s.raw))"
-    region = "upper(nullif(split_part(s.locale, '-', 2), ''))"
     # One copy per messageId: the earliest line of the earliest file, and none already stored.
     insert = f"""INSERT INTO raw_events ({", ".join(raw_cols)})
         WITH kept AS (
@@ -545,27 +563,30 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
     )
 
 
-def _finish_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, run_id: str | None) -> None:
+def _finish_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, run_id: str | None,
+                  suppress: bool) -> None:  # fmt: skip
     """Move the staged files' lines to raw_events and quarantined_events and write their ledger rows."""
-    _publish_stage(con, opts, params)
+    _publish_stage(con, opts, params, suppress)
     con.execute(
         """INSERT INTO quarantined_events
            SELECT batch_id, file_name, NULL, 'unreadable_file', error, NULL, now()::TIMESTAMP
            FROM _files WHERE status = 'unreadable'"""
     )
     con.execute(
-        """INSERT INTO ingest_files
-        SELECT f.batch_id, f.file_name, f.checksum, f.size_bytes, f.mtime_ns, f.file_format, f.status,
-          f.lines_read,
-          (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id),
-          (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL),
-          f.lines_read
-            - (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id)
-            - (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL),
-          ?, now()::TIMESTAMP
-        FROM _files f ORDER BY f.batch_id""",
+        """INSERT INTO ingest_files BY NAME
+        SELECT *, lines_read - events_kept - lines_quarantined - lines_suppressed AS duplicates FROM (
+          SELECT f.batch_id, f.file_name, f.checksum, f.size_bytes, f.mtime_ns, f.file_format, f.status,
+            f.lines_read,
+            (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id) AS events_kept,
+            (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL)
+              AS lines_quarantined,
+            (SELECT count(*) FROM _suppressed x WHERE x.batch_id = f.batch_id) AS lines_suppressed,
+            0 AS lines_erased, ?::VARCHAR AS run_id, now()::TIMESTAMP AS ingested_at
+          FROM _files f)
+        ORDER BY batch_id""",
         [run_id],
     )
+    con.execute("DROP TABLE _suppressed")
     con.execute("DELETE FROM _stage")
     con.execute("DELETE FROM _files")
 
@@ -591,6 +612,7 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
         "min_event_at": opts.min_event_at,
         "max_event_at": now + timedelta(hours=opts.max_future_hours),
     }
+    suppress = active_erasures(con) > 0
     known = con.execute("SELECT file_name, size_bytes, mtime_ns, checksum FROM ingest_files").fetchall()
     by_stat = {(n, s, m) for n, s, m, _ in known}
     by_sum = {(n, c) for n, _, _, c in known}
@@ -634,12 +656,12 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
             if staged_bytes >= opts.stage_bytes:
                 # A big landing folder commits a group of whole files at a time: memory stays
                 # bounded, and a run killed later resumes after the last committed group.
-                _finish_group(con, opts, params, run_id)
+                _finish_group(con, opts, params, run_id, suppress)
                 con.execute("COMMIT")
                 con.execute("BEGIN TRANSACTION")
                 staged_bytes = 0
         if order:
-            _finish_group(con, opts, params, run_id)
+            _finish_group(con, opts, params, run_id, suppress)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -649,7 +671,7 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
             con.execute(f"DROP TABLE IF EXISTS {name}")
     if order:
         rows = con.execute(
-            """SELECT file_name, status, lines_read, events_kept, lines_quarantined, duplicates
+            """SELECT file_name, status, lines_read, events_kept, lines_quarantined, duplicates, lines_suppressed
                FROM ingest_files WHERE batch_id >= ? ORDER BY batch_id""",
             [next_batch],
         ).fetchall()

@@ -21,6 +21,10 @@ INFERRED_TRAITS = ("primary_device", "usual_daypart")
 NOT_COUNTED = ("intent_score", "age", "postal_code")
 
 
+# Events of the people being profiled: cleaning leaves out those who declined personalization.
+PROFILED = "(SELECT * FROM {events} WHERE person_id IN (SELECT person_id FROM cleaned_users))"
+
+
 def profiles_sql(opts: AffinityOptions, updated: str = "$updated_at") -> str:
     """Everyone's profile from the person-level tables and `category_scores`; `updated` is the
     expression for updated_at (an incremental run keeps it for people it did not touch)."""
@@ -86,14 +90,14 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
     )
     params = {"as_of": as_of, "updated_at": now}
     if p.full:
-        scores = [(CategoryScores, "category_scores", scores_sql(opts))]
+        scores = [(CategoryScores, "category_scores", scores_sql(opts, PROFILED.format(events="person_events")))]
         updated = "$updated_at"
     else:
         stage_scope_events(con)
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(f"DELETE FROM category_scores WHERE person_id IN (SELECT person_id FROM {SCOPE})")
-            sql = f"INSERT INTO category_scores BY NAME {scores_sql(opts, '_scope_events')}"
+            sql = f"INSERT INTO category_scores BY NAME {scores_sql(opts, PROFILED.format(events='_scope_events'))}"
             con.execute(sql, bind(sql, params))
             con.execute(
                 "CREATE OR REPLACE TEMP TABLE _updated AS SELECT person_id, updated_at FROM user_profiles "

@@ -15,7 +15,8 @@ import duckdb
 
 
 def sql_literal(text: str) -> str:
-    """A SQL string literal (for the few statements, like ATTACH, that take no parameters)."""
+    """A SQL string literal of one of Persona's own constants (values from users or files are
+    always bound as parameters, never pasted)."""
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -44,7 +45,7 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
         shutil.copyfile(path, tmp)
     counts: dict[str, int] = {}
     default = con.execute("SELECT current_database()").fetchall()[0][0]
-    con.execute(f"ATTACH {sql_literal(str(tmp))} AS _snapshot")
+    con.execute("ATTACH $path AS _snapshot", {"path": str(tmp)})
     try:
         existing = {
             r[0]
