@@ -36,6 +36,37 @@ def _env_seconds(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
+def _alive(pid: int) -> bool:
+    """Whether a local process is running (a zombie, killed and not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark runs whose worker process died (killed, out of memory) as failed and free their
+    `duckdb` pool slot. A dead run would otherwise hold the pool's one slot forever and every
+    later run would wait for it: Dagster's local run launcher cannot see its workers die."""
+    reaped = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_START, limit=1).records
+        event = records[0].event_log_entry.dagster_event if records else None
+        if event is None or not event.pid or _alive(event.pid):
+            continue
+        instance.report_run_failed(run, f"its worker process {event.pid} died before the run finished")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        reaped.append(run.run_id)
+    return reaped
+
+
 def landing_requests(landing, cursor: dict[str, str], settle_seconds: float, now: float):
     """(run requests, new cursor, files still settling) for the files in `landing`.
 
@@ -70,6 +101,8 @@ def landing_requests(landing, cursor: dict[str, str], settle_seconds: float, now
     description="Starts one ingest run per new complete file in PERSONA_HOME/landing.",
 )
 def landing_sensor(context: dg.SensorEvaluationContext, persona: PersonaHome):
+    for run_id in reap_dead_runs(context.instance):
+        context.log.warning(f"run {run_id} had died without finishing: marked failed, its pool slot freed")
     cursor = json.loads(context.cursor) if context.cursor else {}
     settle = _env_seconds("PERSONA_LANDING_SETTLE_SECONDS", 10)
     requests, cursor, settling = landing_requests(persona.landing, cursor, settle, time.time())

@@ -36,8 +36,12 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
 
     defs = build_definitions(persona_home())
     job = defs.resolve_job_def(job_name) if job_name else defs.resolve_implicit_global_asset_job_def()
+    from persona_assets.automation import reap_dead_runs
+
     instance = dg.DagsterInstance.from_config(str(dagster_home()))
     with instance:
+        for run_id in reap_dead_runs(instance):  # a killed run's pool slot would block this one forever
+            print(f"run {run_id} had died without finishing: marked failed, its pool slot freed", file=sys.stderr)
         result = job.execute_in_process(
             instance=instance,
             asset_selection=[dg.AssetKey(s) for s in selection] if selection else None,

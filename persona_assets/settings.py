@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from persona_assets.core.affinity import AffinityOptions
 from persona_assets.core.cleaning import MISSING_ATTRIBUTES, CleaningOptions
@@ -25,7 +25,21 @@ def persona_home() -> Path:
     return Path(os.environ.get(HOME_ENV, "data")).expanduser().resolve()
 
 
-class IngestConfig(dg.Config):
+class PersonaConfig(dg.Config):
+    """A stage's settings, checked as a whole when a run starts: each stage's options refuse
+    values they cannot use (unknown choices, min above max, empty subsets) with an error naming
+    the setting, before any data is touched."""
+
+    @model_validator(mode="after")
+    def _usable(self):
+        self.options()  # raises ValueError naming the setting and what it may be
+        return self
+
+    def options(self):  # pragma: no cover - every stage's config defines it
+        raise NotImplementedError
+
+
+class IngestConfig(PersonaConfig):
     """How landing files become `raw_events`."""
 
     min_event_at: str = Field(default="2000-01-01", description="Events stamped before this ISO date are quarantined.")
@@ -69,7 +83,7 @@ class IngestConfig(dg.Config):
         )
 
 
-class RefreshConfig(dg.Config):
+class RefreshConfig(PersonaConfig):
     """Person-level stages refresh incrementally unless told otherwise."""
 
     full_refresh: bool = Field(
@@ -224,6 +238,13 @@ class ImputationConfig(RefreshConfig):
     intent_window_days: float = Field(default=7.0, gt=0, description="Recent activity counted in intent_score.")
     seed: int = Field(default=0, description="Random seed for splits and models.")
     retrain: bool = Field(default=False, description="Train new trait models instead of predicting with saved ones.")
+
+    @field_validator("enrichment_path")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        if value and not Path(value).expanduser().is_file():
+            raise ValueError(f"enrichment_path must name a CSV file that exists, got {value!r}")
+        return value
 
     def options(self) -> ImputationOptions:
         values = self.model_dump(exclude={"retrain", "full_refresh"})

@@ -43,6 +43,7 @@ SHARE_FEATURES = (
 CATEGORY_PREFIX = "category_"
 SCALINGS = ("zscore", "minmax")
 CLIP_METHODS = ("mad", "iqr", "zscore", "none")
+SCALINGS = ("zscore", "minmax")
 
 BASE_SQL = """
 SELECT person_id, is_sparse, exclude_from_fitting,
@@ -214,6 +215,14 @@ class FeatureOptions:
     clip_method: str = "mad"
     clip_limit: float = 3.5
     max_categories: int = 20
+
+    def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if self.clip_method not in CLIP_METHODS:
+            raise ValueError(f"clip_method must be one of {CLIP_METHODS}, got {self.clip_method!r}")
+        if self.clip_limit <= 0 or self.max_categories < 1:
+            raise ValueError("clip_limit must be positive and max_categories at least 1")
 
     def matches(self, t: FeatureTransform) -> bool:
         return (t.scaling, t.clip_method, t.clip_limit) == (self.scaling, self.clip_method, self.clip_limit) and len(

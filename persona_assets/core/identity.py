@@ -30,6 +30,7 @@ from persona_assets.contracts import (
     ddl,
 )
 from persona_assets.core import linkage, refresh
+from persona_assets.core.faults import kill_point
 from persona_assets.core.refresh import SCOPE
 from persona_assets.core.warehouse import data_as_of, replace_tables
 
@@ -344,6 +345,7 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
             if links.enabled:
                 _splice_links(con, links.model_version)
             refresh.record(con, p, as_of, refresh.scope_size(con))
+            kill_point(["deduped_users", "identity_map"])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents, columns, ddl
 from persona_assets.core.erasure import active_erasures, ensure_log, suppress_staged
 from persona_assets.core.events import EVENT_TYPES, FIELDS, FLAT_COLUMNS, Field, consent_sql
+from persona_assets.core.faults import kill_point
 from persona_assets.core.pii import hmac_params, hmac_sql, normalize_email_sql, normalize_phone
 from persona_assets.core.publish import sql_literal
 from persona_assets.core.warehouse import bind
@@ -662,6 +663,7 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
                 staged_bytes = 0
         if order:
             _finish_group(con, opts, params, run_id, suppress)
+        kill_point(["raw_events", "ingest_files"])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")

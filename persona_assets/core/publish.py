@@ -13,6 +13,8 @@ from pathlib import Path
 
 import duckdb
 
+from persona_assets.core.faults import kill_point
+
 
 def sql_literal(text: str) -> str:
     """A SQL string literal of one of Persona's own constants (values from users or files are
@@ -38,7 +40,9 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+    # Publishes take turns (each holds the warehouse's one writer connection), so any other
+    # half-written file is a killed publish's leftover.
+    for leftover in path.parent.glob(f".{path.name}.*.tmp*"):
         leftover.unlink(missing_ok=True)
     append = append or {}
     if append and path.exists():
@@ -84,6 +88,7 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
         tmp.unlink(missing_ok=True)
         raise
     con.execute("DETACH _snapshot")
+    kill_point(["snapshot"])
     os.replace(tmp, path)
     return counts
 

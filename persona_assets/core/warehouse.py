@@ -9,6 +9,7 @@ import duckdb
 import pandera.pandas as pa
 
 from persona_assets.contracts import ddl
+from persona_assets.core.faults import kill_point
 
 MEMORY_ENV = "PERSONA_DUCKDB_MEMORY_LIMIT"
 
@@ -55,6 +56,7 @@ def replace_tables(
                 sql()
             else:
                 con.execute(sql, bind(sql, sql_params))
+        kill_point(counts)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -106,6 +108,7 @@ def _frame_transaction(con: duckdb.DuckDBPyConnection, table: str, frame, statem
             con.execute(sql.format(table=table, view=view))
         if before_commit is not None:
             before_commit()
+        kill_point([table])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
