@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from persona_assets.contracts import ErasureLog, ddl
 from persona_assets.core.pii import hmac_hex, hmac_sql, normalize_email, normalize_phone
+from persona_assets.core.publish import sql_identifier
 
 PREFIX = "erased:"  # a different keyed hash from identity_map's: the log cannot be joined to data
 # Landing fields that carry an identifier (JSON paths as key lists, and flat column names).
@@ -444,7 +445,7 @@ def compact(path: Path) -> int:
         name = con.execute("SELECT current_database()").fetchall()[0][0]
         con.execute("ATTACH $path AS _compact", {"path": str(tmp)})
         try:
-            con.execute(f'COPY FROM DATABASE "{name}" TO _compact')
+            con.execute(f"COPY FROM DATABASE {sql_identifier(name)} TO _compact")
             con.execute("CHECKPOINT _compact")
         finally:
             con.execute("DETACH _compact")
