@@ -241,3 +241,41 @@ def test_people_who_decline_personalization_are_counted_but_never_profiled(perso
     with duckdb.connect(str(persona_home / "warehouse.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM user_profiles WHERE person_id = ?",
                            [declined.person_id]).fetchall() == [(1,)]  # fmt: skip
+
+
+def test_forget_reaches_the_hot_store_of_a_stopped_stream_through_its_append_only_file(persona_home):
+    from persona_assets.core.identity import resolve
+    from persona_assets.core.ingest import ingest
+
+    anon, email = "5f0c2a9e-forget-me-7d41", "forget.me.please@example.org"
+    events = [_event(anon, f"e-{i}", 20 + i) for i in range(3)]
+    events[0]["traits"] = {"email": email}
+    (persona_home / "landing" / "a.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    with duckdb.connect(str(persona_home / "warehouse.duckdb")) as con:
+        ingest(con, persona_home / "landing", load_key(persona_home))
+        resolve(con)
+        person_id = con.execute("SELECT DISTINCT person_id FROM identity_map").fetchall()[0][0]
+    # `persona stream --start-redis` ran and stopped: only its append-only files are left.
+    server, url = stream.start_redis(persona_home / "redis")
+    client = stream.connect(url)
+    client.hset(stream.IDS["anonymous_id"], anon, person_id)
+    for e in events:
+        client.xadd(stream.STREAM, {"event": json.dumps(e)})
+    stream.run(client, persona_home / "landing", persona_home / "none.duckdb", "c", stream.ConsumerOptions(block_ms=50),
+               max_events=3)  # fmt: skip
+    assert client.exists(stream.hot_key(person_id))
+    server.terminate()
+    server.wait(timeout=20)
+    assert anon.encode() in b"".join(p.read_bytes() for p in (persona_home / "redis").rglob("*") if p.is_file())
+
+    assert cli.main(["forget", email]) == 0
+    assert not list(persona_home.joinpath("redis").glob("url"))
+    server, url = stream.start_redis(persona_home / "redis")  # what it kept on disk, loaded again
+    try:
+        client = stream.connect(url)
+        assert not client.exists(stream.hot_key(person_id))
+        needles = [anon, person_id, hmac_hex(load_key(persona_home), normalize_email(email))]
+        assert _traces([persona_home], client, needles) == []
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
