@@ -279,3 +279,42 @@ def test_forget_reaches_the_hot_store_of_a_stopped_stream_through_its_append_onl
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl.gz", "parquet"])
+def test_forget_rewrites_landing_files_of_every_format_and_they_are_not_ingested_again(fmt, generated, tmp_path):
+    import gzip
+
+    from persona_assets.core import erasure
+    from persona_assets.core.identity import resolve
+    from persona_assets.core.ingest import checksum, ingest
+
+    source = generated(fmt)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    files = [p for p in land(source, landing) if p.is_file()]
+    key = b"k"
+    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    ingest(con, landing, key)
+    resolve(con)
+    person = _people(source, con).iloc[0]
+    lines_before = con.execute("SELECT sum(lines_read) FROM ingest_files").fetchall()[0][0]
+    report = erasure.forget(con, key, person.anonymous_ids[0], landing)
+    assert report.people == [person.person_id] and report.landing_files >= 1 and report.landing_lines >= report.events
+
+    def text(path: Path) -> bytes:
+        if fmt == "parquet":
+            return pd.read_parquet(path).to_csv().encode()
+        return gzip.decompress(path.read_bytes()) if fmt == "jsonl.gz" else path.read_bytes()
+
+    for path in files:
+        assert not any(a.encode() in text(path) for a in person.anonymous_ids), path.name
+    ledger = dict(con.execute("SELECT file_name, checksum FROM ingest_files").fetchall())
+    assert all(ledger[p.name] == checksum(p) for p in files)
+    again = ingest(con, landing, key)
+    assert not again.files  # the rewritten files are the ones the ledger knows
+    counts = con.execute(
+        "SELECT sum(lines_read), sum(events_kept + lines_quarantined + duplicates + lines_suppressed + lines_erased), "
+        "sum(lines_erased) FROM ingest_files"
+    ).fetchall()[0]
+    assert counts[0] == counts[1] == lines_before and counts[2] == report.events + report.quarantined_lines

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import os
 import re
@@ -394,20 +393,18 @@ def _scrub_file(path: Path, fmt: str, tmp: Path, matcher: EventMatcher) -> int:
                 else:
                     dst.write(line)
     elif fmt == "csv":
-        with open(path, encoding="utf-8", errors="replace", newline="") as src:
-            text = src.read()
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader, [])
-        out = io.StringIO(newline="")
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(header)
-        for row in reader:
-            if matcher.flat_row(dict(zip(header, row))) or (len(row) != len(header) and matcher.ids & set(row)):
-                removed += 1
-            else:
-                writer.writerow(row)
-        if removed:
-            tmp.write_text(out.getvalue(), encoding="utf-8")
+        with (
+            open(path, encoding="utf-8", errors="replace", newline="") as src,
+            open(tmp, "w", encoding="utf-8", newline="") as dst,
+        ):
+            reader, writer = csv.reader(src), csv.writer(dst, lineterminator="\n")
+            header = next(reader, [])
+            writer.writerow(header)
+            for row in reader:
+                if matcher.flat_row(dict(zip(header, row))) or (len(row) != len(header) and matcher.ids & set(row)):
+                    removed += 1
+                else:
+                    writer.writerow(row)
     else:
         table = pq.read_table(path)
         keep = pa.array([not matcher.flat_row(r) for r in _flat_rows(table)], pa.bool_())
