@@ -318,3 +318,20 @@ def test_forget_rewrites_landing_files_of_every_format_and_they_are_not_ingested
         "sum(lines_erased) FROM ingest_files"
     ).fetchall()[0]
     assert counts[0] == counts[1] == lines_before and counts[2] == report.events + report.quarantined_lines
+
+
+def test_forget_before_identity_has_run_erases_events_and_logs_the_identifier(tmp_path):
+    from persona_assets.core import erasure
+    from persona_assets.core.ingest import ingest
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    events = [_event("anon-early-1", "x-1", 20), _event("anon-early-2", "x-2", 20)]
+    (landing / "a.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    ingest(con, landing, b"k")
+    report = erasure.forget(con, b"k", "anon-early-1", landing)
+    assert report.people == [] and report.events == 1
+    assert con.execute("SELECT message_id FROM raw_events").fetchall() == [("x-2",)]
+    assert "anon-early-1" not in (landing / "a.jsonl").read_text()
+    assert con.execute("SELECT count(*) FROM erasure_log").fetchall()[0][0] == 1

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from persona_assets.contracts import ErasureLog, ddl
 from persona_assets.core.pii import hmac_hex, hmac_sql, normalize_email, normalize_phone
 from persona_assets.core.publish import sql_identifier
+from persona_assets.core.warehouse import table_exists
 
 PREFIX = "erased:"  # a different keyed hash from identity_map's: the log cannot be joined to data
 # Landing fields that carry an identifier (JSON paths as key lists, and flat column names).
@@ -115,12 +116,13 @@ def candidates(key: bytes, value: str, gmail_rules: bool = True) -> list[str]:
 
 def find_people(con: duckdb.DuckDBPyConnection, forms: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """The people an identifier (in any of its `forms`, or a person_id) belongs to, and all their identifiers."""
+    if not table_exists(con, "identity_map"):  # nothing resolved yet: no people, only what is ingested
+        return [], []
     people = [
         r[0]
         for r in con.execute(
             """SELECT DISTINCT person_id FROM identity_map WHERE identifier IN (SELECT unnest($forms))
                UNION SELECT person_id FROM identity_map WHERE person_id IN (SELECT unnest($forms))
-               UNION SELECT person_id FROM deduped_users WHERE person_id IN (SELECT unnest($forms))
                ORDER BY 1""",
             {"forms": forms},
         ).fetchall()
@@ -157,7 +159,9 @@ def forget(con: duckdb.DuckDBPyConnection, key: bytes, value: str, landing: Path
 
 def plan(con: duckdb.DuckDBPyConnection, key: bytes, value: str, gmail_rules: bool = True) -> ErasureReport:
     """Find what erasing `value` deletes (read-only; the plan lives in this connection's temp tables)."""
-    ensure_log(con)
+    from persona_assets.core.ingest import ensure_tables
+
+    ensure_tables(con)  # a warehouse that has never ingested still logs the erasure, for later events
     forms = candidates(key, value, gmail_rules)
     people, ids = find_people(con, forms)
     report = ErasureReport(people=people, identifiers=len(ids))
@@ -172,13 +176,18 @@ def plan(con: duckdb.DuckDBPyConnection, key: bytes, value: str, gmail_rules: bo
                 {"i": identifiers})  # fmt: skip
     con.execute("CREATE OR REPLACE TEMP TABLE _forget_raw AS SELECT unnest($i::VARCHAR[]) AS identifier",
                 {"i": report.raw_ids})  # fmt: skip
+    by_person = (
+        "OR message_id IN (SELECT message_id FROM person_events WHERE person_id IN (SELECT person_id FROM _forget_people))"
+        if table_exists(con, "person_events")
+        else ""
+    )
     con.execute(
-        """CREATE OR REPLACE TEMP TABLE _forget_events AS
+        f"""CREATE OR REPLACE TEMP TABLE _forget_events AS
            SELECT message_id, batch_id FROM raw_events
            WHERE user_id IN (SELECT identifier FROM _forget_ids) OR anonymous_id IN (SELECT identifier FROM _forget_ids)
               OR previous_id IN (SELECT identifier FROM _forget_ids) OR email_hash IN (SELECT identifier FROM _forget_ids)
               OR phone_hash IN (SELECT identifier FROM _forget_ids)
-              OR message_id IN (SELECT message_id FROM person_events WHERE person_id IN (SELECT person_id FROM _forget_people))"""
+              {by_person}"""
     )
     # Quarantined text keeps ids as JSON strings (CSV and Parquet rows are kept as JSON too).
     con.execute(
