@@ -362,12 +362,15 @@ def cmd_forget(args: argparse.Namespace) -> int:
         return 1
     key = load_key(home)
     client, server = _forget_redis(home, args.skip_redis)
+    done = []  # (who, report, Redis counts)
     try:
         con = _writer(path, args.wait)
         try:
-            report = erasure.plan(con, key, args.who)
-            hot = stream.forget(client, key, report) if client is not None else None
-            erasure.erase(con, key, report, home / "landing")
+            for who in args.who:  # each its own transaction; the snapshot and compaction once at the end
+                report = erasure.plan(con, key, who)
+                hot = stream.forget(client, key, report) if client is not None else None
+                erasure.erase(con, key, report, home / "landing")
+                done.append((who, report, hot))
             snapshot = home / "serving" / "persona.duckdb"
             if snapshot.exists():  # written afresh: no copy of the old file, so no old rows in its free blocks
                 publish_snapshot(con, snapshot, published_tables(), run_id="forget", indexes=LOOKUP_KEYS)
@@ -378,16 +381,19 @@ def cmd_forget(args: argparse.Namespace) -> int:
             server.terminate()
             server.wait(timeout=30)
     saved = erasure.compact(path) if not args.no_compact else 0
-    who = f"{len(report.people)} person(s)" if report.people else "no stored person (identifier logged for suppression)"
-    print(f"Forgot {who}: {report.identifiers} identifiers, {report.events} events, "
-          f"{report.quarantined_lines} quarantined lines, {report.landing_lines} landing lines in "
-          f"{report.landing_files} files.")  # fmt: skip
-    for table, n in sorted(report.rows.items()):
-        print(f"  {table}: {n} rows")
-    if hot is not None:
-        print(f"  Redis: {hot['hot_keys']} hot keys, {hot['stream_entries']} stream entries, {hot['seen']} messageIds")
+    for who, report, hot in done:
+        found = f"{len(report.people)} person(s)" if report.people else "no stored person (logged for suppression)"
+        print(f"Forgot {who!r}: {found}, {report.identifiers} identifiers, {report.events} events, "
+              f"{report.quarantined_lines} quarantined lines, {report.landing_lines} landing lines in "
+              f"{report.landing_files} files.")  # fmt: skip
+        for table, n in sorted(report.rows.items()):
+            print(f"  {table}: {n} rows")
+        if hot is not None:
+            print(
+                f"  Redis: {hot['hot_keys']} hot keys, {hot['stream_entries']} stream entries, {hot['seen']} messageIds"
+            )
     if not args.no_compact:
-        print(f"  warehouse compacted ({saved / 1e6:.1f} MB freed); snapshot republished")
+        print(f"Warehouse compacted ({saved / 1e6:.1f} MB freed); snapshot republished.")
     print("Later events for these identifiers are suppressed until one arrives with personalization consent.")
     return 0
 
@@ -455,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("who")
     p.set_defaults(fn=cmd_profile)
 
-    p = sub.add_parser("forget", help="erase a person everywhere (by email, phone, userId, anonymousId or person_id)")
-    p.add_argument("who")
+    p = sub.add_parser("forget", help="erase people everywhere (by email, phone, userId, anonymousId or person_id)")
+    p.add_argument("who", nargs="+", help="one or more identifiers, each erasing the person it belongs to")
     p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a running run to let go")
     p.add_argument("--skip-redis", action="store_true", help="leave the hot store alone (it is unreachable)")
     p.add_argument("--no-compact", action="store_true", help="skip rewriting the warehouse file (faster; "
