@@ -60,9 +60,9 @@ def summary() -> str:
 
     path = persona_home() / "serving" / "persona.duckdb"
     with open_snapshot(path) as con:
-        lines, kept, quarantined, duplicates, files = con.execute(
-            "SELECT sum(lines_read), sum(events_kept), sum(lines_quarantined), sum(duplicates), count(*) "
-            "FROM ingest_files"
+        lines, kept, quarantined, duplicates, forgotten, files = con.execute(
+            "SELECT sum(lines_read), sum(events_kept), sum(lines_quarantined), sum(duplicates), "
+            "sum(lines_suppressed + lines_erased), count(*) FROM ingest_files"
         ).fetchall()[0]
         anons, users = con.execute(
             "SELECT count(DISTINCT anonymous_id), count(DISTINCT user_id) FROM raw_events"
@@ -85,6 +85,7 @@ def summary() -> str:
             f"Events kept:        {kept or 0}",
             f"Lines quarantined:  {quarantined or 0}",
             f"Re-delivered copies:{duplicates or 0:>7}",
+            *([f"Forgotten people's lines: {forgotten} (suppressed or erased)"] if forgotten else []),
             f"Identities seen:    {anons} anonymousIds, {users} userIds",
             f"People:             {people} ({sparse} sparse, {bots} bots; all kept)",
             f"Profiles:           {people} (mean completeness {completeness}; {imputed} age brackets imputed)",

@@ -33,10 +33,9 @@ from typing import Protocol
 import duckdb
 
 from persona_assets.core.affinity import AffinityOptions, decay_to
-from persona_assets.core.erasure import ErasureReport, EventMatcher, erasure_hash, event_identifiers
+from persona_assets.core.erasure import ErasureReport, EventMatcher, contact_hashes, erasure_hash, event_identifiers
 from persona_assets.core.events import FIELDS
 from persona_assets.core.ingest import validate_lines
-from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
 from persona_assets.datagen import NUMERIC_COLUMNS
 
 STREAM = "persona:events"
@@ -372,10 +371,7 @@ class Consumer:
     def _identifiers(self, row: dict) -> list[str]:
         """A validated row's identifiers in identity_map form (email and phone hashed)."""
         found = [row[c] for c in ("user_id", "anonymous_id", "previous_id") if row.get(c)]
-        email = normalize_email(row["email"]) if row.get("email") else None
-        region = row["locale"].split("-")[1].upper() if row.get("locale") and "-" in row["locale"] else None
-        phone = normalize_phone(row["phone"], region) if row.get("phone") else None
-        return found + [hmac_hex(self._hash_key(), v) for v in (email, phone) if v]
+        return found + contact_hashes(self._hash_key(), row.get("email"), row.get("phone"), row.get("locale"))
 
     def _privacy(self, rows: list[dict], people: list[str]) -> list[str]:
         """Per row: 'apply', 'count' (declined personalization: written to landing, no hot profile)

@@ -299,16 +299,7 @@ class EventMatcher:
         self.prefilter = re.compile("|".join(needles).encode()) if needles else None
 
     def contact(self, email: object, phone: object, locale: object = None) -> bool:
-        if email:
-            normal = normalize_email(str(email), self.gmail_rules)
-            if normal and hmac_hex(self.key, normal) in self.hashes:
-                return True
-        if phone:
-            region = str(locale).split("-")[1].upper() if locale and "-" in str(locale) else None
-            normal = normalize_phone(str(phone), region)
-            if normal and hmac_hex(self.key, normal) in self.hashes:
-                return True
-        return False
+        return not self.hashes.isdisjoint(contact_hashes(self.key, email, phone, locale, self.gmail_rules))
 
     def json_line(self, line: bytes) -> bool:
         if self.prefilter is None or not self.prefilter.search(line):
@@ -339,18 +330,24 @@ class EventMatcher:
         )
 
 
+def contact_hashes(key: bytes, email: object, phone: object, locale: object = None,
+                   gmail_rules: bool = True) -> list[str]:  # fmt: skip
+    """The keyed hashes identity_map holds for an email and a phone as sent (the phone read
+    with the locale's region, as ingest reads it); none for a value that is not one."""
+    region = str(locale).split("-")[1].upper() if locale and "-" in str(locale) else None
+    email = normalize_email(str(email), gmail_rules) if email else None
+    phone = normalize_phone(str(phone), region) if phone else None
+    return [hmac_hex(key, v) for v in (email, phone) if v]
+
+
 def event_identifiers(event: dict, key: bytes, gmail_rules: bool = True) -> list[str]:
     """The identifiers a Segment event carries, in identity_map form (email and phone hashed)."""
     found = [str(v).strip() for v in (_dig(event, p) for p in ID_PATHS[:3]) if isinstance(v, str | int)]
     locale = _dig(event, ("context", "locale"))
-    region = str(locale).split("-")[1].upper() if locale and "-" in str(locale) else None
     for parent in TRAIT_PARENTS:
         traits = _dig(event, parent)
-        if not isinstance(traits, dict):
-            continue
-        email = normalize_email(str(traits["email"]), gmail_rules) if traits.get("email") else None
-        phone = normalize_phone(str(traits["phone"]), region) if traits.get("phone") else None
-        found += [hmac_hex(key, v) for v in (email, phone) if v]
+        if isinstance(traits, dict):
+            found += contact_hashes(key, traits.get("email"), traits.get("phone"), locale, gmail_rules)
     return found
 
 

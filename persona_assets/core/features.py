@@ -43,7 +43,6 @@ SHARE_FEATURES = (
 CATEGORY_PREFIX = "category_"
 SCALINGS = ("zscore", "minmax")
 CLIP_METHODS = ("mad", "iqr", "zscore", "none")
-SCALINGS = ("zscore", "minmax")
 
 BASE_SQL = """
 SELECT person_id, is_sparse, exclude_from_fitting,

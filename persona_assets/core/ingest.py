@@ -519,23 +519,23 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
     """Move the staged lines to their three destinations (after taking out erased people's lines)."""
     _normalize_phones(con)
     raw_cols = columns(RawEvents)
-    email = normalize_email_sql("s.email", opts.gmail_rules)
-    region = "upper(nullif(split_part(s.locale, '-', 2), ''))"
+    email_hash = hmac_sql(normalize_email_sql("s.email", opts.gmail_rules))
+    phone_hash = f"CASE WHEN pm.e164 IS NOT NULL THEN {hmac_sql('pm.e164')} END"
+    phone_map = "LEFT JOIN _phone_map pm ON pm.phone = s.phone AND pm.region IS NOT DISTINCT FROM " \
+                "upper(nullif(split_part(s.locale, '-', 2), ''))"  # fmt: skip
     if suppress:
-        phone = f"CASE WHEN pm.e164 IS NOT NULL THEN {hmac_sql('pm.e164')} END"
         suppress_staged(
             con,
             f"""SELECT s.batch_id, s.line, s.event_at, s.consent,
-                       unnest([s.user_id, s.anonymous_id, s.previous_id, {hmac_sql(email)}, {phone}]) AS identifier
-                FROM _stage s
-                LEFT JOIN _phone_map pm ON pm.phone = s.phone AND pm.region IS NOT DISTINCT FROM {region}""",
+                       unnest([s.user_id, s.anonymous_id, s.previous_id, {email_hash}, {phone_hash}]) AS identifier
+                FROM _stage s {phone_map}""",
             params,
         )
     else:
         con.execute("CREATE OR REPLACE TEMP TABLE _suppressed (batch_id BIGINT, line BIGINT)")
     select = {c: f"s.{c}" for c in raw_cols}
-    select["email_hash"] = hmac_sql(email)
-    select["phone_hash"] = f"CASE WHEN pm.e164 IS NOT NULL THEN {hmac_sql('pm.e164')} END"
+    select["email_hash"] = email_hash
+    select["phone_hash"] = phone_hash
     select["source_line"] = "s.line"
     select["batch_id"] = "s.batch_id"
     # Derived ids hash the content, so re-delivered copies of an id-less event hash alike.
@@ -544,8 +544,7 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
     insert = f"""INSERT INTO raw_events ({", ".join(raw_cols)})
         WITH kept AS (
           SELECT {", ".join(f"{expr} AS {c}" for c, expr in select.items())}, s.file_order
-          FROM _stage s
-          LEFT JOIN _phone_map pm ON pm.phone = s.phone AND pm.region IS NOT DISTINCT FROM {region}
+          FROM _stage s {phone_map}
           WHERE s.reason IS NULL
         )
         , stored AS (
