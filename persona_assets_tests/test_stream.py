@@ -176,3 +176,24 @@ def test_unknown_visitors_get_a_provisional_id_until_the_batch_stitches_them(red
     merged = stream.hot_profile(client, "p0000000000000001")
     assert merged["events"] == 3 and merged["category_affinity"]["books"] == pytest.approx(3.0, rel=1e-6)
     assert stream.hot_profile(client, provisional) == {}
+
+
+def test_events_the_plain_check_cannot_type_wait_for_the_contract_query_until_the_stream_is_quiet(redis_url, tmp_path):
+    client = stream.connect(redis_url)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    line = '{"messageId":"%s","anonymousId":"%s","type":"page","timestamp":"%s"}'
+    plain, spaced, bad = line % ("m1", "a-plain", now), line % ("m2", "  a-odd ", now), '{"type": "page"'
+    for event in (plain, spaced, bad):
+        client.xadd(stream.STREAM, {"event": event})
+    worker = stream.Consumer(client, stream.RedisStreamSource(client, "c"), tmp_path / "landing",
+                             stream.ConsumerOptions(block_ms=10, query_seconds=60))  # fmt: skip
+    assert worker.step() == 3
+    assert (worker.applied, worker.quarantined) == (1, 0)  # the plain event is in, the others wait
+    client.xadd(stream.STREAM, {"event": line % ("m3", "a-plain", now)})
+    assert worker.step() == 1 and (worker.applied, worker.quarantined) == (2, 0)
+    assert worker.step() == 0  # quiet: the waiting lines go through the contract query
+    assert (worker.applied, worker.quarantined) == (3, 1)
+    assert stream.hot_profile(client, stream.provisional_id("a-odd"))["events"] == 1  # trimmed as batch trims it
+    assert client.xrange(stream.QUARANTINE)[0][1][b"reason"] == b"malformed_json"
+    worker.flush()
+    assert client.xpending(stream.STREAM, stream.GROUP)["pending"] == 0

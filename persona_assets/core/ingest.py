@@ -449,23 +449,28 @@ def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: 
     return lines
 
 
-def validate_lines(con: duckdb.DuckDBPyConnection, lines: list[str], opts: IngestOptions | None = None,
-                   now: datetime | None = None, bad_utf8: list[bool] | None = None) -> list[dict]:  # fmt: skip
-    """Each JSON line checked exactly as a landing file's line is: a dict per line with its
-    `reason` (None when valid), `detail` and typed fields, `message_id` derived as ingest does."""
+def contract_params(opts: IngestOptions | None = None, now: datetime | None = None) -> dict:
+    """The contract's limits as the validation query binds them."""
     opts = opts or IngestOptions()
     now = now or datetime.now(UTC).replace(tzinfo=None)
-    params = {
+    return {
         "max_line_bytes": opts.max_line_bytes,
         "max_id_chars": opts.max_id_chars,
         "min_event_at": opts.min_event_at,
         "max_event_at": now + timedelta(hours=opts.max_future_hours),
     }
+
+
+def query_lines(con: duckdb.DuckDBPyConnection, lines: list[str], params: dict, bad_utf8: list[bool]) -> list[dict]:
+    """Each JSON line checked exactly as a landing file's line is: a dict per line with its
+    `reason` (None when valid), `detail` and typed fields, `message_id` derived as ingest does.
+    The stream runs it on the lines `core.plain` cannot type; its planning would dominate a
+    small batch."""
     chunk = pa.table(
         {
             "line": pa.array(range(1, len(lines) + 1), pa.int64()),
             "raw": pa.array(lines, pa.large_string()),
-            "bad_utf8": pa.array(bad_utf8 or [False] * len(lines)),
+            "bad_utf8": pa.array(bad_utf8, pa.bool_()),
         }
     )
     sql = f"""SELECT line, reason, detail, coalesce(message_id, 'derived-' || sha256(raw)) AS message_id,
