@@ -27,6 +27,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -288,7 +289,8 @@ class Consumer:
     quarantined: int = 0
     suppressed: int = 0  # events of erased people: acknowledged, never applied or written
     not_profiled: int = 0  # events of people who declined personalization: written for counts only
-    latencies: list[float] = field(default_factory=list)
+    # The newest events' milliseconds from XADD to applied (bounded: the consumer runs for days).
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1_000_000))
     _buffer: list[str] = field(default_factory=list)
     _buffer_ids: list[str] = field(default_factory=list)
     _last_flush: float = field(default_factory=time.monotonic)
