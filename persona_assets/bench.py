@@ -50,7 +50,8 @@ for f in FIELDS:
 kind = lambda v: "STRUCT(" + ", ".join(f'"{k}" {kind(w)}' for k, w in v.items()) + ")" if isinstance(v, dict) else v
 columns = "{" + ", ".join(f"'{k}': '{kind(v)}'" for k, v in tree.items()) + "}"
 with tempfile.TemporaryDirectory(dir=Path(sys.argv[2])) as tmp:
-    con = duckdb.connect(str(Path(tmp) / "bound.duckdb"), config={"enable_progress_bar": False})
+    con = duckdb.connect(str(Path(tmp) / "bound.duckdb"))
+    con.execute("SET enable_progress_bar = false")
     con.execute("CREATE TABLE events AS SELECT * FROM read_json(?, format='newline_delimited', ignore_errors=true, "
                 f"columns={columns})", [sys.argv[1]])
     con.execute("CHECKPOINT")
