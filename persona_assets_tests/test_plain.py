@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from datetime import datetime
 
 import duckdb
@@ -14,6 +15,7 @@ from persona_assets.core.ingest import contract_params, landing_files, query_lin
 from persona_assets.core.plain import plain_rows
 
 NOW = datetime(2026, 11, 1)
+FUZZ_EXAMPLES = int(os.environ.get("PERSONA_FUZZ_EXAMPLES", "150"))  # more for a deeper search
 PARAMS = contract_params(now=NOW)
 
 
@@ -205,10 +207,21 @@ def event_lines(draw) -> str:
     return _raw(text, draw(RAW) if draw(st.integers(0, 3)) == 0 else "none")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lines=st.lists(event_lines(), min_size=1, max_size=20))
 def test_fuzzed_events_are_plain_only_when_the_query_agrees(lines):
     _compare(lines)
+
+
+def test_only_ids_names_types_and_timestamps_are_trimmed_other_text_is_kept_as_sent():
+    line = (
+        '{"type":"track","event":"Product Viewed","anonymousId":"a","timestamp":"2026-09-01T10:00:00Z",'
+        '"context":{"locale":"","device":{"type":" tablet "},"os":{"name":"\\u00a0iOS"}},'
+        '"properties":{"category":" books ","query":""}}'
+    )
+    assert _compare([line]) == (1, 1)
+    row = plain_rows([line], PARAMS)[0]
+    assert (row["locale"], row["device_type"], row["category"], row["search_query"]) == ("", " tablet ", " books ", "")
 
 
 def test_unusual_but_valid_lines_are_left_to_the_query():

@@ -69,6 +69,10 @@ FIELD_BY_COLUMN = {f.column: f for f in FIELDS}
 # Every flattened header name a CSV or Parquet landing file may carry, in a stable order.
 FLAT_COLUMNS: tuple[str, ...] = tuple(flat for f in FIELDS for flat in f.flats)
 
+# Columns read with surrounding spaces trimmed and an empty value as missing; every other
+# text column is kept as sent.
+TRIMMED_COLUMNS = tuple(f.column for f in FIELDS if f.kind == "id") + ("event_type", "event_name", "event_at")
+
 # Columns that identify a person: at least one of these two is required.
 PERSON_KEYS = ("user_id", "anonymous_id")
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents, columns, ddl
 from persona_assets.core.erasure import active_erasures, ensure_log, suppress_staged
-from persona_assets.core.events import EVENT_TYPES, FIELDS, FLAT_COLUMNS, Field, consent_sql
+from persona_assets.core.events import EVENT_TYPES, FIELDS, FLAT_COLUMNS, TRIMMED_COLUMNS, Field, consent_sql
 from persona_assets.core.faults import kill_point
 from persona_assets.core.pii import hmac_params, hmac_sql, normalize_email_sql, normalize_phone
 from persona_assets.core.publish import sql_literal
@@ -335,10 +335,7 @@ def _validate_select(source_sql: str) -> str:
     ids = [f.column for f in ID_FIELDS]
     too_long = " ".join(f"WHEN strlen({c}) > $max_id_chars THEN '{c}'" for c in ids)
     types = ", ".join(f"'{t}'" for t in EVENT_TYPES)
-    cleaned = {
-        f.column: f"nullif(trim(s.{f.column}), '')" if f.kind in ("id", "text", "timestamp") else f"s.{f.column}"
-        for f in FIELDS
-    }
+    cleaned = {column: f"nullif(trim(s.{column}), '')" for column in TRIMMED_COLUMNS}
     return f"""
 WITH s AS ({source_sql}),
 v AS (

@@ -15,14 +15,13 @@ import json
 import re
 from datetime import UTC, datetime
 
-from persona_assets.core.events import CONSENT_DECLINED, CONSENT_GRANTED, EVENT_TYPES, FIELDS
+from persona_assets.core.events import CONSENT_DECLINED, CONSENT_GRANTED, EVENT_TYPES, FIELDS, TRIMMED_COLUMNS
 
 INT64 = 2**63
 EXACT_IN_DOUBLE = 2**53
 # A high or low surrogate escape: Python accepts a lone one, DuckDB's parser may not.
 SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
-CONTAINERS = {("properties",): dict, ("traits",): dict, ("context",): dict, ("properties", "products"): list}
 MAX_NESTING = 64  # brackets in a line; deeper documents go to the query
 
 
@@ -59,19 +58,19 @@ def _no_constant(_: str):  # NaN, Infinity: not JSON to DuckDB
 DECODER = json.JSONDecoder(
     object_pairs_hook=_no_duplicate_keys, parse_float=_finite, parse_int=_int64, parse_constant=_no_constant
 )
-PATHS = {f.column: [tuple(p.removeprefix("$.").split(".")) for p in f.paths] for f in FIELDS}
-KINDS = {f.column: f.kind for f in FIELDS}
-TRIMMED = {"id", "text", "timestamp"}
+TRIMMED = frozenset(TRIMMED_COLUMNS)
 CONSENT = {**{v: "granted" for v in CONSENT_GRANTED}, **{v: "declined" for v in CONSENT_DECLINED}}
 
-
-def _at(event: dict, path: tuple[str, ...]):
-    value = event
-    for key in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
+# Every object a field's path passes through, parents first, each as (its parent's position,
+# its key); and each field's paths as (container position, key). An event's containers are
+# then looked up once, not once per field (this check runs per streamed event).
+_SPLIT = {f.column: [tuple(p.removeprefix("$.").split(".")) for p in f.paths] for f in FIELDS}
+_BOXES = sorted({path[:i] for paths in _SPLIT.values() for path in paths for i in range(len(path))}, key=len)
+BOX_STEPS = [(_BOXES.index(box[:-1]), box[-1]) for box in _BOXES[1:]]
+FIELD_STEPS = [(f.column, f.kind, [(_BOXES.index(path[:-1]), path[-1]) for path in _SPLIT[f.column]]) for f in FIELDS]
+CONTAINERS = [
+    (_BOXES.index(box), kind) for box, kind in ((("properties",), dict), (("traits",), dict), (("context",), dict))
+]
 
 
 def _text(value) -> str | None:
@@ -101,15 +100,6 @@ def _number(value) -> float | None:
     raise NotPlain
 
 
-def _first(event: dict, column: str):
-    """The first non-null of a field's paths, as coalesce() over them takes it."""
-    for path in PATHS[column]:
-        value = _at(event, path)
-        if value is not None:
-            return value
-    return None
-
-
 def plain_row(line: str, params: dict) -> dict:
     """The typed row of a plain, valid line (`params`: the contract's limits, `ingest.contract_params`);
     NotPlain for anything else."""
@@ -124,26 +114,33 @@ def plain_row(line: str, params: dict) -> dict:
         raise NotPlain from exc
     if not isinstance(event, dict):
         raise NotPlain
-    for path, kind in CONTAINERS.items():
-        value = _at(event, path)
-        if value is not None and not isinstance(value, kind):
+    boxes = [event]
+    for parent, key in BOX_STEPS:
+        box = boxes[parent]
+        boxes.append(box.get(key) if type(box) is dict else None)
+    for position, kind in CONTAINERS:
+        if boxes[position] is not None and type(boxes[position]) is not kind:
             raise NotPlain
     row: dict = {"reason": None, "detail": None}
-    for column, kind in KINDS.items():
-        raw = _first(event, column)
+    for column, kind, steps in FIELD_STEPS:
+        raw = None
+        for position, key in steps:  # the first non-null of the paths, as coalesce() takes it
+            box = boxes[position]
+            if type(box) is dict and (raw := box.get(key)) is not None:
+                break
         if kind == "json":
+            if raw is not None and type(raw) is not list:
+                raise NotPlain
             row[column] = None if raw is None else json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
         elif kind == "number":
             row[column] = _number(raw)
         elif kind == "integer":
-            if raw is not None and (
-                not isinstance(raw, int) or isinstance(raw, bool) or not 0 <= raw < EXACT_IN_DOUBLE
-            ):
+            if raw is not None and (type(raw) is not int or not 0 <= raw < EXACT_IN_DOUBLE):
                 raise NotPlain
             row[column] = raw
         else:
             text = _text(raw)
-            if kind in TRIMMED:
+            if column in TRIMMED:
                 text = _trimmed(text)
             if kind == "id" and text is not None and len(text.encode("utf-8")) > max_id_chars:
                 raise NotPlain
