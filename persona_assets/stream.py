@@ -81,27 +81,31 @@ for e = 1, (#KEYS - 1) / 2 do
   else
     done[e] = 1
     local t = tonumber(at)
+    -- one read of the profile's times, one write of what moves (calls are most of the cost)
+    local h = redis.call('HMGET', hot, 'last_seen', 'last_order', 'session_start', 'session_last', 'scores_at')
+    local set = {}
     redis.call('HINCRBY', hot, 'events', 1)
-    local last = tonumber(redis.call('HGET', hot, 'last_seen') or '-1e300')
-    if t > last then redis.call('HSET', hot, 'last_seen', at) end
+    if t > tonumber(h[1] or '-1e300') then set[#set + 1] = 'last_seen'; set[#set + 1] = at end
     if is_order == '1' then
       redis.call('HINCRBY', hot, 'orders', 1)
       redis.call('HINCRBYFLOAT', hot, 'revenue', revenue)
-      local last_order = tonumber(redis.call('HGET', hot, 'last_order') or '-1e300')
-      if t > last_order then redis.call('HSET', hot, 'last_order', at) end
+      if t > tonumber(h[2] or '-1e300') then set[#set + 1] = 'last_order'; set[#set + 1] = at end
     end
-    local s_start = tonumber(redis.call('HGET', hot, 'session_start') or '-1e300')
-    local s_last = tonumber(redis.call('HGET', hot, 'session_last') or '-1e300')
+    local s_start = tonumber(h[3] or '-1e300')
+    local s_last = tonumber(h[4] or '-1e300')
     if t > s_last + gap then
-      redis.call('HSET', hot, 'session_start', at, 'session_last', at, 'session_events', 1)
+      for _, v in ipairs({'session_start', at, 'session_last', at, 'session_events', '1'}) do set[#set + 1] = v end
     else
       redis.call('HINCRBY', hot, 'session_events', 1)
-      if t > s_last then redis.call('HSET', hot, 'session_last', at) end
-      if t < s_start then redis.call('HSET', hot, 'session_start', at) end
+      if t > s_last then set[#set + 1] = 'session_last'; set[#set + 1] = at end
+      if t < s_start then set[#set + 1] = 'session_start'; set[#set + 1] = at end
     end
     if pairs > 0 then
-      local ref = tonumber(redis.call('HGET', hot, 'scores_at') or at)
-      if t > ref then
+      -- Scores stay valued at one reference time and newer events add in scaled up, so an
+      -- event does not rewrite every category; the reference moves on only when the scale
+      -- factor would pass 2^20 (about 20 half-lives), to keep the numbers bounded.
+      local ref = tonumber(h[5] or at)
+      if t - ref > 20 * half then
         local f = 2 ^ (-(t - ref) / half)
         local all = redis.call('HGETALL', scores)
         for i = 1, #all, 2 do
@@ -109,13 +113,14 @@ for e = 1, (#KEYS - 1) / 2 do
         end
         ref = t
       end
-      redis.call('HSET', hot, 'scores_at', string.format('%.17g', ref))
+      set[#set + 1] = 'scores_at'; set[#set + 1] = string.format('%.17g', ref)
       for i = first, first + 2 * pairs - 1, 2 do
         local w = tonumber(ARGV[i + 1]) * 2 ^ (-(ref - t) / half)
         local old = tonumber(redis.call('HGET', scores, ARGV[i]) or '0')
         redis.call('HSET', scores, ARGV[i], string.format('%.17g', old + w))
       end
     end
+    if #set > 0 then redis.call('HSET', hot, unpack(set)) end
   end
 end
 return done

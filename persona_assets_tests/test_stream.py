@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -197,3 +197,21 @@ def test_events_the_plain_check_cannot_type_wait_for_the_contract_query_until_th
     assert client.xrange(stream.QUARANTINE)[0][1][b"reason"] == b"malformed_json"
     worker.flush()
     assert client.xpending(stream.STREAM, stream.GROUP)["pending"] == 0
+
+
+def test_scores_stay_exact_when_a_person_comes_back_after_many_half_lives(redis_url, tmp_path):
+    client = stream.connect(redis_url)
+    start = datetime.now(UTC) - timedelta(days=800)
+    line = '{"messageId":"m%d","anonymousId":"a-back","type":"track","event":"Product Viewed","timestamp":"%s","properties":{"category":"%s"}}'
+    days = [(0, "books"), (700, "books"), (701, "games")]  # the second is past the 20 half-lives of re-anchoring
+    for i, (day, category) in enumerate(days):
+        at = (start + timedelta(days=day)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        client.xadd(stream.STREAM, {"event": line % (i, at, category)})
+    worker = stream.Consumer(client, stream.RedisStreamSource(client, "c"), tmp_path / "landing")
+    while worker.handled < len(days):
+        worker.step()
+    as_of = (start + timedelta(days=701)).replace(tzinfo=None, microsecond=0)
+    affinity = stream.hot_profile(client, stream.provisional_id("a-back"), as_of=as_of)["category_affinity"]
+    half = AffinityOptions().half_life_days
+    assert affinity["books"] == pytest.approx(2 ** (-701 / half) + 2 ** (-1 / half), rel=1e-12)
+    assert affinity["games"] == pytest.approx(1.0, rel=1e-12)

@@ -68,9 +68,7 @@ _SPLIT = {f.column: [tuple(p.removeprefix("$.").split(".")) for p in f.paths] fo
 _BOXES = sorted({path[:i] for paths in _SPLIT.values() for path in paths for i in range(len(path))}, key=len)
 BOX_STEPS = [(_BOXES.index(box[:-1]), box[-1]) for box in _BOXES[1:]]
 FIELD_STEPS = [(f.column, f.kind, [(_BOXES.index(path[:-1]), path[-1]) for path in _SPLIT[f.column]]) for f in FIELDS]
-CONTAINERS = [
-    (_BOXES.index(box), kind) for box, kind in ((("properties",), dict), (("traits",), dict), (("context",), dict))
-]
+OBJECTS = [_BOXES.index(box) for box in (("properties",), ("traits",), ("context",))]  # else a bad_type
 
 
 def _text(value) -> str | None:
@@ -118,24 +116,27 @@ def plain_row(line: str, params: dict) -> dict:
     for parent, key in BOX_STEPS:
         box = boxes[parent]
         boxes.append(box.get(key) if type(box) is dict else None)
-    for position, kind in CONTAINERS:
-        if boxes[position] is not None and type(boxes[position]) is not kind:
-            raise NotPlain
+    if any(boxes[i] is not None and type(boxes[i]) is not dict for i in OBJECTS):
+        raise NotPlain
+    boxes = [box if type(box) is dict else None for box in boxes]  # a path through a scalar finds nothing
     row: dict = {"reason": None, "detail": None}
     for column, kind, steps in FIELD_STEPS:
         raw = None
         for position, key in steps:  # the first non-null of the paths, as coalesce() takes it
             box = boxes[position]
-            if type(box) is dict and (raw := box.get(key)) is not None:
+            if box is not None and (raw := box.get(key)) is not None:
                 break
+        if raw is None:  # most fields of most events
+            row[column] = None
+            continue
         if kind == "json":
-            if raw is not None and type(raw) is not list:
+            if type(raw) is not list:
                 raise NotPlain
-            row[column] = None if raw is None else json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+            row[column] = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
         elif kind == "number":
             row[column] = _number(raw)
         elif kind == "integer":
-            if raw is not None and (type(raw) is not int or not 0 <= raw < EXACT_IN_DOUBLE):
+            if type(raw) is not int or not 0 <= raw < EXACT_IN_DOUBLE:
                 raise NotPlain
             row[column] = raw
         else:
