@@ -8,8 +8,9 @@ event is resolved to a person with the identity map loaded from the serving snap
 unknown anonymousId gets a provisional id until the next batch stitch), then applied to
 that person's hot profile by one Lua script that first adds the messageId to a processed
 set: applying twice is impossible, so a re-delivery after a crash never double counts.
-The category scores use the batch formula (`affinity.decayed_update`): kept as of the
-person's newest event and decayed forward when read.
+The category scores use the batch formula (`affinity.decayed_update`): kept as of one
+reference time per person (newer events add in scaled up; the reference moves on after 20
+half-lives) and decayed forward when read.
 
 Consumed events are also written to landing as Parquet (every `flush_seconds` or
 `flush_events`), and only then acknowledged: a consumer killed before a flush leaves its
