@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +13,7 @@ from .conftest import person_truth, segmented_copy
 
 
 def _options(**over) -> ImputationOptions:
-    return ImputationOptions(enrichment_path=str(shipped_enrichment()), **over)
+    return ImputationOptions(**{"enrichment_path": str(shipped_enrichment()), **over})
 
 
 def _prepare(con, store):
@@ -169,3 +171,20 @@ def test_bad_settings_are_refused():
         ImputationOptions(model_traits=("shoe_size",))
     with pytest.raises(ValueError, match="enrichment_keys"):
         ImputationOptions(enrichment_keys=("city",))
+
+
+def test_the_enrichment_table_counts_by_its_content_not_its_path(warehouse_copy, tmp_path):
+    con, store, _ = warehouse_copy
+    _prepare(con, store)
+    first, moved = tmp_path / "a" / "areas.csv", tmp_path / "b" / "areas.csv"
+    for path in (first, moved):
+        path.parent.mkdir()
+        shutil.copy(shipped_enrichment(), path)
+    assert impute(con, store, _options(enrichment_path=str(first)))["mode"] == "full"  # the first run
+    # The same table elsewhere (a moved checkout): nothing to redo.
+    assert impute(con, store, _options(enrichment_path=str(moved)))["mode"] == "incremental"
+    # An edited table: every enriched value is redone, for people without new events too.
+    moved.write_text(moved.read_text().replace("Northeast", "North East"))
+    assert impute(con, store, _options(enrichment_path=str(moved)))["mode"] == "full"
+    regions = {r[0] for r in con.execute("SELECT value FROM imputed_attributes WHERE trait = 'region'").fetchall()}
+    assert "North East" in regions and "Northeast" not in regions

@@ -30,6 +30,7 @@ from persona_assets.core import refresh
 from persona_assets.core.affinity import interactions_sql
 from persona_assets.core.features import FEATURES_KIND, load_base
 from persona_assets.core.identity import stage_scope_events
+from persona_assets.core.ingest import checksum
 from persona_assets.core.models import ModelStore
 from persona_assets.core.refresh import SCOPE
 from persona_assets.core.warehouse import data_as_of, replace_frames, splice_frame
@@ -353,6 +354,15 @@ def _enrichment(path: Path, keys: tuple[str, ...]) -> pd.DataFrame:
     return table.drop_duplicates(list(keys))
 
 
+def _plan_settings(opts: ImputationOptions, model_version: int) -> dict:
+    """What an incremental run must share with the last one. The enrichment table counts by its
+    content: the same file in a moved checkout is the same table, an edited one is not."""
+    settings = {**opts.model_settings(), **asdict(opts), "model_version": model_version}
+    path = Path(settings.pop("enrichment_path")) if opts.enrichment_path else None
+    settings["enrichment_sha256"] = checksum(path) if path and path.exists() else ""
+    return settings
+
+
 def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOptions, retrain: bool = False,
            full: bool = False) -> dict:  # fmt: skip
     """Bring imputed_attributes (and the model, drift and importance tables) up to date.
@@ -377,7 +387,7 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     }
     why = [r for r, hit in reasons.items() if hit]
     version = (saved.version if saved else 0) + 1 if why else saved.version
-    p = refresh.plan(con, "imputation", {**opts.model_settings(), **asdict(opts), "model_version": version},
+    p = refresh.plan(con, "imputation", _plan_settings(opts, version),
                      ("imputed_attributes", "trait_models", "trait_model_drift", "trait_importance"),
                      full=full or bool(why), full_reason="full rebuild asked for" if full else "models retrained")  # fmt: skip
     if not p.full:
