@@ -344,9 +344,12 @@ class Consumer:
         """Plain events are applied now; the others wait for the contract query."""
         entries, bad_utf8 = [], []
         for entry_id, data in raw_entries:
-            text = data.decode("utf-8", errors="replace")
-            entries.append((entry_id, text))
-            bad_utf8.append(text.encode("utf-8") != data)
+            try:
+                entries.append((entry_id, data.decode("utf-8")))
+                bad_utf8.append(False)
+            except UnicodeDecodeError:  # kept with replacement characters, for the quarantine's raw text
+                entries.append((entry_id, data.decode("utf-8", errors="replace")))
+                bad_utf8.append(True)
         rows = plain_rows([line for _, line in entries], contract_params(), bad_utf8)
         if not self._unplain:
             self._unplain_since = time.monotonic()

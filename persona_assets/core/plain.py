@@ -68,32 +68,30 @@ _SPLIT = {f.column: [tuple(p.removeprefix("$.").split(".")) for p in f.paths] fo
 _BOXES = sorted({path[:i] for paths in _SPLIT.values() for path in paths for i in range(len(path))}, key=len)
 BOX_STEPS = [(_BOXES.index(box[:-1]), box[-1]) for box in _BOXES[1:]]
 FIELD_STEPS = [(f.column, f.kind, [(_BOXES.index(path[:-1]), path[-1]) for path in _SPLIT[f.column]]) for f in FIELDS]
-OBJECTS = [_BOXES.index(box) for box in (("properties",), ("traits",), ("context",))]  # else a bad_type
+OBJECTS = frozenset(_BOXES.index(box) for box in (("properties",), ("traits",), ("context",)))
 
 
-def _text(value) -> str | None:
-    """The value as DuckDB's json_extract_string gives it, for the JSON types it prints alike."""
-    if value is None or isinstance(value, str):
-        if value is not None and "\x00" in value:
+def _text(value) -> str:
+    """A present value as DuckDB's json_extract_string gives it, for the JSON types it prints alike."""
+    if type(value) is str:
+        if "\x00" in value:
             raise NotPlain
         return value
-    if isinstance(value, int) and not isinstance(value, bool):
+    if type(value) is int:
         return str(value)
     raise NotPlain  # floats, booleans and containers print differently
 
 
-def _trimmed(value: str | None) -> str | None:
-    if value is None or value == "":
+def _trimmed(value: str) -> str | None:
+    if value == "":
         return None
     if value != value.strip():  # which characters trim() removes is the query's business
         raise NotPlain
     return value
 
 
-def _number(value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+def _number(value) -> float:
+    if type(value) in (int, float):
         return float(value)
     raise NotPlain
 
@@ -112,13 +110,14 @@ def plain_row(line: str, params: dict) -> dict:
         raise NotPlain from exc
     if not isinstance(event, dict):
         raise NotPlain
-    boxes = [event]
-    for parent, key in BOX_STEPS:
-        box = boxes[parent]
-        boxes.append(box.get(key) if type(box) is dict else None)
-    if any(boxes[i] is not None and type(boxes[i]) is not dict for i in OBJECTS):
-        raise NotPlain
-    boxes = [box if type(box) is dict else None for box in boxes]  # a path through a scalar finds nothing
+    boxes: list[dict | None] = [event]
+    for position, (parent, key) in enumerate(BOX_STEPS, start=1):
+        box = boxes[parent].get(key) if boxes[parent] is not None else None
+        if type(box) is not dict:
+            if box is not None and position in OBJECTS:
+                raise NotPlain  # the query calls that a bad_type
+            box = None  # a path through a scalar finds nothing
+        boxes.append(box)
     row: dict = {"reason": None, "detail": None}
     for column, kind, steps in FIELD_STEPS:
         raw = None
