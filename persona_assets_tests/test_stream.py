@@ -183,18 +183,20 @@ def test_events_the_plain_check_cannot_type_wait_for_the_contract_query_until_th
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     line = '{"messageId":"%s","anonymousId":"%s","type":"page","timestamp":"%s"}'
     plain, spaced, bad = line % ("m1", "a-plain", now), line % ("m2", "  a-odd ", now), '{"type": "page"'
-    for event in (plain, spaced, bad):
+    not_utf8 = (line % ("m4", "a-\xff", now)).encode("latin-1")  # a byte that is not UTF-8
+    for event in (plain, spaced, bad, not_utf8):
         client.xadd(stream.STREAM, {"event": event})
     worker = stream.Consumer(client, stream.RedisStreamSource(client, "c"), tmp_path / "landing",
                              stream.ConsumerOptions(block_ms=10, query_seconds=60))  # fmt: skip
-    assert worker.step() == 3
+    assert worker.step() == 4
     assert (worker.applied, worker.quarantined) == (1, 0)  # the plain event is in, the others wait
     client.xadd(stream.STREAM, {"event": line % ("m3", "a-plain", now)})
     assert worker.step() == 1 and (worker.applied, worker.quarantined) == (2, 0)
     assert worker.step() == 0  # quiet: the waiting lines go through the contract query
-    assert (worker.applied, worker.quarantined) == (3, 1)
+    assert (worker.applied, worker.quarantined) == (3, 2)
     assert stream.hot_profile(client, stream.provisional_id("a-odd"))["events"] == 1  # trimmed as batch trims it
-    assert client.xrange(stream.QUARANTINE)[0][1][b"reason"] == b"malformed_json"
+    reasons = [fields[b"reason"] for _, fields in client.xrange(stream.QUARANTINE)]
+    assert reasons == [b"malformed_json", b"invalid_utf8"]
     worker.flush()
     assert client.xpending(stream.STREAM, stream.GROUP)["pending"] == 0
 
