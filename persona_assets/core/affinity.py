@@ -83,7 +83,7 @@ def affinity_sql(scores: str, opts: AffinityOptions) -> str:
     score = f"score * pow(2.0, -greatest(epoch($as_of - scored_at), 0) / 86400.0 / {float(opts.half_life_days)})"
     return f"""
 SELECT person_id,
-       map_from_entries(list((category, round(now_score, 6)) ORDER BY category)) AS category_affinity,
+       map_from_entries(list_sort(list((category, round(now_score, 6))))) AS category_affinity,
        arg_max(category, (now_score, category)) AS top_category
 FROM (SELECT person_id, category, {score} AS now_score FROM {scores}) GROUP BY person_id
 """

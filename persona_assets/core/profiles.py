@@ -47,7 +47,7 @@ WITH traits AS (
     {core},
     {inferred},
     {one("intent_score", "TRY_CAST(value AS DOUBLE)")} AS intent_score,
-    map_from_entries(list((trait, value) ORDER BY trait) FILTER (WHERE source = 'enriched')) AS enriched,
+    map_from_entries(list_sort(list((trait, value)) FILTER (WHERE source = 'enriched'))) AS enriched,
     -- each answer counts by how sure we are of it: observed 1, unknown 0
     avg(confidence) FILTER (WHERE trait NOT IN ({not_counted})) AS completeness
   FROM imputed_attributes GROUP BY person_id
