@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("view", "add_to_cart", "purchase")
+# The events that carry product interactions, and the columns `interactions_sql` reads of them.
+INTERACTION_EVENTS = ("Product Viewed", "Product Added", "Order Completed")
+INTERACTION_COLUMNS = ("event_at", "event_name", "category", "product_id", "products")
 
 
 @dataclass(frozen=True)
@@ -45,18 +48,19 @@ def decay_to(score: float, seconds: float, opts: AffinityOptions) -> float:
 def interactions_sql(events: str = "person_events") -> str:
     """Every product interaction in `events` with its kind and category: views and adds carry the
     category on the event; an order carries it per product inside the `products` JSON."""
+    view, add, order = INTERACTION_EVENTS
     return f"""
-SELECT person_id, event_at, CASE event_name WHEN 'Product Viewed' THEN 'view' ELSE 'add_to_cart' END AS kind,
+SELECT person_id, event_at, CASE event_name WHEN '{view}' THEN 'view' ELSE 'add_to_cart' END AS kind,
        category, product_id
 FROM {events}
-WHERE person_id IS NOT NULL AND event_name IN ('Product Viewed', 'Product Added')
+WHERE person_id IS NOT NULL AND event_name IN ('{view}', '{add}')
 UNION ALL
 SELECT person_id, event_at, 'purchase' AS kind, item.category, item.product_id
 FROM (
   SELECT person_id, event_at,
          unnest(from_json(products, '[{{"category": "VARCHAR", "product_id": "VARCHAR"}}]')) AS item
   FROM {events}
-  WHERE person_id IS NOT NULL AND event_name = 'Order Completed' AND json_valid(products)
+  WHERE person_id IS NOT NULL AND event_name = '{order}' AND json_valid(products)
 )
 """
 

@@ -31,6 +31,7 @@ from persona_assets.contracts import (
 )
 from persona_assets.core import linkage, refresh
 from persona_assets.core.faults import kill_point
+from persona_assets.core.publish import sql_literal
 from persona_assets.core.refresh import SCOPE
 from persona_assets.core.warehouse import data_as_of, replace_tables
 
@@ -86,10 +87,13 @@ SCOPE_EVENT_COLUMNS = ("message_id", "user_id", "anonymous_id", "event_at", "eve
                        "device_type", "timezone", "locale", "product_id", "products")  # fmt: skip
 
 
-def stage_scope_events(con: duckdb.DuckDBPyConnection, name: str = "_scope_events") -> None:
-    """`person_events` for the people in `_scope` only: one scan of the columns later stages
-    read, of the events of their userIds and anonymousIds (a userId's person wins, as in the view)."""
-    cols = ", ".join(f"e.{c}" for c in SCOPE_EVENT_COLUMNS)
+def stage_scope_events(con: duckdb.DuckDBPyConnection, name: str = "_scope_events",
+                       columns: tuple[str, ...] = SCOPE_EVENT_COLUMNS, event_names: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """`person_events` for the people in `_scope` only: one scan of `columns`, of the events of
+    their userIds and anonymousIds (a userId's person wins, as in the view); only events named
+    `event_names` when given (the scan then fetches the other columns of those rows alone)."""
+    cols = ", ".join(f"e.{c}" for c in columns)
+    named = f"event_name IN ({', '.join(sql_literal(n) for n in event_names)}) AND " if event_names else ""
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _scope_ids AS
             SELECT identifier_type, identifier FROM identity_map
@@ -99,8 +103,8 @@ def stage_scope_events(con: duckdb.DuckDBPyConnection, name: str = "_scope_event
         f"""CREATE OR REPLACE TEMP TABLE {name} AS
         SELECT coalesce(mu.person_id, ma.person_id) AS person_id, {cols}
         FROM (SELECT * FROM raw_events
-              WHERE user_id IN (SELECT identifier FROM _scope_ids WHERE identifier_type = 'user_id')
-                 OR anonymous_id IN (SELECT identifier FROM _scope_ids WHERE identifier_type = 'anonymous_id')) e
+              WHERE {named}(user_id IN (SELECT identifier FROM _scope_ids WHERE identifier_type = 'user_id')
+                 OR anonymous_id IN (SELECT identifier FROM _scope_ids WHERE identifier_type = 'anonymous_id'))) e
         LEFT JOIN identity_map mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
         LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
         WHERE coalesce(mu.person_id, ma.person_id) IN (SELECT person_id FROM {SCOPE})"""

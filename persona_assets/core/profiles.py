@@ -9,7 +9,13 @@ import duckdb
 
 from persona_assets.contracts import PERSON_ID, CategoryScores, UserProfiles
 from persona_assets.core import refresh
-from persona_assets.core.affinity import AffinityOptions, affinity_sql, scores_sql
+from persona_assets.core.affinity import (
+    INTERACTION_COLUMNS,
+    INTERACTION_EVENTS,
+    AffinityOptions,
+    affinity_sql,
+    scores_sql,
+)
 from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
 from persona_assets.core.refresh import SCOPE
@@ -93,7 +99,8 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
         scores = [(CategoryScores, "category_scores", scores_sql(opts, PROFILED.format(events="person_events")))]
         updated = "$updated_at"
     else:
-        stage_scope_events(con)
+        # Scores read product interactions only: their events and columns are all that is staged.
+        stage_scope_events(con, columns=INTERACTION_COLUMNS, event_names=INTERACTION_EVENTS)
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(f"DELETE FROM category_scores WHERE person_id IN (SELECT person_id FROM {SCOPE})")
