@@ -88,9 +88,9 @@ def traits():
     from persona_assets.settings import shipped_enrichment
     return core("imputation").ImputationOptions(enrichment_path=str(shipped_enrichment()))
 def publish():
-    from persona_assets.assets.serving import APPEND_ONLY, LOOKUP_KEYS, published_tables
+    from persona_assets.assets.serving import APPEND_ONLY, INDEXED, published_tables
     return core("publish").publish_snapshot(con, snapshot, published_tables(), append=APPEND_ONLY,
-                                            indexes=LOOKUP_KEYS)
+                                            indexes=INDEXED)
 steps = {  # name: (run it, rows in, rows out)
     "identity": (lambda: core("identity").resolve(con, full=full), "raw_events", "deduped_users"),
     "cleaning": (lambda: core("cleaning").clean(con, full=full), "deduped_users", "cleaned_users"),

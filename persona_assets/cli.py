@@ -352,7 +352,7 @@ def _forget_redis(home: Path, skip: bool):
 
 def cmd_forget(args: argparse.Namespace) -> int:
     from persona_assets import stream
-    from persona_assets.assets.serving import LOOKUP_KEYS, published_tables
+    from persona_assets.assets.serving import INDEXED, published_tables
     from persona_assets.core import erasure
     from persona_assets.core.pii import load_key
     from persona_assets.core.publish import publish_snapshot
@@ -375,7 +375,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 done.append((who, report, hot))
             snapshot = home / "serving" / "persona.duckdb"
             if snapshot.exists():  # written afresh: no copy of the old file, so no old rows in its free blocks
-                publish_snapshot(con, snapshot, published_tables(), run_id="forget", indexes=LOOKUP_KEYS)
+                publish_snapshot(con, snapshot, published_tables(), run_id="forget", indexes=INDEXED)
         finally:
             con.close()
     finally:

@@ -40,9 +40,12 @@ PUBLISHED = {
 APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "ingest_files": "batch_id"}
 
 
-# Tables looked up by key (`persona profile`): stored in key order (DuckDB skips row groups by
-# their min/max) and indexed on the key, so a look-up is a point read, not a scan.
+# Tables looked up by key (`persona profile`): stored in key order, so DuckDB's min/max per row
+# group leaves one group to read, not a scan.
 LOOKUP_KEYS = {"identity_map": "identifier", "user_profiles": "person_id"}
+# ... and those also indexed on it, for a point read. identity_map is not: at 20M events its
+# index took 1.8 s of every publish, and its look-ups stay fast without one (p99 4.3 ms vs 2.6 ms).
+INDEXED = {"user_profiles": "person_id"}
 
 
 def published_tables() -> dict[str, str]:
@@ -63,9 +66,7 @@ def published_tables() -> dict[str, str]:
 )
 def serving_snapshot(context: dg.AssetExecutionContext, warehouse: DuckDBResource, serving: ServingPublisher):
     with warehouse.get_connection() as con:
-        counts = serving.publish(
-            con, published_tables(), run_id=context.run_id, append=APPEND_ONLY, indexes=LOOKUP_KEYS
-        )
+        counts = serving.publish(con, published_tables(), run_id=context.run_id, append=APPEND_ONLY, indexes=INDEXED)
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(serving.path),

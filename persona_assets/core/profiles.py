@@ -139,8 +139,8 @@ def find_person(con: duckdb.DuckDBPyConnection, query: str, key: bytes, gmail_ru
         rows = con.execute("SELECT person_id FROM user_profiles WHERE person_id = ?", [query]).fetchall()
         return [r[0] for r in rows]
     # The identifier as written (userId, anonymousId or device id), then a hashed email or phone.
-    # Each is a plain equality on the indexed identifier column, so the snapshot answers from its
-    # index; the kind is checked here, not in SQL (a second condition would bypass the index).
+    # Each is a plain equality on the identifier column the snapshot keeps sorted, so it reads one
+    # row group; the kind is checked here, not in SQL.
     candidates = [(("user_id", "anonymous_id", "device_id"), query)]
     if "@" in query and (email := normalize_email(query, gmail_rules)):
         candidates.append((("email",), hmac_hex(key, email)))
