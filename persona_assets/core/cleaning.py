@@ -258,6 +258,9 @@ FROM flagged
 """
 
 
+# The event columns sessions and per-person rows read (an incremental run stages only these).
+EVENT_COLUMNS = ("message_id", "anonymous_id", "event_at", "event_name", "revenue", "category", "device_type",
+                 "timezone")  # fmt: skip
 # Columns of cleaned_users that _finish_sql derives; the rest are each person's own.
 DERIVED_COLUMNS = ("days_since_last_order", "has_long_session", "is_bot", "avg_order_value", "is_sparse",
                    "outlier_flags", "exclude_from_fitting")  # fmt: skip
@@ -302,7 +305,7 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
                    IS DISTINCT FROM date_diff('year', TRY_CAST(birthday AS DATE), $new::DATE)""",
             {"old": p.previous_as_of or as_of, "new": as_of},
         )
-        stage_scope_events(con)
+        stage_scope_events(con, EVENT_COLUMNS)
         events, people = "_scope_events", f"WHERE d.person_id IN (SELECT person_id FROM {SCOPE})"
         sessions = f"""SELECT * EXCLUDE (is_long, is_burst) FROM sessions WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})
                        UNION ALL BY NAME SELECT * FROM _session_rows"""

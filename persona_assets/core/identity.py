@@ -81,17 +81,12 @@ LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifi
 """
 
 
-# The event columns later stages read from a scope's events (sessions, behaviour, context,
-# product interactions): a narrow scan of raw_events is most of an incremental run's cost.
-SCOPE_EVENT_COLUMNS = ("message_id", "user_id", "anonymous_id", "event_at", "event_name", "revenue", "category",
-                       "device_type", "timezone", "locale", "product_id", "products")  # fmt: skip
-
-
-def stage_scope_events(con: duckdb.DuckDBPyConnection, name: str = "_scope_events",
-                       columns: tuple[str, ...] = SCOPE_EVENT_COLUMNS, event_names: tuple[str, ...] = ()) -> None:  # fmt: skip
-    """`person_events` for the people in `_scope` only: one scan of `columns`, of the events of
-    their userIds and anonymousIds (a userId's person wins, as in the view); only events named
-    `event_names` when given (the scan then fetches the other columns of those rows alone)."""
+def stage_scope_events(con: duckdb.DuckDBPyConnection, columns: tuple[str, ...], event_names: tuple[str, ...] = (),
+                       name: str = "_scope_events") -> None:  # fmt: skip
+    """`person_events` for the people in `_scope` only, as `_scope_events`: one scan of the
+    `columns` the stage reads (reading raw_events is most of an incremental run's cost, and each
+    column more adds to it), of the events of their userIds and anonymousIds (a userId's person
+    wins, as in the view); only events named `event_names` when given."""
     cols = ", ".join(f"e.{c}" for c in columns)
     named = f"event_name IN ({', '.join(sql_literal(n) for n in event_names)}) AND " if event_names else ""
     con.execute(

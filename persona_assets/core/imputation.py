@@ -27,7 +27,7 @@ from sklearn.model_selection import train_test_split
 
 from persona_assets.contracts import ImputedAttributes, TraitImportance, TraitModelDrift, TraitModelMetrics
 from persona_assets.core import refresh
-from persona_assets.core.affinity import interactions_sql
+from persona_assets.core.affinity import INTERACTION_COLUMNS, interactions_sql
 from persona_assets.core.features import FEATURES_KIND, load_base
 from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.ingest import checksum
@@ -52,6 +52,8 @@ TIMEZONE_COUNTRY = {
 DAYPARTS = ("night", "morning", "afternoon", "evening")
 METRIC_COLUMNS = ["trait", "model", "accuracy", "macro_f1", "train_rows", "holdout_rows"]
 DEVICES = ("mobile", "desktop", "tablet")
+# The event columns context and the product matrix read (an incremental run stages only these).
+EVENT_COLUMNS = ("timezone", "locale", "device_type", *INTERACTION_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -398,7 +400,7 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
             f"SELECT person_id FROM person_events WHERE event_at > $old - {window} AND event_at <= $new - {window}",
             {"old": p.previous_as_of or as_of, "new": as_of},
         )
-        stage_scope_events(con)
+        stage_scope_events(con, EVENT_COLUMNS)
     people = _people(con, "" if p.full else f"WHERE c.person_id IN (SELECT person_id FROM {SCOPE})")
     events = "person_events" if p.full else "_scope_events"
     context = _context(con, as_of, opts.intent_window_days, events).set_index("person_id").reindex(people["person_id"])
