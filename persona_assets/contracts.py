@@ -493,11 +493,12 @@ class TraitImportance(pa.DataFrameModel):
 
 
 class CategoryScores(pa.DataFrameModel):
-    """Each person's decayed interest per category, valued at `scored_at` (behind category_affinity)."""
+    """Each person's decayed interest per category (category -> score) and the category they are
+    most into, valued at `scored_at` (behind category_affinity and top_category)."""
 
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
-    category: Series[str] = column("VARCHAR")
-    score: Series[float] = column("DOUBLE", ge=0)
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    scores: Series[object] = column("MAP(VARCHAR, DOUBLE)")
+    top_category: Series[str] = column("VARCHAR")
     scored_at: Series[pd.Timestamp] = column("TIMESTAMP")
 
     class Config:

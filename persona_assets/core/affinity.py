@@ -81,13 +81,23 @@ FROM ({interactions_sql(events)}) WHERE category IS NOT NULL GROUP BY 1, 2
 """
 
 
-def affinity_sql(scores: str, opts: AffinityOptions) -> str:
-    """person_id, category_affinity MAP(category → score), top_category, from a relation of scores
-    each valued at its `scored_at`, carried forward to `$as_of` by the decay factor alone."""
-    score = f"score * pow(2.0, -greatest(epoch($as_of - scored_at), 0) / 86400.0 / {float(opts.half_life_days)})"
+def person_scores_sql(opts: AffinityOptions, events: str = "person_events") -> str:
+    """person_id, scores MAP(category → score), top_category, scored_at: one row per person.
+    The top category is the same at any later time (every score decays by the same factor)."""
     return f"""
-SELECT person_id,
-       map_from_entries(list_sort(list((category, round(now_score, 6))))) AS category_affinity,
-       arg_max(category, (now_score, category)) AS top_category
-FROM (SELECT person_id, category, {score} AS now_score FROM {scores}) GROUP BY person_id
+SELECT person_id, map_from_entries(list_sort(list((category, score)))) AS scores,
+       arg_max(category, (score, category)) AS top_category, any_value(scored_at) AS scored_at
+FROM ({scores_sql(opts, events)}) GROUP BY person_id
+"""
+
+
+def affinity_sql(scores: str, opts: AffinityOptions) -> str:
+    """person_id, category_affinity MAP(category → score), top_category, from a relation of
+    per-person scores valued at their `scored_at`, carried forward to `$as_of` by the decay factor alone."""
+    factor = f"pow(2.0, -greatest(epoch($as_of - scored_at), 0) / 86400.0 / {float(opts.half_life_days)})"
+    return f"""
+SELECT person_id, top_category,
+       map_from_entries(list_transform(map_entries(scores), lambda e: (e.key, round(e.value * {factor}, 6))))
+         AS category_affinity
+FROM {scores}
 """

@@ -14,7 +14,7 @@ from persona_assets.core.affinity import (
     INTERACTION_EVENTS,
     AffinityOptions,
     affinity_sql,
-    scores_sql,
+    person_scores_sql,
 )
 from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
@@ -90,21 +90,22 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
     opts = opts or AffinityOptions()
     as_of = data_as_of(con)
     now = con.execute("SELECT now()::TIMESTAMP").fetchall()[0][0]
-    # scores_layout: category_scores keep each row's own valuation time (older warehouses rebuild once)
+    # scores_layout: category_scores hold one row per person, valued at its own time (older
+    # warehouses rebuild once)
     p = refresh.plan(
-        con, "profiles", {**asdict(opts), "scores_layout": 2}, ("user_profiles", "category_scores"), full=full
+        con, "profiles", {**asdict(opts), "scores_layout": 3}, ("user_profiles", "category_scores"), full=full
     )
     params = {"as_of": as_of, "updated_at": now}
     if p.full:
-        scores = [(CategoryScores, "category_scores", scores_sql(opts, PROFILED.format(events="person_events")))]
+        scores = [(CategoryScores, "category_scores", person_scores_sql(opts, PROFILED.format(events="person_events")))]
         updated = "$updated_at"
     else:
         # Scores read product interactions only: their events and columns are all that is staged.
-        stage_scope_events(con, columns=INTERACTION_COLUMNS, event_names=INTERACTION_EVENTS)
+        stage_scope_events(con, INTERACTION_COLUMNS, INTERACTION_EVENTS)
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute(f"DELETE FROM category_scores WHERE person_id IN (SELECT person_id FROM {SCOPE})")
-            sql = f"INSERT INTO category_scores BY NAME {scores_sql(opts, PROFILED.format(events='_scope_events'))}"
+            sql = f"INSERT INTO category_scores BY NAME {person_scores_sql(opts, PROFILED.format(events='_scope_events'))}"
             con.execute(sql, bind(sql, params))
             con.execute(
                 "CREATE OR REPLACE TEMP TABLE _updated AS SELECT person_id, updated_at FROM user_profiles "
