@@ -12,6 +12,7 @@ readers always show as a lock; otherwise the current file is copied as before.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from datetime import UTC, datetime
@@ -93,8 +94,8 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
 
     Table names are Persona's own; the SELECTs run on the warehouse connection `con`.
     `append` names append-only tables and their ever-growing key (`raw_events: batch_id`):
-    the new file starts as a copy of the previous snapshot and those tables only get the rows
-    past the key they reached (written whole again if their row count no longer matches),
+    the new file starts from an earlier snapshot (the spare, or else a copy of the current one)
+    and those tables only get the rows past the key they reached (written whole again if their row count no longer matches),
     so a refresh does not copy every event again. `indexes` (`table: column`) get an index in
     the snapshot, for point look-ups. Without `append` the file is written afresh and no spare
     is kept (an erasure must leave no older copy behind). Returns the row count of each table.
@@ -164,7 +165,8 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
     kill_point(["snapshot"])
     if append and previous:  # the file being replaced becomes the spare, instead of being deleted
         spare_path(path).unlink(missing_ok=True)
-        os.link(path, spare_path(path))
+        with contextlib.suppress(OSError):  # no hard links here: no spare, the next publish copies
+            os.link(path, spare_path(path))
     os.replace(tmp, path)
     if append and not previous:
         _keep_as_spare(path)
