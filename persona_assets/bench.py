@@ -17,6 +17,7 @@ from pathlib import Path
 
 import duckdb
 
+from persona_assets.core.publish import spare_path
 from persona_assets.settings import persona_home
 
 EVENTS_PER_PERSON = 32  # what the generator makes on average
@@ -395,8 +396,10 @@ def run(args) -> int:
                             str(args.refresh_share)], check=True)  # fmt: skip
         data = base
     pattern = str(data / ("*." + args.format))
-    warehouse = work / "bench-warehouse.duckdb"
-    for leftover in (warehouse, warehouse.with_name(warehouse.name + ".wal")):
+    warehouse, snapshot = work / "bench-warehouse.duckdb", work / "bench-serving.duckdb"
+    # The full build starts from nothing: no warehouse, and no snapshot (or spare) to append to.
+    scratch = (warehouse, warehouse.with_name(warehouse.name + ".wal"), snapshot, spare_path(snapshot))
+    for leftover in scratch:
         leftover.unlink(missing_ok=True)
 
     results: dict[str, object] = {
@@ -460,7 +463,7 @@ def run(args) -> int:
         refresh["share_of_full_build"] = round(refresh_s / results["full_build_seconds"], 3)
         results["refresh"] = refresh
     print("profile look-ups ...", flush=True)
-    _, _, out = measure(LOOKUP, str(work / "bench-serving.duckdb"), "2000")
+    _, _, out = measure(LOOKUP, str(snapshot), "2000")
     results["lookup"] = {k: round(v, 2) for k, v in json.loads(out.splitlines()[-1]).items()}
     if args.segment_people:
         # Last: it replaces cleaned_users with resampled people that have no events.
@@ -471,8 +474,8 @@ def run(args) -> int:
             results[f"resampled_{stage}_seconds"] = round(stage_s, 2)
             results[f"resampled_{stage}_peak_gb"] = round(stage_gb, 2)
     if not args.keep:
-        warehouse.unlink(missing_ok=True)
-        work.joinpath("bench-serving.duckdb").unlink(missing_ok=True)
+        for leftover in scratch:
+            leftover.unlink(missing_ok=True)
     if args.stream:
         print("stream ...", flush=True)
         results["stream"] = stream_bench(work)

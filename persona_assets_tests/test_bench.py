@@ -30,6 +30,8 @@ def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
     assert refresh["new_events"] > 0 and 0 < refresh["share_of_full_build"] < 1
     assert 0 < results["lookup"]["p50_ms"] <= results["lookup"]["p99_ms"]
     assert results["linkage"]["link_records"] == 3000 and results["linkage"]["link_f1"] > 0.9
+    # Nothing of the built warehouse is left behind: no warehouse, no snapshot, no spare of it.
+    assert not [p.name for p in work.iterdir() if ".duckdb" in p.name]
 
     # The docs page: one section per scale run, each with its stage table.
     docs = tmp_path / "docs"
