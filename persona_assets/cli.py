@@ -355,7 +355,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from persona_assets.assets.serving import INDEXED, published_tables
     from persona_assets.core import erasure
     from persona_assets.core.pii import load_key
-    from persona_assets.core.publish import publish_snapshot
+    from persona_assets.core.publish import publish_snapshot, spare_path
 
     home = persona_home()
     path = home / "warehouse.duckdb"
@@ -374,6 +374,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 erasure.erase(con, key, report, home / "landing")
                 done.append((who, report, hot))
             snapshot = home / "serving" / "persona.duckdb"
+            spare_path(snapshot).unlink(missing_ok=True)  # an older snapshot, kept for the next publish
             if snapshot.exists():  # written afresh: no copy of the old file, so no old rows in its free blocks
                 publish_snapshot(con, snapshot, published_tables(), run_id="forget", indexes=INDEXED)
         finally:
