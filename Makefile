@@ -8,7 +8,7 @@ DAGSTER_HOME ?= $(PERSONA_HOME)/dagster
 SCALE ?= 1m
 export PERSONA_HOME DAGSTER_HOME
 
-.PHONY: venv demo test ui bench stream lint clean
+.PHONY: venv demo test test-fast ui bench stream lint clean
 
 # Debian packages a target needs, installed when missing (as root), else named.
 define debian_package
@@ -36,6 +36,11 @@ test: venv
 	$(call debian_package,redis-server,redis-server)
 	$(BIN)/ruff check persona_assets persona_assets_tests
 	$(BIN)/pytest -q
+
+# The development lane: everything but the slow end-to-end tests (make test runs those too).
+test-fast: venv
+	$(BIN)/ruff check persona_assets persona_assets_tests
+	$(BIN)/pytest -q -m "not slow"
 
 ui: venv
 	$(BIN)/persona ui

@@ -48,11 +48,42 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )
+    for asset, status in stage_statuses(result.all_events):
+        print(f"{asset}: {status}")
     if not result.success:
         for event in result.all_events:
             if event.is_failure:
                 print(f"failed: {event.step_key}: {event.message}", file=sys.stderr)
     return result.success
+
+
+def stage_statuses(events) -> list[tuple[str, str]]:
+    """(asset, status) for each asset a run materialized whose stage could not fit everything
+    (its `status` metadata says what and why), in the order they ran."""
+    out = []
+    for event in events:
+        if not event.is_step_materialization:
+            continue
+        materialization = event.step_materialization_data.materialization
+        status = materialization.metadata.get("status")
+        if status is not None and status.value != "fitted":
+            out.append((materialization.asset_key.to_user_string(), str(status.value)))
+    return out
+
+
+def use_settings(path: str | None) -> int:
+    """Check the settings file in force (the one given, else PERSONA_HOME/persona.yaml) before
+    anything runs, and hand it to the run's definitions. 0, or 2 after saying what is wrong."""
+    from persona_assets.settings import CONFIG_ENV, SettingsError, load_settings, settings_path
+
+    try:
+        load_settings(settings_path(persona_home(), path))
+    except SettingsError as exc:
+        print(f"persona: {exc}", file=sys.stderr)
+        return 2
+    if path:
+        os.environ[CONFIG_ENV] = str(Path(path).expanduser().resolve())
+    return 0
 
 
 def summary() -> str:
@@ -110,6 +141,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if use_settings(args.config):
+        return 2
     ok = materialize(args.select.split(",") if args.select else None)
     if ok and (persona_home() / "serving" / "persona.duckdb").exists():
         print(summary())
@@ -117,6 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    if use_settings(None):
+        return 2
     ok = materialize(job_name="retrain_models")
     if ok:
         print(summary())
@@ -163,6 +198,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
+    if use_settings(None):
+        return 2
     ok = materialize(job_name="nightly_refresh")
     if ok:
         print(summary())
@@ -299,7 +336,37 @@ def _plain(value) -> str:
     return str(value)
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the settings in force: the file's values over the defaults, as YAML."""
+    import yaml
+
+    from persona_assets.settings import SettingsError, effective_settings, load_settings, settings_path
+
+    try:
+        path = settings_path(persona_home(), args.config)
+        settings = load_settings(path)
+    except SettingsError as exc:
+        print(f"persona: {exc}", file=sys.stderr)
+        return 2
+    print(f"# settings in force: {path or 'the defaults (no ' + str(persona_home() / 'persona.yaml') + ')'}")
+    effective = effective_settings(settings)
+    for section, values in effective.items():
+        changed = settings.get(section, {})
+        print(f"{section}:")
+        for key, value in values.items():
+            mark = "  # from the file" if key in changed else ""
+            text = yaml.safe_dump({key: value}, default_flow_style=True, width=200).strip()[1:-1]
+            print(f"  {text}{mark}")
+    if settings.get("mappings"):
+        print("mappings:")
+        for mapping in settings["mappings"]:
+            print(f"  - files: {mapping.files!r}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    if use_settings(args.config):
+        return 2
     home = dagster_home()
     exe = shutil.which("dagster") or str(Path(sys.executable).with_name("dagster"))
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
@@ -415,7 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="materialize the asset graph in-process")
     p.add_argument("--select", help="comma-separated asset keys (default: all)")
+    p.add_argument("--config", help="settings file (default PERSONA_HOME/persona.yaml when present)")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("config", help="print the settings in force (the settings file over the defaults)")
+    p.add_argument("--config", help="settings file (default PERSONA_HOME/persona.yaml when present)")
+    p.set_defaults(fn=cmd_config)
 
     p = sub.add_parser(
         "retrain", help="refit the feature transform and retrain the models now (as the weekly schedule)"
@@ -475,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_forget)
 
     p = sub.add_parser("ui", help="start the Dagster webserver and daemon")
+    p.add_argument("--config", help="settings file for every run the UI, sensors and schedules start "
+                   "(default PERSONA_HOME/persona.yaml when present)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(fn=cmd_ui)

@@ -318,6 +318,7 @@ class CleanedUsers(pa.DataFrameModel):
     first_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
     last_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
     event_count: Series[int] = column("BIGINT", ge=0)
+    behaviour_events: Series[int] = column("BIGINT", ge=0)  # track, page and screen calls
     session_count: Series[int] = column("BIGINT", ge=0)
     avg_session_seconds: Series[float] = column("DOUBLE", nullable=True, ge=0)
     median_session_seconds: Series[float] = column("DOUBLE", nullable=True, ge=0)
@@ -395,15 +396,17 @@ class Segments(pa.DataFrameModel):
     """Each person's segment, sub-segment and noise flag under one saved segment model."""
 
     person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
-    segment_id: Series[str] = column("VARCHAR", str_matches=SEGMENT_ID)
-    segment_name: Series[str] = column("VARCHAR")
-    subsegment_id: Series[str] = column("VARCHAR", str_matches=r"^S[0-9]+\.[0-9]+$")
-    subsegment_name: Series[str] = column("VARCHAR")
+    # Empty (NULL) for people with no behaviour to place them by, and for everyone while no
+    # segment model could be fitted (see the segments asset's status).
+    segment_id: Series[str] = column("VARCHAR", nullable=True, str_matches=SEGMENT_ID)
+    segment_name: Series[str] = column("VARCHAR", nullable=True)
+    subsegment_id: Series[str] = column("VARCHAR", nullable=True, str_matches=r"^S[0-9]+\.[0-9]+$")
+    subsegment_name: Series[str] = column("VARCHAR", nullable=True)
     is_noise: Series[bool] = column("BOOLEAN")
-    segment_distance: Series[float] = column("DOUBLE", ge=0)
+    segment_distance: Series[float] = column("DOUBLE", nullable=True, ge=0)
     segment_confidence: Series[float] = column("DOUBLE", ge=0, le=1)
     low_confidence: Series[bool] = column("BOOLEAN")
-    model_version: Series[int] = column("BIGINT", ge=1)
+    model_version: Series[pd.Int64Dtype] = column("BIGINT", nullable=True, coerce=True, ge=1)
 
     class Config:
         strict = True
@@ -542,10 +545,10 @@ class UserProfiles(pa.DataFrameModel):
     usual_daypart_confidence: Series[float] = column("DOUBLE", ge=0, le=1)
     intent_score: Series[float] = column("DOUBLE", ge=0, le=1)
     enriched: Series[object] = column("MAP(VARCHAR, VARCHAR)", nullable=True)
-    segment_id: Series[str] = column("VARCHAR", str_matches=SEGMENT_ID)
-    segment_name: Series[str] = column("VARCHAR")
-    subsegment_id: Series[str] = column("VARCHAR")
-    subsegment_name: Series[str] = column("VARCHAR")
+    segment_id: Series[str] = column("VARCHAR", nullable=True, str_matches=SEGMENT_ID)
+    segment_name: Series[str] = column("VARCHAR", nullable=True)
+    subsegment_id: Series[str] = column("VARCHAR", nullable=True)
+    subsegment_name: Series[str] = column("VARCHAR", nullable=True)
     is_noise: Series[bool] = column("BOOLEAN")
     segment_confidence: Series[float] = column("DOUBLE", ge=0, le=1)
     missing_ratio: Series[float] = column("DOUBLE", ge=0, le=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -9,12 +10,13 @@ import dagster as dg
 from persona_assets import automation, schedules
 from persona_assets.assets import cleaning, identity, ingest, profiles, segments, serving
 from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_resource
-from persona_assets.settings import persona_home
+from persona_assets.settings import CONFIG_ENV, persona_home
 
 
-def build_definitions(home: Path | None = None) -> dg.Definitions:
-    """Definitions over PERSONA_HOME (or `home`, for tests)."""
-    persona = PersonaHome(home=str(home or persona_home()))
+def build_definitions(home: Path | None = None, config_file: str | None = None) -> dg.Definitions:
+    """Definitions over PERSONA_HOME (or `home`, for tests), with the settings file `config_file`
+    (default PERSONA_CONFIG, else PERSONA_HOME/persona.yaml when present)."""
+    persona = PersonaHome(home=str(home or persona_home()), config_file=config_file or os.environ.get(CONFIG_ENV, ""))
     return dg.Definitions(
         assets=[
             ingest.ingest_landing,

@@ -14,9 +14,23 @@ from persona_assets.core.warehouse import connection_config
 
 
 class PersonaHome(dg.ConfigurableResource):
-    """PERSONA_HOME: landing/, warehouse.duckdb, serving/persona.duckdb, models/."""
+    """PERSONA_HOME: landing/, warehouse.duckdb, serving/persona.duckdb, models/, and the settings
+    file (`persona.yaml` in the home, or `config_file`)."""
 
     home: str
+    config_file: str = ""
+
+    def settings(self) -> dict:
+        """The settings file's sections, checked (read at each run, so an edit applies to the next run)."""
+        from persona_assets.settings import load_settings, settings_path
+
+        return load_settings(settings_path(self.root, self.config_file or None))
+
+    def options(self, config):
+        """A stage's options: the run's config over the settings file over the defaults."""
+        from persona_assets.settings import stage_options
+
+        return stage_options(config, self.settings())
 
     @property
     def root(self) -> Path:

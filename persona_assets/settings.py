@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from persona_assets.core.affinity import AffinityOptions
@@ -18,6 +20,8 @@ from persona_assets.core.ingest import IngestOptions
 from persona_assets.core.segments import SegmentOptions
 
 HOME_ENV = "PERSONA_HOME"
+CONFIG_ENV = "PERSONA_CONFIG"
+SETTINGS_FILE = "persona.yaml"
 
 
 def persona_home() -> Path:
@@ -42,7 +46,11 @@ class PersonaConfig(dg.Config):
 class IngestConfig(PersonaConfig):
     """How landing files become `raw_events`."""
 
-    min_event_at: str = Field(default="2000-01-01", description="Events stamped before this ISO date are quarantined.")
+    min_event_at: str = Field(
+        default="1970-01-01T00:00:01",
+        description="Events stamped before this ISO time are quarantined. History is data: the default keeps "
+        "everything after the Unix epoch itself (1970-01-01 00:00:00 is what an unset clock sends).",
+    )
     max_future_hours: float = Field(
         default=24.0, ge=0, description="Events stamped further than this in the future are quarantined."
     )
@@ -70,7 +78,7 @@ class IngestConfig(PersonaConfig):
         try:
             datetime.fromisoformat(value)
         except ValueError as exc:
-            raise ValueError(f"min_event_at must be an ISO date such as 2000-01-01, got {value!r}") from exc
+            raise ValueError(f"min_event_at must be an ISO date such as 2010-01-01, got {value!r}") from exc
         return value
 
     def options(self) -> IngestOptions:
@@ -264,3 +272,136 @@ class ProfilesConfig(RefreshConfig):
 
     def options(self) -> AffinityOptions:
         return AffinityOptions(**self.model_dump(exclude={"full_refresh"}))
+
+
+# --- the settings file: $PERSONA_HOME/persona.yaml (or --config FILE / PERSONA_CONFIG) ---------------
+
+# Each section of the file sets one stage's settings.
+SECTIONS: dict[str, type[PersonaConfig]] = {
+    "ingest": IngestConfig,
+    "identity": IdentityConfig,
+    "cleaning": CleaningConfig,
+    "features": FeaturesConfig,
+    "segments": SegmentsConfig,
+    "imputation": ImputationConfig,
+    "profiles": ProfilesConfig,
+}
+SECTION_OF = {config: name for name, config in SECTIONS.items()}
+# Sections that are not a stage's settings.
+OTHER_SECTIONS = ("mappings",)
+# What a run is asked to do, not how the data is treated: set per run (launchpad, CLI), never in the file.
+PER_RUN = ("files", "full_refresh", "refit", "retrain", "retrain_linkage")
+
+
+class SettingsError(ValueError):
+    """A settings file that cannot be used: the message names the file, the key and what it may be."""
+
+
+def settings_path(home: Path | None = None, explicit: str | Path | None = None) -> Path | None:
+    """The settings file in force: the one given (or PERSONA_CONFIG), else PERSONA_HOME/persona.yaml if present."""
+    chosen = explicit or os.environ.get(CONFIG_ENV)
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not path.is_file():
+            raise SettingsError(f"settings file {path} does not exist")
+        return path.resolve()
+    default = (home or persona_home()) / SETTINGS_FILE
+    return default if default.is_file() else None
+
+
+def settable(config: type[PersonaConfig]) -> list[str]:
+    return [name for name in config.model_fields if name not in PER_RUN]
+
+
+def load_settings(path: Path | None) -> dict:
+    """The file's sections, each checked as a whole: unknown sections and keys, per-run options and
+    values a stage cannot use are refused with a SettingsError naming them."""
+    if path is None:
+        return {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SettingsError(f"{path}: not a readable YAML file: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected sections such as 'cleaning:' at the top, got {type(raw).__name__}")
+    allowed = [*SECTIONS, *OTHER_SECTIONS]
+    out: dict = {}
+    for section, values in raw.items():
+        if section not in allowed:
+            raise SettingsError(f"{path}: unknown section {section!r}; allowed: {', '.join(allowed)}")
+        if section == "mappings":
+            out[section] = _mappings(path, values)
+            continue
+        config = SECTIONS[section]
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise SettingsError(f"{path}: {section} must hold 'key: value' settings, got {type(values).__name__}")
+        for key in values:
+            if key in PER_RUN:
+                raise SettingsError(f"{path}: {section}.{key} is chosen per run (launchpad or command line), "
+                                    "not in the settings file")  # fmt: skip
+            if key not in config.model_fields:
+                raise SettingsError(f"{path}: {section}.{key}: unknown setting; allowed: {', '.join(settable(config))}")
+        try:
+            config(**values)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise SettingsError(f"{path}: {section}: {_plain_errors(exc)}") from None
+        out[section] = dict(values)
+    return out
+
+
+def _mappings(path: Path, values) -> tuple:
+    from persona_assets.core.mappings import parse_mappings
+
+    if values is None:
+        return ()
+    if not isinstance(values, list):
+        raise SettingsError(f"{path}: mappings must be a list of entries, each starting with 'files:'")
+    try:
+        return parse_mappings(values)
+    except ValueError as exc:
+        raise SettingsError(f"{path}: {exc}") from None
+
+
+def _plain_errors(exc: ValueError) -> str:
+    """A pydantic error as one line per field: 'key: what is wrong'."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for error in errors():
+        where = ".".join(str(p) for p in error.get("loc", ())) or "value"
+        parts.append(f"{where}: {error.get('msg', '').removeprefix('Value error, ')} (got {error.get('input')!r})")
+    return "; ".join(parts)
+
+
+def with_settings(config: PersonaConfig, settings: dict) -> PersonaConfig:
+    """`config` with the file's values for every setting the run left at its default (a value set
+    in the launchpad wins over the file; the file wins over the built-in default)."""
+    values = settings.get(SECTION_OF.get(type(config), ""), {})
+    if not values:
+        return config
+    defaults = type(config)().model_dump()
+    current = config.model_dump()
+    merged = {k: (values[k] if k in values and current[k] == defaults[k] else v) for k, v in current.items()}
+    return type(config)(**merged)
+
+
+def stage_options(config: PersonaConfig, settings: dict):
+    """A stage's options: the run's config over the settings file over the defaults."""
+    opts = with_settings(config, settings).options()
+    if isinstance(config, IngestConfig) and settings.get("mappings"):
+        opts = replace(opts, mappings=settings["mappings"])
+    return opts
+
+
+def effective_settings(settings: dict) -> dict:
+    """Every stage setting in force (the file's values over the defaults), by section."""
+    out = {}
+    for section, config in SECTIONS.items():
+        values = with_settings(config(), settings).model_dump()
+        out[section] = {k: v for k, v in values.items() if k not in PER_RUN}
+    return out

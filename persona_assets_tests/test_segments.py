@@ -59,14 +59,17 @@ def test_a_refresh_assigns_with_the_saved_model(segmented):
     assert segments.build(con, store, SegmentOptions())["why"] == "features were refitted"
 
 
-def test_everyone_has_a_segment_and_sparse_people_are_low_confidence(segmented):
+def test_everyone_with_behaviour_has_a_segment_and_excluded_people_are_low_confidence(segmented):
     con, *_ = segmented
     table = _segments(con).merge(
-        con.execute("SELECT person_id, is_sparse, exclude_from_fitting FROM cleaned_users").df(), on="person_id"
+        con.execute("SELECT person_id, is_sparse, behaviour_events, exclude_from_fitting FROM cleaned_users").df(),
+        on="person_id",
     )
     assert len(table) == con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
-    assert table.is_sparse.any()
-    assert (table.low_confidence == (table.is_sparse | table.exclude_from_fitting)).all()
+    assert (table.segment_id.isna() == (table.behaviour_events == 0)).all()
+    # Sparse people with behaviour are segmented like anyone (issue 19); bots are low confidence.
+    assert (table.is_sparse & ~table.low_confidence).any()
+    assert (table.low_confidence == table.exclude_from_fitting).all()
     assert table.segment_confidence.between(0, 1).all()
     assert 0 < table.is_noise.mean() < 0.3
 
@@ -78,10 +81,11 @@ def test_names_are_readable_unique_and_subsegments_nest(segmented):
     assert top.name.is_unique and top.explanation.str.contains(" sd").all()
     assert top.name.str.contains("Fans").sum() >= 4, "category-led archetypes are named after their categories"
     table = _segments(con)
-    assert (table.subsegment_id.str.split(".").str[0] == table.segment_id).all()
+    segmented_people = table[table.segment_id.notna()]
+    assert (segmented_people.subsegment_id.str.split(".").str[0] == segmented_people.segment_id).all()
     subs = catalog[catalog.level == "subsegment"]
     assert set(subs.parent_id) == set(top.id)
-    assert top.people.sum() == len(table)
+    assert top.people.sum() == len(segmented_people)
 
 
 def test_the_elbow_is_the_knee_of_the_inertia_curve():

@@ -7,6 +7,7 @@ from persona_assets.automation import EAGER
 from persona_assets.checks import contract_check, frame_md, refresh_metadata, sql_check
 from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core.cleaning import OUTLIER_FEATURES, clean
+from persona_assets.resources import PersonaHome
 from persona_assets.settings import CleaningConfig
 
 GROUP = "cleaning"
@@ -33,9 +34,9 @@ GROUP = "cleaning"
     ],
     pool="duckdb",
 )
-def clean_users(config: CleaningConfig, warehouse: DuckDBResource):
+def clean_users(config: CleaningConfig, warehouse: DuckDBResource, persona: PersonaHome):
     with warehouse.get_connection() as con:
-        counts = clean(con, config.options(), full=config.full_refresh)
+        counts = clean(con, persona.options(config), full=config.full_refresh)
         quality = con.execute(
             """SELECT count(*) AS people, count(*) FILTER (WHERE is_sparse) AS sparse,
                       count(*) FILTER (WHERE is_bot) AS bots, count(*) FILTER (WHERE has_long_session) AS long_sessions,

@@ -17,6 +17,7 @@ from persona_assets.contracts import (
 )
 from persona_assets.core import linkage
 from persona_assets.core.identity import resolve
+from persona_assets.resources import PersonaHome
 from persona_assets.settings import IdentityConfig
 
 GROUP = "identity"
@@ -52,9 +53,11 @@ def _spec(name: str, description: str, kinds: frozenset = frozenset({"duckdb"}))
     ],
     pool="duckdb",
 )
-def resolve_identities(context: dg.AssetExecutionContext, config: IdentityConfig, warehouse: DuckDBResource):
+def resolve_identities(
+    context: dg.AssetExecutionContext, config: IdentityConfig, warehouse: DuckDBResource, persona: PersonaHome
+):
     with warehouse.get_connection() as con:
-        report = resolve(con, config.options(), run_id=context.run_id, full=config.full_refresh,
+        report = resolve(con, persona.options(config), run_id=context.run_id, full=config.full_refresh,
                          retrain_linkage=config.retrain_linkage)  # fmt: skip
         link_rows = con.execute(
             "SELECT status, count(*) AS links, round(avg(match_probability), 4) AS mean_probability "

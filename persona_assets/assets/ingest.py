@@ -48,7 +48,9 @@ def ingest_landing(
     """
     only = set(config.files) or None
     with warehouse.get_connection() as con:
-        report = ingest(con, persona.landing, persona.hash_key(), config.options(), run_id=context.run_id, only=only)
+        report = ingest(
+            con, persona.landing, persona.hash_key(), persona.options(config), run_id=context.run_id, only=only
+        )
         if only and not report.files:
             context.log.info(f"Already ingested, nothing new: {', '.join(sorted(only))}")
             return

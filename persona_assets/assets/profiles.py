@@ -47,7 +47,7 @@ def _spec(key: str, description: str) -> dg.AssetSpec:
 def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, persona: PersonaHome):
     with warehouse.get_connection() as con:
         result = imputation.impute(
-            con, persona.models, config.options(), retrain=config.retrain, full=config.full_refresh
+            con, persona.models, persona.options(config), retrain=config.retrain, full=config.full_refresh
         )
     models, enrichment = result["models"], result["enrichment"]
     metrics = result["metrics"][["trait", "model", "accuracy", "macro_f1", "train_rows", "holdout_rows"]].round(4)
@@ -60,7 +60,7 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
             "trained": result["trained"],
             "why": result["why"],
             **refresh_metadata(result["mode"], result["people_recomputed"], result["people"]),
-            "not_modelled_too_few_answers": ", ".join(result["not_modelled"]) or "none",
+            "status": "; ".join(f"{t} not modelled: {why}" for t, why in result["not_modelled"].items()) or "fitted",
             "values_by_source": frame_md(result["sources"].reset_index()),
             "model_scores": frame_md(metrics),
             "enrichment_table": enrichment["path"] or "none",
@@ -98,9 +98,9 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
     description="One row per person: identity, behaviour, time-decayed category affinity, traits with provenance, "
     "segment path, quality, completeness and the next question to ask.",
 )
-def user_profiles(config: ProfilesConfig, warehouse: DuckDBResource):
+def user_profiles(config: ProfilesConfig, warehouse: DuckDBResource, persona: PersonaHome):
     with warehouse.get_connection() as con:
-        counts = profiles.build(con, config.options(), full=config.full_refresh)
+        counts = profiles.build(con, persona.options(config), full=config.full_refresh)
         quality = con.execute(
             """SELECT round(avg(completeness), 3) AS mean_completeness,
                       count(*) FILTER (WHERE age_bracket IS NOT NULL) AS with_age_bracket,

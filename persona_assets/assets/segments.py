@@ -21,25 +21,34 @@ GROUP = "segmentation"
     kinds={"duckdb", "scikitlearn"},
     group_name=GROUP,
     pool="duckdb",
-    description="One row per non-sparse person: log1p, clipped and scaled features, with a saved, versioned transform.",
+    description="One row per person with behaviour: log1p, clipped and scaled features, with a saved, versioned transform.",
 )
 def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, persona: PersonaHome):
     with warehouse.get_connection() as con:
-        result = features.build(con, persona.models, config.options(), refit=config.refit, full=config.full_refresh)
+        result = features.build(
+            con, persona.models, persona.options(config), refit=config.refit, full=config.full_refresh
+        )
     transform = result["transform"]
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": result["rows"],
-            "transform_version": transform.version,
-            "transform": result["reason"],
-            **refresh_metadata(result["mode"], result["people_recomputed"], result["rows"], result["why"]),
-            "fitted_on_people": transform.fitted_rows,
-            "sparse_people_left_out": result["sparse_people"] if result["sparse_people"] is not None else "unchanged",
-            "scaling": transform.scaling,
-            "parameters": frame_md(transform.summary()),
-            "artifact": dg.MetadataValue.path(str(persona.models.root / features.FEATURES_KIND)),
-        }
-    )
+    metadata = {
+        "dagster/row_count": result["rows"],
+        "status": result["status"] or "fitted",
+        **refresh_metadata(result["mode"], result["people_recomputed"], result["rows"], result["why"]),
+        "people_without_behaviour": result["without_behaviour"]
+        if result["without_behaviour"] is not None
+        else "unchanged",
+    }
+    if transform is not None:
+        metadata.update(
+            {
+                "transform_version": transform.version,
+                "transform": result["reason"],
+                "fitted_on_people": transform.fitted_rows,
+                "scaling": transform.scaling,
+                "parameters": frame_md(transform.summary()),
+                "artifact": dg.MetadataValue.path(str(persona.models.root / features.FEATURES_KIND)),
+            }
+        )
+    return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.multi_asset(
@@ -65,20 +74,43 @@ def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, perso
 )
 def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: PersonaHome):
     with warehouse.get_connection() as con:
-        result = segments.build(con, persona.models, config.options(), retrain=config.retrain, full=config.full_refresh)
+        result = segments.build(
+            con, persona.models, persona.options(config), retrain=config.retrain, full=config.full_refresh
+        )
     model = result["model"]
     groups = result["catalog"]
+    metadata = {
+        "dagster/row_count": result["people"],
+        "status": result["status"] or "fitted",
+        "trained": result["trained"],
+        "why": result["why"],
+        **refresh_metadata(result["mode"], result["people_recomputed"], result["people"]),
+        "people_without_segment": result["unsegmented"],
+        "low_confidence_people": result["low_confidence"],
+    }
+    if model is not None:
+        metadata.update(_model_metadata(model, groups, result))
+    yield dg.MaterializeResult(asset_key="segments", metadata=metadata)
+    yield dg.MaterializeResult(
+        asset_key="segment_catalog",
+        metadata={
+            "dagster/row_count": len(groups),
+            "status": result["status"] or "fitted",
+            "model_version": model.version if model is not None else "none",
+            "catalog": frame_md(groups),
+        },
+    )
+
+
+def _model_metadata(model: segments.SegmentModel, groups, result: dict) -> dict:
+    """What the segment model is: k and why, the curves, the segments and their sizes."""
     top = groups[groups["level"] == "segment"].drop(columns=["level", "parent_id", "model_version"])
     subs = groups[groups["level"] == "subsegment"].drop(columns=["level", "model_version"])
     curves = model.curves.pivot(index="k", columns="space", values=["inertia", "silhouette"]).round(4)
     curves.columns = [f"{a}_{b}" for a, b in curves.columns]
     png = base64.b64encode(segments.curves_png(model)).decode()
     metadata = {
-        "dagster/row_count": result["people"],
         "model_version": model.version,
-        "trained": result["trained"],
-        "why": result["why"],
-        **refresh_metadata(result["mode"], result["people_recomputed"], result["people"]),
         "chosen_k": model.chosen_k,
         "elbow_k": model.knee,
         "why_this_k": model.reason,
@@ -89,17 +121,12 @@ def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: P
         "segments": frame_md(top),
         "subsegments": frame_md(subs),
         "noise_share": round(result["noise_share"], 4),
-        "low_confidence_people": result["low_confidence"],
     }
     if result["trained"] and model.matching is not None and len(model.matching):
         metadata["matching_to_previous_model"] = frame_md(model.matching)
     if result["moved_share"] is not None:
         metadata["share_moved_segment"] = round(result["moved_share"], 4)
-    yield dg.MaterializeResult(asset_key="segments", metadata=metadata)
-    yield dg.MaterializeResult(
-        asset_key="segment_catalog",
-        metadata={"dagster/row_count": len(groups), "model_version": model.version, "catalog": frame_md(groups)},
-    )
+    return metadata
 
 
 CHECKS = [
@@ -116,7 +143,8 @@ CHECKS = [
     sql_check(
         "segments",
         "segments_in_catalog",
-        "SELECT s.person_id, s.segment_id FROM segments s ANTI JOIN segment_catalog c ON c.id = s.segment_id",
+        "SELECT s.person_id, s.segment_id FROM segments s ANTI JOIN segment_catalog c ON c.id = s.segment_id "
+        "WHERE s.segment_id IS NOT NULL",
         "Every segment id people carry is described in segment_catalog.",
     ),
 ]

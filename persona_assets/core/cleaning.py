@@ -21,6 +21,9 @@ OUTLIER_METHODS = ("zscore", "iqr", "mad")
 OUTLIER_ACTIONS = ("flag", "clip", "exclude")
 # Person features checked for outliers, on a log1p scale (counts and money are heavy-tailed).
 OUTLIER_FEATURES = ("event_count", "session_count", "avg_session_seconds", "order_count", "total_revenue")
+# Events that are behaviour (what a person did), as opposed to identify, alias and group calls
+# (what a system said about them). Features and segments fit on people with behaviour.
+BEHAVIOUR_TYPES = ("track", "page", "screen")
 MISSING_ATTRIBUTES = ("age_bracket", "gender", "country", "postal_code", "has_email", "has_phone")
 
 GENDERS = {
@@ -149,12 +152,13 @@ def _scored_sql(opts: CleaningOptions, events: str, people: str) -> str:
     missing = " + ".join(f"(NOT coalesce({present[a]}, false))::INT" for a in opts.missing_attributes)
     return f"""
 WITH ev AS (
-  SELECT pe.person_id, pe.event_at, pe.event_name, pe.revenue, pe.category, pe.device_type,
+  SELECT pe.person_id, pe.event_at, pe.event_type, pe.event_name, pe.revenue, pe.category, pe.device_type,
          hour(pe.event_at + coalesce(tz.utc_offset, INTERVAL 0 SECOND)) AS local_hour
   FROM {events} pe LEFT JOIN _tz tz ON tz.name = pe.timezone
   WHERE pe.person_id IS NOT NULL
 ), behaviour AS (
   SELECT person_id, count(*) AS event_count,
+    count(*) FILTER (WHERE event_type IN {BEHAVIOUR_TYPES}) AS behaviour_events,
     count(*) FILTER (WHERE event_name = 'Order Completed') AS order_count,
     coalesce(sum(revenue) FILTER (WHERE event_name = 'Order Completed'), 0) AS total_revenue,
     min(event_at) FILTER (WHERE event_name = 'Order Completed') AS first_order_at,
@@ -193,7 +197,8 @@ WITH ev AS (
   FROM traits
 ), joined AS (
   SELECT a.person_id, a.first_seen_at, a.last_seen_at,
-    coalesce(b.event_count, 0) AS event_count, coalesce(s.session_count, 0) AS session_count,
+    coalesce(b.event_count, 0) AS event_count, coalesce(b.behaviour_events, 0) AS behaviour_events,
+    coalesce(s.session_count, 0) AS session_count,
     s.avg_session_seconds, s.median_session_seconds,
     coalesce(b.order_count, 0) AS order_count, coalesce(b.total_revenue, 0) AS total_revenue,
     b.first_order_at, b.last_order_at,
@@ -241,7 +246,7 @@ WITH sess AS (
          coalesce(s.has_long_session, false) AS has_long_session, coalesce(s.is_bot, false) AS is_bot
   FROM ({scored}) p LEFT JOIN sess s USING (person_id)
 ), fences AS (
-  SELECT {fence_cols} FROM scored WHERE missing_ratio <= $sparse_threshold
+  SELECT {fence_cols} FROM scored WHERE behaviour_events > 0
 ), flagged AS (
   SELECT scored.*, fences.*,
     list_filter([{flags}], lambda x: x IS NOT NULL) AS flag_list
@@ -252,15 +257,15 @@ SELECT * EXCLUDE ({", ".join(OUTLIER_FEATURES)}, flag_list, {", ".join(f"{f}_lo,
   CASE WHEN order_count > 0 THEN total_revenue / order_count END AS avg_order_value,
   missing_ratio > $sparse_threshold AS is_sparse,
   CASE WHEN len(flag_list) > 0 THEN flag_list END AS outlier_flags,
-  missing_ratio > $sparse_threshold OR is_bot OR ($action = 'exclude' AND (len(flag_list) > 0 OR has_long_session))
+  behaviour_events = 0 OR is_bot OR ($action = 'exclude' AND (len(flag_list) > 0 OR has_long_session))
     AS exclude_from_fitting
 FROM flagged
 """
 
 
 # The event columns sessions and per-person rows read (an incremental run stages only these).
-EVENT_COLUMNS = ("message_id", "anonymous_id", "event_at", "event_name", "revenue", "category", "device_type",
-                 "timezone")  # fmt: skip
+EVENT_COLUMNS = ("message_id", "anonymous_id", "event_at", "event_type", "event_name", "revenue", "category",
+                 "device_type", "timezone")  # fmt: skip
 # Columns of cleaned_users that _finish_sql derives; the rest are each person's own.
 DERIVED_COLUMNS = ("days_since_last_order", "has_long_session", "is_bot", "avg_order_value", "is_sparse",
                    "outlier_flags", "exclude_from_fitting")  # fmt: skip

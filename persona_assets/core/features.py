@@ -45,7 +45,7 @@ SCALINGS = ("zscore", "minmax")
 CLIP_METHODS = ("mad", "iqr", "zscore", "none")
 
 BASE_SQL = """
-SELECT person_id, is_sparse, exclude_from_fitting,
+SELECT person_id, is_sparse, exclude_from_fitting, behaviour_events,
   event_count::DOUBLE AS event_count, session_count::DOUBLE AS session_count,
   coalesce(avg_session_seconds, 0) AS avg_session_seconds,
   event_count / greatest(session_count, 1) AS events_per_session,
@@ -56,7 +56,11 @@ SELECT person_id, is_sparse, exclude_from_fitting,
   coalesce(list_sum(map_values(category_counts)), 0)::DOUBLE AS category_total{category_columns}
 FROM cleaned_users
 """
-FITTING = "WHERE NOT is_sparse AND NOT exclude_from_fitting"
+# Features describe behaviour: they are fitted on people with behaviour who are not bots or (with
+# outlier_action 'exclude') outliers, whatever traits they told us, and written for everyone with behaviour.
+FITTING = "WHERE NOT exclude_from_fitting"
+# Fewest people a transform is fitted on.
+MIN_FIT_PEOPLE = 2
 
 
 def slug(name: str) -> str:
@@ -232,13 +236,22 @@ class FeatureOptions:
 FEATURES_KIND = "features"
 
 
+def empty_matrix() -> pd.DataFrame:
+    """normalized_features with no rows (nobody to describe yet), typed as the contract says."""
+    columns = {"person_id": "string", "used_for_fitting": "bool", "transform_version": "int64"}
+    columns.update({name: "float64" for name in (*LOG_FEATURES, *SHARE_FEATURES)})
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns.items()})
+
+
 def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOptions, refit: bool = False,
           full: bool = False) -> dict:  # fmt: skip
     """Bring `normalized_features` up to date with the saved transform, fitting (and saving) a new one when needed.
 
     A new transform is fitted on request, when none is saved yet, or when the settings changed;
     otherwise people are scored with the saved one, as the models trained on it expect.
-    Incrementally, only the people cleaning changed are scored again.
+    Incrementally, only the people cleaning changed are scored again. With fewer than two people
+    to fit on (no behaviour in the data, say), nothing is fitted: the table is left empty and
+    `status` says why.
     """
     saved = store.latest(FEATURES_KIND)
     refitting = refit or saved is None or not opts.matches(saved.payload)
@@ -247,15 +260,19 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
                      full=full or refitting, full_reason="full rebuild asked for" if full else "transform refitted")  # fmt: skip
     categories = top_categories(con, opts.max_categories) if refitting else saved.payload.categories
     base = load_base(con, categories, "" if p.full else f"WHERE person_id IN (SELECT person_id FROM {SCOPE})")
+    status = None
     if refitting:
         reason = "refit on request" if refit else "no saved transform" if saved is None else "settings changed"
-        fit_rows = base[~base["is_sparse"] & ~base["exclude_from_fitting"]]
+        fit_rows = base[~base["exclude_from_fitting"]]
+        if len(fit_rows) < MIN_FIT_PEOPLE:
+            status = not_fitted_status(base)
+            return _not_fitted(con, p, base, status)
         transform = fit(fit_rows, categories, opts.scaling, opts.clip_method, opts.clip_limit)
         transform.version = version
         store.save(FEATURES_KIND, transform, transform.to_dict())
     else:
         reason, transform = f"scored with saved transform v{saved.version}", saved.payload
-    rows = base[~base["is_sparse"]]
+    rows = base[base["behaviour_events"] > 0]
     matrix = transform.apply(rows)
     frame = pd.concat(
         [
@@ -279,9 +296,39 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
     return {
         "transform": transform,
         "reason": reason,
+        "status": status,
         "rows": total,
-        "sparse_people": int(base["is_sparse"].sum()) if p.full else None,
+        "without_behaviour": int((base["behaviour_events"] == 0).sum()) if p.full else None,
         "mode": p.mode,
         "why": p.reason,
         "people_recomputed": None if p.full else len(base),
+    }
+
+
+def not_fitted_status(base: pd.DataFrame) -> str:
+    """Why no transform could be fitted, in the data's words."""
+    with_behaviour = int((base["behaviour_events"] > 0).sum())
+    usable = int((~base["exclude_from_fitting"]).sum())
+    if with_behaviour == 0:
+        return (
+            f"not fitted: 0 of {len(base):,} people have behaviour (track, page or screen events); "
+            "features and segments left empty"
+        )
+    return (
+        f"not fitted: {usable} of {len(base):,} people have behaviour that can be fitted on "
+        f"(at least {MIN_FIT_PEOPLE} needed; bots and excluded outliers do not count); features and segments left empty"
+    )
+
+
+def _not_fitted(con: duckdb.DuckDBPyConnection, p: refresh.Plan, base: pd.DataFrame, status: str) -> dict:
+    replace_frame(con, "normalized_features", empty_matrix(), before_commit=lambda: refresh.record(con, p, None, len(base)))
+    return {
+        "transform": None,
+        "reason": "nothing to fit on",
+        "status": status,
+        "rows": 0,
+        "without_behaviour": int((base["behaviour_events"] == 0).sum()),
+        "mode": p.mode,
+        "why": p.reason,
+        "people_recomputed": None,
     }

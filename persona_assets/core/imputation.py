@@ -125,6 +125,8 @@ class TraitModels:
     traits: dict[str, TraitModel]
     settings: dict
     trained_at: datetime = field(default_factory=datetime.now)
+    # Traits asked for but not modelled, with why ("12 people state it; min_labelled_people is 200").
+    not_modelled: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- inputs
@@ -198,10 +200,14 @@ def model_inputs(
     With `saved` models, their segment columns and product embedding are reused; without,
     both are taken afresh from the data (a retrain). `scoped`: only the people in `_scope`
     (their events staged in `_scope_events`)."""
-    transform = store.load(FEATURES_KIND, feature_version).payload
-    base = load_base(con, transform.categories, f"WHERE person_id IN (SELECT person_id FROM {SCOPE})" if scoped else "")
-    behaviour = transform.apply(base).set_axis(base["person_id"].to_numpy())
-    behaviour = behaviour.reindex(people["person_id"]).fillna(0.0)
+    if feature_version is None:  # no behaviour features were fitted: the segment and products are all there is
+        behaviour = pd.DataFrame(index=pd.Index(people["person_id"]))
+    else:
+        transform = store.load(FEATURES_KIND, feature_version).payload
+        scope = f"WHERE person_id IN (SELECT person_id FROM {SCOPE})" if scoped else ""
+        base = load_base(con, transform.categories, scope)
+        behaviour = transform.apply(base).set_axis(base["person_id"].to_numpy())
+        behaviour = behaviour.reindex(people["person_id"]).fillna(0.0)
     segments = saved.segments if saved is not None else sorted(people["segment_id"].dropna().unique())
     onehot = pd.DataFrame(
         {f"segment_{s}": (people["segment_id"] == s).to_numpy(float) for s in segments}, index=behaviour.index
@@ -410,12 +416,20 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     )
     if why:
         humans = ~people["is_bot"].to_numpy()
-        traits = {}
+        traits, not_modelled = {}, {}
         for trait in opts.model_traits:
             labelled = humans & people[trait].notna().to_numpy()
             # Too few answers to learn from is no evidence a model fails: the trait is just not modelled.
-            if labelled.sum() >= opts.min_labelled_people:
-                traits[trait] = train_trait(trait, inputs[labelled], people.loc[labelled, trait].astype(str), opts)
+            stated = int(labelled.sum())
+            answers = people.loc[labelled, trait].astype(str)
+            if stated < opts.min_labelled_people:
+                not_modelled[trait] = f"{stated:,} people state it; min_labelled_people is {opts.min_labelled_people}"
+            elif inputs.shape[1] == 0:
+                not_modelled[trait] = "no behaviour, segments or products to learn it from"
+            elif answers.nunique() < 2:
+                not_modelled[trait] = f"everyone who states it gives the same answer ({answers.iloc[0]!r})"
+            else:
+                traits[trait] = train_trait(trait, inputs[labelled], answers, opts)
         models = TraitModels(
             version=version,
             feature_version=feature_version,
@@ -425,6 +439,7 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
             embedding=embedding,
             traits=traits,
             settings=opts.model_settings(),
+            not_modelled=not_modelled,
         )
         store.save(TRAITS_KIND, models, _summary(models))
     else:
@@ -526,7 +541,9 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     counts = {"imputed_attributes": con.execute("SELECT count(*) FROM imputed_attributes").fetchall()[0][0]}
     return {
         "models": models,
-        "not_modelled": [t for t in opts.model_traits if t not in models.traits],
+        "not_modelled": {
+            t: getattr(models, "not_modelled", {}).get(t, "not modelled") for t in opts.model_traits if t not in models.traits
+        },
         "trained": bool(why),
         "why": "; ".join(why) or f"predicted with saved models v{models.version}",
         "counts": counts,

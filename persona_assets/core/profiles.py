@@ -67,7 +67,8 @@ SELECT c.person_id, d.identifier_count, c.first_seen_at, c.last_seen_at,
   c.first_order_at, c.last_order_at, c.days_since_last_order, c.sessions_per_week,
   f.top_category, f.category_affinity,
   t.* EXCLUDE (person_id, completeness),
-  s.segment_id, s.segment_name, s.subsegment_id, s.subsegment_name, s.is_noise, s.segment_confidence,
+  s.segment_id, s.segment_name, s.subsegment_id, s.subsegment_name,
+  coalesce(s.is_noise, false) AS is_noise, coalesce(s.segment_confidence, 0) AS segment_confidence,
   c.missing_ratio, c.is_sparse, c.is_bot, c.outlier_flags, coalesce(t.completeness, 0) AS completeness,
   q.next_question, {updated} AS updated_at
 FROM cleaned_users c

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import duckdb
 import numpy as np
@@ -24,7 +24,7 @@ from sklearn.neural_network import MLPRegressor
 
 from persona_assets.contracts import SegmentCatalog, Segments
 from persona_assets.core import refresh
-from persona_assets.core.features import CATEGORY_PREFIX, FEATURES_KIND, load_base
+from persona_assets.core.features import CATEGORY_PREFIX
 from persona_assets.core.models import ModelStore
 from persona_assets.core.refresh import SCOPE
 from persona_assets.core.warehouse import replace_frames, splice_frame, table_exists
@@ -359,14 +359,41 @@ def _numbered(kept: dict[int, str], count: int, previous_ids: list[str], prefix:
     return ids
 
 
+def distinct_rows(X: np.ndarray) -> int:
+    return len(np.unique(np.round(X, 9), axis=0)) if len(X) else 0
+
+
+def min_people(opts: SegmentOptions) -> int:
+    return max(10, opts.k_min + 1)
+
+
+def untrainable(X: np.ndarray, opts: SegmentOptions) -> str | None:
+    """Why no segment model can be fitted on these rows, or None when one can."""
+    if len(X) < min_people(opts):
+        return (
+            f"{len(X):,} people with behaviour to fit on; segmentation needs at least {min_people(opts)} "
+            f"(k_min {opts.k_min})"
+        )
+    if distinct_rows(X) <= opts.k_min:
+        return (
+            f"people's behaviour is too alike to segment: {distinct_rows(X)} different behaviour profiles among "
+            f"{len(X):,} people, k_min is {opts.k_min}"
+        )
+    return None
+
+
 def train(
     X: pd.DataFrame, opts: SegmentOptions, feature_version: int, version: int, previous: SegmentModel | None = None
 ) -> SegmentModel:
     """Fit a segment model on the fit rows of the normalized matrix."""
     features = list(X.columns)
     Xn = X.to_numpy(dtype=float)
-    if len(Xn) < max(10, opts.k_min + 1):
-        raise ValueError(f"need at least {max(10, opts.k_min + 1)} people to segment, got {len(Xn)}")
+    problem = untrainable(Xn, opts)
+    if problem:
+        raise ValueError(problem)
+    settings = opts.model_settings()
+    # k cannot exceed the number of different behaviour profiles (a small or uniform population).
+    opts = replace(opts, k_max=min(opts.k_max, distinct_rows(Xn) - 1))
     spaces: dict[str, tuple[np.ndarray, object]] = {"features": (Xn, None)}
     scores: dict[str, float] = {}
     if opts.space in ("auto", "autoencoder"):
@@ -435,7 +462,7 @@ def train(
         knee=elbow,
         reason=f"{space} space (best silhouette); {reason}",
         scores=scores,
-        settings=opts.model_settings(),
+        settings=settings,
         matching=matching,
     )
 
@@ -510,33 +537,39 @@ def catalog(model: SegmentModel, people: pd.DataFrame) -> pd.DataFrame:
 SEGMENTS_KIND = "segments"
 
 
-def _matrix(
-    con: duckdb.DuckDBPyConnection, store: ModelStore, scope: str = ""
-) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """The normalized matrix for everyone (or the people `scope` names): non-sparse people from
-    the table, sparse ones scored with the same saved transform. Returns (matrix, flags, transform version)."""
-    version = con.execute("SELECT max(transform_version) FROM normalized_features").fetchall()[0][0]
-    if version is None:
-        raise ValueError("normalized_features is empty: nobody to segment")
+def _matrix(con: duckdb.DuckDBPyConnection, scope: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The normalized matrix of the people with behaviour (or those of them `scope` names), and
+    their flags (person_id, used_for_fitting), in person_id order."""
     table = con.execute(
         f"SELECT * FROM normalized_features {'WHERE ' + scope if scope else ''} ORDER BY person_id"
     ).df()
-    transform = store.load(FEATURES_KIND, int(version)).payload
-    sparse = load_base(con, transform.categories, f"WHERE is_sparse {'AND ' + scope if scope else ''}")
-    matrix = pd.concat([table[transform.features], transform.apply(sparse)], ignore_index=True)
-    flags = pd.DataFrame(
+    return table, table[["person_id", "used_for_fitting"]].astype({"used_for_fitting": bool})
+
+
+def unsegmented(person_ids) -> pd.DataFrame:
+    """Rows for people with no segment (no behaviour to place them by, or no model)."""
+    n = len(person_ids)
+    return pd.DataFrame(
         {
-            "person_id": pd.concat([table["person_id"], sparse["person_id"]], ignore_index=True),
-            "used_for_fitting": np.r_[table["used_for_fitting"].to_numpy(dtype=bool), np.zeros(len(sparse), bool)],
+            "person_id": pd.Series(person_ids, dtype=object),
+            **{c: pd.Series([None] * n, dtype=object) for c in ("segment_id", "segment_name")},
+            "segment_distance": np.full(n, np.nan),
+            "segment_confidence": np.zeros(n),
+            **{c: pd.Series([None] * n, dtype=object) for c in ("subsegment_id", "subsegment_name")},
+            "is_noise": np.zeros(n, dtype=bool),
+            "low_confidence": np.ones(n, dtype=bool),
+            "model_version": pd.Series([None] * n, dtype="Int64"),
         }
     )
-    return matrix, flags, version
 
 
 def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOptions, retrain: bool = False,
           full: bool = False) -> dict:  # fmt: skip
     """Assign segments with the saved model, training (and saving) a new one when needed.
 
+    Everyone cleaning kept gets a row: people with behaviour their nearest segment, people with
+    none (identify calls only) an empty segment. When no model can be fitted (nobody with
+    behaviour, too few people, everyone alike) every segment is left empty and `status` says why.
     Incrementally, only the people whose features changed are assigned again; the catalog's
     sizes are then counted over everyone.
     """
@@ -554,29 +587,28 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
     p = refresh.plan(con, "segments", {**opts.model_settings(), "model_version": model_version},
                      ("segments", "segment_catalog"), full=full or bool(why),
                      full_reason="full rebuild asked for" if full else "model retrained")  # fmt: skip
-    matrix, flags, feature_version = _matrix(
-        con, store, "" if p.full else f"person_id IN (SELECT person_id FROM {SCOPE})"
-    )
-    if why:
-        fit_rows = matrix[flags["used_for_fitting"].to_numpy()]
-        model = train(fit_rows, opts, feature_version, model_version, previous)
-        store.save(SEGMENTS_KIND, model, summary(model))
-    else:
-        model = previous
-    assigned = assign(model, matrix) if len(matrix) else pd.DataFrame(columns=list(SEGMENT_COLUMNS))
-    assigned.insert(0, "person_id", flags["person_id"].to_numpy())
-    assigned["low_confidence"] = ~flags["used_for_fitting"].to_numpy(dtype=bool)
-    assigned["model_version"] = model.version
-    moved = None
-    if table_exists(con, "segments"):
-        scope = "" if p.full else f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"
-        before = con.execute(f"SELECT person_id, segment_id AS before FROM segments {scope}").df()
-        both = assigned[["person_id", "segment_id"]].merge(before, on="person_id")
-        moved = float((both["segment_id"] != both["before"]).mean()) if len(both) else None
+    scope = "" if p.full else f"person_id IN (SELECT person_id FROM {SCOPE})"
+    everyone = con.execute(
+        f"SELECT person_id FROM cleaned_users {'WHERE ' + scope if scope else ''} ORDER BY person_id"
+    ).fetchall()
+    matrix, flags = _matrix(con, scope) if version is not None else (pd.DataFrame(), pd.DataFrame())
+    model, status = (None, None) if why else (previous, None)
+    if version is None:
+        status = "not fitted: no behaviour features to segment by (see normalized_features); segments left empty"
+    elif why:
+        fit_rows = matrix.loc[flags["used_for_fitting"].to_numpy(), _feature_columns(matrix)]
+        problem = untrainable(fit_rows.to_numpy(dtype=float), opts)
+        if problem:
+            status = f"not fitted: {problem}; segments left empty"
+        else:
+            model = train(fit_rows, opts, version, model_version, previous)
+            store.save(SEGMENTS_KIND, model, summary(model))
+    assigned = _assign_everyone(model, matrix, flags, [r[0] for r in everyone])
+    moved = _moved_share(con, assigned, scope)
 
     def finish() -> None:
-        everyone = con.execute("SELECT segment_id, subsegment_id FROM segments").df()
-        groups = catalog(model, everyone).assign(model_version=model.version)
+        counts = con.execute("SELECT segment_id, subsegment_id FROM segments").df()
+        groups = catalog(model, counts).assign(model_version=model.version) if model else empty_catalog()
         con.register("_catalog_frame", groups)
         con.execute("DELETE FROM segment_catalog")
         con.execute("INSERT INTO segment_catalog BY NAME SELECT * FROM _catalog_frame")
@@ -584,7 +616,7 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
         refresh.record(con, p, None, len(assigned))
 
     if p.full:
-        groups = catalog(model, assigned).assign(model_version=model.version)
+        groups = catalog(model, assigned).assign(model_version=model.version) if model else empty_catalog()
         replace_frames(
             con,
             [(Segments, "segments", assigned), (SegmentCatalog, "segment_catalog", groups)],
@@ -593,20 +625,70 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
     else:
         splice_frame(con, "segments", assigned, before_commit=finish)
     stats = con.execute(
-        "SELECT count(*), coalesce(avg(is_noise::INT), 0), count(*) FILTER (WHERE low_confidence) FROM segments"
+        "SELECT count(*), coalesce(avg(is_noise::INT), 0), count(*) FILTER (WHERE low_confidence), "
+        "count(*) FILTER (WHERE segment_id IS NULL) FROM segments"
     ).fetchall()[0]
     return {
         "model": model,
-        "trained": bool(why),
+        "status": status,
+        "trained": bool(why) and model is not None,
         "why": "; ".join(why) or f"assigned with saved model v{model.version}",
         "moved_share": moved,
         "catalog": con.execute("SELECT * FROM segment_catalog").df(),
         "people": stats[0],
         "noise_share": float(stats[1]),
         "low_confidence": int(stats[2]),
+        "unsegmented": int(stats[3]),
         "mode": p.mode,
         "people_recomputed": None if p.full else len(assigned),
     }
+
+
+def _feature_columns(matrix: pd.DataFrame) -> list[str]:
+    return [c for c in matrix.columns if c not in ("person_id", "used_for_fitting", "transform_version")]
+
+
+def _assign_everyone(model: SegmentModel | None, matrix: pd.DataFrame, flags: pd.DataFrame,
+                     person_ids: list[str]) -> pd.DataFrame:  # fmt: skip
+    """Segment rows for `person_ids`: the model's assignment for those with features, empty ones for the rest."""
+    if model is None or not len(matrix):
+        return unsegmented(person_ids)
+    assigned = assign(model, matrix)
+    assigned.insert(0, "person_id", flags["person_id"].to_numpy())
+    assigned["low_confidence"] = ~flags["used_for_fitting"].to_numpy(dtype=bool)
+    assigned["model_version"] = model.version
+    rest = sorted(set(person_ids) - set(flags["person_id"]))
+    if not rest:
+        return assigned.reset_index(drop=True)
+    return pd.concat([assigned, unsegmented(rest)], ignore_index=True)
+
+
+def _moved_share(con: duckdb.DuckDBPyConnection, assigned: pd.DataFrame, scope: str) -> float | None:
+    """The share of people (in scope) whose segment changed."""
+    if not table_exists(con, "segments"):
+        return None
+    before = con.execute(
+        f"SELECT person_id, segment_id AS before FROM segments {'WHERE ' + scope if scope else ''}"
+    ).df()
+    both = assigned[["person_id", "segment_id"]].merge(before, on="person_id")
+    if not len(both):
+        return None
+    return float((both["segment_id"].fillna("") != both["before"].fillna("")).mean())
+
+
+def empty_catalog() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "level": pd.Series(dtype=object),
+            "id": pd.Series(dtype=object),
+            "parent_id": pd.Series(dtype=object),
+            "name": pd.Series(dtype=object),
+            "people": pd.Series(dtype="int64"),
+            "share": pd.Series(dtype="float64"),
+            "explanation": pd.Series(dtype=object),
+            "model_version": pd.Series(dtype="int64"),
+        }
+    )
 
 
 def summary(model: SegmentModel) -> dict:
