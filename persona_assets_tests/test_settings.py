@@ -1,0 +1,102 @@
+"""The settings file: persona.yaml in PERSONA_HOME (or --config), checked whole, used by every run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import duckdb
+import pytest
+
+from persona_assets.definitions import build_definitions
+from persona_assets.settings import (
+    CleaningConfig,
+    IngestConfig,
+    SettingsError,
+    effective_settings,
+    load_settings,
+    stage_options,
+    with_settings,
+)
+
+
+def cli(home, *args):
+    env = {**os.environ, "PERSONA_HOME": str(home)}
+    env.pop("DAGSTER_HOME", None)
+    env.pop("PERSONA_CONFIG", None)
+    return subprocess.run([sys.executable, "-m", "persona_assets.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("cleanig:\n  sparse_threshold: 0.4\n", "unknown section 'cleanig'; allowed: ingest, identity, cleaning"),
+        ("cleaning:\n  sparse_treshold: 0.4\n", "cleaning.sparse_treshold: unknown setting; allowed: session_gap"),
+        ("cleaning:\n  outlier_method: median\n", "outlier_method must be one of ('zscore', 'iqr', 'mad')"),
+        ("segments:\n  k_min: 5\n  k_max: 3\n", "need 2 <= k_min <= k_max"),
+        ("profiles:\n  half_life_days: soon\n", "half_life_days: Input should be a valid number"),
+        ("segments:\n  retrain: true\n", "segments.retrain is chosen per run"),
+        ("ingest:\n  min_event_at: last year\n", "min_event_at must be an ISO date"),
+        ("mappings:\n  - {files: '*.csv', preset: shopify}\n", "preset"),
+        ("- just\n- a list\n", "expected sections such as 'cleaning:'"),
+        ("cleaning: [1, 2\n", "not a readable YAML file"),
+    ],
+)
+def test_a_bad_settings_file_is_refused_naming_the_key(tmp_path, text, named):
+    path = tmp_path / "persona.yaml"
+    path.write_text(text)
+    with pytest.raises(SettingsError) as err:
+        load_settings(path)
+    assert named in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_file_sets_defaults_and_the_run_config_wins_over_it(tmp_path):
+    path = tmp_path / "persona.yaml"
+    path.write_text("cleaning:\n  sparse_threshold: 0.3\n  outlier_method: iqr\n")
+    settings = load_settings(path)
+    assert with_settings(CleaningConfig(), settings).sparse_threshold == 0.3
+    # A value the run sets (launchpad, run config) wins over the file.
+    assert with_settings(CleaningConfig(outlier_method="zscore"), settings).outlier_method == "zscore"
+    assert stage_options(CleaningConfig(), settings).outlier_method == "iqr"
+    assert effective_settings(settings)["cleaning"]["sparse_threshold"] == 0.3
+    assert effective_settings({})["ingest"]["min_event_at"] == IngestConfig().min_event_at
+
+
+def test_persona_config_prints_the_settings_in_force_and_run_refuses_a_bad_file(persona_home):
+    out = cli(persona_home, "config")
+    assert out.returncode == 0 and "the defaults" in out.stdout and "sparse_threshold: 0.5" in out.stdout
+    (persona_home / "persona.yaml").write_text("cleaning:\n  sparse_threshold: 0.25\n")
+    out = cli(persona_home, "config")
+    assert "sparse_threshold: 0.25  # from the file" in out.stdout and str(persona_home / "persona.yaml") in out.stdout
+    (persona_home / "persona.yaml").write_text("cleaning:\n  outlier_limt: 3\n")
+    for command in (["run"], ["config"]):
+        proc = cli(persona_home, *command)
+        assert proc.returncode == 2 and "cleaning.outlier_limt: unknown setting" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    other = persona_home / "other.yaml"
+    other.write_text("ingest:\n  max_future_hours: 2\n")
+    out = cli(persona_home, "config", "--config", str(other))
+    assert out.returncode == 0 and "max_future_hours: 2.0  # from the file" in out.stdout
+
+
+def _order(at: str, n: int) -> str:
+    event = {"messageId": f"o{n}", "type": "track", "event": "Order Completed", "userId": f"c{n}", "timestamp": at,
+             "properties": {"revenue": 10.0}}  # fmt: skip
+    return json.dumps(event) + "\n"
+
+
+def test_every_run_reads_the_file_of_its_home(persona_home):
+    (persona_home / "landing" / "orders.jsonl").write_text(
+        _order("1997-05-01T00:00:00Z", 1) + _order("2024-05-01T00:00:00Z", 2)
+    )
+    (persona_home / "persona.yaml").write_text('ingest:\n  min_event_at: "2000-01-01"\n')
+    job = build_definitions(persona_home).get_job_def("ingest_landing_file")  # the landing sensor's job
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert result.success
+    with duckdb.connect(str(persona_home / "warehouse.duckdb"), read_only=True) as con:
+        reasons = con.execute("SELECT reason FROM quarantined_events").fetchall()
+    assert reasons == [("timestamp_out_of_range",)], "the file's min_event_at applied"
