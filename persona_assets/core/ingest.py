@@ -8,6 +8,7 @@ one transaction: a run killed half-way leaves the tables as they were.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import hashlib
 import time
@@ -26,8 +27,24 @@ import pyarrow.parquet as pq
 
 from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents, columns, ddl
 from persona_assets.core.erasure import active_erasures, ensure_log, suppress_staged
-from persona_assets.core.events import EVENT_TYPES, FIELDS, FLAT_COLUMNS, TRIMMED_COLUMNS, Field, consent_sql
+from persona_assets.core.events import (
+    EVENT_TYPES,
+    FIELD_BY_COLUMN,
+    FIELDS,
+    FLAT_COLUMNS,
+    TRIMMED_COLUMNS,
+    Field,
+    consent_sql,
+)
 from persona_assets.core.faults import kill_point
+from persona_assets.core.mappings import (
+    EPOCH_FORMATS,
+    ITEM_KEYS,
+    FileMapping,
+    json_path,
+    mapping_for,
+    strptime_has_zone,
+)
 from persona_assets.core.pii import hmac_params, hmac_sql, normalize_email_sql, normalize_phone
 from persona_assets.core.publish import sql_literal
 from persona_assets.core.warehouse import bind
@@ -50,6 +67,9 @@ class IngestOptions:
     # folder is ingested in bounded memory.
     stage_bytes: int = 512 * 1024 * 1024
     gmail_rules: bool = True
+    # Where foreign exports keep the Segment fields (`core.mappings`); the first whose pattern
+    # matches a file's name applies, and a file matching none is read as Segment events.
+    mappings: tuple[FileMapping, ...] = ()
 
 
 @dataclass
@@ -181,8 +201,9 @@ def _line_table(data: bytes, ends: np.ndarray, first: int) -> pa.Table:
     return pa.table({"line": numbers, "raw": text, "bad_utf8": bad_utf8})
 
 
-def _csv_batches(path: Path, chunk_bytes: int) -> Iterator[pa.Table]:
-    """CSV rows as strings with their line numbers; rows of the wrong width become bad rows."""
+def _csv_batches(path: Path, chunk_bytes: int, sources: tuple[str, ...] = ()) -> Iterator[pa.Table]:
+    """CSV rows as strings with their line numbers; rows of the wrong width become bad rows.
+    `sources`: the columns a mapping reads, kept besides the Segment ones."""
     with open(path, encoding="utf-8", errors="replace", newline="") as fh:
         header = next(csv.reader([fh.readline()]), [])
     if not header:
@@ -221,30 +242,39 @@ def _csv_batches(path: Path, chunk_bytes: int) -> Iterator[pa.Table]:
         bad = [(n, t) for n, t in invalid if n >= next_line]
         next_line = max([line] + [n + 1 for n, _ in bad])
         invalid.clear()
-        yield _flat_table(pa.Table.from_batches([batch]), numbers)
+        yield _flat_table(pa.Table.from_batches([batch]), numbers, sources)
         if bad:
-            yield _bad_rows_table(bad)
+            yield _bad_rows_table(bad, sources)
     if invalid:
-        yield _bad_rows_table(invalid)
+        yield _bad_rows_table(invalid, sources)
 
 
-def _parquet_batches(path: Path, rows: int = 500_000) -> Iterator[pa.Table]:
+def _parquet_batches(path: Path, rows: int = 500_000, sources: tuple[str, ...] = ()) -> Iterator[pa.Table]:
     first = 1
     for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
         table = pa.Table.from_batches([batch])
         table = pa.table({name: table[name].cast(pa.string()) for name in table.column_names})
-        yield _flat_table(table, list(range(first, first + table.num_rows)))
+        yield _flat_table(table, list(range(first, first + table.num_rows)), sources)
         first += table.num_rows
 
 
-def _flat_table(table: pa.Table, numbers: list[int]) -> pa.Table:
+def _source_column(i: int) -> str:
+    """The chunk's name for a mapping's i-th source column: the file's own names never reach the SQL."""
+    return f"_source{i}"
+
+
+def _flat_table(table: pa.Table, numbers: list[int], sources: tuple[str, ...] = ()) -> pa.Table:
     cols = {"line": pa.array(numbers, pa.int64()), "malformed": pa.nulls(table.num_rows, pa.string())}
     for flat in FLAT_COLUMNS:
         cols[flat] = table[flat] if flat in table.column_names else pa.nulls(table.num_rows, pa.string())
+    for i, source in enumerate(sources):
+        cols[_source_column(i)] = (
+            table[source] if source in table.column_names else pa.nulls(table.num_rows, pa.string())
+        )
     return pa.table(cols)
 
 
-def _bad_rows_table(rows: list[tuple[int, str]]) -> pa.Table:
+def _bad_rows_table(rows: list[tuple[int, str]], sources: tuple[str, ...] = ()) -> pa.Table:
     n = len(rows)
     cols = {
         "line": pa.array([r[0] for r in rows], pa.int64()),
@@ -252,6 +282,8 @@ def _bad_rows_table(rows: list[tuple[int, str]]) -> pa.Table:
     }
     for flat in FLAT_COLUMNS:
         cols[flat] = pa.nulls(n, pa.string())
+    for i in range(len(sources)):
+        cols[_source_column(i)] = pa.nulls(n, pa.string())
     return pa.table(cols)
 
 
@@ -261,28 +293,47 @@ ID_FIELDS = [f for f in FIELDS if f.kind == "id"]
 CONTAINERS = {"$.properties": "OBJECT", "$.traits": "OBJECT", "$.context": "OBJECT", "$.properties.products": "ARRAY"}
 
 
-def _json_select() -> str:
-    """From (line, raw, bad_utf8) to (line, raw, parse_error, bad_field, <one VARCHAR per field>)."""
-    paths = [p for f in FIELDS for p in f.paths]
-    path_list = ", ".join(f"'{p}'" for p in paths)
-    type_paths = ["$"] + [p for f in ID_FIELDS for p in f.paths] + list(CONTAINERS)
-    type_list = ", ".join(f"'{p}'" for p in type_paths)
+PRODUCTS = FIELD_BY_COLUMN["products"]
+
+
+def _json_paths(mapping: FileMapping | None) -> tuple[dict[str, tuple[str, ...]], list, list]:
+    """Each field's JSON paths (a mapped path first), the id paths type-checked, and the containers,
+    each check with the Segment name its message gives."""
+    fields = {f.column: f.paths for f in FIELDS}
+    if mapping is not None:
+        fields = {f.column: (*(json_path(s) for s in mapping.sources(f)), *f.paths) for f in FIELDS}
+    ids = [(p, p.removeprefix("$.") if p in f.paths else f.paths[0][2:]) for f in ID_FIELDS for p in fields[f.column]]
+    containers = [(p, kind, p.removeprefix("$.")) for p, kind in CONTAINERS.items()]
+    if mapping is not None:
+        containers += [(json_path(s), "ARRAY", PRODUCTS.paths[0][2:]) for s in mapping.sources(PRODUCTS)]
+    return fields, ids, containers
+
+
+@functools.lru_cache(maxsize=64)
+def _json_select(mapping: FileMapping | None = None) -> str:
+    """From (line, raw, bad_utf8) to (line, raw, parse_error, bad_field, <one VARCHAR per field>).
+
+    A mapped file's paths come from its settings, so they are bound (`_json_params`), not pasted."""
+    fields, ids, containers = _json_paths(mapping)
+    paths = [p for f in FIELDS for p in fields[f.column]]
+    type_paths = ["$"] + [p for p, _ in ids] + [p for p, _, _ in containers]
+    path_list = "[" + ", ".join(f"'{p}'" for p in paths) + "]" if mapping is None else "$map_paths"
+    type_list = "[" + ", ".join(f"'{p}'" for p in type_paths) + "]" if mapping is None else "$map_type_paths"
     # 1-based list positions for each field's paths
     index = {p: i + 1 for i, p in enumerate(paths)}
     values = ",\n".join(
-        f"  coalesce({', '.join(f'v[{index[p]}]' for p in f.paths)}) AS {f.column}"
-        if len(f.paths) > 1
+        f"  coalesce({', '.join(f'v[{index[p]}]' for p in fields[f.column])}) AS {f.column}"
+        if len(fields[f.column]) > 1
         else f"  v[{index[f.paths[0]]}] AS {f.column}"
         for f in FIELDS
     )
     id_checks = " ".join(
-        f"WHEN t[{i + 2}] IN ('OBJECT', 'ARRAY', 'BOOLEAN') THEN '{p.removeprefix('$.')}'"
-        for i, p in enumerate(type_paths[1 : 1 + sum(len(f.paths) for f in ID_FIELDS)])
+        f"WHEN t[{i + 2}] IN ('OBJECT', 'ARRAY', 'BOOLEAN') THEN '{label}'" for i, (_, label) in enumerate(ids)
     )
-    offset = 2 + sum(len(f.paths) for f in ID_FIELDS)
+    offset = 2 + len(ids)
     container_checks = " ".join(
-        f"WHEN t[{offset + i}] NOT IN ('{kind}', 'NULL') THEN '{p.removeprefix('$.')}'"
-        for i, (p, kind) in enumerate(CONTAINERS.items())
+        f"WHEN t[{offset + i}] NOT IN ('{kind}', 'NULL') THEN '{label}'"
+        for i, (_, kind, label) in enumerate(containers)
     )
     return f"""
 WITH lines AS (
@@ -294,12 +345,12 @@ WITH lines AS (
   FROM _chunk
 ), typed AS (
   SELECT line, raw, early_error,
-    CASE WHEN early_error IS NULL THEN json_type(raw, [{type_list}]) END AS t
+    CASE WHEN early_error IS NULL THEN json_type(raw, {type_list}) END AS t
   FROM lines
 ), parsed AS (
   SELECT line, raw, t,
     coalesce(early_error, CASE WHEN t[1] <> 'OBJECT' THEN 'not_an_object' END) AS parse_error,
-    CASE WHEN parse_error IS NULL THEN json_extract_string(raw, [{path_list}]) END AS v
+    CASE WHEN parse_error IS NULL THEN json_extract_string(raw, {path_list}) END AS v
   FROM typed
 )
 SELECT line, raw, parse_error,
@@ -309,19 +360,45 @@ FROM parsed
 """
 
 
-def _flat_value(f: Field) -> str:
-    parts = [f"nullif(\"{flat}\", '')" for flat in f.flats]
+def _json_params(mapping: FileMapping) -> dict:
+    fields, ids, containers = _json_paths(mapping)
+    return {
+        "map_paths": [p for f in FIELDS for p in fields[f.column]],
+        "map_type_paths": ["$"] + [p for p, _ in ids] + [p for p, _, _ in containers],
+    }
+
+
+def _flat_value(f: Field, mapping: FileMapping | None = None) -> str:
+    names = list(f.flats)
+    if mapping is not None:
+        sources = mapping.source_columns()
+        names = [_source_column(sources.index(s)) for s in mapping.sources(f)] + names
+    parts = [f"nullif(\"{name}\", '')" for name in names]
     return f"coalesce({', '.join(parts)})" if len(parts) > 1 else parts[0]
 
 
-def _flat_select() -> str:
+def _raw_columns(mapping: FileMapping) -> dict[str, str]:
+    """A mapped row's quarantine text and derived id: its Segment columns and mapped columns, by name."""
+    columns = {flat: flat for flat in FLAT_COLUMNS}
+    for i, source in enumerate(mapping.source_columns()):
+        columns.setdefault(source, _source_column(i))
+    return columns
+
+
+@functools.lru_cache(maxsize=64)
+def _flat_select(mapping: FileMapping | None = None) -> str:
     """From CSV/Parquet columns (already strings) to the same shape as `_json_select`."""
-    values = ",\n".join(f"  {_flat_value(f)} AS {f.column}" for f in FIELDS)
-    struct = ", ".join(f'"{flat}" := "{flat}"' for flat in FLAT_COLUMNS)
-    products = _flat_value(FIELDS[[f.column for f in FIELDS].index("products")])
+    values = ",\n".join(f"  {_flat_value(f, mapping)} AS {f.column}" for f in FIELDS)
+    if mapping is None:
+        struct = ", ".join(f'"{flat}" := "{flat}"' for flat in FLAT_COLUMNS)
+        raw = f"to_json(struct_pack({struct}))::VARCHAR"
+    else:  # the file's own column names are bound as the keys ($map_raw_names)
+        chunk_columns = ", ".join(f'"{c}"' for c in _raw_columns(mapping).values())
+        raw = f"to_json(map($map_raw_names, [{chunk_columns}]))::VARCHAR"
+    products = _flat_value(PRODUCTS, mapping)
     return f"""
 SELECT line,
-  coalesce(malformed, to_json(struct_pack({struct}))::VARCHAR) AS raw,
+  coalesce(malformed, {raw}) AS raw,
   CASE WHEN malformed IS NOT NULL THEN 'malformed_row' END AS parse_error,
   CASE WHEN malformed IS NULL AND {products} IS NOT NULL AND NOT json_valid({products})
        THEN 'properties.products' END AS bad_field,
@@ -330,7 +407,61 @@ FROM _chunk
 """
 
 
-def _validate_select(source_sql: str) -> str:
+# --- a mapped file's defaults, event names and timestamps ----------------------------------------
+
+
+def _products_sql(expr: str) -> str:
+    """A product list with GA4's item keys also under Segment's (`item_category` as `category`)."""
+    keys = ", ".join(f"'{segment}', coalesce(x->>'{segment}', x->>'{item}')" for item, segment in ITEM_KEYS.items())
+    return f"""CASE WHEN json_valid({expr}) AND json_type({expr}) = 'ARRAY' THEN to_json(list_transform(
+      json_extract({expr}, '$[*]'),
+      lambda x: CASE WHEN json_type(x) = 'OBJECT' THEN json_merge_patch(x, json_object({keys})) ELSE x END))::VARCHAR
+    ELSE {expr} END"""
+
+
+def _mapping_select(source_sql: str, mapping: FileMapping) -> str:
+    """A mapped file's lines after its defaults fill empty fields, then its event names are translated
+    (a name it does not list is kept as sent). Every value is bound (`_mapping_params`)."""
+    replace: dict[str, str] = {}
+    for f in FIELDS:
+        if mapping.default(f) is not None:
+            empty = f"nullif(trim({f.column}), '') IS NULL"
+            replace[f.column] = f"CASE WHEN {empty} THEN $map_default_{f.column} ELSE {f.column} END"
+    if mapping.events:
+        name = replace.get("event_name", "event_name")
+        position = f"list_position($map_event_sources, trim({name}))"
+        replace["event_name"] = f"coalesce(list_extract($map_event_targets, {position}), {name})"
+    if mapping.sources(PRODUCTS):
+        replace["products"] = _products_sql("products")
+    if not replace:
+        return source_sql
+    return f"SELECT * REPLACE ({', '.join(f'{sql} AS {c}' for c, sql in replace.items())}) FROM ({source_sql})"
+
+
+def _mapping_params(mapping: FileMapping | None, fmt: str) -> dict:
+    if mapping is None:
+        return {}
+    params = _json_params(mapping) if fmt in ("jsonl", "jsonl.gz") else {"map_raw_names": list(_raw_columns(mapping))}
+    params |= {f"map_default_{f.column}": mapping.default(f) for f in FIELDS if mapping.default(f) is not None}
+    params |= {"map_event_sources": list(mapping.events), "map_event_targets": list(mapping.events.values())}
+    return params | {"map_timestamp_format": mapping.timestamp_format}
+
+
+def _timestamp_sql(text: str, timestamp_format: str) -> str:
+    """A UTC TIMESTAMP from the timestamp text as the file writes it, NULL where it does not parse."""
+    if timestamp_format == "iso":
+        return f"timezone('UTC', TRY_CAST({text} AS TIMESTAMPTZ))"
+    if timestamp_format in EPOCH_FORMATS:
+        # Exact decimal arithmetic to microseconds; past ±9e18 µs (a BIGINT's reach, DuckDB's
+        # timestamps) a value is no time rather than an error that would stop the run.
+        number = f"CASE WHEN regexp_full_match({text}, '-?[0-9]{{1,18}}(\\.[0-9]+)?') THEN {text} END"
+        micros = f"round(TRY_CAST({number} AS DECIMAL(38, 9)) * {EPOCH_FORMATS[timestamp_format]})"
+        return f"CASE WHEN abs({micros}) < 9e18 THEN make_timestamp(CAST({micros} AS BIGINT)) END"
+    parsed = f"try_strptime({text}, $map_timestamp_format)"
+    return f"timezone('UTC', {parsed})" if strptime_has_zone(timestamp_format) else parsed
+
+
+def _validate_select(source_sql: str, timestamp_format: str = "iso") -> str:
     """Type each field and give each line its first problem (reason), or none."""
     ids = [f.column for f in ID_FIELDS]
     too_long = " ".join(f"WHEN strlen({c}) > $max_id_chars THEN '{c}'" for c in ids)
@@ -347,7 +478,7 @@ v AS (
     {cleaned["anonymous_id"]} AS anonymous_id,
     {cleaned["previous_id"]} AS previous_id,
     {cleaned["event_at"]} AS event_at_text,
-    timezone('UTC', TRY_CAST({cleaned["event_at"]} AS TIMESTAMPTZ)) AS event_at,
+    {_timestamp_sql(cleaned["event_at"], timestamp_format)} AS event_at,
     s.email, s.phone, s.first_name, s.last_name, s.birthday, s.age, s.gender, s.postal_code, s.city, s.country,
     {consent_sql("s.consent")} AS consent, {cleaned["device_id"]} AS device_id, s.device_type, s.os_name, s.timezone, s.locale, s.page_url,
     s.category, {cleaned["product_id"]} AS product_id,
@@ -411,15 +542,20 @@ def _create_stage(con: duckdb.DuckDBPyConnection) -> None:
 
 def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: int, file_order: int,
                 opts: IngestOptions, params: dict) -> int:  # fmt: skip
-    """Read one file into `_stage`; returns the number of lines read."""
+    """Read one file into `_stage`, through its mapping if one matches its name; returns the number
+    of lines read."""
+    mapping = mapping_for(opts.mappings, path.name)
+    sources = mapping.source_columns() if mapping is not None else ()
     if fmt in ("jsonl", "jsonl.gz"):
-        batches, select = _json_line_batches(path, opts.chunk_bytes), _json_select()
+        batches, select = _json_line_batches(path, opts.chunk_bytes), _json_select(mapping)
     elif fmt == "csv":
-        batches, select = _csv_batches(path, opts.chunk_bytes), _flat_select()
+        batches, select = _csv_batches(path, opts.chunk_bytes, sources), _flat_select(mapping)
     else:
-        batches, select = _parquet_batches(path), _flat_select()
+        batches, select = _parquet_batches(path, sources=sources), _flat_select(mapping)
     batches = iter(batches)
-    sql = _validate_select(select)
+    if mapping is not None:
+        select = _mapping_select(select, mapping)
+    sql = _validate_select(select, mapping.timestamp_format if mapping is not None else "iso")
     cols = ", ".join(STAGE_COLUMNS)
     insert = f"""
         INSERT INTO _stage (batch_id, file_order, line, reason, detail, raw, {cols})
@@ -428,7 +564,7 @@ def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: 
                     WHEN message_id IS NULL THEN raw END,
                {cols}
         FROM ({sql})"""
-    bound = bind(insert, {**params, "batch_id": batch_id, "file_order": file_order})
+    bound = bind(insert, {**params, **_mapping_params(mapping, fmt), "batch_id": batch_id, "file_order": file_order})
     lines = 0
     while True:
         try:
