@@ -58,7 +58,7 @@ RAW_TEXT_LIMIT = 10_000  # characters of a bad line kept in quarantine; the file
 class IngestOptions:
     """Tunables of ingestion (mirrored by `settings.IngestConfig`)."""
 
-    min_event_at: datetime = datetime(2000, 1, 1)
+    min_event_at: datetime = datetime(1970, 1, 1, 0, 0, 1)
     max_future_hours: float = 24.0
     max_line_bytes: int = 1_000_000
     max_id_chars: int = 256
