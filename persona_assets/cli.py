@@ -48,8 +48,8 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )
-    for asset, status in stage_statuses(result.all_events):
-        print(f"{asset}: {status}")
+    for assets, status in stage_statuses(result.all_events):
+        print(f"{', '.join(assets)}: {status}")
     if not result.success:
         for event in result.all_events:
             if event.is_failure:
@@ -57,18 +57,18 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
     return result.success
 
 
-def stage_statuses(events) -> list[tuple[str, str]]:
-    """(asset, status) for each asset a run materialized whose stage could not fit everything
-    (its `status` metadata says what and why), in the order they ran."""
-    out = []
+def stage_statuses(events) -> list[tuple[list[str], str]]:
+    """([assets], status) for each stage a run materialized that could not fit everything (its
+    `status` metadata says what and why), in the order they ran; assets of one status together."""
+    out: dict[str, list[str]] = {}
     for event in events:
         if not event.is_step_materialization:
             continue
         materialization = event.step_materialization_data.materialization
         status = materialization.metadata.get("status")
         if status is not None and status.value != "fitted":
-            out.append((materialization.asset_key.to_user_string(), str(status.value)))
-    return out
+            out.setdefault(str(status.value), []).append(materialization.asset_key.to_user_string())
+    return [(assets, status) for status, assets in out.items()]
 
 
 def use_settings(path: str | None) -> int:

@@ -45,7 +45,7 @@ def run_graph(home) -> tuple[bool, dict[str, str]]:
         if e.event_type_value == "ASSET_CHECK_EVALUATION"
     }
     assert all(checks.values()), {k: v for k, v in checks.items() if not v}
-    return result.success, dict(stage_statuses(result.all_events))
+    return result.success, {asset: status for assets, status in stage_statuses(result.all_events) for asset in assets}
 
 
 def snapshot(home) -> duckdb.DuckDBPyConnection:
@@ -201,7 +201,7 @@ def test_identify_only_records_profile_everyone_and_say_what_could_not_fit(perso
     assert "Traceback" not in proc.stdout + proc.stderr
     # `persona run` says which stages could not fit and why, in the data's words.
     assert "normalized_features: not fitted: 0 of" in proc.stdout and "have behaviour" in proc.stdout
-    assert "segments: not fitted" in proc.stdout
+    assert "segments, segment_catalog: not fitted" in proc.stdout
     with snapshot(persona_home) as con:
         assert_every_line_accounted(con, len(truth))
         assert_one_profile_per_person(con)
