@@ -290,3 +290,49 @@ def test_ga4_export_runs_end_to_end_with_the_shipped_mapping(persona_home):
         assert (merged["last_order_at"] == merged["last_order_at_got"]).all()
         assert got["top_category"].isin(["Apparel", "Books", "Garden"]).all()
     assert "normalized_features" not in statuses and "segments" not in statuses
+
+
+# --- Too little data: every stage says so, nothing crashes ---------------------------------------
+
+
+def _views(people: int, same: bool) -> str:
+    """One product view per person: at the same hour and of the same category (`same`), or varied."""
+    lines = []
+    for p in range(people):
+        at = datetime(2025, 1, 1, 12, tzinfo=UTC) + (timedelta(days=p) if same else timedelta(hours=7 * p))
+        event = {"messageId": f"v{p}", "type": "track", "event": "Product Viewed", "userId": f"u{p}",
+                 "timestamp": at.isoformat(), "properties": {"category": "books" if same else f"c{p % 4}"}}  # fmt: skip
+        lines.append(json.dumps(event))
+        if not same:
+            for k in range(p % 5):
+                event = {**event, "messageId": f"v{p}-{k}", "timestamp": (at + timedelta(minutes=k + 1)).isoformat()}
+                lines.append(json.dumps(event))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "people, same, expected",
+    [
+        (
+            1,
+            False,
+            {
+                "normalized_features": "not fitted: 1 of 1 people have behaviour that can be fitted on (at least 2 needed"
+            },
+        ),
+        (6, False, {"segments": "not fitted: 6 people with behaviour to fit on; segmentation needs at least 10"}),
+        (
+            40,
+            True,
+            {"segments": "not fitted: people's behaviour is too alike to segment: 1 different behaviour profiles"},
+        ),
+    ],
+)
+def test_too_little_data_is_a_status_not_a_crash(persona_home, people, same, expected):
+    (persona_home / "landing" / "views.jsonl").write_text(_views(people, same))
+    _, statuses = run_graph(persona_home)
+    for asset, words in expected.items():
+        assert words in statuses.get(asset, ""), statuses
+    with snapshot(persona_home) as con:
+        assert con.execute("SELECT count(*) FROM user_profiles").fetchall()[0][0] == people
+        assert con.execute("SELECT count(*) FROM segments WHERE segment_id IS NOT NULL").fetchall()[0][0] == 0
