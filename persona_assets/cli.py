@@ -131,12 +131,20 @@ def summary() -> str:
     )
 
 
+def truth_dir(out: Path) -> Path:
+    """Where the generator's ground truth goes: beside the event files, never among them (it
+    holds raw emails and phones, which must not sit in landing)."""
+    out = out.resolve()
+    return out.with_name(out.name + "_truth")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from persona_assets.datagen import generate
 
     out = Path(args.out) if args.out else persona_home() / "landing"
-    counts = generate(args.people, args.seed, out, args.format, args.people_per_file)
+    counts = generate(args.people, args.seed, out, args.format, args.people_per_file, truth_dir=truth_dir(out))
     print(f"wrote {counts['lines']} lines ({counts['events']} events) in {counts['files']} files to {out}")
+    print(f"ground truth (raw emails and phones, for tests) in {truth_dir(out)}")
     return 0
 
 
@@ -229,7 +237,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     landing = persona_home() / "landing"
     if not any(landing.glob(f"events-s{args.seed}-*")):
         print(f"Generating {args.people} people (seed {args.seed}) into {landing} ...")
-        generate(args.people, args.seed, landing, args.format)
+        generate(args.people, args.seed, landing, args.format, truth_dir=truth_dir(landing))
     else:
         print(f"Demo data for seed {args.seed} already in {landing}; ingesting only what is new.")
     if not materialize():
@@ -254,12 +262,28 @@ def cmd_query(args: argparse.Namespace) -> int:
             print(f"query failed: {exc}", file=sys.stderr)
             return 2
     if args.format == "csv":
-        frame.to_csv(sys.stdout, index=False)
+        spreadsheet_safe(frame).to_csv(sys.stdout, index=False)
     elif args.format == "json":
         print(frame.to_json(orient="records", date_format="iso"))
     else:
         print(frame.to_string(index=False, max_rows=args.max_rows))
     return 0
+
+
+# A text cell a spreadsheet would run as a formula (=, +, -, @, or a tab or carriage return first).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(frame):
+    """The frame with text cells that start like a formula prefixed by a quote, as spreadsheets
+    expect (OWASP's advice against CSV injection); numbers stay numbers."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object:
+            out[column] = out[column].map(
+                lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+            )
+    return out
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

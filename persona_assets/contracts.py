@@ -84,7 +84,10 @@ class QuarantinedEvents(pa.DataFrameModel):
     source_line: Series[pd.Int64Dtype] = column("BIGINT", nullable=True, coerce=True, ge=1)
     reason: Series[str] = column("VARCHAR", isin=list(QUARANTINE_REASONS))
     detail: Series[str] = column("VARCHAR", nullable=True)
-    raw_text: Series[str] = column("VARCHAR", nullable=True)
+    # Never published: a broken line can carry any trait anywhere (names, birth dates, addresses),
+    # which no redaction can find for sure. The snapshot keeps file, line, reason and detail; the
+    # warehouse keeps the text with emails and phone numbers redacted (and forget erases it).
+    raw_text: Series[str] = column("VARCHAR", serving=False, nullable=True)
     quarantined_at: Series[pd.Timestamp] = column("TIMESTAMP")
 
     class Config:

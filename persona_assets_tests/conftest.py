@@ -113,3 +113,27 @@ def segmented_copy(resolved, root: Path):
     features.build(con, store, features.FeatureOptions())
     segments.build(con, store, segments.SegmentOptions())
     return con, store, truth_dir
+
+
+def materialize_all(home: Path) -> dict[str, str]:
+    """Materialize every asset in-process, as `persona run` does, asserting the run and every
+    check passed; returns the status of each stage that could not fit (asset -> status)."""
+    import dagster as dg
+
+    from persona_assets.cli import stage_statuses
+    from persona_assets.definitions import build_definitions
+
+    result = (
+        build_definitions(home)
+        .resolve_implicit_global_asset_job_def()
+        .execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    )
+    failures = [e.message for e in result.all_events if e.is_failure]
+    assert result.success, failures[:3]
+    checks = {
+        e.event_specific_data.check_name: e.event_specific_data.passed
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+    assert all(checks.values()), {k: v for k, v in checks.items() if not v}
+    return {asset: status for assets, status in stage_statuses(result.all_events) for asset in assets}

@@ -27,7 +27,7 @@ def test_demo_twice_counts_no_event_twice_and_query_answers(persona_home):
         return next(line for line in out.splitlines() if line.startswith("Events kept:"))
 
     assert kept(first.stdout) == kept(second.stdout)
-    truth = json.loads((persona_home / "landing" / "_truth" / "counts.json").read_text())
+    truth = json.loads((persona_home / "landing_truth" / "counts.json").read_text())
     assert kept(first.stdout).split()[-1] == str(truth["events"])
     out = persona("query", "SELECT count(*) AS n FROM raw_events", "--format", "json", env_home=persona_home).stdout
     assert json.loads(out) == [{"n": truth["events"]}]
@@ -47,7 +47,7 @@ def test_demo_twice_counts_no_event_twice_and_query_answers(persona_home):
     kept = sum(same[r["person_id"]] == r["segment_id"] for r in after) / len(same)
     assert kept >= 0.95
     # One profile, found by an email written differently from how it was sent.
-    people = pd.read_parquet(persona_home / "landing" / "_truth" / "people.parquet")
+    people = pd.read_parquet(persona_home / "landing_truth" / "people.parquet")
     email = people[people.email.notna() & ~people.is_bot].email.iloc[0]
     shown = persona("profile", f" {email.upper()} ", env_home=persona_home).stdout
     assert "age_bracket_source" in shown and "next_question" in shown and email not in shown

@@ -16,36 +16,15 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
-import dagster as dg
 import duckdb
 import numpy as np
 import pandas as pd
 import pytest
 
-from persona_assets.cli import stage_statuses
-from persona_assets.definitions import build_definitions
-
+from .conftest import materialize_all
 from .febrl import febrl_events, wheel_file
 
 pytestmark = pytest.mark.slow
-
-
-def run_graph(home) -> tuple[bool, dict[str, str]]:
-    """Materialize everything in-process, as `persona run` does; (success, status of each stage that could not fit)."""
-    result = (
-        build_definitions(home)
-        .resolve_implicit_global_asset_job_def()
-        .execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
-    )
-    failures = [e.message for e in result.all_events if e.is_failure]
-    assert result.success, failures[:3]
-    checks = {
-        e.event_specific_data.check_name: e.event_specific_data.passed
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-    }
-    assert all(checks.values()), {k: v for k, v in checks.items() if not v}
-    return result.success, {asset: status for assets, status in stage_statuses(result.all_events) for asset in assets}
 
 
 def snapshot(home) -> duckdb.DuckDBPyConnection:
@@ -110,7 +89,7 @@ def test_cdnow_order_history_from_1997_runs_end_to_end(persona_home):
     orders["order_no"] = "cdnow-" + orders["order_no"].astype(str)
     orders.to_csv(persona_home / "landing" / "cdnow_orders.csv", index=False)
     (persona_home / "persona.yaml").write_text(CDNOW_SETTINGS)
-    _, statuses = run_graph(persona_home)
+    statuses = materialize_all(persona_home)
 
     orders["at"] = pd.to_datetime(orders["date"], format="%Y%m%d")
     expected = (
@@ -168,7 +147,7 @@ def test_ratings_log_runs_end_to_end(persona_home):
                      "rated_at": int(row.timestamp), "genre": genre}  # fmt: skip
             fh.write(json.dumps(event) + "\n")
     (persona_home / "persona.yaml").write_text(RATINGS_SETTINGS)
-    _, statuses = run_graph(persona_home)
+    statuses = materialize_all(persona_home)
     with snapshot(persona_home) as con:
         assert_every_line_accounted(con, len(ratings))
         assert_one_profile_per_person(con)
@@ -262,7 +241,7 @@ def test_ga4_export_runs_end_to_end_with_the_shipped_mapping(persona_home):
     purchases = ga4_export(path)
     lines = sum(1 for _ in path.open())
     (persona_home / "persona.yaml").write_text('mappings:\n  - {files: "ga4_*.jsonl", preset: ga4}\n')
-    _, statuses = run_graph(persona_home)
+    statuses = materialize_all(persona_home)
     with snapshot(persona_home) as con:
         assert_every_line_accounted(con, lines)
         assert con.execute("SELECT reason FROM quarantined_events").fetchall() == [("malformed_json",)]
@@ -330,7 +309,7 @@ def _views(people: int, same: bool) -> str:
 )
 def test_too_little_data_is_a_status_not_a_crash(persona_home, people, same, expected):
     (persona_home / "landing" / "views.jsonl").write_text(_views(people, same))
-    _, statuses = run_graph(persona_home)
+    statuses = materialize_all(persona_home)
     for asset, words in expected.items():
         assert words in statuses.get(asset, ""), statuses
     with snapshot(persona_home) as con:

@@ -14,6 +14,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,15 +190,45 @@ def plan(con: duckdb.DuckDBPyConnection, key: bytes, value: str, gmail_rules: bo
               OR phone_hash IN (SELECT identifier FROM _forget_ids)
               {by_person}"""
     )
-    # Quarantined text keeps ids as JSON strings (CSV and Parquet rows are kept as JSON too).
+    _own_identifiers(con, key, report)
+    # Quarantined text keeps ids as JSON strings (CSV and Parquet rows are kept as JSON too); a
+    # CSV row of the wrong width is kept as written, so its comma-separated fields are compared.
     con.execute(
         """CREATE OR REPLACE TEMP TABLE _forget_quarantine AS
            SELECT q.rowid AS row_id, q.batch_id, q.source_line FROM quarantined_events q
            WHERE q.raw_text IS NOT NULL
-             AND EXISTS (SELECT 1 FROM _forget_raw r WHERE contains(q.raw_text, to_json(r.identifier)::VARCHAR))"""
+             AND EXISTS (SELECT 1 FROM _forget_raw r WHERE contains(q.raw_text, to_json(r.identifier)::VARCHAR)
+                           OR (q.reason = 'malformed_row' AND list_contains(
+                                 list_transform(string_split(q.raw_text, ','), lambda x: trim(x, ' "')), r.identifier)))"""
     )
     report.message_ids = [r[0] for r in con.execute("SELECT message_id FROM _forget_events").fetchall()]
     return report
+
+
+def _own_identifiers(con: duckdb.DuckDBPyConnection, key: bytes, report: ErasureReport) -> None:
+    """Add to the plan the ids their events carry that nobody else's events do: an id the
+    identity guard kept out of linking (a shared-looking anonymousId) is still theirs alone."""
+    own = [
+        r[0]
+        for r in con.execute(
+            """SELECT identifier FROM (
+                 SELECT unnest([user_id, anonymous_id, previous_id, device_id]) AS identifier FROM raw_events
+                 WHERE message_id IN (SELECT message_id FROM _forget_events))
+               WHERE identifier IS NOT NULL
+               EXCEPT
+               SELECT unnest([user_id, anonymous_id, previous_id, device_id]) FROM raw_events
+               WHERE message_id NOT IN (SELECT message_id FROM _forget_events)
+               EXCEPT
+               SELECT identifier FROM _forget_ids"""
+        ).fetchall()
+    ]
+    if not own:
+        return
+    con.execute("INSERT INTO _forget_ids SELECT unnest($i::VARCHAR[])", {"i": own})
+    con.execute("INSERT INTO _forget_raw SELECT unnest($i::VARCHAR[])", {"i": own})
+    report.raw_ids = sorted(set(report.raw_ids) | set(own))
+    report.identifiers += len(own)
+    report.erasure_hashes = sorted(set(report.erasure_hashes) | {erasure_hash(key, i) for i in own})
 
 
 def erase(con: duckdb.DuckDBPyConnection, key: bytes, report: ErasureReport, landing: Path | None = None,
@@ -393,11 +424,17 @@ def _scrub_file(path: Path, fmt: str, tmp: Path, matcher: EventMatcher) -> int:
     if fmt in ("jsonl", "jsonl.gz"):
         opener = gzip.open if fmt == "jsonl.gz" else open
         with opener(path, "rb") as src, opener(tmp, "wb") as dst:
-            for line in src:
-                if matcher.json_line(line.rstrip(b"\r\n")):
-                    removed += 1
-                else:
-                    dst.write(line)
+            try:
+                for line in src:
+                    if matcher.json_line(line.rstrip(b"\r\n")):
+                        removed += 1
+                    else:
+                        dst.write(line)
+            except (EOFError, zlib.error, gzip.BadGzipFile):
+                # A truncated gzip: the lines before the break are read like any others (and the
+                # copy keeps them, whole); what cannot be decompressed holds no event to keep.
+                if fmt != "jsonl.gz":
+                    raise
     elif fmt == "csv":
         with (
             open(path, encoding="utf-8", errors="replace", newline="") as src,

@@ -45,8 +45,14 @@ from persona_assets.core.mappings import (
     mapping_for,
     strptime_has_zone,
 )
-from persona_assets.core.pii import hmac_params, hmac_sql, normalize_email_sql, normalize_phone
-from persona_assets.core.publish import sql_literal
+from persona_assets.core.pii import (
+    hmac_params,
+    hmac_sql,
+    normalize_email_sql,
+    normalize_phone,
+    redact_line_sql,
+    scrub_text_sql,
+)
 from persona_assets.core.warehouse import bind
 
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".csv": "csv", ".parquet": "parquet"}
@@ -643,14 +649,9 @@ def _normalize_phones(con: duckdb.DuckDBPyConnection) -> None:
     con.unregister("_phone_rows")
 
 
-EMAIL_RE = r"""[^\s"',;:<>\[\]{}()]+@[^\s"',;:<>\[\]{}()]+"""
-PHONE_RE = r"""("[a-z_]*phone"\s*:\s*)("[^"]*"|[-+0-9 ().]+)"""
-
-
 def _redact_sql(expr: str) -> str:
     """Quarantined text keeps its shape but not the email or phone values it carried."""
-    no_email = f"regexp_replace({expr}, {sql_literal(EMAIL_RE)}, '<email>', 'g')"
-    return f"""regexp_replace({no_email}, {sql_literal(PHONE_RE)}, '\1"<phone>"', 'g')"""
+    return redact_line_sql(expr)
 
 
 def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, suppress: bool) -> None:
@@ -676,6 +677,9 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
     select["phone_hash"] = phone_hash
     select["source_line"] = "s.line"
     select["batch_id"] = "s.batch_id"
+    # People type emails and phone numbers into searches and forms that end up in URLs: never stored raw.
+    select["page_url"] = scrub_text_sql("s.page_url")
+    select["search_query"] = scrub_text_sql("s.search_query")
     # Derived ids hash the content, so re-delivered copies of an id-less event hash alike.
     select["message_id"] = "coalesce(s.message_id, 'derived-' || sha256(s.raw))"
     # One copy per messageId: the earliest line of the earliest file, and none already stored.

@@ -98,3 +98,33 @@ def normalize_phone(value: str, region: str | None) -> str | None:
     if not phonenumbers.is_possible_number(number):
         return None
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+# Emails and phone numbers inside free text (a page URL, a search query, a quarantined line):
+# an email written plainly or URL-encoded (jo%40example.com); a phone number written
+# internationally (+49 151 2345678, 0049..., %2B49...), which a search query or a URL may
+# carry; and in JSON text any value under a key that names a phone (phone, mobile, tel, fax).
+TEXT_EMAIL_RE = r"[A-Za-z0-9._%+-]+(?:@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+TEXT_PHONE_RE = r"(?:\+|%2[Bb]|\b00)[1-9](?:(?:[ ()./-]|%20)?[0-9]){6,14}"
+JSON_PHONE_RE = r"""("[A-Za-z_]*(?:phone|mobile|tel|telephone|cell|fax)[A-Za-z_]*"\s*:\s*)("[^"]*"|[-+0-9 ().]+)"""
+
+
+def scrub_text_sql(expr: str) -> str:
+    """DuckDB expression: `expr` with every email replaced by <email> and every international
+    phone number by <phone> (for page URLs and search queries, which users type into)."""
+    no_email = f"regexp_replace({expr}, '{TEXT_EMAIL_RE}', '<email>', 'g')"
+    return f"regexp_replace({no_email}, '{TEXT_PHONE_RE}', '<phone>', 'g')"
+
+
+# In a quarantined line, anything around an @ is taken for an email (the line may be broken anywhere).
+LINE_EMAIL_RE = r"""[^\s"',;:<>\[\]{}()]+@[^\s"',;:<>\[\]{}()]+"""
+
+
+def redact_line_sql(expr: str) -> str:
+    """DuckDB expression: a quarantined line's text without the emails and phone numbers it
+    carried (it keeps its shape, so the reason can still be seen)."""
+    from persona_assets.core.publish import sql_literal
+
+    no_email = f"regexp_replace({scrub_text_sql(expr)}, {sql_literal(LINE_EMAIL_RE)}, '<email>', 'g')"
+    # \1 keeps the key: a backreference in DuckDB's replacement, written as backslash-one in SQL.
+    return f"""regexp_replace({no_email}, {sql_literal(JSON_PHONE_RE)}, {sql_literal(chr(92) + '1"<phone>"')}, 'g')"""

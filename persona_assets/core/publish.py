@@ -130,7 +130,7 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
         }
         for name, select in tables.items():
             key = append.get(name)
-            if key and name in existing:
+            if key and name in existing and _same_columns(con, name, select):
                 # The key as a value, not a subquery: the scan then skips every row group whose
                 # keys are all older (they grow with insertion order), instead of reading them all.
                 reached = con.execute(f'SELECT coalesce(max("{key}"), -1) FROM _snapshot."{name}"').fetchall()[0][0]
@@ -171,6 +171,18 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
     if append and not previous:
         _keep_as_spare(path)
     return counts
+
+
+def _same_columns(con: duckdb.DuckDBPyConnection, name: str, select: str) -> bool:
+    """Whether the snapshot's table has the columns the SELECT gives (a changed contract means
+    writing the table whole, not appending to it)."""
+    wanted = [d[0] for d in con.execute(f"SELECT * FROM ({select}) LIMIT 0").description]
+    have = con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = '_snapshot' AND table_name = ? "
+        "ORDER BY column_index",
+        [name],
+    ).fetchall()
+    return [c for (c,) in have] == wanted
 
 
 def open_snapshot(path: Path) -> duckdb.DuckDBPyConnection:
