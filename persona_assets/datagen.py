@@ -109,6 +109,33 @@ DUPLICATE_RATE = 0.01
 MALFORMED_RATE = 0.01
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a population looks like beyond the archetypes. The defaults write exactly what the
+    generator always wrote (no extra random draws); other values give data of another shape
+    for the accuracy tests: few or many buyers, people who only ever browse anonymously,
+    long sessions of another rhythm."""
+
+    buyer_share: float | None = None  # share of people who order; None: each archetype's own rates
+    anonymous_share: float = 0.0  # share of people who never identify (no user id, email or phone)
+    bounce_share: float = 0.0  # share of later sessions that are one page view and gone
+    long_session_rate: float = LONG_SESSION_RATE
+    long_session_events: int = 61
+    long_session_gap_seconds: float = 600.0
+    long_session_even: bool = False  # an event exactly every gap (else random gaps around it)
+
+    def __post_init__(self) -> None:
+        if self.buyer_share is not None and not 0 <= self.buyer_share <= 1:
+            raise ValueError("buyer_share must be in [0, 1]")
+        if not all(0 <= x <= 1 for x in (self.anonymous_share, self.bounce_share, self.long_session_rate)):
+            raise ValueError("anonymous_share, bounce_share and long_session_rate must be in [0, 1]")
+        if self.long_session_gap_seconds >= 1800:
+            raise ValueError("long_session_gap_seconds must stay under the 30-minute session gap")
+
+
+DEFAULT_SHAPE = Shape()
+
+
 class Catalog:
     """Products with a price and a hidden taste profile by age bracket and gender."""
 
@@ -161,6 +188,7 @@ class Person:
     gender_known: bool = True
     devices: list[dict] = field(default_factory=list)
     is_bot: bool = False
+    buys: bool | None = None  # None: orders come from the archetype's rates alone
     long_session: tuple[str, str, str] | None = None  # anonymous_id, start, end
 
 
@@ -313,7 +341,10 @@ class _EventMaker:
 
 
 def _session_events(mk: _EventMaker, p: Person, device: dict, anon: str, start: datetime, n_events: int,
-                    gap_seconds: float, logged_in: bool, identify: bool, junk_email: bool) -> list[dict]:  # fmt: skip
+                    gap_seconds: float, logged_in: bool, identify: bool, junk_email: bool,
+                    order: bool | None = None, even_gap: bool = False) -> list[dict]:  # fmt: skip
+    """One session's events. `order`: None leaves an order to the archetype's chances, True
+    places one (adding a product if the cart is empty), False never orders."""
     rng, arch = mk.rng, p.archetype
     ts = start
     events: list[dict] = []
@@ -321,7 +352,10 @@ def _session_events(mk: _EventMaker, p: Person, device: dict, anon: str, start: 
 
     def next_ts() -> datetime:
         nonlocal ts
-        ts = ts + timedelta(seconds=min(1500.0, rng.expovariate(1 / gap_seconds)) + 1)
+        if even_gap:
+            ts = ts + timedelta(seconds=gap_seconds)
+        else:
+            ts = ts + timedelta(seconds=min(1500.0, rng.expovariate(1 / gap_seconds)) + 1)
         return ts
 
     url = f"https://shop.example.com/{rng.choice(CATEGORIES)}"
@@ -353,14 +387,20 @@ def _session_events(mk: _EventMaker, p: Person, device: dict, anon: str, start: 
             events.append(
                 mk.track(mk.base(p, device, anon, next_ts(), logged_in), "Product Added", {**props, "quantity": qty})
             )
-    if cart and rng.random() < arch.checkout:
+    if order and not cart:
+        cat = rng.choices(CATEGORIES, arch.category_weights)[0]
+        product_id, price = CATALOG.pick(rng, cat, p.age_index, p.gender_index)
+        props = {"product_id": product_id, "category": cat, "price": round(price * arch.price_factor, 2)}
+        cart.append({**props, "quantity": 1})
+        events.append(mk.track(mk.base(p, device, anon, next_ts(), logged_in), "Product Added", cart[-1]))
+    if cart and (order or (order is None and rng.random() < arch.checkout)):
         revenue = round(sum(item["price"] * item["quantity"] for item in cart), 2)
         order = {"order_id": f"o{rng.getrandbits(40):010x}", "revenue": revenue, "products": cart}
         events.append(mk.track(mk.base(p, device, anon, next_ts(), logged_in), "Order Completed", order))
     return events
 
 
-def _person_events(rng: random.Random, p: Person, truth: Truth) -> list[dict]:
+def _person_events(rng: random.Random, p: Person, truth: Truth, shape: Shape = DEFAULT_SHAPE) -> list[dict]:
     mk = _EventMaker(rng)
     arch = p.archetype
     offset = timedelta(hours=TZ_OFFSET_HOURS[p.timezone])
@@ -371,6 +411,7 @@ def _person_events(rng: random.Random, p: Person, truth: Truth) -> list[dict]:
     # Every anonymousId gets a first session with an identify, so each is linkable.
     plan = list(range(len(slots))) + [rng.randrange(len(slots)) for _ in range(max(0, n_sessions - len(slots)))]
     long_idx = rng.randrange(len(plan)) if p.long_session == ("planned", "", "") else -1
+    order_idx = rng.randrange(len(plan)) if p.buys else -1  # a buyer's one certain order
     seen: set[int] = set()
     for i, slot in enumerate(plan):
         device, anon = slots[slot]
@@ -387,10 +428,14 @@ def _person_events(rng: random.Random, p: Person, truth: Truth) -> list[dict]:
         gap = arch.gap_seconds
         if p.is_bot:
             n_events, gap = rng.randint(300, 600), 0.5
+        elif shape.bounce_share and not identify and i != long_idx and rng.random() < shape.bounce_share:
+            n_events = 1
         if i == long_idx:
             # A ten-hour session: an event every few minutes, never a 30-minute pause.
-            gap, n_events = 600.0, 61
-        session = _session_events(mk, p, device, anon, start, n_events, gap, logged_in, identify, i == junk_slot)
+            gap, n_events = shape.long_session_gap_seconds, shape.long_session_events
+        order = None if p.buys is None else (True if i == order_idx else None if p.buys else False)
+        session = _session_events(mk, p, device, anon, start, n_events, gap, logged_in, identify, i == junk_slot,
+                                  order, even_gap=i == long_idx and shape.long_session_even)  # fmt: skip
         if i == long_idx:
             ts0, ts1 = session[0]["timestamp"], session[-1]["timestamp"]
             p.long_session = (anon, ts0, ts1)
@@ -403,13 +448,19 @@ def _person_events(rng: random.Random, p: Person, truth: Truth) -> list[dict]:
     return events
 
 
-def _people(seed: int, chunk: int, count: int, first_index: int, truth: Truth) -> tuple[random.Random, list[Person]]:
+def _people(seed: int, chunk: int, count: int, first_index: int, truth: Truth,
+            shape: Shape = DEFAULT_SHAPE) -> tuple[random.Random, list[Person]]:  # fmt: skip
     rng = random.Random(f"persona-{seed}-{chunk}")
     people = [_make_person(rng, f"p{first_index + i:09x}") for i in range(count)]
     for p in people:
         p.is_bot = rng.random() < BOT_RATE
-        if not p.is_bot and rng.random() < LONG_SESSION_RATE:
+        if not p.is_bot and rng.random() < shape.long_session_rate:
             p.long_session = ("planned", "", "")
+        # Draws only for a shape that asks, so the default shape writes what it always wrote.
+        if shape.anonymous_share and rng.random() < shape.anonymous_share:
+            p.user_id = p.email = p.phone = None
+        if shape.buyer_share is not None:
+            p.buys = rng.random() < shape.buyer_share
         _add_devices(rng, p)
     # Households: a tablet several registered people use, each with an own anonymousId.
     registered = [p for p in people if p.user_id and not p.is_bot]
@@ -543,7 +594,7 @@ def parquet_row(event: dict) -> dict:
 
 
 def generate(people: int, seed: int, out: Path, fmt: str = "jsonl", people_per_file: int | None = None,
-             truth_dir: Path | None = None) -> dict:  # fmt: skip
+             truth_dir: Path | None = None, shape: Shape = DEFAULT_SHAPE) -> dict:  # fmt: skip
     """Write landing files for `people` people into `out` and ground truth into `truth_dir`.
 
     Deterministic for a seed. Holds one file's worth of people in memory at a time.
@@ -565,10 +616,10 @@ def generate(people: int, seed: int, out: Path, fmt: str = "jsonl", people_per_f
     written: list[str] = []
     for chunk in range(n_files):
         count = min(per_file, people - chunk * per_file)
-        rng, persons = _people(seed, chunk, count, chunk * per_file, truth)
+        rng, persons = _people(seed, chunk, count, chunk * per_file, truth, shape)
         events: list[dict] = []
         for p in persons:
-            events.extend(_person_events(rng, p, truth))
+            events.extend(_person_events(rng, p, truth, shape))
             _record_truth(p, truth)
         events.sort(key=lambda e: e["timestamp"])
         lines: list[dict | tuple] = []

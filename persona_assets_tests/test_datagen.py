@@ -2,10 +2,11 @@ import hashlib
 import json
 import re
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from persona_assets.datagen import generate
+from persona_assets.datagen import Shape, generate
 
 from .conftest import truth_counts
 
@@ -60,3 +61,34 @@ def test_truth_counts_match_the_lines_written(tmp_path):
     lines = sum(1 for _ in (tmp_path / "events-s2-00000.jsonl").open())
     assert lines == counts["lines"]
     assert json.loads((tmp_path / "_truth" / "counts.json").read_text())["lines"] == lines
+
+
+def test_default_shape_writes_what_the_generator_always_wrote(tmp_path):
+    # Other tests depend on the default output: a shape's settings draw nothing unless asked.
+    generate(60, 5, tmp_path, people_per_file=30)
+    digests = {n: d[:16] for n, d in _digest(tmp_path).items()}
+    assert digests == {"events-s5-00000.jsonl": "1252f0f1f8681872", "events-s5-00001.jsonl": "65e6da1e9f56ef65"}
+
+
+def test_shapes_set_buyers_anonymous_people_and_long_sessions(tmp_path):
+    shape = Shape(buyer_share=0.1, anonymous_share=0.5, bounce_share=0.5, long_session_rate=0.1,
+                  long_session_events=32, long_session_gap_seconds=1200, long_session_even=True)  # fmt: skip
+    generate(400, 3, tmp_path, people_per_file=400, shape=shape)
+    people = pq.read_table(tmp_path / "_truth" / "people.parquet").to_pandas()
+    events = []
+    for line in (tmp_path / "events-s3-00000.jsonl").open():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # the planted malformed lines
+            continue
+    events = [e for e in events if isinstance(e, dict) and "anonymousId" in e]
+    ids = pq.read_table(tmp_path / "_truth" / "identifiers.parquet").to_pandas()
+    owner = dict(zip(ids.anonymous_id, ids.person_key))
+    buyers = {owner.get(e["anonymousId"]) for e in events if e.get("event") == "Order Completed"}
+    assert 0.06 < len(buyers - {None}) / len(people) < 0.14
+    assert 0.4 < people[["user_id", "email", "phone"]].isna().all(axis=1).mean() < 0.65
+    long = pq.read_table(tmp_path / "_truth" / "long_sessions.parquet").to_pandas()
+    hours = (pd.to_datetime(long.session_end) - pd.to_datetime(long.session_start)).dt.total_seconds() / 3600
+    assert len(long) > 20 and hours.between(10, 17).all()  # 31 gaps of 20 minutes, one more per product added
+    with pytest.raises(ValueError, match="buyer_share"):
+        Shape(buyer_share=1.5)

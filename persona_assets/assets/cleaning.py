@@ -1,6 +1,7 @@
 """cleaned_users and sessions: behaviour, cleaned traits, sparsity and outliers per person."""
 
 import dagster as dg
+import pandas as pd
 from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER
@@ -65,6 +66,8 @@ def clean_users(config: CleaningConfig, warehouse: DuckDBResource, persona: Pers
                 outliers.to_markdown(index=False) if len(outliers) else "_none_"
             ),
             "features_checked": ", ".join(OUTLIER_FEATURES),
+            # Where each line was drawn, in the feature's own units, and why a feature flags nobody.
+            "fences": frame_md(pd.DataFrame(counts["fences"])),
             "trait_issues": frame_md(issues),
         },
     )

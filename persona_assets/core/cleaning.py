@@ -21,6 +21,8 @@ OUTLIER_METHODS = ("zscore", "iqr", "mad")
 OUTLIER_ACTIONS = ("flag", "clip", "exclude")
 # Person features checked for outliers, on a log1p scale (counts and money are heavy-tailed).
 OUTLIER_FEATURES = ("event_count", "session_count", "avg_session_seconds", "order_count", "total_revenue")
+# Whole counts: their fences are never narrower than one count at the center (see spread_sql).
+COUNT_FEATURES = ("event_count", "session_count", "order_count")
 # Events that are behaviour (what a person did), as opposed to identify, alias and group calls
 # (what a system said about them). Features and segments fit on people with behaviour.
 BEHAVIOUR_TYPES = ("track", "page", "screen")
@@ -49,6 +51,7 @@ class CleaningOptions:
     session_outlier_limit: float = 5.0
     outlier_action: str = "flag"
     burst_min_events: int = 30
+    long_session_hours: float = 6.0
     min_age: int = 13
     max_age: int = 100
 
@@ -62,17 +65,62 @@ class CleaningOptions:
             raise ValueError(f"missing_attributes must be a non-empty subset of {MISSING_ATTRIBUTES}")
         if not 0 < self.sparse_threshold <= 1 or self.session_gap_minutes <= 0 or self.outlier_limit <= 0:
             raise ValueError("sparse_threshold must be in (0, 1]; session_gap_minutes and outlier_limit > 0")
+        if self.long_session_hours <= 0:
+            raise ValueError("long_session_hours must be > 0")
 
 
-def bounds_sql(expr: str, method: str, limit: float) -> str:
-    """Aggregate expressions giving the (lo, hi) fences of `expr` for an outlier method."""
+def spread_sql(v: str, method: str, whole_counts: bool = False) -> str:
+    """Aggregate expression: the spread of `v` (a standard deviation's worth) that fences scale by.
+
+    MAD alone collapses to 0 on discrete and lumpy values (most buyers order once, so the
+    median and MAD of their log1p(order_count) are the same number and every repeat buyer
+    would be flagged). The spread is therefore the largest of three estimates of one standard
+    deviation: 1.4826 MAD, IQR / 1.349 and the 5-95% range / 3.29; zscore uses the standard
+    deviation. For whole counts it is never less than one count above the center
+    (ln(1 + e^-center) on the log1p scale), so a fence never falls between two counts that
+    are both common. It is 0 only if at least 90% of the values are equal, or (counts) never.
+    """
     if method == "zscore":
-        return f"avg({expr}) - {limit} * stddev_pop({expr}), avg({expr}) + {limit} * stddev_pop({expr})"
-    if method == "iqr":
-        q1, q3 = f"quantile_cont({expr}, 0.25)", f"quantile_cont({expr}, 0.75)"
-        return f"{q1} - {limit} * ({q3} - {q1}), {q3} + {limit} * ({q3} - {q1})"
-    med, mad = f"median({expr})", f"1.4826 * mad({expr})"
-    return f"{med} - {limit} * {mad}, {med} + {limit} * {mad}"
+        spread = f"stddev_pop({v})"
+    else:
+        q = [f"quantile_cont({v}, {p})" for p in (0.05, 0.25, 0.75, 0.95)]
+        spread = f"greatest(1.4826 * mad({v}), ({q[2]} - {q[1]}) / 1.349, ({q[3]} - {q[0]}) / 3.29)"
+    if whole_counts:
+        # Zero spread stays zero: a count everyone shares flags nobody.
+        spread = f"CASE WHEN {spread} > 0 THEN greatest({spread}, ln(1 + exp(-median({v})))) ELSE {spread} END"
+    return spread
+
+
+def bounds_sql(v: str, method: str, limit: float, whole_counts: bool = False) -> tuple[str, str]:
+    """Aggregate expressions giving the (lo, hi) fences of `v` for an outlier method (NULL
+    when the spread is 0: a feature with no spread flags nobody)."""
+    spread = spread_sql(v, method, whole_counts)
+    width = f"{limit} * nullif({spread}, 0)"
+    if method == "zscore":
+        lo, hi = f"avg({v})", f"avg({v})"
+    elif method == "iqr":
+        lo, hi = f"quantile_cont({v}, 0.25)", f"quantile_cont({v}, 0.75)"
+        width = f"{limit} * 1.349 * nullif({spread}, 0)"
+    else:
+        lo = hi = f"median({v})"
+    return f"{lo} - {width}", f"{hi} + {width}"
+
+
+def _person_fences_sql(opts: CleaningOptions, scored: str) -> str:
+    """One row per outlier feature: its fences on the log1p scale, fitted on the people with
+    behaviour who have some of it. Zero is a value, not an outlier (most people never order):
+    zeros are neither fitted on nor flagged, so the fences hold however few people order."""
+    parts = []
+    for f in OUTLIER_FEATURES:
+        lo, hi = bounds_sql("v", opts.outlier_method, opts.outlier_limit, f in COUNT_FEATURES)
+        parts.append(
+            f"""SELECT '{f}' AS feature, count(v) AS fitted_on, median(v) AS center,
+                   {spread_sql("v", opts.outlier_method, f in COUNT_FEATURES)} AS spread,
+                   {lo} AS lo, {hi} AS hi
+            FROM (SELECT ln(1 + {f}) AS v FROM s WHERE {f} > 0)"""
+        )
+    return f"""WITH s AS (SELECT * FROM ({scored}) WHERE behaviour_events > 0)
+{" UNION ALL ".join(parts)}"""
 
 
 def _vocabularies(con: duckdb.DuckDBPyConnection) -> None:
@@ -114,15 +162,28 @@ FROM numbered GROUP BY person_id, session_no
 """
 
 
-def _sessions_sql(opts: CleaningOptions, rows: str) -> str:
-    """Flag long and burst sessions against fences over every session in `rows`."""
-    long_hi = bounds_sql("ln(1 + duration_seconds)", opts.outlier_method, opts.session_outlier_limit).split(", ")[1]
-    burst_hi = bounds_sql("ln(1 + events_per_minute)", opts.outlier_method, opts.session_outlier_limit).split(", ")[1]
+def _session_fences_sql(opts: CleaningOptions, rows: str) -> str:
+    """One row: the fences of session length (over sessions that last at all: a one-event
+    visit has no length) and of event rate, on the log1p scale."""
+    long_hi = bounds_sql("ln(1 + duration_seconds)", opts.outlier_method, opts.session_outlier_limit)[1]
+    burst_hi = bounds_sql("ln(1 + events_per_minute)", opts.outlier_method, opts.session_outlier_limit)[1]
     return f"""
-WITH s AS ({rows}), fences AS (SELECT {long_hi} AS long_hi, {burst_hi} AS burst_hi FROM s)
-SELECT s.*, ln(1 + duration_seconds) > long_hi AS is_long,
-       event_count >= $burst_min AND coalesce(ln(1 + events_per_minute) > burst_hi, false) AS is_burst
-FROM s, fences
+WITH s AS ({rows})
+SELECT (SELECT {long_hi} FROM s WHERE duration_seconds > 0) AS long_hi,
+       (SELECT {burst_hi} FROM s) AS burst_hi,
+       (SELECT count(*) FROM s) AS fitted_on
+"""
+
+
+def _sessions_sql(rows: str) -> str:
+    """Flag long and burst sessions in `rows` against `_session_fences`. A session is long past
+    `long_session_hours` whatever the rest look like: on a log scale a robust fence over
+    mostly short visits can sit at hundreds of hours, and a 10-hour session is never typical."""
+    return f"""
+WITH s AS ({rows})
+SELECT s.*, duration_seconds >= $long_seconds OR coalesce(ln(1 + duration_seconds) > f.long_hi, false) AS is_long,
+       event_count >= $burst_min AND coalesce(ln(1 + events_per_minute) > f.burst_hi, false) AS is_burst
+FROM s, _session_fences f
 """
 
 
@@ -221,21 +282,22 @@ SELECT *, ({missing}) / {len(opts.missing_attributes)}.0 AS missing_ratio FROM j
 """
 
 
-def _finish_sql(opts: CleaningOptions, scored: str) -> str:
+def _finish_sql(scored: str) -> str:
     """Everyone's final row from their per-person rows in `scored`: recency to the data's
     as-of time, bot and long-session flags from the sessions table, and outlier flags
-    against fences over the whole (non-sparse) population."""
+    against the fences in `_fences` (a zero is never flagged, a feature without fences flags
+    nobody)."""
     fence_cols = ", ".join(
-        f"{bounds_sql(f'ln(1 + {f})', opts.outlier_method, opts.outlier_limit).replace(', ', f' AS {f}_lo, ', 1)}"
-        f" AS {f}_hi"
+        f"max(lo) FILTER (WHERE feature = '{f}') AS {f}_lo, max(hi) FILTER (WHERE feature = '{f}') AS {f}_hi"
         for f in OUTLIER_FEATURES
     )
     flags = ", ".join(
-        f"CASE WHEN ln(1 + {f}) < {f}_lo OR ln(1 + {f}) > {f}_hi THEN '{f}' END" for f in OUTLIER_FEATURES
+        f"CASE WHEN {f} > 0 AND (ln(1 + {f}) < {f}_lo OR ln(1 + {f}) > {f}_hi) THEN '{f}' END" for f in OUTLIER_FEATURES
     )
     clipped = ", ".join(
-        f"CASE WHEN $action = 'clip' THEN least(greatest({f}, exp({f}_lo) - 1), exp({f}_hi) - 1) ELSE {f} END"
-        f"{'::BIGINT' if f in ('event_count', 'session_count', 'order_count') else ''} AS {f}"
+        f"CASE WHEN $action = 'clip' AND {f} > 0 AND {f}_hi IS NOT NULL"
+        f" THEN least(greatest({f}, exp({f}_lo) - 1), exp({f}_hi) - 1) ELSE {f} END"
+        f"{'::BIGINT' if f in COUNT_FEATURES else ''} AS {f}"
         for f in OUTLIER_FEATURES
     )
     return f"""
@@ -246,7 +308,7 @@ WITH sess AS (
          coalesce(s.has_long_session, false) AS has_long_session, coalesce(s.is_bot, false) AS is_bot
   FROM ({scored}) p LEFT JOIN sess s USING (person_id)
 ), fences AS (
-  SELECT {fence_cols} FROM scored WHERE behaviour_events > 0
+  SELECT {fence_cols} FROM _fences
 ), flagged AS (
   SELECT scored.*, fences.*,
     list_filter([{flags}], lambda x: x IS NOT NULL) AS flag_list
@@ -287,6 +349,7 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
     as_of = data_as_of(con)
     params = {
         "gap_seconds": opts.session_gap_minutes * 60,
+        "long_seconds": opts.long_session_hours * 3600,
         "burst_min": opts.burst_min_events,
         "as_of": as_of,
         "min_age": opts.min_age,
@@ -325,6 +388,10 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
     sql = f"CREATE OR REPLACE TEMP TABLE _scored_new AS {_scored_sql(opts, events, people)}"
     con.execute(sql, bind(sql, params))
     recomputed = refresh.scope_size(con)
+    sql = f"CREATE OR REPLACE TEMP TABLE _fences AS {_person_fences_sql(opts, scored)}"
+    con.execute(sql, bind(sql, params))
+    sql = f"CREATE OR REPLACE TEMP TABLE _session_fences AS {_session_fences_sql(opts, sessions)}"
+    con.execute(sql, bind(sql, params))
 
     def record() -> None:
         if not p.full:  # people whose flags moved with the population's fences go downstream too
@@ -338,13 +405,43 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
     counts = replace_tables(
         con,
         [
-            (Sessions, "sessions", _sessions_sql(opts, sessions)),
-            (CleanedUsers, "cleaned_users", _finish_sql(opts, scored)),
+            (Sessions, "sessions", _sessions_sql(sessions)),
+            (CleanedUsers, "cleaned_users", _finish_sql(scored)),
         ],
         params,
         before_commit=[(record, None)],
     )
+    fences = fence_report(con, opts)
     for name in ("_gender_vocab", "_country_vocab", "_tz", "_session_rows", "_scored_new", "_scope_events",
-                 "_flags_before"):  # fmt: skip
+                 "_flags_before", "_fences", "_session_fences"):  # fmt: skip
         con.execute(f"DROP TABLE IF EXISTS {name}")
-    return {**counts, "mode": p.mode, "why": p.reason, "people_recomputed": None if p.full else recomputed}
+    return {**counts, "mode": p.mode, "why": p.reason, "people_recomputed": None if p.full else recomputed,
+            "fences": fences}  # fmt: skip
+
+
+def fence_report(con: duckdb.DuckDBPyConnection, opts: CleaningOptions) -> list[dict]:
+    """The fences in force, in each feature's own units, with how many they flag (for the
+    asset's metadata: a reader sees where each line was drawn and why none was)."""
+    people = con.execute(
+        """SELECT feature, fitted_on, round(exp(center) - 1, 2) AS typical, round(exp(lo) - 1, 2) AS low_fence,
+                  round(exp(hi) - 1, 2) AS high_fence,
+                  (SELECT count(*) FROM cleaned_users WHERE list_contains(outlier_flags, feature)) AS flagged,
+                  CASE WHEN fitted_on = 0 THEN 'nobody has any: flags nobody'
+                       WHEN coalesce(spread, 0) = 0 THEN 'no spread: flags nobody'
+                       ELSE 'fitted on people with behaviour and a nonzero value; zeros never flagged' END AS note
+           FROM _fences"""
+    ).df()
+    sessions = con.execute(
+        """SELECT 'session duration_seconds' AS feature, fitted_on, round(exp(long_hi) - 1, 2) AS high_fence,
+                  (SELECT count(*) FROM sessions WHERE is_long) AS flagged,
+                  'is_long: at least ' || $hours || ' h, or above the fence' AS note
+           FROM _session_fences
+           UNION ALL
+           SELECT 'session events_per_minute', fitted_on, round(exp(burst_hi) - 1, 2),
+                  (SELECT count(*) FROM sessions WHERE is_burst),
+                  'is_burst: above the fence with at least ' || $burst_min || ' events'
+           FROM _session_fences""",
+        {"hours": opts.long_session_hours, "burst_min": opts.burst_min_events},
+    ).df()
+    rows = people.to_dict("records") + sessions.to_dict("records")
+    return [{k: (None if v != v else v) for k, v in row.items()} for row in rows]
