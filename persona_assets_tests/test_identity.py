@@ -96,3 +96,39 @@ def test_traits_survive_by_most_recent_value_with_their_source(resolved):
             "SELECT max(event_at) FROM person_events WHERE person_id = ? AND country IS NOT NULL", [row[0]]
         ).fetchall()[0][0]
     assert row[1] == row[4] and row[2] == row[5] == latest
+
+
+def test_the_latest_valid_value_survives_and_the_invalid_one_stays_visible(resolved, tmp_path):
+    from persona_assets.core.cleaning import clean
+
+    path, _ = resolved
+    copy = tmp_path / "w.duckdb"
+    shutil.copy(path, copy)
+    with duckdb.connect(str(copy)) as con:
+        anon, person = con.execute(
+            """SELECT identifier, person_id FROM identity_map WHERE identifier_type = 'anonymous_id'
+               AND person_id IN (SELECT person_id FROM deduped_users WHERE consent IS NULL) ORDER BY 1 LIMIT 1"""
+        ).fetchall()[0]
+        # 34 (a woman in Germany) first; later an age of 150, a gender and a country nobody knows.
+        for message_id, at, age, gender, country in [
+            ("said-34", "2026-09-30 20:00:00", "34", "F", "Deutschland"),
+            ("said-150", "2026-09-30 21:00:00", "150", "xyz", "Atlantis"),
+        ]:
+            con.execute(
+                """INSERT INTO raw_events (message_id, event_type, anonymous_id, event_at, batch_id, source_line,
+                                           age, gender, country)
+                   VALUES (?, 'identify', ?, ?::TIMESTAMP, 999, 1, ?, ?, ?)""",
+                [message_id, anon, at, age, gender, country],
+            )
+        resolve(con, run_id="traits")
+        clean(con)
+        deduped = con.execute(
+            "SELECT age, age_message_id, gender, country_message_id FROM deduped_users WHERE person_id = ?", [person]
+        ).fetchall()[0]
+        cleaned = con.execute(
+            "SELECT age, gender, country, trait_issues FROM cleaned_users WHERE person_id = ?", [person]
+        ).fetchall()[0]
+    # Before issue 21 the 150 survived and the person ended with no age, gender or country.
+    assert deduped == ("34", "said-34", "F", "said-34")
+    assert cleaned[:3] == (34, "female", "DE")
+    assert {"age_out_of_range", "gender_unrecognized", "country_unrecognized"} <= set(cleaned[3])

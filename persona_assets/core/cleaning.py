@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import duckdb
-import phonenumbers
 
 from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core import refresh
-from persona_assets.core.identity import stage_scope_events
+from persona_assets.core.identity import COUNTRIES, GENDERS, MAX_AGE, MIN_AGE, stage_scope_events
 from persona_assets.core.refresh import SCOPE
 from persona_assets.core.warehouse import bind, data_as_of, replace_tables
 
@@ -28,17 +27,9 @@ COUNT_FEATURES = ("event_count", "session_count", "order_count")
 BEHAVIOUR_TYPES = ("track", "page", "screen")
 MISSING_ATTRIBUTES = ("age_bracket", "gender", "country", "postal_code", "has_email", "has_phone")
 
-GENDERS = {
-    "female": ("f", "female", "woman", "w", "frau"),
-    "male": ("m", "male", "man", "mann"),
-    "nonbinary": ("nb", "non-binary", "nonbinary", "non binary", "diverse", "other"),
-}
-COUNTRY_ALIASES = {
-    "USA": "US", "UNITED STATES": "US", "UNITED STATES OF AMERICA": "US", "UK": "GB",
-    "UNITED KINGDOM": "GB", "GREAT BRITAIN": "GB", "ENGLAND": "GB", "GERMANY": "DE",
-    "DEUTSCHLAND": "DE", "FRANCE": "FR", "BRAZIL": "BR", "BRASIL": "BR", "INDIA": "IN",
-    "SPAIN": "ES", "ITALY": "IT", "CANADA": "CA", "MEXICO": "MX", "NETHERLANDS": "NL",
-}  # fmt: skip
+# Checked against the latest value a person gave of each of these traits (deduped_users holds
+# the latest *valid* one), so a value superseded for being invalid stays visible in trait_issues.
+CHECKED_TRAITS = ("age", "birthday", "gender", "country")
 
 
 @dataclass(frozen=True)
@@ -52,8 +43,8 @@ class CleaningOptions:
     outlier_action: str = "flag"
     burst_min_events: int = 30
     long_session_hours: float = 6.0
-    min_age: int = 13
-    max_age: int = 100
+    min_age: int = MIN_AGE
+    max_age: int = MAX_AGE
 
     def __post_init__(self) -> None:
         if self.outlier_method not in OUTLIER_METHODS:
@@ -125,7 +116,7 @@ def _person_fences_sql(opts: CleaningOptions, scored: str) -> str:
 
 def _vocabularies(con: duckdb.DuckDBPyConnection) -> None:
     genders = [(alias, g) for g, aliases in GENDERS.items() for alias in aliases]
-    countries = [(c, c) for c in sorted(phonenumbers.SUPPORTED_REGIONS)] + list(COUNTRY_ALIASES.items())
+    countries = list(COUNTRIES.items())
     con.execute("CREATE OR REPLACE TEMP TABLE _gender_vocab (alias VARCHAR, gender VARCHAR)")
     con.executemany("INSERT INTO _gender_vocab VALUES (?, ?)", genders)
     con.execute("CREATE OR REPLACE TEMP TABLE _country_vocab (alias VARCHAR, country VARCHAR)")
@@ -226,6 +217,11 @@ WITH ev AS (
     max(event_at) FILTER (WHERE event_name = 'Order Completed') AS last_order_at,
 {shares}
   FROM ev GROUP BY person_id
+), latest AS (
+  SELECT person_id, {", ".join(f"arg_max({t}, (event_at, message_id)) FILTER (WHERE {t} IS NOT NULL) AS latest_{t}" for t in CHECKED_TRAITS)}
+  FROM {events}
+  WHERE person_id IS NOT NULL AND ({" OR ".join(f"{t} IS NOT NULL" for t in CHECKED_TRAITS)})
+  GROUP BY person_id
 ), categories AS (
   SELECT person_id, map_from_entries(list((category, n) ORDER BY category)) AS category_counts
   FROM (SELECT person_id, category, count(*) AS n FROM ev WHERE category IS NOT NULL GROUP BY 1, 2)
@@ -237,23 +233,28 @@ WITH ev AS (
 ), traits AS (
   SELECT d.person_id, d.first_seen_at, d.last_seen_at, d.email_hash IS NOT NULL AS has_email,
          d.phone_hash IS NOT NULL AS has_phone, d.postal_code,
-         TRY_CAST(d.age AS DOUBLE) AS age_number, d.age AS age_text,
+         TRY_CAST(d.age AS DOUBLE) AS age_number,
          date_diff('year', TRY_CAST(d.birthday AS DATE), $as_of::DATE) AS birthday_age, d.birthday,
-         gv.gender, d.gender AS gender_text, cv.country, d.country AS country_text
+         gv.gender, cv.country,
+         -- The latest values given, valid or not (a person's own events; else what survived).
+         coalesce(l.latest_age, d.age) AS latest_age, coalesce(l.latest_birthday, d.birthday) AS latest_birthday,
+         coalesce(l.latest_gender, d.gender) AS latest_gender, coalesce(l.latest_country, d.country) AS latest_country
   FROM (SELECT * FROM deduped_users WHERE person_id NOT IN (SELECT person_id FROM {DECLINED})) d
   LEFT JOIN _gender_vocab gv ON gv.alias = lower(trim(d.gender))
   LEFT JOIN _country_vocab cv ON cv.alias = upper(trim(d.country))
+  LEFT JOIN latest l ON l.person_id = d.person_id
   {people}
 ), aged AS (
   SELECT *,
-    CASE WHEN age_number IS NOT NULL AND age_number BETWEEN $min_age AND $max_age THEN round(age_number)
-         WHEN age_number IS NULL AND birthday_age BETWEEN $min_age AND $max_age THEN birthday_age END::BIGINT AS age,
+    -- A stated age wins when valid; else a valid birthday gives it.
+    CASE WHEN age_number BETWEEN $min_age AND $max_age THEN round(age_number)
+         WHEN birthday_age BETWEEN $min_age AND $max_age THEN birthday_age END::BIGINT AS age,
     list_filter([
-      CASE WHEN age_text IS NOT NULL AND age_number IS NULL THEN 'age_not_a_number' END,
-      CASE WHEN age_number IS NOT NULL AND NOT age_number BETWEEN $min_age AND $max_age THEN 'age_out_of_range' END,
-      CASE WHEN birthday IS NOT NULL AND birthday_age IS NULL THEN 'birthday_not_a_date' END,
-      CASE WHEN gender_text IS NOT NULL AND gender IS NULL THEN 'gender_unrecognized' END,
-      CASE WHEN country_text IS NOT NULL AND country IS NULL THEN 'country_unrecognized' END
+      CASE WHEN latest_age IS NOT NULL AND TRY_CAST(latest_age AS DOUBLE) IS NULL THEN 'age_not_a_number' END,
+      CASE WHEN NOT TRY_CAST(latest_age AS DOUBLE) BETWEEN $min_age AND $max_age THEN 'age_out_of_range' END,
+      CASE WHEN latest_birthday IS NOT NULL AND TRY_CAST(latest_birthday AS DATE) IS NULL THEN 'birthday_not_a_date' END,
+      CASE WHEN lower(trim(latest_gender)) NOT IN (SELECT alias FROM _gender_vocab) THEN 'gender_unrecognized' END,
+      CASE WHEN upper(trim(latest_country)) NOT IN (SELECT alias FROM _country_vocab) THEN 'country_unrecognized' END
     ], lambda x: x IS NOT NULL) AS trait_issues
   FROM traits
 ), joined AS (
@@ -327,7 +328,7 @@ FROM flagged
 
 # The event columns sessions and per-person rows read (an incremental run stages only these).
 EVENT_COLUMNS = ("message_id", "anonymous_id", "event_at", "event_type", "event_name", "revenue", "category",
-                 "device_type", "timezone")  # fmt: skip
+                 "device_type", "timezone", *CHECKED_TRAITS)  # fmt: skip
 # Columns of cleaned_users that _finish_sql derives; the rest are each person's own.
 DERIVED_COLUMNS = ("days_since_last_order", "has_long_session", "is_bot", "avg_order_value", "is_sparse",
                    "outlier_flags", "exclude_from_fitting")  # fmt: skip
@@ -368,10 +369,11 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
         # An age from a birthday moves when the data's as-of date passes the birthday.
         refresh.widen(
             con,
-            """SELECT person_id FROM deduped_users WHERE birthday IS NOT NULL AND age IS NULL
+            """SELECT person_id FROM deduped_users WHERE birthday IS NOT NULL
+               AND NOT coalesce(TRY_CAST(age AS DOUBLE) BETWEEN $min_age AND $max_age, false)
                AND date_diff('year', TRY_CAST(birthday AS DATE), $old::DATE)
                    IS DISTINCT FROM date_diff('year', TRY_CAST(birthday AS DATE), $new::DATE)""",
-            {"old": p.previous_as_of or as_of, "new": as_of},
+            {"old": p.previous_as_of or as_of, "new": as_of, "min_age": opts.min_age, "max_age": opts.max_age},
         )
         stage_scope_events(con, EVENT_COLUMNS)
         events, people = "_scope_events", f"WHERE d.person_id IN (SELECT person_id FROM {SCOPE})"

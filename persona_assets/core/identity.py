@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import duckdb
 import numpy as np
+import phonenumbers
 import pyarrow as pa
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -196,13 +197,49 @@ FROM _members m JOIN firsts f USING (component)
 """
 
 
+# What a usable trait value is (cleaning maps values with the same vocabularies). A trait
+# survives by its most recent *valid* value: an age of 150 typed after an earlier 34 leaves
+# 34, not nothing. Only when a person never gave a valid value does the latest invalid one
+# survive, so cleaning can say why the trait is missing.
+MIN_AGE, MAX_AGE = 13, 100
+GENDERS = {
+    "female": ("f", "female", "woman", "w", "frau"),
+    "male": ("m", "male", "man", "mann"),
+    "nonbinary": ("nb", "non-binary", "nonbinary", "non binary", "diverse", "other"),
+}
+COUNTRY_ALIASES = {
+    "USA": "US", "UNITED STATES": "US", "UNITED STATES OF AMERICA": "US", "UK": "GB",
+    "UNITED KINGDOM": "GB", "GREAT BRITAIN": "GB", "ENGLAND": "GB", "GERMANY": "DE",
+    "DEUTSCHLAND": "DE", "FRANCE": "FR", "BRAZIL": "BR", "BRASIL": "BR", "INDIA": "IN",
+    "SPAIN": "ES", "ITALY": "IT", "CANADA": "CA", "MEXICO": "MX", "NETHERLANDS": "NL",
+}  # fmt: skip
+COUNTRIES = {**{c: c for c in sorted(phonenumbers.SUPPORTED_REGIONS)}, **COUNTRY_ALIASES}
+
+
+def _in(expr: str, values) -> str:
+    return f"{expr} IN ({', '.join(sql_literal(v) for v in sorted(values))})"
+
+
+VALID_TRAITS = {
+    "age": f"TRY_CAST(age AS DOUBLE) BETWEEN {MIN_AGE} AND {MAX_AGE}",
+    "birthday": "TRY_CAST(birthday AS DATE) IS NOT NULL",
+    "gender": _in("lower(trim(gender))", {a for aliases in GENDERS.values() for a in aliases}),
+    "country": _in("upper(trim(country))", COUNTRIES),
+}
+
+
 def _trait_columns() -> str:
+    """Each trait's surviving value, when and in which message it was seen: the most recent
+    valid value (VALID_TRAITS; any non-null value for the rest), else the most recent one."""
     parts = []
     for t in SURVIVING_TRAITS:
-        parts.append(f"arg_max({t}, (event_at, message_id)) FILTER (WHERE {t} IS NOT NULL) AS {t}")
-        parts.append(f"max(event_at) FILTER (WHERE {t} IS NOT NULL) AS {t}_observed_at")
-        parts.append(f"arg_max(message_id, (event_at, message_id)) FILTER (WHERE {t} IS NOT NULL) AS {t}_message_id")
+        rank = f"({t}_valid, event_at, message_id)" if t in VALID_TRAITS else "(event_at, message_id)"
+        for value, name in ((t, t), ("event_at", f"{t}_observed_at"), ("message_id", f"{t}_message_id")):
+            parts.append(f"arg_max({value}, {rank}) FILTER (WHERE {t} IS NOT NULL) AS {name}")
     return ",\n  ".join(parts)
+
+
+VALID_COLUMNS = ", ".join(f"coalesce({sql}, false) AS {t}_valid" for t, sql in VALID_TRAITS.items())
 
 
 # {map}: the identity map to read; {events}: events holding every event of the people built;
@@ -214,7 +251,7 @@ WITH ids AS (
          arg_max(identifier, (last_seen_at, identifier)) FILTER (WHERE identifier_type = 'user_id') AS user_id
   FROM {{map}} {{people}} GROUP BY person_id
 ), events AS (
-  SELECT coalesce(mu.person_id, ma.person_id) AS person_id, e.*
+  SELECT coalesce(mu.person_id, ma.person_id) AS person_id, e.*, {VALID_COLUMNS}
   FROM {{events}} e
   LEFT JOIN {{map}} mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
   LEFT JOIN {{map}} ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
