@@ -137,6 +137,18 @@ def record_failure(path, run_id: str, job: str, steps: list[str], error: str, la
         )
 
 
+def step_error(event: dg.DagsterEvent) -> str | None:
+    """`step: the error that failed it`, the innermost cause (Dagster wraps the user's error in
+    "Error occurred while executing op ..."), or None for an event without one."""
+    data = event.step_failure_data if event.is_step_failure else None
+    if not data or not data.error:
+        return None
+    error = data.error
+    while error.cause is not None:
+        error = error.cause
+    return f"{event.step_key}: {error.message.strip()}"
+
+
 @dg.run_failure_sensor(
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=int(_env_seconds("PERSONA_FAILURE_INTERVAL", 30)),
@@ -145,12 +157,8 @@ def record_failure(path, run_id: str, job: str, steps: list[str], error: str, la
 def failure_sensor(context: dg.RunFailureSensorContext, persona: PersonaHome):
     run = context.dagster_run
     steps = [event.step_key for event in context.get_step_failure_events() if event.step_key]
-    error = context.failure_event.message or "run failed"
-    for event in context.get_step_failure_events():
-        data = event.step_failure_data
-        if data and data.error:
-            error = f"{event.step_key}: {data.error.message.strip()}"
-            break
+    error = next(filter(None, map(step_error, context.get_step_failure_events())), None)
+    error = error or context.failure_event.message or "run failed"
     record_failure(persona.root / "ops.duckdb", run.run_id, run.job_name, steps, error,
                    run.tags.get("persona/landing_file"))  # fmt: skip
     context.instance.add_run_tags(

@@ -465,6 +465,8 @@ def run(args) -> int:
     print("profile look-ups ...", flush=True)
     _, _, out = measure(LOOKUP, str(snapshot), "2000")
     results["lookup"] = {k: round(v, 2) for k, v in json.loads(out.splitlines()[-1]).items()}
+    print("command start-up ...", flush=True)
+    results["startup"] = cli_startup(snapshot)
     if args.segment_people:
         # Last: it replaces cleaned_users with resampled people that have no events.
         print(f"segmentation on {args.segment_people} resampled people ...", flush=True)
@@ -492,6 +494,31 @@ def run(args) -> int:
         write_docs()
         print(f"(and to {DOCS / 'benchmarks.md'})")
     return 0
+
+
+def cli_startup(snapshot: Path, runs: int = 5) -> dict:
+    """Whole-process milliseconds (median of `runs`) of `persona query "SELECT 1"` and `persona
+    profile <person_id>` on the snapshot, as a user at a shell waits for them, and of a bare
+    Python start for scale: what the look-up figures leave out (imports, opening the file)."""
+    import statistics
+
+    with duckdb.connect(str(snapshot), read_only=True) as con:
+        person = con.execute("SELECT person_id FROM user_profiles LIMIT 1").fetchall()[0][0]
+    env = {**os.environ, "PERSONA_HASH_KEY": "k"}  # no key file written for a look-up
+    commands = {
+        "python": [sys.executable, "-c", "pass"],
+        "query": [sys.executable, "-m", "persona_assets.cli", "query", "SELECT 1", "--snapshot", str(snapshot)],
+        "profile": [sys.executable, "-m", "persona_assets.cli", "profile", person, "--snapshot", str(snapshot)],
+    }
+    out = {}
+    for name, cmd in commands.items():
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+            times.append((time.perf_counter() - t) * 1000)
+        out[f"{name}_ms"] = round(statistics.median(times), 1)
+    return out
 
 
 def _profile_path(folder: Path | None, stage: str) -> Path | None:
@@ -565,6 +592,13 @@ def report_markdown(r: dict) -> str:
         f"p50 {lk['p50_ms']} ms, p99 {lk['p99_ms']} ms; from a cold open p50 {lk['cold_p50_ms']} ms, "
         f"p99 {lk['cold_p99_ms']} ms."
     )
+    if "startup" in r:
+        st = r["startup"]
+        lines.append(
+            f'- Commands as a user waits for them (whole process, median of 5): `persona query "SELECT 1"` '
+            f"{st['query_ms']:.0f} ms, `persona profile <person_id>` {st['profile_ms']:.0f} ms (Python itself "
+            f"{st['python_ms']:.0f} ms), beside the look-up's own p50 {lk['p50_ms']} ms."
+        )
     if "resampled_people" in r:
         lines.append(
             f"- Segmentation on {r['resampled_people']:,} resampled people: features "

@@ -1,4 +1,8 @@
-"""`persona demo|generate|run|retrain|query|profile|forget|ui|bench`: the command line over the asset graph and the snapshot."""
+"""`persona demo|generate|run|retrain|query|sql|profile|forget|ui|bench`: the command line over the asset graph and the snapshot.
+
+The commands that only read the snapshot (`query`, `sql`, `profile`, `failures`, `--help`) import
+duckdb and little else, so they start in a fraction of a second: Dagster, pandas and the models
+are imported inside the commands that run the graph."""
 
 from __future__ import annotations
 
@@ -10,10 +14,32 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from persona_assets.settings import persona_home
+from persona_assets.home import HOME_ENV, persona_home, snapshot_path
 
 DEMO_PEOPLE = 10_000
 DEMO_SEED = 42
+
+
+class Stop(Exception):
+    """A reason the command cannot go on that the user can act on: one line for stderr, and the exit code."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def writable_home() -> Path:
+    """PERSONA_HOME, made if missing, after checking this user can write there (a clear Stop if not)."""
+    home = persona_home()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / f".persona-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise Stop(f"{HOME_ENV}={home} is not a folder this user can write ({exc.strerror or exc}); "
+                   f"set {HOME_ENV} to one that is (default ./data).") from None  # fmt: skip
+    return home
 
 
 def dagster_home() -> Path:
@@ -36,7 +62,12 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
 
     defs = build_definitions(persona_home())
     job = defs.resolve_job_def(job_name) if job_name else defs.resolve_implicit_global_asset_job_def()
-    from persona_assets.automation import reap_dead_runs
+    from persona_assets.automation import reap_dead_runs, record_failure
+
+    known = sorted(key.to_user_string() for key in defs.resolve_all_asset_keys())
+    unknown = [s for s in selection or [] if s not in known]
+    if unknown:
+        raise Stop(f"no asset named {', '.join(unknown)}; the assets are: {', '.join(known)}")
 
     instance = dg.DagsterInstance.from_config(str(dagster_home()))
     with instance:
@@ -54,7 +85,20 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
         for event in result.all_events:
             if event.is_failure:
                 print(f"failed: {event.step_key}: {event.message}", file=sys.stderr)
+        # Recorded where the failure sensor records the UI's runs, so `persona failures` lists it.
+        steps, error = failed_steps(result.all_events)
+        record_failure(persona_home() / "ops.duckdb", result.run_id, job.name, steps, error, None)
     return result.success
+
+
+def failed_steps(events) -> tuple[list[str], str]:
+    """The failed steps of a run and the first one's error, as the failure sensor records them."""
+    from persona_assets.automation import step_error
+
+    steps = [event.step_key for event in events if event.is_step_failure and event.step_key]
+    errors = [e for e in map(step_error, events) if e]
+    failure = next((e.message for e in events if e.is_failure and e.message), None)
+    return steps, errors[0] if errors else failure or "run failed"
 
 
 def stage_statuses(events) -> list[tuple[list[str], str]]:
@@ -86,10 +130,23 @@ def use_settings(path: str | None) -> int:
     return 0
 
 
-def summary() -> str:
+def snapshot_totals() -> tuple[int, int] | None:
+    """(files, lines read) the snapshot counts so far, or None when there is no snapshot yet."""
     from persona_assets.core.publish import open_snapshot
 
-    path = persona_home() / "serving" / "persona.duckdb"
+    if not snapshot_path().exists():
+        return None
+    with open_snapshot(snapshot_path()) as con:
+        files, lines = con.execute("SELECT count(*), coalesce(sum(lines_read), 0) FROM ingest_files").fetchall()[0]
+    return int(files), int(lines)
+
+
+def summary(before: tuple[int, int] | None = None) -> str:
+    """What the snapshot holds, every run so far; with `before` (`snapshot_totals()` when the
+    run started) first what this run added, or that it found nothing new."""
+    from persona_assets.core.publish import open_snapshot
+
+    path = snapshot_path()
     with open_snapshot(path) as con:
         lines, kept, quarantined, duplicates, forgotten, files = con.execute(
             "SELECT sum(lines_read), sum(events_kept), sum(lines_quarantined), sum(duplicates), "
@@ -109,8 +166,16 @@ def summary() -> str:
             "SELECT id || ' ' || name || ' (' || round(100 * share) || '%)' FROM segment_catalog "
             "WHERE level = 'segment' ORDER BY people DESC"
         ).fetchall()
+    if before is None:
+        this_run = []
+    elif files == before[0]:
+        this_run = ["No new files in landing; profiles unchanged."]
+    else:
+        this_run = [f"This run: {files - before[0]} new files, {(lines or 0) - before[1]} lines read."]
     return "\n".join(
         [
+            *this_run,
+            "Totals in the snapshot (every run so far):",
             f"Files ingested:     {files}",
             f"Lines read:         {lines or 0}",
             f"Events kept:        {kept or 0}",
@@ -126,7 +191,7 @@ def summary() -> str:
             '  persona query "SELECT segment_name, age_bracket, count(*) AS people FROM user_profiles '
             'GROUP BY ALL ORDER BY ALL"',
             "  persona profile <person_id, email, phone, userId or anonymousId>",
-            f"  duckdb -readonly {path}",
+            "  persona sql        (an interactive read-only SQL shell on the snapshot)",
         ]
     )
 
@@ -139,9 +204,17 @@ def truth_dir(out: Path) -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.people < 1:
+        raise Stop(f"--people must be at least 1, got {args.people}.")
+    if args.people_per_file is not None and args.people_per_file < 1:
+        raise Stop(f"--people-per-file must be at least 1, got {args.people_per_file}.")
     from persona_assets.datagen import generate
 
-    out = Path(args.out) if args.out else persona_home() / "landing"
+    out = Path(args.out) if args.out else writable_home() / "landing"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Stop(f"cannot write event files to {out} ({exc.strerror or exc}); choose another --out.") from None
     counts = generate(args.people, args.seed, out, args.format, args.people_per_file, truth_dir=truth_dir(out))
     print(f"wrote {counts['lines']} lines ({counts['events']} events) in {counts['files']} files to {out}")
     print(f"ground truth (raw emails and phones, for tests) in {truth_dir(out)}")
@@ -151,10 +224,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if use_settings(args.config):
         return 2
-    ok = materialize(args.select.split(",") if args.select else None)
-    if ok and (persona_home() / "serving" / "persona.duckdb").exists():
-        print(summary())
+    home = writable_home()
+    selection = [s.strip() for s in args.select.split(",") if s.strip()] if args.select else None
+    if not (home / "warehouse.duckdb").exists() and not has_event_files(home / "landing"):
+        where = "is empty" if (home / "landing").is_dir() else "does not exist"
+        raise Stop(f"nothing to build: {home / 'landing'} {where}. Put Segment event files there (JSON lines, "
+                   "CSV or Parquet), or `persona generate --people 1000` for synthetic ones; then `persona run`.",
+                   code=1)  # fmt: skip
+    before = snapshot_totals() or (0, 0)
+    ok = materialize(selection)
+    if ok and snapshot_path().exists():
+        print(summary(before))
     return 0 if ok else 1
+
+
+def has_event_files(landing: Path) -> bool:
+    from persona_assets.core.ingest import landing_files
+
+    return bool(landing_files(landing))
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -170,12 +257,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from persona_assets import stream
 
     server = None
-    home = persona_home()
+    home = writable_home()
     if args.start_redis:
         server, args.redis = stream.start_redis(home / "redis")
         (home / "redis" / "url").write_text(args.redis)
         print(f"redis-server on {args.redis} (PERSONA_REDIS_URL for other shells; persona publish finds it)")
-    client = stream.connect(args.redis)
+    client = redis_client(args.redis)
     opts = stream.ConsumerOptions(
         batch=args.batch,
         flush_seconds=args.flush_seconds,
@@ -197,10 +284,29 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def redis_client(url: str | None):
+    """A client of the Redis at `url` (default: the configured one) that has answered a ping."""
+    import redis
+
+    from persona_assets import stream
+
+    url = url or stream.redis_url(persona_home())
+    client = stream.connect(url)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        raise Stop(f"no Redis answers at {url} ({exc}). Start one with `persona stream --start-redis` "
+                   "(or `make stream`), or pass --redis URL.") from None  # fmt: skip
+    return client
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from persona_assets import stream
 
-    sent = stream.publish(stream.connect(args.redis), Path(args.file), rate=args.rate, limit=args.limit)
+    path = Path(args.file)
+    if not path.is_file():
+        raise Stop(f"no file {path}: give a JSON-lines file of Segment events (e.g. one in PERSONA_HOME/landing).")
+    sent = stream.publish(redis_client(args.redis), path, rate=args.rate, limit=args.limit)
     print(f"published {sent} events to {stream.STREAM}")
     return 0
 
@@ -222,88 +328,212 @@ def cmd_failures(args: argparse.Namespace) -> int:
         print("no failed runs recorded")
         return 0
     with duckdb.connect(str(path), read_only=True) as con:
-        frame = con.execute(
+        result = con.execute(
             "SELECT failed_at, job_name, run_id, failed_steps, landing_file, error FROM run_failures "
             "ORDER BY failed_at DESC LIMIT ?",
             [args.limit],
-        ).df()
-    print(frame.to_string(index=False, max_colwidth=100) if len(frame) else "no failed runs recorded")
+        )
+        columns = [d[0] for d in result.description]
+        rows = result.fetchall()
+    if not rows:
+        print("no failed runs recorded")
+    for row in rows:  # one block per run: the error is long, a table would cut it
+        for column, value in zip(columns, row, strict=True):
+            print(f"{column:<13} {_plain(value)}")
+        print()
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from persona_assets.datagen import generate
 
-    landing = persona_home() / "landing"
+    landing = writable_home() / "landing"
     if not any(landing.glob(f"events-s{args.seed}-*")):
         print(f"Generating {args.people} people (seed {args.seed}) into {landing} ...")
         generate(args.people, args.seed, landing, args.format, truth_dir=truth_dir(landing))
     else:
         print(f"Demo data for seed {args.seed} already in {landing}; ingesting only what is new.")
+    before = snapshot_totals() or (0, 0)
     if not materialize():
         return 1
-    print(summary())
+    print(summary(before))
     return 0
+
+
+def open_snapshot_or_stop(path: Path | None = None):
+    """The locked-down snapshot connection, or a Stop saying why there is none."""
+    from persona_assets.core.publish import NotASnapshot, open_snapshot
+
+    try:
+        return open_snapshot(path or snapshot_path())
+    except (FileNotFoundError, NotASnapshot) as exc:
+        raise Stop(str(exc)) from None
+
+
+def sql_error(exc: Exception) -> str:
+    """A DuckDB error as one line a user reads: refusals of the locked-down connection said as such."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "disabled by configuration" in message or "disabled through configuration" in message:
+        return f"refused: the snapshot connection reads the snapshot only, no other file or extension ({message})"
+    if "configuration has been locked" in message:
+        return f"refused: settings cannot be changed on the snapshot connection ({message})"
+    if "read-only mode" in message:
+        return f"refused: the snapshot is read-only ({message})"
+    return f"query failed: {message}"
+
+
+def run_statements(con, sql: str, fmt: str = "table", max_rows: int = 50) -> None:
+    """Run each statement of `sql` and print each one's result (a header names the statement
+    when there are several). Stop on an empty string or the first error."""
+    import duckdb
+
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise Stop(sql_error(exc)) from None
+    if not statements:
+        raise Stop('empty query: give a SQL statement, e.g. persona query "SELECT count(*) FROM user_profiles"')
+    if len(statements) > 1 and fmt != "table":
+        raise Stop(f"{len(statements)} statements given: --format {fmt} prints one result, so give one statement.")
+    for statement in statements:
+        if len(statements) > 1:
+            print(f"-- {statement.query.strip().rstrip(';')};")
+        try:
+            if fmt == "table":
+                result = con.sql(statement.query)  # a relation: DuckDB's own table rendering
+                result.show(max_rows=max_rows) if result is not None else print("ok")
+            else:
+                result = con.execute(statement.query)
+                columns = [d[0] for d in result.description or []]
+                write_csv(result, columns) if fmt == "csv" else write_json(result, columns)
+        except duckdb.Error as exc:
+            raise Stop(sql_error(exc)) from None
+
+
+def write_csv(result, columns: list[str]) -> None:
+    import csv
+
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(columns)
+    while batch := result.fetchmany(10_000):
+        out.writerows([safe_cell(v) for v in row] for row in batch)
+
+
+def write_json(result, columns: list[str]) -> None:
+    import json
+
+    rows = [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
+    print(json.dumps(rows, default=_json_value, ensure_ascii=False))
+
+
+def _json_value(value):
+    """Dates and times as ISO text, decimals as numbers, anything else as its text."""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if type(value).__name__ == "Decimal":
+        return float(value)
+    return str(value)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from persona_assets.core.publish import open_snapshot
-
-    path = Path(args.snapshot) if args.snapshot else persona_home() / "serving" / "persona.duckdb"
-    try:
-        con = open_snapshot(path)
-    except FileNotFoundError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    with con:
-        try:
-            frame = con.execute(args.sql).df()
-        except Exception as exc:  # a user's SQL error: say it plainly
-            print(f"query failed: {exc}", file=sys.stderr)
-            return 2
-    if args.format == "csv":
-        spreadsheet_safe(frame).to_csv(sys.stdout, index=False)
-    elif args.format == "json":
-        print(frame.to_json(orient="records", date_format="iso"))
-    else:
-        print(frame.to_string(index=False, max_rows=args.max_rows))
+    with open_snapshot_or_stop(Path(args.snapshot) if args.snapshot else None) as con:
+        run_statements(con, args.sql, args.format, args.max_rows)
     return 0
+
+
+SQL_HELP = """Read-only SQL on the serving snapshot. End each statement with ';'.
+  .tables          the tables you can query
+  .schema TABLE    a table's columns
+  .quit            leave (or Ctrl-D)"""
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """An interactive SQL shell on the snapshot, with the same locked-down connection as
+    `persona query`; statements from stdin when it is not a terminal (a script, a pipe)."""
+    with open_snapshot_or_stop(Path(args.snapshot) if args.snapshot else None) as con:
+        if not sys.stdin.isatty():
+            run_statements(con, sys.stdin.read(), "table", args.max_rows)
+            return 0
+        _shell(con, args.max_rows, Path(args.snapshot) if args.snapshot else snapshot_path())
+    return 0
+
+
+def _shell(con, max_rows: int, path: Path) -> None:
+    import contextlib
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    print(f"persona sql on {path} (read-only); .help for help")
+    pending = ""
+    while True:
+        try:
+            line = input("persona> " if not pending else "    ...> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            pending = ""
+            continue
+        command = line.strip()
+        if not pending and command.startswith("."):
+            if command in (".quit", ".exit", ".q"):
+                return
+            if command == ".tables":
+                pending = "SELECT table_name FROM duckdb_tables() ORDER BY 1;"
+            elif command.startswith(".schema "):
+                pending = f"DESCRIBE {_quoted(command.split(maxsplit=1)[1].rstrip(';'))};"
+            else:
+                print(SQL_HELP)
+                continue
+            line = command = pending
+        else:
+            pending += line + "\n"
+        if command.endswith(";"):
+            try:
+                run_statements(con, pending, "table", max_rows)
+            except Stop as exc:
+                print(exc, file=sys.stderr)
+            pending = ""
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 # A text cell a spreadsheet would run as a formula (=, +, -, @, or a tab or carriage return first).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
+def safe_cell(value):
+    """A text cell that starts like a formula prefixed by a quote, as spreadsheets expect
+    (OWASP's advice against CSV injection); numbers stay numbers."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def spreadsheet_safe(frame):
-    """The frame with text cells that start like a formula prefixed by a quote, as spreadsheets
-    expect (OWASP's advice against CSV injection); numbers stay numbers."""
+    """The frame with each text cell made `safe_cell`."""
     out = frame.copy()
     for column in out.columns:
         if out[column].dtype == object:
-            out[column] = out[column].map(
-                lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
-            )
+            out[column] = out[column].map(safe_cell)
     return out
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from persona_assets.core.pii import load_key
-    from persona_assets.core.profiles import find_person
-    from persona_assets.core.publish import open_snapshot
+    from persona_assets.core.publish import find_person
 
-    try:
-        con = open_snapshot(persona_home() / "serving" / "persona.duckdb")
-    except FileNotFoundError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    with con:
+    with open_snapshot_or_stop(Path(args.snapshot) if args.snapshot else None) as con:
         people = find_person(con, args.who, load_key(persona_home()))
         if not people:
             print(f"no profile found for {args.who!r}", file=sys.stderr)
             return 1
         for person_id in people:
-            frame = con.execute("SELECT * FROM user_profiles WHERE person_id = ?", [person_id]).df()
-            row = dict(frame.iloc[0].items()) if len(frame) else {"person_id": person_id}
+            result = con.execute("SELECT * FROM user_profiles WHERE person_id = ?", [person_id])
+            columns = [d[0] for d in result.description]
+            found = result.fetchone()
+            row = dict(zip(columns, found, strict=True)) if found else {"person_id": person_id}
             row.update(_live(person_id, row))
             width = max(len(c) for c in row)
             for column, value in row.items():
@@ -345,17 +575,14 @@ def _live(person_id: str, batch: dict) -> dict:
 
 def _plain(value) -> str:
     """One profile field as a person reads it: maps by weight, lists joined, numbers short."""
-    import numpy as np
-    import pandas as pd
-
     if isinstance(value, dict):
         items = sorted(value.items(), key=lambda kv: -kv[1] if isinstance(kv[1], int | float) else 0)
         return ", ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in items) or "-"
-    if isinstance(value, list | tuple | np.ndarray):
+    if isinstance(value, list | tuple):
         return ", ".join(str(v) for v in value) or "-"
-    if value is None or pd.isna(value):
+    if value is None or value != value:  # NULL or NaN
         return "-"
-    if isinstance(value, float | np.floating):
+    if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
 
@@ -391,6 +618,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     if use_settings(args.config):
         return 2
+    writable_home()
     home = dagster_home()
     exe = shutil.which("dagster") or str(Path(sys.executable).with_name("dagster"))
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
@@ -454,6 +682,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(f"No warehouse at {path}: nothing to forget.", file=sys.stderr)
         return 1
     key = load_key(home)
+    if args.dry_run:
+        return forget_plan(path, key, args.who, args.wait)
     client, server = _forget_redis(home, args.skip_redis)
     done = []  # (who, report, Redis counts)
     try:
@@ -476,6 +706,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
             server.wait(timeout=30)
     saved = erasure.compact(path) if not args.no_compact else 0
     for who, report, hot in done:
+        if not report.people and not report.message_ids:
+            print(f"Nobody was found for {who!r}: nothing stored was erased. The identifier is logged (as a keyed "
+                  "hash), so future events from it will be dropped.")  # fmt: skip
+            continue
         found = f"{len(report.people)} person(s)" if report.people else "no stored person (logged for suppression)"
         print(f"Forgot {who!r}: {found}, {report.identifiers} identifiers, {report.events} events, "
               f"{report.quarantined_lines} quarantined lines, {report.landing_lines} landing lines in "
@@ -489,6 +723,33 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if not args.no_compact:
         print(f"Warehouse compacted ({saved / 1e6:.1f} MB freed); snapshot republished.")
     print("Later events for these identifiers are suppressed until one arrives with personalization consent.")
+    return 0
+
+
+def forget_plan(path: Path, key: bytes, who: list[str], wait: float) -> int:
+    """`persona forget --dry-run`: what forgetting each identifier would erase, with nothing changed
+    (the plan is made in a transaction that is rolled back)."""
+    from persona_assets.core import erasure
+
+    con = _writer(path, wait)
+    try:
+        for value in who:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                report = erasure.plan(con, key, value)
+                quarantined = con.execute("SELECT count(*) FROM _forget_quarantine").fetchall()[0][0]
+            finally:
+                con.execute("ROLLBACK")
+            if not report.people and not report.message_ids:
+                print(f"Nobody was found for {value!r}: nothing stored would be erased; forgetting it would log "
+                      "the identifier so that future events from it are dropped.")  # fmt: skip
+                continue
+            print(f"Would forget {value!r}: {len(report.people)} person(s) ({', '.join(report.people)}), "
+                  f"{report.identifiers} identifiers, {len(report.message_ids)} events, {quarantined} quarantined "
+                  "lines, and their lines in landing files.")  # fmt: skip
+    finally:
+        con.close()
+    print("Dry run: nothing was changed.")
     return 0
 
 
@@ -558,14 +819,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
     p.set_defaults(fn=cmd_query)
 
+    p = sub.add_parser("sql", help="an interactive read-only SQL shell on the serving snapshot (stdin when piped)")
+    p.add_argument("--max-rows", type=int, default=50)
+    p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
+    p.set_defaults(fn=cmd_sql)
+
     p = sub.add_parser("profile", help="print one profile, by person_id, email, phone, userId, anonymousId or device")
     p.add_argument("who")
+    p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
     p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("forget", help="erase people everywhere (by email, phone, userId, anonymousId or person_id)")
     p.add_argument("who", nargs="+", help="one or more identifiers, each erasing the person it belongs to")
     p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a running run to let go")
     p.add_argument("--skip-redis", action="store_true", help="leave the hot store alone (it is unreachable)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be erased; change nothing")
     p.add_argument("--no-compact", action="store_true", help="skip rewriting the warehouse file (faster; "
                    "deleted rows may stay in its free blocks until the next compaction)")  # fmt: skip
     p.set_defaults(fn=cmd_forget)
@@ -615,7 +883,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except Stop as exc:
+        print(f"persona: {exc}", file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:
+        # The reader went away (`persona profile ... | head`): nothing more to say. Point stdout
+        # at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -18,15 +18,12 @@ from persona_assets.core.identity import IdentityOptions
 from persona_assets.core.imputation import ImputationOptions
 from persona_assets.core.ingest import IngestOptions
 from persona_assets.core.segments import SegmentOptions
+from persona_assets.home import HOME_ENV, persona_home
 
-HOME_ENV = "PERSONA_HOME"
+__all__ = ["HOME_ENV", "persona_home"]  # re-exported: they live in the light home module
+
 CONFIG_ENV = "PERSONA_CONFIG"
 SETTINGS_FILE = "persona.yaml"
-
-
-def persona_home() -> Path:
-    """PERSONA_HOME (default ./data), absolute."""
-    return Path(os.environ.get(HOME_ENV, "data")).expanduser().resolve()
 
 
 class PersonaConfig(dg.Config):

@@ -72,7 +72,7 @@ def serving_snapshot(context: dg.AssetExecutionContext, warehouse: DuckDBResourc
             "path": dg.MetadataValue.path(serving.path),
             "tables": dg.MetadataValue.md("\n".join(f"- `{t}`: {n} rows" for t, n in counts.items())),
             "example_query": dg.MetadataValue.md(
-                f'```\nduckdb -readonly {serving.path} "SELECT segment_name, count(*) FROM user_profiles GROUP BY 1"\n```'
+                '```\npersona query "SELECT segment_name, count(*) FROM user_profiles GROUP BY 1"\npersona sql\n```'
             ),
         }
     )

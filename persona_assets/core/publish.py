@@ -185,10 +185,67 @@ def _same_columns(con: duckdb.DuckDBPyConnection, name: str, select: str) -> boo
     return [c for (c,) in have] == wanted
 
 
+# The snapshot connection is for reading the snapshot and nothing else: no other file (ATTACH
+# of the warehouse, COPY ... TO, read_csv of /etc/passwd), no extensions, and no SET to undo
+# any of it. DuckDB refuses each with a Permission Error or "the configuration has been locked".
+LOCKED_DOWN = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "lock_configuration": True,
+}
+
+
+class NotASnapshot(ValueError):
+    """A file given as the snapshot that DuckDB cannot open as one."""
+
+
 def open_snapshot(path: Path) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the serving snapshot, with a clear error when there is none yet."""
+    """A read-only, locked-down connection to the serving snapshot (`LOCKED_DOWN`), with a clear
+    error when there is none yet or the file is not a DuckDB database."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"No serving snapshot at {path}. Run `make demo` or `persona run` (or materialize in the UI) first."
         )
-    return duckdb.connect(str(path), read_only=True)
+    if path.is_dir():
+        raise NotASnapshot(f"{path} is a folder, not a serving snapshot (serving/persona.duckdb).")
+    try:
+        return duckdb.connect(str(path), read_only=True, config=LOCKED_DOWN)
+    except duckdb.IOException as exc:
+        if "not a valid duckdb database" in str(exc).lower() or "magic" in str(exc).lower():
+            raise NotASnapshot(f"{path} is not a DuckDB database, so not a serving snapshot.") from None
+        raise
+
+
+# A person_id as the contracts define it (contracts.PERSON_ID; kept here so a look-up imports
+# no contract library, and a test holds the two equal).
+PERSON_ID = r"^p[0-9a-f]{16}$"
+
+
+def find_person(con: duckdb.DuckDBPyConnection, query: str, key: bytes, gmail_rules: bool = True) -> list[str]:
+    """person_ids for a person_id, email, phone, userId, anonymousId or device id, on the snapshot.
+
+    An email or phone is normalized and hashed with the installation's key first, as ingest
+    did: the raw value never needs to be stored to be found. Each candidate is a plain
+    equality on the identifier column the snapshot keeps sorted, so it reads one row group.
+    """
+    import re
+
+    from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
+
+    query = query.strip()
+    if re.fullmatch(PERSON_ID, query):
+        rows = con.execute("SELECT person_id FROM user_profiles WHERE person_id = ?", [query]).fetchall()
+        return [r[0] for r in rows]
+    candidates = [(("user_id", "anonymous_id", "device_id"), query)]
+    if "@" in query and (email := normalize_email(query, gmail_rules)):
+        candidates.append((("email",), hmac_hex(key, email)))
+    if re.fullmatch(r"[+0-9 ()./-]{6,}", query) and (phone := normalize_phone(query, None)):
+        candidates.append((("phone",), hmac_hex(key, phone)))
+    found: list[str] = []
+    for kinds, value in candidates:
+        rows = con.execute("SELECT identifier_type, person_id FROM identity_map WHERE identifier = ?", [value])
+        found += sorted({person for kind, person in rows.fetchall() if kind in kinds} - set(found))
+    return found
