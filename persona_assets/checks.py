@@ -108,6 +108,12 @@ def sql_check(asset: str, name: str, violations_sql: str, description: str, bloc
 
 
 def refresh_metadata(mode: str, recomputed: int | None, everyone: int, why: str | None = None) -> dict:
-    """What a person-level stage's run was: full or incremental, why, and how many people it recomputed."""
-    out = {"refresh": mode, "people_recomputed": everyone if recomputed is None else recomputed}
+    """What a person-level stage's run was: full or incremental, why, and how many people it
+    recomputed, beside the table's own figure (everyone in it), which a run that finds nothing
+    new leaves as it was instead of showing 0."""
+    out = {
+        "refresh": mode,
+        "people_recomputed": everyone if recomputed is None else recomputed,
+        "people_in_table": everyone,
+    }
     return out if why is None else {**out, "why": why}

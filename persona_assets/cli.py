@@ -538,9 +538,40 @@ def cmd_profile(args: argparse.Namespace) -> int:
             width = max(len(c) for c in row)
             for column, value in row.items():
                 print(f"{column:<{width}}  {_plain(value)}")
+            if args.events:
+                print_history(con, person_id, args.events)
             if len(people) > 1:
                 print()
     return 0
+
+
+IDENTIFIERS_SHOWN = 50
+
+
+def print_history(con, person_id: str, limit: int) -> None:
+    """The identifiers merged into a person and their latest `limit` events, newest first (events
+    are the person's when one of their userIds or anonymousIds sent them)."""
+    ids = con.execute("SELECT identifier_type, identifier FROM identity_map WHERE person_id = ? ORDER BY 1, 2",
+                      [person_id]).fetchall()  # fmt: skip
+    print(f"\nidentifiers merged into {person_id} ({len(ids)}; email and phone as keyed hashes):")
+    for kind, identifier in ids[:IDENTIFIERS_SHOWN]:
+        print(f"  {kind:<13} {identifier}")
+    if len(ids) > IDENTIFIERS_SHOWN:
+        print(f"  ... and {len(ids) - IDENTIFIERS_SHOWN} more")
+    events = con.execute(
+        """WITH ids AS (SELECT identifier_type, identifier FROM identity_map WHERE person_id = $person)
+           SELECT event_at, event_type, event_name, category, product_id, revenue, page_url, search_query
+           FROM raw_events
+           WHERE user_id IN (SELECT identifier FROM ids WHERE identifier_type = 'user_id')
+              OR anonymous_id IN (SELECT identifier FROM ids WHERE identifier_type = 'anonymous_id')
+           ORDER BY event_at DESC, message_id LIMIT $limit""",
+        {"person": person_id, "limit": limit},
+    ).fetchall()
+    print(f"\nlatest {len(events)} events, newest first:")
+    for at, kind, name, category, product, revenue, page, search in events:
+        what = [name or page or "", *(f"{k}={v}" for k, v in (("category", category), ("product", product),
+                ("revenue", revenue), ("search", search)) if v is not None)]  # fmt: skip
+        print(f"  {at:%Y-%m-%d %H:%M:%S}  {kind:<8}  {'  '.join(w for w in what if w)}")
 
 
 def _live(person_id: str, batch: dict) -> dict:
@@ -826,6 +857,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="print one profile, by person_id, email, phone, userId, anonymousId or device")
     p.add_argument("who")
+    p.add_argument("--events", type=int, default=0, metavar="N",
+                   help="also the identifiers merged into the person and their latest N events")  # fmt: skip
     p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
     p.set_defaults(fn=cmd_profile)
 

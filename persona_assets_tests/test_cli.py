@@ -22,6 +22,8 @@ def test_demo_twice_counts_no_event_twice_and_query_answers(persona_home):
     assert "Events kept:" in first.stdout and "persona query" in first.stdout
     second = persona("demo", "--people", "300", env_home=persona_home)
     assert "already in" in second.stdout
+    assert "No new files in landing; profiles unchanged." in second.stdout
+    assert "persona sql" in first.stdout and "duckdb -readonly" not in first.stdout
 
     def kept(out):
         return next(line for line in out.splitlines() if line.startswith("Events kept:"))

@@ -248,3 +248,24 @@ def test_bench_reports_how_long_a_user_waits_for_query_and_profile(built):
                "full_build_seconds": 1.0, "full_build_peak_gb": 0.1, "startup": startup,
                "lookup": {"lookups": 1, "p50_ms": 1.0, "p99_ms": 2.0, "cold_p50_ms": 3.0, "cold_p99_ms": 4.0}}  # fmt: skip
     assert '`persona query "SELECT 1"`' in report_markdown(figures)
+
+
+def test_profile_with_events_shows_the_merged_identifiers_and_a_timeline(built):
+    person = json.loads(persona("query", "SELECT person_id FROM user_profiles ORDER BY event_count DESC LIMIT 1",
+                                "--format", "json", home=built).stdout)[0]["person_id"]  # fmt: skip
+    out = persona("profile", person, "--events", "5", home=built).stdout
+    ids = out.split(f"identifiers merged into {person}")[1].split("latest")[0]
+    assert "anonymous_id" in ids and "user_id" in ids
+    timeline = out.split("latest 5 events, newest first:")[1].strip().splitlines()
+    assert len(timeline) == 5
+    stamps = [line.split()[0] + " " + line.split()[1] for line in timeline]
+    assert stamps == sorted(stamps, reverse=True)
+    assert "identifiers merged" not in persona("profile", person, home=built).stdout
+
+
+def test_stage_metadata_shows_the_table_beside_what_the_run_did():
+    from persona_assets.checks import refresh_metadata
+
+    idle = refresh_metadata("incremental", 0, 500, "incremental")
+    assert idle == {"refresh": "incremental", "people_recomputed": 0, "people_in_table": 500, "why": "incremental"}
+    assert refresh_metadata("full", None, 500)["people_recomputed"] == 500
