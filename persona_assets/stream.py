@@ -37,7 +37,7 @@ from typing import Protocol
 
 import duckdb
 
-from persona_assets.core.affinity import AffinityOptions, decay_to
+from persona_assets.core.affinity import AffinityOptions, decay_to, shrunk_top
 from persona_assets.core.erasure import ErasureReport, EventMatcher, contact_hashes, erasure_hash, event_identifiers
 from persona_assets.core.events import FIELDS
 from persona_assets.core.ingest import contract_params, query_lines
@@ -612,8 +612,15 @@ def _interactions(row: dict) -> list[tuple[str, str]]:
     return []
 
 
-def hot_profile(client, person_id: str, as_of: datetime | None = None, opts: AffinityOptions | None = None) -> dict:
-    """A person's hot profile, with category scores decayed to `as_of` (default now)."""
+def hot_profile(client, person_id: str, as_of: datetime | None = None, opts: AffinityOptions | None = None,
+                prior: dict[str, float] | None = None) -> dict:  # fmt: skip
+    """A person's hot profile, with category scores decayed to `as_of` (default now).
+
+    The scores are the batch's `category_affinity` to 1e-9. The top category is the batch's
+    formula too (`affinity.shrunk_top`): scores plus `prior`, the person's segment's
+    pseudo-scores (`affinity.segment_priors` on the serving snapshot). Without a prior it is
+    the person's own highest score: a segment is a batch fit, so a prior cannot be refitted
+    per event, and the consumer does not load one."""
     opts = opts or AffinityOptions()
     raw = {k.decode(): v.decode() for k, v in client.hgetall(hot_key(person_id)).items()}
     if not raw:
@@ -638,7 +645,7 @@ def hot_profile(client, person_id: str, as_of: datetime | None = None, opts: Aff
         "session_started_at": moment("session_start"),
         "session_events": int(raw.get("session_events", 0)),
         "category_affinity": affinity,
-        "top_category": max(affinity, key=affinity.get) if affinity else None,
+        "top_category": shrunk_top(affinity, prior),
     }
 
 

@@ -2,7 +2,14 @@ import pandas as pd
 import pytest
 
 from persona_assets.core import imputation, profiles
-from persona_assets.core.affinity import INTERACTIONS_SQL, AffinityOptions, decay_to, decayed_update
+from persona_assets.core.affinity import (
+    INTERACTIONS_SQL,
+    AffinityOptions,
+    decay_to,
+    decayed_update,
+    segment_priors,
+    shrunk_top,
+)
 from persona_assets.core.pii import hmac_hex, normalize_email
 from persona_assets.settings import shipped_enrichment
 
@@ -52,8 +59,26 @@ def test_category_affinity_is_the_decayed_weighted_sum(profiled):
     assert set(affinity) == set(expected.index)
     for category, score in expected.items():
         assert affinity[category] == pytest.approx(score, rel=1e-5)
-    assert top == expected.idxmax()
+    segment = con.execute("SELECT segment_id FROM user_profiles WHERE person_id = ?", [person_id]).fetchall()[0][0]
+    assert top == shrunk_top(affinity, segment_priors(con)[segment])
     assert "purchase" in set(events.kind), "orders count through the products they contain"
+
+
+def test_the_top_category_is_the_scores_shrunk_toward_the_segment_by_the_real_time_formula(profiled):
+    con, _ = profiled
+    priors = segment_priors(con)
+    rows = con.execute("SELECT segment_id, category_affinity, top_category FROM user_profiles").fetchall()
+    assert sum(1 for _, affinity, _ in rows if affinity) > 1000
+    # The stream's formula (shrunk_top with the segment's prior from the snapshot) gives the batch's answer.
+    assert all(top == shrunk_top(affinity or {}, priors.get(segment)) for segment, affinity, top in rows)
+    # A fitted strength: neither nothing nor everything.
+    strengths = {segment: sum(p.values()) for segment, p in priors.items()}
+    assert len(set(round(v, 6) for v in strengths.values())) == 1 and 0.5 < next(iter(strengths.values())) < 500
+    # Someone with a handful of events is pulled toward their segment; a heavy user keeps their own mix.
+    moved = [(sum(a.values()), top != shrunk_top(a)) for _, a, top in rows if a]
+    few = [m for total, m in moved if total < 5]
+    many = [m for total, m in moved if total > 100]
+    assert sum(few) / len(few) > sum(many) / max(len(many), 1)
 
 
 def test_the_real_time_update_gives_the_batch_score():

@@ -15,6 +15,8 @@ from persona_assets.core.affinity import (
     AffinityOptions,
     affinity_sql,
     person_scores_sql,
+    segment_priors_sql,
+    shrunk_top_sql,
 )
 from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
@@ -61,11 +63,13 @@ WITH traits AS (
   SELECT a.person_id,
          arg_max(a.trait, ((1 - a.confidence) * i.importance, a.trait)) FILTER (WHERE a.source <> 'observed') AS next_question
   FROM imputed_attributes a JOIN trait_importance i USING (trait) GROUP BY a.person_id
-), affinity AS ({affinity_sql("category_scores", opts)})
+), affinity AS ({affinity_sql("category_scores", opts)}
+), priors AS ({segment_priors_sql("affinity", "segments")}
+), shrunk AS ({shrunk_top_sql("affinity", "segments", "priors")})
 SELECT c.person_id, d.identifier_count, c.first_seen_at, c.last_seen_at,
   c.session_count, c.avg_session_seconds, c.event_count, c.order_count, c.total_revenue, c.avg_order_value,
   c.first_order_at, c.last_order_at, c.days_since_last_order, c.sessions_per_week,
-  f.top_category, f.category_affinity,
+  coalesce(sh.top_category, f.top_category) AS top_category, f.category_affinity,
   t.* EXCLUDE (person_id, completeness),
   s.segment_id, s.segment_name, s.subsegment_id, s.subsegment_name,
   coalesce(s.is_noise, false) AS is_noise, coalesce(s.segment_confidence, 0) AS segment_confidence,
@@ -77,6 +81,7 @@ LEFT JOIN segments s USING (person_id)
 LEFT JOIN traits t USING (person_id)
 LEFT JOIN asks q USING (person_id)
 LEFT JOIN affinity f USING (person_id)
+LEFT JOIN shrunk sh USING (person_id)
 """
 
 
