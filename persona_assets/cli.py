@@ -82,12 +82,12 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
     for assets, status in stage_statuses(result.all_events):
         print(f"{', '.join(assets)}: {status}")
     if not result.success:
-        for event in result.all_events:
-            if event.is_failure:
-                print(f"failed: {event.step_key}: {event.message}", file=sys.stderr)
         # Recorded where the failure sensor records the UI's runs, so `persona failures` lists it.
         steps, error = failed_steps(result.all_events)
         record_failure(persona_home() / "ops.duckdb", result.run_id, job.name, steps, error, None)
+        first_line = error.strip().splitlines()[0] if error.strip() else "run failed"
+        print(f"persona: the run failed at {first_line} (recorded: persona "
+              f"failures; the whole run {result.run_id} in persona ui)", file=sys.stderr)  # fmt: skip
     return result.success
 
 

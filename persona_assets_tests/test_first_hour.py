@@ -231,7 +231,8 @@ def test_a_failed_cli_run_is_listed_by_persona_failures(persona_home, monkeypatc
 
     monkeypatch.setattr(definitions, "build_definitions", lambda home: dg.Definitions(assets=[raw_events]))
     assert cli.materialize() is False
-    capsys.readouterr()
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("persona: the run failed at raw_events: RuntimeError: the landing disk went away")
     assert cli.main(["failures"]) == 0
     out = capsys.readouterr().out
     assert "no failed runs recorded" not in out
