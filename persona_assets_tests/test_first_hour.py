@@ -270,3 +270,29 @@ def test_stage_metadata_shows_the_table_beside_what_the_run_did():
     idle = refresh_metadata("incremental", 0, 500, "incremental")
     assert idle == {"refresh": "incremental", "people_recomputed": 0, "people_in_table": 500, "why": "incremental"}
     assert refresh_metadata("full", None, 500)["people_recomputed"] == 500
+
+
+def test_sql_shell_at_a_terminal(built):
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: persona sql on a terminal
+        os.environ["PERSONA_HOME"] = str(built)
+        os.execv(sys.executable, [sys.executable, "-m", "persona_assets.cli", "sql"])
+    os.write(fd, b"SELECT 6 * 7\nAS answer;\n.tables\nLOAD httpfs;\n.quit\n")
+    out, deadline = b"", time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the shell has left
+                break
+            if not chunk:
+                break
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "answer" in text and "42" in text and "user_profiles" in text and "refused" in text
