@@ -579,10 +579,12 @@ def _live(person_id: str, batch: dict) -> dict:
     newer of each time, the live session, and category affinity decayed to now."""
     if not os.environ.get("PERSONA_REDIS_URL") and not (persona_home() / "redis" / "url").exists():
         return {}
+    import redis
+
     from persona_assets import stream
 
-    try:
-        hot = stream.hot_profile(stream.connect(), person_id)
+    try:  # a client made here, not by stream.connect(), which would import the stage settings (Dagster)
+        hot = stream.hot_profile(redis.Redis.from_url(stream.redis_url(persona_home())), person_id)
     except Exception as exc:  # the stream is optional: say so, show the batch profile
         return {"live": f"hot store unreachable: {exc}"}
     if not hot:

@@ -296,3 +296,20 @@ def test_sql_shell_at_a_terminal(built):
     text = out.decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0, text
     assert "answer" in text and "42" in text and "user_profiles" in text and "refused" in text
+
+
+def test_profile_with_a_stream_configured_reads_redis_without_dagster(built, tmp_path):
+    from persona_assets import stream
+
+    server, url = stream.start_redis(tmp_path / "redis")
+    try:
+        person = json.loads(persona("query", "SELECT person_id FROM user_profiles LIMIT 1", "--format", "json",
+                                    home=built).stdout)[0]["person_id"]  # fmt: skip
+        env = {**os.environ, "PERSONA_HOME": str(built), "PERSONA_REDIS_URL": url}
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "persona_assets.cli", "profile", person],
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0 and "no streamed events for this person" in proc.stdout
+        assert "dagster" not in imported(proc)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
