@@ -847,7 +847,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("query", help="run SQL on the read-only serving snapshot")
     p.add_argument("sql")
-    p.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"],
+                   help="table: DuckDB's rendering, fitted to the terminal; csv or json: every column and row")  # fmt: skip
     p.add_argument("--max-rows", type=int, default=50)
     p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
     p.set_defaults(fn=cmd_query)
