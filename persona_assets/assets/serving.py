@@ -9,11 +9,13 @@ from persona_assets.contracts import (
     IdentityMap,
     ImputedAttributes,
     IngestFiles,
+    PersonIdHistory,
     QuarantinedEvents,
     RawEvents,
     SegmentCatalog,
     Segments,
     Sessions,
+    TraitImportance,
     TraitModelMetrics,
     UserProfiles,
     columns,
@@ -32,6 +34,8 @@ PUBLISHED = {
     "segment_catalog": SegmentCatalog,
     "imputed_attributes": ImputedAttributes,
     "trait_models": TraitModelMetrics,
+    "trait_importance": TraitImportance,
+    "person_id_history": PersonIdHistory,
     "user_profiles": UserProfiles,
 }
 
