@@ -3,7 +3,7 @@
 Sources, in the order they are tried for a trait a person lacks:
 observed → enriched (third-party table) → inferred (from session context) → imputed_model
 (LightGBM, only when it beats the majority baseline on a holdout and only above a confidence
-threshold) → imputed_stat (median / most frequent, for traits named in the settings) → unknown.
+threshold; the confidence is calibrated on the holdout, see `calibrate`) → imputed_stat (median / most frequent, for traits named in the settings) → unknown.
 An observed value is never replaced.
 """
 
@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from sklearn.decomposition import TruncatedSVD
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.feature_extraction.text import TfidfTransformer
+from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import accuracy_score, adjusted_mutual_info_score, f1_score
 from sklearn.model_selection import train_test_split
 
@@ -112,6 +113,15 @@ class TraitModel:
     metrics: list[dict]  # one row per model (lightgbm, random_forest, majority_baseline)
     beats_baseline: bool
     reference: dict[str, tuple[np.ndarray, np.ndarray]]  # feature -> (bin edges, training shares)
+    # Maps the model's top probability to the chance it is right (None: a model saved before issue 21).
+    calibrator: IsotonicRegression | None = None
+    ece: dict[str, float] = field(default_factory=dict)  # holdout ECE: uncalibrated and calibrated
+
+    def confidence(self, proba: np.ndarray) -> np.ndarray:
+        """How sure each prediction is: the calibrated chance the most probable class is right."""
+        top = proba.max(axis=1)
+        calibrator = getattr(self, "calibrator", None)
+        return calibrator.predict(top) if calibrator is not None and len(top) else top
 
 
 @dataclass
@@ -259,6 +269,39 @@ def _sample(rng: np.random.Generator, n: int, limit: int) -> np.ndarray:
     return np.sort(rng.choice(n, limit, replace=False)) if n > limit else np.arange(n)
 
 
+ECE_BINS = 10
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Σ over equal-width confidence bins of (share of predictions) · |mean confidence − accuracy|."""
+    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    return float(
+        sum(
+            (which == b).mean() * abs(confidence[which == b].mean() - correct[which == b].mean())
+            for b in range(bins)
+            if (which == b).any()
+        )
+    )
+
+
+def calibrate(top: np.ndarray, correct: np.ndarray, seed: int) -> tuple[IsotonicRegression, dict[str, float]]:
+    """Isotonic regression from the top probability to being right, fitted on the holdout.
+
+    LightGBM's probabilities are overconfident (holdout ECE 0.15 for age_bracket and 0.10 for
+    gender on 3,000 generated people): a 0.9 was right about 75% of the time. The ECE reported
+    for the calibrated confidence is cross-fitted (calibrate on one half of the holdout, measure
+    on the other, both ways), so it is not scored on the points it was fitted to; the
+    calibrator kept is then fitted on the whole holdout."""
+
+    def fit(rows: np.ndarray) -> IsotonicRegression:
+        return IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(top[rows], correct[rows])
+
+    halves = np.array_split(np.random.default_rng(seed).permutation(len(top)), 2)
+    crossed = [expected_calibration_error(fit(a).predict(top[b]), correct[b]) for a, b in (halves, halves[::-1])]
+    ece = {"uncalibrated": expected_calibration_error(top, correct), "calibrated": float(np.mean(crossed))}
+    return fit(np.arange(len(top))), ece
+
+
 def train_trait(trait: str, X: pd.DataFrame, y: pd.Series, opts: ImputationOptions) -> TraitModel:
     """LightGBM (kept) and a RandomForest baseline on a stratified split, scored against the majority class."""
     rng = np.random.default_rng(opts.seed)
@@ -299,7 +342,11 @@ def train_trait(trait: str, X: pd.DataFrame, y: pd.Series, opts: ImputationOptio
     ]
     ours, base = metrics[0], metrics[2]
     beats = ours["accuracy"] > base["accuracy"] + opts.min_lift and ours["macro_f1"] > base["macro_f1"] + opts.min_lift
-    return TraitModel(trait, list(model.classes_), model, metrics, beats, _reference(X_train, opts.drift_bins))
+    proba = model.predict_proba(X_test)
+    correct = (np.asarray(model.classes_, dtype=object)[proba.argmax(axis=1)] == y_test.to_numpy()).astype(float)
+    calibrator, ece = calibrate(proba.max(axis=1), correct, opts.seed)
+    return TraitModel(trait, list(model.classes_), model, metrics, beats, _reference(X_train, opts.drift_bins),
+                      calibrator, ece)  # fmt: skip
 
 
 # ---------------------------------------------------------------- values
@@ -480,12 +527,13 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
             continue
         proba = tm.model.predict_proba(inputs[todo])
         best = proba.argmax(axis=1)
+        sure = tm.confidence(proba)
         confident = np.zeros(len(people), dtype=bool)
-        confident[todo] = proba.max(axis=1) >= opts.confidence_threshold
+        confident[todo] = sure >= opts.confidence_threshold
         values = np.empty(len(people), dtype=object)
         values[todo] = np.array(tm.classes, dtype=object)[best]
         confidence = np.zeros(len(people))
-        confidence[todo] = proba.max(axis=1)
+        confidence[todo] = sure
         table.add(trait, confident, values, "imputed_model", confidence, model_version=models.version)
     # 5. statistics, for the traits the settings name (a failed model's trait stays unknown)
     statistics = _statistics(con, opts, models)
@@ -542,7 +590,9 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     return {
         "models": models,
         "not_modelled": {
-            t: getattr(models, "not_modelled", {}).get(t, "not modelled") for t in opts.model_traits if t not in models.traits
+            t: getattr(models, "not_modelled", {}).get(t, "not modelled")
+            for t in opts.model_traits
+            if t not in models.traits
         },
         "trained": bool(why),
         "why": "; ".join(why) or f"predicted with saved models v{models.version}",
@@ -656,6 +706,9 @@ def _summary(models: TraitModels) -> dict:
         "feature_version": models.feature_version,
         "segment_version": models.segment_version,
         "features": models.features,
-        "traits": {t: {"beats_baseline": m.beats_baseline, "metrics": m.metrics} for t, m in models.traits.items()},
+        "traits": {
+            t: {"beats_baseline": m.beats_baseline, "metrics": m.metrics, "ece": getattr(m, "ece", {})}
+            for t, m in models.traits.items()
+        },
         "settings": models.settings,
     }
