@@ -174,3 +174,30 @@ def test_a_trait_model_that_does_not_beat_the_baseline_stops_profiles_and_the_sn
             ).fetchall()
         }
     assert "imputed_model" not in sources, "the failed model's guesses were not used"
+
+
+def test_a_run_that_changes_nothing_keeps_the_figures_that_describe_each_table(persona_home, generated):
+    land(generated("jsonl"), persona_home / "landing")
+    instance = dg.DagsterInstance.ephemeral()
+    job = build_definitions(persona_home).resolve_implicit_global_asset_job_def()
+
+    def figures() -> dict:
+        out = {}
+        for key in ("raw_events", "normalized_features", "imputed_attributes", "cleaned_users"):
+            event = instance.get_latest_materialization_event(dg.AssetKey(key))
+            out[key] = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+        return out
+
+    assert job.execute_in_process(instance=instance).success
+    first = figures()
+    assert job.execute_in_process(instance=instance).success  # nothing new in landing
+    second = figures()
+    for key, wanted in {
+        "raw_events": ("lines_read", "events_kept", "duplicates", "dagster/row_count"),
+        "normalized_features": ("people_without_behaviour", "dagster/row_count"),
+        "imputed_attributes": ("enriched_people", "dagster/row_count"),
+        "cleaned_users": ("people_in_table", "dagster/row_count"),
+    }.items():
+        for name in wanted:
+            assert second[key][name] == first[key][name], (key, name)
+    assert first["raw_events"]["lines_read"] > 0 and second["raw_events"]["this_run_lines_read"] == 0

@@ -58,6 +58,12 @@ def ingest_landing(
             """SELECT (SELECT count(*) FROM raw_events), (SELECT count(*) FROM quarantined_events),
                       (SELECT count(*) FROM ingest_files)"""
         ).fetchall()[0]
+        # The table's own figures (every run so far), reported each time: a run that adds nothing
+        # must not make the asset's page read as if the table were empty.
+        ledger = con.execute(
+            "SELECT coalesce(sum(lines_read), 0), coalesce(sum(duplicates), 0), "
+            "coalesce(sum(lines_suppressed + lines_erased), 0) FROM ingest_files"
+        ).fetchall()[0]
         preview = con.execute(
             "SELECT message_id, event_type, event_name, anonymous_id, user_id, event_at, category, price "
             "FROM raw_events ORDER BY batch_id DESC, source_line LIMIT 5"
@@ -88,10 +94,14 @@ def ingest_landing(
             "refused_files": dg.MetadataValue.md(
                 "\n".join(f"- `{n}`: leads outside the landing folder, not read" for n in report.refused) or "none"
             ),
-            "lines_read": lines,
-            "events_kept": kept,
-            "duplicates": report.total("duplicates"),
-            "suppressed": report.total("lines_suppressed"),
+            "lines_read": ledger[0],
+            "events_kept": totals[0],
+            "duplicates": ledger[1],
+            "suppressed_or_erased": ledger[2],
+            "this_run_lines_read": lines,
+            "this_run_events_kept": kept,
+            "this_run_duplicates": report.total("duplicates"),
+            "this_run_suppressed": report.total("lines_suppressed"),
             "events_per_second": round(lines / report.seconds, 1) if report.seconds and lines else 0.0,
             "seconds": round(report.seconds, 2),
             "preview": frame_md(preview),
@@ -101,7 +111,7 @@ def ingest_landing(
         asset_key="quarantined_events",
         metadata={
             "dagster/row_count": totals[1],
-            "new_quarantined": report.total("lines_quarantined"),
+            "this_run_quarantined": report.total("lines_quarantined"),
             "by_reason": frame_md(reasons),
         },
     )

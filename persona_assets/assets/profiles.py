@@ -49,6 +49,10 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
         result = imputation.impute(
             con, persona.models, persona.options(config), retrain=config.retrain, full=config.full_refresh
         )
+        # The table's own figures, every run (an incremental run's are only about its people).
+        enriched_people = con.execute(
+            "SELECT count(DISTINCT person_id) FROM imputed_attributes WHERE source = 'enriched'"
+        ).fetchall()[0][0]
     models, enrichment = result["models"], result["enrichment"]
     metrics = result["metrics"][["trait", "model", "accuracy", "macro_f1", "train_rows", "holdout_rows"]].round(4)
     drift = result["drift"].sort_values("psi", ascending=False)
@@ -64,9 +68,10 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
             "values_by_source": frame_md(result["sources"].reset_index()),
             "model_scores": frame_md(metrics),
             "enrichment_table": enrichment["path"] or "none",
-            "enrichment_matched": enrichment["matched"],
-            "enrichment_unmatched_keys": enrichment["unmatched"],
-            "enrichment_without_key": enrichment["no_key"],
+            "enriched_people": enriched_people,
+            "this_run_enrichment_matched": enrichment["matched"],
+            "this_run_enrichment_unmatched_keys": enrichment["unmatched"],
+            "this_run_enrichment_without_key": enrichment["no_key"],
             "largest_drift": frame_md(drift.head(5).round(4)),
             "next_question_importance": frame_md(result["importance"]),
         },

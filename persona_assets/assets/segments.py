@@ -33,9 +33,7 @@ def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, perso
         "dagster/row_count": result["rows"],
         "status": result["status"] or "fitted",
         **refresh_metadata(result["mode"], result["people_recomputed"], result["rows"], result["why"]),
-        "people_without_behaviour": result["without_behaviour"]
-        if result["without_behaviour"] is not None
-        else "unchanged",
+        "people_without_behaviour": result["without_behaviour"],
     }
     if transform is not None:
         metadata.update(

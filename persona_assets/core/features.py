@@ -298,11 +298,16 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
         "reason": reason,
         "status": status,
         "rows": total,
-        "without_behaviour": int((base["behaviour_events"] == 0).sum()) if p.full else None,
+        "without_behaviour": _without_behaviour(con),
         "mode": p.mode,
         "why": p.reason,
         "people_recomputed": None if p.full else len(base),
     }
+
+
+def _without_behaviour(con: duckdb.DuckDBPyConnection) -> int:
+    """People the table leaves out: those with no behaviour (counted over everyone, every run)."""
+    return con.execute("SELECT count(*) FILTER (WHERE behaviour_events = 0) FROM cleaned_users").fetchall()[0][0]
 
 
 def not_fitted_status(base: pd.DataFrame) -> str:
@@ -321,7 +326,9 @@ def not_fitted_status(base: pd.DataFrame) -> str:
 
 
 def _not_fitted(con: duckdb.DuckDBPyConnection, p: refresh.Plan, base: pd.DataFrame, status: str) -> dict:
-    replace_frame(con, "normalized_features", empty_matrix(), before_commit=lambda: refresh.record(con, p, None, len(base)))
+    replace_frame(
+        con, "normalized_features", empty_matrix(), before_commit=lambda: refresh.record(con, p, None, len(base))
+    )
     return {
         "transform": None,
         "reason": "nothing to fit on",
