@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 
 import duckdb
 
-from persona_assets.contracts import PERSON_ID, CategoryScores, UserProfiles
+from persona_assets.contracts import CategoryScores, UserProfiles
 from persona_assets.core import refresh
 from persona_assets.core.affinity import (
     INTERACTION_COLUMNS,
@@ -19,7 +18,7 @@ from persona_assets.core.affinity import (
     shrunk_top_sql,
 )
 from persona_assets.core.identity import stage_scope_events
-from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
+from persona_assets.core.publish import find_person  # noqa: F401  (look-ups live beside the snapshot they read)
 from persona_assets.core.refresh import SCOPE
 from persona_assets.core.warehouse import bind, data_as_of, replace_tables
 
@@ -133,28 +132,3 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
     for name in ("_scope_events", "_updated"):
         con.execute(f"DROP TABLE IF EXISTS {name}")
     return {**counts, "mode": p.mode, "why": p.reason, "people_recomputed": recomputed}
-
-
-def find_person(con: duckdb.DuckDBPyConnection, query: str, key: bytes, gmail_rules: bool = True) -> list[str]:
-    """person_ids for a person_id, email, phone, userId, anonymousId or device id.
-
-    An email or phone is normalized and hashed with the installation's key first, as ingest
-    did: the raw value never needs to be stored to be found.
-    """
-    query = query.strip()
-    if re.fullmatch(PERSON_ID, query):
-        rows = con.execute("SELECT person_id FROM user_profiles WHERE person_id = ?", [query]).fetchall()
-        return [r[0] for r in rows]
-    # The identifier as written (userId, anonymousId or device id), then a hashed email or phone.
-    # Each is a plain equality on the identifier column the snapshot keeps sorted, so it reads one
-    # row group; the kind is checked here, not in SQL.
-    candidates = [(("user_id", "anonymous_id", "device_id"), query)]
-    if "@" in query and (email := normalize_email(query, gmail_rules)):
-        candidates.append((("email",), hmac_hex(key, email)))
-    if re.fullmatch(r"[+0-9 ()./-]{6,}", query) and (phone := normalize_phone(query, None)):
-        candidates.append((("phone",), hmac_hex(key, phone)))
-    found: list[str] = []
-    for kinds, value in candidates:
-        rows = con.execute("SELECT identifier_type, person_id FROM identity_map WHERE identifier = ?", [value])
-        found += sorted({person for kind, person in rows.fetchall() if kind in kinds} - set(found))
-    return found
