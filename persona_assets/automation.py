@@ -11,6 +11,7 @@ import json
 import os
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 
@@ -67,19 +68,48 @@ def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     return reaped
 
 
-def landing_requests(landing, cursor: dict[str, str], settle_seconds: float, now: float):
+def ingested_files(snapshot: Path) -> set[tuple[str, int, int]] | None:
+    """(file name, size, mtime_ns) of every file version the serving snapshot's ledger holds, or
+    None when there is no snapshot to read (yet, or being swapped in this instant).
+
+    The snapshot, never the warehouse: DuckDB allows one writer process, and a sensor reading
+    the warehouse would block the run that writes it."""
+    import duckdb
+
+    from persona_assets.core.publish import open_snapshot
+
+    if not snapshot.is_file():
+        return None
+    try:
+        with open_snapshot(snapshot) as con:
+            rows = con.execute("SELECT file_name, size_bytes, mtime_ns FROM ingest_files").fetchall()
+    except (duckdb.Error, OSError):
+        return None
+    return {(name, int(size), int(mtime)) for name, size, mtime in rows}
+
+
+def landing_requests(landing, cursor: dict[str, str], settle_seconds: float, now: float, ingested=None):
     """(run requests, new cursor, files still settling) for the files in `landing`.
 
     A file is ready when it is complete (not `*.tmp`/`*.part`/hidden) and unchanged for
-    `settle_seconds`; the cursor remembers each file's size and mtime once requested.
+    `settle_seconds`; the cursor remembers each file's size and mtime once requested. A file
+    the cursor does not know but the ledger holds with the same size and mtime (`ingested`, a
+    callable giving `ingested_files`, called at most once) is already ingested: remembered,
+    not requested, so a first tick on an up-to-date home (a new DAGSTER_HOME, `persona run`
+    before `persona ui`) launches nothing.
     """
     requests, settling, seen = [], [], {}
+    ledger: set | None = None
     for path in landing_files(landing):
         stat = path.stat()
         stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
         seen[path.name] = stamp
         if cursor.get(path.name) == stamp:
             continue
+        if ingested is not None:
+            ledger = (ingested() or set()) if ledger is None else ledger
+            if (path.name, stat.st_size, stat.st_mtime_ns) in ledger:
+                continue
         if now - stat.st_mtime < settle_seconds:
             settling.append(path.name)
             seen[path.name] = cursor.get(path.name, "")
@@ -98,14 +128,17 @@ def landing_requests(landing, cursor: dict[str, str], settle_seconds: float, now
     job=ingest_landing_job,
     minimum_interval_seconds=int(_env_seconds("PERSONA_LANDING_INTERVAL", 15)),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Starts one ingest run per new complete file in PERSONA_HOME/landing.",
+    description="Starts one ingest run per new complete file in PERSONA_HOME/landing (files the "
+    "serving snapshot's ledger already holds are not new).",
 )
 def landing_sensor(context: dg.SensorEvaluationContext, persona: PersonaHome):
     for run_id in reap_dead_runs(context.instance):
         context.log.warning(f"run {run_id} had died without finishing: marked failed, its pool slot freed")
     cursor = json.loads(context.cursor) if context.cursor else {}
     settle = _env_seconds("PERSONA_LANDING_SETTLE_SECONDS", 10)
-    requests, cursor, settling = landing_requests(persona.landing, cursor, settle, time.time())
+    requests, cursor, settling = landing_requests(
+        persona.landing, cursor, settle, time.time(), ingested=lambda: ingested_files(persona.serving_path)
+    )
     skip = None
     if not requests:
         skip = f"still being written: {', '.join(settling)}" if settling else "no new files in landing"

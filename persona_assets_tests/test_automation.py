@@ -134,3 +134,47 @@ def test_a_failed_run_is_recorded_in_a_table_and_in_its_tags(persona_home):
     assert rows[0][0] == failed.run_id and "resolve_identities" in rows[0][2] and rows[0][3]
     tags = instance.get_run_by_id(failed.run_id).tags
     assert "resolve_identities" in tags["persona/failed_steps"] and tags["persona/failure"]
+
+
+def _ledger_snapshot(home, files) -> None:
+    """A serving snapshot whose ledger holds `files` as they are now (name, size, mtime)."""
+    (home / "serving").mkdir(exist_ok=True)
+    with duckdb.connect(str(home / "serving" / "persona.duckdb")) as con:
+        con.execute(
+            "CREATE OR REPLACE TABLE ingest_files (file_name VARCHAR, size_bytes BIGINT, mtime_ns BIGINT, checksum VARCHAR)"
+        )
+        for path in files:
+            stat = path.stat()
+            con.execute("INSERT INTO ingest_files VALUES (?, ?, ?, '')", [path.name, stat.st_size, stat.st_mtime_ns])
+
+
+def test_a_first_tick_on_an_up_to_date_home_requests_only_what_the_ledger_lacks(persona_home, generated):
+    # A new DAGSTER_HOME (or `persona run` before `persona ui`): the sensor starts with no cursor.
+    landing = persona_home / "landing"
+    landed = land(generated("jsonl"), landing)
+    for path in landed:
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    *ingested, rewritten = landed
+    _ledger_snapshot(persona_home, landed)
+    rewritten.write_text("{}\n")  # changed since it was ingested
+    os.utime(rewritten, (time.time() - 60, time.time() - 60))
+    defs = build_definitions(persona_home)
+    first = _sensor_tick(defs, automation.landing_sensor, dg.DagsterInstance.ephemeral())
+    assert [r.tags["persona/landing_file"] for r in first.run_requests] == [rewritten.name]
+    assert json.loads(first.cursor).keys() == {p.name for p in landed}  # the ledger's files remembered too
+
+    # Everything ingested: nothing to launch, and the ledger is read only for files the cursor lacks.
+    _ledger_snapshot(persona_home, landed)
+    calls = []
+    requests, cursor, _ = automation.landing_requests(
+        landing, {}, 10, time.time(), ingested=lambda: calls.append(1) or automation.ingested_files(
+            persona_home / "serving" / "persona.duckdb")
+    )  # fmt: skip
+    assert not requests and cursor.keys() == {p.name for p in landed} and calls == [1]
+    automation.landing_requests(landing, cursor, 10, time.time(), ingested=lambda: calls.append(1))
+    assert calls == [1]
+    # No snapshot yet (a new home): every settled file is requested, as before.
+    (persona_home / "serving" / "persona.duckdb").unlink()
+    assert automation.ingested_files(persona_home / "serving" / "persona.duckdb") is None
+    again = _sensor_tick(defs, automation.landing_sensor, dg.DagsterInstance.ephemeral())
+    assert {r.tags["persona/landing_file"] for r in again.run_requests} == {p.name for p in landed}
