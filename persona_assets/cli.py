@@ -75,7 +75,7 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
             print(f"run {run_id} had died without finishing: marked failed, its pool slot freed", file=sys.stderr)
         result = job.execute_in_process(
             instance=instance,
-            asset_selection=[dg.AssetKey(s) for s in selection] if selection else None,
+            asset_selection=run_target(defs, selection, named_job=bool(job_name)),
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )
@@ -89,6 +89,20 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
         print(f"persona: the run failed at {first_line} (recorded: persona "
               f"failures; the whole run {result.run_id} in persona ui)", file=sys.stderr)  # fmt: skip
     return result.success
+
+
+def run_target(defs, selection: list[str] | None, named_job: bool):
+    """The assets a run materializes, named on the run so the UI's Runs page shows its target
+    (a run of every asset recorded without a selection shows an empty Target column); a named
+    job's runs show the job's name there, so they need none. A selected asset brings the
+    assets made with it (`raw_events` with `ingest_files`): they are computed together."""
+    import dagster as dg
+
+    graph = defs.resolve_asset_graph()
+    if selection:
+        chosen = dg.AssetSelection.assets(*selection).required_multi_asset_neighbors()
+        return sorted(chosen.resolve(graph))
+    return None if named_job else sorted(graph.materializable_asset_keys)
 
 
 def failed_steps(events) -> tuple[list[str], str]:

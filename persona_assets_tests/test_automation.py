@@ -178,3 +178,15 @@ def test_a_first_tick_on_an_up_to_date_home_requests_only_what_the_ledger_lacks(
     assert automation.ingested_files(persona_home / "serving" / "persona.duckdb") is None
     again = _sensor_tick(defs, automation.landing_sensor, dg.DagsterInstance.ephemeral())
     assert {r.tags["persona/landing_file"] for r in again.run_requests} == {p.name for p in landed}
+
+
+def test_a_run_the_cli_launches_names_its_assets_for_the_runs_page(persona_home, tmp_path):
+    from persona_assets import cli
+
+    # The Runs page's Target column shows a run's asset_selection (the job's name for a named job).
+    cli.materialize(["ingest_files"])
+    cli.materialize()  # every asset: fails on an empty landing, but the run is recorded all the same
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster")) as instance:
+        every, one = instance.get_runs()
+    assert one.asset_selection == {dg.AssetKey(k) for k in automation.INGEST_KEYS}  # made together
+    assert every.asset_selection == set(build_definitions(persona_home).resolve_all_asset_keys())
