@@ -62,6 +62,7 @@ def test_a_landed_file_flows_to_profiles_through_automation(persona_home, genera
     instance = dg.DagsterInstance.ephemeral()
     everything = defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance)
     assert everything.success
+    _assert_segment_figures_are_numbers(everything)
     settled = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert settled.total_requested == 0  # all materialized by the run that targeted them
 
@@ -79,6 +80,18 @@ def test_a_landed_file_flows_to_profiles_through_automation(persona_home, genera
     assert ingest_job.execute_in_process(instance=instance, run_config=run_config).success
     quiet = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert quiet.total_requested == 0
+
+
+def _assert_segment_figures_are_numbers(result) -> None:
+    """The segments asset's first figures are typed numbers, which the asset page shows without a
+    click and its Plots tab draws across materializations (a markdown picture needs a click)."""
+    segments = next(m for m in result.asset_materializations_for_node("segment_people")
+                    if m.asset_key == dg.AssetKey("segments")).metadata  # fmt: skip
+    floats = ["silhouette_features", "noise_share", "largest_segment_share", "smallest_segment_share"]
+    assert all(isinstance(segments[name], dg.FloatMetadataValue) for name in floats), segments
+    assert all(isinstance(segments[name], dg.IntMetadataValue) for name in ("segment_count", "chosen_k"))
+    assert 0 < segments["smallest_segment_share"].value <= segments["largest_segment_share"].value < 1
+    assert segments["segment_count"].value == segments["chosen_k"].value
 
 
 def test_sensors_and_schedules_are_on_by_default_and_profiles_declare_freshness():

@@ -101,7 +101,11 @@ def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: P
 
 
 def _model_metadata(model: segments.SegmentModel, groups, result: dict) -> dict:
-    """What the segment model is: k and why, the curves, the segments and their sizes."""
+    """What the segment model is: k and why, the curves, the segments and their sizes.
+
+    The figures a person looks at first are numbers (`figures`), which the asset page shows
+    as they are and its Plots tab draws across materializations; the picture of the curves
+    stays behind its Show Markdown button."""
     top = groups[groups["level"] == "segment"].drop(columns=["level", "parent_id", "model_version"])
     subs = groups[groups["level"] == "subsegment"].drop(columns=["level", "model_version"])
     curves = model.curves.pivot(index="k", columns="space", values=["inertia", "silhouette"]).round(4)
@@ -109,22 +113,36 @@ def _model_metadata(model: segments.SegmentModel, groups, result: dict) -> dict:
     png = base64.b64encode(segments.curves_png(model)).decode()
     metadata = {
         "model_version": model.version,
-        "chosen_k": model.chosen_k,
+        **figures(model, top, result),
         "elbow_k": model.knee,
         "why_this_k": model.reason,
         "space": model.space,
-        **{name: value for name, value in model.scores.items()},
         "curves": dg.MetadataValue.md(f"![inertia and silhouette by k](data:image/png;base64,{png})"),
         "curves_table": dg.MetadataValue.md(curves.reset_index().to_markdown(index=False)),
         "segments": frame_md(top),
         "subsegments": frame_md(subs),
-        "noise_share": round(result["noise_share"], 4),
     }
     if result["trained"] and model.matching is not None and len(model.matching):
         metadata["matching_to_previous_model"] = frame_md(model.matching)
-    if result["moved_share"] is not None:
-        metadata["share_moved_segment"] = round(result["moved_share"], 4)
     return metadata
+
+
+def figures(model: segments.SegmentModel, top, result: dict) -> dict[str, dg.MetadataValue]:
+    """The segmentation's numbers, typed as numbers so the UI plots each across runs: how many
+    segments, the k chosen, each space's silhouette, the noise share and the largest and
+    smallest segment's share of everyone."""
+    shares = top["share"].astype(float)
+    out = {
+        "segment_count": dg.MetadataValue.int(len(top)),
+        "chosen_k": dg.MetadataValue.int(int(model.chosen_k)),
+        **{name: dg.MetadataValue.float(float(value)) for name, value in model.scores.items()},
+        "noise_share": dg.MetadataValue.float(round(float(result["noise_share"]), 4)),
+        "largest_segment_share": dg.MetadataValue.float(round(float(shares.max()), 4) if len(shares) else 0.0),
+        "smallest_segment_share": dg.MetadataValue.float(round(float(shares.min()), 4) if len(shares) else 0.0),
+    }
+    if result["moved_share"] is not None:
+        out["share_moved_segment"] = dg.MetadataValue.float(round(float(result["moved_share"]), 4))
+    return out
 
 
 CHECKS = [
