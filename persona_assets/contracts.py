@@ -73,6 +73,9 @@ QUARANTINE_REASONS = (
     "malformed_row", "bad_type", "missing_id", "unknown_type", "missing_timestamp",
     "bad_timestamp", "timestamp_out_of_range", "missing_event_name", "missing_previous_id",
     "field_too_long", "unreadable_file",
+    # A negative, non-finite or absurd price or revenue (`core.events.MAX_AMOUNT`), a product list
+    # holding NaN or Infinity.
+    "bad_value",
 )  # fmt: skip
 
 

@@ -66,6 +66,10 @@ FIELDS: tuple[Field, ...] = (
 
 FIELD_BY_COLUMN = {f.column: f for f in FIELDS}
 
+# The largest price or revenue taken as an amount: a larger one is an error (a single order of a
+# thousand trillion is not a sale), and sums of amounts stay finite however many there are.
+MAX_AMOUNT = 1e15
+
 # Every flattened header name a CSV or Parquet landing file may carry, in a stable order.
 FLAT_COLUMNS: tuple[str, ...] = tuple(flat for f in FIELDS for flat in f.flats)
 

@@ -32,6 +32,7 @@ from persona_assets.core.events import (
     FIELD_BY_COLUMN,
     FIELDS,
     FLAT_COLUMNS,
+    MAX_AMOUNT,
     TRIMMED_COLUMNS,
     Field,
     consent_sql,
@@ -453,10 +454,22 @@ def _mapping_params(mapping: FileMapping | None, fmt: str) -> dict:
     return params | {"map_timestamp_format": mapping.timestamp_format}
 
 
+# A numeric offset after the time, and one that is a real offset: at most 18 hours (real ones run
+# from -12:00 to +14:00) with minutes and seconds under 60; DuckDB alone would take -99:00.
+NUMERIC_OFFSET = r":[0-9]{2}(\.[0-9]*)?\s*[+-][0-9]"
+VALID_OFFSET = r"[+-]((0[0-9]|1[0-7])(:?[0-5][0-9]){0,2}|18(:?00){0,2})$"
+
+
 def _timestamp_sql(text: str, timestamp_format: str) -> str:
     """A UTC TIMESTAMP from the timestamp text as the file writes it, NULL where it does not parse."""
+    zoned = f"timezone('UTC', TRY_CAST({text} AS TIMESTAMPTZ))"
     if timestamp_format == "iso":
-        return f"timezone('UTC', TRY_CAST({text} AS TIMESTAMPTZ))"
+        # A time without a zone is UTC, whatever the session's zone; a zone is `Z`, an offset or a name.
+        return f"""CASE WHEN suffix({text}, 'Z') THEN {zoned}
+          WHEN regexp_matches({text}, '{NUMERIC_OFFSET}') THEN
+            CASE WHEN regexp_matches({text}, '{VALID_OFFSET}') THEN {zoned} END
+          WHEN regexp_matches({text}, '[A-Za-z]$') THEN {zoned}
+          ELSE TRY_CAST({text} AS TIMESTAMP) END"""
     if timestamp_format in EPOCH_FORMATS:
         # Exact decimal arithmetic to microseconds; past ±9e18 µs (a BIGINT's reach, DuckDB's
         # timestamps) a value is no time rather than an error that would stop the run.
@@ -464,11 +477,28 @@ def _timestamp_sql(text: str, timestamp_format: str) -> str:
         micros = f"round(TRY_CAST({number} AS DECIMAL(38, 9)) * {EPOCH_FORMATS[timestamp_format]})"
         return f"CASE WHEN abs({micros}) < 9e18 THEN make_timestamp(CAST({micros} AS BIGINT)) END"
     parsed = f"try_strptime({text}, $map_timestamp_format)"
-    return f"timezone('UTC', {parsed})" if strptime_has_zone(timestamp_format) else parsed
+    if not strptime_has_zone(timestamp_format):
+        return parsed
+    offset_ok = f"NOT regexp_matches({text}, '[+-][0-9]{{2}}:?[0-9]{{2}}$') OR regexp_matches({text}, '{VALID_OFFSET}')"
+    return f"CASE WHEN {offset_ok} THEN timezone('UTC', {parsed}) END"
+
+
+def _non_finite_sql(expr: str) -> str:
+    """DuckDB expression: the JSON text holds NaN, Infinity or a number too large for a double
+    (DuckDB's JSON reader takes them; a strings' content does not count). Only text with one of
+    their spellings is tokenized."""
+    token = r"""'"(?:[^"\\]|\\.)*"|(-?(?:NaN|Infinity|[0-9][0-9.eE+-]*))'"""  # a string, or a number's group
+    numbers = f"regexp_extract_all({expr}, {token}, 1)"
+    return f"""coalesce(CASE WHEN regexp_matches({expr}, 'NaN|Infinity|[eE][+]?[0-9]{{3}}') THEN
+      list_bool_or(list_transform({numbers}, lambda x: x <> '' AND NOT isfinite(TRY_CAST(x AS DOUBLE)))) END, false)"""
 
 
 def _validate_select(source_sql: str, timestamp_format: str = "iso") -> str:
-    """Type each field and give each line its first problem (reason), or none."""
+    """Type each field and give each line its first problem (reason), or none.
+
+    A price or revenue must be a finite amount from 0 to MAX_AMOUNT (a refund is its own event,
+    `Order Refunded`, with a positive amount), so sums of them downstream stay finite and
+    non-negative; a product list must not hold a number that is not finite."""
     ids = [f.column for f in ID_FIELDS]
     too_long = " ".join(f"WHEN strlen({c}) > $max_id_chars THEN '{c}'" for c in ids)
     types = ", ".join(f"'{t}'" for t in EVENT_TYPES)
@@ -505,6 +535,8 @@ SELECT *,
     WHEN event_at < $min_event_at OR event_at > $max_event_at THEN 'timestamp_out_of_range'
     WHEN (price_text IS NOT NULL AND price IS NULL) OR (revenue_text IS NOT NULL AND revenue IS NULL)
       OR (quantity_text IS NOT NULL AND (quantity IS NULL OR quantity < 0)) THEN 'bad_type'
+    WHEN NOT (price BETWEEN 0 AND {MAX_AMOUNT:g}) OR NOT (revenue BETWEEN 0 AND {MAX_AMOUNT:g})
+      OR {_non_finite_sql("products")} THEN 'bad_value'
     WHEN event_type = 'track' AND event_name IS NULL THEN 'missing_event_name'
     WHEN event_type = 'alias' AND previous_id IS NULL THEN 'missing_previous_id'
     WHEN {" OR ".join(f"strlen({c}) > $max_id_chars" for c in ids)} THEN 'field_too_long'
@@ -518,6 +550,9 @@ SELECT *,
     WHEN price_text IS NOT NULL AND price IS NULL THEN 'price ' || left(price_text, 64)
     WHEN revenue_text IS NOT NULL AND revenue IS NULL THEN 'revenue ' || left(revenue_text, 64)
     WHEN quantity_text IS NOT NULL AND (quantity IS NULL OR quantity < 0) THEN 'quantity ' || left(quantity_text, 64)
+    WHEN NOT (price BETWEEN 0 AND {MAX_AMOUNT:g}) THEN 'price ' || left(price_text, 64)
+    WHEN NOT (revenue BETWEEN 0 AND {MAX_AMOUNT:g}) THEN 'revenue ' || left(revenue_text, 64)
+    WHEN {_non_finite_sql("products")} THEN 'products hold a number that is not finite'
     ELSE CASE {too_long} END
   END AS detail
 FROM v

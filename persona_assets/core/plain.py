@@ -15,7 +15,14 @@ import json
 import re
 from datetime import UTC, datetime
 
-from persona_assets.core.events import CONSENT_DECLINED, CONSENT_GRANTED, EVENT_TYPES, FIELDS, TRIMMED_COLUMNS
+from persona_assets.core.events import (
+    CONSENT_DECLINED,
+    CONSENT_GRANTED,
+    EVENT_TYPES,
+    FIELDS,
+    MAX_AMOUNT,
+    TRIMMED_COLUMNS,
+)
 
 INT64 = 2**63
 EXACT_IN_DOUBLE = 2**53
@@ -23,6 +30,7 @@ EXACT_IN_DOUBLE = 2**53
 SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
 MAX_NESTING = 64  # brackets in a line; deeper documents go to the query
+MAX_OFFSET_MINUTES = 18 * 60  # the largest UTC offset the query takes (`ingest.VALID_OFFSET`)
 
 
 class NotPlain(Exception):
@@ -91,7 +99,8 @@ def _trimmed(value: str) -> str | None:
 
 
 def _number(value) -> float:
-    if type(value) in (int, float):
+    """An amount as the query takes it: from 0 to MAX_AMOUNT (the query quarantines the rest)."""
+    if type(value) in (int, float) and 0 <= value <= MAX_AMOUNT:
         return float(value)
     raise NotPlain
 
@@ -169,6 +178,8 @@ def _timestamp(text: str | None, min_at: datetime, max_at: datetime) -> datetime
     """An ISO timestamp with its offset, as a naive UTC time; anything looser is the query's."""
     if text is None or not TIMESTAMP.fullmatch(text):
         raise NotPlain
+    if text[-1] != "Z" and (int(text[-2:]) >= 60 or int(text[-5:-3]) * 60 + int(text[-2:]) > MAX_OFFSET_MINUTES):
+        raise NotPlain  # Python would read +05:99; the query refuses it, and any offset over 18 hours
     try:
         at = datetime.fromisoformat(text).astimezone(UTC).replace(tzinfo=None)
     except ValueError as exc:
