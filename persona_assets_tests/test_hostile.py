@@ -7,18 +7,26 @@ and for every file the ledger adds up (lines read = kept + quarantined + duplica
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
+import subprocess
+import sys
+import threading
 from datetime import datetime
+from decimal import Decimal
 
 import duckdb
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from persona_assets.contracts import CleanedUsers, IngestFiles, QuarantinedEvents, RawEvents, columns
-from persona_assets.core.ingest import IngestOptions, contract_params, ingest, query_lines
+from persona_assets.core.ingest import RAW_TEXT_LIMIT, IngestOptions, contract_params, ingest, query_lines
 from persona_assets.core.plain import plain_rows
 
 KEY = b"test-key"
@@ -75,6 +83,176 @@ def _quarantine(con) -> list[tuple]:
     return con.execute(
         "SELECT source_file, source_line, reason, detail FROM quarantined_events ORDER BY source_file, source_line"
     ).fetchall()
+
+
+def _parquet(table: pa.Table, **kw) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, **kw)
+    return sink.getvalue()
+
+
+# --- one file never blocks the others ------------------------------------------------------------
+
+
+def test_a_csv_naming_a_column_twice_is_quarantined_whole_and_the_others_go_on(tmp_path):
+    con, report = _run(
+        tmp_path,
+        {
+            "twice.csv": b"userId,type,event,userId,timestamp\nu1,track,x,u2,2026-09-01T10:00:00Z\n",
+            "good.jsonl": (_line(messageId="g1") + "\n").encode(),
+        },
+    )
+    assert _statuses(report) == {"twice.csv": "unreadable", "good.jsonl": "ingested"}
+    [(name, line, reason, detail)] = _quarantine(con)
+    assert (name, line, reason) == ("twice.csv", None, "unreadable_file") and "'userId' 2 times" in detail
+    assert con.execute("SELECT message_id FROM raw_events").fetchall() == [("g1",)]
+    _assert_accounted(con)
+
+
+def test_a_csv_with_a_byte_order_mark_or_a_line_break_in_its_header_is_read(tmp_path):
+    bom = b"\xef\xbb\xbftimestamp,userId,type,event,messageId\n2026-09-01T10:00:00Z,5,track,x,b1\n"
+    broken_header = b'"user\nId",anonymousId,type,event,timestamp,messageId\nu,a7,track,x,2026-09-01T10:00:00Z,n1\n'
+    numbers = b"\xef\xbb\xbfproperties_price,anonymousId,type,event,timestamp,messageId\n12,a8,track,x,2026-09-01,p1\n"
+    con, report = _run(tmp_path, {"bom.csv": bom, "header.csv": broken_header, "numbers.csv": numbers})
+    assert set(_statuses(report).values()) == {"ingested"}
+    rows = con.execute(
+        "SELECT message_id, user_id, anonymous_id, event_at, price FROM raw_events ORDER BY 1"
+    ).fetchall()
+    assert rows == [
+        ("b1", "5", None, datetime(2026, 9, 1, 10), None),
+        ("n1", None, "a7", datetime(2026, 9, 1, 10), None),
+        ("p1", None, "a8", datetime(2026, 9, 1), 12.0),
+    ]
+    _assert_accounted(con)
+
+
+def test_a_parquet_file_with_nested_and_unusual_columns_is_read(tmp_path):
+    products = pa.array(
+        [[{"category": "shoes", "price": 19.5}], None],
+        pa.list_(pa.struct([("category", pa.string()), ("price", pa.float64())])),
+    )
+    table = pa.table(
+        {
+            "messageId": ["o1", "o2"],
+            "type": pa.array(["track", "track"]).dictionary_encode(),
+            "event": ["Order Completed", "Product Viewed"],
+            "anonymousId": pa.array([b"a1", b"a2"], pa.binary()),
+            "timestamp": pa.array(
+                [datetime(2026, 9, 1, 10), datetime(2026, 9, 1, 11)], pa.timestamp("ms", tz="Europe/Berlin")
+            ),
+            "properties_revenue": pa.array([Decimal("19.50"), None], pa.decimal128(10, 2)),
+            "properties_products": products,
+            "extra": pa.array([{"k": 1}, {"k": 2}], pa.struct([("k", pa.int8())])),
+            "tags": pa.array([[("a", 1)], []], pa.map_(pa.string(), pa.int32())),
+        }
+    )
+    con, report = _run(tmp_path, {"nested.parquet": _parquet(table)})
+    assert _statuses(report) == {"nested.parquet": "ingested"}
+    rows = con.execute(
+        "SELECT message_id, anonymous_id, event_at, revenue, products FROM raw_events ORDER BY 1"
+    ).fetchall()
+    assert rows[0][:4] == ("o1", "a1", datetime(2026, 9, 1, 10), 19.5)
+    assert json.loads(rows[0][4]) == [{"category": "shoes", "price": 19.5}]
+    assert rows[1] == ("o2", "a2", datetime(2026, 9, 1, 11), None, None)
+    _assert_accounted(con)
+
+
+CSV_NAMES = st.sampled_from(
+    ["messageId", "type", "event", "userId", "anonymousId", "timestamp", "properties_price", "properties_revenue",
+     "properties_quantity", "properties_products", "traits_email", "x", "", "user\nId", 'a"b', "\ufefftype"]
+)  # fmt: skip
+CELLS = st.one_of(
+    st.sampled_from(["track", "identify", "2026-09-01T10:00:00Z", "2026-09-01", "a1", "-5", "1e309", "NaN", "[1,"]),
+    st.sampled_from(['[{"price": NaN}]', '"quoted, comma"', '"open quote', "x\ny", "x\ry", "", "12", "true"]),
+    st.text(max_size=8),
+    st.binary(max_size=8).map(lambda b: b.decode("latin-1")),
+)
+ENCODINGS = st.sampled_from(["utf-8", "utf-8-sig", "latin-1", "utf-16"])
+
+
+@st.composite
+def csv_files(draw) -> bytes:
+    header = draw(st.lists(CSV_NAMES, min_size=1, max_size=7))
+    rows = draw(st.lists(st.lists(CELLS, min_size=0, max_size=len(header) + 1), max_size=8))
+    text = "\n".join(",".join(cells) for cells in [header, *rows])
+    body = text.encode(draw(ENCODINGS), errors="replace")
+    if draw(st.booleans()):  # a stray byte, an invalid UTF-8 sequence or a cut
+        at = draw(st.integers(0, len(body)))
+        body = body[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\r", b"\x00", b""])) + body[at:]
+    return body
+
+
+PARQUET_TYPES = st.sampled_from(
+    [pa.string(), pa.large_string(), pa.binary(), pa.int64(), pa.float64(), pa.bool_(), pa.timestamp("us"),
+     pa.timestamp("ns", tz="UTC"), pa.date32(), pa.decimal128(12, 3), pa.list_(pa.int32()),
+     pa.list_(pa.struct([("category", pa.string()), ("price", pa.float64())])), pa.map_(pa.string(), pa.string()),
+     pa.struct([("a", pa.int16())]), pa.null(), pa.dictionary(pa.int8(), pa.string()), pa.duration("s"),
+     pa.time64("us"), pa.large_list(pa.float32())]
+)  # fmt: skip
+PARQUET_NAMES = st.sampled_from(
+    ["messageId", "type", "event", "anonymousId", "userId", "timestamp", "properties_price", "properties_revenue",
+     "properties_products", "properties_quantity", "traits_email", "other"]
+)  # fmt: skip
+
+
+def _column(kind: pa.DataType, n: int, rng: np.random.Generator) -> pa.Array:
+    """`n` values of a type, with nulls and awkward values (NaN, infinities, invalid UTF-8)."""
+    if pa.types.is_dictionary(kind):
+        return pa.array(rng.choice(["track", "page", "x"], n)).dictionary_encode().cast(kind)
+    if pa.types.is_null(kind):
+        return pa.nulls(n)
+    if pa.types.is_floating(kind) and kind == pa.float64():
+        return pa.array(rng.choice([1.5, -5.0, np.nan, np.inf, 1e300, 0.0], n))
+    if pa.types.is_binary(kind):
+        return pa.array([rng.choice([b"track", b"\xff\xfe", b"a1", b"2026-09-01T10:00:00Z"]) for _ in range(n)], kind)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return pa.array(
+            [str(rng.choice(["track", "a1", "2026-09-01T10:00:00Z", "", "NaN", "-1"])) for _ in range(n)], kind
+        )
+    sample = {
+        pa.int64(): [1, -1, 2**62], pa.bool_(): [True, False], pa.date32(): [datetime(2026, 9, 1).date()],
+        pa.time64("us"): [datetime(2026, 1, 1, 10).time()], pa.duration("s"): [5],
+    }  # fmt: skip
+    if kind in sample:
+        return pa.array([sample[kind][i % len(sample[kind])] for i in range(n)], kind)
+    if pa.types.is_timestamp(kind):
+        return pa.array([datetime(2026, 9, 1, 10)] * n, kind)
+    if pa.types.is_decimal(kind):
+        return pa.array([None] * n, kind)
+    if pa.types.is_map(kind):
+        return pa.array([[("k", "v")]] * n, kind)
+    if pa.types.is_struct(kind):
+        return pa.array([{f.name: None for f in kind}] * n, kind)
+    return pa.array([[] if i % 2 else None for i in range(n)], kind)
+
+
+@st.composite
+def parquet_files(draw) -> bytes:
+    names = draw(st.lists(PARQUET_NAMES, min_size=1, max_size=6))
+    n = draw(st.integers(0, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    arrays = [_column(draw(PARQUET_TYPES), n, rng) for _ in names]
+    body = _parquet(pa.Table.from_arrays(arrays, names=names), row_group_size=2)
+    if draw(st.integers(0, 3)) == 0:  # damage a byte or cut the file
+        at = draw(st.integers(0, len(body) - 1))
+        body = body[:at] + bytes([body[at] ^ 0xFF]) + body[at + 1 :] if draw(st.booleans()) else body[:at]
+    return body
+
+
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(csvs=st.lists(csv_files(), min_size=1, max_size=3), parquets=st.lists(parquet_files(), max_size=3))
+def test_no_file_content_stops_ingest_and_every_line_is_accounted_for(tmp_path_factory, csvs, parquets):
+    files = {f"f{i}.csv": body for i, body in enumerate(csvs)}
+    files |= {f"p{i}.parquet": body for i, body in enumerate(parquets)}
+    files["good.jsonl"] = (_line(messageId="g1") + "\n").encode()
+    con, report = _run(tmp_path_factory.mktemp("fuzz"), files)
+    assert len(report.files) == len(files)
+    assert ("g1",) in con.execute("SELECT message_id FROM raw_events").fetchall()
+    _assert_accounted(con)
 
 
 # --- one line never blocks publishing ------------------------------------------------------------
@@ -205,6 +383,95 @@ def test_hostile_but_accepted_values_pass_cleaning_and_its_contract(tmp_path):
 # --- every line accounted, exactly ---------------------------------------------------------------
 
 
+def test_an_invalid_byte_in_one_csv_row_quarantines_that_row_only(tmp_path):
+    body = b"messageId,type,event,anonymousId,timestamp\n" + b"".join(
+        f"c{i},track,x,a{i},2026-09-01T10:00:00Z\n".encode() for i in range(5)
+    )
+    body = body.replace(b"a2,", b"a\xff2,")
+    con, report = _run(tmp_path, {"bad.csv": body})
+    assert _statuses(report) == {"bad.csv": "ingested"}
+    assert [r[1:3] for r in _quarantine(con)] == [(4, "invalid_utf8")]
+    assert con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0] == 4
+    _assert_accounted(con)
+
+
+def test_csv_rows_keep_their_line_numbers_across_blocks(tmp_path):
+    # Arrow reports a row of the wrong width while parsing ahead of the rows it returns; numbering
+    # them as they came let the line numbers drift and dropped a malformed row now and then.
+    rows = [
+        f"c{i},track,x,a{i},2026-09-01T10:00:00Z" if i % 7 else f"c{i},track" for i in range(2, 400)
+    ]  # line i holds c{i}
+    body = ("messageId,type,event,anonymousId,timestamp\n" + "\n".join(rows) + "\n").encode()
+    con, report = _run(tmp_path, {"rows.csv": body}, IngestOptions(chunk_bytes=512))
+    assert report.total("lines_read") == 398
+    kept = con.execute("SELECT source_line, message_id FROM raw_events").fetchall()
+    assert all(message_id == f"c{line}" for line, message_id in kept) and len(kept) == 398 - 57
+    bad = [line for _, line, reason, _ in _quarantine(con) if reason == "malformed_row"]
+    assert bad == [i for i in range(2, 400) if i % 7 == 0]
+    _assert_accounted(con)
+
+
+def test_a_truncated_gzip_keeps_the_lines_before_the_cut(tmp_path):
+    body = "".join(_line(messageId=f"g{i}", anonymousId=f"anon-{i * 7919}") + "\n" for i in range(2000)).encode()
+    packed = gzip.compress(body)
+    con, report = _run(tmp_path, {"cut.jsonl.gz": packed[: len(packed) // 2]})
+    [file] = report.files
+    assert file.status == "ingested" and 500 < file.events_kept < 2000
+    assert file.lines_read == file.events_kept + file.lines_quarantined
+    reasons = [(line, reason) for _, line, reason, _ in _quarantine(con)]
+    assert reasons in ([(None, "unreadable_file")], [(file.lines_read, "malformed_json"), (None, "unreadable_file")])
+    detail = con.execute("SELECT detail FROM quarantined_events WHERE reason = 'unreadable_file'").fetchall()[0][0]
+    assert f"after line {file.lines_read}" in detail
+    _assert_accounted(con)
+
+
+def test_a_parquet_file_damaged_part_way_keeps_its_readable_rows_and_says_which_are_not(tmp_path):
+    n = 300
+    table = pa.table(
+        {
+            "messageId": [f"p{i}" for i in range(n)],
+            "type": ["track"] * n,
+            "event": ["x"] * n,
+            "anonymousId": [f"a{i}" for i in range(n)],
+            "timestamp": ["2026-09-01T10:00:00Z"] * n,
+        }
+    )
+    body = bytearray(_parquet(table, row_group_size=100, compression="snappy"))
+    second = pq.ParquetFile(io.BytesIO(bytes(body))).metadata.row_group(1).column(0)
+    start = second.data_page_offset
+    body[start + 10 : start + 60] = b"\xff" * 50  # the second row group's first column page
+    con, report = _run(tmp_path, {"damaged.parquet": bytes(body), "broken.parquet": b"PAR1 not parquet at all"})
+    by_name = {f.file_name: f for f in report.files}
+    assert by_name["damaged.parquet"].status == "ingested" and by_name["damaged.parquet"].events_kept == 100
+    assert by_name["broken.parquet"].status == "unreadable"
+    details = dict(con.execute("SELECT source_file, detail FROM quarantined_events").fetchall())
+    assert details["damaged.parquet"].startswith("rows 101 to 300 of 300 unreadable")
+    assert details["broken.parquet"].startswith("unreadable (23 bytes)")
+    assert con.execute("SELECT size_bytes FROM ingest_files WHERE file_name = 'broken.parquet'").fetchall() == [(23,)]
+    _assert_accounted(con)
+
+
+def test_cr_line_endings_and_a_byte_order_mark_are_read_as_line_ends_and_no_content(tmp_path):
+    five = [_line(messageId=f"r{i}") for i in range(5)]
+    con, report = _run(
+        tmp_path,
+        {
+            "mac.jsonl": "\r".join(five).encode(),
+            "mixed.jsonl": ("\r\n".join(five[:2]) + "\r" + five[2] + "\n").encode(),
+            "bom.jsonl": b"\xef\xbb\xbf" + (_line(messageId="b1") + "\n").encode(),
+        },
+    )
+    assert {f.file_name: (f.lines_read, f.lines_quarantined) for f in report.files} == {
+        "mac.jsonl": (5, 0),
+        "mixed.jsonl": (3, 0),
+        "bom.jsonl": (1, 0),
+    }
+    assert {r[0] for r in con.execute("SELECT message_id FROM raw_events").fetchall()} == {"b1"} | {
+        f"r{i}" for i in range(5)
+    }
+    _assert_accounted(con)
+
+
 @pytest.mark.parametrize("zone", ["UTC", "America/New_York", "Asia/Kolkata"])
 def test_a_timestamp_without_a_zone_is_utc_whatever_the_machines_zone(tmp_path, monkeypatch, zone):
     monkeypatch.setenv("TZ", zone)
@@ -250,3 +517,49 @@ def test_an_offset_that_is_no_offset_is_a_bad_timestamp(tmp_path):
     assert [r["reason"] for r in query_lines(duckdb.connect(), lines, params, [False] * 8)] == ["bad_timestamp"] * 4 + [
         None
     ] * 4
+
+
+def test_a_line_too_long_is_streamed_not_held(tmp_path):
+    # One 150 MB line in a 150 KB gzip: reading it must not hold it (the old reader took 2 GB for 400 MB).
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    with gzip.open(landing / "bomb.jsonl.gz", "wb", compresslevel=1) as fh:
+        fh.write(b'{"type": "track", "event": "' + b"x" * (150 << 20) + b'"}\n')
+        fh.write((_line(messageId="after") + "\n").encode())
+    script = f"""
+import resource, duckdb
+from pathlib import Path
+from persona_assets.core.ingest import IngestOptions, ingest
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+con = duckdb.connect()
+report = ingest(con, Path({str(landing)!r}), b"k", IngestOptions(chunk_bytes=4 << 20))
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+reason, size = con.execute("SELECT reason, strlen(raw_text) FROM quarantined_events").fetchall()[0]
+print(grew // 1024, report.total("events_kept"), reason, size)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    grew_mb, kept, reason, size = int(out[0]), int(out[1]), out[2], int(out[3])
+    assert (kept, reason) == (1, "line_too_long") and size <= RAW_TEXT_LIMIT
+    assert grew_mb < 120, f"reading one long line took {grew_mb} MB more"
+
+
+def test_a_directory_or_a_fifo_named_like_an_event_file_is_refused_and_never_blocks(tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "folder.jsonl").mkdir()
+    os.mkfifo(landing / "pipe.jsonl")
+    (landing / "nowhere.csv").symlink_to(tmp_path / "missing.csv")
+    (landing / "good.jsonl").write_text(_line(messageId="g1") + "\n")
+    done: dict = {}
+    worker = threading.Thread(target=lambda: done.update(report=ingest(duckdb.connect(), landing, KEY, now=NOW)))
+    worker.start()
+    worker.join(timeout=60)
+    assert "report" in done, "ingest blocked on the FIFO"
+    report = done["report"]
+    assert [f.file_name for f in report.files] == ["good.jsonl"]
+    assert report.refused == ["folder.jsonl", "nowhere.csv", "pipe.jsonl"]
+    assert report.refusals == {
+        "folder.jsonl": "a directory",
+        "nowhere.csv": "a link that leads nowhere",
+        "pipe.jsonl": "not a regular file (a FIFO, socket or device)",
+    }

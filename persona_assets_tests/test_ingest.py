@@ -203,7 +203,8 @@ def test_unreadable_files_are_quarantined_whole_and_the_rest_proceed(tmp_path):
     (landing / "good.jsonl").write_text(_event() + "\n")
     body = "".join(_event(messageId=f"g{i}", anonymousId=f"anon-{i * 7919}") + "\n" for i in range(2000))
     packed = gzip.compress(body.encode())
-    (landing / "broken.jsonl.gz").write_bytes(packed[: len(packed) // 2])  # cut off mid-stream
+    # Cut off before its first line ends (a file cut later keeps the lines before the cut: test_hostile.py).
+    (landing / "broken.jsonl.gz").write_bytes(packed[:40])
     (landing / "notgzip.jsonl.gz").write_bytes(b"plain text, not gzip\n")
     (landing / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
     (landing / "still-writing.jsonl.part").write_text(_event(messageId="later") + "\n")

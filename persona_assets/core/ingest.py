@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import csv
 import functools
-import gzip
 import hashlib
+import io
 import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 import duckdb
 import numpy as np
@@ -94,7 +95,8 @@ class FileReport:
 class IngestReport:
     files: list[FileReport] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)  # links that lead outside the landing folder
+    refused: list[str] = field(default_factory=list)  # entries not read: a link outside, a directory, a FIFO...
+    refusals: dict[str, str] = field(default_factory=dict)  # each refused entry's reason
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -110,22 +112,37 @@ def file_format(path: Path) -> str | None:
     return None
 
 
+def _event_file_name(path: Path) -> bool:
+    """A name landing reads: an event file's suffix, not hidden, not still being written."""
+    return not path.name.startswith(".") and not path.name.endswith(PARTIAL_SUFFIXES) and bool(file_format(path))
+
+
+def refusal(path: Path, landing: Path) -> str | None:
+    """Why a landing entry with an event file's name is not read, or None for a regular file in the folder.
+
+    Nothing here opens the entry, so a FIFO named `*.jsonl` never blocks a run."""
+    try:
+        mode = path.stat().st_mode  # follows a link
+    except OSError:
+        return "a link that leads nowhere" if path.is_symlink() else "gone while the folder was read"
+    if not _inside(path, landing):
+        return "leads outside the landing folder"
+    if S_ISDIR(mode):
+        return "a directory"
+    if not S_ISREG(mode):
+        return "not a regular file (a FIFO, socket or device)"
+    return None
+
+
 def landing_files(landing: Path) -> list[Path]:
     """Complete event files at the top of the landing folder, oldest first.
 
-    Files still being written (`*.tmp`, `*.part`, hidden files) are left for later.
+    Files still being written (`*.tmp`, `*.part`, hidden files) are left for later; entries that
+    are not regular files in the folder are refused (`refused_files`).
     """
     if not landing.is_dir():
         return []
-    found = [
-        p
-        for p in landing.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and not p.name.endswith(PARTIAL_SUFFIXES)
-        and file_format(p)
-        and _inside(p, landing)
-    ]
+    found = [p for p in landing.iterdir() if _event_file_name(p) and refusal(p, landing) is None]
     return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
@@ -135,11 +152,12 @@ def _inside(path: Path, landing: Path) -> bool:
     return path.resolve().parent == landing.resolve()
 
 
-def refused_files(landing: Path) -> list[str]:
-    """Landing entries that lead outside the landing folder, by name (never read)."""
+def refused_files(landing: Path) -> dict[str, str]:
+    """Landing entries with an event file's name that are never read, by name, each with its reason."""
     if not landing.is_dir():
-        return []
-    return sorted(p.name for p in landing.iterdir() if p.is_file() and file_format(p) and not _inside(p, landing))
+        return {}
+    found = {p.name: refusal(p, landing) for p in landing.iterdir() if _event_file_name(p)}
+    return {name: why for name, why in sorted(found.items()) if why is not None}
 
 
 def checksum(path: Path) -> str:
@@ -162,59 +180,229 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
 
 # --- reading: every format becomes Arrow batches of (line, raw, <flat columns>) -------------
 
+BOM = b"\xef\xbb\xbf"
+GZIP_INPUT = 1 << 20  # compressed bytes handed to zlib at a time
+HEAD_BYTES = 4 * RAW_TEXT_LIMIT  # bytes kept of a line too long to hold: RAW_TEXT_LIMIT characters at most
+HEADER_CHARS = 1 << 20  # a CSV header is looked for in this much of the file
+# What reading a damaged or hostile file raises; and of those, what is the machine's failure, not the
+# file's (it stops the run instead of marking the file unreadable for good).
+READ_ERRORS = (
+    OSError, EOFError, zlib.error, csv.Error, UnicodeError, ValueError, KeyError, IndexError, OverflowError,
+    RecursionError, pa.ArrowException, duckdb.Error,
+)  # fmt: skip
+NOT_FILE_ERRORS = (
+    duckdb.OutOfMemoryException, duckdb.IOException, duckdb.InterruptException, duckdb.FatalException,
+    pa.ArrowMemoryError,
+)  # fmt: skip
 
-def _json_line_batches(path: Path, chunk_bytes: int) -> Iterator[pa.Table]:
+
+class UnreadableFile(Exception):
+    """A landing file, or its rest from some point on, that cannot be read (a bad gzip stream, a
+    broken Parquet file, a CSV header naming a column twice)."""
+
+
+def _damage(exc: BaseException, where: str = "") -> UnreadableFile:
+    """The file's damage as UnreadableFile, `where` saying what could not be read; a failure of the
+    machine is raised as itself."""
+    if isinstance(exc, NOT_FILE_ERRORS) or not isinstance(exc, READ_ERRORS):
+        raise exc
+    return UnreadableFile(f"{where}{type(exc).__name__}: {exc}"[:300])
+
+
+def _file_blocks(path: Path, size: int) -> Iterator[bytes]:
+    """A landing file's bytes in blocks of about `size`, decompressed for `.gz`. A damaged gzip
+    stream gives every byte it holds before the damage, then raises."""
+    with open(path, "rb") as fh:
+        if not path.name.endswith(".gz"):
+            while block := fh.read(size):
+                yield block
+            return
+        pending: list[bytes] = []
+        held, error = 0, None
+        try:
+            for piece in _gunzip(fh, size):
+                pending.append(piece)
+                held += len(piece)
+                if held >= size:
+                    yield b"".join(pending)
+                    pending, held = [], 0
+        except READ_ERRORS as exc:
+            error = exc
+        if pending:
+            yield b"".join(pending)
+        if error is not None:
+            raise error
+
+
+def _gunzip(fh, size: int) -> Iterator[bytes]:
+    """The decompressed pieces (at most `size` bytes each) of a gzip file's members in turn.
+
+    Unlike `gzip.open`, a stream cut short yields all it holds before raising, and a piece is
+    bounded however much one compressed block expands (a 400 KB file can hold a 400 MB line)."""
+    inflate, data, in_member, full = zlib.decompressobj(wbits=31), b"", False, False
+    while True:
+        if not data and not full:
+            data = fh.read(GZIP_INPUT)
+            if not data:
+                break
+        if not in_member:
+            data = data.lstrip(b"\0")  # zero padding after the last member, as gzip allows
+            if not data:
+                continue
+            in_member = True
+        piece = inflate.decompress(data, size)
+        data, full = inflate.unconsumed_tail, len(piece) == size
+        if piece:
+            yield piece
+        if inflate.eof:
+            data, inflate, in_member, full = inflate.unused_data, zlib.decompressobj(wbits=31), False, False
+    if in_member:
+        raise EOFError("the gzip stream ends before its end marker")
+
+
+def _line_ends(data: bytes, final: bool) -> np.ndarray:
+    """Offsets of the line ends in `data`: LF, the LF of CRLF, and a lone CR. A CR closing a block
+    that is not the last may be the first half of a CRLF, so it is left for the next block."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    ends = arr == 10
+    if b"\r" in data:  # a byte search; most files have no CR
+        lone = arr == 13
+        lone[:-1] &= ~ends[1:]
+        lone[-1] &= final
+        ends |= lone
+    return np.flatnonzero(ends)
+
+
+def _utf8_head(data: bytes, size: int) -> bytes:
+    """The first `size` bytes of `data`, cut before a character, not inside one."""
+    cut = min(size, len(data))
+    while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return data[:cut]
+
+
+class _LineSplitter:
+    """Numbered lines from consecutive blocks of a file (see `_json_line_batches`).
+
+    The start of a line not ended yet is held until a later block ends it; one longer than
+    `max_line_bytes` is not held: its head is kept, the rest skipped to its end."""
+
+    def __init__(self, max_line_bytes: int):
+        self.max_line_bytes = max_line_bytes
+        self.lines = 0  # lines given so far
+        self.rest = b""  # the start of the line not ended yet
+        self.head: bytes | None = None  # the head of an overlong line being skipped
+        self.started = False  # the file's first bytes were seen (a byte-order mark there is dropped)
+
+    def feed(self, block: bytes, final: bool = False) -> Iterator[pa.Table]:
+        data = self.rest + block
+        if not self.started:
+            if len(data) < len(BOM) and BOM.startswith(data) and not final:
+                self.rest = data
+                return
+            data, self.started = data.removeprefix(BOM), True
+        if final and data and self.head is None and data[-1:] not in (b"\n", b"\r"):
+            data += b"\n"  # the last line, unterminated
+        ends, start = _line_ends(data, final), 0
+        if self.head is not None:
+            if not len(ends):
+                self.rest = b"\r" if data.endswith(b"\r") else b""
+                if final:
+                    yield self._overlong()
+                return
+            yield self._overlong()
+            start, ends = int(ends[0]) + 1, ends[1:]
+        if len(ends):
+            yield _line_table(data[start : ends[-1] + 1], ends - start, self.lines)
+            self.lines += len(ends)
+            start = int(ends[-1]) + 1
+        self.rest = data[start:]
+        if len(self.rest) > self.max_line_bytes:
+            self.head = _utf8_head(self.rest, HEAD_BYTES)
+            self.rest = b"\r" if self.rest.endswith(b"\r") else b""
+
+    def _overlong(self) -> pa.Table:
+        table = _line_table(self.head + b"\n", np.array([len(self.head)]), self.lines, too_long=True)
+        self.head = None
+        self.lines += 1
+        return table
+
+
+def _json_line_batches(path: Path, chunk_bytes: int, max_line_bytes: int) -> Iterator[pa.Table]:
     """Split a (gzipped) JSON-lines file into numbered lines, without parsing them.
 
-    Newlines are found with numpy and the lines handed to Arrow as offsets into the
-    block read, so no Python object is made per line.
+    Newlines are found with numpy and the lines handed to Arrow as offsets into the block read,
+    so no Python object is made per line. A line ends at LF, CRLF or a lone CR; a byte-order mark
+    opening the file is not part of the first line; memory stays within a block and one line of
+    `max_line_bytes`. A damaged file gives its lines up to the damage, then UnreadableFile.
     """
-    opener = gzip.open if path.name.endswith(".gz") else open
-    line_no = 0
-    rest = b""
-    with opener(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk_bytes)
-            if not block:
-                break
-            data = rest + block
-            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
-            if len(ends) == 0:
-                rest = data
-                continue
-            rest = data[ends[-1] + 1 :]
-            yield _line_table(data[: ends[-1] + 1], ends, line_no)
-            line_no += len(ends)
-    if rest:
-        yield _line_table(rest + b"\n", np.array([len(rest)]), line_no)
+    lines, blocks = _LineSplitter(max_line_bytes), _file_blocks(path, chunk_bytes)
+    while True:
+        try:
+            block = next(blocks)
+        except StopIteration:
+            break
+        except READ_ERRORS as exc:
+            yield from lines.feed(b"", final=True)
+            raise _damage(exc, f"unreadable after line {lines.lines}: ") from exc
+        yield from lines.feed(block)
+    yield from lines.feed(b"", final=True)
 
 
-def _line_table(data: bytes, ends: np.ndarray, first: int) -> pa.Table:
-    """Lines of `data` ending at the newline offsets `ends`, numbered from first + 1."""
+def _line_table(data: bytes, ends: np.ndarray, first: int, too_long: bool = False) -> pa.Table:
+    """Lines of `data` ending at the line-end offsets `ends`, numbered from first + 1."""
     offsets = np.concatenate(([0], ends + 1)).astype(np.int64)
     binary = pa.LargeBinaryArray.from_buffers(
         pa.large_binary(), len(ends), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
     )
     numbers = pa.array(np.arange(first + 1, first + 1 + len(ends), dtype=np.int64))
-    try:
-        text = binary.cast(pa.large_string())
-        bad_utf8 = pa.array(np.zeros(len(ends), dtype=bool))
-    except pa.ArrowInvalid:
-        lines = binary.to_pylist()
-        decoded = [b.decode("utf-8", errors="replace") for b in lines]
-        text = pa.array(decoded, pa.large_string())
-        bad_utf8 = pa.array([d.encode("utf-8") != b for d, b in zip(decoded, lines)])
+    text, bad = _utf8(binary)
     text = pc.utf8_rtrim(text, characters="\r\n")
-    return pa.table({"line": numbers, "raw": text, "bad_utf8": bad_utf8})
+    bad_utf8 = np.zeros(len(ends), dtype=bool) if bad is None else bad
+    return pa.table({"line": numbers, "raw": text, "bad_utf8": bad_utf8, "too_long": np.full(len(ends), too_long)})
+
+
+def _utf8(binary: pa.Array) -> tuple[pa.Array, np.ndarray | None]:
+    """Binary values as text, and which were not valid UTF-8 (None when all were; a bad one has
+    U+FFFD for each bad byte)."""
+    target = pa.large_string() if pa.types.is_large_binary(binary.type) else pa.string()
+    try:
+        return binary.cast(target), None
+    except pa.ArrowInvalid:
+        values = binary.to_pylist()  # a rare block: one Python object per value
+        decoded = [None if b is None else b.decode("utf-8", errors="replace") for b in values]
+        bad = [b is not None and d.encode("utf-8") != b for d, b in zip(decoded, values)]
+        return pa.array(decoded, target), np.array(bad, dtype=bool)
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The CSV header's names (a byte-order mark dropped, a quoted line break kept)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+        head = fh.read(HEADER_CHARS)
+    return next(csv.reader(io.StringIO(head)), [])
+
+
+def _read_columns(names: list[str], sources: tuple[str, ...]) -> list[str]:
+    """The columns read from a CSV or Parquet file: Segment's flat names and a mapping's, each once.
+    A file naming one of them twice is ambiguous, so it is refused whole."""
+    wanted = list(dict.fromkeys((*FLAT_COLUMNS, *sources)))
+    for name in wanted:
+        if names.count(name) > 1:
+            raise UnreadableFile(f"the header names {name!r} {names.count(name)} times")
+    return wanted
 
 
 def _csv_batches(path: Path, chunk_bytes: int, sources: tuple[str, ...] = ()) -> Iterator[pa.Table]:
     """CSV rows as strings with their line numbers; rows of the wrong width become bad rows.
-    `sources`: the columns a mapping reads, kept besides the Segment ones."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-        header = next(csv.reader([fh.readline()]), [])
+    `sources`: the columns a mapping reads, kept besides the Segment ones.
+
+    Only the columns read are converted, each as bytes then text, so no value is typed by guessing
+    and a row that is not UTF-8 is one bad row. What a file holds before a row Arrow cannot parse
+    is given, then UnreadableFile."""
+    header = _csv_header(path)
     if not header:
         raise UnreadableFile("CSV file without a header line")
+    wanted = _read_columns(header, sources)
     invalid: list[tuple[int, str]] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
@@ -226,14 +414,23 @@ def _csv_batches(path: Path, chunk_bytes: int, sources: tuple[str, ...] = ()) ->
         read_options=pacsv.ReadOptions(block_size=min(chunk_bytes, 1 << 24), use_threads=False),
         parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
         convert_options=pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in header},
+            column_types={name: pa.binary() for name in wanted},
+            include_columns=wanted,
+            include_missing_columns=True,
             strings_can_be_null=True,
             quoted_strings_can_be_null=True,
         ),
     )
     next_line = 2  # line 1 is the header
-    for batch in reader:
-        # Valid rows fill the line numbers the invalid ones (reported during this batch) did not take.
+    while True:
+        try:
+            batch = next(reader)
+        except StopIteration:
+            break
+        except READ_ERRORS as exc:
+            raise _damage(exc, f"unreadable after line {next_line - 1}: ") from exc
+        # Valid rows fill the line numbers the invalid ones did not take. Arrow parses ahead, so an
+        # invalid row reported by now may belong to a later batch: it waits for its place.
         taken = sorted(n for n, _ in invalid)
         numbers: list[int] = []
         line = next_line
@@ -246,9 +443,9 @@ def _csv_batches(path: Path, chunk_bytes: int, sources: tuple[str, ...] = ()) ->
                 continue
             numbers.append(line)
             line += 1
-        bad = [(n, t) for n, t in invalid if n >= next_line]
-        next_line = max([line] + [n + 1 for n, _ in bad])
-        invalid.clear()
+        bad = [(n, t) for n, t in invalid if n < line]
+        invalid[:] = [(n, t) for n, t in invalid if n >= line]
+        next_line = line
         yield _flat_table(pa.Table.from_batches([batch]), numbers, sources)
         if bad:
             yield _bad_rows_table(bad, sources)
@@ -257,12 +454,27 @@ def _csv_batches(path: Path, chunk_bytes: int, sources: tuple[str, ...] = ()) ->
 
 
 def _parquet_batches(path: Path, rows: int = 500_000, sources: tuple[str, ...] = ()) -> Iterator[pa.Table]:
+    """A Parquet file's rows, numbered from 1, with the columns read as text (`_text`), a row group at
+    a time: what the file holds before a row group that cannot be read is given, then UnreadableFile."""
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        wanted = [name for name in _read_columns(names, sources) if name in names]
+        total = parquet.metadata.num_rows
+    except READ_ERRORS as exc:
+        raise _damage(exc) from exc
     first = 1
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
-        table = pa.Table.from_batches([batch])
-        table = pa.table({name: table[name].cast(pa.string()) for name in table.column_names})
-        yield _flat_table(table, list(range(first, first + table.num_rows)), sources)
-        first += table.num_rows
+    for group in range(parquet.num_row_groups):
+        batches = parquet.iter_batches(batch_size=rows, row_groups=[group], columns=wanted, use_threads=False)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except READ_ERRORS as exc:
+                raise _damage(exc, f"rows {first} to {total} of {total} unreadable: ") from exc
+            yield _flat_table(pa.Table.from_batches([batch]), list(range(first, first + batch.num_rows)), sources)
+            first += batch.num_rows
 
 
 def _source_column(i: int) -> str:
@@ -271,14 +483,60 @@ def _source_column(i: int) -> str:
 
 
 def _flat_table(table: pa.Table, numbers: list[int], sources: tuple[str, ...] = ()) -> pa.Table:
-    cols = {"line": pa.array(numbers, pa.int64()), "malformed": pa.nulls(table.num_rows, pa.string())}
+    n = len(numbers)
+    bad_utf8 = np.zeros(n, dtype=bool)
+
+    def text(name: str) -> pa.Array:
+        if name not in table.column_names:
+            return pa.nulls(n, pa.string())
+        values, bad = _text(table[name])
+        if bad is not None:
+            bad_utf8[:] |= bad
+        return values
+
+    cols = {"line": pa.array(numbers, pa.int64()), "malformed": pa.nulls(n, pa.string())}
     for flat in FLAT_COLUMNS:
-        cols[flat] = table[flat] if flat in table.column_names else pa.nulls(table.num_rows, pa.string())
+        cols[flat] = text(flat)
     for i, source in enumerate(sources):
-        cols[_source_column(i)] = (
-            table[source] if source in table.column_names else pa.nulls(table.num_rows, pa.string())
-        )
+        cols[_source_column(i)] = text(source)
+    cols["bad_utf8"] = pa.array(bad_utf8)
     return pa.table(cols)
+
+
+def _text(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray | None]:
+    """A CSV or Parquet column as text, and which rows were not valid UTF-8 (None when all were).
+
+    Bytes are decoded; numbers, dates and times printed as Arrow prints them (a time zone as an
+    offset); lists, structs and maps written as JSON. A type none of these reads raises UnreadableFile."""
+    values = column.combine_chunks()
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    kind = values.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return values, None
+    if pa.types.is_fixed_size_binary(kind):
+        values, kind = values.cast(pa.binary()), pa.binary()
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        text, bad = _utf8(values)
+        return text, bad
+    if not pa.types.is_nested(kind):
+        try:
+            return values.cast(pa.string()), None
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            pass
+    return _json_text(values), None
+
+
+def _json_text(values: pa.Array) -> pa.Array:
+    """Values as JSON text, written by DuckDB (in a connection of its own, so an error here is no
+    error of the warehouse's)."""
+    with duckdb.connect() as scratch:
+        try:
+            scratch.register("_values", pa.table({"i": np.arange(len(values)), "v": values}))
+            result = scratch.execute("SELECT to_json(v)::VARCHAR AS v FROM _values ORDER BY i").to_arrow_table()
+        except READ_ERRORS as exc:
+            raise _damage(exc, f"values of type {values.type} cannot be read as text: ") from exc
+    return result["v"].combine_chunks()
 
 
 def _bad_rows_table(rows: list[tuple[int, str]], sources: tuple[str, ...] = ()) -> pa.Table:
@@ -291,6 +549,7 @@ def _bad_rows_table(rows: list[tuple[int, str]], sources: tuple[str, ...] = ()) 
         cols[flat] = pa.nulls(n, pa.string())
     for i in range(len(sources)):
         cols[_source_column(i)] = pa.nulls(n, pa.string())
+    cols["bad_utf8"] = pa.array(np.zeros(n, dtype=bool))
     return pa.table(cols)
 
 
@@ -345,7 +604,8 @@ def _json_select(mapping: FileMapping | None = None) -> str:
     return f"""
 WITH lines AS (
   SELECT line, raw,
-    CASE WHEN bad_utf8 THEN 'invalid_utf8'
+    CASE WHEN too_long THEN 'line_too_long'
+         WHEN bad_utf8 THEN 'invalid_utf8'
          WHEN trim(raw) = '' THEN 'empty_line'
          WHEN strlen(raw) > $max_line_bytes THEN 'line_too_long'
          WHEN NOT json_valid(raw) THEN 'malformed_json' END AS early_error
@@ -406,7 +666,7 @@ def _flat_select(mapping: FileMapping | None = None) -> str:
     return f"""
 SELECT line,
   coalesce(malformed, {raw}) AS raw,
-  CASE WHEN malformed IS NOT NULL THEN 'malformed_row' END AS parse_error,
+  CASE WHEN malformed IS NOT NULL THEN 'malformed_row' WHEN bad_utf8 THEN 'invalid_utf8' END AS parse_error,
   CASE WHEN malformed IS NULL AND {products} IS NOT NULL AND NOT json_valid({products})
        THEN 'properties.products' END AS bad_field,
 {values}
@@ -568,6 +828,7 @@ STAGE_COLUMNS = [
 
 
 def _create_stage(con: duckdb.DuckDBPyConnection) -> None:
+    """The staged lines of the group of files being read, and the files (`_files`, their ledger rows to be)."""
     con.execute("DROP TABLE IF EXISTS _stage")
     con.execute(
         """CREATE TEMP TABLE _stage (
@@ -579,21 +840,31 @@ def _create_stage(con: duckdb.DuckDBPyConnection) -> None:
         timezone VARCHAR, locale VARCHAR, page_url VARCHAR, category VARCHAR, product_id VARCHAR,
         price DOUBLE, quantity BIGINT, revenue DOUBLE, order_id VARCHAR, products VARCHAR, search_query VARCHAR)"""
     )
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE _files (batch_id BIGINT, file_name VARCHAR, checksum VARCHAR,
+           size_bytes BIGINT, mtime_ns BIGINT, file_format VARCHAR, status VARCHAR, lines_read BIGINT,
+           error VARCHAR)"""
+    )
 
 
-def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: int, file_order: int,
-                opts: IngestOptions, params: dict) -> int:  # fmt: skip
-    """Read one file into `_stage`, through its mapping if one matches its name; returns the number
-    of lines read."""
+def _reader(path: Path, fmt: str, opts: IngestOptions) -> tuple[Iterator[pa.Table], str, FileMapping | None]:
+    """A file's chunks, the query from a chunk to one VARCHAR per field, and its mapping if one matches
+    its name."""
     mapping = mapping_for(opts.mappings, path.name)
     sources = mapping.source_columns() if mapping is not None else ()
     if fmt in ("jsonl", "jsonl.gz"):
-        batches, select = _json_line_batches(path, opts.chunk_bytes), _json_select(mapping)
-    elif fmt == "csv":
-        batches, select = _csv_batches(path, opts.chunk_bytes, sources), _flat_select(mapping)
-    else:
-        batches, select = _parquet_batches(path, sources=sources), _flat_select(mapping)
-    batches = iter(batches)
+        return _json_line_batches(path, opts.chunk_bytes, opts.max_line_bytes), _json_select(mapping), mapping
+    if fmt == "csv":
+        return _csv_batches(path, opts.chunk_bytes, sources), _flat_select(mapping), mapping
+    return _parquet_batches(path, sources=sources), _flat_select(mapping), mapping
+
+
+def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: int, file_order: int,
+                opts: IngestOptions, params: dict) -> tuple[int, str | None]:  # fmt: skip
+    """Read one file into `_stage`, through its mapping if one matches its name; returns the number
+    of lines read and, for a file damaged part-way, why the rest could not be read. A file of which
+    nothing can be read raises."""
+    batches, select, mapping = _reader(path, fmt, opts)
     if mapping is not None:
         select = _mapping_select(select, mapping)
     sql = _validate_select(select, mapping.timestamp_format if mapping is not None else "iso")
@@ -611,16 +882,17 @@ def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: 
         try:
             chunk = next(batches)
         except StopIteration:
-            break
-        except (UnreadableFile, *READ_ERRORS) as exc:
-            raise UnreadableFile(f"{type(exc).__name__}: {exc}") from exc
+            return lines, None
+        except UnreadableFile as exc:
+            if not lines:
+                raise
+            return lines, str(exc)
         con.register("_chunk", chunk)
         try:
             con.execute(insert, bound)
         finally:
             con.unregister("_chunk")
         lines += chunk.num_rows
-    return lines
 
 
 def contract_params(opts: IngestOptions | None = None, now: datetime | None = None) -> dict:
@@ -645,6 +917,7 @@ def query_lines(con: duckdb.DuckDBPyConnection, lines: list[str], params: dict, 
             "line": pa.array(range(1, len(lines) + 1), pa.int64()),
             "raw": pa.array(lines, pa.large_string()),
             "bad_utf8": pa.array(bad_utf8, pa.bool_()),
+            "too_long": pa.array([False] * len(lines), pa.bool_()),
         }
     )
     sql = f"""SELECT line, reason, detail, coalesce(message_id, 'derived-' || sha256(raw)) AS message_id,
@@ -657,13 +930,6 @@ def query_lines(con: duckdb.DuckDBPyConnection, lines: list[str], params: dict, 
         return [dict(zip(names, row)) for row in result.fetchall()]
     finally:
         con.unregister("_chunk")
-
-
-READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowInvalid)
-
-
-class UnreadableFile(Exception):
-    """A landing file that cannot be read at all (bad gzip, broken Parquet, not CSV)."""
 
 
 def _normalize_phones(con: duckdb.DuckDBPyConnection) -> None:
@@ -747,7 +1013,7 @@ def _finish_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: d
     con.execute(
         """INSERT INTO quarantined_events
            SELECT batch_id, file_name, NULL, 'unreadable_file', error, NULL, now()::TIMESTAMP
-           FROM _files WHERE status = 'unreadable'"""
+           FROM _files WHERE error IS NOT NULL"""
     )
     con.execute(
         """INSERT INTO ingest_files BY NAME
@@ -768,6 +1034,76 @@ def _finish_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: d
     con.execute("DELETE FROM _files")
 
 
+def _commit_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, run_id: str | None,
+                  suppress: bool, last: bool) -> None:  # fmt: skip
+    """Publish the staged files and their ledger rows in one transaction."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if con.execute("SELECT count(*) FROM _files").fetchall()[0][0]:
+            _finish_group(con, opts, params, run_id, suppress)
+        if last:
+            kill_point(["raw_events", "ingest_files"])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+@dataclass
+class _Landed:
+    """A landing file not yet in the ledger."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    digest: str
+
+
+def _new_files(con: duckdb.DuckDBPyConnection, landing: Path, only: set[str] | None,
+               report: IngestReport) -> Iterator[_Landed]:  # fmt: skip
+    """The landing files not in the ledger (by name, size and mtime, then by name and checksum), oldest
+    first; the others are listed in the report as skipped, or refused for this run if they cannot be
+    opened."""
+    known = con.execute("SELECT file_name, size_bytes, mtime_ns, checksum FROM ingest_files").fetchall()
+    by_stat = {(n, s, m) for n, s, m, _ in known}
+    by_sum = {(n, c) for n, _, _, c in known}
+    for path in landing_files(landing):
+        if only is not None and path.name not in only:
+            continue
+        try:
+            info = path.stat()
+            if (path.name, info.st_size, info.st_mtime_ns) in by_stat:
+                report.skipped.append(path.name)
+                continue
+            digest = checksum(path)
+        except OSError as exc:  # gone, or not ours to read: a later run tries again
+            report.refusals[path.name] = f"cannot be read: {exc.strerror or exc}"
+            continue
+        if (path.name, digest) in by_sum:
+            report.skipped.append(path.name)
+            continue
+        yield _Landed(path, info.st_size, info.st_mtime_ns, digest)
+
+
+def _stage_landed(con: duckdb.DuckDBPyConnection, landed: _Landed, batch_id: int, order: int, opts: IngestOptions,
+                  params: dict) -> None:  # fmt: skip
+    """Stage one file and its ledger row. Nothing in a file can stop the run: staging runs outside any
+    transaction, so a DuckDB error on one file's chunk undoes that statement only, and a file of which
+    nothing can be read is quarantined whole (`unreadable_file`) while the others go on."""
+    fmt = file_format(landed.path)
+    try:
+        lines, error = _stage_file(con, landed.path, fmt, batch_id, order, opts, params)
+    except (UnreadableFile, *READ_ERRORS) as exc:
+        why = exc if isinstance(exc, UnreadableFile) else _damage(exc)
+        con.execute("DELETE FROM _stage WHERE batch_id = ?", [batch_id])
+        lines, error = 0, f"unreadable ({landed.size} bytes): {why}"
+    con.execute(
+        "INSERT INTO _files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [batch_id, landed.path.name, landed.digest, landed.size, landed.mtime_ns, fmt,
+         "ingested" if lines or error is None else "unreadable", lines, error],
+    )  # fmt: skip
+
+
 def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: IngestOptions | None = None,
            run_id: str | None = None, now: datetime | None = None,
            only: set[str] | None = None) -> IngestReport:  # fmt: skip
@@ -775,78 +1111,35 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
 
     Files are committed in groups of about `stage_bytes` of input, each group with its ledger
     rows in one transaction: a failure leaves every earlier group complete and nothing of its
-    own group, and the next run picks up the files not yet in the ledger.
+    own group, and the next run picks up the files not yet in the ledger. Files are staged
+    outside the transaction, so no file's content can abort it (`_stage_landed`).
     """
     opts = opts or IngestOptions()
     started = time.perf_counter()
     now = now or datetime.now(UTC).replace(tzinfo=None)
     report = IngestReport()
     ensure_tables(con)
-    params = {
-        **hmac_params(key),
-        "max_line_bytes": opts.max_line_bytes,
-        "max_id_chars": opts.max_id_chars,
-        "min_event_at": opts.min_event_at,
-        "max_event_at": now + timedelta(hours=opts.max_future_hours),
-    }
+    params = {**hmac_params(key), **contract_params(opts, now)}
     suppress = active_erasures(con) > 0
-    known = con.execute("SELECT file_name, size_bytes, mtime_ns, checksum FROM ingest_files").fetchall()
-    by_stat = {(n, s, m) for n, s, m, _ in known}
-    by_sum = {(n, c) for n, _, _, c in known}
-    con.execute("BEGIN TRANSACTION")
+    report.refusals = refused_files(landing)
+    next_batch = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files").fetchall()[0][0]
+    order, staged_bytes = 0, 0
     try:
         _create_stage(con)
-        con.execute(
-            """CREATE OR REPLACE TEMP TABLE _files (batch_id BIGINT, file_name VARCHAR, checksum VARCHAR,
-               size_bytes BIGINT, mtime_ns BIGINT, file_format VARCHAR, status VARCHAR, lines_read BIGINT,
-               error VARCHAR)"""
-        )
-        next_batch = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files").fetchall()[0][0]
-        order, staged_bytes = 0, 0
-        report.refused = refused_files(landing)
-        for path in landing_files(landing):
-            if only is not None and path.name not in only:
-                continue
-            stat = path.stat()
-            if (path.name, stat.st_size, stat.st_mtime_ns) in by_stat:
-                report.skipped.append(path.name)
-                continue
-            digest = checksum(path)
-            if (path.name, digest) in by_sum:
-                report.skipped.append(path.name)
-                continue
-            fmt = file_format(path)
-            batch_id = next_batch + order
+        for landed in _new_files(con, landing, only, report):
             order += 1
-            try:
-                lines = _stage_file(con, path, fmt, batch_id, order, opts, params)
-                status, error = "ingested", None
-            except UnreadableFile as exc:
-                # A file that cannot be read at all is quarantined whole; the rest of the batch goes on.
-                con.execute("DELETE FROM _stage WHERE batch_id = ?", [batch_id])
-                lines, status, error = 0, "unreadable", str(exc)[:500]
-            con.execute(
-                "INSERT INTO _files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [batch_id, path.name, digest, stat.st_size, stat.st_mtime_ns, fmt, status, lines, error],
-            )
-            staged_bytes += stat.st_size
+            _stage_landed(con, landed, next_batch + order - 1, order, opts, params)
+            staged_bytes += landed.size
             if staged_bytes >= opts.stage_bytes:
                 # A big landing folder commits a group of whole files at a time: memory stays
                 # bounded, and a run killed later resumes after the last committed group.
-                _finish_group(con, opts, params, run_id, suppress)
-                con.execute("COMMIT")
-                con.execute("BEGIN TRANSACTION")
+                _commit_group(con, opts, params, run_id, suppress, last=False)
                 staged_bytes = 0
-        if order:
-            _finish_group(con, opts, params, run_id, suppress)
-        kill_point(["raw_events", "ingest_files"])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        _commit_group(con, opts, params, run_id, suppress, last=True)
     finally:
-        for name in ("_stage", "_files", "_phone_map"):
+        for name in ("_stage", "_files", "_phone_map", "_suppressed"):
             con.execute(f"DROP TABLE IF EXISTS {name}")
+    report.refused = sorted(report.refusals)
     if order:
         rows = con.execute(
             """SELECT file_name, status, lines_read, events_kept, lines_quarantined, duplicates, lines_suppressed
