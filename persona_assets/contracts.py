@@ -74,8 +74,8 @@ QUARANTINE_REASONS = (
     "bad_timestamp", "timestamp_out_of_range", "missing_event_name", "missing_previous_id",
     "field_too_long", "unreadable_file",
     # A negative, non-finite or absurd price or revenue (`core.events.MAX_AMOUNT`), a product list
-    # holding NaN or Infinity.
-    "bad_value",
+    # holding NaN or Infinity; a re-delivered messageId whose content differs from the copy kept.
+    "bad_value", "conflicting_redelivery",
 )  # fmt: skip
 
 

@@ -519,6 +519,26 @@ def test_an_offset_that_is_no_offset_is_a_bad_timestamp(tmp_path):
     ] * 4
 
 
+def test_a_half_written_last_line_completed_later_is_kept_and_no_longer_quarantined(tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    full = "".join(_line(messageId=f"h{i}") + "\n" for i in range(3)) + "{broken\n" + _line(messageId="last") + "\n"
+    path = landing / "growing.jsonl"
+    path.write_text(full[:-20])  # the writer is half-way through the last line
+    con = duckdb.connect()
+    first = ingest(con, landing, KEY, now=NOW)
+    assert first.total("lines_quarantined") == 2  # the broken line, and the half-written one
+    path.write_text(full)
+    second = ingest(con, landing, KEY, now=NOW)
+    assert [(f.lines_read, f.events_kept, f.lines_quarantined, f.duplicates) for f in second.files] == [(5, 1, 1, 3)]
+    assert [(line, reason) for _, line, reason, _ in _quarantine(con)] == [(4, "malformed_json")]
+    ledger = con.execute(
+        "SELECT lines_read, events_kept, lines_quarantined, duplicates FROM ingest_files ORDER BY batch_id"
+    )
+    assert ledger.fetchall() == [(3, 3, 0, 0), (5, 1, 1, 3)]
+    _assert_accounted(con)
+
+
 def test_a_line_too_long_is_streamed_not_held(tmp_path):
     # One 150 MB line in a 150 KB gzip: reading it must not hold it (the old reader took 2 GB for 400 MB).
     landing = tmp_path / "landing"
@@ -563,3 +583,85 @@ def test_a_directory_or_a_fifo_named_like_an_event_file_is_refused_and_never_blo
         "nowhere.csv": "a link that leads nowhere",
         "pipe.jsonl": "not a regular file (a FIFO, socket or device)",
     }
+
+
+# --- the same messageId with other content --------------------------------------------------------
+
+
+def test_a_redelivery_with_other_content_is_quarantined_naming_both_copies(tmp_path):
+    first = [_line(messageId="m1", properties={"revenue": 10}), _line(messageId="m2"), _line(messageId="m3")]
+    later = [
+        _line(messageId="m1", properties={"revenue": 99}),  # other content: a conflict
+        json.dumps(
+            {**json.loads(_line(messageId="m2")), "context": {"ip": "1.2.3.4"}}
+        ),  # nothing Persona keeps differs
+        _line(messageId="m3", timestamp="2026-09-01T12:00:00+02:00"),  # the same time, written otherwise
+        _line(messageId="m3", anonymousId="someone-else"),  # a second conflict, within this file too
+    ]
+    con, report = _run(
+        tmp_path,
+        {"a.jsonl": ("\n".join(first) + "\n").encode(), "b.jsonl": ("\n".join(later) + "\n").encode()},
+    )
+    assert {f.file_name: (f.events_kept, f.lines_quarantined, f.duplicates) for f in report.files} == {
+        "a.jsonl": (3, 0, 0),
+        "b.jsonl": (0, 2, 2),
+    }
+    rows = con.execute(
+        "SELECT source_file, source_line, reason, detail, raw_text FROM quarantined_events ORDER BY source_line"
+    ).fetchall()
+    assert [r[:4] for r in rows] == [
+        (
+            "b.jsonl",
+            1,
+            "conflicting_redelivery",
+            "b.jsonl line 1 differs from the copy kept from a.jsonl line 1 in revenue",
+        ),
+        (
+            "b.jsonl",
+            4,
+            "conflicting_redelivery",
+            "b.jsonl line 4 differs from the copy kept from a.jsonl line 3 in anonymous_id",
+        ),
+    ]
+    assert json.loads(rows[0][4])["properties"]["revenue"] == 99
+    assert con.execute("SELECT revenue FROM raw_events WHERE message_id = 'm1'").fetchall() == [(10.0,)]
+    _assert_accounted(con)
+    # A later run compares with the stored copy, and a CSV copy's text is its row as JSON.
+    csv = b"messageId,type,event,anonymousId,timestamp\nm2,track,Other Event,a1,2026-09-01T10:00:00Z\n"
+    con, report = _run(tmp_path, {"c.csv": csv}, con=con)
+    assert [(f.lines_quarantined, f.duplicates) for f in report.files] == [(1, 0)]
+    detail, raw = con.execute("SELECT detail, raw_text FROM quarantined_events WHERE source_file = 'c.csv'").fetchall()[
+        0
+    ]
+    assert detail == "c.csv line 2 differs from the copy kept from a.jsonl line 2 in event_name"
+    assert json.loads(raw)["event"] == "Other Event"
+    _assert_accounted(con)
+
+
+def test_the_nothing_lost_check_holds_with_conflicts_partial_and_unreadable_files(tmp_path):
+    from dagster_duckdb import DuckDBResource
+
+    from persona_assets.assets.ingest import CHECKS
+
+    body = "".join(_line(messageId=f"n{i}") + "\n" for i in range(300)).encode()
+    packed = gzip.compress(body)
+    path = tmp_path / "warehouse.duckdb"
+    with duckdb.connect(str(path)) as con:
+        _run(
+            tmp_path,
+            {
+                "a.jsonl": (_line(messageId="n1", properties={"price": 1}) + "\n").encode(),
+                "cut.jsonl.gz": packed[: len(packed) * 2 // 3],
+                "twice.csv": b"userId,userId\n1,2\n",
+            },
+            con=con,
+        )
+        assert {r[0] for r in _quarantine(con)} == {"cut.jsonl.gz", "twice.csv"}
+        _assert_accounted(con)
+    for check in CHECKS:
+        if {key.name for key in check.check_keys} & {
+            "nothing_lost",
+            "ingest_files_contract",
+            "quarantined_events_contract",
+        }:
+            assert check(warehouse=DuckDBResource(database=str(path))).passed, check.check_keys

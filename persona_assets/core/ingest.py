@@ -161,11 +161,24 @@ def refused_files(landing: Path) -> dict[str, str]:
 
 
 def checksum(path: Path) -> str:
-    digest = hashlib.sha256()
+    return _digests(path)[0]
+
+
+def _digests(path: Path, prefix_bytes: int | None = None) -> tuple[str, str | None]:
+    """The file's SHA-256, and that of its first `prefix_bytes` when the file is longer (else None):
+    a file that grew by appending starts with the version read before."""
+    digest, prefix, read = hashlib.sha256(), None, 0
     with open(path, "rb") as fh:
         while block := fh.read(8 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
+            cut = -1 if prefix_bytes is None else prefix_bytes - read
+            if 0 <= cut < len(block):
+                digest.update(block[:cut])
+                prefix = digest.hexdigest()
+                digest.update(block[cut:])
+            else:
+                digest.update(block)
+            read += len(block)
+    return digest.hexdigest(), prefix
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -843,7 +856,7 @@ def _create_stage(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         """CREATE OR REPLACE TEMP TABLE _files (batch_id BIGINT, file_name VARCHAR, checksum VARCHAR,
            size_bytes BIGINT, mtime_ns BIGINT, file_format VARCHAR, status VARCHAR, lines_read BIGINT,
-           error VARCHAR)"""
+           error VARCHAR, path VARCHAR, extends BIGINT)"""
     )
 
 
@@ -999,6 +1012,7 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
           QUALIFY row_number() OVER (PARTITION BY k.message_id ORDER BY k.file_order, k.source_line) = 1
         )"""
     con.execute(insert, bind(insert, params))
+    _mark_conflicts(con, opts, select, phone_map, params)
     con.execute(
         f"""INSERT INTO quarantined_events
         SELECT s.batch_id, f.file_name, s.line, s.reason, s.detail, {_redact_sql("s.raw")}, now()::TIMESTAMP
@@ -1006,9 +1020,118 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
     )
 
 
+def _mark_conflicts(con: duckdb.DuckDBPyConnection, opts: IngestOptions, stored: dict[str, str], phone_map: str,
+                    params: dict) -> None:  # fmt: skip
+    """After publishing the kept events: a valid staged line not kept (a re-delivered copy of a kept
+    messageId) whose content differs from the kept copy becomes a quarantined `conflicting_redelivery`
+    naming both copies, so it is seen and counted as quarantined; an identical copy stays a counted
+    duplicate. `stored`: each raw_events column's expression over the stage `s`, so the copies are
+    compared as they would be stored.
+
+    Finding the copies is a join on (batch, line) integers; only they are typed and compared, and
+    both copies are fetched by row id."""
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE _copy_rows AS
+           SELECT s.rowid AS stage_row FROM _stage s
+           ANTI JOIN (SELECT batch_id, source_line FROM raw_events WHERE batch_id IN (SELECT batch_id FROM _files)) r
+             ON r.batch_id = s.batch_id AND r.source_line = s.line
+           WHERE s.reason IS NULL AND s.message_id IS NOT NULL"""
+    )
+    content = [c for c in stored if c not in ("message_id", "batch_id", "source_line")]
+    differs = ", ".join(f"CASE WHEN c.{c} IS DISTINCT FROM k.{c} THEN '{c}' END" for c in content)
+    typed = f"""CREATE OR REPLACE TEMP TABLE _copies AS
+        SELECT {", ".join(f"{expr} AS {c}" for c, expr in stored.items())}
+        FROM _stage s {phone_map} WHERE s.rowid IN (SELECT stage_row FROM _copy_rows)"""
+    con.execute(typed, bind(typed, params))
+    sql = f"""CREATE OR REPLACE TEMP TABLE _conflicts AS
+    WITH copies AS (FROM _copies),
+    kept AS (
+      FROM raw_events
+      WHERE rowid IN (SELECT rowid FROM raw_events WHERE message_id IN (SELECT message_id FROM _copies))
+    ), files AS (SELECT batch_id, file_name FROM ingest_files UNION ALL SELECT batch_id, file_name FROM _files)
+    SELECT c.batch_id, c.source_line AS line,
+      cf.file_name || ' line ' || c.source_line || ' differs from the copy kept from '
+        || coalesce(kf.file_name, 'an earlier batch') || ' line ' || k.source_line || ' in ' || concat_ws(', ', {differs})
+        AS detail
+    FROM copies c JOIN kept k ON k.message_id = c.message_id
+    JOIN files cf ON cf.batch_id = c.batch_id LEFT JOIN files kf ON kf.batch_id = k.batch_id
+    WHERE {" OR ".join(f"c.{c} IS DISTINCT FROM k.{c}" for c in content)}"""
+    con.execute(sql)
+    if con.execute("SELECT count(*) FROM _conflicts").fetchall()[0][0]:
+        con.register("_conflict_texts", _conflict_texts(con, opts))
+        con.execute(
+            f"""UPDATE _stage s SET reason = 'conflicting_redelivery', detail = c.detail, raw = left(c.raw, {RAW_TEXT_LIMIT})
+                FROM (SELECT * FROM _conflicts LEFT JOIN _conflict_texts USING (batch_id, line)) c
+                WHERE s.batch_id = c.batch_id AND s.line = c.line"""
+        )
+        con.unregister("_conflict_texts")
+    for name in ("_copy_rows", "_copies", "_conflicts"):
+        con.execute(f"DROP TABLE {name}")
+
+
+def _conflict_texts(con: duckdb.DuckDBPyConnection, opts: IngestOptions) -> pa.Table:
+    """(batch_id, line, raw) of the conflicting copies, read again from their files: the stage keeps no
+    text of a valid line. A file that cannot be read again gives none (its rows keep their detail)."""
+    texts: list[tuple[int, int, str]] = []
+    wanted = con.execute(
+        "SELECT f.batch_id, f.path, f.file_format, list(c.line) FROM _conflicts c JOIN _files f USING (batch_id) "
+        "GROUP BY ALL"
+    ).fetchall()
+    for batch_id, path, fmt, lines in wanted:
+        try:
+            texts += [(batch_id, line, raw) for line, raw in _line_texts(Path(path), fmt, opts, lines)]
+        except (UnreadableFile, *READ_ERRORS) as exc:
+            if isinstance(exc, NOT_FILE_ERRORS):
+                raise
+            continue
+    batch_ids, lines, raws = zip(*texts) if texts else ((), (), ())
+    return pa.table(
+        {
+            "batch_id": pa.array(batch_ids, pa.int64()),
+            "line": pa.array(lines, pa.int64()),
+            "raw": pa.array(raws, pa.string()),
+        }
+    )
+
+
+def _line_texts(path: Path, fmt: str, opts: IngestOptions, lines: list[int]) -> list[tuple[int, str]]:
+    """The text of some lines of a landing file as its quarantine rows would hold it (a CSV or Parquet
+    row as JSON of its columns), read in a connection of its own."""
+    batches, select, mapping = _reader(path, fmt, opts)
+    if fmt in ("jsonl", "jsonl.gz"):
+        select = "SELECT line, raw FROM _chunk"
+    sql = f"SELECT line, raw FROM ({select}) WHERE list_contains($lines, line)"
+    bound = bind(sql, {**_mapping_params(mapping, fmt), "lines": lines})
+    found: list[tuple[int, str]] = []
+    with duckdb.connect() as scratch:
+        for chunk in batches:
+            scratch.register("_chunk", chunk)
+            found += scratch.execute(sql, bound).fetchall()
+            scratch.unregister("_chunk")
+    return found
+
+
+def _withdraw_regrown(con: duckdb.DuckDBPyConnection) -> None:
+    """A file that grew by appending is read again whole, its earlier version's lines with it. The
+    lines that version quarantined are counted again by the new one (as quarantined, or kept: a
+    half-written last line the writer has since completed), so that version's quarantine rows for
+    lines go and its ledger row reads as many lines fewer; both rows still add up."""
+    con.execute(
+        """UPDATE ingest_files f SET lines_read = f.lines_read - q.n, lines_quarantined = f.lines_quarantined - q.n
+           FROM (SELECT batch_id, count(*) AS n FROM quarantined_events
+                 WHERE source_line IS NOT NULL AND batch_id IN (SELECT extends FROM _files) GROUP BY 1) q
+           WHERE f.batch_id = q.batch_id"""
+    )
+    con.execute(
+        """DELETE FROM quarantined_events
+           WHERE source_line IS NOT NULL AND batch_id IN (SELECT extends FROM _files)"""
+    )
+
+
 def _finish_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, run_id: str | None,
                   suppress: bool) -> None:  # fmt: skip
     """Move the staged files' lines to raw_events and quarantined_events and write their ledger rows."""
+    _withdraw_regrown(con)
     _publish_stage(con, opts, params, suppress)
     con.execute(
         """INSERT INTO quarantined_events
@@ -1057,6 +1180,7 @@ class _Landed:
     size: int
     mtime_ns: int
     digest: str
+    extends: int | None  # the batch of the earlier version it grew from by appending (`_withdraw_regrown`)
 
 
 def _new_files(con: duckdb.DuckDBPyConnection, landing: Path, only: set[str] | None,
@@ -1064,25 +1188,30 @@ def _new_files(con: duckdb.DuckDBPyConnection, landing: Path, only: set[str] | N
     """The landing files not in the ledger (by name, size and mtime, then by name and checksum), oldest
     first; the others are listed in the report as skipped, or refused for this run if they cannot be
     opened."""
-    known = con.execute("SELECT file_name, size_bytes, mtime_ns, checksum FROM ingest_files").fetchall()
+    known = con.execute("SELECT file_name, size_bytes, mtime_ns, checksum FROM ingest_files ORDER BY batch_id")
+    known = known.fetchall()
     by_stat = {(n, s, m) for n, s, m, _ in known}
     by_sum = {(n, c) for n, _, _, c in known}
+    latest = {n: (s, c) for n, s, _, c in known}  # each name's last version
+    batches = dict(con.execute("SELECT file_name, max(batch_id) FROM ingest_files GROUP BY 1").fetchall())
     for path in landing_files(landing):
         if only is not None and path.name not in only:
             continue
+        before = latest.get(path.name)
         try:
             info = path.stat()
             if (path.name, info.st_size, info.st_mtime_ns) in by_stat:
                 report.skipped.append(path.name)
                 continue
-            digest = checksum(path)
+            digest, prefix = _digests(path, before[0] if before else None)
         except OSError as exc:  # gone, or not ours to read: a later run tries again
             report.refusals[path.name] = f"cannot be read: {exc.strerror or exc}"
             continue
         if (path.name, digest) in by_sum:
             report.skipped.append(path.name)
             continue
-        yield _Landed(path, info.st_size, info.st_mtime_ns, digest)
+        extends = batches[path.name] if before and prefix == before[1] else None
+        yield _Landed(path, info.st_size, info.st_mtime_ns, digest, extends)
 
 
 def _stage_landed(con: duckdb.DuckDBPyConnection, landed: _Landed, batch_id: int, order: int, opts: IngestOptions,
@@ -1098,9 +1227,9 @@ def _stage_landed(con: duckdb.DuckDBPyConnection, landed: _Landed, batch_id: int
         con.execute("DELETE FROM _stage WHERE batch_id = ?", [batch_id])
         lines, error = 0, f"unreadable ({landed.size} bytes): {why}"
     con.execute(
-        "INSERT INTO _files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO _files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [batch_id, landed.path.name, landed.digest, landed.size, landed.mtime_ns, fmt,
-         "ingested" if lines or error is None else "unreadable", lines, error],
+         "ingested" if lines or error is None else "unreadable", lines, error, str(landed.path), landed.extends],
     )  # fmt: skip
 
 
@@ -1137,7 +1266,7 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
                 staged_bytes = 0
         _commit_group(con, opts, params, run_id, suppress, last=True)
     finally:
-        for name in ("_stage", "_files", "_phone_map", "_suppressed"):
+        for name in ("_stage", "_files", "_phone_map", "_suppressed", "_copy_rows", "_copies", "_conflicts"):
             con.execute(f"DROP TABLE IF EXISTS {name}")
     report.refused = sorted(report.refusals)
     if order:
