@@ -207,3 +207,16 @@ def test_model_confidence_is_calibrated_on_the_holdout(imputed):
     guessed = values[values.source == "imputed_model"]
     claimed, right = guessed.confidence.mean(), (guessed.value == guessed.age_bracket).mean()
     assert abs(claimed - right) <= 0.1, (claimed, right)
+
+
+def test_an_item_level_linear_model_competes_with_lightgbm_per_trait(imputed):
+    *_, result = imputed
+    for trait, model in result["models"].traits.items():
+        scores = {m["model"]: m for m in model.metrics}
+        assert {"lightgbm", "logistic_tfidf"} <= set(scores), trait
+        best = max(("lightgbm", "logistic_tfidf"), key=lambda m: (scores[m]["macro_f1"], scores[m]["accuracy"]))
+        assert model.chosen == best, (trait, scores)
+    # Which products a person touched tells their age better than a 16-wide summary of them.
+    age = {m["model"]: m for m in result["models"].traits["age_bracket"].metrics}
+    assert result["models"].traits["age_bracket"].chosen == "logistic_tfidf"
+    assert age["logistic_tfidf"]["macro_f1"] >= age["lightgbm"]["macro_f1"] + 0.03, age
