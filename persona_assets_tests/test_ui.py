@@ -3,6 +3,8 @@ lands and the profiles it touches update with no clicks."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -19,6 +21,9 @@ import duckdb
 import pytest
 
 from persona_assets.datagen import generate
+from persona_assets.definitions import build_definitions
+
+pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags for a closed network: no background connections, no first-run or update checks.
@@ -54,14 +59,12 @@ def _snapshot(home: Path, sql: str, params=None):
         return None
 
 
-@pytest.fixture
-def dagster_dev(tmp_path: Path):
+@contextlib.contextmanager
+def running_ui(tmp_path: Path, home: Path, dagster_home: Path):
     """`persona ui` (dagster dev: webserver and daemon) on a free loopback port, in its own process
-    group, with temporary homes; every process it started is stopped afterwards."""
+    group, on the given homes; every process it started is stopped afterwards."""
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium package is needed (make test installs it: apt-get install chromium)")
-    home, dagster_home = tmp_path / "persona", tmp_path / "dagster"
-    (home / "landing").mkdir(parents=True)
     port = _free_port()
     env = {
         **os.environ,
@@ -87,7 +90,7 @@ def dagster_dev(tmp_path: Path):
 
     try:
         _wait(up, 120, "the Dagster webserver")
-        yield url, home, dagster_home
+        yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -101,6 +104,15 @@ def dagster_dev(tmp_path: Path):
         except ProcessLookupError:
             pass
         log.close()
+
+
+@pytest.fixture
+def dagster_dev(tmp_path: Path):
+    """The UI on a new, empty home: (url, PERSONA_HOME, DAGSTER_HOME)."""
+    home, dagster_home = tmp_path / "persona", tmp_path / "dagster"
+    (home / "landing").mkdir(parents=True)
+    with running_ui(tmp_path, home, dagster_home) as url:
+        yield url, home, dagster_home
 
 
 def _runs(dagster_home: Path) -> list[dg.DagsterRun]:
@@ -200,3 +212,77 @@ def test_materialize_all_in_the_ui_then_a_landed_file_updates_profiles_by_itself
             browser.close()
     for name in ("asset-graph.png", "segments-asset.png", "profiles-checks.png"):
         assert (shots / name).stat().st_size > 10_000
+
+
+def _graphql(url: str, query: str, variables: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"{url}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = json.load(response)
+    assert "errors" not in body, body
+    return body["data"]
+
+
+TICKS = """query Ticks($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) {
+  __typename ... on Sensor { sensorState { ticks(limit: 20) { status skipReason runIds } } } } }"""
+RUNS = "{ runsOrError { ... on Runs { results { runId pipelineName assetSelection { path } } } } }"
+
+
+def _ticks(url: str, sensor: str) -> list[dict]:
+    selector = {"repositoryLocationName": "persona", "repositoryName": "__repository__", "sensorName": sensor}
+    found = _graphql(url, TICKS, {"selector": selector})["sensorOrError"]
+    assert found["__typename"] == "Sensor", found
+    return found["sensorState"]["ticks"]
+
+
+def _latest_checks(dagster_home: Path, home: Path) -> dict:
+    """Each asset check's latest execution: (status, run id)."""
+    keys = list(build_definitions(home).resolve_asset_graph().asset_check_keys)
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    return {key.to_user_string(): (record.status.value, record.run_id) for key, record in latest.items()}
+
+
+def test_starting_the_ui_on_a_home_persona_run_brought_up_to_date_launches_nothing(tmp_path, monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    from persona_assets import cli
+
+    home, dagster_home = tmp_path / "persona", tmp_path / "dagster"
+    (home / "landing").mkdir(parents=True)
+    generate(150, 5, tmp_path / "gen", "jsonl", people_per_file=75)
+    for path in sorted((tmp_path / "gen").glob("*.jsonl")):
+        shutil.copy2(path, home / "landing" / path.name)
+    monkeypatch.setenv("PERSONA_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    assert cli.main(["run"]) == 0
+    checks = _latest_checks(dagster_home, home)
+    assert checks and all(status == "SUCCEEDED" for status, _ in checks.values()), checks
+    (cli_run,) = _runs(dagster_home)
+
+    with running_ui(tmp_path, home, dagster_home) as url:
+        # Two ticks of the landing sensor and of automation: each finds nothing to do.
+        _wait(lambda: len(_ticks(url, "landing_sensor")) >= 2, 120, "two landing sensor ticks")
+        _wait(lambda: len(_ticks(url, "persona_automation")) >= 2, 120, "two automation ticks")
+        landing = _ticks(url, "landing_sensor")
+        assert all(t["status"] == "SKIPPED" and not t["runIds"] for t in landing), landing
+        assert all(not t["runIds"] for t in _ticks(url, "persona_automation"))
+        runs = _graphql(url, RUNS)["runsOrError"]["results"]
+        assert [r["runId"] for r in runs] == [cli_run.run_id], runs
+        # The CLI's run names its assets: the Runs page's Target column shows them.
+        assert {tuple(k["path"]) for k in runs[0]["assetSelection"]} >= {("raw_events",), ("serving_snapshot",)}
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1500, "height": 950})
+                page.goto(f"{url}/runs")
+                page.get_by_text(cli_run.run_id[:8]).wait_for(timeout=30_000)
+                # One asset's name and "N more": the Target column as a person sees it.
+                page.get_by_text(f"{len(runs[0]['assetSelection']) - 1} more").wait_for(timeout=30_000)
+                page.screenshot(path=str(tmp_path / "runs.png"))
+            finally:
+                browser.close()
+    assert _latest_checks(dagster_home, home) == checks  # no check ran again, none became skipped
