@@ -203,3 +203,11 @@ def test_a_run_the_cli_launches_names_its_assets_for_the_runs_page(persona_home,
         every, one = instance.get_runs()
     assert one.asset_selection == {dg.AssetKey(k) for k in automation.INGEST_KEYS}  # made together
     assert every.asset_selection == set(build_definitions(persona_home).resolve_all_asset_keys())
+
+
+def test_automation_on_a_new_instance_requests_nothing(persona_home):
+    # A new DAGSTER_HOME over a home built before: every person-level asset is missing to it,
+    # but eager waits for raw_events, which only the landing sensor's runs (or a click) make.
+    defs = build_definitions(persona_home)
+    first = dg.evaluate_automation_conditions(defs=defs, instance=dg.DagsterInstance.ephemeral())
+    assert first.total_requested == 0
