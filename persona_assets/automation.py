@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from persona_assets.core.ingest import landing_files
+from persona_assets.core.ingest import FORMATS, PARTIAL_SUFFIXES, file_format, landing_files
 from persona_assets.resources import PersonaHome
 
 # Downstream of raw_events everything refreshes as soon as its inputs did (incrementally),
@@ -88,6 +88,32 @@ def ingested_files(snapshot: Path) -> set[tuple[str, int, int]] | None:
     return {(name, int(size), int(mtime)) for name, size, mtime in rows}
 
 
+NOT_EVENTS = f"not an event file: {', '.join(FORMATS)}"
+
+
+def unread_files(landing: Path) -> dict[str, str]:
+    """Files in landing Persona never reads (`notes.txt`, `events.json`, `data.gz`), each with
+    why, so they are named instead of ignored without a word. Hidden files and files still
+    being written (`*.tmp`, `*.part`) are not listed: they are left alone on purpose."""
+    if not landing.is_dir():
+        return {}
+    out = {}
+    for path in sorted(landing.iterdir()):
+        if path.name.startswith(".") or path.name.endswith(PARTIAL_SUFFIXES) or path.is_dir():
+            continue
+        if file_format(path) is None:
+            out[path.name] = NOT_EVENTS
+    return out
+
+
+def not_read_line(landing: Path) -> str | None:
+    """`Not read: notes.txt (not an event file: ...)`, or None when landing holds only event files."""
+    unread = unread_files(landing)
+    if not unread:
+        return None
+    return "Not read: " + "; ".join(f"{name} ({why})" for name, why in unread.items())
+
+
 def landing_requests(landing, cursor: dict[str, str], settle_seconds: float, now: float, ingested=None):
     """(run requests, new cursor, files still settling) for the files in `landing`.
 
@@ -140,8 +166,12 @@ def landing_sensor(context: dg.SensorEvaluationContext, persona: PersonaHome):
         persona.landing, cursor, settle, time.time(), ingested=lambda: ingested_files(persona.serving_path)
     )
     skip = None
+    not_read = not_read_line(persona.landing)
     if not requests:
         skip = f"still being written: {', '.join(settling)}" if settling else "no new files in landing"
+        skip = f"{skip}. {not_read}" if not_read else skip
+    elif not_read:
+        context.log.info(not_read)
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor), skip_reason=skip)
 
 

@@ -62,7 +62,7 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
 
     defs = build_definitions(persona_home())
     job = defs.resolve_job_def(job_name) if job_name else defs.resolve_implicit_global_asset_job_def()
-    from persona_assets.automation import reap_dead_runs, record_failure
+    from persona_assets.automation import not_read_line, reap_dead_runs, record_failure
 
     known = sorted(key.to_user_string() for key in defs.resolve_all_asset_keys())
     unknown = [s for s in selection or [] if s not in known]
@@ -73,14 +73,18 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
     with instance:
         for run_id in reap_dead_runs(instance):  # a killed run's pool slot would block this one forever
             print(f"run {run_id} had died without finishing: marked failed, its pool slot freed", file=sys.stderr)
+        target = run_target(defs, selection, named_job=bool(job_name))
         result = job.execute_in_process(
             instance=instance,
-            asset_selection=run_target(defs, selection, named_job=bool(job_name)),
+            asset_selection=target,
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )
     for assets, status in stage_statuses(result.all_events):
         print(f"{', '.join(assets)}: {status}")
+    not_read = not_read_line(persona_home() / "landing") if dg.AssetKey("raw_events") in (target or ()) else None
+    if not_read:
+        print(not_read)
     if not result.success:
         # Recorded where the failure sensor records the UI's runs, so `persona failures` lists it.
         steps, error = failed_steps(result.all_events)

@@ -211,3 +211,29 @@ def test_automation_on_a_new_instance_requests_nothing(persona_home):
     defs = build_definitions(persona_home)
     first = dg.evaluate_automation_conditions(defs=defs, instance=dg.DagsterInstance.ephemeral())
     assert first.total_requested == 0
+
+
+def test_files_persona_does_not_read_are_named_by_the_sensor_and_persona_run(persona_home, generated, capsys):
+    from persona_assets import cli
+
+    landing = persona_home / "landing"
+    event_file = land(generated("jsonl"), landing)[0]
+    for path in landing.iterdir():
+        if path != event_file:
+            path.unlink()
+    for name in ("notes.txt", "events.json", "data.gz", ".DS_Store", "late.jsonl.part"):
+        (landing / name).write_text("x\n")
+    (landing / "archive").mkdir()
+    why = "not an event file: .jsonl, .jsonl.gz, .csv, .parquet"
+    assert automation.unread_files(landing) == {name: why for name in ("data.gz", "events.json", "notes.txt")}
+
+    defs = build_definitions(persona_home)
+    os.utime(event_file, (time.time() - 60, time.time() - 60))
+    first = _sensor_tick(defs, automation.landing_sensor, dg.DagsterInstance.ephemeral())
+    assert [r.tags["persona/landing_file"] for r in first.run_requests] == [event_file.name]
+    quiet = _sensor_tick(defs, automation.landing_sensor, dg.DagsterInstance.ephemeral(), first.cursor)
+    assert quiet.skip_reason.skip_message == (
+        f"no new files in landing. Not read: data.gz ({why}); events.json ({why}); notes.txt ({why})"
+    )
+    assert cli.materialize(["raw_events"])
+    assert f"Not read: data.gz ({why}); events.json ({why}); notes.txt ({why})" in capsys.readouterr().out
