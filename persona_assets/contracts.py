@@ -253,7 +253,8 @@ SURVIVING_TRAITS = [
 
 
 class DedupedUsers(pa.DataFrameModel):
-    """One row per person: identifiers, activity span and the most recent non-null value of each trait."""
+    """One row per person: identifiers, activity span and the most recent valid value of each trait
+    (the latest invalid one only when none was ever valid)."""
 
     person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
     identifier_count: Series[int] = column("BIGINT", ge=1)
@@ -465,12 +466,17 @@ class TraitModelMetrics(pa.DataFrameModel):
     """Holdout scores of each trait model next to its baselines."""
 
     trait: Series[str] = column("VARCHAR")
-    model: Series[str] = column("VARCHAR", isin=["lightgbm", "random_forest", "majority_baseline"])
+    model: Series[str] = column("VARCHAR", isin=["lightgbm", "logistic_tfidf", "random_forest", "majority_baseline"])
     accuracy: Series[float] = column("DOUBLE", ge=0, le=1)
     macro_f1: Series[float] = column("DOUBLE", ge=0, le=1)
     train_rows: Series[int] = column("BIGINT", ge=1)
     holdout_rows: Series[int] = column("BIGINT", ge=1)
     model_version: Series[int] = column("BIGINT", ge=1)
+    # The model the trait's guesses come from (chosen by holdout macro-F1), and its expected
+    # calibration error on the holdout before and after calibration (NULL on the other rows).
+    chosen: Series[bool] = column("BOOLEAN")
+    ece: Series[float] = column("DOUBLE", nullable=True, ge=0, le=1)
+    ece_uncalibrated: Series[float] = column("DOUBLE", nullable=True, ge=0, le=1)
     beats_baseline: Series[bool] = column("BOOLEAN")
     trained_at: Series[pd.Timestamp] = column("TIMESTAMP")
 

@@ -151,6 +151,9 @@ class CleaningConfig(RefreshConfig):
     )
     outlier_action: str = Field(default="flag", description="flag, clip (to the fences) or exclude (from fitting).")
     burst_min_events: int = Field(default=30, ge=2, description="A bot burst needs at least this many events.")
+    long_session_hours: float = Field(
+        default=6.0, gt=0, description="A session at least this long is long whatever the others look like."
+    )
 
     def options(self) -> CleaningOptions:
         values = self.model_dump(exclude={"full_refresh"})

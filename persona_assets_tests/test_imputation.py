@@ -53,12 +53,17 @@ def test_imputed_age_brackets_beat_the_majority_baseline_on_hidden_ages(imputed)
 def test_holdout_scores_sit_beside_a_forest_and_the_majority(imputed):
     con, *_ = imputed
     scores = con.execute("SELECT * FROM trait_models").df()
-    assert set(scores.model) == {"lightgbm", "random_forest", "majority_baseline"}
+    assert set(scores.model) == {"lightgbm", "logistic_tfidf", "random_forest", "majority_baseline"}
     assert set(scores.trait) == {"age_bracket", "gender"}
     for _, group in scores.groupby("trait"):
         by_model = group.set_index("model")
         assert by_model.loc["lightgbm", "accuracy"] > by_model.loc["majority_baseline", "accuracy"]
         assert group.beats_baseline.all()
+        # One model per trait is chosen (the best holdout macro-F1), with its calibration error shown.
+        chosen = group[group.chosen]
+        assert len(chosen) == 1 and chosen.model.iloc[0] in ("lightgbm", "logistic_tfidf")
+        assert chosen.macro_f1.iloc[0] == group[group.model.isin(["lightgbm", "logistic_tfidf"])].macro_f1.max()
+        assert chosen.ece.iloc[0] <= 0.05 and group[~group.chosen].ece.isna().all()
 
 
 def test_every_value_has_a_source_and_observed_values_are_never_replaced(imputed):

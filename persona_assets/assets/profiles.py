@@ -54,7 +54,9 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
             "SELECT count(DISTINCT person_id) FROM imputed_attributes WHERE source = 'enriched'"
         ).fetchall()[0][0]
     models, enrichment = result["models"], result["enrichment"]
-    metrics = result["metrics"][["trait", "model", "accuracy", "macro_f1", "train_rows", "holdout_rows"]].round(4)
+    metrics = result["metrics"][
+        ["trait", "model", "chosen", "accuracy", "macro_f1", "ece", "train_rows", "holdout_rows"]
+    ].round(4)
     drift = result["drift"].sort_values("psi", ascending=False)
     yield dg.MaterializeResult(
         asset_key="imputed_attributes",
@@ -144,7 +146,7 @@ CHECKS = [
     sql_check(
         "imputed_attributes",
         "trait_models_beat_baseline",
-        "SELECT trait, accuracy, macro_f1 FROM trait_models WHERE model = 'lightgbm' AND NOT beats_baseline",
+        "SELECT trait, model, accuracy, macro_f1 FROM trait_models WHERE chosen AND NOT beats_baseline",
         "Each trait model beats the majority baseline on its holdout (accuracy and macro-F1); a model that does "
         "not is not used: its trait stays unknown.",
     ),

@@ -353,7 +353,16 @@ def calibrate(top: np.ndarray, correct: np.ndarray, seed: int) -> tuple[object, 
 
 # The models trait_models may list (TraitModelMetrics.model); others are kept with the model's
 # summary in the store until the contract lists them.
-TABLE_MODELS = ("lightgbm", "random_forest", "majority_baseline")
+TABLE_MODELS = ("lightgbm", "logistic_tfidf", "random_forest", "majority_baseline")
+
+
+def _choice(tm: TraitModel, model: str) -> dict:
+    """Whether `model` is the one the trait's guesses come from, with its holdout ECE if so."""
+    chosen = getattr(tm, "chosen", "lightgbm") == model
+    ece = getattr(tm, "ece", {}) if chosen else {}
+    return {"chosen": chosen, "ece": ece.get("calibrated"), "ece_uncalibrated": ece.get("uncalibrated")}
+
+
 LINEAR_C = 1.0  # inverse regularization of the item-level logistic regression
 
 
@@ -616,12 +625,18 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     importance = _importance(_importance_inputs(con), opts)
     metrics = pd.DataFrame(
         [
-            {**m, "model_version": models.version, "beats_baseline": tm.beats_baseline, "trained_at": models.trained_at}
+            {
+                **m,
+                "model_version": models.version,
+                **_choice(tm, m["model"]),
+                "beats_baseline": tm.beats_baseline,
+                "trained_at": models.trained_at,
+            }  # fmt: skip
             for tm in models.traits.values()
             for m in tm.metrics
             if m["model"] in TABLE_MODELS
         ],
-        columns=[*METRIC_COLUMNS, "model_version", "beats_baseline", "trained_at"],
+        columns=[*METRIC_COLUMNS, "model_version", "chosen", "ece", "ece_uncalibrated", "beats_baseline", "trained_at"],
     )
 
     def finish() -> None:
