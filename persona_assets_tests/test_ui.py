@@ -283,6 +283,11 @@ def test_starting_the_ui_on_a_home_persona_run_brought_up_to_date_launches_nothi
                 # One asset's name and "N more": the Target column as a person sees it.
                 page.get_by_text(f"{len(runs[0]['assetSelection']) - 1} more").wait_for(timeout=30_000)
                 page.screenshot(path=str(tmp_path / "runs.png"))
+                # The segments' first figures are on the asset's page as numbers, no click needed.
+                page.goto(f"{url}/assets/segments")
+                for label in ("segment_count", "largest_segment_share", "silhouette_features", "noise_share"):
+                    page.get_by_text(label, exact=True).first.wait_for(timeout=30_000)
+                page.screenshot(path=str(tmp_path / "segments.png"), full_page=True)
             finally:
                 browser.close()
     assert _latest_checks(dagster_home, home) == checks  # no check ran again, none became skipped

@@ -79,6 +79,7 @@ def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: P
     groups = result["catalog"]
     metadata = {
         "dagster/row_count": result["people"],
+        **(figures(model, groups, result) if model is not None else {}),
         "status": result["status"] or "fitted",
         "trained": result["trained"],
         "why": result["why"],
@@ -103,9 +104,7 @@ def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: P
 def _model_metadata(model: segments.SegmentModel, groups, result: dict) -> dict:
     """What the segment model is: k and why, the curves, the segments and their sizes.
 
-    The figures a person looks at first are numbers (`figures`), which the asset page shows
-    as they are and its Plots tab draws across materializations; the picture of the curves
-    stays behind its Show Markdown button."""
+    The figures a person looks at first come before, as numbers (`figures`)."""
     top = groups[groups["level"] == "segment"].drop(columns=["level", "parent_id", "model_version"])
     subs = groups[groups["level"] == "subsegment"].drop(columns=["level", "model_version"])
     curves = model.curves.pivot(index="k", columns="space", values=["inertia", "silhouette"]).round(4)
@@ -113,8 +112,6 @@ def _model_metadata(model: segments.SegmentModel, groups, result: dict) -> dict:
     png = base64.b64encode(segments.curves_png(model)).decode()
     metadata = {
         "model_version": model.version,
-        **figures(model, top, result),
-        "elbow_k": model.knee,
         "why_this_k": model.reason,
         "space": model.space,
         "curves": dg.MetadataValue.md(f"![inertia and silhouette by k](data:image/png;base64,{png})"),
@@ -127,14 +124,16 @@ def _model_metadata(model: segments.SegmentModel, groups, result: dict) -> dict:
     return metadata
 
 
-def figures(model: segments.SegmentModel, top, result: dict) -> dict[str, dg.MetadataValue]:
-    """The segmentation's numbers, typed as numbers so the UI plots each across runs: how many
-    segments, the k chosen, each space's silhouette, the noise share and the largest and
-    smallest segment's share of everyone."""
-    shares = top["share"].astype(float)
+def figures(model: segments.SegmentModel, groups, result: dict) -> dict[str, dg.MetadataValue]:
+    """The segmentation's first figures, at the top of the asset's page and typed as numbers, so
+    they show without a click (a picture is behind *Show Markdown*) and the Plots tab draws each
+    across runs: how many segments, the k chosen, each space's silhouette, the noise share and
+    the largest and smallest segment's share of everyone."""
+    shares = groups.loc[groups["level"] == "segment", "share"].astype(float)
     out = {
-        "segment_count": dg.MetadataValue.int(len(top)),
+        "segment_count": dg.MetadataValue.int(len(shares)),
         "chosen_k": dg.MetadataValue.int(int(model.chosen_k)),
+        "elbow_k": dg.MetadataValue.int(int(model.knee)),
         **{name: dg.MetadataValue.float(float(value)) for name, value in model.scores.items()},
         "noise_share": dg.MetadataValue.float(round(float(result["noise_share"]), 4)),
         "largest_segment_share": dg.MetadataValue.float(round(float(shares.max()), 4) if len(shares) else 0.0),
