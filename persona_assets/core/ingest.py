@@ -1,8 +1,11 @@
 """Landing files to `raw_events`: read, type and validate in DuckDB, quarantine the bad, hash PII.
 
-Every line read ends in exactly one of three places: `raw_events`, `quarantined_events`,
-or the ledger's count of re-delivered copies of a messageId already kept. One call is
-one transaction: a run killed half-way leaves the tables as they were.
+Every line read ends in exactly one of three places: `raw_events`, `quarantined_events`
+(a re-delivered messageId with other content too), or the ledger's count of identical
+re-delivered copies of a messageId already kept. Each group of files is published in one
+transaction, so a run killed half-way leaves every earlier group whole and nothing of its own;
+files are read outside it, so no file's content can stop the run: what cannot be read is
+quarantined (`unreadable_file`) and the other files go on.
 """
 
 from __future__ import annotations
