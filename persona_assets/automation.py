@@ -10,12 +10,13 @@ in the same run and stop what is downstream of a failure) → `user_profiles` an
 import json
 import os
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
 
-from persona_assets.core.ingest import FORMATS, PARTIAL_SUFFIXES, file_format, landing_files
+from persona_assets.core.ingest import FORMATS, PARTIAL_SUFFIXES, checksum, file_format, landing_files
 from persona_assets.resources import PersonaHome
 
 # Downstream of raw_events everything refreshes as soon as its inputs did (incrementally),
@@ -68,9 +69,32 @@ def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
     return reaped
 
 
-def ingested_files(snapshot: Path) -> set[tuple[str, int, int]] | None:
-    """(file name, size, mtime_ns) of every file version the serving snapshot's ledger holds, or
-    None when there is no snapshot to read (yet, or being swapped in this instant).
+@dataclass(frozen=True)
+class Ledger:
+    """What the serving snapshot's ingest ledger holds: each file version's name, size and mtime,
+    and the checksums of each name and size."""
+
+    stamps: frozenset[tuple[str, int, int]]
+    checksums: dict[tuple[str, int], set[str]]
+
+    def holds(self, path: Path, stat: os.stat_result) -> bool:
+        """Whether this file is one already ingested: same name, size and mtime, or, copied again
+        with a new mtime (`cp` without `-p`), same name, size and content (hashed only then)."""
+        if (path.name, stat.st_size, stat.st_mtime_ns) in self.stamps:
+            return True
+        sums = self.checksums.get((path.name, stat.st_size))
+        try:
+            return bool(sums) and checksum(path) in sums
+        except OSError:
+            return False
+
+
+NO_LEDGER = Ledger(frozenset(), {})
+
+
+def ingested_files(snapshot: Path) -> Ledger | None:
+    """The ledger of files the serving snapshot holds, or None when there is no snapshot to read
+    (yet, or being swapped in this instant).
 
     The snapshot, never the warehouse: DuckDB allows one writer process, and a sensor reading
     the warehouse would block the run that writes it."""
@@ -82,10 +106,13 @@ def ingested_files(snapshot: Path) -> set[tuple[str, int, int]] | None:
         return None
     try:
         with open_snapshot(snapshot) as con:
-            rows = con.execute("SELECT file_name, size_bytes, mtime_ns FROM ingest_files").fetchall()
+            rows = con.execute("SELECT file_name, size_bytes, mtime_ns, checksum FROM ingest_files").fetchall()
     except (duckdb.Error, OSError):
         return None
-    return {(name, int(size), int(mtime)) for name, size, mtime in rows}
+    checksums: dict[tuple[str, int], set[str]] = {}
+    for name, size, _, digest in rows:
+        checksums.setdefault((name, int(size)), set()).add(digest)
+    return Ledger(frozenset((name, int(size), int(mtime)) for name, size, mtime, _ in rows), checksums)
 
 
 NOT_EVENTS = f"not an event file: {', '.join(FORMATS)}"
@@ -119,13 +146,13 @@ def landing_requests(landing, cursor: dict[str, str], settle_seconds: float, now
 
     A file is ready when it is complete (not `*.tmp`/`*.part`/hidden) and unchanged for
     `settle_seconds`; the cursor remembers each file's size and mtime once requested. A file
-    the cursor does not know but the ledger holds with the same size and mtime (`ingested`, a
-    callable giving `ingested_files`, called at most once) is already ingested: remembered,
-    not requested, so a first tick on an up-to-date home (a new DAGSTER_HOME, `persona run`
-    before `persona ui`) launches nothing.
+    the cursor does not know but the ledger holds (`ingested`, a callable giving
+    `ingested_files`, called at most once; `Ledger.holds` says when) is already ingested:
+    remembered, not requested, so a first tick on an up-to-date home (a new DAGSTER_HOME,
+    `persona run` before `persona ui`) launches nothing.
     """
     requests, settling, seen = [], [], {}
-    ledger: set | None = None
+    ledger: Ledger | None = None
     for path in landing_files(landing):
         stat = path.stat()
         stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
@@ -133,8 +160,8 @@ def landing_requests(landing, cursor: dict[str, str], settle_seconds: float, now
         if cursor.get(path.name) == stamp:
             continue
         if ingested is not None:
-            ledger = (ingested() or set()) if ledger is None else ledger
-            if (path.name, stat.st_size, stat.st_mtime_ns) in ledger:
+            ledger = (ingested() or NO_LEDGER) if ledger is None else ledger
+            if ledger.holds(path, stat):
                 continue
         if now - stat.st_mtime < settle_seconds:
             settling.append(path.name)

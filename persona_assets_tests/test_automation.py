@@ -8,6 +8,7 @@ import dagster as dg
 import duckdb
 
 from persona_assets import automation
+from persona_assets.core.ingest import checksum
 from persona_assets.definitions import build_definitions
 
 from .conftest import land
@@ -158,7 +159,8 @@ def _ledger_snapshot(home, files) -> None:
         )
         for path in files:
             stat = path.stat()
-            con.execute("INSERT INTO ingest_files VALUES (?, ?, ?, '')", [path.name, stat.st_size, stat.st_mtime_ns])
+            row = [path.name, stat.st_size, stat.st_mtime_ns, checksum(path)]
+            con.execute("INSERT INTO ingest_files VALUES (?, ?, ?, ?)", row)
 
 
 def test_a_first_tick_on_an_up_to_date_home_requests_only_what_the_ledger_lacks(persona_home, generated):
@@ -186,6 +188,17 @@ def test_a_first_tick_on_an_up_to_date_home_requests_only_what_the_ledger_lacks(
     assert not requests and cursor.keys() == {p.name for p in landed} and calls == [1]
     automation.landing_requests(landing, cursor, 10, time.time(), ingested=lambda: calls.append(1))
     assert calls == [1]
+    # Copied in again with a new mtime (`cp` without -p), same content: still nothing to launch.
+    copied = landed[0]
+    os.utime(copied, (time.time() - 30, time.time() - 30))
+    requests, _, _ = automation.landing_requests(
+        landing,
+        {},
+        10,
+        time.time(),
+        ingested=lambda: automation.ingested_files(persona_home / "serving" / "persona.duckdb"),
+    )
+    assert not requests
     # No snapshot yet (a new home): every settled file is requested, as before.
     (persona_home / "serving" / "persona.duckdb").unlink()
     assert automation.ingested_files(persona_home / "serving" / "persona.duckdb") is None
