@@ -7,7 +7,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.typing import Series
 
-from persona_assets.core.events import EVENT_TYPES
+from persona_assets.core.events import EVENT_TYPES, MAX_AMOUNT
 
 HEX64 = r"^[0-9a-f]{64}$"
 
@@ -46,9 +46,11 @@ class RawEvents(pa.DataFrameModel):
     page_url: Series[str] = column("VARCHAR", nullable=True)
     category: Series[str] = column("VARCHAR", nullable=True)
     product_id: Series[str] = column("VARCHAR", nullable=True)
-    price: Series[float] = column("DOUBLE", nullable=True)
+    # An amount is finite, 0 to MAX_AMOUNT (ingest quarantines the rest as bad_value; NaN reads as
+    # missing here, so ingest's own test holds that none is stored).
+    price: Series[float] = column("DOUBLE", nullable=True, ge=0, le=MAX_AMOUNT)
     quantity: Series[pd.Int64Dtype] = column("BIGINT", nullable=True, coerce=True, ge=0)
-    revenue: Series[float] = column("DOUBLE", nullable=True)
+    revenue: Series[float] = column("DOUBLE", nullable=True, ge=0, le=MAX_AMOUNT)
     order_id: Series[str] = column("VARCHAR", nullable=True)
     products: Series[str] = column("VARCHAR", nullable=True)
     search_query: Series[str] = column("VARCHAR", nullable=True)
