@@ -16,7 +16,14 @@ from pathlib import Path
 
 import dagster as dg
 
-from persona_assets.core.ingest import FORMATS, PARTIAL_SUFFIXES, checksum, file_format, landing_files
+from persona_assets.core.ingest import (
+    FORMATS,
+    PARTIAL_SUFFIXES,
+    checksum,
+    file_format,
+    landing_files,
+    refused_files,
+)
 from persona_assets.resources import PersonaHome
 
 # Downstream of raw_events everything refreshes as soon as its inputs did (incrementally),
@@ -119,18 +126,20 @@ NOT_EVENTS = f"not an event file: {', '.join(FORMATS)}"
 
 
 def unread_files(landing: Path) -> dict[str, str]:
-    """Files in landing Persona never reads (`notes.txt`, `events.json`, `data.gz`), each with
-    why, so they are named instead of ignored without a word. Hidden files and files still
-    being written (`*.tmp`, `*.part`) are not listed: they are left alone on purpose."""
+    """Entries in landing Persona never reads, each with why, so they are named instead of
+    ignored without a word: files that are not event files (`notes.txt`, `events.json`,
+    `data.gz`), and entries with an event file's name that cannot be read (a folder, a FIFO, a
+    link out of landing: ingest's refusals). Hidden files and files still being written (`*.tmp`,
+    `*.part`) are not listed: they are left alone on purpose."""
     if not landing.is_dir():
         return {}
-    out = {}
+    out = dict(refused_files(landing))
     for path in sorted(landing.iterdir()):
-        if path.name.startswith(".") or path.name.endswith(PARTIAL_SUFFIXES) or path.is_dir():
+        if path.name in out or path.name.startswith(".") or path.name.endswith(PARTIAL_SUFFIXES) or path.is_dir():
             continue
         if file_format(path) is None:
             out[path.name] = NOT_EVENTS
-    return out
+    return dict(sorted(out.items()))
 
 
 def not_read_line(landing: Path) -> str | None:

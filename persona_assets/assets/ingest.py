@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from persona_assets.automation import unread_files
 from persona_assets.checks import contract_check, frame_md, sql_check
 from persona_assets.contracts import HEX64, IngestFiles, QuarantinedEvents, RawEvents
 from persona_assets.core.ingest import ingest
@@ -78,8 +79,9 @@ def ingest_landing(
         ).df()
     lines = report.total("lines_read")
     kept = report.total("events_kept")
-    if report.refused:
-        context.log.warning(f"refused (outside the landing folder): {', '.join(report.refused)}")
+    not_read = unread_files(persona.landing)
+    if not_read:
+        context.log.warning("not read: " + "; ".join(f"{name} ({why})" for name, why in not_read.items()))
     context.log.info(
         f"{len(report.files)} new files, {len(report.skipped)} already ingested; "
         f"{lines} lines: {kept} kept, {report.total('lines_quarantined')} quarantined, {report.total('duplicates')} duplicates, "
@@ -91,8 +93,8 @@ def ingest_landing(
             "dagster/row_count": totals[0],
             "new_files": len(report.files),
             "skipped_files": len(report.skipped),
-            "refused_files": dg.MetadataValue.md(
-                "\n".join(f"- `{n}`: leads outside the landing folder, not read" for n in report.refused) or "none"
+            "files_not_read": dg.MetadataValue.md(
+                "\n".join(f"- `{name}`: {why}" for name, why in not_read.items()) or "none"
             ),
             "lines_read": ledger[0],
             "events_kept": totals[0],
@@ -138,6 +140,12 @@ CHECKS = [
     ),  # fmt: skip
     contract_check("quarantined_events", QuarantinedEvents, "quarantined_events", where=LATEST_RUN_ROWS),
     contract_check("ingest_files", IngestFiles, "ingest_files"),
+    sql_check(
+        "raw_events",
+        "amounts_are_finite",
+        "SELECT message_id, price, revenue FROM raw_events WHERE NOT isfinite(price) OR NOT isfinite(revenue)",
+        "No price or revenue is NaN or infinite (the contract reads NaN as missing; ingest quarantines them).",
+    ),
     sql_check(
         "raw_events",
         "message_id_unique",
