@@ -665,3 +665,16 @@ def test_the_nothing_lost_check_holds_with_conflicts_partial_and_unreadable_file
             "quarantined_events_contract",
         }:
             assert check(warehouse=DuckDBResource(database=str(path))).passed, check.check_keys
+
+
+def test_a_parquet_string_column_that_is_not_utf8_quarantines_its_rows_only(tmp_path):
+    # A damaged file's "string" column can hold bytes that are not UTF-8; handed to DuckDB as
+    # text they raised an internal error that stopped the whole run (found by the fuzz test).
+    ids = pa.array([b"ok-1", b"bad-\xd2", b"ok-2"], pa.binary()).view(pa.string())
+    table = pa.table({"messageId": ids, "type": ["track"] * 3, "event": ["Page Viewed"] * 3,
+                      "anonymousId": ["a1", "a2", "a3"], "timestamp": ["2025-01-01T00:00:00Z"] * 3})  # fmt: skip
+    con, report = _run(tmp_path, {"damaged.parquet": _parquet(table)})
+    kept = sorted(r[0] for r in con.execute("SELECT message_id FROM raw_events").fetchall())
+    assert kept == ["ok-1", "ok-2"]
+    assert con.execute("SELECT source_line, reason FROM quarantined_events").fetchall() == [(2, "invalid_utf8")]
+    _assert_accounted(con)

@@ -16,7 +16,7 @@ import hashlib
 import io
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -438,13 +438,7 @@ def _csv_batches(path: Path, chunk_bytes: int, sources: tuple[str, ...] = ()) ->
         ),
     )
     next_line = 2  # line 1 is the header
-    while True:
-        try:
-            batch = next(reader)
-        except StopIteration:
-            break
-        except READ_ERRORS as exc:
-            raise _damage(exc, f"unreadable after line {next_line - 1}: ") from exc
+    for batch in _until_damaged(reader, lambda: f"unreadable after line {next_line - 1}: "):  # noqa: B023 (late on purpose)
         # Valid rows fill the line numbers the invalid ones did not take. Arrow parses ahead, so an
         # invalid row reported by now may belong to a later batch: it waits for its place.
         taken = sorted(n for n, _ in invalid)
@@ -469,6 +463,19 @@ def _csv_batches(path: Path, chunk_bytes: int, sources: tuple[str, ...] = ()) ->
         yield _bad_rows_table(invalid, sources)
 
 
+def _until_damaged(batches: Iterator, where: Callable[[], str]) -> Iterator:
+    """A reader's batches until one cannot be read; then UnreadableFile, saying from where (`where`
+    is asked at that moment, so it names the last line or row given)."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except READ_ERRORS as exc:
+            raise _damage(exc, where()) from exc
+        yield batch
+
+
 def _parquet_batches(path: Path, rows: int = 500_000, sources: tuple[str, ...] = ()) -> Iterator[pa.Table]:
     """A Parquet file's rows, numbered from 1, with the columns read as text (`_text`), a row group at
     a time: what the file holds before a row group that cannot be read is given, then UnreadableFile."""
@@ -482,13 +489,7 @@ def _parquet_batches(path: Path, rows: int = 500_000, sources: tuple[str, ...] =
     first = 1
     for group in range(parquet.num_row_groups):
         batches = parquet.iter_batches(batch_size=rows, row_groups=[group], columns=wanted, use_threads=False)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except READ_ERRORS as exc:
-                raise _damage(exc, f"rows {first} to {total} of {total} unreadable: ") from exc
+        for batch in _until_damaged(batches, lambda: f"rows {first} to {total} of {total} unreadable: "):  # noqa: B023
             yield _flat_table(pa.Table.from_batches([batch]), list(range(first, first + batch.num_rows)), sources)
             first += batch.num_rows
 
@@ -529,7 +530,12 @@ def _text(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray | None]:
         values = values.dictionary_decode()
     kind = values.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return values, None
+        try:
+            values.validate(full=True)  # a damaged Parquet file's "strings" need not be UTF-8
+            return values, None
+        except pa.ArrowInvalid:
+            kind = pa.binary() if pa.types.is_string(kind) else pa.large_binary()
+            values = values.view(kind)
     if pa.types.is_fixed_size_binary(kind):
         values, kind = values.cast(pa.binary()), pa.binary()
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
