@@ -376,7 +376,8 @@ def run(args) -> int:
     work = Path(args.workdir) if args.workdir else persona_home() / "bench"
     people = max(100, args.events // EVENTS_PER_PERSON)
     data = work / f"landing-{people}-{args.format.replace('.', '')}"
-    if not (data / "_truth" / "counts.json").exists():
+    truth_dir = data.with_name(data.name + "_truth")  # where `persona generate` puts it: beside, never in
+    if not (truth_dir / "counts.json").exists():
         print(f"generating about {args.events} events ({people} people) into {data} ...", flush=True)
         t = time.perf_counter()
         # In its own process: a child's peak-memory figure starts from its parent's size at
@@ -384,7 +385,7 @@ def run(args) -> int:
         cmd = [sys.executable, "-m", "persona_assets.cli", "generate", "--people", str(people), "--seed", "1"]
         subprocess.run([*cmd, "--out", str(data), "--format", args.format], check=True, stdout=subprocess.DEVNULL)
         print(f"  generated in {time.perf_counter() - t:.0f} s", flush=True)
-    counts = json.loads((data / "_truth" / "counts.json").read_text())
+    counts = json.loads((truth_dir / "counts.json").read_text())
     increment = None
     if args.refresh_share and args.format == "jsonl":
         # The refresh figure: the newest share of events lands after a full build of the rest.
