@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -183,7 +184,7 @@ def test_a_run_that_changes_nothing_keeps_the_figures_that_describe_each_table(p
 
     def figures() -> dict:
         out = {}
-        for key in ("raw_events", "normalized_features", "imputed_attributes", "cleaned_users"):
+        for key in ("raw_events", "normalized_features", "imputed_attributes", "cleaned_users", "segments"):
             event = instance.get_latest_materialization_event(dg.AssetKey(key))
             out[key] = {k: v.value for k, v in event.asset_materialization.metadata.items()}
         return out
@@ -201,3 +202,6 @@ def test_a_run_that_changes_nothing_keeps_the_figures_that_describe_each_table(p
         for name in wanted:
             assert second[key][name] == first[key][name], (key, name)
     assert first["raw_events"]["lines_read"] > 0 and second["raw_events"]["this_run_lines_read"] == 0
+    # The segment curves are a picture file beside the model, its path shown in the metadata table.
+    picture = Path(first["segments"]["curves_picture"])
+    assert picture.read_bytes().startswith(b"\x89PNG") and picture.parent == persona_home / "models" / "segments"

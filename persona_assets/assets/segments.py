@@ -1,6 +1,7 @@
 """normalized_features and segments: the modelling matrix and the segment model over it."""
 
 import base64
+from pathlib import Path
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -88,7 +89,7 @@ def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: P
         "low_confidence_people": result["low_confidence"],
     }
     if model is not None:
-        metadata.update(_model_metadata(model, groups, result))
+        metadata.update(_model_metadata(model, groups, result, persona.models.root))
     yield dg.MaterializeResult(asset_key="segments", metadata=metadata)
     yield dg.MaterializeResult(
         asset_key="segment_catalog",
@@ -101,7 +102,18 @@ def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: P
     )
 
 
-def _model_metadata(model: segments.SegmentModel, groups, result: dict) -> dict:
+def _saved_picture(picture: bytes, models_root: Path, version: int) -> Path:
+    """models/segments/v0001.curves.png (written aside and renamed, once per model version)."""
+    path = models_root / segments.SEGMENTS_KIND / f"v{version:04d}.curves.png"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(picture)
+        tmp.replace(path)
+    return path
+
+
+def _model_metadata(model: segments.SegmentModel, groups, result: dict, models_root: Path) -> dict:
     """What the segment model is: k and why, the curves, the segments and their sizes.
 
     The figures a person looks at first come before, as numbers (`figures`)."""
@@ -109,11 +121,14 @@ def _model_metadata(model: segments.SegmentModel, groups, result: dict) -> dict:
     subs = groups[groups["level"] == "subsegment"].drop(columns=["level", "model_version"])
     curves = model.curves.pivot(index="k", columns="space", values=["inertia", "silhouette"]).round(4)
     curves.columns = [f"{a}_{b}" for a, b in curves.columns]
-    png = base64.b64encode(segments.curves_png(model)).decode()
+    picture = segments.curves_png(model)
+    png = base64.b64encode(picture).decode()
     metadata = {
         "model_version": model.version,
         "why_this_k": model.reason,
         "space": model.space,
+        # The picture as a file beside the model too: its path shows in the table without a click.
+        "curves_picture": dg.MetadataValue.path(str(_saved_picture(picture, models_root, model.version))),
         "curves": dg.MetadataValue.md(f"![inertia and silhouette by k](data:image/png;base64,{png})"),
         "curves_table": dg.MetadataValue.md(curves.reset_index().to_markdown(index=False)),
         "segments": frame_md(top),
