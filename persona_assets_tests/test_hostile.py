@@ -350,10 +350,8 @@ def test_every_value_that_passes_ingest_passes_the_event_contracts(tmp_path_fact
         assert plain is None or queried["reason"] is None
 
 
-def test_hostile_but_accepted_values_pass_cleaning_and_its_contract(tmp_path):
-    from persona_assets.core.cleaning import clean
-    from persona_assets.core.identity import resolve
-
+def _edge_lines() -> list[str]:
+    """Lines every field of which is at an edge ingest still accepts."""
     edge = [
         {"revenue": 1e15, "price": 1e15, "quantity": 2**53 - 1},
         {"revenue": 0, "price": -0.0},
@@ -371,6 +369,14 @@ def test_hostile_but_accepted_values_pass_cleaning_and_its_contract(tmp_path):
         _line(messageId="id2", type="identify", anonymousId="a1", traits={"age": -5, "country": "∞"}),
         _line(messageId="al", type="alias", anonymousId="a2", previousId="a1", userId="u NaN"),
     ]
+    return lines
+
+
+def test_hostile_but_accepted_values_pass_cleaning_and_its_contract(tmp_path):
+    from persona_assets.core.cleaning import clean
+    from persona_assets.core.identity import resolve
+
+    lines = _edge_lines()
     con, report = _run(tmp_path, {"edge.jsonl": ("\n".join(lines) + "\n").encode()})
     assert report.total("events_kept") == len(lines)
     resolve(con)
@@ -378,6 +384,21 @@ def test_hostile_but_accepted_values_pass_cleaning_and_its_contract(tmp_path):
     users = con.execute(f"SELECT {', '.join(columns(CleanedUsers))} FROM cleaned_users").df()
     CleanedUsers.validate(users, lazy=True)
     assert np.isfinite(users["total_revenue"]).all() and (users["total_revenue"] > 1e15).any()
+
+
+@pytest.mark.slow
+def test_what_ingest_keeps_every_contract_accepts_through_user_profiles(persona_home, generated):
+    # The edge values beside an ordinary population (so every model fits), through the whole
+    # graph: every contract check, from raw_events to user_profiles, passes, and the snapshot
+    # is published.
+    from .conftest import land, materialize_all
+
+    land(generated("jsonl"), persona_home / "landing")
+    (persona_home / "landing" / "edge.jsonl").write_text("\n".join(_edge_lines()) + "\n")
+    materialize_all(persona_home)  # asserts the run and every check passed
+    with duckdb.connect(str(persona_home / "serving" / "persona.duckdb"), read_only=True) as con:
+        revenue = con.execute("SELECT max(total_revenue) FROM user_profiles").fetchall()[0][0]
+    assert np.isfinite(revenue) and revenue > 1e15
 
 
 # --- every line accounted, exactly ---------------------------------------------------------------
