@@ -523,7 +523,7 @@ class CategoryScores(pa.DataFrameModel):
 
 
 class UserProfiles(pa.DataFrameModel):
-    """One row per person: what users query (DESIGN.md section 4)."""
+    """One row per person: what users query (the README's "user_profiles" section lists every column)."""
 
     person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
     identifier_count: Series[int] = column("BIGINT", ge=1)

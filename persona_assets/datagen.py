@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from persona_assets.core.events import FLAT_COLUMNS, flatten
+from persona_assets.core.events import FLAT_COLUMNS, NUMERIC_FLAT_COLUMNS, flatten
 
 FORMATS = ("jsonl", "jsonl.gz", "csv", "parquet")
 AGE_BRACKETS = ("<25", "25-34", "35-44", "45-54", "55+")
@@ -573,11 +573,7 @@ class _Writer:
         self.tmp.rename(self.path)
 
 
-NUMERIC_COLUMNS = {
-    "properties_price": pa.float64(),
-    "properties_revenue": pa.float64(),
-    "properties_quantity": pa.int64(),
-}
+NUMERIC_COLUMNS = {flat: pa.float64() if kind == "DOUBLE" else pa.int64() for flat, kind in NUMERIC_FLAT_COLUMNS.items()}
 
 
 def _parquet_schema() -> pa.Schema:

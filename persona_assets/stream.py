@@ -39,10 +39,9 @@ import duckdb
 
 from persona_assets.core.affinity import AffinityOptions, decay_to, shrunk_top
 from persona_assets.core.erasure import ErasureReport, EventMatcher, contact_hashes, erasure_hash, event_identifiers
-from persona_assets.core.events import FIELDS
+from persona_assets.core.events import FIELDS, NUMERIC_FLAT_COLUMNS
 from persona_assets.core.ingest import contract_params, query_lines
 from persona_assets.core.plain import plain_rows
-from persona_assets.datagen import NUMERIC_COLUMNS
 
 STREAM = "persona:events"
 GROUP = "persona"
@@ -579,8 +578,8 @@ def write_flat_parquet(con: duckdb.DuckDBPyConnection, lines: list[str], path: P
     columns = []  # one parse per line: every path extracted at once, then picked by position
     for i, (json_path, flat, kind) in enumerate(paths, start=1):
         value = f"v[{i}]"
-        if flat in NUMERIC_COLUMNS:
-            value = f"TRY_CAST({value} AS {'BIGINT' if NUMERIC_COLUMNS[flat] == pa.int64() else 'DOUBLE'})"
+        if flat in NUMERIC_FLAT_COLUMNS:
+            value = f"TRY_CAST({value} AS {NUMERIC_FLAT_COLUMNS[flat]})"
         elif kind == "json":
             value = f"json_extract(raw, '{json_path}')::VARCHAR"
         columns.append(f'{value} AS "{flat}"')
