@@ -5,18 +5,39 @@ import pandas as pd
 import pandera.pandas as pa
 from dagster_duckdb import DuckDBResource
 
-from persona_assets.contracts import columns
+from persona_assets.contracts import columns, identifying_columns
+from persona_assets.core.stage import StageResult
 
 CHUNK_ROWS = 500_000
 FAILURES_SHOWN = 20
-# Columns that name a person. Metadata lands in Dagster's event log, which `persona forget`
-# cannot edit, so tables shown there leave these out (values are replaced by a mark).
-IDENTIFYING = {
-    "person_id", "old_person_id", "new_person_id", "anonymous_id", "user_id", "previous_id", "device_id",
-    "message_id", "identifier", "email_hash", "phone_hash", "record_id", "record_id_l", "record_id_r",
-    "session_id", "raw_text", "anchor",
-}  # fmt: skip
+# Columns that name a person (tagged in the contracts). Metadata lands in Dagster's event log,
+# which `persona forget` cannot edit, so tables shown there leave these out (values are replaced by a mark).
+IDENTIFYING = identifying_columns()
 HIDDEN = "(identifier hidden)"
+
+
+# Each table with a contract check: its contract (the catalog's column schemas come from these).
+CONTRACTS: dict[str, type[pa.DataFrameModel]] = {}
+
+
+def column_schema(model: type[pa.DataFrameModel]) -> dg.TableSchema:
+    """A contract as Dagster's column schema: each column's DuckDB type, whether it may be
+    missing or must be unique, and tags for the ones that name a person or stay unpublished."""
+    out = []
+    for name, col in model.to_schema().columns.items():
+        meta = col.metadata or {}
+        tags = {"identifying": "yes"} if meta.get("identifying") else {}
+        if not meta.get("serving", True):
+            tags["restricted"] = "never published"
+        out.append(
+            dg.TableColumn(
+                name,
+                meta["sql"],
+                constraints=dg.TableColumnConstraints(nullable=col.nullable, unique=col.unique),
+                tags=tags,
+            )
+        )
+    return dg.TableSchema(columns=out)
 
 
 def shareable(frame: pd.DataFrame) -> pd.DataFrame:
@@ -54,7 +75,9 @@ def contract_check(
     description: str | None = None,
     all_columns: bool = False,
 ) -> dg.AssetChecksDefinition:
-    """A blocking check that `table` (or the rows `where` selects) meets its contract."""
+    """A blocking check that `table` (or the rows `where` selects) meets its contract. The
+    contract also becomes the asset's column schema in the catalog (`CONTRACTS`)."""
+    CONTRACTS.setdefault(table, model)
 
     @dg.asset_check(
         asset=asset,
@@ -105,6 +128,20 @@ def sql_check(asset: str, name: str, violations_sql: str, description: str, bloc
         return dg.AssetCheckResult(passed=count == 0, severity=severity, metadata=metadata)
 
     return _check
+
+
+def stage_metadata(result: StageResult) -> dict:
+    """How a person-level stage ran, the same for every stage: full or incremental and why, the
+    people it recomputed beside everyone in its table (a run that finds nothing new leaves the
+    table's figure as it was instead of showing 0), and whether it could fit."""
+    return {
+        "dagster/row_count": result.people,
+        "refresh": result.mode,
+        "why": result.why,
+        "people_recomputed": result.recomputed(),
+        "people_in_table": result.people,
+        "status": result.status,
+    }
 
 
 def refresh_metadata(mode: str, recomputed: int | None, everyone: int, why: str | None = None) -> dict:

@@ -12,23 +12,25 @@ from persona_assets.core.events import EVENT_TYPES, MAX_AMOUNT
 HEX64 = r"^[0-9a-f]{64}$"
 
 
-def column(sql: str, *, serving: bool = True, **checks) -> object:
-    """A contract field that also knows its DuckDB type and whether it may be published."""
-    return pa.Field(metadata={"sql": sql, "serving": serving}, **checks)
+def column(sql: str, *, serving: bool = True, identifying: bool = False, **checks) -> object:
+    """A contract field that also knows its DuckDB type, whether it may be published (`serving`:
+    restricted columns stay in the warehouse) and whether it names a person (`identifying`:
+    its values never go into Dagster's event log, which `persona forget` cannot edit)."""
+    return pa.Field(metadata={"sql": sql, "serving": serving, "identifying": identifying}, **checks)
 
 
 class RawEvents(pa.DataFrameModel):
     """One validated Segment event; email and phone only as keyed hashes."""
 
-    message_id: Series[str] = column("VARCHAR")
+    message_id: Series[str] = column("VARCHAR", identifying=True)
     event_type: Series[str] = column("VARCHAR", isin=list(EVENT_TYPES))
     event_name: Series[str] = column("VARCHAR", nullable=True)
-    user_id: Series[str] = column("VARCHAR", nullable=True)
-    anonymous_id: Series[str] = column("VARCHAR", nullable=True)
-    previous_id: Series[str] = column("VARCHAR", nullable=True)
+    user_id: Series[str] = column("VARCHAR", identifying=True, nullable=True)
+    anonymous_id: Series[str] = column("VARCHAR", identifying=True, nullable=True)
+    previous_id: Series[str] = column("VARCHAR", identifying=True, nullable=True)
     event_at: Series[pd.Timestamp] = column("TIMESTAMP")
-    email_hash: Series[str] = column("VARCHAR", nullable=True, str_matches=HEX64)
-    phone_hash: Series[str] = column("VARCHAR", nullable=True, str_matches=HEX64)
+    email_hash: Series[str] = column("VARCHAR", identifying=True, nullable=True, str_matches=HEX64)
+    phone_hash: Series[str] = column("VARCHAR", identifying=True, nullable=True, str_matches=HEX64)
     first_name: Series[str] = column("VARCHAR", serving=False, nullable=True)
     last_name: Series[str] = column("VARCHAR", serving=False, nullable=True)
     birthday: Series[str] = column("VARCHAR", serving=False, nullable=True)
@@ -38,7 +40,7 @@ class RawEvents(pa.DataFrameModel):
     city: Series[str] = column("VARCHAR", nullable=True)
     country: Series[str] = column("VARCHAR", nullable=True)
     consent: Series[str] = column("VARCHAR", nullable=True, isin=["granted", "declined"])
-    device_id: Series[str] = column("VARCHAR", nullable=True)
+    device_id: Series[str] = column("VARCHAR", identifying=True, nullable=True)
     device_type: Series[str] = column("VARCHAR", nullable=True)
     os_name: Series[str] = column("VARCHAR", nullable=True)
     timezone: Series[str] = column("VARCHAR", nullable=True)
@@ -92,7 +94,7 @@ class QuarantinedEvents(pa.DataFrameModel):
     # Never published: a broken line can carry any trait anywhere (names, birth dates, addresses),
     # which no redaction can find for sure. The snapshot keeps file, line, reason and detail; the
     # warehouse keeps the text with emails and phone numbers redacted (and forget erases it).
-    raw_text: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    raw_text: Series[str] = column("VARCHAR", identifying=True, serving=False, nullable=True)
     quarantined_at: Series[pd.Timestamp] = column("TIMESTAMP")
 
     class Config:
@@ -136,6 +138,17 @@ def columns(model: type[pa.DataFrameModel], *, serving_only: bool = False) -> li
     return [name for name, col in schema.columns.items() if not serving_only or col.metadata.get("serving", True)]
 
 
+def identifying_columns() -> set[str]:
+    """The names of every contract's columns that name a person (see `column`)."""
+    return {
+        name
+        for model in pa.DataFrameModel.__subclasses__()
+        if model.__module__ == __name__
+        for name, col in model.to_schema().columns.items()
+        if (col.metadata or {}).get("identifying")
+    }
+
+
 def ddl(model: type[pa.DataFrameModel], table: str) -> str:
     """CREATE TABLE statement for a contract (the table name is ours, never user input)."""
     schema = model.to_schema()
@@ -163,8 +176,8 @@ class IdentityMap(pa.DataFrameModel):
     """Which person each identifier belongs to (email and phone as keyed hashes)."""
 
     identifier_type: Series[str] = column("VARCHAR", isin=IDENTIFIER_TYPES)
-    identifier: Series[str] = column("VARCHAR")
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    identifier: Series[str] = column("VARCHAR", identifying=True)
+    person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID)
     first_seen_at: Series[pd.Timestamp] = column("TIMESTAMP")
     last_seen_at: Series[pd.Timestamp] = column("TIMESTAMP")
 
@@ -177,7 +190,7 @@ class IdentityGuard(pa.DataFrameModel):
     """Identifiers not used to link people: tied to too many userIds, emails or anonymousIds."""
 
     identifier_type: Series[str] = column("VARCHAR", isin=IDENTIFIER_TYPES)
-    identifier: Series[str] = column("VARCHAR")
+    identifier: Series[str] = column("VARCHAR", identifying=True)
     user_ids: Series[int] = column("BIGINT", ge=0)
     emails: Series[int] = column("BIGINT", ge=0)
     anonymous_ids: Series[int] = column("BIGINT", ge=0)
@@ -193,12 +206,12 @@ class IdentityPii(pa.DataFrameModel):
     Names and birth dates live only here and in raw_events; neither is ever published.
     """
 
-    record_id: Series[str] = column("VARCHAR", serving=False, str_matches=PERSON_ID, unique=True)
-    person_id: Series[str] = column("VARCHAR", serving=False, str_matches=PERSON_ID)
+    record_id: Series[str] = column("VARCHAR", identifying=True, serving=False, str_matches=PERSON_ID, unique=True)
+    person_id: Series[str] = column("VARCHAR", identifying=True, serving=False, str_matches=PERSON_ID)
     anchor_type: Series[str] = column("VARCHAR", serving=False, isin=IDENTIFIER_TYPES)
-    anchor: Series[str] = column("VARCHAR", serving=False)
+    anchor: Series[str] = column("VARCHAR", identifying=True, serving=False)
     user_ids: Series[int] = column("BIGINT", serving=False, ge=0)
-    user_id: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    user_id: Series[str] = column("VARCHAR", identifying=True, serving=False, nullable=True)
     first_name: Series[str] = column("VARCHAR", serving=False, nullable=True)
     last_name: Series[str] = column("VARCHAR", serving=False, nullable=True)
     birthday: Series[str] = column("VARCHAR", serving=False, nullable=True)
@@ -213,9 +226,9 @@ class IdentityPii(pa.DataFrameModel):
 class IdentityLinks(pa.DataFrameModel):
     """Probabilistic links between records above the threshold: why people merged, or why they did not."""
 
-    record_id_l: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
-    record_id_r: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    record_id_l: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID)
+    record_id_r: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID)
+    person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID)
     match_probability: Series[float] = column("DOUBLE", ge=0, le=1)
     match_weight: Series[float] = column("DOUBLE")
     weights: Series[str] = column("VARCHAR")
@@ -230,8 +243,8 @@ class IdentityLinks(pa.DataFrameModel):
 class PersonIdHistory(pa.DataFrameModel):
     """When a person's id changed because people merged or split: old -> new."""
 
-    old_person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
-    new_person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    old_person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID)
+    new_person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID)
     change: Series[str] = column("VARCHAR", isin=["merge", "split", "rekey"])
     identifiers_moved: Series[int] = column("BIGINT", ge=1)
     changed_at: Series[pd.Timestamp] = column("TIMESTAMP")
@@ -258,17 +271,17 @@ class DedupedUsers(pa.DataFrameModel):
     """One row per person: identifiers, activity span and the most recent valid value of each trait
     (the latest invalid one only when none was ever valid)."""
 
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID, unique=True)
     identifier_count: Series[int] = column("BIGINT", ge=1)
     anonymous_id_count: Series[int] = column("BIGINT", ge=0)
-    user_id: Series[str] = column("VARCHAR", nullable=True)
+    user_id: Series[str] = column("VARCHAR", identifying=True, nullable=True)
     event_count: Series[int] = column("BIGINT", ge=0)
     first_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
     last_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
-    email_hash: Series[str] = column("VARCHAR", nullable=True, str_matches=HEX64)
+    email_hash: Series[str] = column("VARCHAR", identifying=True, nullable=True, str_matches=HEX64)
     email_hash_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
     email_hash_message_id: Series[str] = column("VARCHAR", nullable=True)
-    phone_hash: Series[str] = column("VARCHAR", nullable=True, str_matches=HEX64)
+    phone_hash: Series[str] = column("VARCHAR", identifying=True, nullable=True, str_matches=HEX64)
     phone_hash_observed_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
     phone_hash_message_id: Series[str] = column("VARCHAR", nullable=True)
     age: Series[str] = column("VARCHAR", nullable=True)
@@ -301,15 +314,15 @@ class DedupedUsers(pa.DataFrameModel):
 class Sessions(pa.DataFrameModel):
     """A person's run of events without a pause longer than the session gap."""
 
-    session_id: Series[str] = column("VARCHAR", unique=True)
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    session_id: Series[str] = column("VARCHAR", identifying=True, unique=True)
+    person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID)
     started_at: Series[pd.Timestamp] = column("TIMESTAMP")
     ended_at: Series[pd.Timestamp] = column("TIMESTAMP")
     duration_seconds: Series[float] = column("DOUBLE", ge=0)
     event_count: Series[int] = column("BIGINT", ge=1)
     events_per_minute: Series[float] = column("DOUBLE", ge=0)
     device_type: Series[str] = column("VARCHAR", nullable=True)
-    anonymous_id: Series[str] = column("VARCHAR", nullable=True)
+    anonymous_id: Series[str] = column("VARCHAR", identifying=True, nullable=True)
     is_long: Series[bool] = column("BOOLEAN")
     is_burst: Series[bool] = column("BOOLEAN")
 
@@ -323,7 +336,7 @@ AGE_BRACKETS = ["<25", "25-34", "35-44", "45-54", "55+"]
 class CleanedUsers(pa.DataFrameModel):
     """One row per person: behaviour aggregates, cleaned traits, missing ratio and outlier flags."""
 
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID, unique=True)
     first_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
     last_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
     event_count: Series[int] = column("BIGINT", ge=0)
@@ -372,7 +385,7 @@ class NormalizedFeatures(pa.DataFrameModel):
     the transform was fitted with (plus `category_other`).
     """
 
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID, unique=True)
     used_for_fitting: Series[bool] = column("BOOLEAN")
     transform_version: Series[int] = column("BIGINT", ge=1)
     event_count: Series[float] = column("DOUBLE")
@@ -404,7 +417,7 @@ SEGMENT_ID = r"^S[0-9]+$"
 class Segments(pa.DataFrameModel):
     """Each person's segment, sub-segment and noise flag under one saved segment model."""
 
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID, unique=True)
     # Empty (NULL) for people with no behaviour to place them by, and for everyone while no
     # segment model could be fitted (see the segments asset's status).
     segment_id: Series[str] = column("VARCHAR", nullable=True, str_matches=SEGMENT_ID)
@@ -443,7 +456,7 @@ TRAIT_SOURCES = ["observed", "enriched", "inferred", "imputed_model", "imputed_s
 class ImputedAttributes(pa.DataFrameModel):
     """One row per person and trait: the value and where it came from."""
 
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID)
     trait: Series[str] = column("VARCHAR")
     value: Series[str] = column("VARCHAR", nullable=True)
     source: Series[str] = column("VARCHAR", isin=TRAIT_SOURCES)
@@ -513,7 +526,7 @@ class CategoryScores(pa.DataFrameModel):
     """Each person's decayed interest per category (category -> score) and the category they are
     most into, valued at `scored_at` (behind category_affinity and top_category)."""
 
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID, unique=True)
     scores: Series[object] = column("MAP(VARCHAR, DOUBLE)")
     top_category: Series[str] = column("VARCHAR")
     scored_at: Series[pd.Timestamp] = column("TIMESTAMP")
@@ -525,7 +538,7 @@ class CategoryScores(pa.DataFrameModel):
 class UserProfiles(pa.DataFrameModel):
     """One row per person: what users query (the README's "user_profiles" section lists every column)."""
 
-    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID, unique=True)
+    person_id: Series[str] = column("VARCHAR", identifying=True, str_matches=PERSON_ID, unique=True)
     identifier_count: Series[int] = column("BIGINT", ge=1)
     first_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
     last_seen_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import dagster as dg
 
 from persona_assets import automation, schedules
 from persona_assets.assets import cleaning, identity, ingest, profiles, segments, serving
+from persona_assets.checks import CONTRACTS, column_schema
 from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_resource
 from persona_assets.settings import CONFIG_ENV, persona_home
 
@@ -17,17 +19,18 @@ def build_definitions(home: Path | None = None, config_file: str | None = None) 
     """Definitions over PERSONA_HOME (or `home`, for tests), with the settings file `config_file`
     (default PERSONA_CONFIG, else PERSONA_HOME/persona.yaml when present)."""
     persona = PersonaHome(home=str(home or persona_home()), config_file=config_file or os.environ.get(CONFIG_ENV, ""))
+    assets = [
+        ingest.ingest_landing,
+        identity.resolve_identities,
+        cleaning.clean_users,
+        segments.normalized_features,
+        segments.segment_people,
+        profiles.impute_attributes,
+        profiles.user_profiles,
+        serving.serving_snapshot,
+    ]
     return dg.Definitions(
-        assets=[
-            ingest.ingest_landing,
-            identity.resolve_identities,
-            cleaning.clean_users,
-            segments.normalized_features,
-            segments.segment_people,
-            profiles.impute_attributes,
-            profiles.user_profiles,
-            serving.serving_snapshot,
-        ],
+        assets=catalogued(assets),
         asset_checks=[*ingest.CHECKS, *identity.CHECKS, *cleaning.CHECKS, *segments.CHECKS, *profiles.CHECKS],
         jobs=[schedules.retrain_models, automation.ingest_landing_job, automation.nightly_refresh],
         schedules=[schedules.weekly_retrain, automation.nightly_schedule],
@@ -40,6 +43,24 @@ def build_definitions(home: Path | None = None, config_file: str | None = None) 
         # One DuckDB writer at a time; in-process is also the fast choice on small machines.
         executor=dg.in_process_executor,
     )
+
+
+OWNERS = ["team:persona"]
+
+
+def catalogued(assets: list) -> list:
+    """The assets with owners, column schemas and links to their code (Dagster marks the
+    code-reference API beta; its warning is not the user's to read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.with_source_code_references(dg.map_asset_specs(in_catalog, assets))
+
+
+def in_catalog(spec: dg.AssetSpec) -> dg.AssetSpec:
+    """Every asset with its owners and, for a table with a contract, the contract as its column schema."""
+    table = spec.key.to_user_string()
+    metadata = {"dagster/column_schema": column_schema(CONTRACTS[table])} if table in CONTRACTS else {}
+    return spec.merge_attributes(owners=OWNERS, metadata=metadata)
 
 
 defs = build_definitions()

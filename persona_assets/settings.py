@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from persona_assets.core.affinity import AffinityOptions
-from persona_assets.core.cleaning import MISSING_ATTRIBUTES, CleaningOptions
+from persona_assets.core.cleaning import CleaningOptions
 from persona_assets.core.features import FeatureOptions
 from persona_assets.core.identity import IdentityOptions
 from persona_assets.core.imputation import ImputationOptions
@@ -40,22 +42,48 @@ class PersonaConfig(dg.Config):
         raise NotImplementedError
 
 
-class IngestConfig(PersonaConfig):
-    """How landing files become `raw_events`."""
+def stage_config(name: str, options: type, base: type[PersonaConfig]) -> type[PersonaConfig]:
+    """A stage's Dagster config, built from its options dataclass: one field per option declared
+    with `setting(...)` (same default, description, bounds and `Literal` choices), on top of
+    `base`'s per-run fields. Tuples become lists and datetimes ISO text in the launchpad."""
+    hints = typing.get_type_hints(options)
+    fields = {}
+    for f in dataclasses.fields(options):
+        if "description" not in f.metadata:
+            continue  # an internal knob, not a setting
+        kind, default = hints[f.name], f.default
+        if typing.get_origin(kind) is tuple:
+            kind, default = list[typing.get_args(kind)[0]], list(default)
+        elif kind is datetime:
+            kind, default = str, default.isoformat()
+        fields[f.name] = (kind, Field(default=default, description=f.metadata["description"], **f.metadata["bounds"]))
+    config = create_model(name, __base__=base, __module__=__name__, __doc__=options.__doc__, **fields)
+    OPTIONS[config] = options
+    return config
 
-    min_event_at: str = Field(
-        default="1970-01-01T00:00:01",
-        description="Events stamped before this ISO time are quarantined. History is data: the default keeps "
-        "everything after the Unix epoch itself (1970-01-01 00:00:00 is what an unset clock sends).",
-    )
-    max_future_hours: float = Field(
-        default=24.0, ge=0, description="Events stamped further than this in the future are quarantined."
-    )
-    max_line_bytes: int = Field(default=1_000_000, ge=1, description="A longer line is quarantined as line_too_long.")
-    max_id_chars: int = Field(
-        default=256, ge=1, description="A longer messageId, userId, anonymousId or id is quarantined as field_too_long."
-    )
-    gmail_rules: bool = Field(default=True, description="Gmail addresses with dots or +tags are the same address.")
+
+# Each generated config's options dataclass.
+OPTIONS: dict[type, type] = {}
+
+
+def _as_options(config: PersonaConfig, **overrides):
+    """The options a config's values make: lists back to tuples, ISO text back to datetimes."""
+    options = OPTIONS[type(config)]
+    hints = typing.get_type_hints(options)
+    values = {}
+    for name in config.model_fields:
+        if name not in hints:
+            continue  # a per-run field (full_refresh, retrain...), not an option
+        value = getattr(config, name)
+        if typing.get_origin(hints[name]) is tuple:
+            value = tuple(value)
+        elif hints[name] is datetime:
+            value = datetime.fromisoformat(value)
+        values[name] = value
+    return options(**(values | overrides))
+
+
+class _IngestRun(PersonaConfig):
     files: list[str] = Field(
         default=[],
         description="Only these landing file names (the landing sensor names the one it saw); empty: every new file.",
@@ -69,7 +97,7 @@ class IngestConfig(PersonaConfig):
                 raise ValueError(f"files takes names of files in the landing folder, not paths: got {name!r}")
         return value
 
-    @field_validator("min_event_at")
+    @field_validator("min_event_at", check_fields=False)
     @classmethod
     def _iso_date(cls, value: str) -> str:
         try:
@@ -79,13 +107,10 @@ class IngestConfig(PersonaConfig):
         return value
 
     def options(self) -> IngestOptions:
-        return IngestOptions(
-            min_event_at=datetime.fromisoformat(self.min_event_at),
-            max_future_hours=self.max_future_hours,
-            max_line_bytes=self.max_line_bytes,
-            max_id_chars=self.max_id_chars,
-            gmail_rules=self.gmail_rules,
-        )
+        return _as_options(self)
+
+
+IngestConfig = stage_config("IngestConfig", IngestOptions, _IngestRun)
 
 
 class RefreshConfig(PersonaConfig):
@@ -134,31 +159,12 @@ class IdentityConfig(RefreshConfig):
         return IdentityOptions(**self.model_dump(exclude={"full_refresh", "retrain_linkage"}))
 
 
-class CleaningConfig(RefreshConfig):
-    """Sessions, trait cleaning, sparsity and outliers."""
+class _StageRun(RefreshConfig):
+    def options(self):
+        return _as_options(self)
 
-    session_gap_minutes: float = Field(default=30.0, gt=0, description="Inactivity that ends a session.")
-    missing_attributes: list[str] = Field(
-        default=list(MISSING_ATTRIBUTES), description="Attributes counted for each person's missing_ratio."
-    )
-    sparse_threshold: float = Field(
-        default=0.5, gt=0, le=1, description="Above this missing_ratio a person is sparse: kept, not fitted on."
-    )
-    outlier_method: str = Field(default="mad", description="zscore, iqr or mad (on log1p of counts and money).")
-    outlier_limit: float = Field(default=3.5, gt=0, description="Fence width for person features.")
-    session_outlier_limit: float = Field(
-        default=5.0, gt=0, description="Fence width for session length and event rate (10-hour sessions, bots)."
-    )
-    outlier_action: str = Field(default="flag", description="flag, clip (to the fences) or exclude (from fitting).")
-    burst_min_events: int = Field(default=30, ge=2, description="A bot burst needs at least this many events.")
-    long_session_hours: float = Field(
-        default=6.0, gt=0, description="A session at least this long is long whatever the others look like."
-    )
 
-    def options(self) -> CleaningOptions:
-        values = self.model_dump(exclude={"full_refresh"})
-        values["missing_attributes"] = tuple(values["missing_attributes"])
-        return CleaningOptions(**values)
+CleaningConfig = stage_config("CleaningConfig", CleaningOptions, _StageRun)
 
 
 class FeaturesConfig(RefreshConfig):
@@ -214,40 +220,10 @@ def shipped_enrichment() -> Path:
     return own if own.exists() else Path(__file__).resolve().parents[1] / "data" / "enrichment" / "postal_areas.csv"
 
 
-class ImputationConfig(RefreshConfig):
-    """Filling gaps: enrichment, inference, trait models, statistical fallback."""
-
-    model_traits: list[str] = Field(
-        default=["age_bracket", "gender"], description="Traits predicted with LightGBM (age_bracket, gender, country)."
-    )
-    statistical_fallback: list[str] = Field(
-        default=["country"],
-        description="Traits that, still missing, get the most frequent value (or the median age, for 'age').",
-    )
-    confidence_threshold: float = Field(
-        default=0.5, ge=0, le=1, description="A model's prediction is kept only at or above this probability."
-    )
-    min_lift: float = Field(
-        default=0.0, ge=0, description="A model must beat the majority baseline's accuracy and macro-F1 by more."
-    )
-    holdout_share: float = Field(default=0.25, gt=0, lt=1, description="Stratified holdout for the model scores.")
-    max_training_rows: int = Field(default=100_000, ge=100, description="LightGBM trains on at most this many people.")
-    product_components: int = Field(default=16, ge=2, description="Width of the product-interest embedding (SVD).")
-    min_labelled_people: int = Field(
-        default=200, ge=10, description="A trait is modelled only when at least this many people state it."
-    )
-    enrichment_path: str = Field(
-        default="", description="CSV of third-party attributes (default: the shipped data/enrichment sample)."
-    )
-    enrichment_keys: list[str] = Field(
-        default=["country", "postal_prefix"], description="Join columns (country, postal_code, postal_prefix)."
-    )
-    enriched_confidence: float = Field(default=0.8, ge=0, le=1, description="Confidence given to enriched values.")
-    intent_window_days: float = Field(default=7.0, gt=0, description="Recent activity counted in intent_score.")
-    seed: int = Field(default=0, description="Random seed for splits and models.")
+class _ImputationRun(RefreshConfig):
     retrain: bool = Field(default=False, description="Train new trait models instead of predicting with saved ones.")
 
-    @field_validator("enrichment_path")
+    @field_validator("enrichment_path", check_fields=False)
     @classmethod
     def _readable(cls, value: str) -> str:
         if value and not Path(value).expanduser().is_file():
@@ -255,23 +231,11 @@ class ImputationConfig(RefreshConfig):
         return value
 
     def options(self) -> ImputationOptions:
-        values = self.model_dump(exclude={"retrain", "full_refresh"})
-        for key in ("model_traits", "statistical_fallback", "enrichment_keys"):
-            values[key] = tuple(values[key])
-        values["enrichment_path"] = self.enrichment_path or str(shipped_enrichment())
-        return ImputationOptions(**values)
+        return _as_options(self, enrichment_path=self.enrichment_path or str(shipped_enrichment()))
 
 
-class ProfilesConfig(RefreshConfig):
-    """Category affinity: the same weights and half-life the real-time path uses."""
-
-    view_weight: float = Field(default=1.0, ge=0, description="Weight of a product view.")
-    add_to_cart_weight: float = Field(default=3.0, ge=0, description="Weight of an add-to-cart.")
-    purchase_weight: float = Field(default=5.0, ge=0, description="Weight of a purchased product.")
-    half_life_days: float = Field(default=30.0, gt=0, description="An interaction counts half after this many days.")
-
-    def options(self) -> AffinityOptions:
-        return AffinityOptions(**self.model_dump(exclude={"full_refresh"}))
+ImputationConfig = stage_config("ImputationConfig", ImputationOptions, _ImputationRun)
+ProfilesConfig = stage_config("ProfilesConfig", AffinityOptions, _StageRun)
 
 
 # --- the settings file: $PERSONA_HOME/persona.yaml (or --config FILE / PERSONA_CONFIG) ---------------

@@ -104,7 +104,7 @@ def test_cleaning_holds_on_the_default_generator(resolved):
 def test_cleaning_holds_on_other_shapes(shaped, name):
     path, truth, report = shaped(name)
     check_cleaning(cleaning_scores(path, truth))
-    fences = {row["feature"]: row for row in report["fences"]}
+    fences = {row["feature"]: row for row in report.fences}
     assert set(OUTLIER_FEATURES) <= set(fences) and "session duration_seconds" in fences
     # Repeat buyers are not outliers: the order fence sits above the common counts.
     assert fences["order_count"]["high_fence"] >= 3

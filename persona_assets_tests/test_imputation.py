@@ -90,7 +90,7 @@ def test_a_model_that_cannot_beat_the_majority_leaves_its_trait_unknown(warehous
     )
     _prepare(con, store)
     result = impute(con, store, _options(statistical_fallback=("country", "gender")))
-    assert not result["models"].traits["gender"].beats_baseline
+    assert not result.models.traits["gender"].beats_baseline
     gender = _values(con, "gender")
     assert set(gender.source) == {"observed", "unknown"}, "no model guess and no statistical guess either"
     failing = con.execute("SELECT trait FROM trait_models WHERE model = 'lightgbm' AND NOT beats_baseline").fetchall()
@@ -101,8 +101,8 @@ def test_too_few_answers_means_no_model_rather_than_a_failed_one(warehouse_copy)
     con, store, _ = warehouse_copy
     _prepare(con, store)
     result = impute(con, store, _options(min_labelled_people=10**6))
-    assert list(result["not_modelled"]) == ["age_bracket", "gender"] and len(result["metrics"]) == 0
-    assert "min_labelled_people is 1000000" in result["not_modelled"]["age_bracket"]
+    assert list(result.not_modelled) == ["age_bracket", "gender"] and len(result.metrics) == 0
+    assert "min_labelled_people is 1000000" in result.not_modelled["age_bracket"]
     assert set(_values(con, "age_bracket").source) == {"observed", "unknown"}
 
 
@@ -111,10 +111,10 @@ def test_saved_models_predict_until_a_retrain_and_drift_stays_low_on_the_same_pe
     _prepare(con, store)
     first = impute(con, store, _options())
     again = impute(con, store, _options(), full=True)  # drift is measured on full runs
-    assert not again["trained"] and again["models"].version == first["models"].version
-    assert again["drift"]["psi"].max() < 0.2
+    assert not again.trained and again.models.version == first.models.version
+    assert again.drift["psi"].max() < 0.2
     retrained = impute(con, store, _options(), retrain=True)
-    assert retrained["trained"] and retrained["models"].version == first["models"].version + 1
+    assert retrained.trained and retrained.models.version == first.models.version + 1
 
 
 def test_population_stability_index():
@@ -135,7 +135,7 @@ def test_country_is_inferred_from_the_locale_when_not_given(imputed):
 
 def test_enrichment_joins_and_counts_unmatched_keys(imputed, warehouse_copy, tmp_path):
     con, _, _, result = imputed
-    info = result["enrichment"]
+    info = result.enrichment
     people = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
     assert info["matched"] + info["unmatched"] + info["no_key"] == people
     assert info["matched"] > 0 and info["unmatched"] > 0, "the sample has gaps on purpose"
@@ -148,7 +148,7 @@ def test_enrichment_joins_and_counts_unmatched_keys(imputed, warehouse_copy, tmp
     table = tmp_path / "countries.csv"
     table.write_text("country,market\nUS,americas\nBR,americas\nGB,europe\nDE,europe\nFR,europe\nIN,asia\n")
     other = impute(con, store, ImputationOptions(enrichment_path=str(table), enrichment_keys=("country",)))
-    assert other["enrichment"]["columns"] == ["market"] and other["enrichment"]["unmatched"] == 0
+    assert other.enrichment["columns"] == ["market"] and other.enrichment["unmatched"] == 0
 
 
 def test_next_question_asks_for_what_is_missing_and_worth_most(imputed):
@@ -186,19 +186,19 @@ def test_the_enrichment_table_counts_by_its_content_not_its_path(warehouse_copy,
     for path in (first, moved):
         path.parent.mkdir()
         shutil.copy(shipped_enrichment(), path)
-    assert impute(con, store, _options(enrichment_path=str(first)))["mode"] == "full"  # the first run
+    assert impute(con, store, _options(enrichment_path=str(first))).mode == "full"  # the first run
     # The same table elsewhere (a moved checkout): nothing to redo.
-    assert impute(con, store, _options(enrichment_path=str(moved)))["mode"] == "incremental"
+    assert impute(con, store, _options(enrichment_path=str(moved))).mode == "incremental"
     # An edited table: every enriched value is redone, for people without new events too.
     moved.write_text(moved.read_text().replace("Northeast", "North East"))
-    assert impute(con, store, _options(enrichment_path=str(moved)))["mode"] == "full"
+    assert impute(con, store, _options(enrichment_path=str(moved))).mode == "full"
     regions = {r[0] for r in con.execute("SELECT value FROM imputed_attributes WHERE trait = 'region'").fetchall()}
     assert "North East" in regions and "Northeast" not in regions
 
 
 def test_model_confidence_is_calibrated_on_the_holdout(imputed):
     con, _, truth_dir, result = imputed
-    for trait, model in result["models"].traits.items():
+    for trait, model in result.models.traits.items():
         # Before issue 21 the raw LightGBM probability was the confidence: holdout ECE 0.15 for
         # age_bracket, 0.10 for gender (a 0.9 right about three times in four).
         assert model.ece["calibrated"] <= 0.05 and model.ece["calibrated"] < model.ece["uncalibrated"], (
@@ -216,12 +216,12 @@ def test_model_confidence_is_calibrated_on_the_holdout(imputed):
 
 def test_an_item_level_linear_model_competes_with_lightgbm_per_trait(imputed):
     *_, result = imputed
-    for trait, model in result["models"].traits.items():
+    for trait, model in result.models.traits.items():
         scores = {m["model"]: m for m in model.metrics}
         assert {"lightgbm", "logistic_tfidf"} <= set(scores), trait
         best = max(("lightgbm", "logistic_tfidf"), key=lambda m: (scores[m]["macro_f1"], scores[m]["accuracy"]))
         assert model.chosen == best, (trait, scores)
     # Which products a person touched tells their age better than a 16-wide summary of them.
-    age = {m["model"]: m for m in result["models"].traits["age_bracket"].metrics}
-    assert result["models"].traits["age_bracket"].chosen == "logistic_tfidf"
+    age = {m["model"]: m for m in result.models.traits["age_bracket"].metrics}
+    assert result.models.traits["age_bracket"].chosen == "logistic_tfidf"
     assert age["logistic_tfidf"]["macro_f1"] >= age["lightgbm"]["macro_f1"] + 0.03, age

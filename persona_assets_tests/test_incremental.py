@@ -54,12 +54,12 @@ def build(con: duckdb.DuckDBPyConnection, landing: Path, store: ModelStore, full
     # The linkage model is trained on the first (full) build, as the other models are, and reused.
     opts = identity.IdentityOptions(min_link_records=100)
     report = {"identity": identity.resolve(con, opts, full=full).people_recomputed}
-    report["cleaning"] = cleaning.clean(con, full=full).get("people_recomputed")
+    report["cleaning"] = cleaning.clean(con, full=full).people_recomputed
     report["features"] = features.build(con, store, features.FeatureOptions(), full=full).get("people_recomputed")
     report["segments"] = segments.build(con, store, segments.SegmentOptions(), full=full).get("people_recomputed")
     opts = imputation.ImputationOptions(enrichment_path=str(shipped_enrichment()))
-    report["imputation"] = imputation.impute(con, store, opts, full=full).get("people_recomputed")
-    report["profiles"] = profiles.build(con, full=full).get("people_recomputed")
+    report["imputation"] = imputation.impute(con, store, opts, full=full).people_recomputed
+    report["profiles"] = profiles.build(con, full=full).people_recomputed
     return report
 
 
@@ -194,5 +194,5 @@ def test_the_clock_moving_reaches_people_without_new_events(tmp_path):
         ingest.ingest(con, landing, KEY)
         assert identity.resolve(con).people_recomputed == 1  # only b1's person has new events
         report = cleaning.clean(con)
-        assert report["mode"] == "incremental" and report["people_recomputed"] == 2
+        assert report.mode == "incremental" and report.people_recomputed == 2
         assert con.execute(age).fetchall() == [(36,)]

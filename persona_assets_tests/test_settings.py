@@ -36,7 +36,7 @@ def cli(home, *args):
     [
         ("cleanig:\n  sparse_threshold: 0.4\n", "unknown section 'cleanig'; allowed: ingest, identity, cleaning"),
         ("cleaning:\n  sparse_treshold: 0.4\n", "cleaning.sparse_treshold: unknown setting; allowed: session_gap"),
-        ("cleaning:\n  outlier_method: median\n", "outlier_method must be one of ('zscore', 'iqr', 'mad')"),
+        ("cleaning:\n  outlier_method: median\n", "outlier_method: Input should be 'zscore', 'iqr' or 'mad'"),
         ("segments:\n  k_min: 5\n  k_max: 3\n", "need 2 <= k_min <= k_max"),
         ("profiles:\n  half_life_days: soon\n", "half_life_days: Input should be a valid number"),
         ("segments:\n  retrain: true\n", "segments.retrain is chosen per run"),

@@ -5,7 +5,7 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER
-from persona_assets.checks import contract_check, frame_md, refresh_metadata, sql_check
+from persona_assets.checks import contract_check, frame_md, sql_check, stage_metadata
 from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core.cleaning import OUTLIER_FEATURES, clean
 from persona_assets.resources import PersonaHome
@@ -37,7 +37,7 @@ GROUP = "cleaning"
 )
 def clean_users(config: CleaningConfig, warehouse: DuckDBResource, persona: PersonaHome):
     with warehouse.get_connection() as con:
-        counts = clean(con, persona.options(config), full=config.full_refresh)
+        result = clean(con, persona.options(config), full=config.full_refresh)
         quality = con.execute(
             """SELECT count(*) AS people, count(*) FILTER (WHERE is_sparse) AS sparse,
                       count(*) FILTER (WHERE is_bot) AS bots, count(*) FILTER (WHERE has_long_session) AS long_sessions,
@@ -59,22 +59,21 @@ def clean_users(config: CleaningConfig, warehouse: DuckDBResource, persona: Pers
     yield dg.MaterializeResult(
         asset_key="cleaned_users",
         metadata={
-            "dagster/row_count": counts["cleaned_users"],
-            **refresh_metadata(counts["mode"], counts["people_recomputed"], counts["cleaned_users"], counts["why"]),
+            **stage_metadata(result),
             "quality": frame_md(quality),
             "outliers_per_feature": dg.MetadataValue.md(
                 outliers.to_markdown(index=False) if len(outliers) else "_none_"
             ),
             "features_checked": ", ".join(OUTLIER_FEATURES),
             # Where each line was drawn, in the feature's own units, and why a feature flags nobody.
-            "fences": frame_md(pd.DataFrame(counts["fences"])),
+            "fences": frame_md(pd.DataFrame(result.fences)),
             "trait_issues": frame_md(issues),
         },
     )
     yield dg.MaterializeResult(
         asset_key="sessions",
         metadata={
-            "dagster/row_count": counts["sessions"],
+            "dagster/row_count": result.counts["sessions"],
             "long_sessions": flagged_sessions[0],
             "burst_sessions": flagged_sessions[1],
         },

@@ -4,7 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER, PROFILES_FRESHNESS
-from persona_assets.checks import contract_check, frame_md, refresh_metadata, sql_check
+from persona_assets.checks import contract_check, frame_md, sql_check, stage_metadata
 from persona_assets.contracts import (
     ImputedAttributes,
     TraitImportance,
@@ -53,21 +53,17 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
         enriched_people = con.execute(
             "SELECT count(DISTINCT person_id) FROM imputed_attributes WHERE source = 'enriched'"
         ).fetchall()[0][0]
-    models, enrichment = result["models"], result["enrichment"]
-    metrics = result["metrics"][
-        ["trait", "model", "chosen", "accuracy", "macro_f1", "ece", "train_rows", "holdout_rows"]
-    ].round(4)
-    drift = result["drift"].sort_values("psi", ascending=False)
+    models, enrichment = result.models, result.enrichment
+    metrics = result.metrics[["trait", "model", "chosen", "accuracy", "macro_f1", "ece", "train_rows", "holdout_rows"]].round(4)
+    drift = result.drift.sort_values("psi", ascending=False)
     yield dg.MaterializeResult(
         asset_key="imputed_attributes",
         metadata={
-            "dagster/row_count": result["counts"]["imputed_attributes"],
+            **stage_metadata(result),
+            "dagster/row_count": result.counts["imputed_attributes"],  # a row per person and trait
             "model_version": models.version,
-            "trained": result["trained"],
-            "why": result["why"],
-            **refresh_metadata(result["mode"], result["people_recomputed"], result["people"]),
-            "status": "; ".join(f"{t} not modelled: {why}" for t, why in result["not_modelled"].items()) or "fitted",
-            "values_by_source": frame_md(result["sources"].reset_index()),
+            "trained": result.trained,
+            "values_by_source": frame_md(result.sources.reset_index()),
             "model_scores": frame_md(metrics),
             "enrichment_table": enrichment["path"] or "none",
             "enriched_people": enriched_people,
@@ -75,7 +71,7 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
             "this_run_enrichment_unmatched_keys": enrichment["unmatched"],
             "this_run_enrichment_without_key": enrichment["no_key"],
             "largest_drift": frame_md(drift.head(5).round(4)),
-            "next_question_importance": frame_md(result["importance"]),
+            "next_question_importance": frame_md(result.importance),
         },
     )
     yield dg.MaterializeResult(
@@ -91,7 +87,7 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
     )
     yield dg.MaterializeResult(
         asset_key="trait_importance",
-        metadata={"dagster/row_count": len(result["importance"]), "importance": frame_md(result["importance"])},
+        metadata={"dagster/row_count": len(result.importance), "importance": frame_md(result.importance)},
     )
 
 
@@ -107,7 +103,7 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
 )
 def user_profiles(config: ProfilesConfig, warehouse: DuckDBResource, persona: PersonaHome):
     with warehouse.get_connection() as con:
-        counts = profiles.build(con, persona.options(config), full=config.full_refresh)
+        result = profiles.build(con, persona.options(config), full=config.full_refresh)
         quality = con.execute(
             """SELECT round(avg(completeness), 3) AS mean_completeness,
                       count(*) FILTER (WHERE age_bracket IS NOT NULL) AS with_age_bracket,
@@ -127,8 +123,7 @@ def user_profiles(config: ProfilesConfig, warehouse: DuckDBResource, persona: Pe
         ).df()
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": counts["user_profiles"],
-            **refresh_metadata(counts["mode"], counts["people_recomputed"], counts["user_profiles"], counts["why"]),
+            **stage_metadata(result),
             "quality": frame_md(quality),
             "next_questions": frame_md(questions),
             "preview_top_spenders": frame_md(preview),

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from persona_assets.core.options import setting
+
 KINDS = ("view", "add_to_cart", "purchase")
 # The events that carry product interactions, and the columns `interactions_sql` reads of them.
 INTERACTION_EVENTS = ("Product Viewed", "Product Added", "Order Completed")
@@ -29,10 +31,12 @@ INTERACTION_COLUMNS = ("event_at", "event_name", "category", "product_id", "prod
 
 @dataclass(frozen=True)
 class AffinityOptions:
-    view_weight: float = 1.0
-    add_to_cart_weight: float = 3.0
-    purchase_weight: float = 5.0
-    half_life_days: float = 30.0
+    """Category affinity: the same weights and half-life the real-time path uses."""
+
+    view_weight: float = setting(1.0, "Weight of a product view.", ge=0)
+    add_to_cart_weight: float = setting(3.0, "Weight of an add-to-cart.", ge=0)
+    purchase_weight: float = setting(5.0, "Weight of a purchased product.", ge=0)
+    half_life_days: float = setting(30.0, "An interaction counts half after this many days.", gt=0)
 
     def __post_init__(self) -> None:
         if self.half_life_days <= 0:

@@ -6,15 +6,18 @@ Nothing is deleted: sparse people and outliers stay, with flags that later stage
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import duckdb
 
 from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core import refresh
 from persona_assets.core.identity import COUNTRIES, GENDERS, MAX_AGE, MIN_AGE, stage_scope_events
+from persona_assets.core.options import setting
 from persona_assets.core.refresh import SCOPE
-from persona_assets.core.warehouse import bind, data_as_of, replace_tables
+from persona_assets.core.stage import StageResult
+from persona_assets.core.warehouse import Scratch, bind, data_as_of, replace_tables, scratch
 
 OUTLIER_METHODS = ("zscore", "iqr", "mad")
 OUTLIER_ACTIONS = ("flag", "clip", "exclude")
@@ -34,15 +37,26 @@ CHECKED_TRAITS = ("age", "birthday", "gender", "country")
 
 @dataclass(frozen=True)
 class CleaningOptions:
-    session_gap_minutes: float = 30.0
-    missing_attributes: tuple[str, ...] = MISSING_ATTRIBUTES
-    sparse_threshold: float = 0.5
-    outlier_method: str = "mad"
-    outlier_limit: float = 3.5
-    session_outlier_limit: float = 5.0
-    outlier_action: str = "flag"
-    burst_min_events: int = 30
-    long_session_hours: float = 6.0
+    """Sessions, trait cleaning, sparsity and outliers."""
+
+    session_gap_minutes: float = setting(30.0, "Inactivity that ends a session.", gt=0)
+    missing_attributes: tuple[str, ...] = setting(
+        MISSING_ATTRIBUTES, f"Attributes counted for each person's missing_ratio (among {', '.join(MISSING_ATTRIBUTES)})."
+    )
+    sparse_threshold: float = setting(
+        0.5, "Above this missing_ratio a person is sparse: kept, not fitted on.", gt=0, le=1
+    )
+    outlier_method: Literal["zscore", "iqr", "mad"] = setting("mad", "zscore, iqr or mad (on log1p of counts and money).")
+    outlier_limit: float = setting(3.5, "Fence width for person features.", gt=0)
+    session_outlier_limit: float = setting(
+        5.0, "Fence width for session length and event rate (10-hour sessions, bots).", gt=0
+    )
+    outlier_action: Literal["flag", "clip", "exclude"] = setting(
+        "flag", "flag, clip (to the fences) or exclude (from fitting)."
+    )
+    burst_min_events: int = setting(30, "A bot burst needs at least this many events.", ge=2)
+    long_session_hours: float = setting(6.0, "A session at least this long is long whatever the others look like.", gt=0)
+    # The valid ages are identity's (it keeps a person's latest valid age), not a setting of their own.
     min_age: int = MIN_AGE
     max_age: int = MAX_AGE
 
@@ -178,32 +192,32 @@ FROM s, _session_fences f
 """
 
 
-def _scored_sql(opts: CleaningOptions, events: str, people: str) -> str:
-    """Per-person rows (everything but what depends on the whole population or the clock) for
-    the people in `events`; `people` filters deduped_users to the same people."""
+DAYPART_AND_DEVICE_SHARES = (
+    ("mobile", "device_type = 'mobile'"),
+    ("desktop", "device_type = 'desktop'"),
+    ("tablet", "device_type = 'tablet'"),
+    ("night", "local_hour < 6"),
+    ("morning", "local_hour >= 6 AND local_hour < 12"),
+    ("afternoon", "local_hour >= 12 AND local_hour < 18"),
+    ("evening", "local_hour >= 18"),
+)
+# When each attribute counts as present, for the missing ratio.
+PRESENT = {
+    "age_bracket": "age_bracket IS NOT NULL",
+    "gender": "gender IS NOT NULL",
+    "country": "country IS NOT NULL",
+    "postal_code": "postal_code IS NOT NULL",
+    "has_email": "has_email",
+    "has_phone": "has_phone",
+}
+
+
+def _behaviour_ctes(events: str) -> str:
+    """CTEs `behaviour`, `categories` and `sess`: what each person in `events` did."""
     shares = ",\n".join(
-        f"  coalesce(avg(({cond})::INT), 0) AS {name}_share"
-        for name, cond in [
-            ("mobile", "device_type = 'mobile'"),
-            ("desktop", "device_type = 'desktop'"),
-            ("tablet", "device_type = 'tablet'"),
-            ("night", "local_hour < 6"),
-            ("morning", "local_hour >= 6 AND local_hour < 12"),
-            ("afternoon", "local_hour >= 12 AND local_hour < 18"),
-            ("evening", "local_hour >= 18"),
-        ]
+        f"  coalesce(avg(({cond})::INT), 0) AS {name}_share" for name, cond in DAYPART_AND_DEVICE_SHARES
     )
-    present = {
-        "age_bracket": "age_bracket IS NOT NULL",
-        "gender": "gender IS NOT NULL",
-        "country": "country IS NOT NULL",
-        "postal_code": "postal_code IS NOT NULL",
-        "has_email": "has_email",
-        "has_phone": "has_phone",
-    }
-    missing = " + ".join(f"(NOT coalesce({present[a]}, false))::INT" for a in opts.missing_attributes)
-    return f"""
-WITH ev AS (
+    return f"""ev AS (
   SELECT pe.person_id, pe.event_at, pe.event_type, pe.event_name, pe.revenue, pe.category, pe.device_type,
          hour(pe.event_at + coalesce(tz.utc_offset, INTERVAL 0 SECOND)) AS local_hour
   FROM {events} pe LEFT JOIN _tz tz ON tz.name = pe.timezone
@@ -217,11 +231,6 @@ WITH ev AS (
     max(event_at) FILTER (WHERE event_name = 'Order Completed') AS last_order_at,
 {shares}
   FROM ev GROUP BY person_id
-), latest AS (
-  SELECT person_id, {", ".join(f"arg_max({t}, (event_at, message_id)) FILTER (WHERE {t} IS NOT NULL) AS latest_{t}" for t in CHECKED_TRAITS)}
-  FROM {events}
-  WHERE person_id IS NOT NULL AND ({" OR ".join(f"{t} IS NOT NULL" for t in CHECKED_TRAITS)})
-  GROUP BY person_id
 ), categories AS (
   SELECT person_id, map_from_entries(list((category, n) ORDER BY category)) AS category_counts
   FROM (SELECT person_id, category, count(*) AS n FROM ev WHERE category IS NOT NULL GROUP BY 1, 2)
@@ -230,6 +239,20 @@ WITH ev AS (
   SELECT person_id, count(*) AS session_count, avg(duration_seconds) AS avg_session_seconds,
          median(duration_seconds) AS median_session_seconds
   FROM _session_rows GROUP BY person_id
+)"""
+
+
+def _trait_ctes(events: str, people: str) -> str:
+    """CTEs `traits` and `aged`: each person's cleaned traits (age from a stated age or a
+    birthday), and the issues of the latest values they gave, valid or not."""
+    latest = ", ".join(
+        f"arg_max({t}, (event_at, message_id)) FILTER (WHERE {t} IS NOT NULL) AS latest_{t}" for t in CHECKED_TRAITS
+    )
+    return f"""latest AS (
+  SELECT person_id, {latest}
+  FROM {events}
+  WHERE person_id IS NOT NULL AND ({" OR ".join(f"{t} IS NOT NULL" for t in CHECKED_TRAITS)})
+  GROUP BY person_id
 ), traits AS (
   SELECT d.person_id, d.first_seen_at, d.last_seen_at, d.email_hash IS NOT NULL AS has_email,
          d.phone_hash IS NOT NULL AS has_phone, d.postal_code,
@@ -257,8 +280,11 @@ WITH ev AS (
       CASE WHEN upper(trim(latest_country)) NOT IN (SELECT alias FROM _country_vocab) THEN 'country_unrecognized' END
     ], lambda x: x IS NOT NULL) AS trait_issues
   FROM traits
-), joined AS (
-  SELECT a.person_id, a.first_seen_at, a.last_seen_at,
+)"""
+
+
+# One row per person from the CTEs above (a person without behaviour gets zeros).
+JOINED = """SELECT a.person_id, a.first_seen_at, a.last_seen_at,
     coalesce(b.event_count, 0) AS event_count, coalesce(b.behaviour_events, 0) AS behaviour_events,
     coalesce(s.session_count, 0) AS session_count,
     s.avg_session_seconds, s.median_session_seconds,
@@ -277,7 +303,16 @@ WITH ev AS (
     a.gender, a.country, a.postal_code, a.has_email, a.has_phone,
     CASE WHEN len(a.trait_issues) > 0 THEN a.trait_issues END AS trait_issues
   FROM aged a
-  LEFT JOIN behaviour b USING (person_id) LEFT JOIN sess s USING (person_id) LEFT JOIN categories c USING (person_id)
+  LEFT JOIN behaviour b USING (person_id) LEFT JOIN sess s USING (person_id) LEFT JOIN categories c USING (person_id)"""
+
+
+def _scored_sql(opts: CleaningOptions, events: str, people: str) -> str:
+    """Per-person rows (everything but what depends on the whole population or the clock) for
+    the people in `events`; `people` filters deduped_users to the same people."""
+    missing = " + ".join(f"(NOT coalesce({PRESENT[a]}, false))::INT" for a in opts.missing_attributes)
+    return f"""
+WITH {_behaviour_ctes(events)}, {_trait_ctes(events, people)}, joined AS (
+  {JOINED}
 )
 SELECT *, ({missing}) / {len(opts.missing_attributes)}.0 AS missing_ratio FROM joined
 """
@@ -336,19 +371,53 @@ DERIVED_COLUMNS = ("days_since_last_order", "has_long_session", "is_bot", "avg_o
 DOWNSTREAM_FLAGS = ("is_sparse", "is_bot", "has_long_session", "exclude_from_fitting")
 
 
-def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, full: bool = False) -> dict:
-    """Bring `sessions` and `cleaned_users` up to date (one transaction).
+@dataclass
+class CleaningResult(StageResult):
+    fences: list[dict] = field(default_factory=list)  # the fences in force, for the asset's metadata
 
-    Incrementally, sessions and per-person rows are recomputed from the events of the people
-    identity changed (and of people whose age moved with the data's as-of date); fences, flags
-    and recency are then redone over everyone's rows, which is cheap and keeps the result equal
-    to a full rebuild. With `outlier_action='clip'` the stored values are clipped, so fences
-    cannot be recomputed from them: every run is full.
-    """
-    opts = opts or CleaningOptions()
-    _vocabularies(con)
-    as_of = data_as_of(con)
-    params = {
+
+@dataclass(frozen=True)
+class _Sources:
+    """Where a cleaning run reads from: all events and people, or an incremental run's scope
+    (new rows for the people in `_scope`, everyone else's stored rows)."""
+
+    events: str
+    people: str
+    sessions: str
+    scored: str
+
+
+FULL_SOURCES = _Sources("person_events", "", "SELECT * FROM _session_rows", "SELECT * FROM _scored_new")
+
+
+def _scope_sources(con: duckdb.DuckDBPyConnection, opts: CleaningOptions, p: refresh.Plan, as_of) -> _Sources:
+    """Widen the scope to people whose age moved with the data's as-of date, stage their events,
+    and remember everyone's downstream flags (people whose flags move go downstream too)."""
+    refresh.widen(
+        con,
+        """SELECT person_id FROM deduped_users WHERE birthday IS NOT NULL
+           AND NOT coalesce(TRY_CAST(age AS DOUBLE) BETWEEN $min_age AND $max_age, false)
+           AND date_diff('year', TRY_CAST(birthday AS DATE), $old::DATE)
+               IS DISTINCT FROM date_diff('year', TRY_CAST(birthday AS DATE), $new::DATE)""",
+        {"old": p.previous_as_of or as_of, "new": as_of, "min_age": opts.min_age, "max_age": opts.max_age},
+    )
+    stage_scope_events(con, EVENT_COLUMNS)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _flags_before AS SELECT person_id, {', '.join(DOWNSTREAM_FLAGS)} FROM cleaned_users"
+    )
+    return _Sources(
+        events="_scope_events",
+        people=f"WHERE d.person_id IN (SELECT person_id FROM {SCOPE})",
+        sessions=f"""SELECT * EXCLUDE (is_long, is_burst) FROM sessions WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})
+                     UNION ALL BY NAME SELECT * FROM _session_rows""",
+        scored=f"""SELECT * EXCLUDE ({", ".join(DERIVED_COLUMNS)}) FROM cleaned_users
+                   WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})
+                   UNION ALL BY NAME SELECT * FROM _scored_new""",
+    )
+
+
+def _params(opts: CleaningOptions, as_of) -> dict:
+    return {
         "gap_seconds": opts.session_gap_minutes * 60,
         "long_seconds": opts.long_session_hours * 3600,
         "burst_min": opts.burst_min_events,
@@ -358,67 +427,60 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
         "sparse_threshold": opts.sparse_threshold,
         "action": opts.outlier_action,
     }
-    p = refresh.plan(con, "cleaning", asdict(opts), ("sessions", "cleaned_users"),
-                     full=full or opts.outlier_action == "clip",
-                     full_reason="full rebuild asked for" if full else "outlier_action is clip")  # fmt: skip
-    if p.full:
-        events, people = "person_events", ""
-        sessions = "SELECT * FROM _session_rows"
-        scored = "SELECT * FROM _scored_new"
-    else:
-        # An age from a birthday moves when the data's as-of date passes the birthday.
-        refresh.widen(
+
+
+def _stage_rows(s: Scratch, opts: CleaningOptions, src: _Sources, params: dict) -> None:
+    """The scope's sessions and per-person rows, then the fences over everyone's."""
+    for name, sql in (
+        ("_session_rows", _session_rows_sql(src.events)),
+        ("_scored_new", _scored_sql(opts, src.events, src.people)),
+        ("_fences", _person_fences_sql(opts, src.scored)),
+        ("_session_fences", _session_fences_sql(opts, src.sessions)),
+    ):
+        s.table(name, sql, bind(sql, params))
+
+
+def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, full: bool = False) -> CleaningResult:
+    """Bring `sessions` and `cleaned_users` up to date (one transaction).
+
+    Incrementally, sessions and per-person rows are recomputed from the events of the people
+    identity changed (and of people whose age moved with the data's as-of date); fences, flags
+    and recency are then redone over everyone's rows, which is cheap and keeps the result equal
+    to a full rebuild. With `outlier_action='clip'` the stored values are clipped, so fences
+    cannot be recomputed from them: every run is full.
+    """
+    opts = opts or CleaningOptions()
+    as_of = data_as_of(con)
+    params = _params(opts, as_of)
+    with scratch(con) as s:
+        for name in ("_gender_vocab", "_country_vocab", "_tz", "_scope_events", "_flags_before"):
+            s.adopt(name)
+        _vocabularies(con)
+        p = refresh.plan(con, "cleaning", asdict(opts), ("sessions", "cleaned_users"),
+                         full=full or opts.outlier_action == "clip",
+                         full_reason="full rebuild asked for" if full else "outlier_action is clip")  # fmt: skip
+        src = FULL_SOURCES if p.full else _scope_sources(con, opts, p, as_of)
+        _stage_rows(s, opts, src, params)
+        recomputed = refresh.scope_size(con)
+
+        def record() -> None:
+            if not p.full:  # people whose flags moved with the population's fences go downstream too
+                refresh.widen(
+                    con,
+                    f"""SELECT person_id FROM (SELECT person_id, {", ".join(DOWNSTREAM_FLAGS)} FROM cleaned_users
+                        EXCEPT SELECT * FROM _flags_before)""",
+                )
+            refresh.record(con, p, as_of, refresh.scope_size(con))
+
+        counts = replace_tables(
             con,
-            """SELECT person_id FROM deduped_users WHERE birthday IS NOT NULL
-               AND NOT coalesce(TRY_CAST(age AS DOUBLE) BETWEEN $min_age AND $max_age, false)
-               AND date_diff('year', TRY_CAST(birthday AS DATE), $old::DATE)
-                   IS DISTINCT FROM date_diff('year', TRY_CAST(birthday AS DATE), $new::DATE)""",
-            {"old": p.previous_as_of or as_of, "new": as_of, "min_age": opts.min_age, "max_age": opts.max_age},
+            [(Sessions, "sessions", _sessions_sql(src.sessions)), (CleanedUsers, "cleaned_users", _finish_sql(src.scored))],
+            params,
+            before_commit=[(record, None)],
         )
-        stage_scope_events(con, EVENT_COLUMNS)
-        events, people = "_scope_events", f"WHERE d.person_id IN (SELECT person_id FROM {SCOPE})"
-        sessions = f"""SELECT * EXCLUDE (is_long, is_burst) FROM sessions WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})
-                       UNION ALL BY NAME SELECT * FROM _session_rows"""
-        scored = f"""SELECT * EXCLUDE ({", ".join(DERIVED_COLUMNS)}) FROM cleaned_users
-                     WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})
-                     UNION ALL BY NAME SELECT * FROM _scored_new"""
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _flags_before AS SELECT person_id, {', '.join(DOWNSTREAM_FLAGS)} FROM cleaned_users"
-        )
-    sql = f"CREATE OR REPLACE TEMP TABLE _session_rows AS {_session_rows_sql(events)}"
-    con.execute(sql, bind(sql, params))
-    sql = f"CREATE OR REPLACE TEMP TABLE _scored_new AS {_scored_sql(opts, events, people)}"
-    con.execute(sql, bind(sql, params))
-    recomputed = refresh.scope_size(con)
-    sql = f"CREATE OR REPLACE TEMP TABLE _fences AS {_person_fences_sql(opts, scored)}"
-    con.execute(sql, bind(sql, params))
-    sql = f"CREATE OR REPLACE TEMP TABLE _session_fences AS {_session_fences_sql(opts, sessions)}"
-    con.execute(sql, bind(sql, params))
-
-    def record() -> None:
-        if not p.full:  # people whose flags moved with the population's fences go downstream too
-            refresh.widen(
-                con,
-                f"""SELECT person_id FROM (SELECT person_id, {", ".join(DOWNSTREAM_FLAGS)} FROM cleaned_users
-                    EXCEPT SELECT * FROM _flags_before)""",
-            )
-        refresh.record(con, p, as_of, refresh.scope_size(con))
-
-    counts = replace_tables(
-        con,
-        [
-            (Sessions, "sessions", _sessions_sql(sessions)),
-            (CleanedUsers, "cleaned_users", _finish_sql(scored)),
-        ],
-        params,
-        before_commit=[(record, None)],
-    )
-    fences = fence_report(con, opts)
-    for name in ("_gender_vocab", "_country_vocab", "_tz", "_session_rows", "_scored_new", "_scope_events",
-                 "_flags_before", "_fences", "_session_fences"):  # fmt: skip
-        con.execute(f"DROP TABLE IF EXISTS {name}")
-    return {**counts, "mode": p.mode, "why": p.reason, "people_recomputed": None if p.full else recomputed,
-            "fences": fences}  # fmt: skip
+        fences = fence_report(con, opts)
+    return CleaningResult(mode=p.mode, why=p.reason, people=counts["cleaned_users"],
+                          people_recomputed=None if p.full else recomputed, counts=counts, fences=fences)  # fmt: skip
 
 
 def fence_report(con: duckdb.DuckDBPyConnection, opts: CleaningOptions) -> list[dict]:

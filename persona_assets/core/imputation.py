@@ -34,8 +34,10 @@ from persona_assets.core.features import FEATURES_KIND, load_base
 from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.ingest import checksum
 from persona_assets.core.models import ModelStore
+from persona_assets.core.options import setting
 from persona_assets.core.refresh import SCOPE
-from persona_assets.core.warehouse import data_as_of, replace_frames, splice_frame
+from persona_assets.core.stage import StageResult, retrain_reasons
+from persona_assets.core.warehouse import data_as_of, replace_frames, scratch, splice_frame
 
 SOURCES = ("observed", "enriched", "inferred", "imputed_model", "imputed_stat", "unknown")
 TRAITS_KIND = "traits"
@@ -60,21 +62,31 @@ EVENT_COLUMNS = ("timezone", "locale", "device_type", *INTERACTION_COLUMNS)
 
 @dataclass(frozen=True)
 class ImputationOptions:
-    model_traits: tuple[str, ...] = ("age_bracket", "gender")
-    statistical_fallback: tuple[str, ...] = ("country",)
-    confidence_threshold: float = 0.5
-    holdout_share: float = 0.25
-    min_lift: float = 0.0
-    max_training_rows: int = 100_000
+    """Filling gaps: enrichment, inference, trait models, statistical fallback."""
+
+    model_traits: tuple[str, ...] = setting(
+        ("age_bracket", "gender"), f"Traits predicted by a model (among {', '.join(MODELLABLE)})."
+    )
+    statistical_fallback: tuple[str, ...] = setting(
+        ("country",), "Traits that, still missing, get the most frequent value (or the median age, for 'age')."
+    )
+    confidence_threshold: float = setting(
+        0.5, "A model's prediction is kept only at or above this (calibrated) probability.", ge=0, le=1
+    )
+    holdout_share: float = setting(0.25, "Stratified holdout for the model scores.", gt=0, lt=1)
+    min_lift: float = setting(0.0, "A model must beat the majority baseline's accuracy and macro-F1 by more.", ge=0)
+    max_training_rows: int = setting(100_000, "Models train on at most this many people.", ge=100)
     forest_training_rows: int = 30_000
-    product_components: int = 16
-    enrichment_path: str = ""
-    enrichment_keys: tuple[str, ...] = ("country", "postal_prefix")
-    enriched_confidence: float = 0.8
-    intent_window_days: float = 7.0
+    product_components: int = setting(16, "Width of the product-interest embedding (SVD).", ge=2)
+    enrichment_path: str = setting("", "CSV of third-party attributes (default: the shipped data/enrichment sample).")
+    enrichment_keys: tuple[str, ...] = setting(
+        ("country", "postal_prefix"), f"Join columns (among {', '.join(ENRICHMENT_KEYS)})."
+    )
+    enriched_confidence: float = setting(0.8, "Confidence given to enriched values.", ge=0, le=1)
+    intent_window_days: float = setting(7.0, "Recent activity counted in intent_score.", gt=0)
     drift_bins: int = 10
-    min_labelled_people: int = 200
-    seed: int = 0
+    min_labelled_people: int = setting(200, "A trait is modelled only when at least this many people state it.", ge=10)
+    seed: int = setting(0, "Random seed for splits and models.")
 
     def __post_init__(self) -> None:
         unknown = set(self.model_traits) - set(MODELLABLE)
@@ -496,8 +508,33 @@ def _plan_settings(opts: ImputationOptions, model_version: int) -> dict:
     return settings
 
 
+@dataclass
+class ImputationResult(StageResult):
+    models: TraitModels | None = None
+    not_modelled: dict[str, str] = field(default_factory=dict)  # trait -> why no model predicts it
+    metrics: pd.DataFrame = field(default_factory=pd.DataFrame)  # the trait_models table
+    drift: pd.DataFrame = field(default_factory=pd.DataFrame)
+    importance: pd.DataFrame = field(default_factory=pd.DataFrame)
+    sources: pd.DataFrame = field(default_factory=pd.DataFrame)  # people per trait and source
+    enrichment: dict = field(default_factory=dict)  # the enrichment table and how many it matched
+
+
+@dataclass
+class _Run:
+    """One imputation run's inputs: who, their context and model inputs, and the models."""
+
+    plan: refresh.Plan
+    as_of: datetime
+    people: pd.DataFrame
+    context: pd.DataFrame
+    inputs: pd.DataFrame
+    items: sp.csr_matrix | None
+    models: TraitModels
+    why: list[str]
+
+
 def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOptions, retrain: bool = False,
-           full: bool = False) -> dict:  # fmt: skip
+           full: bool = False) -> ImputationResult:  # fmt: skip
     """Bring imputed_attributes (and the model, drift and importance tables) up to date.
 
     Incrementally, only the people segmentation changed (and people whose recent-intent window
@@ -505,20 +542,46 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     statistical fallbacks and trait importance are recounted over everyone, and drift is
     measured on full runs only (it needs every person's model inputs).
     """
-    as_of = data_as_of(con)
-    saved = store.latest(TRAITS_KIND)
-    previous: TraitModels | None = saved.payload if saved else None
+    with scratch(con) as s:
+        s.adopt("_scope_events")
+        run = _prepare(con, store, opts, retrain, full)
+        statistics = _statistics(con, opts, run.models)
+        table, enrichment = _fill(run, opts, statistics)
+        metrics, importance = _metrics(run.models), _importance(_importance_inputs(con), opts)
+        drift = _write(con, run, opts, table.frame(), metrics, importance, statistics)
+    people, rows = con.execute("SELECT count(DISTINCT person_id), count(*) FROM imputed_attributes").fetchall()[0]
+    models = run.models
+    return ImputationResult(
+        mode=run.plan.mode, why="; ".join(run.why) or f"predicted with saved models v{models.version}", people=people,
+        people_recomputed=None if run.plan.full else len(run.people), counts={"imputed_attributes": rows},
+        status="; ".join(f"{t} not modelled: {why}" for t, why in _not_modelled(models, opts).items()) or "fitted",
+        trained=bool(run.why), models=models, not_modelled=_not_modelled(models, opts), metrics=metrics, drift=drift,
+        importance=importance, sources=_sources(con), enrichment=enrichment,
+    )  # fmt: skip
+
+
+def _retrain_reasons(con: duckdb.DuckDBPyConnection, previous: TraitModels | None, opts: ImputationOptions,
+                     retrain: bool) -> tuple[list[str], int | None, int | None]:  # fmt: skip
+    """Why the models must be trained again (none: the saved ones predict), with the feature
+    and segment versions they would be trained on."""
     feature_version, segment_version = con.execute(
         "SELECT (SELECT max(transform_version) FROM normalized_features), (SELECT max(model_version) FROM segments)"
     ).fetchall()[0]
-    reasons = {
-        "retrain on request": retrain,
-        "no saved models": previous is None,
-        "features were refitted": previous is not None and previous.feature_version != feature_version,
-        "segments were retrained": previous is not None and previous.segment_version != segment_version,
-        "settings changed": previous is not None and previous.settings != opts.model_settings(),
-    }
-    why = [r for r, hit in reasons.items() if hit]
+    changed = {} if previous is None else {
+        "features were refitted": previous.feature_version != feature_version,
+        "segments were retrained": previous.segment_version != segment_version,
+        "settings changed": previous.settings != opts.model_settings(),
+    }  # fmt: skip
+    return retrain_reasons(retrain, previous is None, changed), feature_version, segment_version
+
+
+def _prepare(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOptions, retrain: bool,
+             full: bool) -> _Run:  # fmt: skip
+    """Plan the run, load the people it predicts and their inputs, and train the models if they must be."""
+    as_of = data_as_of(con)
+    saved = store.latest(TRAITS_KIND)
+    previous: TraitModels | None = saved.payload if saved else None
+    why, feature_version, segment_version = _retrain_reasons(con, previous, opts, retrain)
     version = (saved.version if saved else 0) + 1 if why else saved.version
     p = refresh.plan(con, "imputation", _plan_settings(opts, version),
                      ("imputed_attributes", "trait_models", "trait_model_drift", "trait_importance"),
@@ -540,40 +603,63 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
         con, store, people, None if why else previous, opts, feature_version, scoped=not p.full
     )
     if why:
-        humans = ~people["is_bot"].to_numpy()
-        traits, not_modelled = {}, {}
-        for trait in opts.model_traits:
-            labelled = humans & people[trait].notna().to_numpy()
-            # Too few answers to learn from is no evidence a model fails: the trait is just not modelled.
-            stated = int(labelled.sum())
-            answers = people.loc[labelled, trait].astype(str)
-            if stated < opts.min_labelled_people:
-                not_modelled[trait] = f"{stated:,} people state it; min_labelled_people is {opts.min_labelled_people}"
-            elif inputs.shape[1] == 0:
-                not_modelled[trait] = "no behaviour, segments or products to learn it from"
-            elif answers.nunique() < 2:
-                not_modelled[trait] = f"everyone who states it gives the same answer ({answers.iloc[0]!r})"
-            else:
-                traits[trait] = train_trait(trait, inputs[labelled], answers, opts,
-                                            items[np.flatnonzero(labelled)] if items is not None else None)  # fmt: skip
-        models = TraitModels(
-            version=version,
-            feature_version=feature_version,
-            segment_version=segment_version,
-            features=list(inputs.columns),
-            segments=segments,
-            embedding=embedding,
-            traits=traits,
-            settings=opts.model_settings(),
-            not_modelled=not_modelled,
-        )
+        models = _train(people, inputs, items, opts)
+        models = TraitModels(version=version, feature_version=feature_version, segment_version=segment_version,
+                             features=list(inputs.columns), segments=segments, embedding=embedding,
+                             traits=models[0], settings=opts.model_settings(), not_modelled=models[1])  # fmt: skip
         store.save(TRAITS_KIND, models, _summary(models))
     else:
         models = previous
     inputs = inputs.reindex(columns=models.features, fill_value=0.0)
+    return _Run(p, as_of, people, context, inputs, items, models, why)
 
+
+def _train(people: pd.DataFrame, inputs: pd.DataFrame, items: sp.csr_matrix | None,
+           opts: ImputationOptions) -> tuple[dict[str, TraitModel], dict[str, str]]:  # fmt: skip
+    """A model per trait the settings name, or why there is none (too few answers, nothing to learn from)."""
+    humans = ~people["is_bot"].to_numpy()
+    traits, not_modelled = {}, {}
+    for trait in opts.model_traits:
+        labelled = humans & people[trait].notna().to_numpy()
+        # Too few answers to learn from is no evidence a model fails: the trait is just not modelled.
+        stated = int(labelled.sum())
+        answers = people.loc[labelled, trait].astype(str)
+        if stated < opts.min_labelled_people:
+            not_modelled[trait] = f"{stated:,} people state it; min_labelled_people is {opts.min_labelled_people}"
+        elif inputs.shape[1] == 0:
+            not_modelled[trait] = "no behaviour, segments or products to learn it from"
+        elif answers.nunique() < 2:
+            not_modelled[trait] = f"everyone who states it gives the same answer ({answers.iloc[0]!r})"
+        else:
+            traits[trait] = train_trait(trait, inputs[labelled], answers, opts,
+                                        items[np.flatnonzero(labelled)] if items is not None else None)  # fmt: skip
+    return traits, not_modelled
+
+
+def _not_modelled(models: TraitModels, opts: ImputationOptions) -> dict[str, str]:
+    return {
+        t: getattr(models, "not_modelled", {}).get(t, "not modelled") for t in opts.model_traits if t not in models.traits
+    }
+
+
+def _fill(run: _Run, opts: ImputationOptions, statistics: dict) -> tuple[TraitTable, dict]:
+    """Every trait's value for every person in the run, source by source in order of preference."""
+    people = run.people
     table = TraitTable(people["person_id"])
-    # 1. observed
+    _observed(table, people, opts)
+    _inferred(table, people, run.context)
+    # Third-party enrichment after inference, so an inferred country can find its row.
+    enrichment = _enrich(table, people, opts)
+    _predicted(table, run, opts)
+    # Statistics, for the traits the settings name (a failed model's trait stays unknown).
+    for trait, (value, share) in statistics.items():
+        table.add(trait, np.ones(len(people), bool), value, "imputed_stat", share)
+    for trait in (*OBSERVED_TRAITS, "primary_device", "usual_daypart", *enrichment["columns"]):
+        table.unknown(trait)
+    return table, enrichment
+
+
+def _observed(table: TraitTable, people: pd.DataFrame, opts: ImputationOptions) -> None:
     for trait, column in OBSERVED_TRAITS.items():
         values = people[trait]
         table.add(trait, values.notna().to_numpy(), values.astype(object).to_numpy(), "observed", 1.0,
@@ -581,7 +667,10 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     if "age" in opts.statistical_fallback:
         table.add("age", people["age"].notna().to_numpy(), people["age"].astype("string").to_numpy(dtype=object),
                   "observed", 1.0, observed_at=people["age_observed_at"].to_numpy())  # fmt: skip
-    # 2. contextual inference: country from the locale, else the timezone; device; daypart; intent
+
+
+def _inferred(table: TraitTable, people: pd.DataFrame, context: pd.DataFrame) -> None:
+    """Contextual inference: country from the locale, else the timezone; device; daypart; intent."""
     region = context["locale_region"].where(context["locale_region"].str.fullmatch(r"[A-Z]{2}", na=False))
     table.add("country", region.notna().to_numpy(), region.to_numpy(dtype=object), "inferred", 0.9)
     from_tz = context["usual_timezone"].map(TIMEZONE_COUNTRY)
@@ -596,106 +685,77 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     intent = 1 - np.exp(-(0.1 * context["views"] + 0.5 * context["adds"] + 0.2 * context["searches"]).fillna(0))
     table.add("intent_score", np.ones(len(people), bool), np.round(intent.to_numpy(), 4).astype(str).astype(object),
               "inferred", 1.0)  # fmt: skip
-    # 3. third-party enrichment (after inference, so an inferred country can find its row)
-    enrichment = _enrich(table, people, opts)
-    # 4. models
+
+
+def _predicted(table: TraitTable, run: _Run, opts: ImputationOptions) -> None:
+    """The models' guesses for the people still without a value, where the model beats the
+    baseline and is sure enough."""
+    n = len(run.people)
     for trait in opts.model_traits:
-        tm = models.traits.get(trait)
+        tm = run.models.traits.get(trait)
         todo = table.missing(trait)
         if tm is None or not tm.beats_baseline or not todo.any():
             continue
-        proba = tm.predict_proba(inputs[todo], items[np.flatnonzero(todo)] if items is not None else None)
-        best = proba.argmax(axis=1)
+        proba = tm.predict_proba(run.inputs[todo], run.items[np.flatnonzero(todo)] if run.items is not None else None)
         sure = tm.confidence(proba)
-        confident = np.zeros(len(people), dtype=bool)
+        confident = np.zeros(n, dtype=bool)
         confident[todo] = sure >= opts.confidence_threshold
-        values = np.empty(len(people), dtype=object)
-        values[todo] = np.array(tm.classes, dtype=object)[best]
-        confidence = np.zeros(len(people))
+        values = np.empty(n, dtype=object)
+        values[todo] = np.array(tm.classes, dtype=object)[proba.argmax(axis=1)]
+        confidence = np.zeros(n)
         confidence[todo] = sure
-        table.add(trait, confident, values, "imputed_model", confidence, model_version=models.version)
-    # 5. statistics, for the traits the settings name (a failed model's trait stays unknown)
-    statistics = _statistics(con, opts, models)
-    for trait, (value, share) in statistics.items():
-        table.add(trait, np.ones(len(people), bool), value, "imputed_stat", share)
-    for trait in (*OBSERVED_TRAITS, "primary_device", "usual_daypart", *enrichment["columns"]):
-        table.unknown(trait)
-    values = table.frame()
+        table.add(trait, confident, values, "imputed_model", confidence, model_version=run.models.version)
 
-    importance = _importance(_importance_inputs(con), opts)
-    metrics = pd.DataFrame(
-        [
-            {
-                **m,
-                "model_version": models.version,
-                **_choice(tm, m["model"]),
-                "beats_baseline": tm.beats_baseline,
-                "trained_at": models.trained_at,
-            }  # fmt: skip
-            for tm in models.traits.values()
-            for m in tm.metrics
-            if m["model"] in TABLE_MODELS
-        ],
-        columns=[*METRIC_COLUMNS, "model_version", "chosen", "ece", "ece_uncalibrated", "beats_baseline", "trained_at"],
-    )
+
+def _metrics(models: TraitModels) -> pd.DataFrame:
+    """The trait_models table: each candidate's holdout scores, which one was chosen, its calibration."""
+    rows = [
+        {**m, "model_version": models.version, **_choice(tm, m["model"]), "beats_baseline": tm.beats_baseline,
+         "trained_at": models.trained_at}  # fmt: skip
+        for tm in models.traits.values()
+        for m in tm.metrics
+        if m["model"] in TABLE_MODELS
+    ]
+    columns = [*METRIC_COLUMNS, "model_version", "chosen", "ece", "ece_uncalibrated", "beats_baseline", "trained_at"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _write(con: duckdb.DuckDBPyConnection, run: _Run, opts: ImputationOptions, values: pd.DataFrame,
+           metrics: pd.DataFrame, importance: pd.DataFrame, statistics: dict) -> pd.DataFrame:  # fmt: skip
+    """Store the run in one transaction: everything on a full run, the scope's rows spliced in
+    otherwise. Everyone's statistical guess follows the population's current mode or median.
+    Returns the drift table (measured on full runs only)."""
 
     def finish() -> None:
-        # Everyone's statistical guess follows the population's current mode or median.
         for trait, (value, share) in statistics.items():
             con.execute(
                 "UPDATE imputed_attributes SET value = ?, confidence = ? WHERE trait = ? AND source = 'imputed_stat'",
                 [value, share, trait],
             )
-        refresh.record(con, p, as_of, len(people))
+        refresh.record(con, run.plan, run.as_of, len(run.people))
 
-    if p.full:
-        drift = _drift(models, inputs)
-        replace_frames(
-            con,
-            [
-                (ImputedAttributes, "imputed_attributes", values),
-                (TraitModelMetrics, "trait_models", metrics),
-                (TraitModelDrift, "trait_model_drift", drift),
-                (TraitImportance, "trait_importance", importance),
-            ],
-            before_commit=finish,
-        )
-    else:
-        drift = con.execute("SELECT * FROM trait_model_drift").df()
+    if run.plan.full:
+        drift = _drift(run.models, run.inputs)
+        tables = [(ImputedAttributes, "imputed_attributes", values), (TraitModelMetrics, "trait_models", metrics),
+                  (TraitModelDrift, "trait_model_drift", drift), (TraitImportance, "trait_importance", importance)]  # fmt: skip
+        replace_frames(con, tables, before_commit=finish)
+        return drift
 
-        def splice() -> None:
-            con.register("_importance_frame", importance)
-            con.execute("DELETE FROM trait_importance")
-            con.execute("INSERT INTO trait_importance BY NAME SELECT * FROM _importance_frame")
-            con.unregister("_importance_frame")
-            finish()
+    def splice() -> None:
+        con.register("_importance_frame", importance)
+        con.execute("DELETE FROM trait_importance")
+        con.execute("INSERT INTO trait_importance BY NAME SELECT * FROM _importance_frame")
+        con.unregister("_importance_frame")
+        finish()
 
-        splice_frame(con, "imputed_attributes", values, before_commit=splice)
-    con.execute("DROP TABLE IF EXISTS _scope_events")
-    counts = {"imputed_attributes": con.execute("SELECT count(*) FROM imputed_attributes").fetchall()[0][0]}
-    return {
-        "models": models,
-        "not_modelled": {
-            t: getattr(models, "not_modelled", {}).get(t, "not modelled")
-            for t in opts.model_traits
-            if t not in models.traits
-        },
-        "trained": bool(why),
-        "why": "; ".join(why) or f"predicted with saved models v{models.version}",
-        "counts": counts,
-        "metrics": metrics,
-        "drift": drift,
-        "importance": importance,
-        "sources": con.execute("SELECT trait, source, count(*) AS n FROM imputed_attributes GROUP BY ALL")
-        .df()
-        .pivot(index="trait", columns="source", values="n")
-        .fillna(0)
-        .astype(int),
-        "enrichment": enrichment,
-        "mode": p.mode,
-        "people": len(people),
-        "people_recomputed": None if p.full else len(people),
-    }
+    splice_frame(con, "imputed_attributes", values, before_commit=splice)
+    return con.execute("SELECT * FROM trait_model_drift").df()
+
+
+def _sources(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """People per trait and source, over everyone."""
+    counts = con.execute("SELECT trait, source, count(*) AS n FROM imputed_attributes GROUP BY ALL").df()
+    return counts.pivot(index="trait", columns="source", values="n").fillna(0).astype(int)
 
 
 def _enrich(table: TraitTable, people: pd.DataFrame, opts: ImputationOptions) -> dict:

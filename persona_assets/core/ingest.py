@@ -50,6 +50,7 @@ from persona_assets.core.mappings import (
     mapping_for,
     strptime_has_zone,
 )
+from persona_assets.core.options import setting
 from persona_assets.core.pii import (
     hmac_params,
     hmac_sql,
@@ -67,17 +68,23 @@ RAW_TEXT_LIMIT = 10_000  # characters of a bad line kept in quarantine; the file
 
 @dataclass(frozen=True)
 class IngestOptions:
-    """Tunables of ingestion (mirrored by `settings.IngestConfig`)."""
+    """How landing files become `raw_events`."""
 
-    min_event_at: datetime = datetime(1970, 1, 1, 0, 0, 1)
-    max_future_hours: float = 24.0
-    max_line_bytes: int = 1_000_000
-    max_id_chars: int = 256
+    min_event_at: datetime = setting(
+        datetime(1970, 1, 1, 0, 0, 1),
+        "Events stamped before this ISO time are quarantined. History is data: the default keeps "
+        "everything after the Unix epoch itself (1970-01-01 00:00:00 is what an unset clock sends).",
+    )
+    max_future_hours: float = setting(24.0, "Events stamped further than this in the future are quarantined.", ge=0)
+    max_line_bytes: int = setting(1_000_000, "A longer line is quarantined as line_too_long.", ge=1)
+    max_id_chars: int = setting(
+        256, "A longer messageId, userId, anonymousId or id is quarantined as field_too_long.", ge=1
+    )
     chunk_bytes: int = 64 * 1024 * 1024
     # Files are committed in groups of about this many bytes of input, so a large landing
     # folder is ingested in bounded memory.
     stage_bytes: int = 512 * 1024 * 1024
-    gmail_rules: bool = True
+    gmail_rules: bool = setting(True, "Gmail addresses with dots or +tags are the same address.")
     # Where foreign exports keep the Segment fields (`core.mappings`); the first whose pattern
     # matches a file's name applies, and a file matching none is read as Segment events.
     mappings: tuple[FileMapping, ...] = ()
@@ -775,20 +782,11 @@ def _non_finite_sql(expr: str) -> str:
       list_bool_or(list_transform({numbers}, lambda x: x <> '' AND NOT isfinite(TRY_CAST(x AS DOUBLE)))) END, false)"""
 
 
-def _validate_select(source_sql: str, timestamp_format: str = "iso") -> str:
-    """Type each field and give each line its first problem (reason), or none.
-
-    A price or revenue must be a finite amount from 0 to MAX_AMOUNT (a refund is its own event,
-    `Order Refunded`, with a positive amount), so sums of them downstream stay finite and
-    non-negative; a product list must not hold a number that is not finite."""
-    ids = [f.column for f in ID_FIELDS]
-    too_long = " ".join(f"WHEN strlen({c}) > $max_id_chars THEN '{c}'" for c in ids)
-    types = ", ".join(f"'{t}'" for t in EVENT_TYPES)
+def _typed_sql(timestamp_format: str) -> str:
+    """The lines of CTE `s` with each field typed (ids and names trimmed, numbers and the timestamp parsed), with
+    the texts the numbers and timestamp came from, for the problem's detail."""
     cleaned = {column: f"nullif(trim(s.{column}), '')" for column in TRIMMED_COLUMNS}
-    return f"""
-WITH s AS ({source_sql}),
-v AS (
-  SELECT s.line, s.raw, s.parse_error, s.bad_field,
+    return f"""SELECT s.line, s.raw, s.parse_error, s.bad_field,
     {cleaned["message_id"]} AS message_id,
     lower({cleaned["event_type"]}) AS event_type,
     {cleaned["event_name"]} AS event_name,
@@ -804,10 +802,14 @@ v AS (
     s.quantity AS quantity_text, TRY_CAST(TRY_CAST(s.quantity AS DOUBLE) AS BIGINT) AS quantity,
     s.revenue AS revenue_text, TRY_CAST(s.revenue AS DOUBLE) AS revenue,
     {cleaned["order_id"]} AS order_id, s.products, s.search_query
-  FROM s
-)
-SELECT *,
-  CASE
+  FROM s"""
+
+
+def _reason_sql() -> str:
+    """A typed line's first problem, as a quarantine reason (NULL: the line is valid)."""
+    ids = [f.column for f in ID_FIELDS]
+    types = ", ".join(f"'{t}'" for t in EVENT_TYPES)
+    return f"""CASE
     WHEN parse_error IS NOT NULL THEN parse_error
     WHEN bad_field IS NOT NULL THEN 'bad_type'
     WHEN user_id IS NULL AND anonymous_id IS NULL THEN 'missing_id'
@@ -822,8 +824,14 @@ SELECT *,
     WHEN event_type = 'track' AND event_name IS NULL THEN 'missing_event_name'
     WHEN event_type = 'alias' AND previous_id IS NULL THEN 'missing_previous_id'
     WHEN {" OR ".join(f"strlen({c}) > $max_id_chars" for c in ids)} THEN 'field_too_long'
-  END AS reason,
-  CASE
+  END"""
+
+
+def _detail_sql() -> str:
+    """What exactly was wrong with a quarantined line's field, for its quarantine row."""
+    too_long = " ".join(f"WHEN strlen({f.column}) > $max_id_chars THEN '{f.column}'" for f in ID_FIELDS)
+    types = ", ".join(f"'{t}'" for t in EVENT_TYPES)
+    return f"""CASE
     WHEN parse_error IS NOT NULL THEN NULL
     WHEN bad_field IS NOT NULL THEN bad_field || ' has the wrong JSON type'
     WHEN event_type IS NOT NULL AND event_type NOT IN ({types}) THEN 'type ' || event_type
@@ -836,7 +844,21 @@ SELECT *,
     WHEN NOT (revenue BETWEEN 0 AND {MAX_AMOUNT:g}) THEN 'revenue ' || left(revenue_text, 64)
     WHEN {_non_finite_sql("products")} THEN 'products hold a number that is not finite'
     ELSE CASE {too_long} END
-  END AS detail
+  END"""
+
+
+def _validate_select(source_sql: str, timestamp_format: str = "iso") -> str:
+    """Type each field and give each line its first problem (reason), or none.
+
+    A price or revenue must be a finite amount from 0 to MAX_AMOUNT (a refund is its own event,
+    `Order Refunded`, with a positive amount), so sums of them downstream stay finite and
+    non-negative; a product list must not hold a number that is not finite."""
+    return f"""
+WITH s AS ({source_sql}),
+v AS (
+  {_typed_sql(timestamp_format)}
+)
+SELECT *, {_reason_sql()} AS reason, {_detail_sql()} AS detail
 FROM v
 """
 

@@ -108,7 +108,24 @@ def _number(value) -> float:
 def plain_row(line: str, params: dict) -> dict:
     """The typed row of a plain, valid line (`params`: the contract's limits, `ingest.contract_params`);
     NotPlain for anything else."""
-    max_id_chars = params["max_id_chars"]
+    row: dict = {"reason": None, "detail": None}
+    boxes = _boxes(_decode(line, params))
+    for column, kind, steps in FIELD_STEPS:
+        raw = None
+        for position, key in steps:  # the first non-null of the paths, as coalesce() takes it
+            box = boxes[position]
+            if box is not None and (raw := box.get(key)) is not None:
+                break
+        # Most fields of most events are missing.
+        row[column] = None if raw is None else _field(column, kind, raw, params["max_id_chars"])
+    _check_event(row, params)
+    if row["message_id"] is None:
+        row["message_id"] = "derived-" + hashlib.sha256(line.encode("utf-8")).hexdigest()
+    return row
+
+
+def _decode(line: str, params: dict) -> dict:
+    """The line as a JSON object, if it is a plain one the query would take."""
     if len(line.encode("utf-8")) > params["max_line_bytes"] or SURROGATE.search(line) or "\\u0000" in line:
         raise NotPlain
     if line.count("{") + line.count("[") > MAX_NESTING:
@@ -119,6 +136,11 @@ def plain_row(line: str, params: dict) -> dict:
         raise NotPlain from exc
     if not isinstance(event, dict):
         raise NotPlain
+    return event
+
+
+def _boxes(event: dict) -> list[dict | None]:
+    """The event's nested objects (context, traits, properties, ...) in BOX_STEPS order."""
     boxes: list[dict | None] = [event]
     for position, (parent, key) in enumerate(BOX_STEPS, start=1):
         box = boxes[parent].get(key) if boxes[parent] is not None else None
@@ -127,33 +149,32 @@ def plain_row(line: str, params: dict) -> dict:
                 raise NotPlain  # the query calls that a bad_type
             box = None  # a path through a scalar finds nothing
         boxes.append(box)
-    row: dict = {"reason": None, "detail": None}
-    for column, kind, steps in FIELD_STEPS:
-        raw = None
-        for position, key in steps:  # the first non-null of the paths, as coalesce() takes it
-            box = boxes[position]
-            if box is not None and (raw := box.get(key)) is not None:
-                break
-        if raw is None:  # most fields of most events
-            row[column] = None
-            continue
-        if kind == "json":
-            if type(raw) is not list:
-                raise NotPlain
-            row[column] = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
-        elif kind == "number":
-            row[column] = _number(raw)
-        elif kind == "integer":
-            if type(raw) is not int or not 0 <= raw < EXACT_IN_DOUBLE:
-                raise NotPlain
-            row[column] = raw
-        else:
-            text = _text(raw)
-            if column in TRIMMED:
-                text = _trimmed(text)
-            if kind == "id" and text is not None and len(text.encode("utf-8")) > max_id_chars:
-                raise NotPlain
-            row[column] = text
+    return boxes
+
+
+def _field(column: str, kind: str, raw, max_id_chars: int):
+    """One field's value, typed as the query types it."""
+    if kind == "json":
+        if type(raw) is not list:
+            raise NotPlain
+        return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+    if kind == "number":
+        return _number(raw)
+    if kind == "integer":
+        if type(raw) is not int or not 0 <= raw < EXACT_IN_DOUBLE:
+            raise NotPlain
+        return raw
+    text = _text(raw)
+    if column in TRIMMED:
+        text = _trimmed(text)
+    if kind == "id" and text is not None and len(text.encode("utf-8")) > max_id_chars:
+        raise NotPlain
+    return text
+
+
+def _check_event(row: dict, params: dict) -> None:
+    """The event-level rules (a known type, an id, a track's name, an alias's previous id, a
+    timestamp in range, a plain consent), normalising type, timestamp and consent in place."""
     event_type = row["event_type"]
     if event_type is None or not event_type.isascii() or event_type.lower() not in EVENT_TYPES:
         raise NotPlain
@@ -169,9 +190,6 @@ def plain_row(line: str, params: dict) -> dict:
     if consent is not None and consent != consent.strip():
         raise NotPlain
     row["consent"] = CONSENT.get(consent.lower()) if consent is not None and consent.isascii() else None
-    if row["message_id"] is None:
-        row["message_id"] = "derived-" + hashlib.sha256(line.encode("utf-8")).hexdigest()
-    return row
 
 
 def _timestamp(text: str | None, min_at: datetime, max_at: datetime) -> datetime:

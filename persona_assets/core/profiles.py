@@ -20,7 +20,8 @@ from persona_assets.core.affinity import (
 from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.publish import find_person  # noqa: F401  (look-ups live beside the snapshot they read)
 from persona_assets.core.refresh import SCOPE
-from persona_assets.core.warehouse import bind, data_as_of, replace_tables
+from persona_assets.core.stage import StageResult
+from persona_assets.core.warehouse import Scratch, bind, data_as_of, replace_tables, scratch, transaction
 
 CORE_TRAITS = ("age_bracket", "gender", "country")
 INFERRED_TRAITS = ("primary_device", "usual_daypart")
@@ -84,7 +85,7 @@ LEFT JOIN shrunk sh USING (person_id)
 """
 
 
-def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, full: bool = False) -> dict:
+def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, full: bool = False) -> StageResult:
     """Bring user_profiles up to date (one transaction).
 
     Category scores are the only part read from events: incrementally they are recomputed for
@@ -101,34 +102,27 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
         con, "profiles", {**asdict(opts), "scores_layout": 3}, ("user_profiles", "category_scores"), full=full
     )
     params = {"as_of": as_of, "updated_at": now}
-    if p.full:
-        scores = [(CategoryScores, "category_scores", person_scores_sql(opts, PROFILED.format(events="person_events")))]
-        updated = "$updated_at"
-    else:
-        # Scores read product interactions only: their events and columns are all that is staged.
-        stage_scope_events(con, INTERACTION_COLUMNS, INTERACTION_EVENTS)
-        con.execute("BEGIN TRANSACTION")
-        try:
-            con.execute(f"DELETE FROM category_scores WHERE person_id IN (SELECT person_id FROM {SCOPE})")
-            sql = f"INSERT INTO category_scores BY NAME {person_scores_sql(opts, PROFILED.format(events='_scope_events'))}"
-            con.execute(sql, bind(sql, params))
-            con.execute(
-                "CREATE OR REPLACE TEMP TABLE _updated AS SELECT person_id, updated_at FROM user_profiles "
-                f"WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})"
-            )
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        scores = []
-        updated = "coalesce((SELECT u.updated_at FROM _updated u WHERE u.person_id = c.person_id), $updated_at)"
-    counts = replace_tables(
-        con,
-        [*scores, (UserProfiles, "user_profiles", profiles_sql(opts, updated))],
-        params,
-        before_commit=[(lambda: refresh.record(con, p, as_of, refresh.scope_size(con)), None)],
-        transaction=p.full,
-    )
-    recomputed = None if p.full else refresh.scope_size(con)
-    for name in ("_scope_events", "_updated"):
-        con.execute(f"DROP TABLE IF EXISTS {name}")
-    return {**counts, "mode": p.mode, "why": p.reason, "people_recomputed": recomputed}
+    record = [(lambda: refresh.record(con, p, as_of, refresh.scope_size(con)), None)]
+    with scratch(con) as s:
+        if p.full:
+            scores = [(CategoryScores, "category_scores", person_scores_sql(opts, PROFILED.format(events="person_events")))]
+            counts = replace_tables(con, [*scores, (UserProfiles, "user_profiles", profiles_sql(opts))], params, record)
+        else:
+            # Scores read product interactions only: their events and columns are all that is staged.
+            stage_scope_events(con, INTERACTION_COLUMNS, INTERACTION_EVENTS)
+            s.adopt("_scope_events")
+            with transaction(con):
+                _splice_scores(con, s, opts, params)
+                updated = "coalesce((SELECT u.updated_at FROM _updated u WHERE u.person_id = c.person_id), $updated_at)"
+                counts = replace_tables(con, [(UserProfiles, "user_profiles", profiles_sql(opts, updated))], params,
+                                        record, transaction=False)  # fmt: skip
+    return StageResult(mode=p.mode, why=p.reason, people=counts["user_profiles"],
+                       people_recomputed=None if p.full else refresh.scope_size(con), counts=counts)  # fmt: skip
+
+
+def _splice_scores(con: duckdb.DuckDBPyConnection, s: Scratch, opts: AffinityOptions, params: dict) -> None:
+    """The scope's category scores in place of their old ones; everyone else's updated_at kept (`_updated`)."""
+    con.execute(f"DELETE FROM category_scores WHERE person_id IN (SELECT person_id FROM {SCOPE})")
+    sql = f"INSERT INTO category_scores BY NAME {person_scores_sql(opts, PROFILED.format(events='_scope_events'))}"
+    con.execute(sql, bind(sql, params))
+    s.table("_updated", f"SELECT person_id, updated_at FROM user_profiles WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})")

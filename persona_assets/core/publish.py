@@ -100,21 +100,49 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
     the snapshot, for point look-ups. Without `append` the file is written afresh and no spare
     is kept (an erasure must leave no older copy behind). Returns the row count of each table.
     """
+    append, indexes = append or {}, indexes or {}
+    previous = path.exists()
+    tmp, took = _start_file(path, append)
+    _attach(con, path, tmp, took)
+    try:
+        existing = {
+            r[0]
+            for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = '_snapshot'").fetchall()
+        }
+        counts = {
+            name: _write_table(con, name, select, append.get(name) if name in existing else None, indexes.get(name))
+            for name, select in tables.items()
+        }
+        _stamp(con, run_id, list(tables))
+    except BaseException:
+        con.execute("DETACH _snapshot")
+        tmp.unlink(missing_ok=True)
+        raise
+    con.execute("DETACH _snapshot")
+    kill_point(["snapshot"])
+    _swap_in(path, tmp, bool(append), previous)
+    return counts
+
+
+def _start_file(path: Path, append: dict[str, str]) -> tuple[Path, bool]:
+    """The file the new snapshot is written in, beside `path`: empty, or (to append to) the spare
+    taken over or a copy of the current snapshot. Returns it and whether the spare was taken."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # Publishes take turns (each holds the warehouse's one writer connection), so any other
     # half-written file is a killed publish's leftover.
     for leftover in path.parent.glob(f".{path.name}.*.tmp*"):
         leftover.unlink(missing_ok=True)
-    append = append or {}
     previous = path.exists()
     took = bool(append) and previous and _take_spare(path, tmp)
     if not append:
         spare_path(path).unlink(missing_ok=True)
     elif previous and not took:
         shutil.copyfile(path, tmp)
-    counts: dict[str, int] = {}
-    default = con.execute("SELECT current_database()").fetchall()[0][0]
+    return tmp, took
+
+
+def _attach(con: duckdb.DuckDBPyConnection, path: Path, tmp: Path, took: bool) -> None:
     try:
         con.execute("ATTACH $path AS _snapshot", {"path": str(tmp)})
     except duckdb.IOException:
@@ -123,46 +151,46 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
         tmp.unlink(missing_ok=True)  # a reader locked the spare after all: start from a copy
         shutil.copyfile(path, tmp)
         con.execute("ATTACH $path AS _snapshot", {"path": str(tmp)})
-    try:
-        existing = {
-            r[0]
-            for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = '_snapshot'").fetchall()
-        }
-        for name, select in tables.items():
-            key = append.get(name)
-            if key and name in existing and _same_columns(con, name, select):
-                # The key as a value, not a subquery: the scan then skips every row group whose
-                # keys are all older (they grow with insertion order), instead of reading them all.
-                reached = con.execute(f'SELECT coalesce(max("{key}"), -1) FROM _snapshot."{name}"').fetchall()[0][0]
-                con.execute(f'INSERT INTO _snapshot."{name}" SELECT * FROM ({select}) WHERE "{key}" > $reached',
-                            {"reached": reached})  # fmt: skip
-                want = con.execute(f"SELECT count(*) FROM ({select})").fetchall()[0][0]
-                if con.execute(f'SELECT count(*) FROM _snapshot."{name}"').fetchall()[0][0] == want:
-                    counts[name] = want
-                    continue
-            con.execute(f'DROP TABLE IF EXISTS _snapshot."{name}"')
-            con.execute(f'CREATE TABLE _snapshot."{name}" AS {select}')
-            counts[name] = con.execute(f'SELECT count(*) FROM _snapshot."{name}"').fetchall()[0][0]
-            if name in (indexes or {}):
-                # CREATE INDEX takes no database prefix: make the snapshot the default for it.
-                con.execute("USE _snapshot")
-                try:
-                    con.execute(f'CREATE INDEX "{name}_lookup" ON "{name}" ("{indexes[name]}")')
-                finally:
-                    con.execute(f"USE {sql_identifier(default)}")
-        con.execute("DROP TABLE IF EXISTS _snapshot.snapshot_info")
-        con.execute(
-            "CREATE TABLE _snapshot.snapshot_info AS SELECT ?::TIMESTAMP AS published_at, ?::VARCHAR AS run_id, "
-            "?::VARCHAR[] AS tables",
-            [datetime.now(UTC).replace(tzinfo=None), run_id, list(tables)],
-        )
-        con.execute("CHECKPOINT _snapshot")
-    except BaseException:
-        con.execute("DETACH _snapshot")
-        tmp.unlink(missing_ok=True)
-        raise
-    con.execute("DETACH _snapshot")
-    kill_point(["snapshot"])
+
+
+def _write_table(con: duckdb.DuckDBPyConnection, name: str, select: str, key: str | None, index: str | None) -> int:
+    """One table into the attached snapshot: only its rows past `key` when it can be appended
+    to, else written whole (with an index on `index`). Returns its row count."""
+    if key and _same_columns(con, name, select):
+        # The key as a value, not a subquery: the scan then skips every row group whose
+        # keys are all older (they grow with insertion order), instead of reading them all.
+        reached = con.execute(f'SELECT coalesce(max("{key}"), -1) FROM _snapshot."{name}"').fetchall()[0][0]
+        con.execute(f'INSERT INTO _snapshot."{name}" SELECT * FROM ({select}) WHERE "{key}" > $reached',
+                    {"reached": reached})  # fmt: skip
+        want = con.execute(f"SELECT count(*) FROM ({select})").fetchall()[0][0]
+        if con.execute(f'SELECT count(*) FROM _snapshot."{name}"').fetchall()[0][0] == want:
+            return want
+    con.execute(f'DROP TABLE IF EXISTS _snapshot."{name}"')
+    con.execute(f'CREATE TABLE _snapshot."{name}" AS {select}')
+    if index:
+        # CREATE INDEX takes no database prefix: make the snapshot the default for it.
+        default = con.execute("SELECT current_database()").fetchall()[0][0]
+        con.execute("USE _snapshot")
+        try:
+            con.execute(f'CREATE INDEX "{name}_lookup" ON "{name}" ("{index}")')
+        finally:
+            con.execute(f"USE {sql_identifier(default)}")
+    return con.execute(f'SELECT count(*) FROM _snapshot."{name}"').fetchall()[0][0]
+
+
+def _stamp(con: duckdb.DuckDBPyConnection, run_id: str | None, tables: list[str]) -> None:
+    """`snapshot_info`: when the snapshot was published, by which run, with which tables; then on disk."""
+    con.execute("DROP TABLE IF EXISTS _snapshot.snapshot_info")
+    con.execute(
+        "CREATE TABLE _snapshot.snapshot_info AS SELECT ?::TIMESTAMP AS published_at, ?::VARCHAR AS run_id, "
+        "?::VARCHAR[] AS tables",
+        [datetime.now(UTC).replace(tzinfo=None), run_id, tables],
+    )
+    con.execute("CHECKPOINT _snapshot")
+
+
+def _swap_in(path: Path, tmp: Path, append: bool, previous: bool) -> None:
+    """Rename the new file over the snapshot; when appending, the replaced file becomes the spare."""
     if append and previous:  # the file being replaced becomes the spare, instead of being deleted
         spare_path(path).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # no hard links here: no spare, the next publish copies
@@ -170,7 +198,6 @@ def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[st
     os.replace(tmp, path)
     if append and not previous:
         _keep_as_spare(path)
-    return counts
 
 
 def _same_columns(con: duckdb.DuckDBPyConnection, name: str, select: str) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import duckdb
 import pandera.pandas as pa
@@ -20,9 +21,66 @@ def connection_config() -> dict[str, str]:
     return {"memory_limit": os.environ.get(MEMORY_ENV, "5GB")}
 
 
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One warehouse transaction: committed when the block ends, rolled back if anything in it
+    raises (or the process is stopped), so no reader ever sees half of it."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+class Scratch:
+    """The temporary tables one step makes for itself, by name, dropped when the step ends."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self.names: list[str] = []
+
+    def table(self, name: str, select: str, params: dict | list | None = None) -> str:
+        """(Re)create temp table `name` from a SELECT; returns the name to read it by."""
+        self.con.execute(f'CREATE OR REPLACE TEMP TABLE "{name}" AS {select}', params)
+        return self.adopt(name)
+
+    def adopt(self, name: str) -> str:
+        """Drop `name` with the rest (a temp table another function made for this step)."""
+        if name not in self.names:
+            self.names.append(name)
+        return name
+
+    def drop(self) -> None:
+        for name in reversed(self.names):
+            self.con.execute(f'DROP TABLE IF EXISTS "{name}"')
+        self.names.clear()
+
+
+@contextmanager
+def scratch(con: duckdb.DuckDBPyConnection) -> Iterator[Scratch]:
+    """`with scratch(con) as s:` temp tables made through `s` are gone when the block ends, however it ends."""
+    s = Scratch(con)
+    try:
+        yield s
+    finally:
+        s.drop()
+
+
 def bind(sql: str, params: dict | None) -> dict:
     """Only the parameters the statement names (DuckDB refuses extra ones)."""
     return {k: v for k, v in (params or {}).items() if f"${k}" in sql}
+
+
+@contextmanager
+def transaction_if(con: duckdb.DuckDBPyConnection, begin: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    """`transaction(con)`, or nothing when the caller's own transaction is already open."""
+    if not begin:
+        yield con
+        return
+    with transaction(con):
+        yield con
 
 
 def replace_tables(
@@ -39,9 +97,7 @@ def replace_tables(
     anywhere leaves every table as it was. `transaction=False`: the caller has already begun it.
     """
     counts: dict[str, int] = {}
-    if transaction:
-        con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction_if(con, transaction):
         for model, table, select in tables:
             tmp = f"{table}__new"
             con.execute(f'DROP TABLE IF EXISTS "{tmp}"')
@@ -57,10 +113,6 @@ def replace_tables(
             else:
                 con.execute(sql, bind(sql, sql_params))
         kill_point(counts)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return counts
 
 
@@ -102,17 +154,13 @@ def _frame_transaction(con: duckdb.DuckDBPyConnection, table: str, frame, statem
     """Run `statements` (which read the frame as {view}) and `before_commit` in one transaction."""
     view = f"_{table}_frame"
     con.register(view, frame)
-    con.execute("BEGIN TRANSACTION")
     try:
-        for sql in statements:
-            con.execute(sql.format(table=table, view=view))
-        if before_commit is not None:
-            before_commit()
-        kill_point([table])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            for sql in statements:
+                con.execute(sql.format(table=table, view=view))
+            if before_commit is not None:
+                before_commit()
+            kill_point([table])
     finally:
         con.unregister(view)
     return len(frame)
