@@ -305,8 +305,9 @@ def load_settings(path: Path | None) -> dict:
             raise SettingsError(f"{path}: {section} must hold 'key: value' settings, got {type(values).__name__}")
         for key in values:
             if key in PER_RUN:
-                raise SettingsError(f"{path}: {section}.{key} is chosen per run (launchpad or command line), "
-                                    "not in the settings file")  # fmt: skip
+                raise SettingsError(
+                    f"{path}: {section}.{key} is chosen per run (launchpad or command line), not in the settings file"
+                )
             if key not in config.model_fields:
                 raise SettingsError(f"{path}: {section}.{key}: unknown setting; allowed: {', '.join(settable(config))}")
         try:

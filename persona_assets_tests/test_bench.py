@@ -7,7 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from persona_assets.bench import SCALES, report_markdown, write_docs
+
+# Slow: runs whole processes (make test runs it; make test-fast leaves it out).
+pytestmark = pytest.mark.slow
 
 
 def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):

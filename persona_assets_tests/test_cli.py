@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 
 def persona(*args, env_home, check=True):
@@ -17,6 +18,7 @@ def persona(*args, env_home, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_demo_twice_counts_no_event_twice_and_query_answers(persona_home):
     first = persona("demo", "--people", "300", env_home=persona_home)
     assert "Events kept:" in first.stdout and "persona query" in first.stdout

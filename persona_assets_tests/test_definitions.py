@@ -1,9 +1,12 @@
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
 import duckdb
+import pytest
 
 from persona_assets.checks import validate_in_chunks
 from persona_assets.contracts import RawEvents, ddl
@@ -41,6 +44,7 @@ def test_definitions_load_with_every_check_blocking():
     assert isinstance(defs.executor, dg.ExecutorDefinition) and defs.executor.name == "in_process"
 
 
+@pytest.mark.slow
 def test_materializing_everything_publishes_a_snapshot_without_restricted_columns(persona_home, generated):
     source = generated("jsonl")
     land(source, persona_home / "landing")
@@ -93,6 +97,7 @@ def test_materializing_everything_publishes_a_snapshot_without_restricted_column
     assert "explanation" in metadata["segments"].value
 
 
+@pytest.mark.slow
 def test_a_failing_contract_check_blocks_the_snapshot(persona_home, generated):
     land(generated("jsonl"), persona_home / "landing")
     assert _run(persona_home).success
@@ -120,6 +125,7 @@ print(con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0], flush=Tru
 """
 
 
+@pytest.mark.slow
 def test_a_reader_keeps_its_snapshot_while_a_run_republishes(persona_home, generated):
     files = land(generated("jsonl"), persona_home / "landing")
     held = files[-1].rename(persona_home / files[-1].name)
@@ -157,6 +163,7 @@ def test_contract_validation_reports_failure_cases():
     assert any("userId" in str(c) for c in cases["check"])  # neither userId nor anonymousId
 
 
+@pytest.mark.slow
 def test_a_trait_model_that_does_not_beat_the_baseline_stops_profiles_and_the_snapshot(persona_home, generated):
     land(generated("jsonl"), persona_home / "landing")
     # No model can beat the majority class by a whole 1.0 of accuracy.
@@ -177,6 +184,7 @@ def test_a_trait_model_that_does_not_beat_the_baseline_stops_profiles_and_the_sn
     assert "imputed_model" not in sources, "the failed model's guesses were not used"
 
 
+@pytest.mark.slow
 def test_a_run_that_changes_nothing_keeps_the_figures_that_describe_each_table(persona_home, generated):
     land(generated("jsonl"), persona_home / "landing")
     instance = dg.DagsterInstance.ephemeral()
@@ -205,3 +213,46 @@ def test_a_run_that_changes_nothing_keeps_the_figures_that_describe_each_table(p
     # The segment curves are a picture file beside the model, its path shown in the metadata table.
     picture = Path(first["segments"]["curves_picture"])
     assert picture.read_bytes().startswith(b"\x89PNG") and picture.parent == persona_home / "models" / "segments"
+
+
+SNAPSHOT = Path(__file__).with_name("definitions.snapshot.json")
+
+
+def definitions_outline(defs: dg.Definitions) -> dict:
+    """What the Definitions declare, as plain data: each asset's group, kinds, owners, upstream
+    assets and whether it has a column schema; each check's asset and whether it blocks; jobs,
+    sensors (with their default status) and schedules (with their cron)."""
+    graph = defs.resolve_asset_graph()
+    assets = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = graph.get(key)
+        assets[key.to_user_string()] = {
+            "group": node.group_name,
+            "kinds": sorted(node.kinds),
+            "owners": list(node.owners),
+            "upstream": sorted(k.to_user_string() for k in node.parent_keys),
+            "column_schema": "dagster/column_schema" in node.metadata,
+        }
+    checks = sorted(
+        (spec.asset_key.to_user_string(), spec.name, spec.blocking) for c in defs.asset_checks for spec in c.check_specs
+    )
+    return {
+        "assets": assets,
+        "checks": [list(c) for c in checks],
+        "jobs": sorted(j.name for j in defs.jobs if not j.name.startswith("__")),
+        "sensors": sorted([s.name, str(s.default_status.value)] for s in defs.sensors),
+        "schedules": sorted([s.name, s.cron_schedule] for s in defs.schedules),
+    }
+
+
+def test_definitions_match_their_snapshot():
+    """A cheap guard on the graph's shape: an asset, check, job, sensor or schedule added, removed
+    or rewired shows here first. After a deliberate change, rewrite the snapshot with
+    `PERSONA_UPDATE_SNAPSHOT=1 pytest persona_assets_tests/test_definitions.py -k definitions_match` and
+    review its diff."""
+    outline = definitions_outline(build_definitions())
+    text = json.dumps(outline, indent=1, sort_keys=True) + "\n"
+    if os.environ.get("PERSONA_UPDATE_SNAPSHOT"):
+        SNAPSHOT.write_text(text)
+    assert SNAPSHOT.exists(), f"no snapshot yet: run with PERSONA_UPDATE_SNAPSHOT=1 to write {SNAPSHOT.name}"
+    assert json.loads(SNAPSHOT.read_text()) == outline

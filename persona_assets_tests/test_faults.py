@@ -22,6 +22,9 @@ from persona_assets.core.ingest import ingest
 from persona_assets.definitions import build_definitions
 from persona_assets_tests.conftest import land
 
+# Slow: runs whole processes (make test runs it; make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 # Columns that record when or in which run something happened, not what the data is.
 VOLATILE = {"run_id", "ingested_at", "updated_at", "quarantined_at", "trained_at", "changed_at", "published_at"}
 # Bookkeeping of which stage ran when (a rerun adds its own entries), compared only where it matters.

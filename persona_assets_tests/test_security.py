@@ -70,7 +70,11 @@ def test_stream_flush_binds_the_landing_path(tmp_path):
         (settings.SegmentsConfig, {"k_min": 6, "k_max": 3}, "k_min <= k_max"),
         (settings.SegmentsConfig, {"space": "umap"}, "space must be one of"),
         (settings.CleaningConfig, {"outlier_method": "median"}, "Input should be 'zscore', 'iqr' or 'mad'"),
-        (settings.CleaningConfig, {"outlier_action": "delete"}, "outlier_action\n  Input should be 'flag', 'clip' or 'exclude'"),
+        (
+            settings.CleaningConfig,
+            {"outlier_action": "delete"},
+            "outlier_action\n  Input should be 'flag', 'clip' or 'exclude'",
+        ),
         (settings.CleaningConfig, {"missing_attributes": ["shoe_size"]}, "missing_attributes"),
         (settings.CleaningConfig, {"sparse_threshold": 1.5}, "sparse_threshold"),
         (settings.FeaturesConfig, {"scaling": "robust"}, "scaling must be one of"),

@@ -23,6 +23,9 @@ from persona_assets.core.ingest import ingest, landing_files
 from persona_assets.core.publish import publish_snapshot
 from persona_assets.datagen import generate
 
+# Slow: runs whole processes (make test runs it; make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 

@@ -54,7 +54,9 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
             "SELECT count(DISTINCT person_id) FROM imputed_attributes WHERE source = 'enriched'"
         ).fetchall()[0][0]
     models, enrichment = result.models, result.enrichment
-    metrics = result.metrics[["trait", "model", "chosen", "accuracy", "macro_f1", "ece", "train_rows", "holdout_rows"]].round(4)
+    metrics = result.metrics[
+        ["trait", "model", "chosen", "accuracy", "macro_f1", "ece", "train_rows", "holdout_rows"]
+    ].round(4)
     drift = result.drift.sort_values("psi", ascending=False)
     yield dg.MaterializeResult(
         asset_key="imputed_attributes",

@@ -41,12 +41,15 @@ class CleaningOptions:
 
     session_gap_minutes: float = setting(30.0, "Inactivity that ends a session.", gt=0)
     missing_attributes: tuple[str, ...] = setting(
-        MISSING_ATTRIBUTES, f"Attributes counted for each person's missing_ratio (among {', '.join(MISSING_ATTRIBUTES)})."
+        MISSING_ATTRIBUTES,
+        f"Attributes counted for each person's missing_ratio (among {', '.join(MISSING_ATTRIBUTES)}).",
     )
     sparse_threshold: float = setting(
         0.5, "Above this missing_ratio a person is sparse: kept, not fitted on.", gt=0, le=1
     )
-    outlier_method: Literal["zscore", "iqr", "mad"] = setting("mad", "zscore, iqr or mad (on log1p of counts and money).")
+    outlier_method: Literal["zscore", "iqr", "mad"] = setting(
+        "mad", "zscore, iqr or mad (on log1p of counts and money)."
+    )
     outlier_limit: float = setting(3.5, "Fence width for person features.", gt=0)
     session_outlier_limit: float = setting(
         5.0, "Fence width for session length and event rate (10-hour sessions, bots).", gt=0
@@ -55,7 +58,9 @@ class CleaningOptions:
         "flag", "flag, clip (to the fences) or exclude (from fitting)."
     )
     burst_min_events: int = setting(30, "A bot burst needs at least this many events.", ge=2)
-    long_session_hours: float = setting(6.0, "A session at least this long is long whatever the others look like.", gt=0)
+    long_session_hours: float = setting(
+        6.0, "A session at least this long is long whatever the others look like.", gt=0
+    )
     # The valid ages are identity's (it keeps a person's latest valid age), not a setting of their own.
     min_age: int = MIN_AGE
     max_age: int = MAX_AGE
@@ -362,11 +367,28 @@ FROM flagged
 
 
 # The event columns sessions and per-person rows read (an incremental run stages only these).
-EVENT_COLUMNS = ("message_id", "anonymous_id", "event_at", "event_type", "event_name", "revenue", "category",
-                 "device_type", "timezone", *CHECKED_TRAITS)  # fmt: skip
+EVENT_COLUMNS = (
+    "message_id",
+    "anonymous_id",
+    "event_at",
+    "event_type",
+    "event_name",
+    "revenue",
+    "category",
+    "device_type",
+    "timezone",
+    *CHECKED_TRAITS,
+)
 # Columns of cleaned_users that _finish_sql derives; the rest are each person's own.
-DERIVED_COLUMNS = ("days_since_last_order", "has_long_session", "is_bot", "avg_order_value", "is_sparse",
-                   "outlier_flags", "exclude_from_fitting")  # fmt: skip
+DERIVED_COLUMNS = (
+    "days_since_last_order",
+    "has_long_session",
+    "is_bot",
+    "avg_order_value",
+    "is_sparse",
+    "outlier_flags",
+    "exclude_from_fitting",
+)
 # What later stages read: a change in these puts a person in the next stage's scope.
 DOWNSTREAM_FLAGS = ("is_sparse", "is_bot", "has_long_session", "exclude_from_fitting")
 
@@ -456,9 +478,14 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
         for name in ("_gender_vocab", "_country_vocab", "_tz", "_scope_events", "_flags_before"):
             s.adopt(name)
         _vocabularies(con)
-        p = refresh.plan(con, "cleaning", asdict(opts), ("sessions", "cleaned_users"),
-                         full=full or opts.outlier_action == "clip",
-                         full_reason="full rebuild asked for" if full else "outlier_action is clip")  # fmt: skip
+        p = refresh.plan(
+            con,
+            "cleaning",
+            asdict(opts),
+            ("sessions", "cleaned_users"),
+            full=full or opts.outlier_action == "clip",
+            full_reason="full rebuild asked for" if full else "outlier_action is clip",
+        )
         src = FULL_SOURCES if p.full else _scope_sources(con, opts, p, as_of)
         _stage_rows(s, opts, src, params)
         recomputed = refresh.scope_size(con)
@@ -474,13 +501,22 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
 
         counts = replace_tables(
             con,
-            [(Sessions, "sessions", _sessions_sql(src.sessions)), (CleanedUsers, "cleaned_users", _finish_sql(src.scored))],
+            [
+                (Sessions, "sessions", _sessions_sql(src.sessions)),
+                (CleanedUsers, "cleaned_users", _finish_sql(src.scored)),
+            ],
             params,
             before_commit=[(record, None)],
         )
         fences = fence_report(con, opts)
-    return CleaningResult(mode=p.mode, why=p.reason, people=counts["cleaned_users"],
-                          people_recomputed=None if p.full else recomputed, counts=counts, fences=fences)  # fmt: skip
+    return CleaningResult(
+        mode=p.mode,
+        why=p.reason,
+        people=counts["cleaned_users"],
+        people_recomputed=None if p.full else recomputed,
+        counts=counts,
+        fences=fences,
+    )
 
 
 def fence_report(con: duckdb.DuckDBPyConnection, opts: CleaningOptions) -> list[dict]:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from persona_assets.contracts import ErasureLog, ddl
 from persona_assets.core.pii import hmac_hex, hmac_sql, normalize_email, normalize_phone
 from persona_assets.core.publish import sql_identifier
-from persona_assets.core.warehouse import table_exists
+from persona_assets.core.warehouse import scratch, table_exists, transaction
 
 PREFIX = "erased:"  # a different keyed hash from identity_map's: the log cannot be joined to data
 # Landing fields that carry an identifier (JSON paths as key lists, and flat column names).
@@ -231,33 +231,35 @@ def _own_identifiers(con: duckdb.DuckDBPyConnection, key: bytes, report: Erasure
     report.erasure_hashes = sorted(set(report.erasure_hashes) | {erasure_hash(key, i) for i in own})
 
 
+def _log_erasures(con: duckdb.DuckDBPyConnection, hashes: list[str], now: datetime) -> None:
+    """Log (or log again, consent cleared) the erased identifiers' hashes."""
+    con.execute("DELETE FROM erasure_log WHERE erasure_hash IN (SELECT unnest($h::VARCHAR[]))", {"h": hashes})
+    con.execute("INSERT INTO erasure_log SELECT unnest($h::VARCHAR[]), $now, NULL", {"h": hashes, "now": now})
+
+
 def erase(con: duckdb.DuckDBPyConnection, key: bytes, report: ErasureReport, landing: Path | None = None,
           gmail_rules: bool = True, now: datetime | None = None) -> None:  # fmt: skip
     """Carry out a `plan` made on the same connection: one warehouse transaction, then the
     landing files' scrubbed copies renamed into place."""
     now = now or datetime.now(UTC).replace(tzinfo=None)
     scrubbed = scrub_landing(landing, report, key, gmail_rules) if landing else []
-    con.execute("BEGIN TRANSACTION")
-    try:
-        _erase_rows(con, report)
-        for name, size, mtime, old, new in scrubbed:
-            con.execute(
-                "UPDATE ingest_files SET checksum = ?, size_bytes = ?, mtime_ns = ? WHERE file_name = ? AND checksum = ?",
-                [new, size, mtime, name, old],
-            )
-        con.execute("DELETE FROM erasure_log WHERE erasure_hash IN (SELECT unnest($h::VARCHAR[]))",
-                    {"h": report.erasure_hashes})  # fmt: skip
-        con.execute("INSERT INTO erasure_log SELECT unnest($h::VARCHAR[]), $now, NULL",
-                    {"h": report.erasure_hashes, "now": now})  # fmt: skip
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        for path, *_ in _tmp_paths(landing, scrubbed):
-            path.unlink(missing_ok=True)
-        raise
-    finally:
+    with scratch(con) as s:
         for name in ("_forget_people", "_forget_ids", "_forget_raw", "_forget_events", "_forget_quarantine"):
-            con.execute(f"DROP TABLE IF EXISTS {name}")
+            s.adopt(name)  # made by `plan`
+        try:
+            with transaction(con):
+                _erase_rows(con, report)
+                for name, size, mtime, old, new in scrubbed:
+                    con.execute(
+                        "UPDATE ingest_files SET checksum = ?, size_bytes = ?, mtime_ns = ? "
+                        "WHERE file_name = ? AND checksum = ?",
+                        [new, size, mtime, name, old],
+                    )
+                _log_erasures(con, report.erasure_hashes, now)
+        except BaseException:
+            for path, *_ in _tmp_paths(landing, scrubbed):
+                path.unlink(missing_ok=True)
+            raise
     # The log and ledger are committed: rename the scrubbed copies into place. Killed before this,
     # the old files look changed to ingest, and their erased lines are suppressed on the way in.
     for tmp, target in _tmp_paths(landing, scrubbed):

@@ -75,7 +75,10 @@ FLAT_COLUMNS: tuple[str, ...] = tuple(flat for f in FIELDS for flat in f.flats)
 
 # The flattened columns a typed file (Parquet) may carry as numbers: flat name -> "DOUBLE" or "BIGINT".
 NUMERIC_FLAT_COLUMNS: dict[str, str] = {
-    flat: "DOUBLE" if f.kind == "number" else "BIGINT" for f in FIELDS if f.kind in ("number", "integer") for flat in f.flats
+    flat: "DOUBLE" if f.kind == "number" else "BIGINT"
+    for f in FIELDS
+    if f.kind in ("number", "integer")
+    for flat in f.flats
 }
 
 # Columns read with surrounding spaces trimmed and an empty value as missing; every other

@@ -47,12 +47,24 @@ MODELLABLE = ("age_bracket", "gender", "country")
 ENRICHMENT_KEYS = ("country", "postal_code", "postal_prefix")
 # Where a missing country can be read from a timezone (the ones the locale does not settle).
 TIMEZONE_COUNTRY = {
-    "America/New_York": "US", "America/Chicago": "US", "America/Denver": "US", "America/Los_Angeles": "US",
-    "America/Phoenix": "US", "Europe/London": "GB", "Europe/Berlin": "DE", "Europe/Paris": "FR",
-    "Europe/Madrid": "ES", "Europe/Rome": "IT", "Europe/Amsterdam": "NL", "America/Sao_Paulo": "BR",
-    "Asia/Kolkata": "IN", "America/Toronto": "CA", "America/Mexico_City": "MX", "Asia/Tokyo": "JP",
+    "America/New_York": "US",
+    "America/Chicago": "US",
+    "America/Denver": "US",
+    "America/Los_Angeles": "US",
+    "America/Phoenix": "US",
+    "Europe/London": "GB",
+    "Europe/Berlin": "DE",
+    "Europe/Paris": "FR",
+    "Europe/Madrid": "ES",
+    "Europe/Rome": "IT",
+    "Europe/Amsterdam": "NL",
+    "America/Sao_Paulo": "BR",
+    "Asia/Kolkata": "IN",
+    "America/Toronto": "CA",
+    "America/Mexico_City": "MX",
+    "Asia/Tokyo": "JP",
     "Australia/Sydney": "AU",
-}  # fmt: skip
+}
 DAYPARTS = ("night", "morning", "afternoon", "evening")
 METRIC_COLUMNS = ["trait", "model", "accuracy", "macro_f1", "train_rows", "holdout_rows"]
 DEVICES = ("mobile", "desktop", "tablet")
@@ -100,8 +112,14 @@ class ImputationOptions:
             raise ValueError("holdout_share must be in (0, 1) and confidence_threshold in [0, 1]")
 
     def model_settings(self) -> dict:
-        keys = ("model_traits", "holdout_share", "max_training_rows", "forest_training_rows", "product_components",
-                "min_labelled_people")  # fmt: skip
+        keys = (
+            "model_traits",
+            "holdout_share",
+            "max_training_rows",
+            "forest_training_rows",
+            "product_components",
+            "min_labelled_people",
+        )
         return {k: getattr(self, k) for k in keys} | {"seed": self.seed}
 
 
@@ -176,8 +194,9 @@ def _people(con: duckdb.DuckDBPyConnection, where: str = "") -> pd.DataFrame:
     ).df()
 
 
-def _context(con: duckdb.DuckDBPyConnection, as_of: datetime, window_days: float,
-             events: str = "person_events") -> pd.DataFrame:  # fmt: skip
+def _context(
+    con: duckdb.DuckDBPyConnection, as_of: datetime, window_days: float, events: str = "person_events"
+) -> pd.DataFrame:
     """Per person: usual timezone and locale region, primary device and its share, recent intent signals."""
     return con.execute(
         f"""
@@ -200,8 +219,9 @@ def _context(con: duckdb.DuckDBPyConnection, as_of: datetime, window_days: float
     ).df()
 
 
-def _product_matrix(con: duckdb.DuckDBPyConnection, people: pd.Index, products: list[str] | None,
-                    events: str = "person_events") -> tuple:  # fmt: skip
+def _product_matrix(
+    con: duckdb.DuckDBPyConnection, people: pd.Index, products: list[str] | None, events: str = "person_events"
+) -> tuple:
     counts = con.execute(
         f"SELECT person_id, product_id, count(*) AS n FROM ({interactions_sql(events)}) "
         "WHERE product_id IS NOT NULL GROUP BY 1, 2"
@@ -358,8 +378,11 @@ def calibrate(top: np.ndarray, correct: np.ndarray, seed: int) -> tuple[object, 
 
     crossed = {m: expected_calibration_error(out_of_fold(m), correct) for m in ("isotonic", "platt")}
     method = min(crossed, key=crossed.get)
-    ece = {"uncalibrated": expected_calibration_error(top, correct), "calibrated": crossed[method], **{
-        f"calibrated_{m}": v for m, v in crossed.items()}}  # fmt: skip
+    ece = {
+        "uncalibrated": expected_calibration_error(top, correct),
+        "calibrated": crossed[method],
+        **{f"calibrated_{m}": v for m, v in crossed.items()},
+    }
     return _calibrator(method, top, correct), ece
 
 
@@ -378,8 +401,9 @@ def _choice(tm: TraitModel, model: str) -> dict:
 LINEAR_C = 1.0  # inverse regularization of the item-level logistic regression
 
 
-def train_trait(trait: str, X: pd.DataFrame, y: pd.Series, opts: ImputationOptions,
-                items: sp.csr_matrix | None = None) -> TraitModel:  # fmt: skip
+def train_trait(
+    trait: str, X: pd.DataFrame, y: pd.Series, opts: ImputationOptions, items: sp.csr_matrix | None = None
+) -> TraitModel:
     """LightGBM on the dense inputs and, with `items` (TF-IDF of the products each person
     touched), a logistic regression on them, on one stratified split beside a RandomForest and
     the majority class. The better of the two on the holdout (macro-F1, then accuracy) predicts:
@@ -398,9 +422,15 @@ def train_trait(trait: str, X: pd.DataFrame, y: pd.Series, opts: ImputationOptio
     train, test = train_test_split(np.arange(len(y)), test_size=opts.holdout_share, stratify=y, random_state=opts.seed)
     X_train, X_test, y_train, y_test = X.iloc[train], X.iloc[test], y.iloc[train], y.iloc[test]
     model = lgb.LGBMClassifier(
-        n_estimators=150, learning_rate=0.08, num_leaves=31, min_child_samples=20, max_bin=63,
-        random_state=opts.seed, n_jobs=2, verbose=-1,
-    )  # fmt: skip
+        n_estimators=150,
+        learning_rate=0.08,
+        num_leaves=31,
+        min_child_samples=20,
+        max_bin=63,
+        random_state=opts.seed,
+        n_jobs=2,
+        verbose=-1,
+    )
     model.fit(X_train, y_train)
     forest_rows = _sample(rng, len(y_train), opts.forest_training_rows)
     forest = RandomForestClassifier(n_estimators=60, min_samples_leaf=2, n_jobs=2, random_state=opts.seed)
@@ -435,8 +465,18 @@ def train_trait(trait: str, X: pd.DataFrame, y: pd.Series, opts: ImputationOptio
     beats = ours["accuracy"] > base["accuracy"] + opts.min_lift and ours["macro_f1"] > base["macro_f1"] + opts.min_lift
     correct = (predictions[chosen] == y_test.to_numpy()).astype(float)
     calibrator, ece = calibrate(probas[chosen].max(axis=1), correct, opts.seed)
-    return TraitModel(trait, list(classes[chosen]), model, metrics, beats, _reference(X_train, opts.drift_bins),
-                      calibrator, ece, chosen, linear)  # fmt: skip
+    return TraitModel(
+        trait,
+        list(classes[chosen]),
+        model,
+        metrics,
+        beats,
+        _reference(X_train, opts.drift_bins),
+        calibrator,
+        ece,
+        chosen,
+        linear,
+    )
 
 
 # ---------------------------------------------------------------- values
@@ -486,8 +526,9 @@ class TraitTable:
 
     def frame(self) -> pd.DataFrame:
         if not self.parts:
-            return pd.DataFrame(columns=["person_id", "trait", "value", "source", "confidence", "model_version",
-                                         "observed_at"])  # fmt: skip
+            return pd.DataFrame(
+                columns=["person_id", "trait", "value", "source", "confidence", "model_version", "observed_at"]
+            )
         return pd.concat(self.parts, ignore_index=True)
 
 
@@ -533,8 +574,13 @@ class _Run:
     why: list[str]
 
 
-def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOptions, retrain: bool = False,
-           full: bool = False) -> ImputationResult:  # fmt: skip
+def impute(
+    con: duckdb.DuckDBPyConnection,
+    store: ModelStore,
+    opts: ImputationOptions,
+    retrain: bool = False,
+    full: bool = False,
+) -> ImputationResult:
     """Bring imputed_attributes (and the model, drift and importance tables) up to date.
 
     Incrementally, only the people segmentation changed (and people whose recent-intent window
@@ -552,40 +598,60 @@ def impute(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOp
     people, rows = con.execute("SELECT count(DISTINCT person_id), count(*) FROM imputed_attributes").fetchall()[0]
     models = run.models
     return ImputationResult(
-        mode=run.plan.mode, why="; ".join(run.why) or f"predicted with saved models v{models.version}", people=people,
-        people_recomputed=None if run.plan.full else len(run.people), counts={"imputed_attributes": rows},
+        mode=run.plan.mode,
+        why="; ".join(run.why) or f"predicted with saved models v{models.version}",
+        people=people,
+        people_recomputed=None if run.plan.full else len(run.people),
+        counts={"imputed_attributes": rows},
         status="; ".join(f"{t} not modelled: {why}" for t, why in _not_modelled(models, opts).items()) or "fitted",
-        trained=bool(run.why), models=models, not_modelled=_not_modelled(models, opts), metrics=metrics, drift=drift,
-        importance=importance, sources=_sources(con), enrichment=enrichment,
-    )  # fmt: skip
+        trained=bool(run.why),
+        models=models,
+        not_modelled=_not_modelled(models, opts),
+        metrics=metrics,
+        drift=drift,
+        importance=importance,
+        sources=_sources(con),
+        enrichment=enrichment,
+    )
 
 
-def _retrain_reasons(con: duckdb.DuckDBPyConnection, previous: TraitModels | None, opts: ImputationOptions,
-                     retrain: bool) -> tuple[list[str], int | None, int | None]:  # fmt: skip
+def _retrain_reasons(
+    con: duckdb.DuckDBPyConnection, previous: TraitModels | None, opts: ImputationOptions, retrain: bool
+) -> tuple[list[str], int | None, int | None]:
     """Why the models must be trained again (none: the saved ones predict), with the feature
     and segment versions they would be trained on."""
     feature_version, segment_version = con.execute(
         "SELECT (SELECT max(transform_version) FROM normalized_features), (SELECT max(model_version) FROM segments)"
     ).fetchall()[0]
-    changed = {} if previous is None else {
-        "features were refitted": previous.feature_version != feature_version,
-        "segments were retrained": previous.segment_version != segment_version,
-        "settings changed": previous.settings != opts.model_settings(),
-    }  # fmt: skip
+    changed = (
+        {}
+        if previous is None
+        else {
+            "features were refitted": previous.feature_version != feature_version,
+            "segments were retrained": previous.segment_version != segment_version,
+            "settings changed": previous.settings != opts.model_settings(),
+        }
+    )
     return retrain_reasons(retrain, previous is None, changed), feature_version, segment_version
 
 
-def _prepare(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOptions, retrain: bool,
-             full: bool) -> _Run:  # fmt: skip
+def _prepare(
+    con: duckdb.DuckDBPyConnection, store: ModelStore, opts: ImputationOptions, retrain: bool, full: bool
+) -> _Run:
     """Plan the run, load the people it predicts and their inputs, and train the models if they must be."""
     as_of = data_as_of(con)
     saved = store.latest(TRAITS_KIND)
     previous: TraitModels | None = saved.payload if saved else None
     why, feature_version, segment_version = _retrain_reasons(con, previous, opts, retrain)
     version = (saved.version if saved else 0) + 1 if why else saved.version
-    p = refresh.plan(con, "imputation", _plan_settings(opts, version),
-                     ("imputed_attributes", "trait_models", "trait_model_drift", "trait_importance"),
-                     full=full or bool(why), full_reason="full rebuild asked for" if full else "models retrained")  # fmt: skip
+    p = refresh.plan(
+        con,
+        "imputation",
+        _plan_settings(opts, version),
+        ("imputed_attributes", "trait_models", "trait_model_drift", "trait_importance"),
+        full=full or bool(why),
+        full_reason="full rebuild asked for" if full else "models retrained",
+    )
     if not p.full:
         # Recent intent counts events of the last window: people whose window lost events move too.
         window = f"INTERVAL {int(math.ceil(opts.intent_window_days))} DAY"
@@ -604,9 +670,17 @@ def _prepare(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: Imputation
     )
     if why:
         models = _train(people, inputs, items, opts)
-        models = TraitModels(version=version, feature_version=feature_version, segment_version=segment_version,
-                             features=list(inputs.columns), segments=segments, embedding=embedding,
-                             traits=models[0], settings=opts.model_settings(), not_modelled=models[1])  # fmt: skip
+        models = TraitModels(
+            version=version,
+            feature_version=feature_version,
+            segment_version=segment_version,
+            features=list(inputs.columns),
+            segments=segments,
+            embedding=embedding,
+            traits=models[0],
+            settings=opts.model_settings(),
+            not_modelled=models[1],
+        )
         store.save(TRAITS_KIND, models, _summary(models))
     else:
         models = previous
@@ -614,8 +688,9 @@ def _prepare(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: Imputation
     return _Run(p, as_of, people, context, inputs, items, models, why)
 
 
-def _train(people: pd.DataFrame, inputs: pd.DataFrame, items: sp.csr_matrix | None,
-           opts: ImputationOptions) -> tuple[dict[str, TraitModel], dict[str, str]]:  # fmt: skip
+def _train(
+    people: pd.DataFrame, inputs: pd.DataFrame, items: sp.csr_matrix | None, opts: ImputationOptions
+) -> tuple[dict[str, TraitModel], dict[str, str]]:
     """A model per trait the settings name, or why there is none (too few answers, nothing to learn from)."""
     humans = ~people["is_bot"].to_numpy()
     traits, not_modelled = {}, {}
@@ -631,14 +706,17 @@ def _train(people: pd.DataFrame, inputs: pd.DataFrame, items: sp.csr_matrix | No
         elif answers.nunique() < 2:
             not_modelled[trait] = f"everyone who states it gives the same answer ({answers.iloc[0]!r})"
         else:
-            traits[trait] = train_trait(trait, inputs[labelled], answers, opts,
-                                        items[np.flatnonzero(labelled)] if items is not None else None)  # fmt: skip
+            traits[trait] = train_trait(
+                trait, inputs[labelled], answers, opts, items[np.flatnonzero(labelled)] if items is not None else None
+            )
     return traits, not_modelled
 
 
 def _not_modelled(models: TraitModels, opts: ImputationOptions) -> dict[str, str]:
     return {
-        t: getattr(models, "not_modelled", {}).get(t, "not modelled") for t in opts.model_traits if t not in models.traits
+        t: getattr(models, "not_modelled", {}).get(t, "not modelled")
+        for t in opts.model_traits
+        if t not in models.traits
     }
 
 
@@ -662,11 +740,23 @@ def _fill(run: _Run, opts: ImputationOptions, statistics: dict) -> tuple[TraitTa
 def _observed(table: TraitTable, people: pd.DataFrame, opts: ImputationOptions) -> None:
     for trait, column in OBSERVED_TRAITS.items():
         values = people[trait]
-        table.add(trait, values.notna().to_numpy(), values.astype(object).to_numpy(), "observed", 1.0,
-                  observed_at=people[f"{column}_observed_at"].to_numpy())  # fmt: skip
+        table.add(
+            trait,
+            values.notna().to_numpy(),
+            values.astype(object).to_numpy(),
+            "observed",
+            1.0,
+            observed_at=people[f"{column}_observed_at"].to_numpy(),
+        )
     if "age" in opts.statistical_fallback:
-        table.add("age", people["age"].notna().to_numpy(), people["age"].astype("string").to_numpy(dtype=object),
-                  "observed", 1.0, observed_at=people["age_observed_at"].to_numpy())  # fmt: skip
+        table.add(
+            "age",
+            people["age"].notna().to_numpy(),
+            people["age"].astype("string").to_numpy(dtype=object),
+            "observed",
+            1.0,
+            observed_at=people["age_observed_at"].to_numpy(),
+        )
 
 
 def _inferred(table: TraitTable, people: pd.DataFrame, context: pd.DataFrame) -> None:
@@ -676,15 +766,30 @@ def _inferred(table: TraitTable, people: pd.DataFrame, context: pd.DataFrame) ->
     from_tz = context["usual_timezone"].map(TIMEZONE_COUNTRY)
     table.add("country", from_tz.notna().to_numpy(), from_tz.to_numpy(dtype=object), "inferred", 0.8)
     device = context["primary_device"]
-    table.add("primary_device", device.notna().to_numpy(), device.to_numpy(dtype=object), "inferred",
-              context["device_share"].fillna(0).to_numpy())  # fmt: skip
+    table.add(
+        "primary_device",
+        device.notna().to_numpy(),
+        device.to_numpy(dtype=object),
+        "inferred",
+        context["device_share"].fillna(0).to_numpy(),
+    )
     shares = people[[f"{d}_share" for d in DAYPARTS]].to_numpy(float)
     has_daypart = shares.sum(axis=1) > 0
-    table.add("usual_daypart", has_daypart, np.array(DAYPARTS, dtype=object)[shares.argmax(axis=1)], "inferred",
-              shares.max(axis=1))  # fmt: skip
+    table.add(
+        "usual_daypart",
+        has_daypart,
+        np.array(DAYPARTS, dtype=object)[shares.argmax(axis=1)],
+        "inferred",
+        shares.max(axis=1),
+    )
     intent = 1 - np.exp(-(0.1 * context["views"] + 0.5 * context["adds"] + 0.2 * context["searches"]).fillna(0))
-    table.add("intent_score", np.ones(len(people), bool), np.round(intent.to_numpy(), 4).astype(str).astype(object),
-              "inferred", 1.0)  # fmt: skip
+    table.add(
+        "intent_score",
+        np.ones(len(people), bool),
+        np.round(intent.to_numpy(), 4).astype(str).astype(object),
+        "inferred",
+        1.0,
+    )
 
 
 def _predicted(table: TraitTable, run: _Run, opts: ImputationOptions) -> None:
@@ -710,8 +815,13 @@ def _predicted(table: TraitTable, run: _Run, opts: ImputationOptions) -> None:
 def _metrics(models: TraitModels) -> pd.DataFrame:
     """The trait_models table: each candidate's holdout scores, which one was chosen, its calibration."""
     rows = [
-        {**m, "model_version": models.version, **_choice(tm, m["model"]), "beats_baseline": tm.beats_baseline,
-         "trained_at": models.trained_at}  # fmt: skip
+        {
+            **m,
+            "model_version": models.version,
+            **_choice(tm, m["model"]),
+            "beats_baseline": tm.beats_baseline,
+            "trained_at": models.trained_at,
+        }
         for tm in models.traits.values()
         for m in tm.metrics
         if m["model"] in TABLE_MODELS
@@ -720,8 +830,15 @@ def _metrics(models: TraitModels) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _write(con: duckdb.DuckDBPyConnection, run: _Run, opts: ImputationOptions, values: pd.DataFrame,
-           metrics: pd.DataFrame, importance: pd.DataFrame, statistics: dict) -> pd.DataFrame:  # fmt: skip
+def _write(
+    con: duckdb.DuckDBPyConnection,
+    run: _Run,
+    opts: ImputationOptions,
+    values: pd.DataFrame,
+    metrics: pd.DataFrame,
+    importance: pd.DataFrame,
+    statistics: dict,
+) -> pd.DataFrame:
     """Store the run in one transaction: everything on a full run, the scope's rows spliced in
     otherwise. Everyone's statistical guess follows the population's current mode or median.
     Returns the drift table (measured on full runs only)."""
@@ -736,8 +853,12 @@ def _write(con: duckdb.DuckDBPyConnection, run: _Run, opts: ImputationOptions, v
 
     if run.plan.full:
         drift = _drift(run.models, run.inputs)
-        tables = [(ImputedAttributes, "imputed_attributes", values), (TraitModelMetrics, "trait_models", metrics),
-                  (TraitModelDrift, "trait_model_drift", drift), (TraitImportance, "trait_importance", importance)]  # fmt: skip
+        tables = [
+            (ImputedAttributes, "imputed_attributes", values),
+            (TraitModelMetrics, "trait_models", metrics),
+            (TraitModelDrift, "trait_model_drift", drift),
+            (TraitImportance, "trait_importance", importance),
+        ]
         replace_frames(con, tables, before_commit=finish)
         return drift
 
@@ -840,8 +961,9 @@ def _importance(people: pd.DataFrame, opts: ImputationOptions) -> pd.DataFrame:
         # Integer codes: the score only needs which values are equal, and codes sort fast.
         codes, segments = pd.factorize(known[trait])[0], pd.factorize(known["segment_id"])[0]
         nmi = max(0.0, float(adjusted_mutual_info_score(codes, segments))) if len(known) > 1 else 0.0
-        bonus = 0.5 * (trait in opts.model_traits) + 0.5 * (trait in opts.enrichment_keys or
-                                                             (trait == "postal_code" and "postal_prefix" in opts.enrichment_keys))  # fmt: skip
+        bonus = 0.5 * (trait in opts.model_traits) + 0.5 * (
+            trait in opts.enrichment_keys or (trait == "postal_code" and "postal_prefix" in opts.enrichment_keys)
+        )
         rows.append({"trait": trait, "segment_ami": round(nmi, 4), "importance": round(0.5 + nmi + bonus, 4)})
     return pd.DataFrame(rows)
 

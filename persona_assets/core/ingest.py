@@ -59,7 +59,7 @@ from persona_assets.core.pii import (
     redact_line_sql,
     scrub_text_sql,
 )
-from persona_assets.core.warehouse import bind
+from persona_assets.core.warehouse import bind, transaction
 
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".csv": "csv", ".parquet": "parquet"}
 PARTIAL_SUFFIXES = (".tmp", ".part")
@@ -1191,16 +1191,11 @@ def _finish_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: d
 def _commit_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, run_id: str | None,
                   suppress: bool, last: bool) -> None:  # fmt: skip
     """Publish the staged files and their ledger rows in one transaction."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         if con.execute("SELECT count(*) FROM _files").fetchall()[0][0]:
             _finish_group(con, opts, params, run_id, suppress)
         if last:
             kill_point(["raw_events", "ingest_files"])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 @dataclass

@@ -105,7 +105,9 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
     record = [(lambda: refresh.record(con, p, as_of, refresh.scope_size(con)), None)]
     with scratch(con) as s:
         if p.full:
-            scores = [(CategoryScores, "category_scores", person_scores_sql(opts, PROFILED.format(events="person_events")))]
+            scores = [
+                (CategoryScores, "category_scores", person_scores_sql(opts, PROFILED.format(events="person_events")))
+            ]
             counts = replace_tables(con, [*scores, (UserProfiles, "user_profiles", profiles_sql(opts))], params, record)
         else:
             # Scores read product interactions only: their events and columns are all that is staged.
@@ -125,4 +127,7 @@ def _splice_scores(con: duckdb.DuckDBPyConnection, s: Scratch, opts: AffinityOpt
     con.execute(f"DELETE FROM category_scores WHERE person_id IN (SELECT person_id FROM {SCOPE})")
     sql = f"INSERT INTO category_scores BY NAME {person_scores_sql(opts, PROFILED.format(events='_scope_events'))}"
     con.execute(sql, bind(sql, params))
-    s.table("_updated", f"SELECT person_id, updated_at FROM user_profiles WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})")
+    s.table(
+        "_updated",
+        f"SELECT person_id, updated_at FROM user_profiles WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})",
+    )

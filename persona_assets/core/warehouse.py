@@ -149,8 +149,9 @@ def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
     )
 
 
-def _frame_transaction(con: duckdb.DuckDBPyConnection, table: str, frame, statements: list[str],
-                       before_commit: Callable[[], object] | None) -> int:  # fmt: skip
+def _frame_transaction(
+    con: duckdb.DuckDBPyConnection, table: str, frame, statements: list[str], before_commit: Callable[[], object] | None
+) -> int:
     """Run `statements` (which read the frame as {view}) and `before_commit` in one transaction."""
     view = f"_{table}_frame"
     con.register(view, frame)
@@ -166,8 +167,9 @@ def _frame_transaction(con: duckdb.DuckDBPyConnection, table: str, frame, statem
     return len(frame)
 
 
-def replace_frame(con: duckdb.DuckDBPyConnection, table: str, frame,
-                  before_commit: Callable[[], object] | None = None) -> int:  # fmt: skip
+def replace_frame(
+    con: duckdb.DuckDBPyConnection, table: str, frame, before_commit: Callable[[], object] | None = None
+) -> int:
     """Replace `table` with a pandas frame's columns and rows, built aside and swapped in one transaction."""
     statements = [
         'DROP TABLE IF EXISTS "{table}__new"',
@@ -178,8 +180,9 @@ def replace_frame(con: duckdb.DuckDBPyConnection, table: str, frame,
     return _frame_transaction(con, table, frame, statements, before_commit)
 
 
-def splice_frame(con: duckdb.DuckDBPyConnection, table: str, frame,
-                 before_commit: Callable[[], object] | None = None) -> int:  # fmt: skip
+def splice_frame(
+    con: duckdb.DuckDBPyConnection, table: str, frame, before_commit: Callable[[], object] | None = None
+) -> int:
     """An incremental run's rows in place of the old rows of the people in `_scope` (one transaction)."""
     statements = [
         'DELETE FROM "{table}" WHERE person_id IN (SELECT person_id FROM _scope)',
