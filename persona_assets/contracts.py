@@ -241,6 +241,38 @@ class PersonIdHistory(pa.DataFrameModel):
         strict = True
 
 
+OVERRIDE_ACTIONS = {"take_out": "split", "keep_apart": "split", "join": "merge"}
+
+
+class IdentityOverrides(pa.DataFrameModel):
+    """A user's decision about who is who (`persona unmerge`, `persona merge`), applied by every later
+    identity run, full or incremental, until a later decision undoes it. One row per identifier the
+    decision names (email and phone as keyed hashes): `take_out` keeps one identifier out of linking,
+    `keep_apart` keeps its parts from being linked by a match, `join` makes its parts one person.
+    Kept across full rebuilds (identity never rewrites it)."""
+
+    override_id: Series[int] = column("BIGINT", ge=1)
+    kind: Series[str] = column("VARCHAR", isin=["split", "merge"])
+    action: Series[str] = column("VARCHAR", isin=list(OVERRIDE_ACTIONS))
+    part: Series[int] = column("BIGINT", ge=1)
+    identifier_type: Series[str] = column("VARCHAR", isin=IDENTIFIER_TYPES)
+    identifier: Series[str] = column("VARCHAR")
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)  # the person it was decided on
+    decided_by: Series[str] = column("VARCHAR")
+    decided_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    reason: Series[str] = column("VARCHAR", nullable=True)
+    revoked_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    revoked_by: Series[pd.Int64Dtype] = column("BIGINT", nullable=True, coerce=True, ge=1)
+
+    @pa.dataframe_check(error="take_out and keep_apart are splits, join is a merge")
+    def kind_matches_action(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["action"].map(OVERRIDE_ACTIONS) == df["kind"]
+
+    class Config:
+        strict = True
+        unique = ["override_id", "part"]
+
+
 SURVIVING_TRAITS = [
     "email_hash",
     "phone_hash",
