@@ -607,3 +607,108 @@ class UserProfiles(pa.DataFrameModel):
 
     class Config:
         strict = True
+
+
+# --- audiences (DESIGN.md section 11) -------------------------------------------------------------
+
+COMPUTED_TRAIT_KINDS = [
+    "count", "sum", "mean", "min", "max", "most_frequent", "first", "last", "unique_list", "unique_count",
+]  # fmt: skip
+AUDIENCE_CHANGES = ["entered", "exited"]
+
+
+class ComputedTraits(pa.DataFrameModel):
+    """One computed trait of one person (audiences.yaml `computed_traits:`, and the counts behind
+    audiences' event conditions): a number, a text or a list, with provenance `computed`. A person
+    with no matching event has no row (a count reads as 0)."""
+
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    trait: Series[str] = column("VARCHAR")
+    kind: Series[str] = column("VARCHAR", isin=COMPUTED_TRAIT_KINDS)
+    number: Series[float] = column("DOUBLE", nullable=True)
+    text: Series[str] = column("VARCHAR", nullable=True)
+    list: Series[object] = column("VARCHAR[]", nullable=True)
+    source: Series[str] = column("VARCHAR", isin=["computed"])
+
+    class Config:
+        strict = True
+        unique = ["person_id", "trait"]
+
+
+class AudienceMembers(pa.DataFrameModel):
+    """Who is in each audience now, and since when (the run that saw them enter)."""
+
+    audience: Series[str] = column("VARCHAR")
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    entered_at: Series[pd.Timestamp] = column("TIMESTAMP")
+
+    class Config:
+        strict = True
+        unique = ["audience", "person_id"]
+
+
+class AudienceChanges(pa.DataFrameModel):
+    """Every entry and exit, in order (`change_id`), with the run that saw it and the data's clock then."""
+
+    change_id: Series[int] = column("BIGINT", ge=1, unique=True)
+    audience: Series[str] = column("VARCHAR")
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    change: Series[str] = column("VARCHAR", isin=AUDIENCE_CHANGES)
+    at: Series[pd.Timestamp] = column("TIMESTAMP")
+    as_of: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    run: Series[str] = column("VARCHAR")
+
+    class Config:
+        strict = True
+
+
+class AudienceRuns(pa.DataFrameModel):
+    """Each evaluation of an audience: its size, who entered and exited, and the definition used."""
+
+    audience: Series[str] = column("VARCHAR")
+    run: Series[str] = column("VARCHAR")
+    evaluated_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    as_of: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    size: Series[int] = column("BIGINT", ge=0)
+    entered: Series[int] = column("BIGINT", ge=0)
+    exited: Series[int] = column("BIGINT", ge=0)
+    definition: Series[str] = column("VARCHAR")
+    seconds: Series[float] = column("DOUBLE", ge=0)
+
+    class Config:
+        strict = True
+
+
+class DestinationDeliveries(pa.DataFrameModel):
+    """Each destination's progress: the last change delivered, failures and the last error."""
+
+    destination: Series[str] = column("VARCHAR", unique=True)
+    kind: Series[str] = column("VARCHAR", isin=["webhook", "file"])
+    delivered_through: Series[int] = column("BIGINT", ge=0)
+    delivered: Series[int] = column("BIGINT", ge=0)
+    attempts_failed: Series[int] = column("BIGINT", ge=0)
+    pending_attempts: Series[int] = column("BIGINT", ge=0)
+    last_success_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    last_error: Series[str] = column("VARCHAR", nullable=True)
+    updated_at: Series[pd.Timestamp] = column("TIMESTAMP")
+
+    class Config:
+        strict = True
+
+
+class DestinationDeadLetters(pa.DataFrameModel):
+    """Changes a destination refused or could not take after its attempts: kept, to be sent again."""
+
+    destination: Series[str] = column("VARCHAR")
+    change_id: Series[int] = column("BIGINT", ge=1)
+    idempotency_key: Series[str] = column("VARCHAR")
+    audience: Series[str] = column("VARCHAR")
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    change: Series[str] = column("VARCHAR", isin=AUDIENCE_CHANGES)
+    attempts: Series[int] = column("BIGINT", ge=1)
+    error: Series[str] = column("VARCHAR")
+    dead_at: Series[pd.Timestamp] = column("TIMESTAMP")
+
+    class Config:
+        strict = True
+        unique = ["destination", "change_id"]
