@@ -654,7 +654,7 @@ class AudienceChanges(pa.DataFrameModel):
     audience: Series[str] = column("VARCHAR")
     person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
     change: Series[str] = column("VARCHAR", isin=AUDIENCE_CHANGES)
-    at: Series[pd.Timestamp] = column("TIMESTAMP")
+    changed_at: Series[pd.Timestamp] = column("TIMESTAMP")
     as_of: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
     run: Series[str] = column("VARCHAR")
 

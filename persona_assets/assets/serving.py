@@ -5,7 +5,11 @@ from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER
 from persona_assets.contracts import (
+    AudienceChanges,
+    AudienceMembers,
+    AudienceRuns,
     CleanedUsers,
+    ComputedTraits,
     IdentityMap,
     ImputedAttributes,
     IngestFiles,
@@ -37,16 +41,21 @@ PUBLISHED = {
     "trait_importance": TraitImportance,
     "person_id_history": PersonIdHistory,
     "user_profiles": UserProfiles,
+    "computed_traits": ComputedTraits,
+    "audience_members": AudienceMembers,
+    "audience_changes": AudienceChanges,
+    "audience_runs": AudienceRuns,
 }
 
 
 # Tables that only ever grow, by the key they grow along: a publish adds only their new rows.
-APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "ingest_files": "batch_id"}
+APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "ingest_files": "batch_id",
+               "audience_changes": "change_id"}  # fmt: skip
 
 
 # Tables looked up by key (`persona profile`): stored in key order, so DuckDB's min/max per row
 # group leaves one group to read, not a scan.
-LOOKUP_KEYS = {"identity_map": "identifier", "user_profiles": "person_id"}
+LOOKUP_KEYS = {"identity_map": "identifier", "user_profiles": "person_id", "computed_traits": "person_id"}
 # ... and those also indexed on it, for a point read. identity_map is not: at 20M events its
 # index took 1.8 s of every publish, and its look-ups stay fast without one (p99 4.3 ms vs 2.6 ms).
 INDEXED = {"user_profiles": "person_id"}

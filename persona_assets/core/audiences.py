@@ -276,3 +276,17 @@ def explain(con: duckdb.DuckDBPyConnection, definitions: Definitions, name: str,
 
     walk(definitions.audiences[name].where, 1)
     return out
+
+
+def vocabulary(con: duckdb.DuckDBPyConnection):
+    """The event names and segments (ids and names) the data holds, to check definitions against."""
+    from persona_assets.core.audience_definitions import Vocabulary
+
+    events = segments = None
+    if table_exists(con, "raw_events"):
+        rows = con.execute("SELECT DISTINCT event_name FROM raw_events WHERE event_name IS NOT NULL").fetchall()
+        events = frozenset(r[0] for r in rows) or None
+    if table_exists(con, "segment_catalog"):
+        rows = con.execute("SELECT id, name FROM segment_catalog").fetchall()
+        segments = frozenset(v for r in rows for v in r if v) or None
+    return Vocabulary(events, segments)
