@@ -1,4 +1,4 @@
-"""`persona demo|generate|run|retrain|query|sql|profile|forget|ui|bench`: the command line over the asset graph and the snapshot.
+"""`persona demo|generate|run|retrain|query|sql|profile|forget|merge|unmerge|ui|bench`: the command line over the asset graph and the snapshot.
 
 The commands that only read the snapshot (`query`, `sql`, `profile`, `failures`, `--help`) import
 duckdb and little else, so they start in a fraction of a second: Dagster, pandas and the models
@@ -804,6 +804,97 @@ def forget_plan(path: Path, key: bytes, who: list[str], wait: float) -> int:
     return 0
 
 
+def person_assets() -> list[str]:
+    """The assets identity feeds, down to the snapshot: what a merge or unmerge rebuilds."""
+    import dagster as dg
+
+    from persona_assets.definitions import build_definitions
+
+    graph = build_definitions(persona_home()).resolve_asset_graph()
+    return sorted(k.to_user_string() for k in dg.AssetSelection.assets("deduped_users").downstream().resolve(graph))
+
+
+def apply_decision(args: argparse.Namespace, decide) -> int:
+    """`persona merge` and `persona unmerge`: record the decision with the warehouse's one writer
+    connection (waiting while a run holds it), then rebuild the affected people in every person
+    table and republish the snapshot, as a run of the assets identity feeds (identity finds them)."""
+    import getpass
+
+    from persona_assets.core import overrides
+    from persona_assets.core.pii import load_key
+    from persona_assets.core.publish import open_snapshot
+
+    if use_settings(None):
+        return 2
+    home = persona_home()
+    path = home / "warehouse.duckdb"
+    if not path.exists():
+        raise Stop(f"No warehouse at {path}: nobody to merge or split yet. Run `persona run` first.", code=1)
+    key = load_key(home)
+    con = _writer(path, args.wait)
+    try:
+        decision = decide(con, key, args.by or getpass.getuser())
+    except overrides.OverrideError as exc:
+        raise Stop(str(exc), code=1) from None
+    finally:
+        con.close()
+    print(decision_text(decision))
+    print("Rebuilding the people it touches in every person table and the snapshot...")
+    if not materialize(person_assets()):
+        print(f"persona: decision #{decision.override_id} is recorded and applies on the next run (persona run).",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    with open_snapshot(snapshot_path()) as snap:
+        print(outcome_text(decision, overrides.where_now(snap, decision)))
+    return 0
+
+
+def decision_text(decision) -> str:
+    undoes = f" It undoes decision {', '.join(f'#{i}' for i in decision.revoked)}." if decision.revoked else ""
+    if decision.action == "take_out":
+        what = f"{_shown(*decision.parts[0])} is taken out of {decision.person_id} and will link nobody again"
+    elif decision.action == "keep_apart":
+        what = (f"{decision.person_id} is split into its {len(decision.parts)} groups of identifiers seen together; "
+                "no match or merge will join them again")  # fmt: skip
+    else:
+        what = f"{_shown(*decision.parts[0])} and {_shown(*decision.parts[1])} are one person from now on"
+    return f"Decision #{decision.override_id} ({decision.kind}): {what}.{undoes}"
+
+
+def outcome_text(decision, now: list[tuple[str, str, str | None]]) -> str:
+    people = sorted({p for _, _, p in now if p})
+    lines = ["Now, in the snapshot:"]
+    for kind, identifier, person in now:
+        lines.append(f"  {_shown(kind, identifier)}: {person or 'nobody (kept out of linking)'}")
+    if decision.action == "join":
+        lines.append(f"Undo with: persona unmerge {people[0]}" if len(people) == 1 else "")
+    elif decision.action == "keep_apart" and len(people) > 1:
+        lines.append(
+            f"Undo with: persona merge {people[0]} {people[1]}" + (" (and the others)" if len(people) > 2 else "")
+        )
+    lines.append('Their history: persona query "SELECT * FROM person_id_history ORDER BY changed_at DESC LIMIT 10"')
+    return "\n".join(line for line in lines if line)
+
+
+def _shown(kind: str, identifier: str) -> str:
+    return f"{kind}:{identifier}" if kind not in ("email", "phone") else f"{kind} (keyed hash {identifier[:12]}...)"
+
+
+def cmd_unmerge(args: argparse.Namespace) -> int:
+    from persona_assets.core import overrides
+
+    return apply_decision(
+        args, lambda con, key, by: overrides.unmerge(con, key, args.person, args.identifier, by=by, reason=args.reason)
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from persona_assets.core import overrides
+
+    return apply_decision(args, lambda con, key, by: overrides.merge(con, key, args.first, args.second, by=by,
+                                                                     reason=args.reason))  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -891,6 +982,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compact", action="store_true", help="skip rewriting the warehouse file (faster; "
                    "deleted rows may stay in its free blocks until the next compaction)")  # fmt: skip
     p.set_defaults(fn=cmd_forget)
+
+    p = sub.add_parser("unmerge", help="split a person wrongly merged (a match, a merge, or one identifier), for good")
+    p.add_argument("person", help="the person: person_id, or an identifier as TYPE:VALUE (user_id:u1, email:...)")
+    p.add_argument("--identifier", metavar="TYPE:VALUE",
+                   help="take only this identifier out of the person (e.g. a shared device_id:...)")  # fmt: skip
+    p.add_argument("--reason", help="why, kept with the decision")
+    p.add_argument("--by", help="who decided (default: this user's login name)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a running run to let go")
+    p.set_defaults(fn=cmd_unmerge)
+
+    p = sub.add_parser("merge", help="make two people one, for good (person_ids or TYPE:VALUE identifiers)")
+    p.add_argument("first")
+    p.add_argument("second")
+    p.add_argument("--reason", help="why, kept with the decision")
+    p.add_argument("--by", help="who decided (default: this user's login name)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a running run to let go")
+    p.set_defaults(fn=cmd_merge)
 
     p = sub.add_parser("ui", help="start the Dagster webserver and daemon")
     p.add_argument("--config", help="settings file for every run the UI, sensors and schedules start "
