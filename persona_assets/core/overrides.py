@@ -227,6 +227,7 @@ class Who:
     identifier_type: str
     identifier: str
     named_identifier: bool  # an identifier was named (not a person_id)
+    taken_out: bool = False  # nobody's: a decision took it out of `person_id`
 
 
 @dataclass
@@ -265,6 +266,14 @@ def find(con: duckdb.DuckDBPyConnection, key: bytes, text: str, gmail_rules: boo
         {"types": [t for t, _ in forms], "ids": [i for _, i in forms]},
     ).fetchall()
     if not rows:
+        rows = con.execute(
+            f"""SELECT DISTINCT a.person_id, a.identifier_type, a.identifier FROM {ACTIVE} a
+                JOIN (SELECT unnest($types) AS identifier_type, unnest($ids) AS identifier) f
+                USING (identifier_type, identifier) WHERE a.action = 'take_out' ORDER BY ALL""",
+            {"types": [t for t, _ in forms], "ids": [i for _, i in forms]},
+        ).fetchall()[:1]
+        if rows:
+            return Who(*rows[0], named_identifier=True, taken_out=True)
         raise OverrideError(f"No person holds {text!r}: name a person_id, or an identifier as TYPE:VALUE with "
                             f"TYPE one of {', '.join(IDENTIFIER_TYPES)} (an identifier the guard keeps out "
                             "belongs to nobody).")  # fmt: skip
@@ -347,12 +356,14 @@ def unmerge(con: duckdb.DuckDBPyConnection, key: bytes, person: str, identifier:
     joined them. Applied by the next identity run."""
     ensure_table(con)
     who = find(con, key, person, gmail_rules)
+    if who.taken_out:
+        raise OverrideError(f"{person!r} was taken out of {who.person_id} already: it belongs to nobody.")
     ids = [tuple(r) for r in con.execute(
         "SELECT identifier_type, identifier FROM identity_map WHERE person_id = ? ORDER BY ALL", [who.person_id]
     ).fetchall()]  # fmt: skip
     if identifier:
         out = find(con, key, identifier, gmail_rules)
-        if out.person_id != who.person_id:
+        if out.taken_out or out.person_id != who.person_id:
             raise OverrideError(f"{identifier!r} belongs to {out.person_id}, not to {who.person_id}.")
         if len(ids) == 1:
             raise OverrideError(f"{who.person_id} holds only {identifier!r}: there is nothing to take it out of.")
@@ -383,7 +394,7 @@ def merge(con: duckdb.DuckDBPyConnection, key: bytes, first: str, second: str, b
     kept them apart. Applied by the next identity run."""
     ensure_table(con)
     a, b = find(con, key, first, gmail_rules), find(con, key, second, gmail_rules)
-    if a.person_id == b.person_id:
+    if a.person_id == b.person_id and not (a.taken_out or b.taken_out):
         raise OverrideError(f"{first!r} and {second!r} are already one person ({a.person_id}).")
     parts = [(a.identifier_type, a.identifier), (b.identifier_type, b.identifier)]
     apart = con.execute(
