@@ -602,9 +602,16 @@ def _live(person_id: str, batch: dict) -> dict:
     from persona_assets import stream
 
     try:  # a client made here, not by stream.connect(), which would import the stage settings (Dagster)
-        hot = stream.hot_profile(redis.Redis.from_url(stream.redis_url(persona_home())), person_id)
+        return live_fields(redis.Redis.from_url(stream.redis_url(persona_home())), person_id, batch)
     except Exception as exc:  # the stream is optional: say so, show the batch profile
         return {"live": f"hot store unreachable: {exc}"}
+
+
+def live_fields(client, person_id: str, batch: dict) -> dict:
+    """The hot profile in `client` over the batch profile `batch` (also the profile API's live fields)."""
+    from persona_assets import stream
+
+    hot = stream.hot_profile(client, person_id)
     if not hot:
         return {"live": "no streamed events for this person"}
 
@@ -663,6 +670,28 @@ def cmd_config(args: argparse.Namespace) -> int:
         print("mappings:")
         for mapping in settings["mappings"]:
             print(f"  - files: {mapping.files!r}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`persona serve`: the tracking and profile API (persona_assets/server), until Ctrl-C or SIGTERM."""
+    from dataclasses import replace
+
+    from persona_assets.server.app import serve
+    from persona_assets.server.config import ServerSettingsError, load
+
+    home = writable_home()
+    try:
+        settings = load(home, Path(args.config) if args.config else None)
+    except ServerSettingsError as exc:
+        raise Stop(str(exc)) from None
+    chosen = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = replace(settings, **chosen)
+    try:
+        serve(home, settings)
+    except OSError as exc:
+        raise Stop(f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); "
+                   "pass --port (or --host)") from None  # fmt: skip
     return 0
 
 
@@ -999,6 +1028,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", help="who decided (default: this user's login name)")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a running run to let go")
     p.set_defaults(fn=cmd_merge)
+
+    p = sub.add_parser("serve", help="collect events from Segment SDKs over HTTP and serve profiles (127.0.0.1:8080)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1, or server.host in persona.yaml)")
+    p.add_argument("--port", type=int, help="port (default 8080, or server.port; 0 picks a free one)")
+    p.add_argument("--config", help="settings file (default PERSONA_HOME/persona.yaml when present)")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("ui", help="start the Dagster webserver and daemon")
     p.add_argument("--config", help="settings file for every run the UI, sensors and schedules start "

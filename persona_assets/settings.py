@@ -288,7 +288,7 @@ SECTIONS: dict[str, type[PersonaConfig]] = {
 }
 SECTION_OF = {config: name for name, config in SECTIONS.items()}
 # Sections that are not a stage's settings.
-OTHER_SECTIONS = ("mappings",)
+OTHER_SECTIONS = ("mappings", "server")
 # Audience definitions (core.audience_definitions reads and checks them, with their line numbers,
 # when a run or command uses them: a mistake there does not stop ingest or the profiles).
 AUDIENCE_SECTIONS = ("computed_traits", "audiences", "destinations")
@@ -337,6 +337,9 @@ def load_settings(path: Path | None) -> dict:
         if section == "mappings":
             out[section] = _mappings(path, values)
             continue
+        if section == "server":  # `persona serve`'s keys and limits, read by the server itself
+            out[section] = _server(path, values)
+            continue
         if section in AUDIENCE_SECTIONS:
             continue
         config = SECTIONS[section]
@@ -368,6 +371,15 @@ def _mappings(path: Path, values) -> tuple:
     try:
         return parse_mappings(values)
     except ValueError as exc:
+        raise SettingsError(f"{path}: {exc}") from None
+
+
+def _server(path: Path, values) -> dict:
+    from persona_assets.server.config import ServerSettingsError, check_section
+
+    try:
+        return check_section(values)
+    except ServerSettingsError as exc:
         raise SettingsError(f"{path}: {exc}") from None
 
 
