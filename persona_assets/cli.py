@@ -924,6 +924,100 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                                                      reason=args.reason))  # fmt: skip
 
 
+def _audience_definitions(con):
+    """The audience definitions in force, checked against the snapshot's events and segments (a Stop if not usable)."""
+    from persona_assets.core import audience_definitions
+    from persona_assets.core.audiences import vocabulary
+    from persona_assets.settings import SettingsError, settings_path
+
+    try:
+        settings = settings_path(persona_home())
+        return audience_definitions.load(persona_home(), settings, vocabulary(con))
+    except (audience_definitions.DefinitionsError, SettingsError) as exc:
+        raise Stop(f"the audience definitions cannot be used:\n{exc}") from None
+
+
+def _has_tables(con, *tables: str) -> bool:
+    found = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    return set(tables) <= found
+
+
+def cmd_audience(args: argparse.Namespace) -> int:
+    from persona_assets.core.audiences import explain
+
+    with open_snapshot_or_stop(Path(args.snapshot) if args.snapshot else None) as con:
+        definitions = _audience_definitions(con)
+        if args.name not in definitions.audiences:
+            raise Stop(f"no audience named {args.name!r}; audiences: {', '.join(definitions.audiences) or '(none)'}")
+        if not _has_tables(con, "audience_members", "audience_runs"):
+            raise Stop("the snapshot has no audiences yet: run `persona run` first")
+        audience = definitions.audiences[args.name]
+        last = con.execute(
+            "SELECT evaluated_at, size, entered, exited, definition FROM audience_runs WHERE audience = ? "
+            "ORDER BY evaluated_at DESC LIMIT 1",
+            [args.name],
+        ).fetchall()
+        print(f"{args.name}: {audience.description or '(no description)'}  [{definitions.source}:{audience.line}]")
+        if not last:
+            print("not evaluated yet: run `persona run`")
+            return 0
+        at, size, entered, exited, used = last[0]
+        print(f"{size} members at the run of {at:%Y-%m-%d %H:%M:%S} UTC ({entered} entered, {exited} exited)")
+        if used != audience.definition_json():
+            print("note: the definition changed since that run; the explanation below uses the file as it is now")
+        if args.person:
+            return _explain_people(con, definitions, args.name, args.person, explain)
+        rows = con.execute(
+            "SELECT person_id, entered_at FROM audience_members WHERE audience = ? ORDER BY entered_at, person_id "
+            "LIMIT ?",
+            [args.name, args.limit],
+        ).fetchall()
+        for person_id, entered_at in rows:
+            print(f"  {person_id}  since {entered_at:%Y-%m-%d %H:%M:%S}")
+        if size > len(rows):
+            print(f"  ... and {size - len(rows)} more (--limit N)")
+    return 0
+
+
+def _explain_people(con, definitions, name: str, who: str, explain) -> int:
+    from persona_assets.core.pii import load_key
+    from persona_assets.core.publish import find_person
+
+    people = find_person(con, who, load_key(persona_home()))
+    if not people:
+        print(f"no profile found for {who!r}", file=sys.stderr)
+        return 1
+    for person_id in people:
+        member = con.execute(
+            "SELECT entered_at FROM audience_members WHERE audience = ? AND person_id = ?", [name, person_id]
+        ).fetchall()
+        print(f"{person_id} is {'IN since ' + f'{member[0][0]:%Y-%m-%d %H:%M:%S}' if member else 'OUT'}:")
+        for reason in explain(con, definitions, name, person_id):
+            value = "" if reason.value is None and "trait" not in reason.text else f"  (value: {_plain(reason.value)})"
+            print(f"{'  ' * reason.depth}{'holds' if reason.holds else 'fails'}  {reason.text}{value}")
+    return 0
+
+
+def cmd_destinations(args: argparse.Namespace) -> int:
+    from persona_assets.core.destinations import lag
+
+    with open_snapshot_or_stop(Path(args.snapshot) if args.snapshot else None) as con:
+        definitions = _audience_definitions(con)
+        if not definitions.destinations:
+            print("no destinations defined (audiences.yaml destinations:)")
+            return 0
+        if not _has_tables(con, "destination_deliveries", "destination_dead_letters", "audience_changes"):
+            raise Stop("the snapshot has no deliveries yet: run `persona run` first")
+        for row in lag(con, definitions):
+            success = f"{row['last_success_at']:%Y-%m-%d %H:%M:%S}" if row["last_success_at"] else "never"
+            print(f"{row['destination']} ({row['kind']}): {row['delivered']} delivered, {row['pending']} pending "
+                  f"(oldest {row['lag_seconds']:.0f} s), {row['failed_attempts']} failed attempts, "
+                  f"{row['dead_letters']} dead letters, last success {success}")  # fmt: skip
+            if row["last_error"]:
+                print(f"  last error: {row['last_error']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1034,6 +1128,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8080, or server.port; 0 picks a free one)")
     p.add_argument("--config", help="settings file (default PERSONA_HOME/persona.yaml when present)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("audience", help="an audience's members, or why one person is in or out of it")
+    p.add_argument("name")
+    p.add_argument("person", nargs="?", help="person_id, email, phone, userId or anonymousId: explain their membership")
+    p.add_argument("--limit", type=int, default=20, help="members listed (default 20)")
+    p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
+    p.set_defaults(fn=cmd_audience)
+
+    p = sub.add_parser("destinations", help="each destination's deliveries: pending changes, lag, failures")
+    p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
+    p.set_defaults(fn=cmd_destinations)
 
     p = sub.add_parser("ui", help="start the Dagster webserver and daemon")
     p.add_argument("--config", help="settings file for every run the UI, sensors and schedules start "

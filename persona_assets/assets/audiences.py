@@ -16,8 +16,10 @@ from persona_assets.contracts import (
     AudienceMembers,
     AudienceRuns,
     ComputedTraits,
+    DestinationDeadLetters,
+    DestinationDeliveries,
 )
-from persona_assets.core import audience_definitions, audiences, computed_traits
+from persona_assets.core import audience_definitions, audiences, computed_traits, destinations
 from persona_assets.resources import PersonaHome
 from persona_assets.settings import RefreshConfig
 
@@ -169,6 +171,48 @@ def audience_tables_asset(names: list[str]) -> dg.AssetsDefinition:
     return _tables
 
 
+class DeliveriesConfig(dg.Config):
+    """How long a run keeps trying each webhook before leaving the rest for the next run."""
+
+    budget_seconds: float = 60.0
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec("destination_deliveries", kinds={"duckdb"}, group_name=GROUP, automation_condition=EAGER,
+                     deps=["audience_members", "audience_changes"],
+                     description="Each destination's progress: delivered, failed attempts, the last error."),
+        dg.AssetSpec("destination_dead_letters", kinds={"duckdb"}, group_name=GROUP, automation_condition=EAGER,
+                     deps=["audience_members", "audience_changes"],
+                     description="Changes a destination refused or could not take after its attempts."),
+    ],
+    name="deliver_to_destinations",
+    pool="duckdb",
+)  # fmt: skip
+def deliver_to_destinations(config: DeliveriesConfig, warehouse: DuckDBResource, persona: PersonaHome):
+    """Audience entries and exits to each destination in audiences.yaml (webhooks signed, files
+    written aside and renamed); what a webhook could not take yet waits for the next run."""
+    with warehouse.get_connection() as con:
+        definitions = checked_definitions(persona, con)
+        options = destinations.DeliveryOptions(budget_seconds=config.budget_seconds)
+        reports = destinations.deliver(con, definitions, persona.root, options)
+        state = pd.DataFrame(destinations.lag(con, definitions))
+        dead = con.execute("SELECT count(*) FROM destination_dead_letters").fetchall()[0][0]
+    failed = [f"{r.destination}: {r.error}" for r in reports if r.error]
+    yield dg.MaterializeResult(
+        asset_key="destination_deliveries",
+        metadata={
+            "dagster/row_count": len(state),
+            "delivered_this_run": sum(r.delivered for r in reports),
+            "dead_lettered_this_run": sum(r.dead_lettered for r in reports),
+            "pending": sum(r.pending for r in reports),
+            "errors": "; ".join(failed) or "none",
+            "destinations": frame_md(state.astype(str)) if len(state) else frame_md(state),
+        },
+    )
+    yield dg.MaterializeResult(asset_key="destination_dead_letters", metadata={"dagster/row_count": dead})
+
+
 def build_assets(persona: PersonaHome) -> tuple[list, list]:
     """(assets, checks) for the definitions in force. A file with mistakes gives no audience
     assets here (the definitions must load for the rest of Persona to); computed_traits then
@@ -178,11 +222,14 @@ def build_assets(persona: PersonaHome) -> tuple[list, list]:
     except audience_definitions.DefinitionsError:
         definitions = audience_definitions.Definitions()
     made = [audience_asset(a, definitions.depends_on(a.name)) for a in definitions.audiences.values()]
-    assets = [computed_traits_asset, *made, audience_tables_asset(list(definitions.audiences))]
+    assets = [computed_traits_asset, *made, audience_tables_asset(list(definitions.audiences)),
+              deliver_to_destinations]
     checks = [
         contract_check("computed_traits", ComputedTraits, "computed_traits"),
         contract_check("audience_members", AudienceMembers, "audience_members"),
         contract_check("audience_changes", AudienceChanges, "audience_changes"),
         contract_check("audience_runs", AudienceRuns, "audience_runs"),
+        contract_check("destination_deliveries", DestinationDeliveries, "destination_deliveries"),
+        contract_check("destination_dead_letters", DestinationDeadLetters, "destination_dead_letters"),
     ]
     return assets, checks

@@ -10,6 +10,8 @@ from persona_assets.contracts import (
     AudienceRuns,
     CleanedUsers,
     ComputedTraits,
+    DestinationDeadLetters,
+    DestinationDeliveries,
     IdentityMap,
     ImputedAttributes,
     IngestFiles,
@@ -45,6 +47,8 @@ PUBLISHED = {
     "audience_members": AudienceMembers,
     "audience_changes": AudienceChanges,
     "audience_runs": AudienceRuns,
+    "destination_deliveries": DestinationDeliveries,
+    "destination_dead_letters": DestinationDeadLetters,
 }
 
 

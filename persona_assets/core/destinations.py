@@ -268,8 +268,8 @@ def deliver(con: duckdb.DuckDBPyConnection, definitions: Definitions, home: Path
 
 
 def lag(con: duckdb.DuckDBPyConnection, definitions: Definitions) -> list[dict]:
-    """Each destination's state: delivered, pending changes and the age of the oldest, failures, dead letters."""
-    ensure_tables(con)
+    """Each destination's state: delivered, pending changes and the age of the oldest, failures, dead
+    letters (read only: on the snapshot too)."""
     out = []
     for dest in definitions.destinations.values():
         state = load_state(con, dest.name)
