@@ -530,11 +530,12 @@ def _audience(r: _Reader, name: str, body, line: int) -> Audience | None:
     return Audience(name, str(body.get("description") or ""), condition, line, plain(body))
 
 
-def _check_references(r: _Reader, audiences: dict[str, Audience]) -> None:
-    """Every audience named exists, and none depends on itself."""
+def _check_references(r: _Reader, audiences: dict[str, Audience], declared: list[str]) -> None:
+    """Every audience named exists (`declared`: in the file, even with mistakes of its own, which
+    are named already), and none depends on itself."""
     for audience in audiences.values():
         for leaf in leaves(audience.where):
-            if leaf.kind == "audience" and leaf.subject not in audiences:
+            if leaf.kind == "audience" and leaf.subject not in declared:
                 r.fail(leaf.line, f"audiences.{audience.name}",
                        f"unknown audience {leaf.subject!r}; audiences: {_names(audiences)}")  # fmt: skip
     state: dict[str, str] = {}
@@ -560,7 +561,7 @@ WEBHOOK_KEYS = ("url", "secret_env", "batch_size", "max_attempts", "timeout_seco
 FILE_KEYS = ("folder", "format")
 
 
-def _destination(r: _Reader, name: str, body, line: int, audiences: dict) -> Destination | None:
+def _destination(r: _Reader, name: str, body, line: int, audiences: list[str]) -> Destination | None:
     where = f"destinations.{name}"
     if not r.mapping(body, line, where):
         return None
@@ -627,14 +628,15 @@ def parse(raw: dict, source: str, vocab: Vocabulary | None = None) -> Definition
             r.fail(line, f"computed_traits.{name}", "a profile column already has this name")
         elif (spec := _trait(r, name, body, line)) is not None:
             r.traits[name] = spec
-    audiences = {}
+    audiences, declared = {}, []
     for name, body, line in r.names(raw.get("audiences"), "audiences"):
+        declared.append(name)
         if (audience := _audience(r, name, body, line)) is not None:
             audiences[name] = audience
-    _check_references(r, audiences)
+    _check_references(r, audiences, declared)
     destinations = {}
     for name, body, line in r.names(raw.get("destinations"), "destinations"):
-        if (destination := _destination(r, name, body, line, audiences)) is not None:
+        if (destination := _destination(r, name, body, line, declared)) is not None:
             destinations[name] = destination
     if r.problems:
         raise DefinitionsError(r.problems)
