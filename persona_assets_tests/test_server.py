@@ -298,3 +298,248 @@ def test_a_server_killed_at_random_moments_loses_no_event_it_answered_200_for(pe
     ingest(con, persona_home / "landing", b"test-key")
     assert con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0] == before
     assert con.execute("SELECT count(*) FROM quarantined_events").fetchall()[0][0] == 0
+
+
+def test_valid_events_also_go_to_the_redis_stream_when_one_is_configured(server, persona_home):
+    from persona_assets import stream
+
+    redis_server, url = stream.start_redis(persona_home / "redis-data")
+    try:
+        served = server(env={"PERSONA_REDIS_URL": url})
+        assert "and the Redis stream" in served.output()
+        status, body, _ = request(f"{served.url}/v1/batch", {"batch": [event(1), event(2), {"type": "track"}]})
+        assert (status, body["accepted"], body["quarantined"]) == (200, 2, 1)
+        entries = stream.connect(url).xrange(stream.STREAM)
+        assert sorted(json.loads(fields[b"event"])["messageId"] for _, fields in entries) == ["m-1", "m-2"]
+        served.stop()
+        assert len(landing_lines(persona_home)) == 3  # landing holds them all, the invalid one too
+    finally:
+        redis_server.kill()
+        redis_server.wait()
+
+
+def test_the_profile_api_needs_its_own_key_and_a_snapshot(server, persona_home):
+    served = server()
+    path = f"{served.url}/v1/profiles/user_id:u1/traits"
+    assert request(path, None, key=None, method="GET")[0] == 401
+    assert request(path, None, key=WRITE_KEY, method="GET")[0] == 401
+    assert request(path, None, key=READ_KEY, method="GET")[:2] == (
+        503, {"success": False, "error": "no serving snapshot yet: run `persona run` (or make demo) first"})  # fmt: skip
+    assert request(f"{served.url}/v1/profiles/shoe:1/traits", None, key=READ_KEY, method="GET")[0] == 400
+    served.stop()
+    served = server(env={"PERSONA_READ_KEY": None})
+    assert "profile API off" in served.output()
+    assert request(f"{served.url}/v1/profiles/user_id:u1/traits", None, key=READ_KEY, method="GET")[0] == 401
+
+
+# --- The profile API on a snapshot (the graph runs once for these: slow) --------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, generated):
+    """A home with generated events run through the whole graph: a warehouse and a snapshot."""
+    import shutil
+
+    from persona_assets_tests.conftest import land, materialize_all
+
+    home = tmp_path_factory.mktemp("served") / "persona"
+    (home / "landing").mkdir(parents=True)
+    land(generated("jsonl"), home / "landing")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PERSONA_HOME", str(home))
+        mp.delenv("PERSONA_HASH_KEY", raising=False)
+        materialize_all(home)
+    shutil.rmtree(home / "landing" / "_truth", ignore_errors=True)
+    return home
+
+
+@pytest.fixture(scope="module")
+def reading(built):
+    served = start_server(built, env={"PERSONA_HASH_KEY": None})
+    yield served
+    served.stop(signal.SIGKILL)
+
+
+def someone(home: Path) -> dict:
+    """A generated person with a userId, an email and a phone their identify call sent, each of them
+    in the snapshot's identity map (found there by its keyed hash, as the server must find it)."""
+    from persona_assets.core.pii import hmac_hex, load_key, normalize_email, normalize_phone
+
+    key = load_key(home)
+    with duckdb.connect(str(home / "serving" / "persona.duckdb"), read_only=True) as con:
+        known = {i for (i,) in con.execute("SELECT identifier FROM identity_map").fetchall()}
+    for path in sorted((home / "landing").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            traits = e.get("traits") or {}
+            email, phone = traits.get("email"), traits.get("phone")
+            if not (e.get("userId") and isinstance(email, str) and isinstance(phone, str)):
+                continue
+            email_hash = normalize_email(email) and hmac_hex(key, normalize_email(email))
+            phone_hash = normalize_phone(phone, None) and hmac_hex(key, normalize_phone(phone, None))
+            if {e["userId"], email_hash, phone_hash} <= known:
+                return {"user_id": e["userId"], "anonymous_id": e.get("anonymousId"), "email": email, "phone": phone,
+                        "device_id": (e.get("context") or {}).get("device", {}).get("id")}  # fmt: skip
+    raise AssertionError("no identified person with a phone in the generated data")
+
+
+def read(url: str, path: str, key: str | None = READ_KEY, bearer: bool = False) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {key}"} if bearer and key else {}
+    status, body, _ = request(f"{url}{path}", None, key=None if bearer else key, method="GET", headers=headers)
+    return status, body
+
+
+def q(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+@pytest.mark.slow
+def test_a_profile_is_found_by_every_kind_of_identifier(reading, built):
+    person = someone(built)
+    status, by_user = read(reading.url, f"/v1/profiles/user_id:{q(person['user_id'])}/traits")
+    assert status == 200
+    pid = by_user["person_id"]
+    traits = by_user["traits"]
+    assert traits["person_id"] == pid and "segment_name" in traits and "age_bracket_source" in traits
+    assert isinstance(traits["category_affinity"], dict | None)
+    # The email and phone as a person types them: normalized and hashed by the server, as ingest does.
+    messy_email = "  " + person["email"].upper() + " "
+    for kind, value in (("anonymous_id", person["anonymous_id"]), ("email", messy_email),
+                        ("phone", person["phone"]), ("device_id", person["device_id"]), ("person_id", pid)):  # fmt: skip
+        if value:
+            status, body = read(reading.url, f"/v1/profiles/{kind}:{q(value)}/traits")
+            assert (status, body.get("person_id")) == (200, pid), (kind, body)
+    status, body = read(reading.url, f"/v1/profiles/user_id:{q(person['user_id'])}/traits?fields=segment_name,gender")
+    assert status == 200 and set(body["traits"]) == {"segment_name", "gender"}
+    status, body = read(reading.url, f"/v1/profiles/user_id:{q(person['user_id'])}/traits?fields=shoe_size")
+    assert status == 400 and "shoe_size" in body["error"]
+    status, body = read(reading.url, f"/v1/profiles/user_id:{q(person['user_id'])}/identifiers")
+    kinds = {i["type"] for i in body["data"]}
+    assert {"user_id", "email", "phone"} <= kinds
+    assert person["email"] not in json.dumps(body)  # hashed, never raw
+
+
+@pytest.mark.slow
+def test_unknown_people_and_bad_requests_get_json_errors(reading):
+    assert read(reading.url, "/v1/profiles/email:nobody%40example.com/traits") == (
+        404, {"success": False, "error": "no profile for this email"})  # fmt: skip
+    assert read(reading.url, "/v1/profiles/person_id:p0000000000000000/events")[0] == 404
+    assert read(reading.url, "/v1/profiles/shoe:42/traits")[0] == 400
+    assert read(reading.url, "/v1/profiles/user_id:x/everything")[0] == 404
+    assert read(reading.url, "/v1/profiles/user_id:x/events?limit=0")[0] == 400
+
+
+@pytest.mark.slow
+def test_the_read_key_is_separate_from_the_write_key(reading, built):
+    path = f"/v1/profiles/user_id:{q(someone(built)['user_id'])}/traits"
+    assert read(reading.url, path, key=None)[0] == 401
+    assert read(reading.url, path, key=WRITE_KEY)[0] == 401  # a write key ships in web pages: it cannot read
+    assert read(reading.url, path, key="wrong-read-key")[0] == 401
+    assert read(reading.url, path, key=READ_KEY, bearer=True)[0] == 200
+    assert read(reading.url, path, key=READ_KEY)[0] == 200
+    assert READ_KEY not in reading.output() and WRITE_KEY not in reading.output()
+
+
+@pytest.mark.slow
+def test_events_page_newest_first_with_a_cursor(reading, built):
+    from persona_assets.core.publish import open_snapshot
+
+    with open_snapshot(built / "serving" / "persona.duckdb") as con:
+        user = con.execute("SELECT user_id FROM raw_events WHERE user_id IS NOT NULL GROUP BY 1 "
+                           "ORDER BY count(*) DESC, 1 LIMIT 1").fetchall()[0][0]  # fmt: skip
+    pages, token = [], None
+    while True:
+        path = f"/v1/profiles/user_id:{q(user)}/events?limit=3" + (f"&next={token}" if token else "")
+        status, body = read(reading.url, path)
+        assert status == 200
+        pages.append(body["data"])
+        token = body["cursor"]["next"]
+        assert body["cursor"]["has_more"] == (token is not None)
+        if token is None:
+            break
+    seen = [(e["event_at"], e["message_id"]) for page in pages for e in page]
+    assert len(pages) > 1 and all(len(p) == 3 for p in pages[:-1])
+    with open_snapshot(built / "serving" / "persona.duckdb") as con:
+        pid = con.execute("SELECT person_id FROM identity_map WHERE identifier = ?", [user]).fetchall()[0][0]
+        want = con.execute(
+            """SELECT strftime(event_at, '%Y-%m-%dT%H:%M:%S'), message_id FROM raw_events WHERE user_id IN
+               (SELECT identifier FROM identity_map WHERE person_id = $p AND identifier_type = 'user_id')
+               OR anonymous_id IN (SELECT identifier FROM identity_map WHERE person_id = $p AND identifier_type = 'anonymous_id')
+               ORDER BY event_at DESC, message_id DESC""",
+            {"p": pid},
+        ).fetchall()
+    assert [(at[:19], m) for at, m in seen] == want  # every event once, newest first
+    status, body = read(reading.url, f"/v1/profiles/user_id:{q(user)}/events?limit=2&fields=event_name,event_at")
+    assert status == 200 and all(set(e) == {"event_name", "event_at"} for e in body["data"])
+
+
+def _hammer(url: str, paths: list[str], stop: threading.Event, results: list) -> None:
+    while not stop.is_set():
+        for path in paths:
+            try:
+                results.append(read(url, path)[0])
+            except OSError as exc:
+                results.append(repr(exc))
+
+
+@pytest.mark.slow
+def test_reads_never_fail_while_runs_publish_new_snapshots(reading, built):
+    from persona_assets.assets.serving import APPEND_ONLY, INDEXED, published_tables
+    from persona_assets.core.publish import publish_snapshot
+
+    person = someone(built)
+    paths = [f"/v1/profiles/user_id:{q(person['user_id'])}/traits",
+             f"/v1/profiles/email:{q(person['email'])}/events?limit=5",
+             f"/v1/profiles/user_id:{q(person['user_id'])}/identifiers"]  # fmt: skip
+    stop, results = threading.Event(), []
+    readers = [threading.Thread(target=_hammer, args=(reading.url, paths, stop, results)) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        with duckdb.connect(str(built / "warehouse.duckdb")) as con:
+            for _ in range(4):
+                publish_snapshot(con, built / "serving" / "persona.duckdb", published_tables(), run_id="again",
+                                 append=APPEND_ONLY, indexes=INDEXED)  # fmt: skip
+                time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert len(results) > 50
+    assert set(results) == {200}
+
+
+@pytest.mark.slow
+def test_reads_never_fail_while_forget_runs_and_the_forgotten_are_gone(built, tmp_path):
+    import shutil
+
+    home = tmp_path / "persona"
+    shutil.copytree(built, home, ignore=shutil.ignore_patterns("serve-*.log"))
+    served = start_server(home, env={"PERSONA_HASH_KEY": None})
+    try:
+        person = someone(home)
+        others = []
+        with duckdb.connect(str(home / "serving" / "persona.duckdb"), read_only=True) as con:
+            for (user,) in con.execute("SELECT identifier FROM identity_map WHERE identifier_type = 'user_id' "
+                                       "AND identifier <> ? LIMIT 3", [person["user_id"]]).fetchall():  # fmt: skip
+                others.append(f"/v1/profiles/user_id:{q(user)}/traits")
+        stop, results = threading.Event(), []
+        readers = [threading.Thread(target=_hammer, args=(served.url, others, stop, results)) for _ in range(2)]
+        for t in readers:
+            t.start()
+        try:
+            env = {**os.environ, "PERSONA_HOME": str(home)}
+            env.pop("PERSONA_HASH_KEY", None)
+            done = subprocess.run([sys.executable, "-m", "persona_assets.cli", "forget", person["email"], "--skip-redis"],
+                                  env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in readers:
+                t.join()
+        assert len(results) > 20 and set(results) == {200}
+        assert read(served.url, f"/v1/profiles/user_id:{q(person['user_id'])}/traits")[0] == 404
+        assert read(served.url, f"/v1/profiles/email:{q(person['email'])}/traits")[0] == 404
+    finally:
+        served.stop(signal.SIGKILL)

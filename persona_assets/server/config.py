@@ -35,7 +35,9 @@ class ServerSettings:
     burst: int = 2_000  # requests allowed at once before the rate applies
     rotate_seconds: float = 1.0  # a spool file moves into landing this often while events arrive
     rotate_bytes: int = 16 * 1024 * 1024
-    stream: bool = False  # also XADD accepted events to the Redis stream (hot profiles)
+    # With a Redis stream configured (PERSONA_REDIS_URL, or `persona stream --start-redis`'s), valid
+    # events also go onto it for the hot profiles, and profiles show the live fields; false: never.
+    stream: bool = True
     gmail_rules: bool = True  # as ingest normalizes emails (persona.yaml ingest.gmail_rules)
 
     def __repr__(self) -> str:  # keys never reach a log or a traceback
