@@ -290,9 +290,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
     )
     name = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
     print(f"consuming {stream.STREAM} as {name}; flushing to {home / 'landing'} every {args.flush_seconds:g} s")
+    live = live_audiences(client, home)
     try:
         worker = stream.run(client, home / "landing", home / "serving" / "persona.duckdb", name, opts,
-                            max_events=args.max_events)  # fmt: skip
+                            max_events=args.max_events, audiences=live)  # fmt: skip
     finally:
         if server is not None:
             server.terminate()
@@ -300,6 +301,25 @@ def cmd_stream(args: argparse.Namespace) -> int:
             (home / "redis" / "url").unlink(missing_ok=True)
     print(f"applied {worker.applied}, already applied {worker.skipped}, quarantined {worker.quarantined}")
     return 0
+
+
+def live_audiences(client, home: Path):
+    """The audiences the consumer decides per event (None when none can be), said on stdout."""
+    from persona_assets.core import audience_definitions
+    from persona_assets.settings import SettingsError, settings_path
+    from persona_assets.stream_audiences import LiveAudiences
+
+    try:
+        definitions = audience_definitions.load(home, settings_path(home))
+    except (audience_definitions.DefinitionsError, SettingsError) as exc:
+        raise Stop(f"the audience definitions cannot be used:\n{exc}") from None
+    live = LiveAudiences(client, definitions)
+    if not live.audiences:
+        return None
+    later = sorted(set(definitions.audiences) - set(live.audiences))
+    print(f"audiences decided per event: {', '.join(live.audiences)} (entries and exits on persona:audience_changes)"
+          + (f"; at the next batch run: {', '.join(later)}" if later else ""))  # fmt: skip
+    return live
 
 
 def redis_client(url: str | None):

@@ -302,10 +302,13 @@ def test_increments_equal_a_full_rebuild(tmp_path):
     from persona_assets.core.models import ModelStore
     from persona_assets.datagen import generate
 
-    from .test_incremental import assert_same, build, split_lines
+    from .test_incremental import _stamp, assert_same, build, split_lines
 
     generate(600, 31, tmp_path / "gen", "jsonl", people_per_file=300)
     parts = split_lines(tmp_path / "gen", 3, seed=2)
+    # A last, small increment: the newest events (the clock moves on for everyone, few people act).
+    last = sorted(parts[-1], key=_stamp)
+    parts = [*parts[:-1], last[:-40], last[-40:]]
     inc, full = tmp_path / "inc", tmp_path / "full"
     for home in (inc, full):
         (home / "landing").mkdir(parents=True)
@@ -322,7 +325,7 @@ def test_increments_equal_a_full_rebuild(tmp_path):
         incremental = _audience_tables(con)
         people = con.execute("SELECT count(*) FROM user_profiles").fetchall()[0][0]
     assert reports[0].mode == "full" and all(r.mode == "incremental" for r in reports[1:])
-    assert all(0 < r.people_recomputed < people for r in reports[1:]), reports
+    assert all(r.people_recomputed > 0 for r in reports[1:]) and reports[-1].people_recomputed < people / 2, reports
     for path in (inc / "landing").iterdir():
         shutil.copy2(path, full / "landing" / path.name)
     shutil.copytree(inc / "models", full / "models")
@@ -417,3 +420,78 @@ def test_cdnow_audiences_through_the_assets(persona_home, capsys):
     assert f"{person} is IN since" in out and "holds  line" in out and "biggest_order" in out
     assert cli.main(["destinations"]) == 0
     assert "exports (file):" in capsys.readouterr().out
+
+
+# --- real time: the stream consumer decides what it can, and agrees with the batch ---------------------
+
+LIVE_DEFS = """\
+computed_traits:
+  orders_total: {count: {event: Order Completed}}
+  views_7d:     {count: {event: Product Viewed, within_days: 7}}
+audiences:
+  repeat_buyers: {where: {trait: orders_total, gte: 2}}
+  viewers: {where: {event: Product Viewed, count: {gte: 3}, within_days: 7}}
+  big_not_browsing: {where: {all: [{trait: total_revenue, gte: 100}, {not: {audience: viewers}}]}}
+  carted_not_ordered:
+    where:
+      all:
+        - {event: Product Added, count: {gte: 1}, within_days: 14, where: {price: {gte: 20}}}
+        - {event: Order Completed, count: {eq: 0}, within_days: 14}
+  quiet_week: {where: {any: [{trait: views_7d, eq: 0}, {trait: event_count, lt: 3}]}}
+  lapsing: {where: {trait: days_since_last_order, gt: 10}}
+"""
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    from persona_assets import stream
+
+    server, url = stream.start_redis(tmp_path / "redis")
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_the_stream_decides_audiences_as_the_next_batch_run_does(tmp_path, redis_url):
+    from persona_assets import stream
+    from persona_assets.core.ingest import landing_files
+    from persona_assets.core.publish import publish_snapshot
+    from persona_assets.datagen import generate
+    from persona_assets.stream_audiences import CHANGES, LiveAudiences
+
+    generate(250, 29, tmp_path / "landing", "jsonl", people_per_file=125)
+    (tmp_path / "audiences.yaml").write_text(LIVE_DEFS)
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as con:
+        ingest(con, tmp_path / "landing", b"k")
+        resolve(con)
+        clean(con)
+        con.execute("CREATE TABLE user_profiles AS SELECT * FROM cleaned_users")
+        publish_snapshot(con, tmp_path / "serving" / "persona.duckdb", {"identity_map": "SELECT * FROM identity_map"})
+        d = defs.load(tmp_path, None, audiences.vocabulary(con))
+        computed_traits.build(con, d)
+        batch = {name: _members(con, d, name) for name in d.audiences}
+
+    client = stream.connect(redis_url)
+    stream.load_identity(client, tmp_path / "serving" / "persona.duckdb")
+    sent = sum(stream.publish(client, path) for path in landing_files(tmp_path / "landing"))
+    live = LiveAudiences(client, d)
+    assert sorted(live.audiences) == sorted(set(d.audiences) - {"lapsing"})  # a batch-only field waits
+    worker = stream.Consumer(client, stream.RedisStreamSource(client, "one"), tmp_path / "out",
+                             stream.ConsumerOptions(block_ms=50), audiences=live)  # fmt: skip
+    while worker.handled < sent:
+        assert worker.step() or worker.handled == sent, "stream ran dry"
+    worker.flush()  # settles the last events, then re-decides everyone as of the final clock
+    for name in live.audiences:
+        assert live.members(name) == batch[name], name
+        assert batch[name], name
+    # Every entry and exit was emitted: replaying the changes stream gives the members.
+    replayed: dict[str, set[str]] = {}
+    for _, fields in client.xrange(CHANGES):
+        members = replayed.setdefault(fields[b"audience"].decode(), set())
+        person = fields[b"person_id"].decode()
+        members.add(person) if fields[b"change"] == b"entered" else members.discard(person)
+    assert {n: replayed.get(n, set()) for n in live.audiences} == {n: batch[n] for n in live.audiences}
+    assert any(f[b"change"] == b"exited" for _, f in client.xrange(CHANGES))  # windows ended as the clock moved
