@@ -145,7 +145,7 @@ class LiveAudiences:
         replies, out = pipe.execute(), []
         per = 2 + 2 * sum(1 for s in self.specs.values() if s.within_days)
         for i, _ in enumerate(people):
-            fields, counters, windows = replies[i * per], replies[i * per + 1], replies[i * per + 2 : (i + 1) * per : 2]
+            fields, counters, windows = replies[i * per], replies[i * per + 1], replies[i * per + 3 : (i + 1) * per : 2]
             values = {c: (kind(v) if v is not None else kind(0)) for (c, (_, kind)), v in zip(LIVE_FIELDS.items(), fields)}
             values.update({k.decode(): int(v) for k, v in counters.items()})
             windowed = [n for n, s in self.specs.items() if s.within_days]

@@ -454,7 +454,6 @@ def redis_url(tmp_path):
         server.wait(timeout=20)
 
 
-@pytest.mark.slow
 def test_the_stream_decides_audiences_as_the_next_batch_run_does(tmp_path, redis_url):
     from persona_assets import stream
     from persona_assets.core.ingest import landing_files
