@@ -894,7 +894,9 @@ def apply_decision(args: argparse.Namespace, decide) -> int:
               file=sys.stderr)  # fmt: skip
         return 1
     with open_snapshot(snapshot_path()) as snap:
-        print(outcome_text(decision, overrides.where_now(snap, decision)))
+        now = overrides.where_now(snap, decision)
+        changes = overrides.changes_since(snap, decision, [decision.person_id, *{p for _, _, p in now if p}])
+    print(outcome_text(decision, now, changes))
     return 0
 
 
@@ -910,9 +912,11 @@ def decision_text(decision) -> str:
     return f"Decision #{decision.override_id} ({decision.kind}): {what}.{undoes}"
 
 
-def outcome_text(decision, now: list[tuple[str, str, str | None]]) -> str:
+def outcome_text(decision, now: list[tuple[str, str, str | None]], changes: list[tuple]) -> str:
     people = sorted({p for _, _, p in now if p})
-    lines = ["Now, in the snapshot:"]
+    lines = [f"  {old} -> {new}: {change}, {n} identifier(s) moved" for old, new, change, n in changes]
+    lines = ["person_id_history:", *lines] if lines else []
+    lines.append("Now, in the snapshot:")
     for kind, identifier, person in now:
         lines.append(f"  {_shown(kind, identifier)}: {person or 'nobody (kept out of linking)'}")
     if decision.action == "join":
@@ -921,7 +925,6 @@ def outcome_text(decision, now: list[tuple[str, str, str | None]]) -> str:
         lines.append(
             f"Undo with: persona merge {people[0]} {people[1]}" + (" (and the others)" if len(people) > 2 else "")
         )
-    lines.append('Their history: persona query "SELECT * FROM person_id_history ORDER BY changed_at DESC LIMIT 10"')
     return "\n".join(line for line in lines if line)
 
 
