@@ -289,6 +289,7 @@ def test_unmerge_and_merge_commands_rebuild_every_person_table_and_the_snapshot(
     assert code == 0, err
     assert f"Decision #1 (split): {matched} is split into its 2 groups" in out
     assert "Undo with: persona merge" in out and "Traceback" not in out + err
+    assert f"person_id_history:\n  {matched} -> " in out and ": split, 1 identifier(s) moved" in out
     code, out, err = persona("unmerge", "user_id:u1", "--identifier", "device_id:d1")
     assert code == 0, err
     assert "device_id:d1: nobody (kept out of linking)" in out

@@ -238,6 +238,7 @@ class Decision:
     person_id: str
     parts: list[tuple[str, str]]
     revoked: list[int] = field(default_factory=list)
+    decided_at: datetime | None = None
 
 
 def find(con: duckdb.DuckDBPyConnection, key: bytes, text: str, gmail_rules: bool = True) -> Who:
@@ -453,7 +454,7 @@ def _record(con: duckdb.DuckDBPyConnection, action: str, person_id: str, parts: 
         raise
     finally:
         con.unregister("_override_frame")
-    return Decision(override_id, OVERRIDE_ACTIONS[action], action, person_id, parts, revoke)
+    return Decision(override_id, OVERRIDE_ACTIONS[action], action, person_id, parts, revoke, now)
 
 
 def where_now(con: duckdb.DuckDBPyConnection, decision: Decision) -> list[tuple[str, str, str | None]]:
@@ -465,3 +466,13 @@ def where_now(con: duckdb.DuckDBPyConnection, decision: Decision) -> list[tuple[
         ).fetchall()
         out.append((kind, identifier, rows[0][0] if rows else None))
     return out
+
+
+def changes_since(con: duckdb.DuckDBPyConnection, decision: Decision, people: list[str]) -> list[tuple]:
+    """The person_id changes (old, new, change, identifiers moved) of these people since the decision."""
+    return con.execute(
+        """SELECT old_person_id, new_person_id, change, identifiers_moved FROM person_id_history
+           WHERE changed_at >= $at AND (old_person_id IN (SELECT unnest($people)) OR new_person_id IN
+             (SELECT unnest($people))) ORDER BY changed_at, old_person_id, new_person_id""",
+        {"at": decision.decided_at, "people": people},
+    ).fetchall()
