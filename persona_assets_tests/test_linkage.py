@@ -143,7 +143,7 @@ def test_every_merge_is_explained_by_a_stored_link(febrl3):
     assert (links.status == "merged").sum() == report.links.merges > 2000
     # Each link carries the weight every comparison added; they sum (with the prior) to the match weight.
     weights = links.weights.map(json.loads)
-    assert {"first_name_last_name", "birthday", "postal_code", "city"} <= set(weights.iloc[0])
+    assert {"first_name", "last_name", "birthday", "postal_code", "city"} <= set(weights.iloc[0])
     prior = links.match_weight - weights.map(lambda w: sum(w.values()))
     assert prior.max() - prior.min() < 0.01  # weights are stored to 3 decimals
     # A merged person's records are joined by merged links: records - 1 links per person.

@@ -336,7 +336,7 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
             tables,
             params={"model_version": links.model_version},
             before_commit=[
-                *([(lambda: linkage.save_model(con, saved, links.records), None)] if saved is not None else []),
+                *([(lambda: linkage.save_model(con, saved, links.records, links.model_status), None)] if saved is not None else []),
                 # Linkage off (or no model yet): no links stand, and no matching traits are kept.
                 *([] if links.enabled else [("DELETE FROM identity_links", None), ("DELETE FROM identity_pii", None)]),
                 history,
@@ -435,14 +435,17 @@ def _link(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, links: linkage.
             links.enabled, links.note = False, "no linkage model: fewer than two people to compare"
             return None
         try:
-            trained = linkage.train(con)
+            trained, links.model_status, links.problems = linkage.train(con)
         except linkage.NotTrainable as exc:
             links.enabled, links.note = False, f"no linkage model: {exc}"
             return None
         model = (None, trained)
         links.trained = True
+    else:
+        links.model_status = linkage.model_status(con, model[0])
+    links.fallback = links.model_status.startswith("fallback")
     links.model_version = model[0] if model[0] is not None else linkage.next_version(con)
-    links.candidate_pairs = linkage.predict(con, model[1], opts.link_threshold, outside)
+    links.candidate_pairs = linkage.predict(con, model[1], opts.link_threshold, outside, links.by_threshold)
     links.links = con.execute("SELECT count(*) FROM _candidates").fetchall()[0][0]
     overrides.keep_apart(con)
     if cluster:
