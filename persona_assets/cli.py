@@ -1188,6 +1188,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="resample cleaned_users to this many people before timing segmentation (default: as generated)",
     )
     p.add_argument("--no-stream", dest="stream", action="store_false", help="skip the Redis stream benchmark")
+    p.add_argument("--server", action=argparse.BooleanOptionalAction, default=None,
+                   help="time persona serve against its floor (default: with --scale)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the bench warehouse and snapshot for inspection")
     p.add_argument(
         "--link-records",
