@@ -347,3 +347,13 @@ def test_a_locked_warehouse_is_said_plainly(linked, tmp_path, monkeypatch):
     with duckdb.connect(str(home / "warehouse.duckdb")) as again:
         overrides.ensure_table(again)
         assert again.execute("SELECT count(*) FROM identity_overrides").fetchall()[0][0] == 0
+
+
+def test_forgetting_a_person_erases_the_decisions_naming_them(linked):
+    from persona_assets.core import erasure
+
+    con, landing = linked
+    overrides.merge(con, KEY, "user_id:u9", "anonymous_id:a7")
+    identity.resolve(con, OPTS)
+    erasure.forget(con, KEY, "u9", landing)
+    assert not con.execute("SELECT count(*) FROM identity_overrides WHERE identifier IN ('u9', 'a7')").fetchall()[0][0]
