@@ -90,7 +90,7 @@ def traits():
     return core("imputation").ImputationOptions(enrichment_path=str(shipped_enrichment()))
 def publish():
     from persona_assets.assets.serving import APPEND_ONLY, INDEXED, published_tables
-    return core("publish").publish_snapshot(con, snapshot, published_tables(), append=APPEND_ONLY,
+    return core("publish").publish_snapshot(con, snapshot, published_tables(con), append=APPEND_ONLY,
                                             indexes=INDEXED)
 steps = {  # name: (run it, rows in, rows out)
     "identity": (lambda: core("identity").resolve(con, full=full), "raw_events", "deduped_users"),

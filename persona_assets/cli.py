@@ -797,7 +797,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             snapshot = home / "serving" / "persona.duckdb"
             spare_path(snapshot).unlink(missing_ok=True)  # an older snapshot, kept for the next publish
             if snapshot.exists():  # written afresh: no copy of the old file, so no old rows in its free blocks
-                publish_snapshot(con, snapshot, published_tables(), run_id="forget", indexes=INDEXED)
+                publish_snapshot(con, snapshot, published_tables(con), run_id="forget", indexes=INDEXED)
         finally:
             con.close()
     finally:
