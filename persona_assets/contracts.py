@@ -205,6 +205,8 @@ class IdentityPii(pa.DataFrameModel):
     age: Series[pd.Int64Dtype] = column("BIGINT", serving=False, nullable=True, coerce=True)
     postal_code: Series[str] = column("VARCHAR", serving=False, nullable=True)
     city: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    # An email or phone (type:keyed hash) this record shares with another userId's: evidence, not a merge.
+    shared_contact: Series[str] = column("VARCHAR", serving=False, nullable=True)
 
     class Config:
         strict = True

@@ -480,6 +480,9 @@ def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, since_bat
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE _new_ids AS {new_ids}", {"since": since_batch})
     refresh.widen(con, "SELECT person_id FROM identity_map SEMI JOIN _new_ids USING (identifier_type, identifier)")
+    # People whose record holds a shared email or phone seen again: whether it still is evidence may change.
+    refresh.widen(con, "SELECT person_id FROM identity_pii WHERE shared_contact IN "
+                       "(SELECT identifier_type || ':' || identifier FROM _new_ids)")  # fmt: skip
     overrides.take_in(con)  # people a decision does not hold for yet, and every part of those it touches
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _area AS

@@ -48,6 +48,7 @@ BLOCKING_RULES = (
     "l.first_name = r.first_name AND right(l.birthday, 5) = right(r.birthday, 5)",
     "l.first_name = r.first_name AND left(l.postal_code, 2) = left(r.postal_code, 2)",
     "l.last_name = r.last_name AND left(l.postal_code, 2) = left(r.postal_code, 2)",
+    "l.shared_contact = r.shared_contact",
 )
 # Pairs that almost surely match, for the prior probability that two records match.
 DETERMINISTIC_RULES = (
@@ -81,6 +82,13 @@ def _null(*cols: str) -> str:
 SWAPPED = ("left(first_name_l, 1) = left(last_name_r, 1) AND left(last_name_l, 1) = left(first_name_r, 1) AND "
            "jaro_winkler_similarity(first_name_l, last_name_r) >= 0.9 AND "
            "jaro_winkler_similarity(last_name_l, first_name_r) >= 0.9")  # fmt: skip
+
+# Both records hold the same shared email or phone, and the same (or nearly the same) first name.
+SHARED_AGREE = ("shared_contact_l = shared_contact_r AND (first_name_l = first_name_r OR "
+                "jaro_winkler_similarity(first_name_l, first_name_r) >= 0.92)")  # fmt: skip
+# An email or phone seen with this many userIds at most is evidence that they are one person's
+# accounts (more is a shared inbox, a call centre, a junk address: still only guarded).
+MAX_SHARED_USER_IDS = 4
 
 # The comparisons: (name, [(label, SQL on <col>_l and <col>_r, fixed m)]), the first level the
 # null level, the last everything else. The fixed m is what a level's m is taken to be when the
@@ -132,7 +140,18 @@ COMPARISONS: tuple[tuple[str, tuple[tuple[str, str, float], ...]], ...] = (
         ("similar (JW >= 0.9)", _jw("city", 0.9), 0.07),
         ("else", "ELSE", 0.08),
     )),
+    # Two accounts (userIds) that share an email or phone and give one first name: one person with
+    # two accounts, unless the rest disagrees. A shared email with different first names (a family)
+    # is no evidence here, and the first names' disagreement and the userId guard keep them apart.
+    ("shared_contact", (
+        ("null", f"NOT ({SHARED_AGREE}) OR {_null('shared_contact')}", 0),
+        ("same email or phone, same first name", SHARED_AGREE, 0.5),
+        ("else", "ELSE", 0.5),
+    )),
 )  # fmt: skip
+# Comparisons whose m and u are set here, not estimated: (m, u) per level after the null level.
+# Two random people almost never share an email and a first name: u is one pair in a million.
+FIXED = {"shared_contact": ((0.5, 1e-6), (0.5, 0.5))}
 
 # Levels that must carry evidence in this order (an exact match never less than a fuzzier one,
 # a fuzzy one never less than a disagreement): each chain's Bayes factors may not increase.
@@ -223,8 +242,9 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
         f"""CREATE TABLE IF NOT EXISTS {MODEL_TABLE} (version BIGINT PRIMARY KEY, trained_at TIMESTAMP,
             records BIGINT, settings VARCHAR, status VARCHAR)"""
     )
-    # A warehouse from before models said how they were made.
+    # A warehouse from before models said how they were made, or records held shared contacts.
     con.execute(f"ALTER TABLE {MODEL_TABLE} ADD COLUMN IF NOT EXISTS status VARCHAR")
+    con.execute("ALTER TABLE identity_pii ADD COLUMN IF NOT EXISTS shared_contact VARCHAR")
 
 
 def model_status(con: duckdb.DuckDBPyConnection, version: int | None) -> str:
@@ -273,12 +293,23 @@ def stage_records(con: duckdb.DuckDBPyConnection, events: str, members: str) -> 
           LEFT JOIN {members} ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
           WHERE ({any_trait}) AND coalesce(mu.component, ma.component) IS NOT NULL
           GROUP BY 1
+        ), shared AS (
+          -- A guarded email or phone seen with a few userIds (and guarded for that alone), by the
+          -- component of the userId or anonymousId it was seen with.
+          SELECT m.component, min(g.identifier_type || ':' || g.identifier) AS shared_contact
+          FROM _guard g
+          JOIN _occ o ON o.identifier_type = g.identifier_type AND o.identifier = g.identifier
+          JOIN _occ o2 ON o2.tid = o.tid AND o2.identifier_type IN ('user_id', 'anonymous_id')
+          JOIN {members} m ON m.identifier_type = o2.identifier_type AND m.identifier = o2.identifier
+          WHERE g.identifier_type IN ('email', 'phone') AND g.reason = g.user_ids || ' userIds'
+            AND g.user_ids <= {MAX_SHARED_USER_IDS}
+          GROUP BY 1
         )
         SELECT 'p' || left(sha256(f.first_id), 16) AS record_id, f.component, f.anchor_type, f.anchor,
                coalesce(len(f.user_id_list), 0) AS user_ids, f.user_id_list[1] AS user_id,
                coalesce(f.user_id_list, []) AS user_id_list,
-               t.* EXCLUDE (component)
-        FROM firsts f JOIN traits t USING (component)
+               t.* EXCLUDE (component), s.shared_contact
+        FROM firsts f JOIN traits t USING (component) LEFT JOIN shared s USING (component)
         WHERE t.first_name IS NOT NULL OR t.last_name IS NOT NULL OR t.birthday IS NOT NULL"""
     )
     return con.execute("SELECT count(*) FROM _records").fetchall()[0][0]
@@ -310,7 +341,11 @@ def _settings(threshold_rules: tuple[str, ...]) -> dict:
     )
     # No term-frequency adjustments: a pair's score then depends on the pair alone, not on who else
     # is in the data, so links stored from earlier runs stay valid and incremental equals full.
-    return creator.create_settings_dict(sql_dialect_str="duckdb")
+    settings = creator.create_settings_dict(sql_dialect_str="duckdb")
+    for comparison in settings["comparisons"]:
+        for level, (m, u) in zip(_levels(comparison), FIXED.get(comparison["output_column_name"], ())):
+            level.update(m_probability=m, u_probability=u, fix_m_probability=True, fix_u_probability=True)
+    return settings
 
 
 def _linker(records: pa.Table, settings: dict):
@@ -322,7 +357,7 @@ def _linker(records: pa.Table, settings: dict):
 
 
 def _splink_input(con: duckdb.DuckDBPyConnection, select: str) -> pa.Table:
-    cols = ", ".join(("record_id", *COMPARED, "in_area"))
+    cols = ", ".join(("record_id", *COMPARED, "shared_contact", "in_area"))
     return con.sql(f"SELECT {cols} FROM ({select}) ORDER BY record_id").to_arrow_table()
 
 
@@ -337,34 +372,15 @@ def train(con: duckdb.DuckDBPyConnection) -> tuple[dict, str, list[str]]:
     try:
         linker.training.estimate_u_using_random_sampling(max_pairs=5e6, seed=1)
         u_only = linker.misc.save_model_to_json()
-        from splink import Linker
-        from splink.internals.exceptions import EMTrainingException
-
-        passes = 0
-        for rule in EM_RULES:
-            before = linker.misc.save_model_to_json()
-            # The prior stays at the deterministic estimate: with few true matches EM would drive it to zero.
-            try:
-                linker.training.estimate_parameters_using_expectation_maximisation(
-                    rule, max_pairs=2e6, fix_probability_two_random_records_match=True
-                )
-                passes += 1
-            except (EMTrainingException, ValueError):
-                # No pairs agree on this rule's keys, or EM drove a level's m to zero (small data,
-                # few true matches): this pass is skipped and the others estimate. A failed pass
-                # leaves Splink's model without the comparisons it blocked on: start from before it.
-                linker = Linker(db.register(records), before, log_level=logging.ERROR)
-        if not passes:
-            raise NotTrainable(f"no two people agree on any of {', '.join(EM_RULES)}")
-        em = linker.misc.save_model_to_json()
+        em = _em_model(linker, db, records)
         pairs = _score_blocked(scratch, records, em)
         problems = check_model(scratch, pairs, em, len(records))
         if not problems:
             return em, "trained by EM", []
         if all(kind == "order" for kind, _ in problems):
             # Only levels out of order (without term frequencies a near miss on a rare surname can
-            # look stronger than an exact common one): the fuzzier level is capped at the stricter's
-            # evidence, and checked again.
+            # look stronger than an exact common one): the fuzzier level is pooled with the stricter,
+            # and checked again.
             _put_in_order(em)
             pairs = _score_blocked(scratch, records, em)
             if not check_model(scratch, pairs, em, len(records)):
@@ -373,6 +389,30 @@ def train(con: duckdb.DuckDBPyConnection) -> tuple[dict, str, list[str]]:
         return model, how, [t for _, t in problems]
     finally:
         scratch.close()
+
+
+def _em_model(linker, db, records: pa.Table) -> dict:
+    """m by EM, one pass per EM_RULES blocking rule (u already estimated); the settings after."""
+    from splink import Linker
+    from splink.internals.exceptions import EMTrainingException
+
+    passes = 0
+    for rule in EM_RULES:
+        before = linker.misc.save_model_to_json()
+        # The prior stays at the deterministic estimate: with few true matches EM would drive it to zero.
+        try:
+            linker.training.estimate_parameters_using_expectation_maximisation(
+                rule, max_pairs=2e6, fix_probability_two_random_records_match=True
+            )
+            passes += 1
+        except (EMTrainingException, ValueError):
+            # No pairs agree on this rule's keys, or EM drove a level's m to zero (small data,
+            # few true matches): this pass is skipped and the others estimate. A failed pass
+            # leaves Splink's model without the comparisons it blocked on: start from before it.
+            linker = Linker(db.register(records), before, log_level=logging.ERROR)
+    if not passes:
+        raise NotTrainable(f"no two people agree on any of {', '.join(EM_RULES)}")
+    return linker.misc.save_model_to_json()
 
 
 def _levels(comparison: dict) -> list[dict]:
@@ -416,7 +456,7 @@ def _top_counts(name: str) -> str:
     disagrees (each at its exact level or missing): a birth date counts 2, the rest 1."""
     agree = []
     for other, levels in COMPARISONS:
-        if other == name:
+        if other == name or other in FIXED:
             continue
         top = len(levels) - 2
         agree.append((other, top, 2 if other == "birthday" else 1))
@@ -453,6 +493,8 @@ def check_model(scratch: duckdb.DuckDBPyConnection, pairs: str, model: dict, rec
                     problems.append(("order", f"{name}: '{lower}' carried more evidence than '{upper}' "
                                     f"(Bayes factor {lo:.3g} against {hi:.3g})"))  # fmt: skip
     for name, _ in COMPARISONS:
+        if name in FIXED:
+            continue
         levels = _levels(by_name[name])
         counts = _evidence(scratch, pairs, name)
         seen = sum(counts.values())
@@ -490,6 +532,8 @@ def fallback_model(scratch: duckdb.DuckDBPyConnection, pairs: str, u_model: dict
     by_name = {c["output_column_name"]: c for c in model["comparisons"]}
     estimated, fixed = [], []
     for name, spec in COMPARISONS:
+        if name in FIXED:
+            continue
         levels = _levels(by_name[name])
         prior_m = [m for label, _, m in spec if label != "null"]
         u = [lv.get("u_probability") or 1e-6 for lv in levels]
@@ -605,11 +649,13 @@ def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outsi
     # Splink's per-comparison match weights (log2 Bayes factors): mw_<comparison>.
     weights = {c[3:]: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c.startswith("mw_")}
     names = list(weights)
+    shared = weights.get("shared_contact", np.zeros(table.num_rows)) > 0
     rows = {
         "record_id_l": table.column("record_id_l"),
         "record_id_r": table.column("record_id_r"),
         "match_probability": table.column("match_probability"),
         "match_weight": table.column("match_weight"),
+        "shared": pa.array(shared, pa.bool_()),
         "weights": pa.array(
             [json.dumps({n: round(float(weights[n][i]), 3) for n in names}) for i in range(table.num_rows)],
             pa.string(),
@@ -619,7 +665,7 @@ def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outsi
     con.execute(
         """CREATE OR REPLACE TEMP TABLE _candidates AS
            SELECT least(record_id_l, record_id_r) AS record_id_l, greatest(record_id_l, record_id_r) AS record_id_r,
-                  match_probability, match_weight, weights FROM _candidates_arrow"""
+                  match_probability, match_weight, weights, shared FROM _candidates_arrow"""
     )
     con.unregister("_candidates_arrow")
     return compared
@@ -662,8 +708,9 @@ def outside_people(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 def cluster(con: duckdb.DuckDBPyConnection, max_user_ids: int) -> dict[str, int]:
     """Merge records along `_candidates`, strongest link first, unless the merged person would hold
-    more than `max_user_ids` different userIds. Relabels `_labels` so a merged person is one
-    component, and leaves each link's status in `_link_status`."""
+    more than `max_user_ids` different userIds and the link is not two accounts sharing an email or
+    phone with agreeing records (`shared`). Relabels `_labels` so a merged person is one component,
+    and leaves each link's status in `_link_status`."""
     records = con.execute("SELECT record_id, component, user_id_list FROM _records").fetchall()
     component = {r: c for r, c, _ in records}
     users = {r: frozenset(u) for r, _, u in records}
@@ -676,19 +723,22 @@ def cluster(con: duckdb.DuckDBPyConnection, max_user_ids: int) -> dict[str, int]
         return r
 
     statuses = []
-    for left, right in con.execute(
-        "SELECT record_id_l, record_id_r FROM _candidates ORDER BY match_probability DESC, record_id_l, record_id_r"
+    for left, right, shared in con.execute(
+        "SELECT record_id_l, record_id_r, shared FROM _candidates "
+        "ORDER BY match_probability DESC, record_id_l, record_id_r"
     ).fetchall():
         a, b = root(left), root(right)
+        across = len(users[a] | users[b]) > max_user_ids
         if a == b:
             statuses.append((left, right, "redundant", "already one person through stronger links"))
-        elif len(users[a] | users[b]) > max_user_ids:
+        elif across and not shared:
             statuses.append((left, right, "blocked", "would join different userIds"))
         else:
+            # Two accounts sharing an email or phone whose records agree are one person's.
             a, b = sorted((a, b))
             parent[b] = a
             users[a] = users[a] | users[b]
-            statuses.append((left, right, "merged", None))
+            statuses.append((left, right, "merged", "two accounts with one email or phone" if across else None))
     merged = {component[r]: component[root(r)] for r in component if root(r) != r}
     con.register(
         "_merges_arrow",
