@@ -810,5 +810,45 @@ def weights_png(con: duckdb.DuckDBPyConnection, threshold: float) -> bytes:
     return buffer.getvalue()
 
 
+def model_weights(model: dict) -> list[tuple[str, str, float | None]]:
+    """(comparison, level, match weight = log2(m/u)) for every level of every comparison but the null
+    level, best level first; None where the model has no estimate."""
+    rows = []
+    for comparison in model["comparisons"]:
+        for level in _levels(comparison):
+            bf = _bf(level)
+            label = level.get("label_for_charts") or "else"
+            rows.append((comparison["output_column_name"], "else" if label == "All other comparisons" else label,
+                         None if not bf else float(np.log2(bf))))  # fmt: skip
+    return rows
+
+
+def model_png(model: dict, status: str = "") -> bytes:
+    """The match-weight chart Splink draws: one bar per level of each comparison, its match weight
+    (log2 Bayes factor: right is evidence for a match, left against), and the prior's weight."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in model_weights(model) if r[2] is not None]
+    lam = model.get("probability_two_random_records_match") or 1e-6
+    labels = ["prior (two random records match)"] + [f"{c}: {lv}" for c, lv, _ in rows]
+    values = [float(np.log2(lam / (1 - lam)))] + [w for _, _, w in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(labels) + 1.2), dpi=90)
+    colours = ["grey"] + ["tab:green" if w >= 0 else "tab:red" for w in values[1:]]
+    ax.barh(range(len(labels)), values, color=colours)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("match weight (log2 Bayes factor)", fontsize=8)
+    ax.set_title(f"linkage model: match weight of each comparison level\n{status[:110]}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def next_version(con: duckdb.DuckDBPyConnection) -> int:
     return con.execute(f"SELECT coalesce(max(version), 0) + 1 FROM {MODEL_TABLE}").fetchall()[0][0]
