@@ -18,6 +18,7 @@ copies are identical and ingest counts the retry as a duplicate, not a conflicti
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -37,7 +38,9 @@ TYPES = ("track", "identify", "page", "screen", "group", "alias")
 # analytics.js (analytics-next) posts each call to the first letter of its type, and batches to /b.
 SHORT = {t[0]: t for t in TYPES} | {"b": "batch"}
 # Set by the server on every event, so never part of what identifies a client's copy.
-STAMPED = ("receivedAt", "timestamp", "sentAt")
+# An event's limit is on what the client sent: its stored line may be longer by the stamps
+# (receivedAt, a corrected timestamp beside the original), about 100 bytes.
+STAMP_BYTES = 128
 
 
 class Refused(Exception):
@@ -53,8 +56,13 @@ def iso(moment: datetime) -> str:
 
 
 def parse_time(value: object) -> datetime | None:
+    return _parse_time(value) if isinstance(value, str) else None
+
+
+@functools.lru_cache(maxsize=4096)  # a batch's events often share a sentAt, a retried batch its timestamps
+def _parse_time(value: str) -> datetime | None:
     """A timestamp the contract reads as plain ISO-8601 with a zone, else None (left to the contract)."""
-    if not isinstance(value, str) or not TIMESTAMP.fullmatch(value):
+    if not TIMESTAMP.fullmatch(value):
         return None
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -113,22 +121,28 @@ def parse_body(body: bytes, kind: str, max_events: int) -> tuple[list[object], d
 
 
 class RecentIds:
-    """The stamps given to the newest messageIds, so a retried copy gets the same ones."""
+    """The stamps given to the newest messageIds, so a retried copy gets the same ones.
+
+    Keyed by messageId and the client's own timestamp: a retry carries both unchanged (only
+    sentAt moves), while a copy with another timestamp is another event under the same id and
+    gets its own stamps, so ingest sees it differ and quarantines it as a conflicting re-delivery."""
 
     def __init__(self, capacity: int = 200_000) -> None:
         self.capacity = capacity
-        self._stamps: OrderedDict[str, tuple[str, str, object]] = OrderedDict()
+        self._stamps: OrderedDict[tuple, tuple[str, object]] = OrderedDict()
 
-    def get(self, message_id: object, digest: str) -> tuple[str, object] | None:
-        found = self._stamps.get(message_id) if isinstance(message_id, str) else None
-        return (found[1], found[2]) if found and found[0] == digest else None
+    def get(self, message_id: object, original: object) -> tuple[str, object] | None:
+        if not isinstance(message_id, str):
+            return None
+        return self._stamps.get((message_id, json.dumps(original)))
 
-    def remember(self, message_id: object, digest: str, received: str, timestamp: object) -> None:
+    def remember(self, message_id: object, original: object, received: str, timestamp: object) -> None:
         if not isinstance(message_id, str):
             return
-        self._stamps[message_id] = (digest, received, timestamp)
-        self._stamps.move_to_end(message_id)
-        while len(self._stamps) > self.capacity:
+        key = (message_id, json.dumps(original))
+        self._stamps[key] = (received, timestamp)
+        self._stamps.move_to_end(key)
+        if len(self._stamps) > self.capacity:
             self._stamps.popitem(last=False)
 
     def load(self, path: Path) -> int:
@@ -141,9 +155,8 @@ class RecentIds:
                 except ValueError:
                     continue
                 if isinstance(event, dict) and isinstance(event.get("receivedAt"), str):
-                    received, timestamp = event.pop("receivedAt"), event.pop("timestamp", None)
-                    event.pop("sentAt", None)
-                    self.remember(event.get("messageId"), _digest(_canonical(event)), received, timestamp)
+                    original = event.get("originalTimestamp")
+                    self.remember(event.get("messageId"), original, event["receivedAt"], event.get("timestamp"))
                     learned += 1
         return learned
 
@@ -151,12 +164,10 @@ class RecentIds:
         return len(self._stamps)
 
 
-def _canonical(event: dict) -> str:
-    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _digest(canonical: str) -> str:
-    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+def _derived_id(event: dict) -> str:
+    """A messageId for an event sent without one, from its content (so retries of it hash alike)."""
+    canonical = json.dumps(event, sort_keys=True, separators=(",", ":"))
+    return "http-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def corrected(original: object, sent_at: object, received: datetime) -> object:
@@ -177,7 +188,6 @@ class Prepared:
     """One request's events as landing lines, and what the contract says of them."""
 
     lines: list[str] = field(default_factory=list)
-    bad_utf8: list[bool] = field(default_factory=list)
     reasons: list[str | None] = field(default_factory=list)
 
     @property
@@ -199,9 +209,22 @@ class Prepared:
         return [line for line, reason in zip(self.lines, self.reasons) if reason is None]
 
 
-def prepare_event(item: object, kind: str, batch: dict, received: datetime, recent: RecentIds,
-                  max_bytes: int) -> tuple[str, bool]:  # fmt: skip
-    """One event as its landing line (and whether it holds text that is not UTF-8)."""
+@dataclass(frozen=True)
+class Received:
+    """When a request arrived, as a moment and as the text stamped on its events."""
+
+    at: datetime
+    text: str
+
+    @classmethod
+    def now(cls) -> Received:
+        at = datetime.now(UTC)
+        return cls(at, iso(at))
+
+
+def prepare_event(item: object, kind: str, batch: dict, received: Received, recent: RecentIds,
+                  max_bytes: int) -> str:  # fmt: skip
+    """One event as its landing line."""
     if not isinstance(item, dict):  # written as sent: the contract quarantines it (not_an_object)
         return _line(item)
     event = {k: v for k, v in item.items() if k not in ("writeKey", "receivedAt")}
@@ -216,29 +239,30 @@ def prepare_event(item: object, kind: str, batch: dict, received: datetime, rece
         original = event.pop("originalTimestamp", None)
     if original is not None:
         event["originalTimestamp"] = original
-    canonical = _canonical(event)
-    if len(canonical.encode("utf-8", "surrogatepass")) > max_bytes:
-        raise Refused(413, f"an event is larger than {max_bytes} bytes")
-    digest = _digest(canonical)
     if event.get("messageId") is None:
-        event["messageId"] = f"http-{digest[:32]}"  # retries of an id-less event hash alike
-    stamps = recent.get(event["messageId"], digest) or (iso(received), corrected(original, sent_at, received))
-    recent.remember(event["messageId"], digest, *stamps)
+        event["messageId"] = _derived_id(event)
+    stamps = recent.get(event["messageId"], original)
+    if stamps is None:
+        stamps = (received.text, corrected(original, sent_at, received.at))
+        recent.remember(event["messageId"], original, *stamps)
     event["receivedAt"], event["timestamp"] = stamps
     if sent_at is not None:
         event["sentAt"] = sent_at
-    return _line(event)
+    line = _line(event)
+    if len(line) > max_bytes + STAMP_BYTES and len(line.encode("utf-8")) > max_bytes + STAMP_BYTES:
+        raise Refused(413, f"an event is larger than {max_bytes} bytes")
+    return line
 
 
-def _line(value: object) -> tuple[str, bool]:
+def _line(value: object) -> str:
     """JSON text for one landing line: as is when it is valid UTF-8, else with every character
     escaped (`\\ud800`), as a landing file holding the same text would have it."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     try:
         text.encode("utf-8")
-        return text, False
+        return text
     except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":")), False
+        return json.dumps(value, separators=(",", ":"))
 
 
 class ContractCheck:
@@ -253,14 +277,14 @@ class ContractCheck:
 
     def plain(self, prepared: Prepared) -> list[int]:
         """Fill in the reasons of plain lines; the positions left for `query`."""
-        rows = plain_rows(prepared.lines, contract_params(), prepared.bad_utf8)
+        rows = plain_rows(prepared.lines, contract_params())
         prepared.reasons = [None] * len(rows)
         return [i for i, row in enumerate(rows) if row is None]
 
     def query(self, prepared: Prepared, positions: list[int]) -> None:
         lines = [prepared.lines[i] for i in positions]
         with self._lock:
-            rows = query_lines(self._con, lines, contract_params(), [prepared.bad_utf8[i] for i in positions])
+            rows = query_lines(self._con, lines, contract_params(), [False] * len(lines))
         for i, row in zip(positions, rows):
             prepared.reasons[i] = row["reason"]
 
@@ -269,10 +293,5 @@ class ContractCheck:
 
 
 def prepare(items: list[object], kind: str, batch: dict, recent: RecentIds, max_bytes: int) -> Prepared:
-    received = datetime.now(UTC)
-    prepared = Prepared()
-    for item in items:
-        line, bad = prepare_event(item, kind, batch, received, recent, max_bytes)
-        prepared.lines.append(line)
-        prepared.bad_utf8.append(bad)
-    return prepared
+    received = Received.now()
+    return Prepared([prepare_event(item, kind, batch, received, recent, max_bytes) for item in items])

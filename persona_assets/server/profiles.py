@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -71,14 +72,40 @@ class Page:
     next: str | None
 
 
-class ProfileReader:
-    """Look-ups by any identifier; every method runs on the reader's one worker thread."""
+class Recent(OrderedDict):
+    """A bounded map that forgets what was used least recently."""
 
-    def __init__(self, snapshot: Path, key: bytes, gmail_rules: bool = True, live=None) -> None:
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def keep(self, key, value):
+        self[key] = value
+        if len(self) > self.capacity:
+            self.popitem(last=False)
+        return value
+
+    def find(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+
+class ProfileReader:
+    """Look-ups by any identifier; every method runs on the reader's one worker thread.
+
+    A snapshot never changes once published, so what was read from it (who an identifier is,
+    a profile row) is kept for the next request, up to `cache` entries each, and dropped with
+    the connection when a new snapshot comes."""
+
+    def __init__(self, snapshot: Path, key: bytes, gmail_rules: bool = True, live=None, cache: int = 50_000) -> None:
         self.snapshot, self.key, self.gmail_rules, self.live = snapshot, key, gmail_rules, live
         self._con = None
         self._file: tuple[int, int] | None = None
         self.reopened = 0
+        self._people: Recent = Recent(cache)
+        self._profiles: Recent = Recent(cache)
 
     def _connection(self):
         """The snapshot connection, reopened when a new snapshot was published."""
@@ -87,6 +114,8 @@ class ProfileReader:
             if self._con is not None:
                 self._con.close()
                 self._con = None
+            self._people.clear()
+            self._profiles.clear()
             self._con = open_snapshot(self.snapshot)
             self._file = (st.st_ino, st.st_dev)
             self.reopened += 1
@@ -100,6 +129,12 @@ class ProfileReader:
     def person(self, id_type: str, value: str) -> str:
         """The person_id an identifier belongs to (email and phone normalized and hashed first)."""
         con = self._connection()
+        found = self._people.find((id_type, value))
+        if found is None:
+            found = self._people.keep((id_type, value), self._person(con, id_type, value))
+        return found
+
+    def _person(self, con, id_type: str, value: str) -> str:
         if id_type == "person_id":
             found = (
                 re.fullmatch(PERSON_ID, value)
@@ -125,10 +160,15 @@ class ProfileReader:
 
     def traits(self, id_type: str, value: str, fields: list[str] | None) -> dict:
         person_id = self.person(id_type, value)
-        result = self._connection().execute("SELECT * FROM user_profiles WHERE person_id = ?", [person_id])
-        names = [d[0] for d in result.description]
-        row = result.fetchone()
-        profile = dict(zip(names, row, strict=True)) if row else {"person_id": person_id}
+        profile = self._profiles.find(person_id)
+        if profile is None:
+            result = self._connection().execute("SELECT * FROM user_profiles WHERE person_id = ?", [person_id])
+            names = [d[0] for d in result.description]
+            row = result.fetchone()
+            profile = self._profiles.keep(
+                person_id, dict(zip(names, row, strict=True)) if row else {"person_id": person_id}
+            )
+        profile = dict(profile)
         if self.live is not None:
             profile.update(self.live(person_id, profile))
         return {"person_id": person_id, "traits": jsonable(_select(profile, fields))}
