@@ -223,8 +223,11 @@ def size_png(history, name: str) -> bytes:
     axes[1].bar(runs, -history["exited"], color="tab:red", label="exited")
     axes[1].set_title("entered and exited per run", fontsize=10)
     axes[1].legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("run")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
