@@ -216,6 +216,10 @@ def test_incremental_equals_full_with_overrides_in_place(tmp_path):
         (landing / "later.jsonl").write_text(LATER)
         build(con, landing, store)
         incremental = {name: table(con, name) for name in COMPARED}
+        # The decisions hold: the match is blocked, the tablet is nobody's, Carl is one person.
+        assert con.execute("SELECT count(*) FROM identity_links WHERE reason LIKE 'kept apart%'").fetchall()[0][0]
+        assert person_of(con, "device_id", "d1") is None
+        assert person_of(con, "user_id", "u9") == person_of(con, "anonymous_id", "a7") is not None
     full = tmp_path / "full"
     shutil.copytree(tmp_path / "inc", full)
     with duckdb.connect(str(full / "warehouse.duckdb")) as con:
