@@ -8,7 +8,7 @@ DAGSTER_HOME ?= $(PERSONA_HOME)/dagster
 SCALE ?= 1m
 export PERSONA_HOME DAGSTER_HOME
 
-.PHONY: venv demo test test-fast ui bench stream lint clean
+.PHONY: venv demo test test-fast ui bench stream serve lint clean
 
 # Debian packages a target needs, installed when missing (as root), else named.
 define debian_package
@@ -34,6 +34,8 @@ demo: venv
 test: venv
 	$(call debian_package,chromium,chromium)
 	$(call debian_package,redis-server,redis-server)
+	$(call debian_package,node,nodejs)
+	$(call debian_package,npm,npm)
 	$(BIN)/ruff check persona_assets persona_assets_tests
 	$(BIN)/pytest -q
 
@@ -52,6 +54,10 @@ bench: venv
 stream: venv
 	$(call debian_package,redis-server,redis-server)
 	$(BIN)/persona stream --start-redis
+
+# Segment's tracking API and the profile API on 127.0.0.1:8080 (README "Send events over HTTP").
+serve: venv
+	$(BIN)/persona serve
 
 lint: venv
 	$(BIN)/ruff check persona_assets persona_assets_tests

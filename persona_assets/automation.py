@@ -267,7 +267,7 @@ def failure_sensor(context: dg.RunFailureSensorContext, persona: PersonaHome):
 
 def _person_level_config(full: bool) -> dict:
     ops = ("resolve_identities", "clean_users", "normalized_features", "segment_people", "impute_attributes",
-           "user_profiles")  # fmt: skip
+           "user_profiles", "computed_traits")  # fmt: skip
     return {"ops": {op: {"config": {"full_refresh": full}} for op in ops}}
 
 

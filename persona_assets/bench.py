@@ -90,7 +90,7 @@ def traits():
     return core("imputation").ImputationOptions(enrichment_path=str(shipped_enrichment()))
 def publish():
     from persona_assets.assets.serving import APPEND_ONLY, INDEXED, published_tables
-    return core("publish").publish_snapshot(con, snapshot, published_tables(), append=APPEND_ONLY,
+    return core("publish").publish_snapshot(con, snapshot, published_tables(con), append=APPEND_ONLY,
                                             indexes=INDEXED)
 steps = {  # name: (run it, rows in, rows out)
     "identity": (lambda: core("identity").resolve(con, full=full), "raw_events", "deduped_users"),
@@ -199,8 +199,13 @@ from pathlib import Path
 from persona_assets import stream
 client = stream.connect(sys.argv[1])
 n = int(sys.argv[2])
+live = None
+if len(sys.argv) > 4:  # audiences decided per event
+    from persona_assets.core.audience_definitions import parse, read_sections
+    from persona_assets.stream_audiences import LiveAudiences
+    live = LiveAudiences(client, parse(read_sections(Path(sys.argv[4])), sys.argv[4]))
 worker = stream.Consumer(client, stream.RedisStreamSource(client, "bench"), Path(sys.argv[3]),
-                         stream.ConsumerOptions(block_ms=5, flush_seconds=5.0))
+                         stream.ConsumerOptions(block_ms=5, flush_seconds=5.0), audiences=live)
 worker.step()
 print("ready", flush=True)
 started = None
@@ -212,6 +217,48 @@ worker.flush()
 lat = np.array(worker.latencies)
 print(json.dumps({"events": n, "seconds": seconds, "p50_ms": float(np.percentile(lat, 50)),
                   "p99_ms": float(np.percentile(lat, 99))}))
+"""
+
+
+# Ten audiences over five computed traits, the profile and each other: what the audience
+# figure measures (DESIGN.md section 11).
+BENCH_AUDIENCES = """
+computed_traits:
+  orders_30d:   {count: {event: Order Completed, within_days: 30}}
+  views_7d:     {count: {event: Product Viewed, within_days: 7}}
+  spend:        {sum: {event: Order Completed, property: revenue}}
+  favourite:    {most_frequent: {event: Product Viewed, property: category}}
+  categories:   {unique_count: {event: Product Viewed, property: category}}
+audiences:
+  buyers_30d:   {where: {trait: orders_30d, gte: 1}}
+  repeat_30d:   {where: {event: Order Completed, count: {gte: 2}, within_days: 30}}
+  browsers:     {where: {all: [{trait: views_7d, gte: 3}, {not: {audience: buyers_30d}}]}}
+  big_spenders: {where: {trait: spend, gte: 500}}
+  book_fans:    {where: {any: [{trait: favourite, eq: books}, {trait: category_affinity.books, gte: 3}]}}
+  explorers:    {where: {trait: categories, gte: 5}}
+  lapsed:       {where: {all: [{trait: order_count, gte: 1}, {trait: days_since_last_order, gt: 60}]}}
+  carted:       {where: {event: Product Added, count: {gte: 1}, within_days: 14, where: {price: {gte: 20}}}}
+  mobile_young: {where: {all: [{trait: primary_device, eq: mobile}, {trait: age_bracket, in: ["<25", "25-34"]}]}}
+  vip_lapsing:  {where: {all: [{audience: big_spenders}, {not: {audience: buyers_30d}}]}}
+"""
+
+# Computed traits and the ten audiences on the full build's warehouse, in full.
+AUDIENCES = """
+import duckdb, json, sys, tempfile, time
+from pathlib import Path
+from persona_assets.core import audience_definitions, audiences, computed_traits
+from persona_assets.core.warehouse import connection_config
+con = duckdb.connect(sys.argv[1], config=connection_config())
+with tempfile.TemporaryDirectory() as home:
+    Path(home, "audiences.yaml").write_text(sys.argv[2])
+    started = time.perf_counter()
+    d = audience_definitions.load(Path(home), None, audiences.vocabulary(con))
+    traits = computed_traits.build(con, d, full=True)
+    traits_s = time.perf_counter() - started
+    sizes = {name: audiences.evaluate(con, d, name, "bench").size for name in d.audiences}
+    total = time.perf_counter() - started
+print(json.dumps({"traits_seconds": traits_s, "audiences_seconds": total - traits_s, "seconds": total,
+                  "traits": traits.traits, "audiences": len(sizes), "members": sum(sizes.values())}))
 """
 
 
@@ -300,6 +347,7 @@ def stream_bench(work: Path, people: int = 3000, rate: float = 2000.0, seconds: 
         stream.publish(client, publish_path, rate=rate, limit=offered)
         out, _ = consumer.communicate(timeout=300)
         paced = json.loads(out.strip().splitlines()[-1])
+        live = _paced_with_audiences(client, url, root, publish_path, rate, offered)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -309,7 +357,156 @@ def stream_bench(work: Path, people: int = 3000, rate: float = 2000.0, seconds: 
         "stream_offered_per_second": rate,
         "stream_latency_p50_ms": round(paced["p50_ms"], 1),
         "stream_latency_p99_ms": round(paced["p99_ms"], 1),
+        "stream_audiences_latency_p50_ms": round(live["p50_ms"], 1),
+        "stream_audiences_latency_p99_ms": round(live["p99_ms"], 1),
     }
+
+
+def _paced_with_audiences(client, url: str, root: Path, publish_path: Path, rate: float, offered: int) -> dict:
+    """The paced latency run again, the consumer deciding BENCH_AUDIENCES' live audiences per event."""
+    from persona_assets import stream
+
+    client.flushall()
+    stream.load_identity(client, root / "snapshot.duckdb")
+    definitions = root / "audiences.yaml"
+    definitions.write_text(BENCH_AUDIENCES)
+    consumer = subprocess.Popen([sys.executable, "-c", CONSUME, url, str(offered), str(root / "flushed"),
+                                 str(definitions)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert consumer.stdout.readline().strip() == "ready"
+    stream.publish(client, publish_path, rate=rate, limit=offered)
+    out, _ = consumer.communicate(timeout=300)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# The server's workloads (`server_bench`): collection in batches of 100 as fast as answers come,
+# one /v1/track offered at 1,000 requests/s, profile reads offered at 500/s; each also against
+# the floor, the same stack answering an empty 200, and the floor of two other stacks.
+SERVER_SECONDS = 5.0
+FLOOR_STACKS = {  # name: (http, loop, app) for loadgen.FLOOR
+    "starlette-httptools-uvloop": ("httptools", "uvloop", "starlette"),
+    "asgi-httptools-uvloop": ("httptools", "uvloop", "bare"),
+    "starlette-h11-asyncio": ("h11", "asyncio", "starlette"),
+}
+BENCH_WRITE_KEY, BENCH_READ_KEY = "bench-write-key", "bench-read-key"
+
+
+def _event_template() -> bytes:
+    """A typical track call as an SDK sends it, its messageId to be filled in per request."""
+    at = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    return json.dumps({
+        "type": "track", "event": "Product Viewed", "userId": "bench-user", "anonymousId": "bench-anon",
+        "messageId": "@ID@", "timestamp": at, "sentAt": at,
+        "properties": {"product_id": "sku-123", "category": "garden", "price": 19.99, "currency": "EUR"},
+        "context": {"device": {"id": "dev-1", "type": "mobile"}, "os": {"name": "iOS"}, "locale": "de-DE",
+                    "timezone": "Europe/Berlin", "page": {"url": "https://shop.example/p/sku-123"},
+                    "library": {"name": "analytics-python", "version": "2.4.0"}},
+    }).encode()  # fmt: skip
+
+
+def _server_workloads(host: str, users: list[str]) -> dict:
+    import base64
+
+    from persona_assets.server.loadgen import http_request
+
+    def auth(key: str) -> dict:
+        return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+    one = _event_template()
+    batch = b'{"batch":[' + b",".join(one.replace(b"@ID@", b"@ID@-%d" % i) for i in range(100)) + b"]}"
+    post = {"Content-Type": "application/json", **auth(BENCH_WRITE_KEY)}
+    return {
+        "batch": lambda n: http_request("POST", "/v1/batch", host, batch.replace(b"@ID@", b"b%d" % n), post),
+        "track": lambda n: http_request("POST", "/v1/track", host, one.replace(b"@ID@", b"t%d" % n), post),
+        "read": lambda n: http_request(
+            "GET", f"/v1/profiles/{users[n % len(users)]}/traits", host, headers=auth(BENCH_READ_KEY)
+        ),
+    }
+
+
+def _load_server(port: int, workloads: dict, seconds: float, reads: bool = True) -> dict:
+    from persona_assets.server import loadgen
+
+    batch = loadgen.run(loadgen.closed_loop("127.0.0.1", port, workloads["batch"], 8, seconds))
+    track = loadgen.run(loadgen.open_loop("127.0.0.1", port, workloads["track"], 1000.0, seconds))
+    out = {"events_per_second": round(batch.per_second * 100), "batch_errors": batch.errors,
+           "track_p50_ms": round(track.percentile(0.5), 2), "track_p99_ms": round(track.percentile(0.99), 2),
+           "track_errors": track.errors}  # fmt: skip
+    if reads:
+        read = loadgen.run(loadgen.open_loop("127.0.0.1", port, workloads["read"], 500.0, seconds))
+        out.update(read_p50_ms=round(read.percentile(0.5), 2), read_p99_ms=round(read.percentile(0.99), 2),
+                   read_errors=read.errors)  # fmt: skip
+    return out
+
+
+def _floor(port: int, stack: tuple[str, str, str]) -> subprocess.Popen:
+    from persona_assets.server.loadgen import FLOOR
+
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR, str(port), *stack], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    _wait_port(port)
+    return proc
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answers on port {port}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_bench(work: Path, snapshot: Path, seconds: float = SERVER_SECONDS) -> dict:
+    """`persona serve` on a copy of the bench snapshot, against the floor of its own stack and two others."""
+    root = work / "server-bench"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "landing").mkdir(parents=True)
+    (root / "serving").mkdir()
+    shutil.copyfile(snapshot, root / "serving" / "persona.duckdb")
+    (root / "persona.yaml").write_text("server:\n  max_requests_per_second: 0\n  stream: false\n")
+    with duckdb.connect(str(snapshot), read_only=True) as con:
+        # As many different people's identifiers as reads are made: each read is a first read
+        # (the server keeps what it read from a snapshot, so repeats would measure its cache).
+        users = [f"{t}:{i}" for t, i in con.execute(
+            "SELECT identifier_type, identifier FROM identity_map WHERE identifier_type IN ('user_id', 'anonymous_id') "
+            "QUALIFY row_number() OVER (PARTITION BY person_id ORDER BY identifier) = 1 ORDER BY hash(identifier) "
+            "LIMIT $n", {"n": int(500 * seconds)}).fetchall()]  # fmt: skip
+    port = _free_port()
+    env = {**os.environ, "PERSONA_HOME": str(root), "PERSONA_WRITE_KEY": BENCH_WRITE_KEY,
+           "PERSONA_READ_KEY": BENCH_READ_KEY}  # fmt: skip
+    env.pop("PERSONA_REDIS_URL", None)
+    workloads = _server_workloads(f"127.0.0.1:{port}", users)
+    cmd = [sys.executable, "-m", "persona_assets.cli", "serve", "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, 120)
+        results = {"persona": _load_server(port, workloads, seconds)}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    for name, stack in FLOOR_STACKS.items():
+        port = _free_port()
+        floor = _floor(port, stack)
+        try:
+            main = name == next(iter(FLOOR_STACKS))
+            results[name] = _load_server(port, _server_workloads(f"127.0.0.1:{port}", users), seconds, reads=main)
+        finally:
+            floor.terminate()
+            floor.wait(timeout=60)
+    results["events_landed"] = sum(1 for p in (root / "landing").glob("http-*.jsonl") for _ in open(p, "rb"))
+    shutil.rmtree(root, ignore_errors=True)
+    return results
 
 
 # The child reports its own high-water mark: ru_maxrss from wait4 would start from the
@@ -446,6 +643,12 @@ def run(args) -> int:
         results["full_build_ratio_to_floor"] = round(results["full_build_seconds"] / floor_s, 2)
     with duckdb.connect(str(warehouse), read_only=True) as con:
         results["people"] = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
+    print("audiences ...", flush=True)
+    audience_s, audience_gb, out = measure(AUDIENCES, str(warehouse), BENCH_AUDIENCES)
+    results["audiences"] = {**{k: (round(v, 2) if isinstance(v, float) else v)
+                               for k, v in json.loads(out.splitlines()[-1]).items()},
+                            "peak_gb": round(audience_gb, 2),
+                            "share_of_full_build": round(audience_s / results["full_build_seconds"], 3)}  # fmt: skip
     if increment is not None:
         print("incremental refresh ...", flush=True)
         refresh_s, _, out = measure(INGEST, str(increment.parent), str(warehouse))
@@ -468,6 +671,9 @@ def run(args) -> int:
     results["lookup"] = {k: round(v, 2) for k, v in json.loads(out.splitlines()[-1]).items()}
     print("command start-up ...", flush=True)
     results["startup"] = cli_startup(snapshot)
+    if args.server if args.server is not None else bool(args.scale):
+        print("server (persona serve against its floor) ...", flush=True)
+        results["server"] = server_bench(work, snapshot)
     if args.segment_people:
         # Last: it replaces cleaned_users with resampled people that have no events.
         print(f"segmentation on {args.segment_people} resampled people ...", flush=True)
@@ -552,6 +758,8 @@ GOALS = (
     ("1% refresh under 10% of the full build", lambda r: r["refresh"]["share_of_full_build"] < 0.10,
      lambda r: f"{r['refresh']['share_of_full_build']:.1%}"),
     ("profile look-up p99 under 10 ms", lambda r: r["lookup"]["p99_ms"] < 10, lambda r: f"{r['lookup']['p99_ms']} ms"),
+    ("10 audiences and 5 computed traits under 10% of the full build",
+     lambda r: r["audiences"]["share_of_full_build"] < 0.10, lambda r: f"{r['audiences']['share_of_full_build']:.1%}"),
 )  # fmt: skip
 
 
@@ -587,6 +795,14 @@ def report_markdown(r: dict) -> str:
             f"- Incremental refresh with the newest 1% ({f['new_events']:,} events, {f['people_recomputed']:,} "
             f"people recomputed): {f['seconds']:.1f} s = {f['share_of_full_build']:.1%} of the full build ({parts} s)."
         )
+    if "audiences" in r:
+        a = r["audiences"]
+        lines.append(
+            f"- Audiences: {a['traits']} computed traits (with the counts behind event conditions) and "
+            f"{a['audiences']} audiences evaluated in full in {a['traits_seconds'] + a['audiences_seconds']:.1f} s "
+            f"(traits {a['traits_seconds']:.1f} s, membership {a['audiences_seconds']:.1f} s) = "
+            f"{a['share_of_full_build']:.1%} of the full build (process start included)."
+        )
     lk = r["lookup"]
     lines.append(
         f"- Profile look-up on the snapshot ({lk['lookups']:.0f} by userId, anonymousId or person_id): "
@@ -600,6 +816,8 @@ def report_markdown(r: dict) -> str:
             f"{st['query_ms']:.0f} ms, `persona profile <person_id>` {st['profile_ms']:.0f} ms (Python itself "
             f"{st['python_ms']:.0f} ms), beside the look-up's own p50 {lk['p50_ms']} ms."
         )
+    if "server" in r:
+        lines += server_markdown(r["server"])
     if "resampled_people" in r:
         lines.append(
             f"- Segmentation on {r['resampled_people']:,} resampled people: features "
@@ -611,7 +829,9 @@ def report_markdown(r: dict) -> str:
         lines.append(
             f"- Stream: {st['stream_events_per_second']:,} events/s on one consumer; at "
             f"{st['stream_offered_per_second']:.0f}/s offered, latency p50 {st['stream_latency_p50_ms']} ms, "
-            f"p99 {st['stream_latency_p99_ms']} ms."
+            f"p99 {st['stream_latency_p99_ms']} ms"
+            + (f"; deciding the live audiences per event, p50 {st['stream_audiences_latency_p50_ms']} ms, "
+               f"p99 {st['stream_audiences_latency_p99_ms']} ms." if "stream_audiences_latency_p99_ms" in st else ".")
         )
     if "linkage" in r:
         lk = r["linkage"]
@@ -628,6 +848,25 @@ def report_markdown(r: dict) -> str:
             except KeyError:
                 lines.append(f"| {goal} | not measured | |")
     return "\n".join(lines) + "\n"
+
+
+def server_markdown(sv: dict) -> list[str]:
+    """The server's figures, each beside its floor (the same stack answering an empty 200)."""
+    p, f = sv["persona"], sv["starlette-httptools-uvloop"]
+    others = ", ".join(f"{name} {sv[name]['events_per_second'] / 100:,.0f} requests/s and track p99 "
+                       f"{sv[name]['track_p99_ms']} ms" for name in FLOOR_STACKS if name != "starlette-httptools-uvloop")  # fmt: skip
+    errors = sum(v for k, v in p.items() if k.endswith("_errors"))
+    return [
+        f"- Server (`persona serve`, one process): collection {p['events_per_second']:,} events/s in batches of 100 "
+        f"(floor {f['events_per_second']:,}: {p['events_per_second'] / f['events_per_second']:.2f}x of it); one "
+        f"`/v1/track` offered at 1,000/s: p50 {p['track_p50_ms']} ms, p99 {p['track_p99_ms']} ms (floor p99 "
+        f"{f['track_p99_ms']} ms, {p['track_p99_ms'] / f['track_p99_ms']:.1f}x); profile reads at 500/s: p50 "
+        f"{p['read_p50_ms']} ms, p99 {p['read_p99_ms']} ms (floor p99 {f['read_p99_ms']} ms, "
+        f"{p['read_p99_ms'] / f['read_p99_ms']:.1f}x); {errors} errors; {sv['events_landed']:,} events landed.",
+        f"- Server stacks, empty 200 (batch requests as fast as answered, track at 1,000/s): "
+        f"starlette-httptools-uvloop {f['events_per_second'] / 100:,.0f} requests/s and track p99 "
+        f"{f['track_p99_ms']} ms; {others}.",
+    ]
 
 
 BENCH_DOC_HEAD = """# Benchmarks

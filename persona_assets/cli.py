@@ -1,4 +1,4 @@
-"""`persona demo|generate|run|retrain|query|sql|profile|forget|ui|bench`: the command line over the asset graph and the snapshot.
+"""`persona demo|generate|run|retrain|query|sql|profile|forget|merge|unmerge|ui|bench`: the command line over the asset graph and the snapshot.
 
 The commands that only read the snapshot (`query`, `sql`, `profile`, `failures`, `--help`) import
 duckdb and little else, so they start in a fraction of a second: Dagster, pandas and the models
@@ -290,9 +290,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
     )
     name = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
     print(f"consuming {stream.STREAM} as {name}; flushing to {home / 'landing'} every {args.flush_seconds:g} s")
+    live = live_audiences(client, home)
     try:
         worker = stream.run(client, home / "landing", home / "serving" / "persona.duckdb", name, opts,
-                            max_events=args.max_events)  # fmt: skip
+                            max_events=args.max_events, audiences=live)  # fmt: skip
     finally:
         if server is not None:
             server.terminate()
@@ -300,6 +301,25 @@ def cmd_stream(args: argparse.Namespace) -> int:
             (home / "redis" / "url").unlink(missing_ok=True)
     print(f"applied {worker.applied}, already applied {worker.skipped}, quarantined {worker.quarantined}")
     return 0
+
+
+def live_audiences(client, home: Path):
+    """The audiences the consumer decides per event (None when none can be), said on stdout."""
+    from persona_assets.core import audience_definitions
+    from persona_assets.settings import SettingsError, settings_path
+    from persona_assets.stream_audiences import LiveAudiences
+
+    try:
+        definitions = audience_definitions.load(home, settings_path(home))
+    except (audience_definitions.DefinitionsError, SettingsError) as exc:
+        raise Stop(f"the audience definitions cannot be used:\n{exc}") from None
+    live = LiveAudiences(client, definitions)
+    if not live.audiences:
+        return None
+    later = sorted(set(definitions.audiences) - set(live.audiences))
+    print(f"audiences decided per event: {', '.join(live.audiences)} (entries and exits on persona:audience_changes)"
+          + (f"; at the next batch run: {', '.join(later)}" if later else ""))  # fmt: skip
+    return live
 
 
 def redis_client(url: str | None):
@@ -602,9 +622,16 @@ def _live(person_id: str, batch: dict) -> dict:
     from persona_assets import stream
 
     try:  # a client made here, not by stream.connect(), which would import the stage settings (Dagster)
-        hot = stream.hot_profile(redis.Redis.from_url(stream.redis_url(persona_home())), person_id)
+        return live_fields(redis.Redis.from_url(stream.redis_url(persona_home())), person_id, batch)
     except Exception as exc:  # the stream is optional: say so, show the batch profile
         return {"live": f"hot store unreachable: {exc}"}
+
+
+def live_fields(client, person_id: str, batch: dict) -> dict:
+    """The hot profile in `client` over the batch profile `batch` (also the profile API's live fields)."""
+    from persona_assets import stream
+
+    hot = stream.hot_profile(client, person_id)
     if not hot:
         return {"live": "no streamed events for this person"}
 
@@ -663,6 +690,28 @@ def cmd_config(args: argparse.Namespace) -> int:
         print("mappings:")
         for mapping in settings["mappings"]:
             print(f"  - files: {mapping.files!r}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`persona serve`: the tracking and profile API (persona_assets/server), until Ctrl-C or SIGTERM."""
+    from dataclasses import replace
+
+    from persona_assets.server.app import serve
+    from persona_assets.server.config import ServerSettingsError, load
+
+    home = writable_home()
+    try:
+        settings = load(home, Path(args.config) if args.config else None)
+    except ServerSettingsError as exc:
+        raise Stop(str(exc)) from None
+    chosen = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = replace(settings, **chosen)
+    try:
+        serve(home, settings)
+    except OSError as exc:
+        raise Stop(f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); "
+                   "pass --port (or --host)") from None  # fmt: skip
     return 0
 
 
@@ -748,7 +797,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
             snapshot = home / "serving" / "persona.duckdb"
             spare_path(snapshot).unlink(missing_ok=True)  # an older snapshot, kept for the next publish
             if snapshot.exists():  # written afresh: no copy of the old file, so no old rows in its free blocks
-                publish_snapshot(con, snapshot, published_tables(), run_id="forget", indexes=INDEXED)
+                publish_snapshot(con, snapshot, published_tables(con), run_id="forget", indexes=INDEXED)
         finally:
             con.close()
     finally:
@@ -801,6 +850,194 @@ def forget_plan(path: Path, key: bytes, who: list[str], wait: float) -> int:
     finally:
         con.close()
     print("Dry run: nothing was changed.")
+    return 0
+
+
+def person_assets() -> list[str]:
+    """The assets identity feeds, down to the snapshot: what a merge or unmerge rebuilds."""
+    import dagster as dg
+
+    from persona_assets.definitions import build_definitions
+
+    graph = build_definitions(persona_home()).resolve_asset_graph()
+    return sorted(k.to_user_string() for k in dg.AssetSelection.assets("deduped_users").downstream().resolve(graph))
+
+
+def apply_decision(args: argparse.Namespace, decide) -> int:
+    """`persona merge` and `persona unmerge`: record the decision with the warehouse's one writer
+    connection (waiting while a run holds it), then rebuild the affected people in every person
+    table and republish the snapshot, as a run of the assets identity feeds (identity finds them)."""
+    import getpass
+
+    from persona_assets.core import overrides
+    from persona_assets.core.pii import load_key
+    from persona_assets.core.publish import open_snapshot
+
+    if use_settings(None):
+        return 2
+    home = persona_home()
+    path = home / "warehouse.duckdb"
+    if not path.exists():
+        raise Stop(f"No warehouse at {path}: nobody to merge or split yet. Run `persona run` first.", code=1)
+    key = load_key(home)
+    con = _writer(path, args.wait)
+    try:
+        decision = decide(con, key, args.by or getpass.getuser())
+    except overrides.OverrideError as exc:
+        raise Stop(str(exc), code=1) from None
+    finally:
+        con.close()
+    print(decision_text(decision))
+    print("Rebuilding the people it touches in every person table and the snapshot...")
+    if not materialize(person_assets()):
+        print(f"persona: decision #{decision.override_id} is recorded and applies on the next run (persona run).",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    with open_snapshot(snapshot_path()) as snap:
+        now = overrides.where_now(snap, decision)
+        changes = overrides.changes_since(snap, decision, [decision.person_id, *{p for _, _, p in now if p}])
+    print(outcome_text(decision, now, changes))
+    return 0
+
+
+def decision_text(decision) -> str:
+    undoes = f" It undoes decision {', '.join(f'#{i}' for i in decision.revoked)}." if decision.revoked else ""
+    if decision.action == "take_out":
+        what = f"{_shown(*decision.parts[0])} is taken out of {decision.person_id} and will link nobody again"
+    elif decision.action == "keep_apart":
+        what = (f"{decision.person_id} is split into its {len(decision.parts)} groups of identifiers seen together; "
+                "no match or merge will join them again")  # fmt: skip
+    else:
+        what = f"{_shown(*decision.parts[0])} and {_shown(*decision.parts[1])} are one person from now on"
+    return f"Decision #{decision.override_id} ({decision.kind}): {what}.{undoes}"
+
+
+def outcome_text(decision, now: list[tuple[str, str, str | None]], changes: list[tuple]) -> str:
+    people = sorted({p for _, _, p in now if p})
+    lines = [f"  {old} -> {new}: {change}, {n} identifier(s) moved" for old, new, change, n in changes]
+    lines = ["person_id_history:", *lines] if lines else []
+    lines.append("Now, in the snapshot:")
+    for kind, identifier, person in now:
+        lines.append(f"  {_shown(kind, identifier)}: {person or 'nobody (kept out of linking)'}")
+    if decision.action == "join":
+        lines.append(f"Undo with: persona unmerge {people[0]}" if len(people) == 1 else "")
+    elif decision.action == "keep_apart" and len(people) > 1:
+        lines.append(
+            f"Undo with: persona merge {people[0]} {people[1]}" + (" (and the others)" if len(people) > 2 else "")
+        )
+    return "\n".join(line for line in lines if line)
+
+
+def _shown(kind: str, identifier: str) -> str:
+    return f"{kind}:{identifier}" if kind not in ("email", "phone") else f"{kind} (keyed hash {identifier[:12]}...)"
+
+
+def cmd_unmerge(args: argparse.Namespace) -> int:
+    from persona_assets.core import overrides
+
+    return apply_decision(
+        args, lambda con, key, by: overrides.unmerge(con, key, args.person, args.identifier, by=by, reason=args.reason)
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from persona_assets.core import overrides
+
+    return apply_decision(args, lambda con, key, by: overrides.merge(con, key, args.first, args.second, by=by,
+                                                                     reason=args.reason))  # fmt: skip
+
+
+def _audience_definitions(con):
+    """The audience definitions in force, checked against the snapshot's events and segments (a Stop if not usable)."""
+    from persona_assets.core import audience_definitions
+    from persona_assets.core.audiences import vocabulary
+    from persona_assets.settings import SettingsError, settings_path
+
+    try:
+        settings = settings_path(persona_home())
+        return audience_definitions.load(persona_home(), settings, vocabulary(con))
+    except (audience_definitions.DefinitionsError, SettingsError) as exc:
+        raise Stop(f"the audience definitions cannot be used:\n{exc}") from None
+
+
+def _has_tables(con, *tables: str) -> bool:
+    found = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    return set(tables) <= found
+
+
+def cmd_audience(args: argparse.Namespace) -> int:
+    from persona_assets.core.audiences import explain
+
+    with open_snapshot_or_stop(Path(args.snapshot) if args.snapshot else None) as con:
+        definitions = _audience_definitions(con)
+        if args.name not in definitions.audiences:
+            raise Stop(f"no audience named {args.name!r}; audiences: {', '.join(definitions.audiences) or '(none)'}")
+        if not _has_tables(con, "audience_members", "audience_runs"):
+            raise Stop("the snapshot has no audiences yet: run `persona run` first")
+        audience = definitions.audiences[args.name]
+        last = con.execute(
+            "SELECT evaluated_at, size, entered, exited, definition FROM audience_runs WHERE audience = ? "
+            "ORDER BY evaluated_at DESC LIMIT 1",
+            [args.name],
+        ).fetchall()
+        print(f"{args.name}: {audience.description or '(no description)'}  [{definitions.source}:{audience.line}]")
+        if not last:
+            print("not evaluated yet: run `persona run`")
+            return 0
+        at, size, entered, exited, used = last[0]
+        print(f"{size} members at the run of {at:%Y-%m-%d %H:%M:%S} UTC ({entered} entered, {exited} exited)")
+        if used != audience.definition_json():
+            print("note: the definition changed since that run; the explanation below uses the file as it is now")
+        if args.person:
+            return _explain_people(con, definitions, args.name, args.person, explain)
+        rows = con.execute(
+            "SELECT person_id, entered_at FROM audience_members WHERE audience = ? ORDER BY entered_at, person_id "
+            "LIMIT ?",
+            [args.name, args.limit],
+        ).fetchall()
+        for person_id, entered_at in rows:
+            print(f"  {person_id}  since {entered_at:%Y-%m-%d %H:%M:%S}")
+        if size > len(rows):
+            print(f"  ... and {size - len(rows)} more (--limit N)")
+    return 0
+
+
+def _explain_people(con, definitions, name: str, who: str, explain) -> int:
+    from persona_assets.core.pii import load_key
+    from persona_assets.core.publish import find_person
+
+    people = find_person(con, who, load_key(persona_home()))
+    if not people:
+        print(f"no profile found for {who!r}", file=sys.stderr)
+        return 1
+    for person_id in people:
+        member = con.execute(
+            "SELECT entered_at FROM audience_members WHERE audience = ? AND person_id = ?", [name, person_id]
+        ).fetchall()
+        print(f"{person_id} is {'IN since ' + f'{member[0][0]:%Y-%m-%d %H:%M:%S}' if member else 'OUT'}:")
+        for reason in explain(con, definitions, name, person_id):
+            value = "" if reason.value is None and "trait" not in reason.text else f"  (value: {_plain(reason.value)})"
+            print(f"{'  ' * reason.depth}{'holds' if reason.holds else 'fails'}  {reason.text}{value}")
+    return 0
+
+
+def cmd_destinations(args: argparse.Namespace) -> int:
+    from persona_assets.core.destinations import lag
+
+    with open_snapshot_or_stop(Path(args.snapshot) if args.snapshot else None) as con:
+        definitions = _audience_definitions(con)
+        if not definitions.destinations:
+            print("no destinations defined (audiences.yaml destinations:)")
+            return 0
+        if not _has_tables(con, "destination_deliveries", "destination_dead_letters", "audience_changes"):
+            raise Stop("the snapshot has no deliveries yet: run `persona run` first")
+        for row in lag(con, definitions):
+            success = f"{row['last_success_at']:%Y-%m-%d %H:%M:%S}" if row["last_success_at"] else "never"
+            print(f"{row['destination']} ({row['kind']}): {row['delivered']} delivered, {row['pending']} pending "
+                  f"(oldest {row['lag_seconds']:.0f} s), {row['failed_attempts']} failed attempts, "
+                  f"{row['dead_letters']} dead letters, last success {success}")  # fmt: skip
+            if row["last_error"]:
+                print(f"  last error: {row['last_error']}")
     return 0
 
 
@@ -892,6 +1129,40 @@ def build_parser() -> argparse.ArgumentParser:
                    "deleted rows may stay in its free blocks until the next compaction)")  # fmt: skip
     p.set_defaults(fn=cmd_forget)
 
+    p = sub.add_parser("unmerge", help="split a person wrongly merged (a match, a merge, or one identifier), for good")
+    p.add_argument("person", help="the person: person_id, or an identifier as TYPE:VALUE (user_id:u1, email:...)")
+    p.add_argument("--identifier", metavar="TYPE:VALUE",
+                   help="take only this identifier out of the person (e.g. a shared device_id:...)")  # fmt: skip
+    p.add_argument("--reason", help="why, kept with the decision")
+    p.add_argument("--by", help="who decided (default: this user's login name)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a running run to let go")
+    p.set_defaults(fn=cmd_unmerge)
+
+    p = sub.add_parser("merge", help="make two people one, for good (person_ids or TYPE:VALUE identifiers)")
+    p.add_argument("first")
+    p.add_argument("second")
+    p.add_argument("--reason", help="why, kept with the decision")
+    p.add_argument("--by", help="who decided (default: this user's login name)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a running run to let go")
+    p.set_defaults(fn=cmd_merge)
+
+    p = sub.add_parser("serve", help="collect events from Segment SDKs over HTTP and serve profiles (127.0.0.1:8080)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1, or server.host in persona.yaml)")
+    p.add_argument("--port", type=int, help="port (default 8080, or server.port; 0 picks a free one)")
+    p.add_argument("--config", help="settings file (default PERSONA_HOME/persona.yaml when present)")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("audience", help="an audience's members, or why one person is in or out of it")
+    p.add_argument("name")
+    p.add_argument("person", nargs="?", help="person_id, email, phone, userId or anonymousId: explain their membership")
+    p.add_argument("--limit", type=int, default=20, help="members listed (default 20)")
+    p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
+    p.set_defaults(fn=cmd_audience)
+
+    p = sub.add_parser("destinations", help="each destination's deliveries: pending changes, lag, failures")
+    p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
+    p.set_defaults(fn=cmd_destinations)
+
     p = sub.add_parser("ui", help="start the Dagster webserver and daemon")
     p.add_argument("--config", help="settings file for every run the UI, sensors and schedules start "
                    "(default PERSONA_HOME/persona.yaml when present)")  # fmt: skip
@@ -917,6 +1188,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="resample cleaned_users to this many people before timing segmentation (default: as generated)",
     )
     p.add_argument("--no-stream", dest="stream", action="store_false", help="skip the Redis stream benchmark")
+    p.add_argument("--server", action=argparse.BooleanOptionalAction, default=None,
+                   help="time persona serve against its floor (default: with --scale)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the bench warehouse and snapshot for inspection")
     p.add_argument(
         "--link-records",

@@ -218,6 +218,8 @@ class IdentityPii(pa.DataFrameModel):
     age: Series[pd.Int64Dtype] = column("BIGINT", serving=False, nullable=True, coerce=True)
     postal_code: Series[str] = column("VARCHAR", serving=False, nullable=True)
     city: Series[str] = column("VARCHAR", serving=False, nullable=True)
+    # An email or phone (type:keyed hash) this record shares with another userId's: evidence, not a merge.
+    shared_contact: Series[str] = column("VARCHAR", serving=False, nullable=True)
 
     class Config:
         strict = True
@@ -252,6 +254,38 @@ class PersonIdHistory(pa.DataFrameModel):
 
     class Config:
         strict = True
+
+
+OVERRIDE_ACTIONS = {"take_out": "split", "keep_apart": "split", "join": "merge"}
+
+
+class IdentityOverrides(pa.DataFrameModel):
+    """A user's decision about who is who (`persona unmerge`, `persona merge`), applied by every later
+    identity run, full or incremental, until a later decision undoes it. One row per identifier the
+    decision names (email and phone as keyed hashes): `take_out` keeps one identifier out of linking,
+    `keep_apart` keeps its parts from being linked by a match, `join` makes its parts one person.
+    Kept across full rebuilds (identity never rewrites it)."""
+
+    override_id: Series[int] = column("BIGINT", ge=1)
+    kind: Series[str] = column("VARCHAR", isin=["split", "merge"])
+    action: Series[str] = column("VARCHAR", isin=list(OVERRIDE_ACTIONS))
+    part: Series[int] = column("BIGINT", ge=1)
+    identifier_type: Series[str] = column("VARCHAR", isin=IDENTIFIER_TYPES)
+    identifier: Series[str] = column("VARCHAR")
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)  # the person it was decided on
+    decided_by: Series[str] = column("VARCHAR")
+    decided_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    reason: Series[str] = column("VARCHAR", nullable=True)
+    revoked_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    revoked_by: Series[pd.Int64Dtype] = column("BIGINT", nullable=True, coerce=True, ge=1)
+
+    @pa.dataframe_check(error="take_out and keep_apart are splits, join is a merge")
+    def kind_matches_action(cls, df: pd.DataFrame) -> Series[bool]:
+        return df["action"].map(OVERRIDE_ACTIONS) == df["kind"]
+
+    class Config:
+        strict = True
+        unique = ["override_id", "part"]
 
 
 SURVIVING_TRAITS = [
@@ -588,3 +622,108 @@ class UserProfiles(pa.DataFrameModel):
 
     class Config:
         strict = True
+
+
+# --- audiences (DESIGN.md section 11) -------------------------------------------------------------
+
+COMPUTED_TRAIT_KINDS = [
+    "count", "sum", "mean", "min", "max", "most_frequent", "first", "last", "unique_list", "unique_count",
+]  # fmt: skip
+AUDIENCE_CHANGES = ["entered", "exited"]
+
+
+class ComputedTraits(pa.DataFrameModel):
+    """One computed trait of one person (audiences.yaml `computed_traits:`, and the counts behind
+    audiences' event conditions): a number, a text or a list, with provenance `computed`. A person
+    with no matching event has no row (a count reads as 0)."""
+
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    trait: Series[str] = column("VARCHAR")
+    kind: Series[str] = column("VARCHAR", isin=COMPUTED_TRAIT_KINDS)
+    number: Series[float] = column("DOUBLE", nullable=True)
+    text: Series[str] = column("VARCHAR", nullable=True)
+    list: Series[object] = column("VARCHAR[]", nullable=True)
+    source: Series[str] = column("VARCHAR", isin=["computed"])
+
+    class Config:
+        strict = True
+        unique = ["person_id", "trait"]
+
+
+class AudienceMembers(pa.DataFrameModel):
+    """Who is in each audience now, and since when (the run that saw them enter)."""
+
+    audience: Series[str] = column("VARCHAR")
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    entered_at: Series[pd.Timestamp] = column("TIMESTAMP")
+
+    class Config:
+        strict = True
+        unique = ["audience", "person_id"]
+
+
+class AudienceChanges(pa.DataFrameModel):
+    """Every entry and exit, in order (`change_id`), with the run that saw it and the data's clock then."""
+
+    change_id: Series[int] = column("BIGINT", ge=1, unique=True)
+    audience: Series[str] = column("VARCHAR")
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    change: Series[str] = column("VARCHAR", isin=AUDIENCE_CHANGES)
+    changed_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    as_of: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    run: Series[str] = column("VARCHAR")
+
+    class Config:
+        strict = True
+
+
+class AudienceRuns(pa.DataFrameModel):
+    """Each evaluation of an audience: its size, who entered and exited, and the definition used."""
+
+    audience: Series[str] = column("VARCHAR")
+    run: Series[str] = column("VARCHAR")
+    evaluated_at: Series[pd.Timestamp] = column("TIMESTAMP")
+    as_of: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    size: Series[int] = column("BIGINT", ge=0)
+    entered: Series[int] = column("BIGINT", ge=0)
+    exited: Series[int] = column("BIGINT", ge=0)
+    definition: Series[str] = column("VARCHAR")
+    seconds: Series[float] = column("DOUBLE", ge=0)
+
+    class Config:
+        strict = True
+
+
+class DestinationDeliveries(pa.DataFrameModel):
+    """Each destination's progress: the last change delivered, failures and the last error."""
+
+    destination: Series[str] = column("VARCHAR", unique=True)
+    kind: Series[str] = column("VARCHAR", isin=["webhook", "file"])
+    delivered_through: Series[int] = column("BIGINT", ge=0)
+    delivered: Series[int] = column("BIGINT", ge=0)
+    attempts_failed: Series[int] = column("BIGINT", ge=0)
+    pending_attempts: Series[int] = column("BIGINT", ge=0)
+    last_success_at: Series[pd.Timestamp] = column("TIMESTAMP", nullable=True)
+    last_error: Series[str] = column("VARCHAR", nullable=True)
+    updated_at: Series[pd.Timestamp] = column("TIMESTAMP")
+
+    class Config:
+        strict = True
+
+
+class DestinationDeadLetters(pa.DataFrameModel):
+    """Changes a destination refused or could not take after its attempts: kept, to be sent again."""
+
+    destination: Series[str] = column("VARCHAR")
+    change_id: Series[int] = column("BIGINT", ge=1)
+    idempotency_key: Series[str] = column("VARCHAR")
+    audience: Series[str] = column("VARCHAR")
+    person_id: Series[str] = column("VARCHAR", str_matches=PERSON_ID)
+    change: Series[str] = column("VARCHAR", isin=AUDIENCE_CHANGES)
+    attempts: Series[int] = column("BIGINT", ge=1)
+    error: Series[str] = column("VARCHAR")
+    dead_at: Series[pd.Timestamp] = column("TIMESTAMP")
+
+    class Config:
+        strict = True
+        unique = ["destination", "change_id"]

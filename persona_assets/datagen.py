@@ -123,12 +123,22 @@ class Shape:
     long_session_events: int = 61
     long_session_gap_seconds: float = 600.0
     long_session_even: bool = False  # an event exactly every gap (else random gaps around it)
+    # Shares of registered people with an email who have a second account (another userId, the same
+    # email, the same names), or who share their email with a family member (another registered
+    # person, the same email, last name and postcode, another first name). Both give their names at
+    # every identify. Planted from a separate random stream, so the rest is what the seed writes.
+    duplicate_account_share: float = 0.0
+    family_email_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.buyer_share is not None and not 0 <= self.buyer_share <= 1:
             raise ValueError("buyer_share must be in [0, 1]")
-        if not all(0 <= x <= 1 for x in (self.anonymous_share, self.bounce_share, self.long_session_rate)):
-            raise ValueError("anonymous_share, bounce_share and long_session_rate must be in [0, 1]")
+        if not all(0 <= x <= 1 for x in (self.anonymous_share, self.bounce_share, self.long_session_rate,
+                                         self.duplicate_account_share, self.family_email_share)):
+            raise ValueError("anonymous_share, bounce_share, long_session_rate, duplicate_account_share and "
+                             "family_email_share must be in [0, 1]")
+        if self.duplicate_account_share + 2 * self.family_email_share > 1:
+            raise ValueError("duplicate_account_share + 2 * family_email_share must be at most 1")
         if self.long_session_gap_seconds >= 1800:
             raise ValueError("long_session_gap_seconds must stay under the 30-minute session gap")
 
@@ -190,6 +200,9 @@ class Person:
     is_bot: bool = False
     buys: bool | None = None  # None: orders come from the archetype's rates alone
     long_session: tuple[str, str, str] | None = None  # anonymous_id, start, end
+    second_user_id: str | None = None  # a second account (its own device), same email and names
+    shares_email_with: str | None = None  # the person_key of a family member using the same email
+    names_always: bool = False  # gives first and last name at every identify
 
 
 @dataclass
@@ -292,7 +305,7 @@ def _traits(rng: random.Random, p: Person, junk_email: bool) -> dict:
         traits["email"] = JUNK_EMAIL if junk_email else _email_variant(rng, p.email)
     if p.phone and (not p.email or rng.random() < 0.5):  # a phone-only person always gives it
         traits["phone"] = _phone_variant(rng, p.phone, p.country[5])
-    if rng.random() < 0.6:
+    if rng.random() < 0.6 or p.names_always:
         traits["first_name"] = p.first_name.title() if rng.random() < 0.8 else f" {p.first_name.upper()}"
         traits["last_name"] = p.last_name.title()
     roll = rng.random()
@@ -333,7 +346,7 @@ class _EventMaker:
             },
         }
         if logged_in and p.user_id:
-            ev["userId"] = p.user_id
+            ev["userId"] = device.get("user_id") or p.user_id  # a second account's device logs in to it
         return ev
 
     def track(self, base: dict, name: str, properties: dict) -> dict:
@@ -478,7 +491,28 @@ def _people(seed: int, chunk: int, count: int, first_index: int, truth: Truth,
                     "shared": True,
                 }
             )
+    if shape.duplicate_account_share or shape.family_email_share:
+        _plant_accounts(random.Random(f"persona-{seed}-{chunk}-accounts"), people, shape)
     return rng, people
+
+
+def _plant_accounts(rng: random.Random, people: list[Person], shape: Shape) -> None:
+    """Duplicate accounts and family emails (see Shape), from their own random stream."""
+    candidates = [p for p in people if p.user_id and p.email and not p.is_bot]
+    n_dup = round(len(candidates) * shape.duplicate_account_share)
+    n_family = round(len(candidates) * shape.family_email_share)
+    chosen = rng.sample(candidates, min(len(candidates), n_dup + 2 * n_family))
+    for p in chosen[:n_dup]:
+        p.second_user_id, p.names_always = f"u{rng.getrandbits(48):012x}", True
+        dtype = rng.choices(("mobile", "desktop", "tablet"), p.archetype.device_weights)[0]
+        p.devices.append({"device_id": _uuid(rng), "type": dtype, "os": rng.choice(OS_BY_DEVICE[dtype]),
+                          "anonymous_ids": [_uuid(rng)], "user_id": p.second_user_id})  # fmt: skip
+    rest = chosen[n_dup:]
+    for head, member in zip(rest[0::2], rest[1::2]):
+        member.email, member.last_name, member.postal_code = head.email, head.last_name, head.postal_code
+        if member.first_name == head.first_name:
+            member.first_name = rng.choice([n for n in FIRST_NAMES if n != head.first_name])
+        member.shares_email_with, head.names_always, member.names_always = head.key, True, True
 
 
 def _record_truth(p: Person, truth: Truth) -> None:
@@ -487,6 +521,7 @@ def _record_truth(p: Person, truth: Truth) -> None:
         "age_bracket": AGE_BRACKETS[p.age_index], "gender": GENDERS[p.gender_index],
         "country": p.country[0], "timezone": p.timezone, "user_id": p.user_id, "email": p.email,
         "phone": p.phone, "age_observed": p.age_known, "gender_observed": p.gender_known, "is_bot": p.is_bot, "has_long_session": p.long_session is not None,
+        "second_user_id": p.second_user_id, "shares_email_with": p.shares_email_with,
     })  # fmt: skip
     for d in p.devices:
         for anon in d["anonymous_ids"]:

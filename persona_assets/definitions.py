@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 
 from persona_assets import automation, schedules
-from persona_assets.assets import cleaning, identity, ingest, profiles, segments, serving
+from persona_assets.assets import audiences, cleaning, identity, ingest, profiles, segments, serving
 from persona_assets.checks import CONTRACTS, column_schema
 from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_resource
 from persona_assets.settings import CONFIG_ENV, persona_home
@@ -19,6 +19,7 @@ def build_definitions(home: Path | None = None, config_file: str | None = None) 
     """Definitions over PERSONA_HOME (or `home`, for tests), with the settings file `config_file`
     (default PERSONA_CONFIG, else PERSONA_HOME/persona.yaml when present)."""
     persona = PersonaHome(home=str(home or persona_home()), config_file=config_file or os.environ.get(CONFIG_ENV, ""))
+    audience_assets, audience_checks = audiences.build_assets(persona)
     assets = [
         ingest.ingest_landing,
         identity.resolve_identities,
@@ -27,11 +28,19 @@ def build_definitions(home: Path | None = None, config_file: str | None = None) 
         segments.segment_people,
         profiles.impute_attributes,
         profiles.user_profiles,
+        *audience_assets,
         serving.serving_snapshot,
     ]
     return dg.Definitions(
         assets=catalogued(assets),
-        asset_checks=[*ingest.CHECKS, *identity.CHECKS, *cleaning.CHECKS, *segments.CHECKS, *profiles.CHECKS],
+        asset_checks=[
+            *ingest.CHECKS,
+            *identity.CHECKS,
+            *cleaning.CHECKS,
+            *segments.CHECKS,
+            *profiles.CHECKS,
+            *audience_checks,
+        ],
         jobs=[schedules.retrain_models, automation.ingest_landing_job, automation.nightly_refresh],
         schedules=[schedules.weekly_retrain, automation.nightly_schedule],
         sensors=[automation.landing_sensor, automation.automation_sensor, automation.failure_sensor],

@@ -252,7 +252,10 @@ SECTIONS: dict[str, type[PersonaConfig]] = {
 }
 SECTION_OF = {config: name for name, config in SECTIONS.items()}
 # Sections that are not a stage's settings.
-OTHER_SECTIONS = ("mappings",)
+OTHER_SECTIONS = ("mappings", "server")
+# Audience definitions (core.audience_definitions reads and checks them, with their line numbers,
+# when a run or command uses them: a mistake there does not stop ingest or the profiles).
+AUDIENCE_SECTIONS = ("computed_traits", "audiences", "destinations")
 # What a run is asked to do, not how the data is treated: set per run (launchpad, CLI), never in the file.
 PER_RUN = ("files", "full_refresh", "refit", "retrain", "retrain_linkage")
 
@@ -290,13 +293,18 @@ def load_settings(path: Path | None) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise SettingsError(f"{path}: expected sections such as 'cleaning:' at the top, got {type(raw).__name__}")
-    allowed = [*SECTIONS, *OTHER_SECTIONS]
+    allowed = [*SECTIONS, *OTHER_SECTIONS, *AUDIENCE_SECTIONS]
     out: dict = {}
     for section, values in raw.items():
         if section not in allowed:
             raise SettingsError(f"{path}: unknown section {section!r}; allowed: {', '.join(allowed)}")
         if section == "mappings":
             out[section] = _mappings(path, values)
+            continue
+        if section == "server":  # `persona serve`'s keys and limits, read by the server itself
+            out[section] = _server(path, values)
+            continue
+        if section in AUDIENCE_SECTIONS:
             continue
         config = SECTIONS[section]
         if values is None:
@@ -328,6 +336,15 @@ def _mappings(path: Path, values) -> tuple:
     try:
         return parse_mappings(values)
     except ValueError as exc:
+        raise SettingsError(f"{path}: {exc}") from None
+
+
+def _server(path: Path, values) -> dict:
+    from persona_assets.server.config import ServerSettingsError, check_section
+
+    try:
+        return check_section(values)
+    except ServerSettingsError as exc:
         raise SettingsError(f"{path}: {exc}") from None
 
 

@@ -302,6 +302,8 @@ class Consumer:
     _unplain: list[tuple[str, str, bool]] = field(default_factory=list)  # (entry id, line, bad utf-8)
     _unplain_since: float = 0.0
     _pending: Future | None = None
+    # stream_audiences.LiveAudiences: the audiences decided per event (None: none defined)
+    audiences: object | None = None
 
     @property
     def handled(self) -> int:
@@ -369,6 +371,7 @@ class Consumer:
         actions = self._privacy(rows, people)
         keys, args = [SEEN], [repr(self.opts.affinity.half_life_days * 86400), repr(self.opts.session_gap_minutes * 60)]
         good: list[tuple[str, str]] = []
+        good_rows: list[tuple[str, dict]] = []
         for (entry_id, line), row, person, action in zip(entries, rows, people, actions):
             if action == "drop":
                 self.suppressed += 1
@@ -392,7 +395,12 @@ class Consumer:
             for category, kind in pairs:
                 args += [category, repr(self.opts.affinity.weight(kind))]
             good.append((entry_id, line))
+            good_rows.append((person, row))
         results = self.apply(keys=keys, args=args) if good else []
+        if self.audiences is not None:
+            self.audiences.tick([r for r, a in zip(rows, actions) if r["reason"] is None and a != "drop"])
+            applied = [pr for pr, done in zip(good_rows, results) if done]
+            self.audiences.evaluate(self.audiences.observe(applied))
         now_ms = time.time() * 1000
         for (entry_id, line), done in zip(good, results):
             self.applied += int(done)
@@ -448,6 +456,10 @@ class Consumer:
                 # Declined in this batch: none of this batch's events are applied, the profile goes.
                 self.client.sadd(DECLINED, person)
                 self.client.delete(hot_key(person), scores_key(person))
+                if self.audiences is not None:
+                    from persona_assets.stream_audiences import drop_person
+
+                    drop_person(self.client, person)
                 actions = ["count" if p == person and a == "apply" else a for a, p in zip(actions, people)]
             elif was and not state[person]:
                 self.client.srem(DECLINED, person)
@@ -478,6 +490,8 @@ class Consumer:
         first settles the lines waiting for the contract query)."""
         if wait and self._unplain:
             self._query_unplain()
+        if self.audiences is not None:
+            self.audiences.sweep()  # windows that ended as the clock moved, for people who did nothing
         lines, ids = self._buffer, self._buffer_ids
         self._buffer, self._buffer_ids = [], []
         self._last_flush = time.monotonic()
@@ -529,9 +543,12 @@ def forget(client, key: bytes, report: ErasureReport, page: int = 1000) -> dict[
         client.hdel(PROVISIONAL, raw)
         for mapping in IDS.values():
             client.hdel(mapping, raw)
+    from persona_assets.stream_audiences import drop_person
+
     for person in doomed:
         counts["hot_keys"] += client.delete(hot_key(person), scores_key(person))
         client.srem(DECLINED, person)
+        drop_person(client, person)  # their event windows and audience memberships
     for start in range(0, len(report.message_ids), 10_000):
         counts["seen"] += client.srem(SEEN, *report.message_ids[start : start + 10_000])
     matcher = EventMatcher(report, key, gmail_rules=True)
@@ -696,11 +713,12 @@ def start_redis(folder: Path, timeout: float = 20.0) -> tuple[subprocess.Popen, 
 
 
 def run(client, landing: Path, snapshot: Path, consumer: str, opts: ConsumerOptions,
-        reload_seconds: float = 60.0, max_events: int | None = None) -> Consumer:  # fmt: skip
+        reload_seconds: float = 60.0, max_events: int | None = None, audiences=None) -> Consumer:  # fmt: skip
     """Consume until SIGTERM/SIGINT (or `max_events`), reloading the identity map when the
-    snapshot changes; flushes before it stops."""
+    snapshot changes; flushes before it stops. `audiences` (stream_audiences.LiveAudiences):
+    audiences decided per event."""
     source = RedisStreamSource(client, consumer, opts.claim_idle_ms)
-    worker = Consumer(client, source, landing, opts)
+    worker = Consumer(client, source, landing, opts, audiences=audiences)
     stop = False
 
     def _stop(*_):

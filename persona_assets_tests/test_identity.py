@@ -1,9 +1,13 @@
+import json
 import shutil
 
 import duckdb
 import pandas as pd
+import pytest
 
 from persona_assets.core.identity import IdentityOptions, resolve
+from persona_assets.core.ingest import ingest
+from persona_assets.datagen import Shape, generate
 
 
 def _pairs(frame: pd.DataFrame, keys) -> int:
@@ -132,3 +136,96 @@ def test_the_latest_valid_value_survives_and_the_invalid_one_stays_visible(resol
     assert deduped == ("34", "said-34", "F", "said-34")
     assert cleaned[:3] == (34, "female", "DE")
     assert {"age_out_of_range", "gender_unrecognized", "country_unrecognized"} <= set(cleaned[3])
+
+
+# --- Duplicate accounts and family emails (issue 20, part 2) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def accounts(tmp_path_factory):
+    """Generated people, 5% with a second account (same email and names) and 3% pairs sharing a
+    family email (other first names): resolved first without linkage, then with it."""
+    root = tmp_path_factory.mktemp("accounts")
+    shape = Shape(duplicate_account_share=0.05, family_email_share=0.03)
+    generate(2000, 3, root / "landing", shape=shape, truth_dir=root / "truth")
+    path = root / "w.duckdb"
+    with duckdb.connect(str(path)) as con:
+        ingest(con, root / "landing", b"k")
+        resolve(con, IdentityOptions(linkage=False), run_id="deterministic")
+        report = resolve(con, IdentityOptions(min_link_records=100), run_id="linkage")
+    return path, pd.read_parquet(root / "truth" / "people.parquet"), report
+
+
+def _user_people(con) -> pd.Series:
+    return con.execute(
+        "SELECT identifier, person_id FROM identity_map WHERE identifier_type = 'user_id'"
+    ).df().set_index("identifier").person_id  # fmt: skip
+
+
+def test_two_accounts_sharing_an_email_with_agreeing_names_merge(accounts):
+    path, people, report = accounts
+    with duckdb.connect(str(path), read_only=True) as con:
+        person = _user_people(con)
+        several = con.execute(
+            "SELECT list(identifier) FROM identity_map WHERE identifier_type = 'user_id' GROUP BY person_id "
+            "HAVING count(*) > 1"
+        ).fetchall()
+        links = con.execute(
+            "SELECT weights, status, reason, match_probability FROM identity_links WHERE reason IS NOT NULL"
+        ).df()
+        history = con.execute("SELECT change, run_id, count(*) FROM person_id_history GROUP BY ALL").fetchall()
+    planted = people[people.second_user_id.notna()]
+    merged = sum(person.get(a) == person.get(b) for a, b in zip(planted.user_id, planted.second_user_id))
+    owner = {**dict(zip(people.user_id, people.person_key)),
+             **dict(zip(planted.second_user_id, planted.person_key))}  # fmt: skip
+    right = sum(len({owner[u] for u in users}) == 1 for (users,) in several)
+    recall, precision = merged / len(planted), right / len(several)
+    print(f"duplicate accounts: {len(planted)} planted, precision {precision:.4f} recall {recall:.4f}")
+    assert len(planted) >= 50 and recall >= 0.9 and precision == 1.0
+    # Each merge is a link with the weights that made it, the shared email's among them...
+    assert len(links) == merged and (links.status == "merged").all()
+    assert (links.reason == "two accounts with one email or phone").all() and (links.match_probability >= 0.9).all()
+    assert all(json.loads(w)["shared_contact"] > 10 for w in links.weights)
+    # ...and the people merged are recorded as merged.
+    assert ("merge", "linkage", merged) in history
+
+
+def test_a_family_sharing_an_email_stays_apart(accounts):
+    path, people, _ = accounts
+    with duckdb.connect(str(path), read_only=True) as con:
+        person = _user_people(con)
+        guarded = set(con.execute("SELECT identifier FROM identity_guard WHERE identifier_type = 'email'").df().identifier)
+        mapped = set(con.execute("SELECT identifier FROM identity_map WHERE identifier_type = 'email'").df().identifier)
+    heads = people.set_index("person_key").user_id
+    family = people[people.shares_email_with.notna()]
+    apart = sum(person[u] != person[heads[h]] for u, h in zip(family.user_id, family.shares_email_with))
+    print(f"family emails: {len(family)} planted, kept apart {apart} ({apart / len(family):.4f})")
+    assert len(family) >= 25 and apart == len(family)
+    assert guarded and not guarded & mapped  # the shared email still links nobody by itself
+
+
+def test_accounts_merged_incrementally_equal_a_full_rebuild(tmp_path):
+    shape = Shape(duplicate_account_share=0.08, family_email_share=0.04)
+    generate(1500, 5, tmp_path / "all", shape=shape, people_per_file=500, truth_dir=tmp_path / "truth")
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    path = tmp_path / "w.duckdb"
+    opts = IdentityOptions(min_link_records=100)
+    with duckdb.connect(str(path)) as con:
+        for i, source in enumerate(sorted((tmp_path / "all").glob("*.jsonl"))):
+            shutil.copy(source, landing / source.name)
+            ingest(con, landing, b"k")
+            assert resolve(con, opts).mode == ("full" if i == 0 else "incremental")
+        assert con.execute("SELECT count(*) FROM identity_pii WHERE shared_contact IS NOT NULL").fetchall()[0][0]
+    full = tmp_path / "full.duckdb"
+    shutil.copy(path, full)
+    with duckdb.connect(str(full)) as con:
+        resolve(con, opts, full=True)
+    q = {
+        "identity_map": "SELECT identifier_type, identifier, person_id FROM identity_map ORDER BY ALL",
+        "identity_pii": "SELECT * FROM identity_pii ORDER BY record_id",
+        "identity_links": "SELECT * EXCLUDE (weights) FROM identity_links ORDER BY record_id_l, record_id_r",
+    }
+    with duckdb.connect(str(path), read_only=True) as a, duckdb.connect(str(full), read_only=True) as b:
+        for table, sql in q.items():
+            pd.testing.assert_frame_equal(a.execute(sql).df(), b.execute(sql).df(), check_exact=False, obj=table)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import time
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 import pytest
 
+from persona_assets.core import linkage
 from persona_assets.core.identity import IdentityOptions, resolve
 from persona_assets.core.ingest import ingest
 
-from .febrl import febrl_events
+from .febrl import crm_export, febrl_events
 
 KEY = b"k"
 
@@ -34,6 +37,61 @@ def pairwise_scores(con: duckdb.DuckDBPyConnection, truth: dict[str, str]) -> tu
     return precision, recall, 2 * precision * recall / (precision + recall)
 
 
+def cluster_scores(entity: pd.Series, cluster: pd.Series) -> tuple[float, float, float]:
+    """Precision, recall and F1 over pairs of records put in one cluster, against their true entities."""
+    frame = pd.DataFrame({"entity": entity.to_numpy(), "cluster": cluster.to_numpy()})
+    true_pairs = _pairs(frame.groupby("entity").size())
+    found = _pairs(frame.groupby("cluster").size())
+    correct = _pairs(frame.groupby(["entity", "cluster"]).size())
+    precision, recall = correct / max(found, 1), correct / true_pairs
+    return precision, recall, 2 * precision * recall / (precision + recall) if correct else 0.0
+
+
+def splink_default(records: list[dict], truth: dict[str, str], threshold: float = 0.5) -> tuple[float, float, float, float]:
+    """Default Splink 5 on identify records, as a new user would set it up: two name comparisons and a
+    date-of-birth comparison, u by random sampling, EM blocked on birth date and on names, links at
+    `threshold`, clustered. It gets the records with the preparation such a user does first: names
+    lower-cased, birth dates parsed to ISO. Returns precision, recall, F1 and seconds."""
+    import splink.comparison_library as cl
+    from splink import DuckDBAPI, Linker, SettingsCreator, block_on
+
+    frame = pd.DataFrame(records).rename(columns={"anonymous_id": "unique_id"})
+    frame["first_name"] = frame.first_name.str.lower()
+    frame["last_name"] = frame.last_name.str.lower()
+    parsed = pd.to_datetime(frame.birthday, format="mixed", dayfirst=True, errors="coerce")
+    frame["birthday"] = parsed.dt.strftime("%Y-%m-%d")
+    started = time.perf_counter()
+    settings = SettingsCreator(
+        link_type="dedupe_only",
+        comparisons=[
+            cl.NameComparison("first_name"),
+            cl.NameComparison("last_name"),
+            cl.DateOfBirthComparison("birthday", input_is_string=True),
+        ],
+        blocking_rules_to_generate_predictions=[
+            block_on("first_name", "last_name"),
+            block_on("birthday"),
+            block_on("first_name", "substr(birthday, 1, 4)"),
+            block_on("last_name", "substr(birthday, 1, 4)"),
+        ],
+    )
+    with duckdb.connect() as scratch:
+        db = DuckDBAPI(scratch)
+        linker = Linker(db.register(frame), settings, log_level=logging.ERROR)
+        linker.training.estimate_probability_two_random_records_match(
+            [block_on("first_name", "last_name", "birthday")], recall=0.7
+        )
+        linker.training.estimate_u_using_random_sampling(max_pairs=1e6, seed=1)
+        linker.training.estimate_parameters_using_expectation_maximisation(block_on("birthday"))
+        linker.training.estimate_parameters_using_expectation_maximisation(block_on("first_name", "last_name"))
+        predictions = linker.inference.predict(threshold_match_probability=threshold)
+        clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(predictions, threshold).as_pandas_dataframe()
+    seconds = time.perf_counter() - started
+    clusters["entity"] = clusters.unique_id.map(truth)
+    precision, recall, f1 = cluster_scores(clusters.entity, clusters.cluster_id)
+    return precision, recall, f1, seconds
+
+
 def _load(root: Path, names: list[str]) -> tuple[duckdb.DuckDBPyConnection, dict[str, str]]:
     (root / "landing").mkdir(parents=True)
     truth = febrl_events(names, root / "landing" / "febrl.jsonl")
@@ -51,24 +109,111 @@ def febrl3(tmp_path_factory):
     return root / "warehouse.duckdb", truth, report
 
 
-def test_febrl3_deduplication_reaches_f1_097_without_the_social_security_number(febrl3):
+def test_febrl3_deduplication_reaches_f1_099_without_the_social_security_number(febrl3):
     path, truth, report = febrl3
     with duckdb.connect(str(path), read_only=True) as con:
         precision, recall, f1 = pairwise_scores(con, truth)
     print(f"FEBRL3 precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f}")
     assert report.links.trained and report.links.records == 5000
     # Blocking keeps the candidates near-linear: far below the 12.5M pairs of 5,000 records.
-    assert report.links.candidate_pairs < 100_000
-    assert f1 >= 0.97, (precision, recall, f1)
+    assert report.links.candidate_pairs < 150_000
+    assert f1 >= 0.99, (precision, recall, f1)
 
 
-def test_febrl4_linkage_reaches_f1_098(tmp_path):
-    con, truth = _load(tmp_path, ["dataset4a.csv", "dataset4b.csv"])
-    resolve(con)
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, files",
+    [("FEBRL1", ["dataset1.csv"]), ("FEBRL2", ["dataset2.csv"]), ("FEBRL4", ["dataset4a.csv", "dataset4b.csv"])],
+)
+def test_febrl_deduplication_and_linkage_reach_f1_099(tmp_path, name, files):
+    """FEBRL1 and 2 (dedupe) and FEBRL4 (4a linked to 4b, as one set) through Persona's identity."""
+    con, truth = _load(tmp_path, files)
+    started = time.perf_counter()
+    report = resolve(con)
+    seconds = time.perf_counter() - started
     precision, recall, f1 = pairwise_scores(con, truth)
     con.close()
-    print(f"FEBRL4 precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f}")
-    assert f1 >= 0.98, (precision, recall, f1)
+    print(f"{name} precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f} in {seconds:.1f} s "
+          f"({report.links.model_status})")  # fmt: skip
+    assert f1 >= 0.99, (precision, recall, f1)
+
+
+@pytest.mark.slow
+def test_a_crm_export_links_better_than_default_splink_side_by_side(tmp_path):
+    """A real-shaped CRM export (FEBRL2 and FEBRL4a reduced to names and birth dates, upper-case,
+    accents, dates in four formats): Persona and default Splink on the same records, at one threshold."""
+    (tmp_path / "landing").mkdir()
+    records, truth = crm_export(tmp_path / "landing" / "crm.jsonl")
+    splink = splink_default(records, truth, threshold=0.5)
+    figures = {"default Splink 5 (threshold 0.5)": splink}
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        ingest(con, tmp_path / "landing", KEY)
+        for threshold in (0.5, 0.9):
+            started = time.perf_counter()
+            report = resolve(con, IdentityOptions(link_threshold=threshold), full=True, retrain_linkage=True)
+            seconds = time.perf_counter() - started
+            figures[f"Persona (threshold {threshold})"] = (*pairwise_scores(con, truth), seconds)
+    for who, (precision, recall, f1, seconds) in figures.items():
+        print(f"CRM export, {who}: precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f} in {seconds:.1f} s")
+    print(f"Persona's model: {report.links.model_status}")
+    assert report.links.links > 1000  # before issue 20 the model collapsed and linked almost nothing
+    persona = figures["Persona (threshold 0.5)"]
+    assert persona[2] >= splink[2] + 0.02, figures
+    assert figures["Persona (threshold 0.9)"][0] >= 0.99  # the default threshold: hardly a wrong merge
+
+
+def test_compared_fields_are_normalised_the_same_way_for_every_record():
+    con = duckdb.connect()
+    read = {}
+    for column in ("first_name", "birthday"):
+        sql = linkage.TRAIT_SQL[column]
+        read[column] = lambda v, sql=sql, column=column: con.execute(
+            f"SELECT {sql} FROM (SELECT ?::VARCHAR AS {column}) e", [v]
+        ).fetchall()[0][0]
+    dates = ["1980-03-12", "12/03/1980", "12.03.1980", "19800312", "1980-03-12 00:00:00", "1980-03-12T09:30:00Z"]
+    assert {read["birthday"](d) for d in dates} == {"1980-03-12"}
+    assert read["birthday"]("03/25/1980") == "1980-03-25"  # month first when the day cannot be a month
+    assert read["birthday"]("19801312") == "1980-13-12"  # an impossible date keeps its digits for a typo match
+    assert read["birthday"]("soon") is None and read["birthday"]("") is None
+    assert {read["first_name"](n) for n in ("ÉLODIE", " élodie ", "Elodie", "ELODIE")} == {"elodie"}
+    assert read["first_name"]("O'Brien-Smith") == "o brien smith"
+    assert all(read["first_name"](n) is None for n in ("", "N/A", "null", "-", None))
+
+
+def test_a_collapsed_em_model_is_not_used_the_run_falls_back_and_says_so(tmp_path, monkeypatch):
+    """EM settling where issue 20 found it (exact name and birth date m ~ 0, the fuzzy levels holding
+    the mass) is caught: the model saved is a fallback, its status says so, and linkage still works."""
+    (tmp_path / "landing").mkdir()
+    truth = febrl_events(["dataset1.csv"], tmp_path / "landing" / "febrl.jsonl")
+
+    def collapsed(linker, db, records):
+        model = linker.misc.save_model_to_json()
+        for comparison in model["comparisons"]:
+            levels = [lv for lv in comparison["comparison_levels"] if not lv.get("is_null_level")]
+            if comparison["output_column_name"] in linkage.FIXED:
+                continue
+            for i, level in enumerate(levels):  # exact ~ 0, every fuzzier level the same share
+                level["m_probability"] = 1e-12 if i == 0 else 1 / (len(levels) - 1)
+        return model
+
+    monkeypatch.setattr(linkage, "_em_model", collapsed)
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        ingest(con, tmp_path / "landing", KEY)
+        report = resolve(con, IdentityOptions(min_link_records=500))
+        precision, recall, f1 = pairwise_scores(con, truth)
+        saved = con.execute(f"SELECT status, settings FROM {linkage.MODEL_TABLE}").fetchall()
+    print(f"FEBRL1 with a collapsed EM: precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f}")
+    print(report.links.model_status, report.links.problems)
+    assert report.links.fallback and report.links.model_status.startswith("fallback")
+    assert any("carried more evidence than 'exact'" in p for p in report.links.problems)
+    assert any("pairs that agree exactly on name and birth date" in p for p in report.links.problems)
+    assert len(saved) == 1 and saved[0][0] == report.links.model_status
+    # The model saved is the fallback's: no fuzzier level carries more evidence than an exact match.
+    weights = {(c, lv): w for c, lv, w in linkage.model_weights(json.loads(saved[0][1]))}
+    for name in ("first_name", "last_name", "birthday"):
+        fuzzier = [w for (c, lv), w in weights.items() if c == name and lv != "exact" and "swapped" not in lv]
+        assert weights[(name, "exact")] >= max(fuzzier) - 1e-9 and weights[(name, "exact")] > 3
+    assert f1 >= 0.95, (precision, recall, f1)
 
 
 def test_every_merge_is_explained_by_a_stored_link(febrl3):
@@ -85,7 +230,7 @@ def test_every_merge_is_explained_by_a_stored_link(febrl3):
     assert (links.status == "merged").sum() == report.links.merges > 2000
     # Each link carries the weight every comparison added; they sum (with the prior) to the match weight.
     weights = links.weights.map(json.loads)
-    assert {"first_name_last_name", "birthday", "postal_code", "city"} <= set(weights.iloc[0])
+    assert {"first_name", "last_name", "birthday", "postal_code", "city"} <= set(weights.iloc[0])
     prior = links.match_weight - weights.map(lambda w: sum(w.values()))
     assert prior.max() - prior.min() < 0.01  # weights are stored to 3 decimals
     # A merged person's records are joined by merged links: records - 1 links per person.
@@ -196,3 +341,8 @@ def test_the_identity_asset_reports_linkage_in_dagster(persona_home):
     assert metadata["threshold"].value == 0.9 and metadata["model_trained_this_run"].value
     assert metadata["candidate_pairs"].value > metadata["links_above_threshold"].value > metadata["merges"].value > 2000
     assert "data:image/png;base64," in metadata["match_weights"].value
+    # The model itself: a match-weight chart per comparison (and its table), links at each threshold.
+    assert "data:image/png;base64," in metadata["model_match_weights"].value
+    assert "| first_name | exact |" in metadata["model_match_weights_table"].value.replace("  ", " ")
+    assert "0.999" in metadata["links_at_each_threshold"].value
+    assert metadata["model_status"].value.startswith("trained by EM") and metadata["status"].value == "fitted"

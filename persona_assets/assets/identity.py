@@ -1,6 +1,7 @@
 """deduped_users and identity_map: people from identifiers seen together."""
 
 import base64
+import json
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -65,6 +66,10 @@ def resolve_identities(
         ).df()
         pii_rows = con.execute("SELECT count(*) FROM identity_pii").fetchall()[0][0]
         chart = linkage.weights_png(con, config.link_threshold) if report.links.enabled else None
+        in_use = con.execute(
+            f"SELECT settings FROM {linkage.MODEL_TABLE} WHERE version = ?", [report.links.model_version]
+        ).fetchall()
+        model = json.loads(in_use[0][0]) if in_use and report.links.enabled else None
         guard = con.execute(
             "SELECT identifier_type, reason, count(*) AS identifiers FROM identity_guard GROUP BY 1, 2 ORDER BY 3 DESC"
         ).df()
@@ -112,6 +117,27 @@ def resolve_identities(
     }
     if links.note:
         link_meta["note"] = links.note
+    if links.enabled:
+        # How the model in use was made; `persona run` prints a status that is not "fitted".
+        link_meta["model_status"] = links.model_status
+        link_meta["status"] = (
+            f"linked with a fallback model, not EM's: {'; '.join(links.problems[:2]) or 'see model_status'}"
+            + (f" (and {len(links.problems) - 2} more in em_model_problems)" if len(links.problems) > 2 else "")
+            if links.fallback else "fitted"
+        )  # fmt: skip
+        if links.problems:
+            link_meta["em_model_problems"] = dg.MetadataValue.md("\n".join(f"- {p}" for p in links.problems))
+    if links.by_threshold:
+        link_meta["links_at_each_threshold"] = markdown(
+            [(f"{t:g}", n) for t, n in links.by_threshold], ["match probability at least", "pairs (compared this run)"]
+        )
+    if model:
+        png = base64.b64encode(linkage.model_png(model, links.model_status)).decode()
+        link_meta["model_match_weights"] = dg.MetadataValue.md(f"![match weight per comparison](data:image/png;base64,{png})")
+        link_meta["model_match_weights_table"] = markdown(
+            [(c, lv, "no estimate" if w is None else f"{w:+.2f}") for c, lv, w in linkage.model_weights(model)],
+            ["comparison", "level", "match weight"],
+        )
     if chart:
         png = base64.b64encode(chart).decode()
         link_meta["match_weights"] = dg.MetadataValue.md(f"![match weights](data:image/png;base64,{png})")

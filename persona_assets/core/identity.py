@@ -30,7 +30,7 @@ from persona_assets.contracts import (
     PersonIdHistory,
     ddl,
 )
-from persona_assets.core import linkage, refresh
+from persona_assets.core import linkage, overrides, refresh
 from persona_assets.core.faults import kill_point
 from persona_assets.core.publish import sql_literal
 from persona_assets.core.refresh import SCOPE
@@ -153,6 +153,7 @@ def _stage_identifiers(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, ev
             "max_anons": opts.max_anonymous_ids_per_identifier,
         },
     )
+    overrides.guard(con)  # identifiers a user took out (persona unmerge --identifier) link nobody either
 
 
 def _components(con: duckdb.DuckDBPyConnection) -> None:
@@ -322,6 +323,7 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
         saved = _link(con, opts, links, model, train, outside=None)
         if saved is not None:
             p.settings = refresh.settings_key({**settings, "link_model": links.model_version})
+        overrides.apply(con)  # persona merge / unmerge decisions
         con.execute(NEW_IDENTITY_MAP)
         deduped = DEDUPED_USERS.format(map="identity_map__next", events="raw_events", people="")
         tables = [(DedupedUsers, "deduped_users", deduped), (IdentityGuard, "identity_guard", "SELECT * FROM _guard")]
@@ -334,7 +336,7 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
             tables,
             params={"model_version": links.model_version},
             before_commit=[
-                *([(lambda: linkage.save_model(con, saved, links.records), None)] if saved is not None else []),
+                *([(lambda: linkage.save_model(con, saved, links.records, links.model_status), None)] if saved is not None else []),
                 # Linkage off (or no model yet): no links stand, and no matching traits are kept.
                 *([] if links.enabled else [("DELETE FROM identity_links", None), ("DELETE FROM identity_pii", None)]),
                 history,
@@ -362,6 +364,7 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
         if links.enabled:
             counts = linkage.cluster(con, _link_user_ids(opts))
             links.merges, links.blocked = counts["merged"], counts["blocked"]
+        overrides.apply(con)  # persona merge / unmerge decisions
         con.execute(NEW_IDENTITY_MAP)
         deduped = DEDUPED_USERS.format(
             map="identity_map", events="_area_events", people=f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"
@@ -432,15 +435,19 @@ def _link(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, links: linkage.
             links.enabled, links.note = False, "no linkage model: fewer than two people to compare"
             return None
         try:
-            trained = linkage.train(con)
+            trained, links.model_status, links.problems = linkage.train(con)
         except linkage.NotTrainable as exc:
             links.enabled, links.note = False, f"no linkage model: {exc}"
             return None
         model = (None, trained)
         links.trained = True
+    else:
+        links.model_status = linkage.model_status(con, model[0])
+    links.fallback = links.model_status.startswith("fallback")
     links.model_version = model[0] if model[0] is not None else linkage.next_version(con)
-    links.candidate_pairs = linkage.predict(con, model[1], opts.link_threshold, outside)
+    links.candidate_pairs = linkage.predict(con, model[1], opts.link_threshold, outside, links.by_threshold)
     links.links = con.execute("SELECT count(*) FROM _candidates").fetchall()[0][0]
+    overrides.keep_apart(con)
     if cluster:
         counts = linkage.cluster(con, _link_user_ids(opts))
         links.merges, links.blocked = counts["merged"], counts["blocked"]
@@ -473,6 +480,10 @@ def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, since_bat
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE _new_ids AS {new_ids}", {"since": since_batch})
     refresh.widen(con, "SELECT person_id FROM identity_map SEMI JOIN _new_ids USING (identifier_type, identifier)")
+    # People whose record holds a shared email or phone seen again: whether it still is evidence may change.
+    refresh.widen(con, "SELECT person_id FROM identity_pii WHERE shared_contact IN "
+                       "(SELECT identifier_type || ':' || identifier FROM _new_ids)")  # fmt: skip
+    overrides.take_in(con)  # people a decision does not hold for yet, and every part of those it touches
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _area AS
             SELECT identifier_type, identifier FROM identity_map WHERE person_id IN (SELECT person_id FROM {SCOPE})

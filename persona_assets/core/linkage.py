@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import duckdb
@@ -36,14 +36,19 @@ MODEL_TABLE = "identity_link_model"
 COMPARED = ("first_name", "last_name", "birthday", "age", "postal_code", "city")
 
 # Each rule is an equi-join, so each person meets only those who agree on these keys.
-# Together they still catch a pair with a typo in any one field.
+# Together they still catch a pair with a typo in any one field, and most with one in two.
 BLOCKING_RULES = (
     "l.birthday = r.birthday",
+    "l.first_name = r.first_name AND l.last_name = r.last_name",
     "l.postal_code = r.postal_code",
-    "l.first_name = r.first_name AND l.last_name = r.last_name AND left(l.birthday, 4) = left(r.birthday, 4)",
-    "l.first_name = r.first_name AND l.last_name = r.last_name AND left(l.postal_code, 2) = left(r.postal_code, 2)",
-    "l.last_name = r.last_name AND left(l.birthday, 4) = left(r.birthday, 4) "
-    "AND left(l.postal_code, 1) = left(r.postal_code, 1)",
+    "l.first_name = r.last_name AND l.last_name = r.first_name",
+    "l.last_name = r.last_name AND left(l.birthday, 4) = left(r.birthday, 4)",
+    "l.first_name = r.first_name AND left(l.birthday, 4) = left(r.birthday, 4)",
+    "l.last_name = r.last_name AND right(l.birthday, 5) = right(r.birthday, 5)",
+    "l.first_name = r.first_name AND right(l.birthday, 5) = right(r.birthday, 5)",
+    "l.first_name = r.first_name AND left(l.postal_code, 2) = left(r.postal_code, 2)",
+    "l.last_name = r.last_name AND left(l.postal_code, 2) = left(r.postal_code, 2)",
+    "l.shared_contact = r.shared_contact",
 )
 # Pairs that almost surely match, for the prior probability that two records match.
 DETERMINISTIC_RULES = (
@@ -56,6 +61,110 @@ EM_RULES = (
     "l.first_name = r.first_name AND l.last_name = r.last_name",
     "l.postal_code = r.postal_code",
 )
+
+
+def _jw(col: str, at: float) -> str:
+    return f"jaro_winkler_similarity({col}_l, {col}_r) >= {at}"
+
+
+def _edits(col: str) -> str:
+    """Characters to change from one to the other: a Hamming distance for values of one length (cheap:
+    Damerau-Levenshtein costs many times more), else Levenshtein."""
+    return f"CASE WHEN length({col}_l) = length({col}_r) THEN hamming({col}_l, {col}_r) ELSE levenshtein({col}_l, {col}_r) END"
+
+
+def _null(*cols: str) -> str:
+    return " AND ".join(f"({c}_l IS NULL OR {c}_r IS NULL)" for c in cols)
+
+
+# First and last name given the other way round (a typo allowed in each).
+# (Their first letters agree first: most pairs fail that cheaply, and u is sampled over millions.)
+SWAPPED = ("left(first_name_l, 1) = left(last_name_r, 1) AND left(last_name_l, 1) = left(first_name_r, 1) AND "
+           "jaro_winkler_similarity(first_name_l, last_name_r) >= 0.9 AND "
+           "jaro_winkler_similarity(last_name_l, first_name_r) >= 0.9")  # fmt: skip
+
+# Both records hold the same shared email or phone, and the same (or nearly the same) first name.
+SHARED_AGREE = ("shared_contact_l = shared_contact_r AND (first_name_l = first_name_r OR "
+                "jaro_winkler_similarity(first_name_l, first_name_r) >= 0.92)")  # fmt: skip
+# An email or phone seen with this many userIds at most is evidence that they are one person's
+# accounts (more is a shared inbox, a call centre, a junk address: still only guarded).
+MAX_SHARED_USER_IDS = 4
+
+# The comparisons: (name, [(label, SQL on <col>_l and <col>_r, fixed m)]), the first level the
+# null level, the last everything else. The fixed m is what a level's m is taken to be when the
+# data cannot say (no pair found by other means falls in the comparison): the share of true
+# duplicates at that level in hand-typed records.
+COMPARISONS: tuple[tuple[str, tuple[tuple[str, str, float], ...]], ...] = (
+    ("first_name", (
+        ("null", _null("first_name"), 0),
+        ("exact", "first_name_l = first_name_r", 0.80),
+        ("names swapped", SWAPPED, 0.02),
+        ("similar (JW >= 0.92)", _jw("first_name", 0.92), 0.08),
+        ("close (JW >= 0.8)", _jw("first_name", 0.8), 0.05),
+        ("else", "ELSE", 0.05),
+    )),
+    ("last_name", (
+        ("null", _null("last_name"), 0),
+        ("exact", "last_name_l = last_name_r", 0.80),
+        ("names swapped", SWAPPED, 0.02),
+        ("similar (JW >= 0.92)", _jw("last_name", 0.92), 0.08),
+        ("close (JW >= 0.8)", _jw("last_name", 0.8), 0.05),
+        ("else", "ELSE", 0.05),
+    )),
+    ("birthday", (
+        ("null", _null("birthday"), 0),
+        ("exact", "birthday_l = birthday_r", 0.80),
+        # Dates compared are all YYYY-MM-DD: ten characters, so a typo or two is a Hamming distance.
+        ("one digit off", "hamming(birthday_l, birthday_r) <= 1", 0.10),
+        ("day and month swapped", "left(birthday_l, 4) = left(birthday_r, 4) AND substr(birthday_l, 6, 2) = "
+                                  "substr(birthday_r, 9, 2) AND substr(birthday_l, 9, 2) = substr(birthday_r, 6, 2)", 0.02),
+        ("two digits off", "hamming(birthday_l, birthday_r) <= 2", 0.04),
+        ("else", "ELSE", 0.04),
+    )),
+    ("age", (
+        ("null", _null("age"), 0),
+        ("exact", "age_l = age_r", 0.90),
+        ("within a year", "abs(age_l - age_r) <= 1", 0.07),
+        ("else", "ELSE", 0.03),
+    )),
+    ("postal_code", (
+        ("null", _null("postal_code"), 0),
+        ("exact", "postal_code_l = postal_code_r", 0.85),
+        ("one character off", f"{_edits('postal_code')} <= 1", 0.06),
+        ("two characters off", f"{_edits('postal_code')} <= 2", 0.03),
+        ("else", "ELSE", 0.06),
+    )),
+    ("city", (
+        ("null", _null("city"), 0),
+        ("exact", "city_l = city_r", 0.85),
+        ("similar (JW >= 0.9)", _jw("city", 0.9), 0.07),
+        ("else", "ELSE", 0.08),
+    )),
+    # Two accounts (userIds) that share an email or phone and give one first name: one person with
+    # two accounts, unless the rest disagrees. A shared email with different first names (a family)
+    # is no evidence here, and the first names' disagreement and the userId guard keep them apart.
+    ("shared_contact", (
+        ("null", f"NOT ({SHARED_AGREE}) OR {_null('shared_contact')}", 0),
+        ("same email or phone, same first name", SHARED_AGREE, 0.5),
+        ("else", "ELSE", 0.5),
+    )),
+)  # fmt: skip
+# Comparisons whose m and u are set here, not estimated: (m, u) per level after the null level.
+# Two random people almost never share an email and a first name: u is one pair in a million.
+FIXED = {"shared_contact": ((0.5, 1e-6), (0.5, 0.5))}
+
+# Levels that must carry evidence in this order (an exact match never less than a fuzzier one,
+# a fuzzy one never less than a disagreement): each chain's Bayes factors may not increase.
+CHAINS = {
+    "first_name": (("exact", "similar (JW >= 0.92)", "close (JW >= 0.8)", "else"), ("names swapped", "else")),
+    "last_name": (("exact", "similar (JW >= 0.92)", "close (JW >= 0.8)", "else"), ("names swapped", "else")),
+    "birthday": (("exact", "one digit off", "two digits off", "else"), ("exact", "day and month swapped", "else")),
+    "age": (("exact", "within a year", "else"),),
+    "postal_code": (("exact", "one character off", "two characters off", "else"),),
+    "city": (("exact", "similar (JW >= 0.9)", "else"),),
+}  # fmt: skip
+# A chain may rise by this factor from one level to the next (sampling noise in u and m).
+ORDER_SLACK = 1.5
 
 
 class NotTrainable(ValueError):
@@ -73,20 +182,56 @@ class LinkReport:
     blocked: int = 0
     model_version: int | None = None
     trained: bool = False
+    model_status: str = ""  # how the model in use was made, in plain words
+    fallback: bool = False  # EM's model failed its checks and a fallback links instead
+    problems: list[str] = field(default_factory=list)  # what EM's model got wrong, when it did
+    by_threshold: list[tuple[float, int]] = field(default_factory=list)  # pairs scored at or above each
 
 
-def _norm(col: str) -> str:
-    return f"nullif(lower(trim({col})), '')"
+# Values that mean "not given" in exports and forms.
+MISSING = ("", "n/a", "na", "none", "null", "unknown", "-", "--", "?", "x", "xx", "xxx")
 
 
-# How each matching trait is read from an event: trimmed and lower-cased; a date as ISO; an age in years.
+def _name(col: str) -> str:
+    """A name as compared: accents stripped, lower-cased, anything but letters and digits a single
+    space (so O'Brien-Smith and o brien smith agree), trimmed; a placeholder is missing."""
+    clean = rf"trim(regexp_replace(lower(strip_accents(trim({col}::VARCHAR))), '[^\pL\pN]+', ' ', 'g'))"
+    missing = ", ".join(repr(m) for m in MISSING)
+    return f"CASE WHEN lower(trim({col}::VARCHAR)) IN ({missing}) OR {clean} = '' THEN NULL ELSE {clean} END"
+
+
+def _date(col: str) -> str:
+    """A birth date as compared: YYYY-MM-DD text from ISO (with or without a time), DD/MM/YYYY (or
+    DD.MM.YYYY, DD-MM-YYYY; MM/DD/YYYY when the second number cannot be a month) and YYYYMMDD. An
+    impossible date (a typo: month 13) keeps its digits, so a typo of one digit still compares as
+    one; anything else is missing."""
+    v = f"trim({col}::VARCHAR)"
+    ymd = rf"regexp_extract({v}, '^(\d{{4}})[-/.](\d{{1,2}})[-/.](\d{{1,2}})([ T].*)?$', ['y', 'm', 'd'])"
+    dmy = rf"regexp_extract({v}, '^(\d{{1,2}})[-/.](\d{{1,2}})[-/.](\d{{4}})([ T].*)?$', ['d', 'm', 'y'])"
+    compact = rf"regexp_extract({v}, '^(\d{{4}})(\d{{2}})(\d{{2}})$', ['y', 'm', 'd'])"
+
+    def iso(parts: str, swap: bool = False) -> str:
+        m, d = (f"{parts}.d", f"{parts}.m") if swap else (f"{parts}.m", f"{parts}.d")
+        return f"{parts}.y || '-' || lpad({m}, 2, '0') || '-' || lpad({d}, 2, '0')"
+
+    return f"""CASE
+        WHEN {ymd}.y <> '' THEN {iso(ymd)}
+        WHEN {dmy}.y <> '' AND TRY_CAST({dmy}.m AS INT) > 12 AND TRY_CAST({dmy}.d AS INT) <= 12 THEN {iso(dmy, swap=True)}
+        WHEN {dmy}.y <> '' THEN {iso(dmy)}
+        WHEN {compact}.y <> '' THEN {iso(compact)}
+        ELSE NULL END"""
+
+
+# How each matching trait is read from an event, the same way for every record: names without
+# accents, case or punctuation; a birth date as YYYY-MM-DD whatever format it came in; an age in
+# years; a postcode without spaces, upper-case.
 TRAIT_SQL = {
-    "first_name": _norm("e.first_name"),
-    "last_name": _norm("e.last_name"),
-    "birthday": "strftime(TRY_CAST(trim(e.birthday) AS DATE), '%Y-%m-%d')",
+    "first_name": _name("e.first_name"),
+    "last_name": _name("e.last_name"),
+    "birthday": _date("e.birthday"),
     "age": "CASE WHEN TRY_CAST(trim(e.age) AS DOUBLE) BETWEEN 0 AND 120 THEN TRY_CAST(trim(e.age) AS DOUBLE)::BIGINT END",
-    "postal_code": "nullif(upper(replace(trim(e.postal_code), ' ', '')), '')",
-    "city": _norm("e.city"),
+    "postal_code": "nullif(upper(regexp_replace(trim(e.postal_code), '[^A-Za-z0-9]', '', 'g')), '')",
+    "city": _name("e.city"),
 }
 
 
@@ -95,8 +240,17 @@ def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(ddl(IdentityLinks, "identity_links"))
     con.execute(
         f"""CREATE TABLE IF NOT EXISTS {MODEL_TABLE} (version BIGINT PRIMARY KEY, trained_at TIMESTAMP,
-            records BIGINT, settings VARCHAR)"""
+            records BIGINT, settings VARCHAR, status VARCHAR)"""
     )
+    # A warehouse from before models said how they were made, or records held shared contacts.
+    con.execute(f"ALTER TABLE {MODEL_TABLE} ADD COLUMN IF NOT EXISTS status VARCHAR")
+    con.execute("ALTER TABLE identity_pii ADD COLUMN IF NOT EXISTS shared_contact VARCHAR")
+
+
+def model_status(con: duckdb.DuckDBPyConnection, version: int | None) -> str:
+    """How the model `version` was made, in plain words."""
+    row = con.execute(f"SELECT status FROM {MODEL_TABLE} WHERE version = ?", [version]).fetchall()
+    return (row[0][0] or "trained by EM") if row else ""
 
 
 def latest_model(con: duckdb.DuckDBPyConnection) -> tuple[int, dict] | None:
@@ -139,42 +293,58 @@ def stage_records(con: duckdb.DuckDBPyConnection, events: str, members: str) -> 
           LEFT JOIN {members} ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
           WHERE ({any_trait}) AND coalesce(mu.component, ma.component) IS NOT NULL
           GROUP BY 1
+        ), shared AS (
+          -- A guarded email or phone seen with a few userIds (and guarded for that alone), by the
+          -- component of the userId or anonymousId it was seen with.
+          SELECT m.component, min(g.identifier_type || ':' || g.identifier) AS shared_contact
+          FROM _guard g
+          JOIN _occ o ON o.identifier_type = g.identifier_type AND o.identifier = g.identifier
+          JOIN _occ o2 ON o2.tid = o.tid AND o2.identifier_type IN ('user_id', 'anonymous_id')
+          JOIN {members} m ON m.identifier_type = o2.identifier_type AND m.identifier = o2.identifier
+          WHERE g.identifier_type IN ('email', 'phone') AND g.reason = g.user_ids || ' userIds'
+            AND g.user_ids <= {MAX_SHARED_USER_IDS}
+          GROUP BY 1
         )
         SELECT 'p' || left(sha256(f.first_id), 16) AS record_id, f.component, f.anchor_type, f.anchor,
                coalesce(len(f.user_id_list), 0) AS user_ids, f.user_id_list[1] AS user_id,
                coalesce(f.user_id_list, []) AS user_id_list,
-               t.* EXCLUDE (component)
-        FROM firsts f JOIN traits t USING (component)
+               t.* EXCLUDE (component), s.shared_contact
+        FROM firsts f JOIN traits t USING (component) LEFT JOIN shared s USING (component)
         WHERE t.first_name IS NOT NULL OR t.last_name IS NOT NULL OR t.birthday IS NOT NULL"""
     )
     return con.execute("SELECT count(*) FROM _records").fetchall()[0][0]
 
 
 def _settings(threshold_rules: tuple[str, ...]) -> dict:
+    import splink.comparison_level_library as cll
     import splink.comparison_library as cl
     from splink import SettingsCreator
 
+    comparisons = []
+    for name, levels in COMPARISONS:
+        built = []
+        for label, sql, _ in levels:
+            if label == "null":
+                built.append(cll.CustomLevel(sql, "null").configure(is_null_level=True))
+            elif label == "else":
+                built.append(cll.ElseLevel())
+            else:
+                built.append(cll.CustomLevel(sql, label))
+        comparisons.append(cl.CustomComparison(built, output_column_name=name, comparison_description=name))
     creator = SettingsCreator(
         link_type="dedupe_only",
         unique_id_column_name="record_id",
-        comparisons=[
-            cl.ForenameSurnameComparison("first_name", "last_name"),
-            cl.DateOfBirthComparison("birthday", input_is_string=True),
-            cl.ExactMatch("age"),
-            cl.LevenshteinAtThresholds("postal_code", [1, 2]),
-            cl.JaroWinklerAtThresholds("city", [0.9, 0.8]),
-        ],
+        comparisons=comparisons,
         blocking_rules_to_generate_predictions=list(threshold_rules),
         retain_matching_columns=False,
         retain_intermediate_calculation_columns=True,
     )
-    settings = creator.create_settings_dict(sql_dialect_str="duckdb")
     # No term-frequency adjustments: a pair's score then depends on the pair alone, not on who else
     # is in the data, so links stored from earlier runs stay valid and incremental equals full.
+    settings = creator.create_settings_dict(sql_dialect_str="duckdb")
     for comparison in settings["comparisons"]:
-        for level in comparison["comparison_levels"]:
-            level.pop("tf_adjustment_column", None)
-            level.pop("tf_adjustment_weight", None)
+        for level, (m, u) in zip(_levels(comparison), FIXED.get(comparison["output_column_name"], ())):
+            level.update(m_probability=m, u_probability=u, fix_m_probability=True, fix_u_probability=True)
     return settings
 
 
@@ -187,37 +357,231 @@ def _linker(records: pa.Table, settings: dict):
 
 
 def _splink_input(con: duckdb.DuckDBPyConnection, select: str) -> pa.Table:
-    cols = ", ".join(("record_id", *COMPARED, "in_area"))
+    cols = ", ".join(("record_id", *COMPARED, "shared_contact", "in_area"))
     return con.sql(f"SELECT {cols} FROM ({select}) ORDER BY record_id").to_arrow_table()
 
 
-def train(con: duckdb.DuckDBPyConnection) -> dict:
-    """Estimate a model on `_records` without labels; returns Splink's settings with the parameters."""
+def train(con: duckdb.DuckDBPyConnection) -> tuple[dict, str, list[str]]:
+    """Estimate a model on `_records` without labels (u by random sampling, m by EM), then check it.
+    Returns Splink's settings with the parameters, how they were made, and what was wrong with EM's
+    model when it failed its checks (then the settings are the fallback's, see `fallback_model`)."""
     records = _splink_input(con, "SELECT *, true AS in_area FROM _records")
     settings = _settings(BLOCKING_RULES)
     settings["probability_two_random_records_match"] = prior(con)
-    linker, scratch, _ = _linker(records, settings)
+    linker, scratch, db = _linker(records, settings)
     try:
         linker.training.estimate_u_using_random_sampling(max_pairs=5e6, seed=1)
-        from splink.internals.exceptions import EMTrainingException
-
-        passes = 0
-        for rule in EM_RULES:
-            # The prior stays at the deterministic estimate: with few true matches EM would drive it to zero.
-            try:
-                linker.training.estimate_parameters_using_expectation_maximisation(
-                    rule, max_pairs=2e6, fix_probability_two_random_records_match=True
-                )
-                passes += 1
-            except (EMTrainingException, ValueError):
-                # No pairs agree on this rule's keys, or EM drove a level's m to zero (small data,
-                # few true matches): this pass is skipped and the others estimate.
-                continue
-        if not passes:
-            raise NotTrainable(f"no two people agree on any of {', '.join(EM_RULES)}")
-        return linker.misc.save_model_to_json()
+        u_only = linker.misc.save_model_to_json()
+        em = _em_model(linker, db, records)
+        pairs = _score_blocked(scratch, records, em)
+        problems = check_model(scratch, pairs, em, len(records))
+        if not problems:
+            return em, "trained by EM", []
+        if all(kind == "order" for kind, _ in problems):
+            # Only levels out of order (without term frequencies a near miss on a rare surname can
+            # look stronger than an exact common one): the fuzzier level is pooled with the stricter,
+            # and checked again.
+            _put_in_order(em)
+            pairs = _score_blocked(scratch, records, em)
+            if not check_model(scratch, pairs, em, len(records)):
+                return em, "trained by EM; levels put in order: " + "; ".join(t for _, t in problems), []
+        model, how = fallback_model(scratch, pairs, u_only)
+        return model, how, [t for _, t in problems]
     finally:
         scratch.close()
+
+
+def _em_model(linker, db, records: pa.Table) -> dict:
+    """m by EM, one pass per EM_RULES blocking rule (u already estimated); the settings after."""
+    from splink import Linker
+    from splink.internals.exceptions import EMTrainingException
+
+    passes = 0
+    for rule in EM_RULES:
+        before = linker.misc.save_model_to_json()
+        # The prior stays at the deterministic estimate: with few true matches EM would drive it to zero.
+        try:
+            linker.training.estimate_parameters_using_expectation_maximisation(
+                rule, max_pairs=2e6, fix_probability_two_random_records_match=True
+            )
+            passes += 1
+        except (EMTrainingException, ValueError):
+            # No pairs agree on this rule's keys, or EM drove a level's m to zero (small data,
+            # few true matches): this pass is skipped and the others estimate. A failed pass
+            # leaves Splink's model without the comparisons it blocked on: start from before it.
+            linker = Linker(db.register(records), before, log_level=logging.ERROR)
+    if not passes:
+        raise NotTrainable(f"no two people agree on any of {', '.join(EM_RULES)}")
+    return linker.misc.save_model_to_json()
+
+
+def _levels(comparison: dict) -> list[dict]:
+    """A comparison's levels other than the null level, best first: the i-th has gamma n-1-i."""
+    return [lv for lv in comparison["comparison_levels"] if not lv.get("is_null_level")]
+
+
+def _bf(level: dict) -> float | None:
+    m, u = level.get("m_probability"), level.get("u_probability")
+    return None if m is None or not u else m / u
+
+
+def _score_blocked(scratch: duckdb.DuckDBPyConnection, records: pa.Table, model: dict) -> str:
+    """Every blocked pair of `records` scored by `model` (gamma per comparison, match_probability),
+    as a table in `scratch`; returns its name."""
+    from splink import DuckDBAPI, Linker
+
+    db = DuckDBAPI(scratch)
+    settings = {**_with_defaults(model), "retain_matching_columns": True}
+    linker = Linker(db.register(records), settings, log_level=logging.ERROR)
+    pairs = linker.inference.predict()
+    scratch.execute(
+        f"CREATE OR REPLACE TABLE _scored AS SELECT match_probability, "
+        f"{', '.join(f'gamma_{name}' for name, _ in COMPARISONS)} FROM {pairs.physical_name}"
+    )
+    return "_scored"
+
+
+def _with_defaults(model: dict) -> dict:
+    """A model whose unestimated levels (no pair was there to learn from) carry no evidence either way."""
+    model = json.loads(json.dumps(model))
+    for comparison in model["comparisons"]:
+        for level in _levels(comparison):
+            if level.get("m_probability") is None or level.get("u_probability") is None:
+                level["m_probability"] = level["u_probability"] = level.get("u_probability") or 1e-6
+    return model
+
+
+def _top_counts(name: str) -> str:
+    """SQL: how strongly the comparisons other than `name` agree, for pairs where none of them
+    disagrees (each at its exact level or missing): a birth date counts 2, the rest 1."""
+    agree = []
+    for other, levels in COMPARISONS:
+        if other == name or other in FIXED:
+            continue
+        top = len(levels) - 2
+        agree.append((other, top, 2 if other == "birthday" else 1))
+    all_top = " AND ".join(f"gamma_{o} IN ({t}, -1)" for o, t, _ in agree)
+    score = " + ".join(f"CASE WHEN gamma_{o} = {t} THEN {w} ELSE 0 END" for o, t, w in agree)
+    return f"CASE WHEN {all_top} THEN {score} ELSE 0 END"
+
+
+def _evidence(scratch: duckdb.DuckDBPyConnection, pairs: str, name: str) -> dict[int, int]:
+    """For comparison `name`: how many pairs that agree on everything else (strongly: a birth date,
+    or two other fields) fall at each of its levels (gamma -> pairs)."""
+    rows = scratch.execute(
+        f"SELECT gamma_{name}, count(*) FROM {pairs} WHERE ({_top_counts(name)}) >= 2 AND gamma_{name} >= 0 GROUP BY 1"
+    ).fetchall()
+    return dict(rows)
+
+
+def check_model(scratch: duckdb.DuckDBPyConnection, pairs: str, model: dict, records: int) -> list[tuple[str, str]]:
+    """What makes a trained model untrustworthy, as (kind, plain words) (empty when nothing does):
+    - levels out of order: a fuzzier level carrying more evidence than a stricter one;
+    - a level's m driven to (near) zero although pairs that agree on everything else sit at that
+      level in numbers non-matches cannot explain;
+    - an implausible number of expected matches against the pairs the deterministic rules find, or
+      those pairs not linking."""
+    problems = []
+    by_name = {c["output_column_name"]: c for c in model["comparisons"]}
+    for name, chains in CHAINS.items():
+        levels = {lv.get("label_for_charts"): lv for lv in _levels(by_name[name])}
+        levels["else"] = _levels(by_name[name])[-1]
+        for chain in chains:
+            for upper, lower in zip(chain, chain[1:]):
+                hi, lo = _bf(levels[upper]), _bf(levels[lower])
+                if hi is not None and lo is not None and lo > hi * ORDER_SLACK:
+                    problems.append(("order", f"{name}: '{lower}' carried more evidence than '{upper}' "
+                                    f"(Bayes factor {lo:.3g} against {hi:.3g})"))  # fmt: skip
+    for name, _ in COMPARISONS:
+        if name in FIXED:
+            continue
+        levels = _levels(by_name[name])
+        counts = _evidence(scratch, pairs, name)
+        seen = sum(counts.values())
+        for i, level in enumerate(levels[:-1]):
+            n = counts.get(len(levels) - 1 - i, 0)
+            by_chance = seen * (level.get("u_probability") or 0)
+            m = level.get("m_probability")
+            if n >= 5 and n > 3 * by_chance + 5 and (m is None or m < 0.1 * (n - by_chance) / seen):
+                problems.append(("zero", f"{name}: m of '{level.get('label_for_charts')}' is {0 if m is None else m:.2g} "
+                                 f"though {n} of {seen} pairs that agree on everything else are at that level"))  # fmt: skip
+    top = {name: len(levels) - 2 for name, levels in COMPARISONS}
+    agree = " AND ".join(f"gamma_{c} = {top[c]}" for c in ("first_name", "last_name", "birthday"))
+    expected, sure, sure_linked = scratch.execute(
+        f"""SELECT sum(match_probability), count(*) FILTER (WHERE {agree}),
+                   count(*) FILTER (WHERE {agree} AND match_probability >= 0.5)
+            FROM {pairs}"""
+    ).fetchall()[0]
+    expected = expected or 0.0
+    if sure >= 10:
+        if expected < 0.5 * sure or expected > max(50 * sure, 2 * records):
+            problems.append(("count", f"the model expects {expected:.0f} matching pairs where {sure} pairs agree "
+                                      f"exactly on name and birth date"))  # fmt: skip
+        if sure_linked < 0.9 * sure:
+            problems.append(("count", f"only {sure_linked} of the {sure} pairs that agree exactly on name and "
+                                      f"birth date would link"))  # fmt: skip
+    return problems
+
+
+def fallback_model(scratch: duckdb.DuckDBPyConnection, pairs: str, u_model: dict) -> tuple[dict, str]:
+    """A model to trust when EM's is not: u from random sampling as before; each comparison's m from
+    the pairs that agree on everything else, less what non-matches put at each level (their count
+    times u), anchored on the fixed m of COMPARISONS, or those fixed m alone when such pairs are
+    few; levels then put in order. Returns the settings and a sentence saying how m was made."""
+    model = json.loads(json.dumps(u_model))
+    by_name = {c["output_column_name"]: c for c in model["comparisons"]}
+    estimated, fixed = [], []
+    for name, spec in COMPARISONS:
+        if name in FIXED:
+            continue
+        levels = _levels(by_name[name])
+        prior_m = [m for label, _, m in spec if label != "null"]
+        u = [lv.get("u_probability") or 1e-6 for lv in levels]
+        counts = _evidence(scratch, pairs, name)
+        n = [counts.get(len(levels) - 1 - i, 0) for i in range(len(levels))]
+        seen = sum(n)
+        # Matches among the pairs seen, from the disagreeing level: n_else = M m_else + (seen - M) u_else.
+        matches = (seen * u[-1] - n[-1]) / max(u[-1] - prior_m[-1], 1e-6) if seen else 0.0
+        matches = min(max(matches, 0.0), seen)
+        if matches >= 20:
+            alpha = 20.0
+            raw = [max(n[i] - (seen - matches) * u[i], 0.0) / matches for i in range(len(levels))]
+            m = [(matches * raw[i] + alpha * prior_m[i]) / (matches + alpha) for i in range(len(levels))]
+            estimated.append(f"{name} ({matches:.0f} pairs)")
+        else:
+            m = list(prior_m)
+            fixed.append(name)
+        m = [max(x, 1e-4) for x in m]
+        total = sum(m)
+        for level, value, u_value in zip(levels, m, u):
+            level["m_probability"], level["u_probability"] = value / total, u_value
+    _put_in_order(model)
+    how = "fallback: EM's model failed its checks; m " + "; ".join(
+        part for part in (
+            f"estimated from the pairs that agree on everything else for {', '.join(estimated)}" if estimated else "",
+            f"fixed per level for {', '.join(fixed)}" if fixed else "",
+        ) if part
+    ) + "; u from random sampling"  # fmt: skip
+    return model, how
+
+
+def _put_in_order(model: dict) -> None:
+    """Where a fuzzier level carries more evidence than a stricter one in its chain, pool the two:
+    both get the Bayes factor of their m and u together (the m they hold between them is kept)."""
+    for comparison in model["comparisons"]:
+        levels = {lv.get("label_for_charts"): lv for lv in _levels(comparison)}
+        levels["else"] = _levels(comparison)[-1]
+        for _ in range(10):
+            pooled = False
+            for chain in CHAINS.get(comparison["output_column_name"], ()):
+                for upper, lower in zip(chain, chain[1:]):
+                    hi, lo = levels[upper], levels[lower]
+                    if _bf(hi) is not None and _bf(lo) is not None and _bf(lo) > _bf(hi) * (1 + 1e-9):
+                        bf = (hi["m_probability"] + lo["m_probability"]) / (hi["u_probability"] + lo["u_probability"])
+                        hi["m_probability"], lo["m_probability"] = bf * hi["u_probability"], bf * lo["u_probability"]
+                        pooled = True
+            if not pooled:
+                break
 
 
 def prior(con: duckdb.DuckDBPyConnection, recall: float = 0.7) -> float:
@@ -232,24 +596,31 @@ def prior(con: duckdb.DuckDBPyConnection, recall: float = 0.7) -> float:
     return min(max(found / recall, 1.0) / max(n * (n - 1) / 2, 1.0), 0.5)
 
 
-def save_model(con: duckdb.DuckDBPyConnection, settings: dict, records: int) -> int:
+def save_model(con: duckdb.DuckDBPyConnection, settings: dict, records: int, status: str) -> int:
     version = next_version(con)
     con.execute(
-        f"INSERT INTO {MODEL_TABLE} VALUES (?, ?, ?, ?)",
-        [version, datetime.now(UTC).replace(tzinfo=None), records, json.dumps(settings)],
+        f"INSERT INTO {MODEL_TABLE} VALUES (?, ?, ?, ?, ?)",
+        [version, datetime.now(UTC).replace(tzinfo=None), records, json.dumps(settings), status],
     )
     return version
 
 
-def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outside: str | None) -> int:
+# The thresholds the metadata counts links at.
+THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
+
+
+def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outside: str | None,
+            report_by_threshold: list | None = None) -> int:  # fmt: skip
     """`_candidates`: scored pairs at or above `threshold` among `_records` (in_area) and, on an
     incremental run, the stored records of people outside the run (`outside`, not in_area):
-    only pairs with at least one record in the run are compared. Returns the pairs compared."""
+    only pairs with at least one record in the run are compared. Returns the pairs compared, and
+    fills `report_by_threshold` with how many pairs scored at or above each of THRESHOLDS."""
+    report_by_threshold = [] if report_by_threshold is None else report_by_threshold
     select = "SELECT *, true AS in_area FROM _records"
     if outside:
         select += f" UNION ALL BY NAME SELECT *, false AS in_area FROM ({outside})"
     records = _splink_input(con, select)
-    settings = dict(model)
+    settings = _with_defaults(model)
     settings["blocking_rules_to_generate_predictions"] = [
         {"blocking_rule": rule, "sql_dialect": "duckdb"} for rule in BLOCKING_RULES
     ]
@@ -264,18 +635,27 @@ def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outsi
             blocked = _area_pairs(scratch, records)
             linker.table_management.register_blocked_pairs_for_predict(db.register(blocked))
         compared = scratch.sql(f"SELECT count(*) FROM {blocked}").fetchall()[0][0]
-        pairs = linker.inference.predict(threshold_match_probability=threshold)
-        table = scratch.sql(f"SELECT * FROM {pairs.physical_name}").to_arrow_table()
+        pairs = linker.inference.predict(threshold_match_probability=min(threshold, THRESHOLDS[0]))
+        by_threshold = scratch.execute(
+            f"SELECT {', '.join(f'count(*) FILTER (WHERE match_probability >= {t})' for t in THRESHOLDS)} "
+            f"FROM {pairs.physical_name}"
+        ).fetchall()[0]
+        table = scratch.sql(
+            f"SELECT * FROM {pairs.physical_name} WHERE match_probability >= {float(threshold)!r}"
+        ).to_arrow_table()
     finally:
         scratch.close()
+    report_by_threshold[:] = list(zip(THRESHOLDS, by_threshold))
     # Splink's per-comparison match weights (log2 Bayes factors): mw_<comparison>.
     weights = {c[3:]: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c.startswith("mw_")}
     names = list(weights)
+    shared = weights.get("shared_contact", np.zeros(table.num_rows)) > 0
     rows = {
         "record_id_l": table.column("record_id_l"),
         "record_id_r": table.column("record_id_r"),
         "match_probability": table.column("match_probability"),
         "match_weight": table.column("match_weight"),
+        "shared": pa.array(shared, pa.bool_()),
         "weights": pa.array(
             [json.dumps({n: round(float(weights[n][i]), 3) for n in names}) for i in range(table.num_rows)],
             pa.string(),
@@ -285,7 +665,7 @@ def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outsi
     con.execute(
         """CREATE OR REPLACE TEMP TABLE _candidates AS
            SELECT least(record_id_l, record_id_r) AS record_id_l, greatest(record_id_l, record_id_r) AS record_id_r,
-                  match_probability, match_weight, weights FROM _candidates_arrow"""
+                  match_probability, match_weight, weights, shared FROM _candidates_arrow"""
     )
     con.unregister("_candidates_arrow")
     return compared
@@ -328,8 +708,9 @@ def outside_people(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 def cluster(con: duckdb.DuckDBPyConnection, max_user_ids: int) -> dict[str, int]:
     """Merge records along `_candidates`, strongest link first, unless the merged person would hold
-    more than `max_user_ids` different userIds. Relabels `_labels` so a merged person is one
-    component, and leaves each link's status in `_link_status`."""
+    more than `max_user_ids` different userIds and the link is not two accounts sharing an email or
+    phone with agreeing records (`shared`). Relabels `_labels` so a merged person is one component,
+    and leaves each link's status in `_link_status`."""
     records = con.execute("SELECT record_id, component, user_id_list FROM _records").fetchall()
     component = {r: c for r, c, _ in records}
     users = {r: frozenset(u) for r, _, u in records}
@@ -342,19 +723,22 @@ def cluster(con: duckdb.DuckDBPyConnection, max_user_ids: int) -> dict[str, int]
         return r
 
     statuses = []
-    for left, right in con.execute(
-        "SELECT record_id_l, record_id_r FROM _candidates ORDER BY match_probability DESC, record_id_l, record_id_r"
+    for left, right, shared in con.execute(
+        "SELECT record_id_l, record_id_r, shared FROM _candidates "
+        "ORDER BY match_probability DESC, record_id_l, record_id_r"
     ).fetchall():
         a, b = root(left), root(right)
+        across = len(users[a] | users[b]) > max_user_ids
         if a == b:
             statuses.append((left, right, "redundant", "already one person through stronger links"))
-        elif len(users[a] | users[b]) > max_user_ids:
+        elif across and not shared:
             statuses.append((left, right, "blocked", "would join different userIds"))
         else:
+            # Two accounts sharing an email or phone whose records agree are one person's.
             a, b = sorted((a, b))
             parent[b] = a
             users[a] = users[a] | users[b]
-            statuses.append((left, right, "merged", None))
+            statuses.append((left, right, "merged", "two accounts with one email or phone" if across else None))
     merged = {component[r]: component[root(r)] for r in component if root(r) != r}
     con.register(
         "_merges_arrow",
@@ -419,6 +803,46 @@ def weights_png(con: duckdb.DuckDBPyConnection, threshold: float) -> bytes:
     names = sorted(per)
     axes[1].barh(names, [float(np.mean(per[n])) for n in names])
     axes[1].set_title("mean match weight per comparison", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def model_weights(model: dict) -> list[tuple[str, str, float | None]]:
+    """(comparison, level, match weight = log2(m/u)) for every level of every comparison but the null
+    level, best level first; None where the model has no estimate."""
+    rows = []
+    for comparison in model["comparisons"]:
+        for level in _levels(comparison):
+            bf = _bf(level)
+            label = level.get("label_for_charts") or "else"
+            rows.append((comparison["output_column_name"], "else" if label == "All other comparisons" else label,
+                         None if not bf else float(np.log2(bf))))  # fmt: skip
+    return rows
+
+
+def model_png(model: dict, status: str = "") -> bytes:
+    """The match-weight chart Splink draws: one bar per level of each comparison, its match weight
+    (log2 Bayes factor: right is evidence for a match, left against), and the prior's weight."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in model_weights(model) if r[2] is not None]
+    lam = model.get("probability_two_random_records_match") or 1e-6
+    labels = ["prior (two random records match)"] + [f"{c}: {lv}" for c, lv, _ in rows]
+    values = [float(np.log2(lam / (1 - lam)))] + [w for _, _, w in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(labels) + 1.2), dpi=90)
+    colours = ["grey"] + ["tab:green" if w >= 0 else "tab:red" for w in values[1:]]
+    ax.barh(range(len(labels)), values, color=colours)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("match weight (log2 Bayes factor)", fontsize=8)
+    ax.set_title(f"linkage model: match weight of each comparison level\n{status[:110]}", fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -26,7 +26,8 @@ import duckdb
 
 from persona_assets.core.warehouse import table_exists
 
-STAGES = ("identity", "cleaning", "features", "segments", "imputation", "profiles")
+# computed_traits (audiences) reads the people profiles changed, so profiles log them too.
+STAGES = ("identity", "cleaning", "features", "segments", "imputation", "profiles", "computed_traits")
 UPSTREAM = dict(zip(STAGES[1:], STAGES[:-1]))
 
 SCOPE = "_scope"  # temp table (person_id) of the people an incremental run recomputes

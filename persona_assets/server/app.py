@@ -1,0 +1,418 @@
+"""`persona serve`: one ASGI process (Starlette on uvicorn) for Segment's tracking API and the profile API.
+
+Collection (`POST /v1/track|identify|page|screen|group|alias|batch`, and analytics.js's short
+paths `/v1/t|i|p|s|g|a|b`) answers 200 only once the request's events are fsync'd in the
+spool (`spool.py`), so a 200 is never lost; the events then reach `raw_events` through the
+landing sensor (or `persona run`), and the hot profiles through the Redis stream when one is
+configured. Profiles (`GET /v1/profiles/{id_type}:{id}/traits|events|identifiers`) are read
+from the serving snapshot (`profiles.py`) with a read key that is not the write key.
+
+No request is logged: paths carry emails and phone numbers, headers carry keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from persona_assets.server.collect import (
+    SHORT,
+    TYPES,
+    ContractCheck,
+    RecentIds,
+    Refused,
+    basic_username,
+    inflate,
+    key_matches,
+    parse_body,
+    prepare,
+)
+from persona_assets.server.config import ServerSettings
+from persona_assets.server.profiles import EVENT_LIMIT, ID_TYPES, MAX_EVENT_LIMIT, BadRequest, NotFound, ProfileReader
+from persona_assets.server.spool import PREFIX, Recovered, Spool, recover
+
+log = logging.getLogger("persona.server")
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Retry-After",
+}
+PREFLIGHT = CORS | {
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding, X-Retry-Count",
+    "Access-Control-Max-Age": "86400",
+}
+RECENT_FILES_BYTES = 64 << 20  # newest server files read at start for the stamps of retried events
+
+
+class TokenBucket:
+    """At most `rate` requests a second on average, `burst` at once; 0 turns it off."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, max(burst, 1)
+        self.tokens, self.at = float(self.burst), time.monotonic()
+
+    def wait(self) -> float:
+        """0 when a request may go now (and takes its token), else the seconds until one may."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass
+class State:
+    settings: ServerSettings
+    home: Path
+    address: str = ""
+    spool: Spool | None = None
+    check: ContractCheck | None = None
+    recent: RecentIds = field(default_factory=RecentIds)
+    reader: ProfileReader | None = None
+    reads: ThreadPoolExecutor | None = None
+    stream: object = None  # an async Redis client when events also go to the stream
+    limiter: TokenBucket | None = None
+    ticker: asyncio.Task | None = None
+    recovered: Recovered | None = None
+    stream_errors: int = 0
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"success": False, "error": message}, status_code=status, headers=headers)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass `limit` (Content-Length, then as it streams)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Refused(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise Refused(413, f"the body is larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def collect(request: Request) -> Response:
+    state: State = request.app.state.persona
+    kind = SHORT.get(request.path_params["kind"], request.path_params["kind"])
+    try:
+        result = await _collect(request, state, kind)
+    except Refused as exc:
+        headers = dict(CORS)
+        if exc.status == 413:
+            headers["Connection"] = "close"  # the rest of the body is not read
+        if exc.status == 429:
+            headers["Retry-After"] = exc.message.split()[-1]
+        return error(exc.status, exc.message, headers)
+    except OSError:
+        log.error("the spool could not be written (disk full or gone?): events not accepted")
+        return error(503, "events could not be stored; retry later", CORS)
+    except Exception as exc:
+        return failed(exc, CORS)
+    return JSONResponse(result, headers=CORS)
+
+
+async def _collect(request: Request, state: State, kind: str) -> dict:
+    settings = state.settings
+    wait = state.limiter.wait()
+    if wait:
+        raise Refused(429, f"too many requests; retry after {max(1, math.ceil(wait))}")
+    header_key = basic_username(request.headers.get("authorization"))
+    if header_key is not None and not key_matches(header_key, settings.write_key):
+        raise Refused(401, "wrong write key")
+    limit = settings.batch_bytes if kind == "batch" else settings.event_bytes
+    body = await read_limited(request, limit)
+    if request.headers.get("content-encoding", "").strip().lower() == "gzip":
+        body = inflate(body, limit)
+    items, batch = parse_body(body, kind, settings.batch_events)
+    if header_key is None:
+        given = batch.get("writeKey") if kind == "batch" else items[0].get("writeKey")
+        if not key_matches(given if isinstance(given, str) else None, settings.write_key):
+            raise Refused(401, "a write key is needed: HTTP Basic username, or writeKey in the body")
+    prepared = prepare(items, kind, batch, state.recent, settings.event_bytes)
+    # Every line is stored whatever the contract says of it, so the fsync need not wait for the
+    # check: it runs meanwhile, and the answer waits for both.
+    durable = asyncio.ensure_future(state.spool.append(prepared.data()))
+    try:
+        left = state.check.plain(prepared)
+        if left:
+            await asyncio.to_thread(state.check.query, prepared, left)
+    finally:
+        await durable
+    if state.stream is not None:
+        await _to_stream(state, prepared.valid_lines())
+    quarantined = prepared.quarantined
+    answer = {"success": True, "accepted": prepared.accepted, "quarantined": sum(quarantined.values())}
+    return answer | ({"reasons": quarantined} if quarantined else {})
+
+
+async def _to_stream(state: State, lines: list[str]) -> None:
+    """XADD the valid events for the hot profiles; they are already durable, so a Redis error only delays those."""
+    from persona_assets.stream import STREAM
+
+    if not lines:
+        return
+    try:
+        async with state.stream.pipeline(transaction=False) as pipe:
+            for line in lines:
+                pipe.xadd(STREAM, {"event": line})
+            await pipe.execute()
+    except Exception as exc:  # the events are in landing; the batch path still gets them
+        state.stream_errors += 1
+        log.warning("Redis stream unreachable (%s): events reach profiles at the next run", type(exc).__name__)
+
+
+async def preflight(request: Request) -> Response:
+    return Response(status_code=204, headers=PREFLIGHT)
+
+
+def read_key(request: Request) -> str | None:
+    """The read key: HTTP Basic username (as Segment's Profile API takes its token) or a Bearer token."""
+    header = request.headers.get("authorization") or ""
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return basic_username(header)
+
+
+async def profile(request: Request) -> Response:
+    state: State = request.app.state.persona
+    if not state.settings.read_key:
+        return error(401, "the profile API is off: no read key is set (PERSONA_READ_KEY or server.read_key)")
+    if not key_matches(read_key(request), state.settings.read_key):
+        return error(401, "a read key is needed: HTTP Basic username or Authorization: Bearer")
+    id_type, sep, value = request.path_params["who"].partition(":")
+    if not sep or id_type not in ID_TYPES or not value:
+        return error(400, f"ask for {{id_type}}:{{id}} with id_type one of {', '.join(ID_TYPES)}")
+    what = request.path_params["what"]
+    fields = [f for f in request.query_params.get("fields", "").split(",") if f] or None
+    try:
+        call = _reader_call(state.reader, what, id_type, value, fields, request.query_params)
+        answer = await asyncio.get_running_loop().run_in_executor(state.reads, call)
+    except NotFound:
+        return error(404, f"no profile for this {id_type}")
+    except BadRequest as exc:
+        return error(400, str(exc))
+    except FileNotFoundError:
+        return error(503, "no serving snapshot yet: run `persona run` (or make demo) first")
+    except Exception as exc:
+        return failed(exc)
+    return JSONResponse(answer)
+
+
+def _reader_call(reader: ProfileReader, what: str, id_type: str, value: str, fields, query):
+    if what == "traits":
+        return lambda: reader.traits(id_type, value, fields)
+    if what == "identifiers":
+        return lambda: reader.identifiers(id_type, value)
+    try:
+        limit = int(query.get("limit", EVENT_LIMIT))
+    except ValueError:
+        raise BadRequest("limit: a whole number") from None
+    if not 1 <= limit <= MAX_EVENT_LIMIT:
+        raise BadRequest(f"limit: from 1 to {MAX_EVENT_LIMIT}")
+    return lambda: reader.events(id_type, value, limit, query.get("next"), fields)
+
+
+NO_ENDPOINT = "no such endpoint; see README 'Send events over HTTP' and 'Read profiles over HTTP'"
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return error(404, NO_ENDPOINT)
+
+
+def failed(exc: Exception, headers: dict | None = None) -> Response:
+    """500 for what no handler expected: the type logged, never its text (it may hold what was asked)."""
+    log.error("request failed: %s", type(exc).__name__)
+    return error(500, "internal error", headers)
+
+
+def build_app(home: Path, settings: ServerSettings, address: str = "") -> Starlette:
+    routes = [
+        Route("/v1/{kind:str}", collect, methods=["POST"]),
+        Route("/v1/{kind:str}", preflight, methods=["OPTIONS"]),
+        Route("/v1/profiles/{who:path}/{what:str}", profile, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=_lifespan, exception_handlers={404: not_found})
+    app.state.persona = State(settings=settings, home=home, address=address)
+    app.add_middleware(_KnownPaths)
+    return app
+
+
+class _KnownPaths:
+    """404 for /v1/<anything else> and for profile paths other than traits, events, identifiers."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            parts = scope["path"].rstrip("/").split("/")
+            known = (len(parts) == 3 and parts[1] == "v1" and parts[2] in {*TYPES, "batch", *SHORT}) or (
+                len(parts) >= 5
+                and parts[1:3] == ["v1", "profiles"]
+                and parts[-1] in ("traits", "events", "identifiers")
+            )
+            if not known:
+                await error(404, NO_ENDPOINT)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _landing(home: Path) -> Path:
+    landing = home / "landing"
+    landing.mkdir(parents=True, exist_ok=True)
+    return landing
+
+
+def _learn_recent(recent: RecentIds, landing: Path) -> None:
+    """The stamps of the newest server files' events, so a retry after a restart gets the same ones."""
+    mine = sorted(landing.glob(f"{PREFIX}*.jsonl"), key=lambda p: p.name)
+    chosen, size = [], 0
+    for path in reversed(mine):
+        size += path.stat().st_size
+        if size > RECENT_FILES_BYTES:
+            break
+        chosen.append(path)
+    for path in reversed(chosen):
+        recent.load(path)
+
+
+async def _start(state: State) -> None:
+    from persona_assets.core.pii import load_key
+    from persona_assets.home import snapshot_path
+
+    landing = _landing(state.home)
+    state.recovered = recover(landing)
+    _learn_recent(state.recent, landing)
+    s = state.settings
+    state.spool = Spool(landing, s.rotate_seconds, s.rotate_bytes)
+    state.check = await asyncio.to_thread(ContractCheck)
+    state.limiter = TokenBucket(s.max_requests_per_second, s.burst)
+    state.reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiles")
+    url = _stream_url(state.home) if s.stream else None
+    live = _live_reader(url) if url else None
+    state.reader = ProfileReader(snapshot_path(), load_key(state.home), s.gmail_rules, live)
+    if url:
+        import redis.asyncio
+
+        state.stream = redis.asyncio.Redis.from_url(url)
+    state.ticker = asyncio.create_task(_tick(state.spool, s.rotate_seconds))
+
+
+def _stream_url(home: Path) -> str | None:
+    """The Redis stream's URL when one is configured (as `persona profile` finds it), else None."""
+    from persona_assets.stream import REDIS_ENV, redis_url
+
+    if os.environ.get(REDIS_ENV) or (home / "redis" / "url").exists():
+        return redis_url(home)
+    return None
+
+
+def _live_reader(url: str):
+    import redis
+
+    from persona_assets.cli import live_fields
+
+    client = redis.Redis.from_url(url, socket_timeout=1.0)
+
+    def live(person_id: str, profile: dict) -> dict:
+        try:
+            return live_fields(client, person_id, profile)
+        except Exception as exc:  # the hot store is optional: the batch profile still answers
+            return {"live": f"hot store unreachable ({type(exc).__name__})"}
+
+    return live
+
+
+async def _tick(spool: Spool, every: float) -> None:
+    while True:
+        await asyncio.sleep(min(every, 0.25))
+        try:
+            await spool.tick()
+        except OSError:
+            log.error("the spool could not be moved into landing; retrying")
+
+
+async def _stop(state: State) -> None:
+    if state.ticker is not None:
+        state.ticker.cancel()
+    if state.spool is not None:
+        await state.spool.close()
+    if state.reads is not None:
+        state.reads.submit(state.reader.close).result()
+        state.reads.shutdown()
+    if state.check is not None:
+        state.check.close()
+    if state.stream is not None:
+        await state.stream.aclose()
+
+
+def _lifespan(app: Starlette):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def span(app: Starlette):
+        state: State = app.state.persona
+        await _start(state)
+        recovered = state.recovered
+        if recovered.files:
+            print(f"recovered {len(recovered.files)} spool file(s) a stopped server left "
+                  f"({recovered.torn_bytes} bytes of unanswered lines cut)", flush=True)  # fmt: skip
+        reads = "on" if state.settings.read_key else "off (no read key)"
+        stream = "and the Redis stream" if state.stream is not None else "(no Redis stream)"
+        print(f"Persona server on {state.address}: events to {state.home / 'landing'} {stream}; "
+              f"profile API {reads}", flush=True)  # fmt: skip
+        try:
+            yield
+        finally:
+            await _stop(state)
+
+    return span(app)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(home: Path, settings: ServerSettings) -> None:
+    """Run until SIGTERM or Ctrl-C; the spool is moved into landing on the way out."""
+    import uvicorn
+
+    sock = bind(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    app = build_app(home, settings, f"http://{shown}:{port}")
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="persona serve: %(message)s")
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+                            log_level="warning", server_header=False, timeout_graceful_shutdown=10)  # fmt: skip
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,545 @@
+"""`persona serve`: Segment's tracking API into landing (durable before 200) and the profile API.
+
+Every test talks to a real server process over HTTP; events are followed into raw_events by
+the real ingest."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import gzip
+import http.client
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from persona_assets.core.ingest import ingest, landing_files
+from persona_assets.server import spool
+from persona_assets.server.config import ServerSettingsError, check_section
+from persona_assets_tests.sdk.serving import (
+    READ_KEY,
+    WRITE_KEY,
+    basic,
+    landing_lines,
+    request,
+    start_server,
+)
+
+NOW = datetime.now(UTC)
+
+
+def event(n: int | str, **extra) -> dict:
+    return {"type": "track", "event": "Product Viewed", "userId": f"u{n}", "messageId": f"m-{n}",
+            "properties": {"category": "shoes", "price": 10.0},
+            "timestamp": NOW.isoformat().replace("+00:00", "Z"), **extra}  # fmt: skip
+
+
+@pytest.fixture
+def server(persona_home: Path):
+    started = []
+
+    def start(**kwargs):
+        started.append(start_server(persona_home, **kwargs))
+        return started[-1]
+
+    yield start
+    for served in started:
+        served.stop(signal.SIGKILL)
+
+
+def ingested(home: Path) -> duckdb.DuckDBPyConnection:
+    """The server's landing files through the real ingest, into a fresh warehouse in memory."""
+    con = duckdb.connect()
+    ingest(con, home / "landing", b"test-key")
+    return con
+
+
+def test_serve_refuses_to_start_without_a_write_key_and_says_how_to_set_one(persona_home):
+    env = {**os.environ, "PERSONA_HOME": str(persona_home)}
+    env.pop("PERSONA_WRITE_KEY", None)
+    cmd = [sys.executable, "-m", "persona_assets.cli", "serve", "--port", "0"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "PERSONA_WRITE_KEY" in done.stderr and "Traceback" not in done.stderr
+    same = {**env, "PERSONA_WRITE_KEY": "same-key-123", "PERSONA_READ_KEY": "same-key-123"}
+    done = subprocess.run(cmd, env=same, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "read key equals the write key" in done.stderr
+    assert "same-key-123" not in done.stderr
+
+
+def test_the_server_section_of_persona_yaml_is_checked():
+    assert check_section({"port": 9000, "max_requests_per_second": 5}) == {"port": 9000, "max_requests_per_second": 5.0}
+    with pytest.raises(ServerSettingsError, match="server.prot: unknown setting"):
+        check_section({"prot": 9000})
+    with pytest.raises(ServerSettingsError, match="server.port: expected int, got str"):
+        check_section({"port": "9000"})
+
+
+def test_every_status_code_of_the_tracking_api(server, persona_home):
+    served = server()
+    url = served.url
+    status, body, headers = request(f"{url}/v1/track", event(1))
+    assert (status, body) == (200, {"success": True, "accepted": 1, "quarantined": 0})
+    assert headers["access-control-allow-origin"] == "*"
+    # the write key in the body instead of Basic auth (analytics.js sends both)
+    assert request(f"{url}/v1/identify", {"userId": "u2", "writeKey": WRITE_KEY}, key=None)[0] == 200
+    assert request(f"{url}/v1/identify", {"userId": "u2", "writeKey": "not-the-key"}, key=None)[0] == 401
+    assert request(f"{url}/v1/track", event(3), key=None)[0] == 401
+    assert request(f"{url}/v1/track", event(3), key="wrong-key-123")[0] == 401
+    assert request(f"{url}/v1/track", event(3), key=READ_KEY)[0] == 401  # a read key cannot write
+    assert request(f"{url}/v1/track", b"{not json")[:2] == (
+        400,
+        {"success": False, "error": "the body is not valid JSON"},
+    )
+    assert request(f"{url}/v1/track", b"", method="POST")[0] == 400
+    assert request(f"{url}/v1/track", b"[1, 2]")[0] == 400
+    assert request(f"{url}/v1/batch", {"batch": "nope"})[0] == 400
+    assert request(f"{url}/v1/batch", {"batch": [event(4)] * 2501})[0] == 413
+    big = event(5, properties={"notes": "x" * 33_000})
+    assert request(f"{url}/v1/track", big)[0] == 413
+    assert request(f"{url}/v1/batch", {"batch": [event(6), big]})[0] == 413  # one event past 32 KB
+    assert (
+        request(f"{url}/v1/batch", {"batch": [event(i, properties={"n": "y" * 20_000}) for i in range(30)]})[0] == 413
+    )
+    assert request(f"{url}/v1/nothing", event(7))[0] == 404
+    status, _, headers = request(f"{url}/v1/t", None, method="OPTIONS", key=None,
+                                 headers={"Origin": "http://shop.example", "Access-Control-Request-Method": "POST"})  # fmt: skip
+    assert status == 204 and "Authorization" in headers["access-control-allow-headers"]
+    assert WRITE_KEY not in served.output() and READ_KEY not in served.output()
+
+
+def test_a_batch_answers_how_many_were_accepted_and_quarantined_and_nothing_is_lost(server, persona_home):
+    served = server()
+    batch = [event(1), {"type": "track", "event": "No one"}, {"type": "launch", "userId": "u9"}, "a string",
+             event(2, timestamp="yesterday"), event(3, properties={"price": -5})]  # fmt: skip
+    status, body, _ = request(f"{served.url}/v1/batch", {"batch": batch})
+    assert status == 200
+    assert body == {"success": True, "accepted": 1, "quarantined": 5, "reasons": {
+        "missing_id": 1, "unknown_type": 1, "not_an_object": 1, "bad_timestamp": 1, "bad_value": 1}}  # fmt: skip
+    served.stop()
+    con = ingested(persona_home)
+    assert con.execute("SELECT message_id FROM raw_events").fetchall() == [("m-1",)]
+    reasons = con.execute("SELECT reason, count(*) FROM quarantined_events GROUP BY 1").fetchall()
+    assert dict(reasons) == body["reasons"]  # the server's answer and ingest agree: the same contract
+
+
+def test_gzip_bodies_and_their_limits(server, persona_home):
+    served = server()
+    body = gzip.compress(json.dumps({"batch": [event(i) for i in range(50)]}).encode())
+    status, answer, _ = request(f"{served.url}/v1/batch", body, headers={"Content-Encoding": "gzip"})
+    assert (status, answer["accepted"]) == (200, 50)
+    bomb = gzip.compress(json.dumps({"batch": [event(1, properties={"pad": " " * 400_000}), event(2)] * 2}).encode())
+    assert len(bomb) < 10_000
+    assert request(f"{served.url}/v1/batch", bomb, headers={"Content-Encoding": "gzip"})[0] == 413
+    assert request(f"{served.url}/v1/batch", b"\x1f\x8b not gzip", headers={"Content-Encoding": "gzip"})[0] == 400
+
+
+def test_413_is_answered_from_the_headers_before_the_body_is_read(server):
+    served = server()
+    parts = urllib.parse.urlsplit(served.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    conn.putrequest("POST", "/v1/batch")
+    conn.putheader("Authorization", basic(WRITE_KEY))
+    conn.putheader("Content-Length", str(10_000_000))
+    conn.endheaders()  # no body is ever sent: the answer cannot wait for it
+    assert conn.getresponse().status == 413
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    conn.putrequest("POST", "/v1/batch")  # chunked, no length: cut off while it streams
+    conn.putheader("Authorization", basic(WRITE_KEY))
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b"x" * 65536
+    try:
+        for _ in range(10):
+            conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert conn.getresponse().status == 413
+
+
+def test_429_with_retry_after_past_the_configured_rate(server, persona_home):
+    (persona_home / "persona.yaml").write_text("server:\n  max_requests_per_second: 1\n  burst: 3\n")
+    served = server()
+    statuses = [request(f"{served.url}/v1/track", event(i)) for i in range(6)]
+    assert [s for s, _, _ in statuses[:3]] == [200, 200, 200]
+    refused = [(s, h) for s, _, h in statuses[3:] if s != 200]
+    assert refused and all(s == 429 and int(h["retry-after"]) >= 1 for s, h in refused)
+    time.sleep(1.1)
+    assert request(f"{served.url}/v1/track", event(9))[0] == 200
+
+
+def test_received_at_is_stamped_and_timestamp_corrected_for_clock_skew(server, persona_home):
+    served = server()
+    # The client's clock runs an hour fast: it says it sent the batch an hour from now.
+    original = NOW - timedelta(minutes=5)
+    sent = datetime.now(UTC) + timedelta(hours=1)
+    batch = [event(1, timestamp=(original + timedelta(hours=1)).isoformat()), event(2)]
+    del batch[1]["timestamp"]
+    request(f"{served.url}/v1/batch", {"batch": batch, "sentAt": sent.isoformat()})
+    served.stop()
+    first, second = landing_lines(persona_home)
+    received = datetime.fromisoformat(first["receivedAt"])
+    assert abs(received - datetime.now(UTC)) < timedelta(minutes=1)
+    assert first["originalTimestamp"] == (original + timedelta(hours=1)).isoformat()  # kept as sent
+    corrected = datetime.fromisoformat(first["timestamp"])
+    assert abs(corrected - original) < timedelta(seconds=5)  # receivedAt - (sentAt - originalTimestamp)
+    assert second["timestamp"] == second["receivedAt"] and "originalTimestamp" not in second
+    assert "writeKey" not in json.dumps([first, second])
+
+
+def test_spool_files_move_into_landing_whole_and_only_then_are_read(server, persona_home):
+    served = server()
+    request(f"{served.url}/v1/track", event(1))
+    assert list((persona_home / "landing").glob(".http-*.part"))  # the open spool: never read by ingest
+    assert landing_files(persona_home / "landing") == []
+    time.sleep(1.6)  # rotated within rotate_seconds even when no further request comes
+    assert [p.name.startswith("http-") for p in landing_files(persona_home / "landing")] == [True]
+    assert not list((persona_home / "landing").glob(".http-*.part"))
+
+
+def test_recovery_cuts_a_torn_last_line_and_leaves_a_live_servers_spool_alone(tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    dead = landing / ".http-1-1-000001.jsonl.part"
+    dead.write_bytes(b'{"a":1}\n{"b":2}\n{"c":')
+    live = landing / ".http-2-2-000001.jsonl.part"
+    live.write_bytes(b'{"d":4}\n')
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running server holds its spool
+    try:
+        found = spool.recover(landing)
+    finally:
+        os.close(fd)
+    assert found.files == [landing / "http-1-1-000001.jsonl"] and found.torn_bytes == 5
+    assert found.files[0].read_bytes() == b'{"a":1}\n{"b":2}\n'
+    assert live.exists()
+
+
+def test_concurrent_requests_share_one_fsync(tmp_path):
+    async def run() -> spool.Spool:
+        s = spool.Spool(tmp_path, rotate_seconds=60)
+        await asyncio.gather(*(s.append(f'{{"n":{i}}}\n'.encode()) for i in range(200)))
+        await s.close()
+        return s
+
+    s = asyncio.run(run())
+    assert s.commits < 20
+    lines = [json.loads(line)["n"] for p in s.rotated for line in p.read_text().splitlines()]
+    assert sorted(lines) == list(range(200))
+
+
+def _sender(url_box: dict, acked: set, stop: threading.Event, seed: int) -> None:
+    """Sends batches of new events; a batch without a 200 is sent again (same messageIds) until one comes."""
+    rng = random.Random(seed)
+    while not stop.is_set():
+        batch = [event(f"{seed}-{uuid.uuid4().hex[:12]}") for _ in range(rng.randint(1, 40))]
+        while not stop.is_set():
+            try:
+                status, _, _ = request(f"{url_box['url']}/v1/batch", {"batch": batch}, timeout=2)
+            except OSError:
+                status = 0
+            if status == 200:
+                acked.update(e["messageId"] for e in batch)
+                break
+            time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_server_killed_at_random_moments_loses_no_event_it_answered_200_for(persona_home):
+    """SIGKILL while four clients send; each restart recovers the spool. Every acknowledged
+    event reaches raw_events once, and the retries of unanswered batches count once too."""
+    rng = random.Random(24)
+    acked: set[str] = set()
+    stop = threading.Event()
+    url_box = {"url": ""}
+    served = start_server(persona_home)
+    url_box["url"] = served.url
+    senders = [threading.Thread(target=_sender, args=(url_box, acked, stop, i)) for i in range(4)]
+    for t in senders:
+        t.start()
+    try:
+        for _ in range(6):
+            time.sleep(rng.uniform(0.3, 1.5))
+            served.stop(signal.SIGKILL)
+            served = start_server(persona_home)
+            url_box["url"] = served.url
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in senders:
+            t.join()
+        served.stop()
+    assert len(acked) > 200
+    assert not list((persona_home / "landing").glob(".http-*"))
+    con = ingested(persona_home)
+    kept = {m for (m,) in con.execute("SELECT message_id FROM raw_events").fetchall()}
+    assert acked <= kept
+    assert con.execute("SELECT count(*) = count(DISTINCT message_id) FROM raw_events").fetchall()[0][0]
+    assert con.execute("SELECT count(*) FROM quarantined_events").fetchall()[0][0] == 0  # no torn line, no conflict
+    # Sending everything again (a client replaying its whole log) adds nothing.
+    served = start_server(persona_home)
+    replay = [event(m.removeprefix("m-")) for m in sorted(acked)]
+    for start in range(0, len(replay), 500):
+        assert request(f"{served.url}/v1/batch", {"batch": replay[start : start + 500]})[0] == 200
+    served.stop()
+    before = con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0]
+    ingest(con, persona_home / "landing", b"test-key")
+    assert con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0] == before
+    assert con.execute("SELECT count(*) FROM quarantined_events").fetchall()[0][0] == 0
+
+
+def test_valid_events_also_go_to_the_redis_stream_when_one_is_configured(server, persona_home):
+    from persona_assets import stream
+
+    redis_server, url = stream.start_redis(persona_home / "redis-data")
+    try:
+        served = server(env={"PERSONA_REDIS_URL": url})
+        assert "and the Redis stream" in served.output()
+        status, body, _ = request(f"{served.url}/v1/batch", {"batch": [event(1), event(2), {"type": "track"}]})
+        assert (status, body["accepted"], body["quarantined"]) == (200, 2, 1)
+        entries = stream.connect(url).xrange(stream.STREAM)
+        assert sorted(json.loads(fields[b"event"])["messageId"] for _, fields in entries) == ["m-1", "m-2"]
+        served.stop()
+        assert len(landing_lines(persona_home)) == 3  # landing holds them all, the invalid one too
+    finally:
+        redis_server.kill()
+        redis_server.wait()
+
+
+def test_the_profile_api_needs_its_own_key_and_a_snapshot(server, persona_home):
+    served = server()
+    path = f"{served.url}/v1/profiles/user_id:u1/traits"
+    assert request(path, None, key=None, method="GET")[0] == 401
+    assert request(path, None, key=WRITE_KEY, method="GET")[0] == 401
+    assert request(path, None, key=READ_KEY, method="GET")[:2] == (
+        503, {"success": False, "error": "no serving snapshot yet: run `persona run` (or make demo) first"})  # fmt: skip
+    assert request(f"{served.url}/v1/profiles/shoe:1/traits", None, key=READ_KEY, method="GET")[0] == 400
+    served.stop()
+    served = server(env={"PERSONA_READ_KEY": None})
+    assert "profile API off" in served.output()
+    assert request(f"{served.url}/v1/profiles/user_id:u1/traits", None, key=READ_KEY, method="GET")[0] == 401
+
+
+# --- The profile API on a snapshot (the graph runs once for these: slow) --------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, generated):
+    """A home with generated events run through the whole graph: a warehouse and a snapshot."""
+    import shutil
+
+    from persona_assets_tests.conftest import land, materialize_all
+
+    home = tmp_path_factory.mktemp("served") / "persona"
+    (home / "landing").mkdir(parents=True)
+    land(generated("jsonl"), home / "landing")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PERSONA_HOME", str(home))
+        mp.delenv("PERSONA_HASH_KEY", raising=False)
+        materialize_all(home)
+    shutil.rmtree(home / "landing" / "_truth", ignore_errors=True)
+    return home
+
+
+@pytest.fixture(scope="module")
+def reading(built):
+    served = start_server(built, env={"PERSONA_HASH_KEY": None})
+    yield served
+    served.stop(signal.SIGKILL)
+
+
+def someone(home: Path) -> dict:
+    """A generated person with a userId, an email and a phone their identify call sent, each of them
+    in the snapshot's identity map (found there by its keyed hash, as the server must find it)."""
+    from persona_assets.core.pii import hmac_hex, load_key, normalize_email, normalize_phone
+
+    key = load_key(home)
+    with duckdb.connect(str(home / "serving" / "persona.duckdb"), read_only=True) as con:
+        known = {i for (i,) in con.execute("SELECT identifier FROM identity_map").fetchall()}
+    for path in sorted((home / "landing").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            traits = e.get("traits") or {}
+            email, phone = traits.get("email"), traits.get("phone")
+            if not (e.get("userId") and isinstance(email, str) and isinstance(phone, str)):
+                continue
+            email_hash = normalize_email(email) and hmac_hex(key, normalize_email(email))
+            phone_hash = normalize_phone(phone, None) and hmac_hex(key, normalize_phone(phone, None))
+            if {e["userId"], email_hash, phone_hash} <= known:
+                return {"user_id": e["userId"], "anonymous_id": e.get("anonymousId"), "email": email, "phone": phone,
+                        "device_id": (e.get("context") or {}).get("device", {}).get("id")}  # fmt: skip
+    raise AssertionError("no identified person with a phone in the generated data")
+
+
+def read(url: str, path: str, key: str | None = READ_KEY, bearer: bool = False) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {key}"} if bearer and key else {}
+    status, body, _ = request(f"{url}{path}", None, key=None if bearer else key, method="GET", headers=headers)
+    return status, body
+
+
+def q(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+@pytest.mark.slow
+def test_a_profile_is_found_by_every_kind_of_identifier(reading, built):
+    person = someone(built)
+    status, by_user = read(reading.url, f"/v1/profiles/user_id:{q(person['user_id'])}/traits")
+    assert status == 200
+    pid = by_user["person_id"]
+    traits = by_user["traits"]
+    assert traits["person_id"] == pid and "segment_name" in traits and "age_bracket_source" in traits
+    assert isinstance(traits["category_affinity"], dict | None)
+    # The email and phone as a person types them: normalized and hashed by the server, as ingest does.
+    messy_email = "  " + person["email"].upper() + " "
+    for kind, value in (("anonymous_id", person["anonymous_id"]), ("email", messy_email),
+                        ("phone", person["phone"]), ("device_id", person["device_id"]), ("person_id", pid)):  # fmt: skip
+        if value:
+            status, body = read(reading.url, f"/v1/profiles/{kind}:{q(value)}/traits")
+            assert (status, body.get("person_id")) == (200, pid), (kind, body)
+    status, body = read(reading.url, f"/v1/profiles/user_id:{q(person['user_id'])}/traits?fields=segment_name,gender")
+    assert status == 200 and set(body["traits"]) == {"segment_name", "gender"}
+    status, body = read(reading.url, f"/v1/profiles/user_id:{q(person['user_id'])}/traits?fields=shoe_size")
+    assert status == 400 and "shoe_size" in body["error"]
+    status, body = read(reading.url, f"/v1/profiles/user_id:{q(person['user_id'])}/identifiers")
+    kinds = {i["type"] for i in body["data"]}
+    assert {"user_id", "email", "phone"} <= kinds
+    assert person["email"] not in json.dumps(body)  # hashed, never raw
+
+
+@pytest.mark.slow
+def test_unknown_people_and_bad_requests_get_json_errors(reading):
+    assert read(reading.url, "/v1/profiles/email:nobody%40example.com/traits") == (
+        404, {"success": False, "error": "no profile for this email"})  # fmt: skip
+    assert read(reading.url, "/v1/profiles/person_id:p0000000000000000/events")[0] == 404
+    assert read(reading.url, "/v1/profiles/shoe:42/traits")[0] == 400
+    assert read(reading.url, "/v1/profiles/user_id:x/everything")[0] == 404
+    assert read(reading.url, "/v1/profiles/user_id:x/events?limit=0")[0] == 400
+
+
+@pytest.mark.slow
+def test_the_read_key_is_separate_from_the_write_key(reading, built):
+    path = f"/v1/profiles/user_id:{q(someone(built)['user_id'])}/traits"
+    assert read(reading.url, path, key=None)[0] == 401
+    assert read(reading.url, path, key=WRITE_KEY)[0] == 401  # a write key ships in web pages: it cannot read
+    assert read(reading.url, path, key="wrong-read-key")[0] == 401
+    assert read(reading.url, path, key=READ_KEY, bearer=True)[0] == 200
+    assert read(reading.url, path, key=READ_KEY)[0] == 200
+    assert READ_KEY not in reading.output() and WRITE_KEY not in reading.output()
+
+
+@pytest.mark.slow
+def test_events_page_newest_first_with_a_cursor(reading, built):
+    from persona_assets.core.publish import open_snapshot
+
+    with open_snapshot(built / "serving" / "persona.duckdb") as con:
+        user = con.execute("SELECT user_id FROM raw_events WHERE user_id IS NOT NULL GROUP BY 1 "
+                           "ORDER BY count(*) DESC, 1 LIMIT 1").fetchall()[0][0]  # fmt: skip
+    pages, token = [], None
+    while True:
+        path = f"/v1/profiles/user_id:{q(user)}/events?limit=3" + (f"&next={token}" if token else "")
+        status, body = read(reading.url, path)
+        assert status == 200
+        pages.append(body["data"])
+        token = body["cursor"]["next"]
+        assert body["cursor"]["has_more"] == (token is not None)
+        if token is None:
+            break
+    seen = [(e["event_at"], e["message_id"]) for page in pages for e in page]
+    assert len(pages) > 1 and all(len(p) == 3 for p in pages[:-1])
+    with open_snapshot(built / "serving" / "persona.duckdb") as con:
+        pid = con.execute("SELECT person_id FROM identity_map WHERE identifier = ?", [user]).fetchall()[0][0]
+        want = con.execute(
+            """SELECT strftime(event_at, '%Y-%m-%dT%H:%M:%S'), message_id FROM raw_events WHERE user_id IN
+               (SELECT identifier FROM identity_map WHERE person_id = $p AND identifier_type = 'user_id')
+               OR anonymous_id IN (SELECT identifier FROM identity_map WHERE person_id = $p AND identifier_type = 'anonymous_id')
+               ORDER BY event_at DESC, message_id DESC""",
+            {"p": pid},
+        ).fetchall()
+    assert [(at[:19], m) for at, m in seen] == want  # every event once, newest first
+    status, body = read(reading.url, f"/v1/profiles/user_id:{q(user)}/events?limit=2&fields=event_name,event_at")
+    assert status == 200 and all(set(e) == {"event_name", "event_at"} for e in body["data"])
+
+
+def _hammer(url: str, paths: list[str], stop: threading.Event, results: list) -> None:
+    while not stop.is_set():
+        for path in paths:
+            try:
+                results.append(read(url, path)[0])
+            except OSError as exc:
+                results.append(repr(exc))
+
+
+@pytest.mark.slow
+def test_reads_never_fail_while_runs_publish_new_snapshots(reading, built):
+    from persona_assets.assets.serving import APPEND_ONLY, INDEXED, published_tables
+    from persona_assets.core.publish import publish_snapshot
+
+    person = someone(built)
+    paths = [f"/v1/profiles/user_id:{q(person['user_id'])}/traits",
+             f"/v1/profiles/email:{q(person['email'])}/events?limit=5",
+             f"/v1/profiles/user_id:{q(person['user_id'])}/identifiers"]  # fmt: skip
+    stop, results = threading.Event(), []
+    readers = [threading.Thread(target=_hammer, args=(reading.url, paths, stop, results)) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        with duckdb.connect(str(built / "warehouse.duckdb")) as con:
+            for _ in range(4):
+                publish_snapshot(con, built / "serving" / "persona.duckdb", published_tables(), run_id="again",
+                                 append=APPEND_ONLY, indexes=INDEXED)  # fmt: skip
+                time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert len(results) > 50
+    assert set(results) == {200}
+
+
+@pytest.mark.slow
+def test_reads_never_fail_while_forget_runs_and_the_forgotten_are_gone(built, tmp_path):
+    import shutil
+
+    home = tmp_path / "persona"
+    shutil.copytree(built, home, ignore=shutil.ignore_patterns("serve-*.log"))
+    served = start_server(home, env={"PERSONA_HASH_KEY": None})
+    try:
+        person = someone(home)
+        others = []
+        with duckdb.connect(str(home / "serving" / "persona.duckdb"), read_only=True) as con:
+            for (user,) in con.execute("SELECT identifier FROM identity_map WHERE identifier_type = 'user_id' "
+                                       "AND identifier <> ? LIMIT 3", [person["user_id"]]).fetchall():  # fmt: skip
+                others.append(f"/v1/profiles/user_id:{q(user)}/traits")
+        stop, results = threading.Event(), []
+        readers = [threading.Thread(target=_hammer, args=(served.url, others, stop, results)) for _ in range(2)]
+        for t in readers:
+            t.start()
+        try:
+            env = {**os.environ, "PERSONA_HOME": str(home)}
+            env.pop("PERSONA_HASH_KEY", None)
+            done = subprocess.run([sys.executable, "-m", "persona_assets.cli", "forget", person["email"], "--skip-redis"],
+                                  env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in readers:
+                t.join()
+        assert len(results) > 20 and set(results) == {200}
+        assert read(served.url, f"/v1/profiles/user_id:{q(person['user_id'])}/traits")[0] == 404
+        assert read(served.url, f"/v1/profiles/email:{q(person['email'])}/traits")[0] == 404
+    finally:
+        served.stop(signal.SIGKILL)
