@@ -7,7 +7,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER
-from persona_assets.checks import contract_check, frame_md, markdown, refresh_metadata, sql_check
+from persona_assets.checks import contract_check, frame_md, markdown, sql_check, stage_metadata
 from persona_assets.contracts import (
     DedupedUsers,
     IdentityGuard,
@@ -84,10 +84,9 @@ def resolve_identities(
     yield dg.MaterializeResult(
         asset_key="deduped_users",
         metadata={
-            "dagster/row_count": report.people,
+            **stage_metadata(report),
             "identifiers_in": report.identifiers,
             "people_out": report.people,
-            **refresh_metadata(report.mode, report.people_recomputed, report.people, report.why),
             "people_with_several_anonymous_ids": report.multi_identifier_people,
             "largest_components": markdown(report.largest, ["person_id", "identifiers"]),
             "anonymous_ids_per_person": frame_md(sizes),

@@ -34,7 +34,8 @@ from persona_assets.core import linkage, overrides, refresh
 from persona_assets.core.faults import kill_point
 from persona_assets.core.publish import sql_literal
 from persona_assets.core.refresh import SCOPE
-from persona_assets.core.warehouse import data_as_of, replace_tables
+from persona_assets.core.stage import StageResult
+from persona_assets.core.warehouse import data_as_of, replace_tables, scratch, transaction
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,12 @@ class IdentityOptions:
 
 
 @dataclass
-class IdentityReport:
+class IdentityReport(StageResult):
     identifiers: int = 0
-    people: int = 0
     guard_hits: int = 0
     multi_identifier_people: int = 0
     largest: list[tuple[str, int]] = field(default_factory=list)
     history: int = 0
-    mode: str = "full"
-    why: str = ""
-    people_recomputed: int | None = None
     links: linkage.LinkReport = field(default_factory=linkage.LinkReport)
 
 
@@ -285,6 +282,11 @@ FROM moved m JOIN fan f USING (old_person_id) JOIN fan_in fi USING (new_person_i
 """
 
 
+# Temp tables a run of identity makes (its steps share them; all are dropped when it ends).
+SCRATCH_TABLES = ("_tuples", "_occ", "_nodes", "_guard", "_labels", "identity_map__next", "_new_ids", "_area",
+                  "_area_events", "_records", "_candidates", "_link_status")  # fmt: skip
+
+
 def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
             run_id: str | None = None, full: bool = False, retrain_linkage: bool = False) -> IdentityReport:  # fmt: skip
     """Bring identity_map, identity_guard and deduped_users (and, with linkage, identity_pii and
@@ -297,121 +299,162 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
     con.execute(ddl(PersonIdHistory, "person_id_history"))
     con.execute(ddl(IdentityMap, "identity_map"))
     linkage.ensure_tables(con)
-    model = linkage.latest_model(con) if opts.linkage else None
-    waiting = ""
-    train = opts.linkage and retrain_linkage
-    if opts.linkage and model is None:
-        people = linkage.matching_people(con)
-        train = people >= opts.min_link_records
-        waiting = (
-            ""
-            if train
-            else f"no linkage model yet: {people} people with a name or birth date, {opts.min_link_records} needed"
-        )
+    model, train, waiting = _linkage_plan(con, opts, retrain_linkage)
     settings = {**asdict(opts), "link_model": model[0] if model else None}
     # Training a model changes how everyone links, so it makes the run full.
     p = refresh.plan(con, "identity", settings, ("deduped_users", "identity_guard"), full=full or train,
                      full_reason="full rebuild asked for" if full else "training the linkage model")  # fmt: skip
-    as_of = data_as_of(con)
-    now = datetime.now(UTC).replace(tzinfo=None)
-    history = (HISTORY, {"now": now, "run_id": run_id})
-    links = linkage.LinkReport(enabled=opts.linkage and (model is not None or train), note=waiting)
-    if p.full:
-        _stage_identifiers(con, opts)
-        _components(con)
-        con.execute(MEMBERS.format(area=""))
-        saved = _link(con, opts, links, model, train, outside=None)
-        if saved is not None:
-            p.settings = refresh.settings_key({**settings, "link_model": links.model_version})
-        overrides.apply(con)  # persona merge / unmerge decisions
-        con.execute(NEW_IDENTITY_MAP)
-        deduped = DEDUPED_USERS.format(map="identity_map__next", events="raw_events", people="")
-        tables = [(DedupedUsers, "deduped_users", deduped), (IdentityGuard, "identity_guard", "SELECT * FROM _guard")]
-        if links.enabled:
-            people = linkage.record_people_sql("identity_map__next")
-            tables += [(IdentityPii, "identity_pii", linkage.PII_SELECT.format(people=people)),
-                       (IdentityLinks, "identity_links", linkage.LINKS_SELECT.format(people=people))]  # fmt: skip
-        replace_tables(
-            con,
-            tables,
-            params={"model_version": links.model_version},
-            before_commit=[
-                *([(lambda: linkage.save_model(con, saved, links.records, links.model_status), None)] if saved is not None else []),
-                # Linkage off (or no model yet): no links stand, and no matching traits are kept.
-                *([] if links.enabled else [("DELETE FROM identity_links", None), ("DELETE FROM identity_pii", None)]),
-                history,
-                ("DELETE FROM identity_map", None),
-                ("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next", None),
-                (PERSON_EVENTS_VIEW, None),
-                (lambda: refresh.record(con, p, as_of, None), None),
-            ],
-        )
-    else:
-        for _ in range(MAX_LINK_ROUNDS):
-            _stage_area(con, opts, p.since_batch)
-            _components(con)
-            con.execute(MEMBERS.format(area="SEMI JOIN _area USING (identifier_type, identifier)"))
-            outside = f"SELECT * FROM identity_pii WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})"
-            _link(con, opts, links, model, False, outside=outside, cluster=False)
-            pulled = linkage.outside_people(con) if links.enabled else []
-            if not pulled:
-                break
-            # A new record links to someone outside the run: take that person in, and look again.
-            refresh.widen(con, "SELECT unnest($people) AS person_id", {"people": pulled})
-        else:
-            raise RuntimeError(f"incremental linkage kept reaching new people after {MAX_LINK_ROUNDS} rounds; "
-                               "run identity with full_refresh")  # fmt: skip
-        if links.enabled:
-            counts = linkage.cluster(con, _link_user_ids(opts))
-            links.merges, links.blocked = counts["merged"], counts["blocked"]
-        overrides.apply(con)  # persona merge / unmerge decisions
-        con.execute(NEW_IDENTITY_MAP)
-        deduped = DEDUPED_USERS.format(
-            map="identity_map", events="_area_events", people=f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"
-        )
-        con.execute("BEGIN TRANSACTION")
+    run = _Run(p, data_as_of(con), datetime.now(UTC).replace(tzinfo=None), run_id,
+               linkage.LinkReport(enabled=opts.linkage and (model is not None or train), note=waiting))  # fmt: skip
+    with scratch(con) as s:
+        for name in SCRATCH_TABLES:
+            s.adopt(name)
         try:
-            refresh.widen(con, "SELECT person_id FROM identity_map__next")
-            con.execute(HISTORY, history[1])
-            con.execute("DELETE FROM identity_guard WHERE (identifier_type, identifier) IN (SELECT * FROM _area)")
-            con.execute(
-                "INSERT INTO identity_guard BY NAME SELECT * FROM _guard SEMI JOIN _area USING (identifier_type, identifier)"
-            )
-            con.execute("DELETE FROM identity_map WHERE (identifier_type, identifier) IN (SELECT * FROM _area)")
-            con.execute("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next")
-            con.execute(f"DELETE FROM deduped_users WHERE person_id IN (SELECT person_id FROM {SCOPE})")
-            con.execute(f"INSERT INTO deduped_users BY NAME {deduped}")
-            if links.enabled:
-                _splice_links(con, links.model_version)
-            refresh.record(con, p, as_of, refresh.scope_size(con))
-            kill_point(["deduped_users", "identity_map"])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-    report = IdentityReport(
-        identifiers=con.execute("SELECT count(*) FROM identity_map").fetchall()[0][0],
-        people=con.execute("SELECT count(*) FROM deduped_users").fetchall()[0][0],
-        guard_hits=con.execute("SELECT count(*) FROM identity_guard").fetchall()[0][0],
-        mode=p.mode,
-        why=p.reason,
-        people_recomputed=None if p.full else refresh.scope_size(con),
-        links=links,
+            if p.full:
+                _resolve_full(con, opts, run, model, train, settings)
+            else:
+                _resolve_incremental(con, opts, run, model)
+            return _report(con, run)
+        finally:
+            con.execute("DROP VIEW IF EXISTS _members")
+
+
+@dataclass
+class _Run:
+    """What one identity run's steps share."""
+
+    plan: refresh.Plan
+    as_of: datetime
+    now: datetime
+    run_id: str | None
+    links: linkage.LinkReport
+
+    @property
+    def history(self) -> tuple[str, dict]:
+        return HISTORY, {"now": self.now, "run_id": self.run_id}
+
+
+def _linkage_plan(con: duckdb.DuckDBPyConnection, opts: IdentityOptions,
+                  retrain: bool) -> tuple[tuple[int, dict] | None, bool, str]:  # fmt: skip
+    """The linkage model in use (None: none yet, or linkage off), whether to train one, and why
+    linkage waits when there are too few people to train on."""
+    model = linkage.latest_model(con) if opts.linkage else None
+    if not opts.linkage or model is not None:
+        return model, opts.linkage and retrain, ""
+    people = linkage.matching_people(con)
+    if people >= opts.min_link_records:
+        return None, True, ""
+    return None, False, f"no linkage model yet: {people} people with a name or birth date, {opts.min_link_records} needed"
+
+
+def _resolve_full(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, run: _Run, model, train: bool,
+                  settings: dict) -> None:  # fmt: skip
+    """Everyone's identifiers, components, links and people, rebuilt and swapped in at once."""
+    p, links = run.plan, run.links
+    _stage_identifiers(con, opts)
+    _components(con)
+    con.execute(MEMBERS.format(area=""))
+    saved = _link(con, opts, links, model, train, outside=None)
+    if saved is not None:
+        p.settings = refresh.settings_key({**settings, "link_model": links.model_version})
+    overrides.apply(con)  # persona merge / unmerge decisions
+    con.execute(NEW_IDENTITY_MAP)
+    deduped = DEDUPED_USERS.format(map="identity_map__next", events="raw_events", people="")
+    tables = [(DedupedUsers, "deduped_users", deduped), (IdentityGuard, "identity_guard", "SELECT * FROM _guard")]
+    if links.enabled:
+        people = linkage.record_people_sql("identity_map__next")
+        tables += [(IdentityPii, "identity_pii", linkage.PII_SELECT.format(people=people)),
+                   (IdentityLinks, "identity_links", linkage.LINKS_SELECT.format(people=people))]  # fmt: skip
+    save = [(lambda: linkage.save_model(con, saved, links.records, links.model_status), None)] if saved is not None else []
+    # Linkage off (or no model yet): no links stand, and no matching traits are kept.
+    unlink = [] if links.enabled else [("DELETE FROM identity_links", None), ("DELETE FROM identity_pii", None)]
+    replace_tables(
+        con,
+        tables,
+        params={"model_version": links.model_version},
+        before_commit=[
+            *save,
+            *unlink,
+            run.history,
+            ("DELETE FROM identity_map", None),
+            ("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next", None),
+            (PERSON_EVENTS_VIEW, None),
+            (lambda: refresh.record(con, p, run.as_of, None), None),
+        ],
     )
-    report.multi_identifier_people = con.execute(
-        "SELECT count(*) FROM deduped_users WHERE anonymous_id_count > 1"
-    ).fetchall()[0][0]
-    report.largest = con.execute(
-        "SELECT person_id, identifier_count FROM deduped_users ORDER BY identifier_count DESC, person_id LIMIT 5"
-    ).fetchall()
-    report.history = con.execute(
-        "SELECT count(*) FROM person_id_history WHERE run_id IS NOT DISTINCT FROM ? AND changed_at = ?", [run_id, now]
-    ).fetchall()[0][0]
-    con.execute("DROP VIEW IF EXISTS _members")
-    for name in ("_tuples", "_occ", "_nodes", "_guard", "_labels", "identity_map__next", "_new_ids", "_area",
-                 "_area_events", "_records", "_candidates", "_link_status"):  # fmt: skip
-        con.execute(f"DROP TABLE IF EXISTS {name}")
-    return report
+
+
+def _resolve_incremental(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, run: _Run, model) -> None:
+    """The identifiers of new events and the people holding them (widened until linkage reaches
+    nobody new outside), recomputed and spliced in."""
+    links = run.links
+    for _ in range(MAX_LINK_ROUNDS):
+        _stage_area(con, opts, run.plan.since_batch)
+        _components(con)
+        con.execute(MEMBERS.format(area="SEMI JOIN _area USING (identifier_type, identifier)"))
+        outside = f"SELECT * FROM identity_pii WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})"
+        _link(con, opts, links, model, False, outside=outside, cluster=False)
+        pulled = linkage.outside_people(con) if links.enabled else []
+        if not pulled:
+            break
+        # A new record links to someone outside the run: take that person in, and look again.
+        refresh.widen(con, "SELECT unnest($people) AS person_id", {"people": pulled})
+    else:
+        raise RuntimeError(f"incremental linkage kept reaching new people after {MAX_LINK_ROUNDS} rounds; "
+                           "run identity with full_refresh")  # fmt: skip
+    if links.enabled:
+        counts = linkage.cluster(con, _link_user_ids(opts))
+        links.merges, links.blocked = counts["merged"], counts["blocked"]
+    overrides.apply(con)  # persona merge / unmerge decisions
+    con.execute(NEW_IDENTITY_MAP)
+    with transaction(con):
+        _splice_area(con, run)
+
+
+def _splice_area(con: duckdb.DuckDBPyConnection, run: _Run) -> None:
+    """Inside the run's transaction: the area's identifiers, guard entries and people in place of their old rows."""
+    deduped = DEDUPED_USERS.format(
+        map="identity_map", events="_area_events", people=f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"
+    )
+    refresh.widen(con, "SELECT person_id FROM identity_map__next")
+    con.execute(*run.history)
+    con.execute("DELETE FROM identity_guard WHERE (identifier_type, identifier) IN (SELECT * FROM _area)")
+    con.execute(
+        "INSERT INTO identity_guard BY NAME SELECT * FROM _guard SEMI JOIN _area USING (identifier_type, identifier)"
+    )
+    con.execute("DELETE FROM identity_map WHERE (identifier_type, identifier) IN (SELECT * FROM _area)")
+    con.execute("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next")
+    con.execute(f"DELETE FROM deduped_users WHERE person_id IN (SELECT person_id FROM {SCOPE})")
+    con.execute(f"INSERT INTO deduped_users BY NAME {deduped}")
+    if run.links.enabled:
+        _splice_links(con, run.links.model_version)
+    refresh.record(con, run.plan, run.as_of, refresh.scope_size(con))
+    kill_point(["deduped_users", "identity_map"])
+
+
+def _report(con: duckdb.DuckDBPyConnection, run: _Run) -> IdentityReport:
+    def one(sql: str, params: list | None = None):
+        return con.execute(sql, params).fetchall()[0][0]
+
+    people = one("SELECT count(*) FROM deduped_users")
+    return IdentityReport(
+        mode=run.plan.mode,
+        why=run.plan.reason,
+        people=people,
+        people_recomputed=None if run.plan.full else refresh.scope_size(con),
+        counts={"deduped_users": people, "identity_map": one("SELECT count(*) FROM identity_map")},
+        identifiers=one("SELECT count(*) FROM identity_map"),
+        guard_hits=one("SELECT count(*) FROM identity_guard"),
+        links=run.links,
+        multi_identifier_people=one("SELECT count(*) FROM deduped_users WHERE anonymous_id_count > 1"),
+        largest=con.execute(
+            "SELECT person_id, identifier_count FROM deduped_users ORDER BY identifier_count DESC, person_id LIMIT 5"
+        ).fetchall(),
+        history=one(
+            "SELECT count(*) FROM person_id_history WHERE run_id IS NOT DISTINCT FROM ? AND changed_at = ?",
+            [run.run_id, run.now],
+        ),
+    )
 
 
 MAX_LINK_ROUNDS = 5

@@ -401,6 +401,53 @@ def _choice(tm: TraitModel, model: str) -> dict:
 LINEAR_C = 1.0  # inverse regularization of the item-level logistic regression
 
 
+def _training_rows(
+    trait: str,
+    X: pd.DataFrame,
+    y: pd.Series,
+    items: sp.csr_matrix | None,
+    opts: ImputationOptions,
+    rng: np.random.Generator,
+) -> tuple[pd.DataFrame, pd.Series, sp.csr_matrix | None]:
+    """The people a trait's models learn from: answers given by at least two people, at most
+    `max_training_rows` of them."""
+    counts = y.value_counts()
+    keep = y.isin(counts[counts >= 2].index).to_numpy()
+    rows = np.flatnonzero(keep)[_sample(rng, int(keep.sum()), opts.max_training_rows)]
+    X, y = X.iloc[rows], y.iloc[rows]
+    if y.nunique() < 2:
+        raise ValueError(f"{trait}: need at least two observed values to learn from, got {y.unique().tolist()}")
+    return X, y, items[rows] if items is not None else None
+
+
+def _lightgbm(seed: int) -> lgb.LGBMClassifier:
+    return lgb.LGBMClassifier(
+        n_estimators=150,
+        learning_rate=0.08,
+        num_leaves=31,
+        min_child_samples=20,
+        max_bin=63,
+        random_state=seed,
+        n_jobs=2,
+        verbose=-1,
+    )
+
+
+def _scores(trait: str, y_test: pd.Series, predictions: dict[str, np.ndarray], train_rows: int) -> list[dict]:
+    """Each candidate's holdout accuracy and macro-F1 (a row of trait_models)."""
+    return [
+        {
+            "trait": trait,
+            "model": name,
+            "accuracy": float(accuracy_score(y_test, pred)),
+            "macro_f1": float(f1_score(y_test, pred, average="macro", zero_division=0)),
+            "train_rows": train_rows,
+            "holdout_rows": len(y_test),
+        }
+        for name, pred in predictions.items()
+    ]
+
+
 def train_trait(
     trait: str, X: pd.DataFrame, y: pd.Series, opts: ImputationOptions, items: sp.csr_matrix | None = None
 ) -> TraitModel:
@@ -410,32 +457,13 @@ def train_trait(
     which products a person looks at says more about age and gender than a 16-wide summary of
     them (on 3,000 generated people, age_bracket accuracy 0.83 against 0.79)."""
     rng = np.random.default_rng(opts.seed)
-    counts = y.value_counts()
-    keep = y.isin(counts[counts >= 2].index).to_numpy()
-    X, y = X[keep], y[keep]
-    items = items[np.flatnonzero(keep)] if items is not None else None
-    rows = _sample(rng, len(y), opts.max_training_rows)
-    X, y = X.iloc[rows], y.iloc[rows]
-    items = items[rows] if items is not None else None
-    if y.nunique() < 2:
-        raise ValueError(f"{trait}: need at least two observed values to learn from, got {y.unique().tolist()}")
+    X, y, items = _training_rows(trait, X, y, items, opts, rng)
     train, test = train_test_split(np.arange(len(y)), test_size=opts.holdout_share, stratify=y, random_state=opts.seed)
     X_train, X_test, y_train, y_test = X.iloc[train], X.iloc[test], y.iloc[train], y.iloc[test]
-    model = lgb.LGBMClassifier(
-        n_estimators=150,
-        learning_rate=0.08,
-        num_leaves=31,
-        min_child_samples=20,
-        max_bin=63,
-        random_state=opts.seed,
-        n_jobs=2,
-        verbose=-1,
-    )
-    model.fit(X_train, y_train)
+    model = _lightgbm(opts.seed).fit(X_train, y_train)
     forest_rows = _sample(rng, len(y_train), opts.forest_training_rows)
     forest = RandomForestClassifier(n_estimators=60, min_samples_leaf=2, n_jobs=2, random_state=opts.seed)
     forest.fit(X_train.iloc[forest_rows], y_train.iloc[forest_rows])
-    majority = y_train.mode()[0]
     probas = {"lightgbm": model.predict_proba(X_test)}
     classes = {"lightgbm": np.asarray(model.classes_, dtype=object)}
     linear = None
@@ -446,37 +474,17 @@ def train_trait(
     predictions = {
         **{name: classes[name][proba.argmax(axis=1)] for name, proba in probas.items()},
         "random_forest": forest.predict(X_test),
-        "majority_baseline": np.full(len(y_test), majority, dtype=object),
+        "majority_baseline": np.full(len(y_test), y_train.mode()[0], dtype=object),
     }
-    metrics = [
-        {
-            "trait": trait,
-            "model": name,
-            "accuracy": float(accuracy_score(y_test, pred)),
-            "macro_f1": float(f1_score(y_test, pred, average="macro", zero_division=0)),
-            "train_rows": len(y_train),
-            "holdout_rows": len(y_test),
-        }
-        for name, pred in predictions.items()
-    ]
+    metrics = _scores(trait, y_test, predictions, len(y_train))
     scores = {m["model"]: m for m in metrics}
     chosen = max(probas, key=lambda name: (scores[name]["macro_f1"], scores[name]["accuracy"], name == "lightgbm"))
     ours, base = scores[chosen], scores["majority_baseline"]
     beats = ours["accuracy"] > base["accuracy"] + opts.min_lift and ours["macro_f1"] > base["macro_f1"] + opts.min_lift
     correct = (predictions[chosen] == y_test.to_numpy()).astype(float)
     calibrator, ece = calibrate(probas[chosen].max(axis=1), correct, opts.seed)
-    return TraitModel(
-        trait,
-        list(classes[chosen]),
-        model,
-        metrics,
-        beats,
-        _reference(X_train, opts.drift_bins),
-        calibrator,
-        ece,
-        chosen,
-        linear,
-    )
+    reference = _reference(X_train, opts.drift_bins)
+    return TraitModel(trait, list(classes[chosen]), model, metrics, beats, reference, calibrator, ece, chosen, linear)
 
 
 # ---------------------------------------------------------------- values
