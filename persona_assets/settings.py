@@ -122,48 +122,18 @@ class RefreshConfig(PersonaConfig):
     )
 
 
-class IdentityConfig(RefreshConfig):
-    """How identifiers become people."""
-
-    max_user_ids_per_identifier: int = Field(
-        default=1, ge=1, description="An identifier seen with more userIds than this (a shared tablet) links nobody."
-    )
-    max_emails_per_identifier: int = Field(
-        default=3, ge=1, description="An identifier seen with more emails than this links nobody."
-    )
-    max_anonymous_ids_per_identifier: int = Field(
-        default=20,
-        ge=1,
-        description="An identifier seen with more anonymousIds than this (test@test.com) links nobody.",
-    )
-
-    linkage: bool = Field(
-        default=True,
-        description="After deterministic stitching, link people who share no identifier by name, birth date, "
-        "age, postcode and city (Splink).",
-    )
-    link_threshold: float = Field(
-        default=0.9, gt=0, lt=1, description="Match probability at or above which two people are linked."
-    )
-    link_across_user_ids: bool = Field(
-        default=False, description="Let a probabilistic link join two people with different verified userIds."
-    )
-    min_link_records: int = Field(
-        default=1000, ge=2, description="People with a name or birth date needed before a linkage model is trained."
-    )
-    retrain_linkage: bool = Field(
-        default=False, description="Re-estimate the linkage model (m/u parameters) on everyone, then relink in full."
-    )
-
-    def options(self) -> IdentityOptions:
-        return IdentityOptions(**self.model_dump(exclude={"full_refresh", "retrain_linkage"}))
-
-
 class _StageRun(RefreshConfig):
     def options(self):
         return _as_options(self)
 
 
+class _IdentityRun(_StageRun):
+    retrain_linkage: bool = Field(
+        default=False, description="Re-estimate the linkage model (m/u parameters) on everyone, then relink in full."
+    )
+
+
+IdentityConfig = stage_config("IdentityConfig", IdentityOptions, _IdentityRun)
 CleaningConfig = stage_config("CleaningConfig", CleaningOptions, _StageRun)
 
 

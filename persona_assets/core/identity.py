@@ -32,6 +32,7 @@ from persona_assets.contracts import (
 )
 from persona_assets.core import linkage, overrides, refresh
 from persona_assets.core.faults import kill_point
+from persona_assets.core.options import setting
 from persona_assets.core.publish import sql_literal
 from persona_assets.core.refresh import SCOPE
 from persona_assets.core.stage import StageResult
@@ -40,13 +41,27 @@ from persona_assets.core.warehouse import data_as_of, replace_tables, scratch, t
 
 @dataclass(frozen=True)
 class IdentityOptions:
-    max_user_ids_per_identifier: int = 1
-    max_emails_per_identifier: int = 3
-    max_anonymous_ids_per_identifier: int = 20
-    linkage: bool = True
-    link_threshold: float = 0.9
-    link_across_user_ids: bool = False
-    min_link_records: int = 1000
+    """How identifiers become people."""
+
+    max_user_ids_per_identifier: int = setting(
+        1, "An identifier seen with more userIds than this (a shared tablet) links nobody.", ge=1
+    )
+    max_emails_per_identifier: int = setting(3, "An identifier seen with more emails than this links nobody.", ge=1)
+    max_anonymous_ids_per_identifier: int = setting(
+        20, "An identifier seen with more anonymousIds than this (test@test.com) links nobody.", ge=1
+    )
+    linkage: bool = setting(
+        True,
+        "After deterministic stitching, link people who share no identifier by name, birth date, "
+        "age, postcode and city (Splink).",
+    )
+    link_threshold: float = setting(0.9, "Match probability at or above which two people are linked.", gt=0, lt=1)
+    link_across_user_ids: bool = setting(
+        False, "Let a probabilistic link join two people with different verified userIds."
+    )
+    min_link_records: int = setting(
+        1000, "People with a name or birth date needed before a linkage model is trained.", ge=2
+    )
 
 
 @dataclass
