@@ -200,6 +200,7 @@ def test_received_at_is_stamped_and_timestamp_corrected_for_clock_skew(server, p
 
 
 def test_spool_files_move_into_landing_whole_and_only_then_are_read(server, persona_home):
+    (persona_home / "persona.yaml").write_text("server:\n  rotate_seconds: 1\n")
     served = server()
     request(f"{served.url}/v1/track", event(1))
     assert list((persona_home / "landing").glob(".http-*.part"))  # the open spool: never read by ingest
