@@ -972,7 +972,7 @@ def cmd_audience(args: argparse.Namespace) -> int:
         definitions = _audience_definitions(con)
         if args.name not in definitions.audiences:
             raise Stop(f"no audience named {args.name!r}; audiences: {', '.join(definitions.audiences) or '(none)'}")
-        if not _has_tables(con, "audience_members", "audience_runs"):
+        if not _has_tables(con, "audience_members", "audience_runs", "computed_traits", "user_profiles"):
             raise Stop("the snapshot has no audiences yet: run `persona run` first")
         audience = definitions.audiences[args.name]
         last = con.execute(

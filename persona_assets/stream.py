@@ -53,6 +53,7 @@ ERASED = "persona:erased"  # keyed erasure hashes of forgotten identifiers: thei
 DECLINED = "persona:declined"  # people who declined personalization: counted, never profiled
 PROVISIONAL_PREFIX = "t"
 REDIS_ENV = "PERSONA_REDIS_URL"
+SWEEP_PER_FLUSH = 5000  # people whose live audiences a periodic flush re-decides
 KINDS = {"Product Viewed": "view", "Product Added": "add_to_cart", "Order Completed": "purchase"}
 
 
@@ -491,7 +492,9 @@ class Consumer:
         if wait and self._unplain:
             self._query_unplain()
         if self.audiences is not None:
-            self.audiences.sweep()  # windows that ended as the clock moved, for people who did nothing
+            # Windows that ended as the clock moved, for people who did nothing: a slice of them at
+            # each periodic flush (a rolling pass), everyone at the last.
+            self.audiences.sweep(limit=None if wait else SWEEP_PER_FLUSH)
         lines, ids = self._buffer, self._buffer_ids
         self._buffer, self._buffer_ids = [], []
         self._last_flush = time.monotonic()

@@ -12,7 +12,8 @@ sorted set (messageId by event time), pruned as the data's clock (the newest eve
 moves; counts without a window are counters, applied once per event as the hot profile is
 (the processed set). Members are a Redis set per audience; entries and exits go to the
 `persona:audience_changes` stream. The clock moving also ends windows of people who did
-nothing: `sweep` re-evaluates everyone with live state (the consumer calls it at each flush).
+nothing: `sweep` re-evaluates people with live state, a slice at each periodic flush (a
+rolling pass) and everyone at the consumer's last flush.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class LiveAudiences:
     emitted: int = 0
     audiences: list[str] = field(default_factory=list)
     specs: dict[str, TraitSpec] = field(default_factory=dict)
+    _cursor: int = 0  # where the rolling sweep goes on
 
     def __post_init__(self) -> None:
         self.audiences = [n for n, a in self.definitions.audiences.items() if decidable(self.definitions, a.where)]
@@ -196,13 +198,20 @@ class LiveAudiences:
         pipe.execute()
         self.emitted += len(changes)
 
-    def sweep(self, page: int = 1000) -> list[tuple[str, str, str]]:
-        """Re-decide everyone with live state: windows end as the clock moves, for people who did nothing."""
-        changes, cursor = [], 0
+    def sweep(self, limit: int | None = None, page: int = 1000) -> list[tuple[str, str, str]]:
+        """Re-decide people with live state (windows end as the clock moves, for people who did
+        nothing): everyone, or with `limit` about that many, going on from where the last
+        sweep stopped, so a busy consumer spreads a pass over many flushes."""
+        changes, seen = [], 0
+        if limit is None:
+            self._cursor = 0  # a whole pass starts at the beginning
         while True:
-            cursor, batch = self.client.sscan(PEOPLE, cursor, count=page)
+            self._cursor, batch = self.client.sscan(PEOPLE, self._cursor, count=page)
             changes += self.evaluate([p.decode() for p in batch])
-            if int(cursor) == 0:
+            seen += len(batch)
+            if int(self._cursor) == 0 and limit is None:
+                return changes
+            if limit is not None and (seen >= limit or int(self._cursor) == 0):
                 return changes
 
     def members(self, audience: str) -> set[str]:

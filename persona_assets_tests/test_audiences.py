@@ -494,3 +494,37 @@ def test_the_stream_decides_audiences_as_the_next_batch_run_does(tmp_path, redis
         members.add(person) if fields[b"change"] == b"entered" else members.discard(person)
     assert {n: replayed.get(n, set()) for n in live.audiences} == {n: batch[n] for n in live.audiences}
     assert any(f[b"change"] == b"exited" for _, f in client.xrange(CHANGES))  # windows ended as the clock moved
+
+
+@pytest.mark.slow
+def test_a_file_with_mistakes_changes_nothing_and_does_not_fail_the_run(music):
+    import dagster as dg
+
+    from persona_assets.definitions import build_definitions
+
+    con, home, who = music
+    con.close()  # the run opens the warehouse itself
+    selection = ["computed_traits", "audience_members", "audience_changes", "audience_runs",
+                 "destination_deliveries", "destination_dead_letters"]  # fmt: skip
+
+    def run():
+        defs_ = build_definitions(home)
+        keys = [dg.AssetKey(s) for s in selection] + [k for k in defs_.resolve_all_asset_keys() if k.path[0] == "audiences"]
+        result = defs_.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(), asset_selection=keys, raise_on_error=False
+        )
+        assert result.success, [e.message for e in result.all_events if e.is_failure][:3]
+        return {asset: status for assets, status in cli.stage_statuses(result.all_events) for asset in assets}
+
+    def members():
+        with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as c:
+            return c.execute("SELECT audience, person_id FROM audience_members ORDER BY ALL").fetchall()
+
+    assert run() == {}
+    before = members()
+    assert ("payers", who["c"]) in before and len(before) > 5
+    (home / "audiences.yaml").write_text(MUSIC_DEFS.replace("{trait: spend, gt: 0}", "{trait: spent, gt: 0}"))
+    statuses = run()
+    assert set(statuses) == set(selection)  # every audience asset said why it changed nothing
+    assert "audiences.yaml:19: audiences.payers: unknown trait 'spent'" in statuses["computed_traits"]
+    assert members() == before  # nothing retired, nothing recomputed with a file that has mistakes

@@ -125,8 +125,11 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+ROTATE_EVERY_SECOND = "server:\n  rotate_seconds: 1\n"
+
+
 def _wait_for(served, count: int, user: str, timeout: float = 15.0) -> None:
-    """Until `count` events of `user` are in landing (spools rotate every second)."""
+    """Until `count` events of `user` are in landing (the tests' spools rotate every second)."""
     home = Path(served.log).parent
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -172,6 +175,7 @@ def test_segments_node_sdk_events_reach_raw_events(persona_home, npm_packages):
 
 @pytest.mark.slow
 def test_segments_browser_sdk_in_chromium_sends_to_the_server_and_nowhere_else(persona_home, npm_packages, tmp_path):
+    (persona_home / "persona.yaml").write_text(ROTATE_EVERY_SECOND)
     served = start_server(persona_home, env={"PERSONA_HASH_KEY": KEY.decode()})
     try:
         result = send_browser(npm_packages, served.url, "web-user", "web@example.com", tmp_path)
@@ -198,6 +202,7 @@ def test_all_three_sdks_reach_the_profile_api_after_a_run(persona_home, npm_pack
 
     land(generated("jsonl"), persona_home / "landing")
     shutil.rmtree(persona_home / "landing" / "_truth", ignore_errors=True)
+    (persona_home / "persona.yaml").write_text(ROTATE_EVERY_SECOND)
     served = start_server(persona_home, env={"PERSONA_HASH_KEY": None})
     people = {"python": ("py-1", "py.one@example.com"), "node": ("node-1", "node.one@example.com"),
               "browser": ("web-1", "web.one@example.com")}  # fmt: skip

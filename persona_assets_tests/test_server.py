@@ -200,6 +200,7 @@ def test_received_at_is_stamped_and_timestamp_corrected_for_clock_skew(server, p
 
 
 def test_spool_files_move_into_landing_whole_and_only_then_are_read(server, persona_home):
+    (persona_home / "persona.yaml").write_text("server:\n  rotate_seconds: 1\n")
     served = server()
     request(f"{served.url}/v1/track", event(1))
     assert list((persona_home / "landing").glob(".http-*.part"))  # the open spool: never read by ingest
@@ -543,3 +544,36 @@ def test_reads_never_fail_while_forget_runs_and_the_forgotten_are_gone(built, tm
         assert read(served.url, f"/v1/profiles/email:{q(person['email'])}/traits")[0] == 404
     finally:
         served.stop(signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_traits_carry_the_hot_profiles_live_fields_when_a_stream_runs(built, tmp_path):
+    """An event sent over HTTP goes onto the Redis stream; once the consumer applies it, the
+    profile API shows the live fields over the batch profile, as `persona profile` does."""
+    import shutil
+
+    from persona_assets import stream
+
+    home = tmp_path / "persona"
+    shutil.copytree(built, home, ignore=shutil.ignore_patterns("serve-*.log"))
+    redis_server, url = stream.start_redis(tmp_path / "redis")
+    served = start_server(home, env={"PERSONA_REDIS_URL": url, "PERSONA_HASH_KEY": None})
+    try:
+        person = someone(home)
+        path = f"/v1/profiles/user_id:{q(person['user_id'])}/traits"
+        assert read(served.url, path)[1]["traits"]["live"] == "no streamed events for this person"
+        sent = {"userId": person["user_id"], "event": "Product Viewed", "properties": {"category": "garden"}}
+        assert request(f"{served.url}/v1/track", sent)[0] == 200
+        client = stream.connect(url)
+        stream.load_identity(client, home / "serving" / "persona.duckdb")
+        worker = stream.Consumer(client, stream.RedisStreamSource(client, "test"), tmp_path / "flushed")
+        deadline = time.monotonic() + 30
+        while worker.applied < 1 and time.monotonic() < deadline:
+            worker.step()
+        status, body = read(served.url, path)
+        assert status == 200 and body["traits"]["live_events_streamed"] == 1
+        assert "garden" in body["traits"]["live_category_affinity"]
+    finally:
+        served.stop(signal.SIGKILL)
+        redis_server.kill()
+        redis_server.wait()

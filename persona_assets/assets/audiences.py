@@ -3,6 +3,7 @@ lineage shows each downstream of user_profiles and of the audiences it names), t
 tables, and delivery to destinations."""
 
 import base64
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -18,6 +19,7 @@ from persona_assets.contracts import (
     ComputedTraits,
     DestinationDeadLetters,
     DestinationDeliveries,
+    ddl,
 )
 from persona_assets.core import audience_definitions, audiences, computed_traits, destinations
 from persona_assets.resources import PersonaHome
@@ -37,13 +39,27 @@ def settings_file(persona: PersonaHome) -> Path | None:
         return None
 
 
-def checked_definitions(persona: PersonaHome, con) -> audience_definitions.Definitions:
-    """The definitions in force, checked against the data's events and segments; a run stops here,
-    before touching a table, when the file has mistakes (each named with its line)."""
+def checked_definitions(persona: PersonaHome, con, context) -> audience_definitions.Definitions | str:
+    """The definitions in force, checked against the data's events and segments; or, when the
+    file has mistakes, what they are (also logged as an error). The audience assets then change nothing
+    and say why in their `status`, which `persona run` prints: a mistake in the file must not
+    fail the run, or the snapshot after it would not be published."""
     try:
         return audience_definitions.load(persona.root, settings_file(persona), audiences.vocabulary(con))
     except audience_definitions.DefinitionsError as exc:
-        raise dg.Failure(description=f"The audience definitions cannot be used:\n{exc}") from None
+        context.log.error(f"The audience definitions cannot be used:\n{exc}")
+        return str(exc)
+
+
+def not_run(con, why: str, tables: list[str]) -> dict:
+    """What an audience asset reports when it changed nothing: its status, and its tables' rows."""
+    audiences.ensure_tables(con)
+    destinations.ensure_tables(con)
+    con.execute(ddl(ComputedTraits, "computed_traits"))
+    rows = sum(con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in tables)
+    first = why.splitlines()[0] + (f" (and {len(why.splitlines()) - 1} more)" if len(why.splitlines()) > 1 else "")
+    return {"status": f"not run: {first}", "why_not_run": dg.MetadataValue.md(f"```\n{why}\n```"),
+            "dagster/row_count": rows}  # fmt: skip
 
 
 class ComputedTraitsConfig(RefreshConfig):
@@ -63,9 +79,12 @@ class ComputedTraitsConfig(RefreshConfig):
     description="Each person's computed traits (audiences.yaml computed_traits: and the counts behind audiences' "
     "event conditions), provenance computed; recomputed for the people whose profile or window moved.",
 )
-def computed_traits_asset(config: ComputedTraitsConfig, warehouse: DuckDBResource, persona: PersonaHome):
+def computed_traits_asset(context: dg.AssetExecutionContext, config: ComputedTraitsConfig, warehouse: DuckDBResource,
+                          persona: PersonaHome):  # fmt: skip
     with warehouse.get_connection() as con:
-        definitions = checked_definitions(persona, con)
+        definitions = checked_definitions(persona, con, context)
+        if isinstance(definitions, str):
+            return dg.MaterializeResult(metadata=not_run(con, definitions, ["computed_traits"]))
         report = computed_traits.build(con, definitions, full=config.full_refresh)
         by_trait = con.execute(
             "SELECT trait, kind, count(*) AS people, round(avg(number), 3) AS mean_number FROM computed_traits "
@@ -117,11 +136,12 @@ def audience_asset(audience: audience_definitions.Audience, depends_on: list[str
     )
     def _audience(context: dg.AssetExecutionContext, warehouse: DuckDBResource, persona: PersonaHome):
         with warehouse.get_connection() as con:
-            definitions = checked_definitions(persona, con)
-            if name not in definitions.audiences:
-                source = definitions.source or "the definitions"
-                raise dg.Failure(description=f"The audience {name} is no longer defined in {source}; reload the "
-                                 "definitions (persona ui's Reload, or a new persona run).")  # fmt: skip
+            definitions = checked_definitions(persona, con, context)
+            if isinstance(definitions, str) or name not in definitions.audiences:
+                why = definitions if isinstance(definitions, str) else (
+                    f"{name} is no longer defined in {definitions.source or 'the definitions'}; its members stay "
+                    "until the definitions are reloaded (persona ui's Reload, or a new persona run)")  # fmt: skip
+                return dg.MaterializeResult(metadata=not_run(con, why, ["audience_members"]))
             report = audiences.evaluate(con, definitions, name, context.run_id)
             plot = _plot_metadata(con, name, persona.root)
         return dg.MaterializeResult(
@@ -131,7 +151,8 @@ def audience_asset(audience: audience_definitions.Audience, depends_on: list[str
                 "exited_this_run": report.exited,
                 "seconds": round(report.seconds, 4),
                 "data_as_of": str(report.as_of),
-                "definition": dg.MetadataValue.json(definitions.audiences[name].definition),
+                # dates in the file (2026-01-31) as their ISO text
+                "definition": dg.MetadataValue.json(json.loads(definitions.audiences[name].definition_json())),
                 **plot,
             }
         )
@@ -159,7 +180,11 @@ def audience_tables_asset(names: list[str]) -> dg.AssetsDefinition:
         """Audiences removed from the file are retired here (each member's exit recorded first, so
         destinations hear of it)."""
         with warehouse.get_connection() as con:
-            definitions = checked_definitions(persona, con)
+            definitions = checked_definitions(persona, con, context)
+            if isinstance(definitions, str):  # nothing retired on a file with mistakes
+                for table in TABLES:
+                    yield dg.MaterializeResult(asset_key=table, metadata=not_run(con, definitions, [table]))
+                return
             retired = audiences.retire(con, definitions, context.run_id)
             sizes = con.execute("SELECT audience, count(*) AS members FROM audience_members GROUP BY 1 ORDER BY 1").df()
             counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in TABLES}
@@ -189,11 +214,16 @@ class DeliveriesConfig(dg.Config):
     name="deliver_to_destinations",
     pool="duckdb",
 )  # fmt: skip
-def deliver_to_destinations(config: DeliveriesConfig, warehouse: DuckDBResource, persona: PersonaHome):
+def deliver_to_destinations(context: dg.AssetExecutionContext, config: DeliveriesConfig, warehouse: DuckDBResource,
+                            persona: PersonaHome):  # fmt: skip
     """Audience entries and exits to each destination in audiences.yaml (webhooks signed, files
     written aside and renamed); what a webhook could not take yet waits for the next run."""
     with warehouse.get_connection() as con:
-        definitions = checked_definitions(persona, con)
+        definitions = checked_definitions(persona, con, context)
+        if isinstance(definitions, str):
+            for table in DELIVERY_TABLES:
+                yield dg.MaterializeResult(asset_key=table, metadata=not_run(con, definitions, [table]))
+            return
         options = destinations.DeliveryOptions(budget_seconds=config.budget_seconds)
         reports = destinations.deliver(con, definitions, persona.root, options)
         state = pd.DataFrame(destinations.lag(con, definitions))
@@ -215,8 +245,8 @@ def deliver_to_destinations(config: DeliveriesConfig, warehouse: DuckDBResource,
 
 def build_assets(persona: PersonaHome) -> tuple[list, list]:
     """(assets, checks) for the definitions in force. A file with mistakes gives no audience
-    assets here (the definitions must load for the rest of Persona to); computed_traits then
-    fails its runs naming each mistake and its line."""
+    assets here (the definitions must load for the rest of Persona to); the audience assets
+    then change nothing, their status naming each mistake and its line."""
     try:
         definitions = audience_definitions.load(persona.root, settings_file(persona))
     except audience_definitions.DefinitionsError:

@@ -426,18 +426,39 @@ def _bf(level: dict) -> float | None:
 
 
 def _score_blocked(scratch: duckdb.DuckDBPyConnection, records: pa.Table, model: dict) -> str:
-    """Every blocked pair of `records` scored by `model` (gamma per comparison, match_probability),
-    as a table in `scratch`; returns its name."""
+    """Every blocked pair of `records` scored by `model`: a table in `scratch` of each pair's gamma
+    per comparison (Splink's numbering: -1 null, 0 else, the best level highest) and its
+    match_probability, and nothing else, so millions of pairs stay small; returns its name."""
     from splink import DuckDBAPI, Linker
 
     db = DuckDBAPI(scratch)
-    settings = {**_with_defaults(model), "retain_matching_columns": True}
-    linker = Linker(db.register(records), settings, log_level=logging.ERROR)
-    pairs = linker.inference.predict()
+    linker = Linker(db.register(records), _with_defaults(model), log_level=logging.ERROR)
+    blocked = linker.inference.compute_blocked_pairs_for_predict().physical_name
+    scratch.register("_score_arrow", records)
+    columns = ", ".join(f"l.{c} AS {c}_l, r.{c} AS {c}_r" for c in (*COMPARED, "shared_contact"))
+    gammas, weights = [], []
+    for comparison in model["comparisons"]:
+        name = comparison["output_column_name"]
+        levels = _levels(comparison)
+        null = next(lv["sql_condition"] for lv in comparison["comparison_levels"] if lv.get("is_null_level"))
+        cases = [f"WHEN {null} THEN -1"] + [
+            f"WHEN {lv['sql_condition']} THEN {len(levels) - 1 - i}" for i, lv in enumerate(levels[:-1])
+        ]
+        gammas.append(f"CASE {' '.join(cases)} ELSE 0 END::TINYINT AS gamma_{name}")
+        bfs = [(len(levels) - 1 - i, _bf(lv)) for i, lv in enumerate(levels)]
+        whens = " ".join(f"WHEN {g} THEN {float(np.log2(bf))!r}" for g, bf in bfs if bf)
+        weights.append(f"CASE gamma_{name} {whens} ELSE 0 END" if whens else "0")
+    lam = model["probability_two_random_records_match"]
+    prior_weight = float(np.log2(lam / (1 - lam)))
     scratch.execute(
-        f"CREATE OR REPLACE TABLE _scored AS SELECT match_probability, "
-        f"{', '.join(f'gamma_{name}' for name, _ in COMPARISONS)} FROM {pairs.physical_name}"
+        f"""CREATE OR REPLACE TABLE _scored AS
+            SELECT * EXCLUDE (mw), 1 / (1 + pow(2, -mw)) AS match_probability FROM (
+              SELECT *, {prior_weight!r} + {' + '.join(weights)} AS mw FROM (
+                SELECT {', '.join(gammas)} FROM (
+                  SELECT {columns} FROM {blocked} b
+                  JOIN _score_arrow l ON l.record_id = b.join_key_l JOIN _score_arrow r ON r.record_id = b.join_key_r)))"""
     )
+    scratch.unregister("_score_arrow")
     return "_scored"
 
 

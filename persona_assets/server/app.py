@@ -1,4 +1,4 @@
-"""`persona serve`: one ASGI process (Starlette on uvicorn) for Segment's tracking API and the profile API.
+"""`persona serve`: one ASGI process (uvicorn, httptools, uvloop) for Segment's tracking API and the profile API.
 
 Collection (`POST /v1/track|identify|page|screen|group|alias|batch`, and analytics.js's short
 paths `/v1/t|i|p|s|g|a|b`) answers 200 only once the request's events are fsync'd in the
@@ -23,11 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-
+from persona_assets.server.asgi import Answer, ClientGone, Request
 from persona_assets.server.collect import (
     SHORT,
     TYPES,
@@ -94,8 +90,8 @@ class State:
     stream_errors: int = 0
 
 
-def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"success": False, "error": message}, status_code=status, headers=headers)
+def error(status: int, message: str, headers: dict | None = None) -> Answer:
+    return Answer.json({"success": False, "error": message}, status, headers)
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -115,9 +111,8 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def collect(request: Request) -> Response:
-    state: State = request.app.state.persona
-    kind = SHORT.get(request.path_params["kind"], request.path_params["kind"])
+async def collect(request: Request, state: State, name: str) -> Answer:
+    kind = SHORT.get(name, name)
     try:
         result = await _collect(request, state, kind)
     except Refused as exc:
@@ -130,9 +125,11 @@ async def collect(request: Request) -> Response:
     except OSError:
         log.error("the spool could not be written (disk full or gone?): events not accepted")
         return error(503, "events could not be stored; retry later", CORS)
+    except ClientGone:
+        return error(400, "the body was cut short", CORS)
     except Exception as exc:
         return failed(exc, CORS)
-    return JSONResponse(result, headers=CORS)
+    return Answer.json(result, headers=CORS)
 
 
 async def _collect(request: Request, state: State, kind: str) -> dict:
@@ -185,8 +182,8 @@ async def _to_stream(state: State, lines: list[str]) -> None:
         log.warning("Redis stream unreachable (%s): events reach profiles at the next run", type(exc).__name__)
 
 
-async def preflight(request: Request) -> Response:
-    return Response(status_code=204, headers=PREFLIGHT)
+def preflight() -> Answer:
+    return Answer(204, headers=PREFLIGHT)
 
 
 def read_key(request: Request) -> str | None:
@@ -197,19 +194,17 @@ def read_key(request: Request) -> str | None:
     return basic_username(header)
 
 
-async def profile(request: Request) -> Response:
-    state: State = request.app.state.persona
+async def profile(request: Request, state: State, who: str, what: str) -> Answer:
     if not state.settings.read_key:
         return error(401, "the profile API is off: no read key is set (PERSONA_READ_KEY or server.read_key)")
     if not key_matches(read_key(request), state.settings.read_key):
         return error(401, "a read key is needed: HTTP Basic username or Authorization: Bearer")
-    id_type, sep, value = request.path_params["who"].partition(":")
+    id_type, sep, value = who.partition(":")
     if not sep or id_type not in ID_TYPES or not value:
         return error(400, f"ask for {{id_type}}:{{id}} with id_type one of {', '.join(ID_TYPES)}")
-    what = request.path_params["what"]
-    fields = [f for f in request.query_params.get("fields", "").split(",") if f] or None
+    fields = [f for f in request.query.get("fields", "").split(",") if f] or None
     try:
-        call = _reader_call(state.reader, what, id_type, value, fields, request.query_params)
+        call = _reader_call(state.reader, what, id_type, value, fields, request.query)
         answer = await asyncio.get_running_loop().run_in_executor(state.reads, call)
     except NotFound:
         return error(404, f"no profile for this {id_type}")
@@ -219,7 +214,7 @@ async def profile(request: Request) -> Response:
         return error(503, "no serving snapshot yet: run `persona run` (or make demo) first")
     except Exception as exc:
         return failed(exc)
-    return JSONResponse(answer)
+    return Answer.json(answer)
 
 
 def _reader_call(reader: ProfileReader, what: str, id_type: str, value: str, fields, query):
@@ -237,48 +232,65 @@ def _reader_call(reader: ProfileReader, what: str, id_type: str, value: str, fie
 
 
 NO_ENDPOINT = "no such endpoint; see README 'Send events over HTTP' and 'Read profiles over HTTP'"
+COLLECT_PATHS = {*TYPES, "batch", *SHORT}
+PROFILE_PARTS = ("traits", "events", "identifiers")
 
 
-async def not_found(request: Request, exc: Exception) -> Response:
-    return error(404, NO_ENDPOINT)
-
-
-def failed(exc: Exception, headers: dict | None = None) -> Response:
+def failed(exc: Exception, headers: dict | None = None) -> Answer:
     """500 for what no handler expected: the type logged, never its text (it may hold what was asked)."""
     log.error("request failed: %s", type(exc).__name__)
     return error(500, "internal error", headers)
 
 
-def build_app(home: Path, settings: ServerSettings, address: str = "") -> Starlette:
-    routes = [
-        Route("/v1/{kind:str}", collect, methods=["POST"]),
-        Route("/v1/{kind:str}", preflight, methods=["OPTIONS"]),
-        Route("/v1/profiles/{who:path}/{what:str}", profile, methods=["GET"]),
-    ]
-    app = Starlette(routes=routes, lifespan=_lifespan, exception_handlers={404: not_found})
-    app.state.persona = State(settings=settings, home=home, address=address)
-    app.add_middleware(_KnownPaths)
-    return app
+async def route(request: Request, state: State) -> Answer:
+    """/v1/<call> for collection, /v1/profiles/<id_type>:<id>/<part> for reads (an id may hold '/')."""
+    parts = request.path.split("/")
+    if len(parts) == 3 and parts[1] == "v1" and parts[2] in COLLECT_PATHS:
+        if request.method == "POST":
+            return await collect(request, state, parts[2])
+        return preflight() if request.method == "OPTIONS" else error(405, "POST only", {"Allow": "POST, OPTIONS"})
+    if len(parts) >= 5 and parts[1:3] == ["v1", "profiles"] and parts[-1] in PROFILE_PARTS:
+        if request.method == "GET":
+            return await profile(request, state, "/".join(parts[3:-1]), parts[-1])
+        return error(405, "GET only", {"Allow": "GET"})
+    return error(404, NO_ENDPOINT)
 
 
-class _KnownPaths:
-    """404 for /v1/<anything else> and for profile paths other than traits, events, identifiers."""
+class PersonaApp:
+    """The ASGI application: lifespan starts and stops the server's parts; requests are routed."""
 
-    def __init__(self, app) -> None:
-        self.app = app
+    def __init__(self, home: Path, settings: ServerSettings, address: str = "") -> None:
+        self.state = State(settings=settings, home=home, address=address)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            parts = scope["path"].rstrip("/").split("/")
-            known = (len(parts) == 3 and parts[1] == "v1" and parts[2] in {*TYPES, "batch", *SHORT}) or (
-                len(parts) >= 5
-                and parts[1:3] == ["v1", "profiles"]
-                and parts[-1] in ("traits", "events", "identifiers")
-            )
-            if not known:
-                await error(404, NO_ENDPOINT)(scope, receive, send)
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            try:
+                answer = await route(Request(scope, receive), self.state)
+            except Exception as exc:
+                answer = failed(exc)
+            await answer.send(send)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await _start(self.state)
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": f"could not start: {exc}"})
+                    return
+                _announce(self.state)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await _stop(self.state)
+                await send({"type": "lifespan.shutdown.complete"})
                 return
-        await self.app(scope, receive, send)
+
+
+def build_app(home: Path, settings: ServerSettings, address: str = "") -> PersonaApp:
+    return PersonaApp(home, settings, address)
 
 
 def _landing(home: Path) -> Path:
@@ -370,27 +382,15 @@ async def _stop(state: State) -> None:
         await state.stream.aclose()
 
 
-def _lifespan(app: Starlette):
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def span(app: Starlette):
-        state: State = app.state.persona
-        await _start(state)
-        recovered = state.recovered
-        if recovered.files:
-            print(f"recovered {len(recovered.files)} spool file(s) a stopped server left "
-                  f"({recovered.torn_bytes} bytes of unanswered lines cut)", flush=True)  # fmt: skip
-        reads = "on" if state.settings.read_key else "off (no read key)"
-        stream = "and the Redis stream" if state.stream is not None else "(no Redis stream)"
-        print(f"Persona server on {state.address}: events to {state.home / 'landing'} {stream}; "
-              f"profile API {reads}", flush=True)  # fmt: skip
-        try:
-            yield
-        finally:
-            await _stop(state)
-
-    return span(app)
+def _announce(state: State) -> None:
+    recovered = state.recovered
+    if recovered.files:
+        print(f"recovered {len(recovered.files)} spool file(s) a stopped server left "
+              f"({recovered.torn_bytes} bytes of unanswered lines cut)", flush=True)  # fmt: skip
+    reads = "on" if state.settings.read_key else "off (no read key)"
+    stream = "and the Redis stream" if state.stream is not None else "(no Redis stream)"
+    print(f"Persona server on {state.address}: events to {state.home / 'landing'} {stream}; "
+          f"profile API {reads}", flush=True)  # fmt: skip
 
 
 def bind(host: str, port: int) -> socket.socket:

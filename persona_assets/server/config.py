@@ -33,7 +33,9 @@ class ServerSettings:
     batch_events: int = 2_500
     max_requests_per_second: float = 2_000.0  # collection requests; 0 turns the limit off
     burst: int = 2_000  # requests allowed at once before the rate applies
-    rotate_seconds: float = 1.0  # a spool file moves into landing this often while events arrive
+    # A spool moves into landing this often: as often as the stream consumer flushes, so the
+    # landing sensor (every 15 s) finds a few files a run, not one a second.
+    rotate_seconds: float = 10.0
     rotate_bytes: int = 16 * 1024 * 1024
     # With a Redis stream configured (PERSONA_REDIS_URL, or `persona stream --start-redis`'s), valid
     # events also go onto it for the hot profiles, and profiles show the live fields; false: never.

@@ -91,7 +91,7 @@ def _complete_length(fd: int, size: int, block: int = 1 << 16) -> int:
 class Spool:
     """The open spool file and its group commit. `append` returns once the bytes are on disk."""
 
-    def __init__(self, landing: Path, rotate_seconds: float = 1.0, rotate_bytes: int = 16 << 20) -> None:
+    def __init__(self, landing: Path, rotate_seconds: float = 10.0, rotate_bytes: int = 16 << 20) -> None:
         self.landing, self.rotate_seconds, self.rotate_bytes = landing, rotate_seconds, rotate_bytes
         self._fd: int | None = None
         self._path: Path | None = None
