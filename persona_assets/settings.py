@@ -164,11 +164,13 @@ class SegmentsConfig(RefreshConfig):
 
     k_min: int = Field(default=2, ge=2, description="Smallest k tried.")
     k_max: int = Field(default=10, ge=2, description="Largest k tried.")
-    silhouette_tolerance: float = Field(
-        default=0.02, ge=0, description="The elbow's k stands unless another k's silhouette beats it by more."
+    stability_tolerance: float = Field(
+        default=0.03,
+        ge=0,
+        description="k and space are chosen among those this close to the most stable under bootstrap resampling.",
     )
     space: str = Field(
-        default="auto", description="features, autoencoder, or auto (the one with the better silhouette)."
+        default="auto", description="features, autoencoder, or auto (the more stable under bootstrap resampling)."
     )
     embedding_dim: int = Field(default=4, ge=1, description="Width of the autoencoder's bottleneck.")
     sub_k_max: int = Field(default=4, ge=2, description="Most sub-segments per segment (Ward).")

@@ -92,6 +92,8 @@ class LiveAudiences:
     audiences: list[str] = field(default_factory=list)
     specs: dict[str, TraitSpec] = field(default_factory=dict)
     _cursor: int = 0  # where the rolling sweep goes on
+    clock: float = float("-inf")  # the data's clock: the newest valid event's time (epoch seconds)
+    _dirty: bool = False  # the clock moved since it was last written to Redis
 
     def __post_init__(self) -> None:
         self.audiences = [n for n, a in self.definitions.audiences.items() if decidable(self.definitions, a.where)]
@@ -99,6 +101,19 @@ class LiveAudiences:
             for leaf in leaves(self.definitions.audiences[name].where):
                 if leaf.kind in ("event", "computed"):
                     self.specs[leaf.subject] = self.definitions.all_traits[leaf.subject]
+        self._windowed = [n for n, s in self.specs.items() if s.within_days]
+        # The clock only moves forward, whichever consumer saw the newer event.
+        self._advance = self.client.register_script(
+            "local c = tonumber(redis.call('GET', KEYS[1]) or '-1e300') "
+            "if tonumber(ARGV[1]) > c then redis.call('SET', KEYS[1], ARGV[1]) end return 1"
+        )
+        self._read_clock()
+
+    def _read_clock(self) -> None:
+        """Take on the clock in Redis when it is ahead (another consumer, or before a restart)."""
+        if self.audiences:
+            stored = self.client.get(CLOCK)
+            self.clock = max(self.clock, float(stored)) if stored is not None else self.clock
 
     def observe(self, applied: list[tuple[str, dict]]) -> set[str]:
         """Count each newly applied (person, row) event in the windows and counters it belongs to;
@@ -121,37 +136,32 @@ class LiveAudiences:
 
     def tick(self, rows: list[dict]) -> None:
         """Move the data's clock to the newest valid event (a person's who is not profiled too, as
-        the batch's clock is the newest event kept); a late event does not move it back."""
-        if not self.audiences or not rows:
-            return
-        newest = max(_utc(row["event_at"]) for row in rows)
-        self.client.eval(
-            "local c = tonumber(redis.call('GET', KEYS[1]) or '-1e300') "
-            "if tonumber(ARGV[1]) > c then redis.call('SET', KEYS[1], ARGV[1]) end return 1",
-            1, CLOCK, repr(newest),
-        )  # fmt: skip
+        the batch's clock is the newest event kept); a late event does not move it back. Kept
+        here and written to Redis with the next evaluation (no round trip of its own)."""
+        if self.audiences and rows:
+            newest = max(_utc(row["event_at"]) for row in rows)
+            if newest > self.clock:
+                self.clock, self._dirty = newest, True
 
-    def _values(self, people: list[str], clock: float) -> list[dict]:
-        """Per person: the live fields and each counted condition's count at `clock`."""
+    def _queue_values(self, pipe, people: list[str]) -> None:
+        """Queue the reads (and window pruning) of each person's live fields and counts at the clock."""
         from persona_assets.stream import hot_key
 
-        pipe = self.client.pipeline(transaction=False)
         for person in people:
             pipe.hmget(hot_key(person), [f for f, _ in LIVE_FIELDS.values()])
             pipe.hgetall(counts_key(person))
-            for name, spec in self.specs.items():
-                if spec.within_days:
-                    edge = clock - spec.within_days * 86400
-                    pipe.zremrangebyscore(window_key(person, name), "-inf", edge)  # out of the window for good
-                    pipe.zcard(window_key(person, name))
-        replies, out = pipe.execute(), []
-        per = 2 + 2 * sum(1 for s in self.specs.values() if s.within_days)
+            for name in self._windowed:
+                edge = self.clock - self.specs[name].within_days * 86400
+                pipe.zremrangebyscore(window_key(person, name), "-inf", edge)  # out of the window for good
+                pipe.zcard(window_key(person, name))
+
+    def _parse_values(self, replies: list, people: list[str]) -> list[dict]:
+        per, out = 2 + 2 * len(self._windowed), []
         for i, _ in enumerate(people):
             fields, counters, windows = replies[i * per], replies[i * per + 1], replies[i * per + 3 : (i + 1) * per : 2]
             values = {c: (kind(v) if v is not None else kind(0)) for (c, (_, kind)), v in zip(LIVE_FIELDS.items(), fields)}
             values.update({k.decode(): int(v) for k, v in counters.items()})
-            windowed = [n for n, s in self.specs.items() if s.within_days]
-            values.update({n: int(w) for n, w in zip(windowed, windows)})
+            values.update({n: int(w) for n, w in zip(self._windowed, windows)})
             out.append(values)
         return out
 
@@ -168,16 +178,21 @@ class LiveAudiences:
         return _compare(leaf.op, value, leaf.value)
 
     def evaluate(self, people: set[str] | list[str], at: float | None = None) -> list[tuple[str, str, str]]:
-        """Decide each live audience for `people`; record and emit who entered and exited."""
+        """Decide each live audience for `people`; record and emit who entered and exited. One
+        round trip reads everything (and writes the clock when it moved), one more emits."""
         people = sorted(people)
         if not self.audiences or not people:
             return []
-        clock = float(self.client.get(CLOCK) or 0.0)
-        values = self._values(people, clock)
         pipe = self.client.pipeline(transaction=False)
+        self._queue_values(pipe, people)
         for name in self.audiences:
             pipe.smismember(members_key(name), people)
-        was = dict(zip(self.audiences, pipe.execute()))
+        if self._dirty:
+            self._advance(keys=[CLOCK], args=[repr(self.clock)], client=pipe)
+        replies = pipe.execute()
+        self._dirty, n = False, len(people) * (2 + 2 * len(self._windowed))
+        values = self._parse_values(replies[:n], people)
+        was = dict(zip(self.audiences, replies[n : n + len(self.audiences)]))
         changes = []
         for name in self.audiences:
             where = self.definitions.audiences[name].where
@@ -185,7 +200,7 @@ class LiveAudiences:
                 now = self.holds(where, vals)
                 if now != bool(member):
                     changes.append((name, person, "entered" if now else "exited"))
-        self._emit(changes, clock if at is None else at)
+        self._emit(changes, self.clock if at is None else at)
         return changes
 
     def _emit(self, changes: list[tuple[str, str, str]], at: float) -> None:
@@ -203,6 +218,7 @@ class LiveAudiences:
         nothing): everyone, or with `limit` about that many, going on from where the last
         sweep stopped, so a busy consumer spreads a pass over many flushes."""
         changes, seen = [], 0
+        self._read_clock()
         if limit is None:
             self._cursor = 0  # a whole pass starts at the beginning
         while True:

@@ -227,7 +227,7 @@ def test_refused_batches_go_to_dead_letters_and_delivery_moves_on(receiver, tmp_
     monkeypatch.setenv("HOOK_SECRET", SECRET)
     con = _warehouse(tmp_path / "w.duckdb", people=30)
     total = con.execute("SELECT count(*) FROM audience_changes").fetchall()[0][0]
-    hook = receiver(fail_share=1.0, status=400)
+    hook = receiver(fail_share=2.0, status=400)  # every request refused before it is read
     dest = Destination("crm", "webhook", (), url=hook.url, secret_env="HOOK_SECRET", batch_size=30, max_attempts=3)
     [report] = destinations.deliver(con, _definitions(dest), tmp_path, destinations.DeliveryOptions(base_delay=0.01))
     # A 4xx is a refusal: not retried, each batch dead-lettered at once, every change kept there.
@@ -235,6 +235,12 @@ def test_refused_batches_go_to_dead_letters_and_delivery_moves_on(receiver, tmp_
     assert hook.requests == -(-total // 30)
     dead = con.execute("SELECT count(DISTINCT change_id), min(attempts), max(error) FROM destination_dead_letters")
     assert dead.fetchall()[0] == (total, 1, "HTTP 400 Bad Request")
+    # Fixed at the receiver: the dead letters are sent again on request, oldest first, and leave the table.
+    hook.fail_share = 0.0
+    [again] = destinations.deliver(con, _definitions(dest), tmp_path, destinations.DeliveryOptions(), redeliver=True)
+    assert again.redelivered == total and len(hook.events) == total
+    assert hook.by_person() == _expected(con)
+    assert con.execute("SELECT count(*) FROM destination_dead_letters").fetchall()[0][0] == 0
 
 
 def test_server_errors_are_retried_then_dead_lettered_after_max_attempts(receiver, tmp_path, monkeypatch):

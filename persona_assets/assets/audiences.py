@@ -200,6 +200,7 @@ class DeliveriesConfig(dg.Config):
     """How long a run keeps trying each webhook before leaving the rest for the next run."""
 
     budget_seconds: float = 60.0
+    redeliver_dead_letters: bool = False  # send the webhooks' dead letters again first (launchpad)
 
 
 @dg.multi_asset(
@@ -225,7 +226,7 @@ def deliver_to_destinations(context: dg.AssetExecutionContext, config: Deliverie
                 yield dg.MaterializeResult(asset_key=table, metadata=not_run(con, definitions, [table]))
             return
         options = destinations.DeliveryOptions(budget_seconds=config.budget_seconds)
-        reports = destinations.deliver(con, definitions, persona.root, options)
+        reports = destinations.deliver(con, definitions, persona.root, options, config.redeliver_dead_letters)
         state = pd.DataFrame(destinations.lag(con, definitions))
         dead = con.execute("SELECT count(*) FROM destination_dead_letters").fetchall()[0][0]
     failed = [f"{r.destination}: {r.error}" for r in reports if r.error]
@@ -235,6 +236,7 @@ def deliver_to_destinations(context: dg.AssetExecutionContext, config: Deliverie
             "dagster/row_count": len(state),
             "delivered_this_run": sum(r.delivered for r in reports),
             "dead_lettered_this_run": sum(r.dead_lettered for r in reports),
+            "redelivered_this_run": sum(r.redelivered for r in reports),
             "pending": sum(r.pending for r in reports),
             "errors": "; ".join(failed) or "none",
             "destinations": frame_md(state.astype(str)) if len(state) else frame_md(state),

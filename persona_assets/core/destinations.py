@@ -7,7 +7,9 @@
   backoff and full jitter, and after `max_attempts` (or a refusal, a 4xx) its changes go to
   `destination_dead_letters` and delivery moves on. The cursor moves only after a batch is
   delivered or dead-lettered, so a run killed in between sends it again: at least once, and a
-  receiver that keeps the messageIds it saw takes each change once.
+  receiver that keeps the messageIds it saw takes each change once. Dead letters are sent
+  again, oldest first, when asked (`redeliver=True`, the deliveries asset's
+  `redeliver_dead_letters`), with their original messageIds.
 - **file**: each audience's members as CSV or Parquet in a folder, written aside and renamed.
 
 A run spends at most `budget_seconds` per destination: what is left waits for the next run,
@@ -55,6 +57,7 @@ class DeliveryReport:
     attempts_failed: int = 0
     pending: int = 0
     error: str | None = None
+    redelivered: int = 0  # dead letters sent again
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -223,6 +226,34 @@ def deliver_webhook(con: duckdb.DuckDBPyConnection, dest: Destination, opts: Del
     return report
 
 
+def redeliver_dead_letters(con: duckdb.DuckDBPyConnection, dest: Destination, opts: DeliveryOptions) -> int:
+    """Send a webhook's dead letters again, oldest first, in batches; each batch delivered leaves
+    the table. A batch that fails again stays (its attempts counted). Returns how many went."""
+    secret = os.environ.get(dest.secret_env)
+    if not secret:
+        return 0
+    sent, deadline = 0, time.monotonic() + opts.budget_seconds
+    while time.monotonic() < deadline:
+        ids = [r[0] for r in con.execute(
+            "SELECT change_id FROM destination_dead_letters WHERE destination = ? ORDER BY change_id LIMIT ?",
+            [dest.name, dest.batch_size]).fetchall()]  # fmt: skip
+        if not ids:
+            break
+        batch = [c for c in pending(con, dest, ids[0] - 1, None) if c["change_id"] in set(ids)]
+        ok, _, error = send(dest, [track_event(dest.name, c) for c in batch], secret.encode())
+        if not ok:
+            con.execute(
+                "UPDATE destination_dead_letters SET attempts = attempts + 1, error = ? "
+                "WHERE destination = ? AND change_id IN (SELECT unnest(?))",
+                [error, dest.name, ids],
+            )
+            break
+        con.execute("DELETE FROM destination_dead_letters WHERE destination = ? AND change_id IN (SELECT unnest(?))",
+                    [dest.name, ids])  # fmt: skip
+        sent += len(batch)
+    return sent
+
+
 def deliver_files(con: duckdb.DuckDBPyConnection, dest: Destination, definitions: Definitions,
                   home: Path) -> DeliveryReport:  # fmt: skip
     """Each audience's members as one file per audience, written aside and renamed into place."""
@@ -254,14 +285,17 @@ def deliver_files(con: duckdb.DuckDBPyConnection, dest: Destination, definitions
 
 
 def deliver(con: duckdb.DuckDBPyConnection, definitions: Definitions, home: Path,
-            opts: DeliveryOptions | None = None) -> list[DeliveryReport]:  # fmt: skip
-    """Every destination's pending changes, delivered (destinations no longer defined are left as they were)."""
+            opts: DeliveryOptions | None = None, redeliver: bool = False) -> list[DeliveryReport]:  # fmt: skip
+    """Every destination's pending changes, delivered (destinations no longer defined are left as
+    they were); with `redeliver`, webhooks' dead letters are sent again first."""
     ensure_tables(con)
     opts = opts or DeliveryOptions()
     reports = []
     for dest in definitions.destinations.values():
         if dest.kind == "webhook":
+            again = redeliver_dead_letters(con, dest, opts) if redeliver else 0
             reports.append(deliver_webhook(con, dest, opts))
+            reports[-1].redelivered = again
         else:
             reports.append(deliver_files(con, dest, definitions, home))
     return reports

@@ -27,7 +27,9 @@ from persona_assets.core.publish import PERSON_ID, open_snapshot
 
 ID_TYPES = ("user_id", "anonymous_id", "email", "phone", "device_id", "person_id")
 EVENT_LIMIT, MAX_EVENT_LIMIT = 20, 200
-HIDDEN_EVENT_COLUMNS = ("batch_id", "source_line")
+# identity_map is held in memory up to this many rows (about 100 MB); past it, each first read
+# of an identifier asks the snapshot (the table is sorted by identifier, so it reads one row group).
+IDENTITY_IN_MEMORY = 1_000_000
 
 
 class NotFound(Exception):
@@ -106,6 +108,7 @@ class ProfileReader:
         self.reopened = 0
         self._people: Recent = Recent(cache)
         self._profiles: Recent = Recent(cache)
+        self._identity: dict[tuple[str, str], str] | None = None
 
     def _connection(self):
         """The snapshot connection, reopened when a new snapshot was published."""
@@ -117,6 +120,7 @@ class ProfileReader:
             self._people.clear()
             self._profiles.clear()
             self._con = open_snapshot(self.snapshot)
+            self._identity = _identity_index(self._con)
             self._file = (st.st_ino, st.st_dev)
             self.reopened += 1
         return self._con
@@ -151,6 +155,10 @@ class ProfileReader:
             raise NotFound
         if id_type in ("email", "phone"):
             value = hmac_hex(self.key, value)
+        if self._identity is not None:
+            if (id_type, value) not in self._identity:
+                raise NotFound
+            return self._identity[(id_type, value)]
         rows = con.execute(
             "SELECT person_id FROM identity_map WHERE identifier = ? AND identifier_type = ?", [value, id_type]
         ).fetchall()
@@ -208,6 +216,14 @@ class ProfileReader:
         token = encode_cursor(rows[-1]["event_at"], rows[-1]["message_id"]) if more else None
         return {"person_id": person_id, "data": [jsonable(_select(r, fields)) for r in rows],
                 "cursor": {"has_more": more, "next": token}}  # fmt: skip
+
+
+def _identity_index(con, limit: int = IDENTITY_IN_MEMORY) -> dict[tuple[str, str], str] | None:
+    """identity_map as a dict, when it is small enough to hold: a first read is then one query."""
+    if con.execute("SELECT count(*) FROM identity_map").fetchall()[0][0] > limit:
+        return None
+    rows = con.execute("SELECT identifier_type, identifier, person_id FROM identity_map").fetchall()
+    return {(kind, identifier): person for kind, identifier, person in rows}
 
 
 def _select(row: dict, fields: list[str] | None) -> dict:
