@@ -265,10 +265,13 @@ def failure_sensor(context: dg.RunFailureSensorContext, persona: PersonaHome):
     )
 
 
-def _person_level_config(full: bool) -> dict:
-    ops = ("resolve_identities", "clean_users", "normalized_features", "segment_people", "impute_attributes",
-           "user_profiles", "computed_traits")  # fmt: skip
-    return {"ops": {op: {"config": {"full_refresh": full}} for op in ops}}
+# A run with this tag rebuilds every person-level stage in full (the nightly refresh's runs carry it).
+FULL_REFRESH_TAG = "persona/full_refresh"
+
+
+def full_refresh(context: dg.AssetExecutionContext, config) -> bool:
+    """Whether a stage rebuilds everyone: asked in its own config, or for the whole run by its tag."""
+    return bool(config.full_refresh) or context.run.tags.get(FULL_REFRESH_TAG) == "true"
 
 
 nightly_refresh = dg.define_asset_job(
@@ -276,7 +279,7 @@ nightly_refresh = dg.define_asset_job(
     selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*INGEST_KEYS),
     description="Recompute every person from all events with the saved models (full refresh): the same result "
     "the incremental refreshes reach, and drift measured on everyone.",
-    config=_person_level_config(full=True),
+    tags={FULL_REFRESH_TAG: "true"},
 )
 
 nightly_schedule = dg.ScheduleDefinition(

@@ -6,6 +6,7 @@ import time
 
 import dagster as dg
 import duckdb
+import pytest
 
 from persona_assets import automation
 from persona_assets.core.ingest import checksum
@@ -106,10 +107,32 @@ def test_sensors_and_schedules_are_on_by_default_and_profiles_declare_freshness(
     assert all(s.default_status == dg.DefaultScheduleStatus.RUNNING for s in schedules.values())
     profiles = defs.resolve_assets_def("user_profiles")
     assert profiles.specs_by_key[dg.AssetKey("user_profiles")].freshness_policy is not None
-    nightly = defs.resolve_job_def("nightly_refresh").run_config["ops"]
-    assert (
-        nightly["resolve_identities"]["config"]["full_refresh"] and nightly["user_profiles"]["config"]["full_refresh"]
-    )
+    assert defs.resolve_job_def("nightly_refresh").tags[automation.FULL_REFRESH_TAG] == "true"
+
+
+@pytest.mark.slow
+def test_the_nightly_tag_rebuilds_every_person_level_stage_in_full(persona_home, generated):
+    """A run with nothing new is incremental everywhere; the same run with the nightly refresh's
+    tag rebuilds every person-level stage in full."""
+    land(generated("jsonl"), persona_home / "landing")
+    job = build_definitions(persona_home).resolve_implicit_global_asset_job_def()
+    instance = dg.DagsterInstance.ephemeral()
+    assert job.execute_in_process(instance=instance).success
+
+    def modes(tags: dict) -> dict[str, str]:
+        result = job.execute_in_process(instance=instance, tags=tags)
+        assert result.success
+        return {
+            m.asset_key.to_user_string(): m.metadata["refresh"].value
+            for m in (e.step_materialization_data.materialization for e in result.all_events if e.is_step_materialization)
+            if "refresh" in m.metadata
+        }
+
+    stages = {"deduped_users", "cleaned_users", "imputed_attributes", "user_profiles", "segments", "normalized_features"}
+    quiet = modes({})
+    assert stages <= set(quiet) and {quiet[s] for s in stages} == {"incremental"}, quiet
+    nightly = modes({automation.FULL_REFRESH_TAG: "true"})
+    assert {nightly[s] for s in stages} == {"full"}, nightly
 
 
 def test_a_failed_run_is_recorded_in_a_table_and_in_its_tags(persona_home):

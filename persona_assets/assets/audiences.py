@@ -10,8 +10,8 @@ import dagster as dg
 import pandas as pd
 from dagster_duckdb import DuckDBResource
 
-from persona_assets.automation import EAGER
-from persona_assets.checks import contract_check, frame_md, refresh_metadata
+from persona_assets.automation import EAGER, full_refresh
+from persona_assets.checks import contract_check, frame_md, stage_metadata
 from persona_assets.contracts import (
     AudienceChanges,
     AudienceMembers,
@@ -85,15 +85,15 @@ def computed_traits_asset(context: dg.AssetExecutionContext, config: ComputedTra
         definitions = checked_definitions(persona, con, context)
         if isinstance(definitions, str):
             return dg.MaterializeResult(metadata=not_run(con, definitions, ["computed_traits"]))
-        report = computed_traits.build(con, definitions, full=config.full_refresh)
+        report = computed_traits.build(con, definitions, full=full_refresh(context, config))
         by_trait = con.execute(
             "SELECT trait, kind, count(*) AS people, round(avg(number), 3) AS mean_number FROM computed_traits "
             "GROUP BY ALL ORDER BY trait"
         ).df()
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": report.rows,
-            **refresh_metadata(report.mode, report.people_recomputed, report.rows, report.why),
+            **stage_metadata(report),
+            "dagster/row_count": report.rows,  # a row per person and trait
             "traits": report.traits,
             "definitions": definitions.source or "none (no audiences.yaml)",
             "people_per_trait": frame_md(by_trait),

@@ -4,7 +4,7 @@ import dagster as dg
 import pandas as pd
 from dagster_duckdb import DuckDBResource
 
-from persona_assets.automation import EAGER
+from persona_assets.automation import EAGER, full_refresh
 from persona_assets.checks import contract_check, frame_md, sql_check, stage_metadata
 from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core.cleaning import OUTLIER_FEATURES, clean
@@ -35,9 +35,11 @@ GROUP = "cleaning"
     ],
     pool="duckdb",
 )
-def clean_users(config: CleaningConfig, warehouse: DuckDBResource, persona: PersonaHome):
+def clean_users(
+    context: dg.AssetExecutionContext, config: CleaningConfig, warehouse: DuckDBResource, persona: PersonaHome
+):
     with warehouse.get_connection() as con:
-        result = clean(con, persona.options(config), full=config.full_refresh)
+        result = clean(con, persona.options(config), full=full_refresh(context, config))
         quality = con.execute(
             """SELECT count(*) AS people, count(*) FILTER (WHERE is_sparse) AS sparse,
                       count(*) FILTER (WHERE is_bot) AS bots, count(*) FILTER (WHERE has_long_session) AS long_sessions,

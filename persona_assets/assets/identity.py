@@ -6,7 +6,7 @@ import json
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from persona_assets.automation import EAGER
+from persona_assets.automation import EAGER, full_refresh
 from persona_assets.checks import contract_check, frame_md, markdown, sql_check, stage_metadata
 from persona_assets.contracts import (
     DedupedUsers,
@@ -58,7 +58,7 @@ def resolve_identities(
     context: dg.AssetExecutionContext, config: IdentityConfig, warehouse: DuckDBResource, persona: PersonaHome
 ):
     with warehouse.get_connection() as con:
-        report = resolve(con, persona.options(config), run_id=context.run_id, full=config.full_refresh,
+        report = resolve(con, persona.options(config), run_id=context.run_id, full=full_refresh(context, config),
                          retrain_linkage=config.retrain_linkage)  # fmt: skip
         link_rows = con.execute(
             "SELECT status, count(*) AS links, round(avg(match_probability), 4) AS mean_probability "

@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from persona_assets.automation import EAGER, PROFILES_FRESHNESS
+from persona_assets.automation import EAGER, PROFILES_FRESHNESS, full_refresh
 from persona_assets.checks import contract_check, frame_md, sql_check, stage_metadata
 from persona_assets.contracts import (
     ImputedAttributes,
@@ -44,10 +44,12 @@ def _spec(key: str, description: str) -> dg.AssetSpec:
     ],
     pool="duckdb",
 )
-def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, persona: PersonaHome):
+def impute_attributes(
+    context: dg.AssetExecutionContext, config: ImputationConfig, warehouse: DuckDBResource, persona: PersonaHome
+):
     with warehouse.get_connection() as con:
         result = imputation.impute(
-            con, persona.models, persona.options(config), retrain=config.retrain, full=config.full_refresh
+            con, persona.models, persona.options(config), retrain=config.retrain, full=full_refresh(context, config)
         )
         # The table's own figures, every run (an incremental run's are only about its people).
         enriched_people = con.execute(
@@ -103,9 +105,11 @@ def impute_attributes(config: ImputationConfig, warehouse: DuckDBResource, perso
     description="One row per person: identity, behaviour, time-decayed category affinity, traits with provenance, "
     "segment path, quality, completeness and the next question to ask.",
 )
-def user_profiles(config: ProfilesConfig, warehouse: DuckDBResource, persona: PersonaHome):
+def user_profiles(
+    context: dg.AssetExecutionContext, config: ProfilesConfig, warehouse: DuckDBResource, persona: PersonaHome
+):
     with warehouse.get_connection() as con:
-        result = profiles.build(con, persona.options(config), full=config.full_refresh)
+        result = profiles.build(con, persona.options(config), full=full_refresh(context, config))
         quality = con.execute(
             """SELECT round(avg(completeness), 3) AS mean_completeness,
                       count(*) FILTER (WHERE age_bracket IS NOT NULL) AS with_age_bracket,

@@ -20,6 +20,7 @@ from persona_assets.core.audience_definitions import SQL_OPERATORS, Definitions,
 from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.publish import sql_identifier
 from persona_assets.core.refresh import SCOPE
+from persona_assets.core.stage import StageResult
 from persona_assets.core.warehouse import data_as_of
 
 TABLE = "computed_traits"
@@ -28,12 +29,9 @@ PROFILED = "(SELECT * FROM {events} WHERE person_id IN (SELECT person_id FROM us
 
 
 @dataclass
-class TraitsReport:
-    mode: str
-    why: str
-    people_recomputed: int | None  # None: everyone
-    rows: int
-    traits: int
+class TraitsReport(StageResult):
+    rows: int = 0  # a row per person and trait
+    traits: int = 0
     as_of: object = None
 
 
@@ -138,20 +136,15 @@ def build(con: duckdb.DuckDBPyConnection, definitions: Definitions, full: bool =
     bind = Binder()
     selects = [trait_select(spec, events, bind) for spec in specs]
     scoped = "" if p.full else f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with warehouse.scratch(con) as s, warehouse.transaction(con):
+        s.adopt("_trait_events")
         con.execute(f"DELETE FROM {TABLE} {scoped}")
         con.execute(f"DELETE FROM {TABLE} WHERE person_id NOT IN (SELECT person_id FROM user_profiles)")
         if selects:
             sql = f"INSERT INTO {TABLE} BY NAME {' UNION ALL '.join(selects)}"
             con.execute(sql, warehouse.bind(sql, {**bind.params, "as_of": as_of}))
-        people = None if p.full else refresh.scope_size(con)
-        refresh.record(con, p, as_of, people)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.execute("DROP TABLE IF EXISTS _trait_events")
-    rows = con.execute(f"SELECT count(*) FROM {TABLE}").fetchall()[0][0]
-    return TraitsReport(p.mode, p.reason, people, rows, len(specs), as_of)
+        recomputed = None if p.full else refresh.scope_size(con)
+        refresh.record(con, p, as_of, recomputed)
+    rows, people = con.execute(f"SELECT count(*), count(DISTINCT person_id) FROM {TABLE}").fetchall()[0]
+    return TraitsReport(mode=p.mode, why=p.reason, people=people, people_recomputed=recomputed,
+                        counts={TABLE: rows}, rows=rows, traits=len(specs), as_of=as_of)  # fmt: skip
