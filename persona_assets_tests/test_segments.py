@@ -4,7 +4,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from persona_assets.core import features, segments
-from persona_assets.core.segments import SegmentOptions, choose_k, knee
+from persona_assets.core.segments import Candidate, SegmentOptions, knee, pick_k, pick_space, stability
 
 from .conftest import person_truth
 
@@ -92,17 +92,34 @@ def test_the_elbow_is_the_knee_of_the_inertia_curve():
     ks = list(range(2, 11))
     inertia = [100, 70, 45, 22, 20, 18.5, 17.5, 16.8, 16.2]
     assert knee(ks, inertia) == 5
-    curve = pd.DataFrame({"k": ks, "inertia": inertia, "silhouette": [0.2, 0.25, 0.3, 0.4, 0.41, 0.3, 0.3, 0.2, 0.2]})
-    assert choose_k(curve, 0.02)[0] == 5, "a silhouette within the tolerance does not move k"
-    curve.loc[curve.k == 8, "silhouette"] = 0.6
-    assert choose_k(curve, 0.02)[0] == 8, "a clearly better silhouette wins"
+
+
+def test_k_and_space_are_the_most_stable_under_resampling():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 8, size=(4, 6))
+    blobs = np.concatenate([c + rng.normal(size=(300, 6)) for c in centres])
+    opts = SegmentOptions()
+    scores = {k: stability(blobs, k, opts) for k in (2, 3, 4, 5, 6)}
+    assert scores[4] >= 0.95 and scores[5] < scores[4] - 0.03 and scores[6] < scores[4] - 0.03, scores
+    assert pick_k([Candidate("features", k, s, "") for k, s in scores.items()], 0.03).k == 4
+    # A space whose k merged two groups can be as stable; of equally stable picks, the fewer
+    # segments win, then the raw features; a clearly more stable pick wins whatever its k.
+    picks = [Candidate("autoencoder", 5, 0.99, ""), Candidate("features", 6, 0.98, "")]
+    assert pick_space(picks, 0.03).space == "autoencoder"
+    picks = [Candidate("autoencoder", 5, 0.99, ""), Candidate("features", 5, 0.97, "")]
+    assert pick_space(picks, 0.03).space == "features"
+    picks = [Candidate("autoencoder", 4, 0.99, ""), Candidate("features", 5, 0.90, "")]
+    assert pick_space(picks, 0.03).k == 4
 
 
 def test_the_autoencoder_space_is_compared_with_the_raw_features(segmented):
     model = segmented[3]["model"]
-    assert {"silhouette_features", "silhouette_autoencoder"} <= set(model.scores)
-    best = max(("features", "autoencoder"), key=lambda s: model.scores[f"silhouette_{s}"])
-    assert model.space == best
+    assert {"silhouette_features", "silhouette_autoencoder", "stability_features", "stability_autoencoder"} <= set(
+        model.scores
+    )
+    best = max(model.scores[f"stability_{s}"] for s in ("features", "autoencoder"))
+    assert model.scores[f"stability_{model.space}"] >= best - SegmentOptions().stability_tolerance
+    assert "stability" in model.reason and f"k={model.chosen_k}" in model.reason
     assert set(model.curves.space) == {"features", "autoencoder"}
     assert segments.curves_png(model)[:8] == b"\x89PNG\r\n\x1a\n"
 

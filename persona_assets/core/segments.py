@@ -1,5 +1,6 @@
-"""Segmentation: k-means with k by elbow and silhouette, Ward sub-segments, HDBSCAN noise,
-an autoencoder embedding as an alternative space, readable names and ids kept across retrains.
+"""Segmentation: k-means with k and feature space chosen by bootstrap stability (among the ks from
+the elbow to the best silhouette), Ward sub-segments, HDBSCAN noise, an autoencoder embedding as
+an alternative space, readable names and ids kept across retrains.
 
 Works on the normalized feature matrix (one row per person, pandas/numpy); everything that
 scales with people is either a nearest-centroid assignment or fitted on a sample.
@@ -17,7 +18,7 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans, MiniBatchKMeans
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import silhouette_score
+from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.neighbors import NearestNeighbors
 from sklearn.neural_network import MLPRegressor
@@ -38,7 +39,9 @@ class SegmentOptions:
     k_max: int = 10
     scan_sample: int = 20_000
     silhouette_sample: int = 4_000
-    silhouette_tolerance: float = 0.02
+    stability_tolerance: float = 0.03
+    stability_rounds: int = 4
+    stability_sample: int = 2_000
     minibatch_above: int = 100_000
     sub_k_max: int = 4
     sub_sample: int = 2_000
@@ -159,27 +162,50 @@ def scan_k(Z: np.ndarray, opts: SegmentOptions) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def choose_k(curve: pd.DataFrame, tolerance: float) -> tuple[int, int, str]:
-    """k at the elbow, unless another k's silhouette beats the elbow's by more than `tolerance`."""
-    ks, sil = curve["k"].tolist(), dict(zip(curve["k"], curve["silhouette"]))
-    elbow = knee(ks, curve["inertia"].tolist())
-    best = max(ks, key=lambda k: sil[k])
-    if sil[best] - sil[elbow] > tolerance:
-        return (
-            best,
-            elbow,
-            (
-                f"silhouette {sil[best]:.3f} at k={best} beats the elbow k={elbow} ({sil[elbow]:.3f}) by more than {tolerance}"
-            ),
+def stability(Z: np.ndarray, k: int, opts: SegmentOptions) -> float:
+    """How well k-means with this k reproduces itself: the mean adjusted Rand index between the
+    labels two fits on independent bootstrap samples give the same probe people.
+
+    A k that matches real structure finds the same groups from any sample (near 1); a k that
+    cuts a blob where the cut happens to fall, or splits a group in two, does not. The index
+    needs no distances, so candidates from different spaces are scored on one scale."""
+    rng = np.random.default_rng(opts.seed)
+    probe = Z[rng.choice(len(Z), min(len(Z), opts.silhouette_sample), replace=False)]
+    size = min(len(Z), opts.stability_sample)
+    agreement = []
+    for r in range(opts.stability_rounds):
+        a, b = (
+            KMeans(k, n_init=3, random_state=opts.seed + 2 * r + i).fit(Z[rng.choice(len(Z), size, replace=True)])
+            for i in range(2)
         )
-    return (
-        elbow,
-        elbow,
-        (
-            f"elbow of the inertia curve at k={elbow} (silhouette {sil[elbow]:.3f}; best {sil[best]:.3f} at k={best},"
-            f" within {tolerance})"
-        ),
-    )
+        agreement.append(adjusted_rand_score(a.predict(probe), b.predict(probe)))
+    return float(np.mean(agreement))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    space: str
+    k: int
+    stability: float
+    reason: str
+
+
+def pick_k(candidates: list[Candidate], tolerance: float) -> Candidate:
+    """Within one space: the largest k as stable as the most stable one (within `tolerance`).
+    A k that splits a real group, or cuts a blob, reproduces itself worse; merging two real
+    groups stays stable, so of the equally stable the largest is the one that merged none.
+    k = 2 stands only when nothing larger is near as stable (any data splits in two the same way)."""
+    best = max(c.stability for c in candidates)
+    near = [c for c in candidates if c.stability >= best - tolerance]
+    return max(near, key=lambda c: c.k)
+
+
+def pick_space(picks: list[Candidate], tolerance: float) -> Candidate:
+    """Across spaces (one pick each): the most stable; within `tolerance`, the fewest segments, then the
+    raw feature space (the simpler model)."""
+    best = max(c.stability for c in picks)
+    near = [c for c in picks if c.stability >= best - tolerance]
+    return min(near, key=lambda c: (c.k, c.space != "features"))
 
 
 # Readable words for a feature far above (+) or below (-) the average.
@@ -382,6 +408,22 @@ def untrainable(X: np.ndarray, opts: SegmentOptions) -> str | None:
     return None
 
 
+def _candidates(space: str, Z: np.ndarray, curve: pd.DataFrame) -> list[int]:
+    """A space's proposals: every k from the elbow of the inertia curve to the best silhouette."""
+    elbow = knee(curve["k"].tolist(), curve["inertia"].tolist())
+    best = int(curve.loc[curve["silhouette"].idxmax(), "k"])
+    return list(range(min(elbow, best), max(elbow, best) + 1))
+
+
+def _pick_reason(chosen: Candidate, picks: list[Candidate]) -> str:
+    other = ", ".join(f"{c.space} space k={c.k} ({c.stability:.2f})" for c in picks if c != chosen)
+    return (
+        f"{chosen.space} space, k={chosen.k}: stability under bootstrap resampling {chosen.stability:.2f} "
+        f"(adjusted Rand index between k-means fits on two samples); {chosen.reason}, the largest as stable "
+        f"as the best{'; other space: ' + other if other else ''}"
+    )
+
+
 def train(
     X: pd.DataFrame, opts: SegmentOptions, feature_version: int, version: int, previous: SegmentModel | None = None
 ) -> SegmentModel:
@@ -394,22 +436,29 @@ def train(
     settings = opts.model_settings()
     # k cannot exceed the number of different behaviour profiles (a small or uniform population).
     opts = replace(opts, k_max=min(opts.k_max, distinct_rows(Xn) - 1))
-    spaces: dict[str, tuple[np.ndarray, object]] = {"features": (Xn, None)}
+    spaces: dict[str, tuple[np.ndarray, object]] = {"features": (Xn, None)} if opts.space != "autoencoder" else {}
     scores: dict[str, float] = {}
     if opts.space in ("auto", "autoencoder"):
         encoder, r2 = train_autoencoder(Xn, opts)
         spaces["autoencoder"] = (encode(Xn, encoder), encoder)
         scores["autoencoder_reconstruction_r2"] = round(r2, 3)
-    curves, picks = [], {}
+    curves, candidates, elbows = [], [], {}
     for name, (Z, _) in spaces.items():
+        if opts.space not in ("auto", name):
+            continue
         curve = scan_k(Z, opts).assign(space=name)
         curves.append(curve)
-        k, elbow, reason = choose_k(curve, opts.silhouette_tolerance)
-        picks[name] = (k, elbow, reason, float(curve.set_index("k").loc[k, "silhouette"]))
-        scores[f"silhouette_{name}"] = round(picks[name][3], 3)
-    space = opts.space if opts.space != "auto" else max(picks, key=lambda s: picks[s][3])
+        elbows[name] = knee(curve["k"].tolist(), curve["inertia"].tolist())
+        ks = _candidates(name, Z, curve)
+        tried = f"k={ks[0]}..{ks[-1]} tried, from the elbow (k={elbows[name]}) to the best silhouette"
+        proposals = [Candidate(name, k, stability(Z, k, opts), tried) for k in ks]
+        best = pick_k(proposals, opts.stability_tolerance)
+        scores[f"silhouette_{name}"] = round(float(curve.set_index("k").loc[best.k, "silhouette"]), 3)
+        scores[f"stability_{name}"] = round(best.stability, 3)
+        candidates.append(best)
+    chosen = pick_space(candidates, opts.stability_tolerance)
+    space, k, elbow, reason = chosen.space, chosen.k, elbows[chosen.space], _pick_reason(chosen, candidates)
     Z, encoder = spaces[space]
-    k, elbow, reason, _ = picks[space]
     km = _kmeans(Z, k, opts, n_init=10)
     labels = km.labels_
     mean, std = Xn.mean(axis=0), Xn.std(axis=0)
@@ -460,7 +509,7 @@ def train(
         curves=pd.concat(curves, ignore_index=True),
         chosen_k=k,
         knee=elbow,
-        reason=f"{space} space (best silhouette); {reason}",
+        reason=reason,
         scores=scores,
         settings=settings,
         matching=matching,
