@@ -118,7 +118,7 @@ class IdentityConfig(RefreshConfig):
         "age, postcode and city (Splink).",
     )
     link_threshold: float = Field(
-        default=0.9, gt=0, lt=1, description="Match probability at or above which two people are linked."
+        default=0.7, gt=0, lt=1, description="Match probability at or above which two people are linked."
     )
     link_across_user_ids: bool = Field(
         default=False, description="Let a probabilistic link join two people with different verified userIds."

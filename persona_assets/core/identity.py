@@ -43,7 +43,7 @@ class IdentityOptions:
     max_emails_per_identifier: int = 3
     max_anonymous_ids_per_identifier: int = 20
     linkage: bool = True
-    link_threshold: float = 0.9
+    link_threshold: float = 0.7
     link_across_user_ids: bool = False
     min_link_records: int = 1000
 
