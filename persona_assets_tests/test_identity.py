@@ -184,7 +184,8 @@ def test_two_accounts_sharing_an_email_with_agreeing_names_merge(accounts):
     assert len(planted) >= 50 and recall >= 0.9 and precision == 1.0
     # Each merge is a link with the weights that made it, the shared email's among them...
     assert len(links) == merged and (links.status == "merged").all()
-    assert (links.reason == "two accounts with one email or phone").all() and (links.match_probability >= 0.9).all()
+    assert (links.reason == "two accounts with one email or phone").all()
+    assert (links.match_probability >= IdentityOptions().link_threshold).all()
     assert all(json.loads(w)["shared_contact"] > 10 for w in links.weights)
     # ...and the people merged are recorded as merged.
     assert ("merge", "linkage", merged) in history

@@ -55,7 +55,9 @@ class IdentityOptions:
         "After deterministic stitching, link people who share no identifier by name, birth date, "
         "age, postcode and city (Splink).",
     )
-    link_threshold: float = setting(0.9, "Match probability at or above which two people are linked.", gt=0, lt=1)
+    link_threshold: float = setting(
+        0.7, "Match probability at or above which two people are linked (7 to 3 or better).", gt=0, lt=1
+    )
     link_across_user_ids: bool = setting(
         False, "Let a probabilistic link join two people with different verified userIds."
     )

@@ -627,7 +627,7 @@ def save_model(con: duckdb.DuckDBPyConnection, settings: dict, records: int, sta
 
 
 # The thresholds the metadata counts links at.
-THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 
 
 def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outside: str | None,
