@@ -137,26 +137,13 @@ IdentityConfig = stage_config("IdentityConfig", IdentityOptions, _IdentityRun)
 CleaningConfig = stage_config("CleaningConfig", CleaningOptions, _StageRun)
 
 
-class FeaturesConfig(RefreshConfig):
-    """How cleaned_users becomes the modelling matrix."""
-
-    scaling: str = Field(default="zscore", description="zscore or minmax, after log1p of counts and money.")
-    clip_method: str = Field(
-        default="mad", description="Fences the heavy-tailed features are clipped to: mad, iqr, zscore or none."
-    )
-    clip_limit: float = Field(default=3.5, gt=0, description="Fence width (the cleaning stage's outlier_limit).")
-    max_categories: int = Field(default=20, ge=1, description="Categories kept as own columns; the rest is 'other'.")
+class _FeaturesRun(_StageRun):
     refit: bool = Field(
         default=False, description="Fit a new transform (a new version) instead of scoring with the saved one."
     )
 
-    def options(self) -> FeatureOptions:
-        return FeatureOptions(
-            scaling=self.scaling,
-            clip_method=self.clip_method,
-            clip_limit=self.clip_limit,
-            max_categories=self.max_categories,
-        )
+
+FeaturesConfig = stage_config("FeaturesConfig", FeatureOptions, _FeaturesRun)
 
 
 class SegmentsConfig(RefreshConfig):

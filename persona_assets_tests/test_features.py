@@ -21,17 +21,17 @@ def test_one_row_per_person_with_behaviour_fitted_without_excluded(warehouse_cop
     assert table.person_id.isin(people.loc[people.is_sparse, "person_id"]).any()
     fitted = people.loc[~people.exclude_from_fitting, "person_id"]
     assert set(table.loc[table.used_for_fitting, "person_id"]) == set(fitted)
-    assert result["transform"].fitted_rows == len(fitted)
+    assert result.transform.fitted_rows == len(fitted)
 
 
 def test_zscore_centres_fitted_rows_and_minmax_bounds_them(warehouse_copy):
     con, store, _ = warehouse_copy
-    transform = build(con, store, FeatureOptions(scaling="zscore"))["transform"]
+    transform = build(con, store, FeatureOptions(scaling="zscore")).transform
     fit = _table(con).query("used_for_fitting")[transform.features]
     varying = fit.columns[fit.std() > 0]
     assert np.allclose(fit.mean(), 0, atol=1e-6)
     assert np.allclose(fit[varying].std(ddof=0), 1, atol=1e-6)
-    transform = build(con, store, FeatureOptions(scaling="minmax"))["transform"]
+    transform = build(con, store, FeatureOptions(scaling="minmax")).transform
     fit = _table(con).query("used_for_fitting")[transform.features]
     assert fit.min().min() >= -1e-9 and fit.max().max() <= 1 + 1e-9
     assert transform.version == 2, "a settings change fits and saves a new version"
@@ -43,7 +43,7 @@ def test_heavy_tails_are_log1p_and_clipped_at_the_fences(warehouse_copy):
         "UPDATE cleaned_users SET total_revenue = 1e9 WHERE person_id = (SELECT min(person_id) FROM cleaned_users "
         "WHERE NOT exclude_from_fitting)"
     )
-    transform = build(con, store, FeatureOptions())["transform"]
+    transform = build(con, store, FeatureOptions()).transform
     table = _table(con).set_index("person_id")
     whale = con.execute("SELECT person_id FROM cleaned_users WHERE total_revenue = 1e9").fetchall()[0][0]
     top = (transform.clip_hi["total_revenue"] - transform.center["total_revenue"]) / transform.scale["total_revenue"]
@@ -54,19 +54,19 @@ def test_heavy_tails_are_log1p_and_clipped_at_the_fences(warehouse_copy):
 
 def test_new_people_are_scored_with_the_saved_transform_until_a_refit(warehouse_copy):
     con, store, _ = warehouse_copy
-    first = build(con, store, FeatureOptions())["transform"]
+    first = build(con, store, FeatureOptions()).transform
     # New people arrive with much bigger spend: the saved transform still applies unchanged.
     # (The table is edited behind the change log's back, so the rebuild is asked to be full.)
     con.execute("UPDATE cleaned_users SET total_revenue = total_revenue * 10")
     again = build(con, store, FeatureOptions(), full=True)
-    assert again["transform"].version == first.version and "saved transform" in again["reason"]
+    assert again.transform.version == first.version and "saved transform" in again.reason
     saved = store.load(features.FEATURES_KIND, first.version).payload
     base = load_base(con, saved.categories, "WHERE behaviour_events > 0")
     expected = saved.apply(base).set_index(base.person_id)
     table = _table(con).set_index("person_id")[saved.features]
     pd.testing.assert_frame_equal(table, expected[saved.features], check_names=False, atol=1e-9)
     refit = build(con, store, FeatureOptions(), refit=True)
-    assert refit["transform"].version == first.version + 1 and refit["reason"] == "refit on request"
+    assert refit.transform.version == first.version + 1 and refit.reason == "refit on request"
 
 
 def test_fences_follow_the_cleaning_methods_and_skip_constant_features():

@@ -55,7 +55,7 @@ def build(con: duckdb.DuckDBPyConnection, landing: Path, store: ModelStore, full
     opts = identity.IdentityOptions(min_link_records=100)
     report = {"identity": identity.resolve(con, opts, full=full).people_recomputed}
     report["cleaning"] = cleaning.clean(con, full=full).people_recomputed
-    report["features"] = features.build(con, store, features.FeatureOptions(), full=full).get("people_recomputed")
+    report["features"] = features.build(con, store, features.FeatureOptions(), full=full).people_recomputed
     report["segments"] = segments.build(con, store, segments.SegmentOptions(), full=full).get("people_recomputed")
     opts = imputation.ImputationOptions(enrichment_path=str(shipped_enrichment()))
     report["imputation"] = imputation.impute(con, store, opts, full=full).people_recomputed

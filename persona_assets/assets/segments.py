@@ -7,7 +7,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from persona_assets.automation import EAGER
-from persona_assets.checks import contract_check, frame_md, refresh_metadata, sql_check
+from persona_assets.checks import contract_check, frame_md, refresh_metadata, sql_check, stage_metadata
 from persona_assets.contracts import NormalizedFeatures, SegmentCatalog, Segments
 from persona_assets.core import features, segments
 from persona_assets.resources import PersonaHome
@@ -29,18 +29,13 @@ def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, perso
         result = features.build(
             con, persona.models, persona.options(config), refit=config.refit, full=config.full_refresh
         )
-    transform = result["transform"]
-    metadata = {
-        "dagster/row_count": result["rows"],
-        "status": result["status"] or "fitted",
-        **refresh_metadata(result["mode"], result["people_recomputed"], result["rows"], result["why"]),
-        "people_without_behaviour": result["without_behaviour"],
-    }
+    transform = result.transform
+    metadata = {**stage_metadata(result), "people_without_behaviour": result.without_behaviour}
     if transform is not None:
         metadata.update(
             {
                 "transform_version": transform.version,
-                "transform": result["reason"],
+                "transform": result.reason,
                 "fitted_on_people": transform.fitted_rows,
                 "scaling": transform.scaling,
                 "parameters": frame_md(transform.summary()),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import duckdb
 import numpy as np
@@ -15,7 +16,9 @@ import pandas as pd
 
 from persona_assets.core import refresh
 from persona_assets.core.models import ModelStore
+from persona_assets.core.options import setting
 from persona_assets.core.refresh import SCOPE
+from persona_assets.core.stage import StageResult, retrain_reasons
 from persona_assets.core.warehouse import replace_frame, splice_frame
 
 # Counts, durations and money: heavy-tailed, so modelled on a log1p scale and clipped.
@@ -214,10 +217,14 @@ def fit(
 
 @dataclass(frozen=True)
 class FeatureOptions:
-    scaling: str = "zscore"
-    clip_method: str = "mad"
-    clip_limit: float = 3.5
-    max_categories: int = 20
+    """How cleaned_users becomes the modelling matrix."""
+
+    scaling: Literal["zscore", "minmax"] = setting("zscore", "zscore or minmax, after log1p of counts and money.")
+    clip_method: Literal["mad", "iqr", "zscore", "none"] = setting(
+        "mad", "Fences the heavy-tailed features are clipped to: mad, iqr, zscore or none."
+    )
+    clip_limit: float = setting(3.5, "Fence width (the cleaning stage's outlier_limit).", gt=0)
+    max_categories: int = setting(20, "Categories kept as own columns; the rest is 'other'.", ge=1)
 
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
@@ -243,8 +250,15 @@ def empty_matrix() -> pd.DataFrame:
     return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns.items()})
 
 
+@dataclass
+class FeatureResult(StageResult):
+    transform: FeatureTransform | None = None  # None: nothing could be fitted (see status)
+    reason: str = ""  # why this transform: fitted now, or the saved one
+    without_behaviour: int = 0  # people the table leaves out
+
+
 def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOptions, refit: bool = False,
-          full: bool = False) -> dict:  # fmt: skip
+          full: bool = False) -> FeatureResult:  # fmt: skip
     """Bring `normalized_features` up to date with the saved transform, fitting (and saving) a new one when needed.
 
     A new transform is fitted on request, when none is saved yet, or when the settings changed;
@@ -254,55 +268,41 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
     `status` says why.
     """
     saved = store.latest(FEATURES_KIND)
-    refitting = refit or saved is None or not opts.matches(saved.payload)
-    version = (saved.version + 1 if refitting else saved.version) if saved else 1
+    changed = {} if saved is None else {"settings changed": not opts.matches(saved.payload)}
+    why = retrain_reasons(refit, saved is None, changed, what="transform", verb="refit")
+    version = (saved.version + 1 if why else saved.version) if saved else 1
     p = refresh.plan(con, "features", {**asdict(opts), "transform_version": version}, ("normalized_features",),
-                     full=full or refitting, full_reason="full rebuild asked for" if full else "transform refitted")  # fmt: skip
-    categories = top_categories(con, opts.max_categories) if refitting else saved.payload.categories
+                     full=full or bool(why), full_reason="full rebuild asked for" if full else "transform refitted")  # fmt: skip
+    categories = top_categories(con, opts.max_categories) if why else saved.payload.categories
     base = load_base(con, categories, "" if p.full else f"WHERE person_id IN (SELECT person_id FROM {SCOPE})")
-    status = None
-    if refitting:
-        reason = "refit on request" if refit else "no saved transform" if saved is None else "settings changed"
+    if why:
         fit_rows = base[~base["exclude_from_fitting"]]
         if len(fit_rows) < MIN_FIT_PEOPLE:
-            status = not_fitted_status(base)
-            return _not_fitted(con, p, base, status)
+            return _not_fitted(con, p, base, not_fitted_status(base))
         transform = fit(fit_rows, categories, opts.scaling, opts.clip_method, opts.clip_limit)
         transform.version = version
         store.save(FEATURES_KIND, transform, transform.to_dict())
     else:
-        reason, transform = f"scored with saved transform v{saved.version}", saved.payload
-    rows = base[base["behaviour_events"] > 0]
-    matrix = transform.apply(rows)
-    frame = pd.concat(
-        [
-            pd.DataFrame(
-                {
-                    "person_id": rows["person_id"],
-                    "used_for_fitting": ~rows["exclude_from_fitting"],
-                    "transform_version": transform.version,
-                }
-            ),
-            matrix,
-        ],
-        axis=1,
-    )
-    recorded = lambda: refresh.record(con, p, None, len(base))  # noqa: E731
-    if p.full:
-        replace_frame(con, "normalized_features", frame, before_commit=recorded)
-    else:
-        splice_frame(con, "normalized_features", frame, before_commit=recorded)
+        transform = saved.payload
+    _write(con, p, base, transform)
     total = con.execute("SELECT count(*) FROM normalized_features").fetchall()[0][0]
-    return {
-        "transform": transform,
-        "reason": reason,
-        "status": status,
-        "rows": total,
-        "without_behaviour": _without_behaviour(con),
-        "mode": p.mode,
-        "why": p.reason,
-        "people_recomputed": None if p.full else len(base),
-    }
+    return FeatureResult(
+        mode=p.mode, why=p.reason, people=total, people_recomputed=None if p.full else len(base),
+        counts={"normalized_features": total}, trained=bool(why), transform=transform,
+        reason="; ".join(why) or f"scored with saved transform v{saved.version}", without_behaviour=_without_behaviour(con),
+    )  # fmt: skip
+
+
+def _write(con: duckdb.DuckDBPyConnection, p: refresh.Plan, base: pd.DataFrame, transform: FeatureTransform) -> None:
+    """The matrix of the people with behaviour in `base`: everyone's swapped in, or the scope's spliced in."""
+    rows = base[base["behaviour_events"] > 0]
+    ids = pd.DataFrame(
+        {"person_id": rows["person_id"], "used_for_fitting": ~rows["exclude_from_fitting"],
+         "transform_version": transform.version}  # fmt: skip
+    )
+    frame = pd.concat([ids, transform.apply(rows)], axis=1)
+    recorded = lambda: refresh.record(con, p, None, len(base))  # noqa: E731
+    (replace_frame if p.full else splice_frame)(con, "normalized_features", frame, before_commit=recorded)
 
 
 def _without_behaviour(con: duckdb.DuckDBPyConnection) -> int:
@@ -325,17 +325,11 @@ def not_fitted_status(base: pd.DataFrame) -> str:
     )
 
 
-def _not_fitted(con: duckdb.DuckDBPyConnection, p: refresh.Plan, base: pd.DataFrame, status: str) -> dict:
+def _not_fitted(con: duckdb.DuckDBPyConnection, p: refresh.Plan, base: pd.DataFrame, status: str) -> FeatureResult:
     replace_frame(
         con, "normalized_features", empty_matrix(), before_commit=lambda: refresh.record(con, p, None, len(base))
     )
-    return {
-        "transform": None,
-        "reason": "nothing to fit on",
-        "status": status,
-        "rows": 0,
-        "without_behaviour": int((base["behaviour_events"] == 0).sum()),
-        "mode": p.mode,
-        "why": p.reason,
-        "people_recomputed": None,
-    }
+    return FeatureResult(
+        mode=p.mode, why=p.reason, people=0, status=status, reason="nothing to fit on",
+        without_behaviour=int((base["behaviour_events"] == 0).sum()),
+    )  # fmt: skip
