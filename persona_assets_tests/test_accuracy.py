@@ -202,3 +202,53 @@ def test_top_category_beats_plain_counting(resolved, shaped, tmp_path):
     with profiled_copy(path, tmp_path / "shape") as con:
         scores = top_category_precision(con, truth)
     assert scores["people"] > 1000 and scores["top"] >= scores["plain"] + 0.05, scores
+
+
+# Segments against the planted archetypes (part 5): buyer shares the generator's archetypes do
+# not set, at three sizes. Each case generates, ingests, resolves and cleans its own data.
+SEGMENT_SHAPES = {"buyers_10": Shape(buyer_share=0.1), "buyers_40": Shape(buyer_share=0.4),
+                  "buyers_60": Shape(buyer_share=0.6)}  # fmt: skip
+
+
+def segment_scores(path: Path, truth: Path, root: Path) -> dict:
+    """ARI of the segments (people who are not planted bots) against the planted archetypes,
+    with the k and space chosen and the seconds features and segments took."""
+    import time
+
+    from sklearn.metrics import adjusted_rand_score
+
+    from persona_assets.core import features, segments
+    from persona_assets.core.models import ModelStore
+
+    shutil.copy2(path, root / "segmented.duckdb")
+    with duckdb.connect(str(root / "segmented.duckdb")) as con:
+        store = ModelStore(root / "models")
+        started = time.perf_counter()
+        features.build(con, store, features.FeatureOptions())
+        model = segments.build(con, store, segments.SegmentOptions())["model"]
+        seconds = time.perf_counter() - started
+        people = pd.read_parquet(truth / "people.parquet")[["person_key", "archetype", "is_bot"]]
+        rows = con.execute("SELECT person_id, segment_id FROM segments WHERE segment_id IS NOT NULL").df()
+        rows = rows.merge(person_keys(con, truth), on="person_id").merge(people, on="person_key")
+    humans = rows[~rows.is_bot]
+    ari = adjusted_rand_score(humans.archetype, humans.segment_id)
+    return {"ari": round(ari, 3), "k": model.chosen_k, "space": model.space, "seconds": round(seconds, 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="issue 21 part 5 is not met yet: k and space by bootstrap stability still pick k = 6 (features, 10% "
+    "buyers) or the autoencoder's k = 10 (40% and 60% buyers) on some sizes; ARI seen 0.58-0.94",
+    strict=False,
+)
+@pytest.mark.parametrize("people", [2000, 5000, 10000])
+@pytest.mark.parametrize("name", list(SEGMENT_SHAPES))
+def test_segments_recover_the_archetypes_at_every_size_and_buyer_share(tmp_path, name, people):
+    # The goal of issue 21 part 5. Seen (k and space by stability): 10% buyers 0.925 / 0.825 (k 6) /
+    # 0.824 (k 6) at 2,000 / 5,000 / 10,000 people; 40% 0.815 (k 6) / 0.870 (k 6) / 0.583 (k 10);
+    # 60% 0.935 / 0.591 (k 10) / 0.939. Before (by silhouette), on data generated with 2,000
+    # people a file: 0.80 (k 8) at 10% and 10,000 people, 0.71 (k 9) and 0.60 (k 10) at 60%.
+    path, truth, _ = build(tmp_path, SEGMENT_SHAPES[name], people=people)
+    scores = segment_scores(path, truth, tmp_path)
+    print(f"\nsegments {name} {people:,} people: {scores}")
+    assert scores["ari"] >= 0.9 and scores["k"] == 5, scores

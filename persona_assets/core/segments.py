@@ -41,7 +41,7 @@ class SegmentOptions:
     silhouette_sample: int = 4_000
     stability_tolerance: float = 0.03
     stability_rounds: int = 4
-    stability_sample: int = 2_000
+    stability_sample: int = 4_000
     minibatch_above: int = 100_000
     sub_k_max: int = 4
     sub_sample: int = 2_000
@@ -120,7 +120,7 @@ def train_autoencoder(X: np.ndarray, opts: SegmentOptions) -> tuple[list[tuple[n
         hidden_layer_sizes=(hidden, opts.embedding_dim, hidden),
         activation="tanh",
         max_iter=500,
-        early_stopping=True,
+        early_stopping=len(rows) >= 100,  # its validation split needs people to hold out
         random_state=opts.seed,
     )
     # Not converging within max_iter is reported (as its R²), not raised: the embedding is
@@ -174,10 +174,12 @@ def stability(Z: np.ndarray, k: int, opts: SegmentOptions) -> float:
     size = min(len(Z), opts.stability_sample)
     agreement = []
     for r in range(opts.stability_rounds):
-        a, b = (
-            KMeans(k, n_init=3, random_state=opts.seed + 2 * r + i).fit(Z[rng.choice(len(Z), size, replace=True)])
-            for i in range(2)
-        )
+        with warnings.catch_warnings():  # a resample of a small population may hold fewer distinct rows than k
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            a, b = (
+                KMeans(k, n_init=3, random_state=opts.seed + 2 * r + i).fit(Z[rng.choice(len(Z), size, replace=True)])
+                for i in range(2)
+            )
         agreement.append(adjusted_rand_score(a.predict(probe), b.predict(probe)))
     return float(np.mean(agreement))
 
