@@ -146,31 +146,11 @@ class _FeaturesRun(_StageRun):
 FeaturesConfig = stage_config("FeaturesConfig", FeatureOptions, _FeaturesRun)
 
 
-class SegmentsConfig(RefreshConfig):
-    """Segmentation: k range, sub-segments, noise, embedding and id matching."""
-
-    k_min: int = Field(default=2, ge=2, description="Smallest k tried.")
-    k_max: int = Field(default=10, ge=2, description="Largest k tried.")
-    stability_tolerance: float = Field(
-        default=0.03,
-        ge=0,
-        description="k and space are chosen among those this close to the most stable under bootstrap resampling.",
-    )
-    space: str = Field(
-        default="auto", description="features, autoencoder, or auto (the more stable under bootstrap resampling)."
-    )
-    embedding_dim: int = Field(default=4, ge=1, description="Width of the autoencoder's bottleneck.")
-    sub_k_max: int = Field(default=4, ge=2, description="Most sub-segments per segment (Ward).")
-    noise_min_cluster_size: int = Field(default=40, ge=2, description="HDBSCAN: smallest dense group (in the sample).")
-    minibatch_above: int = Field(default=100_000, ge=1, description="Use MiniBatchKMeans above this many people.")
-    match_max_distance: float = Field(
-        default=1.0, gt=0, description="A retrained segment keeps an old id when its profile is this close."
-    )
-    seed: int = Field(default=0, description="Random seed for samples, k-means and the autoencoder.")
+class _SegmentsRun(_StageRun):
     retrain: bool = Field(default=False, description="Train a new model instead of assigning with the saved one.")
 
-    def options(self) -> SegmentOptions:
-        return SegmentOptions(**self.model_dump(exclude={"retrain", "full_refresh"}))
+
+SegmentsConfig = stage_config("SegmentsConfig", SegmentOptions, _SegmentsRun)
 
 
 def shipped_enrichment() -> Path:

@@ -5,6 +5,7 @@ stages against the generator's truth."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -225,7 +226,7 @@ def segment_scores(path: Path, truth: Path, root: Path) -> dict:
         store = ModelStore(root / "models")
         started = time.perf_counter()
         features.build(con, store, features.FeatureOptions())
-        model = segments.build(con, store, segments.SegmentOptions())["model"]
+        model = segments.build(con, store, segments.SegmentOptions()).model
         seconds = time.perf_counter() - started
         people = pd.read_parquet(truth / "people.parquet")[["person_key", "archetype", "is_bot"]]
         rows = con.execute("SELECT person_id, segment_id FROM segments WHERE segment_id IS NOT NULL").df()
@@ -235,14 +236,25 @@ def segment_scores(path: Path, truth: Path, root: Path) -> dict:
     return {"ari": round(ari, 3), "k": model.chosen_k, "space": model.space, "seconds": round(seconds, 1)}
 
 
+# Where the goal of issue 21 part 5 (ARI >= 0.9, k = 5) is not met yet, as measured: k and space by
+# bootstrap stability still pick k = 6 (features, 10% buyers) or the autoencoder's k = 10 (40% and
+# 60% buyers) there. These cases are strict xfails: one that starts meeting the goal fails the test,
+# so the list (and the README's table) is kept true.
+SEGMENTS_SHORT_OF_GOAL = {("buyers_40", 2000), ("buyers_10", 5000), ("buyers_40", 5000), ("buyers_60", 5000),
+                          ("buyers_10", 10000), ("buyers_40", 10000)}  # fmt: skip
+# make test runs the 2,000-people grid; the whole grid: PERSONA_SEGMENT_SIZES=2000,5000,10000 (about 10 minutes).
+SEGMENT_SIZES = [int(n) for n in os.environ.get("PERSONA_SEGMENT_SIZES", "2000").split(",")]
+
+
+def _segment_case(name: str, people: int):
+    if (name, people) not in SEGMENTS_SHORT_OF_GOAL:
+        return pytest.param(name, people)
+    short = pytest.mark.xfail(reason="issue 21 part 5 not met here yet (see SEGMENTS_SHORT_OF_GOAL)", strict=True)
+    return pytest.param(name, people, marks=short)
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="issue 21 part 5 is not met yet: k and space by bootstrap stability still pick k = 6 (features, 10% "
-    "buyers) or the autoencoder's k = 10 (40% and 60% buyers) on some sizes; ARI seen 0.58-0.94",
-    strict=False,
-)
-@pytest.mark.parametrize("people", [2000, 5000, 10000])
-@pytest.mark.parametrize("name", list(SEGMENT_SHAPES))
+@pytest.mark.parametrize(("name", "people"), [_segment_case(n, k) for k in SEGMENT_SIZES for n in SEGMENT_SHAPES])
 def test_segments_recover_the_archetypes_at_every_size_and_buyer_share(tmp_path, name, people):
     # The goal of issue 21 part 5. Seen (k and space by stability): 10% buyers 0.925 / 0.825 (k 6) /
     # 0.824 (k 6) at 2,000 / 5,000 / 10,000 people; 40% 0.815 (k 6) / 0.870 (k 6) / 0.583 (k 10);

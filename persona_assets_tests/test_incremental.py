@@ -56,7 +56,7 @@ def build(con: duckdb.DuckDBPyConnection, landing: Path, store: ModelStore, full
     report = {"identity": identity.resolve(con, opts, full=full).people_recomputed}
     report["cleaning"] = cleaning.clean(con, full=full).people_recomputed
     report["features"] = features.build(con, store, features.FeatureOptions(), full=full).people_recomputed
-    report["segments"] = segments.build(con, store, segments.SegmentOptions(), full=full).get("people_recomputed")
+    report["segments"] = segments.build(con, store, segments.SegmentOptions(), full=full).people_recomputed
     opts = imputation.ImputationOptions(enrichment_path=str(shipped_enrichment()))
     report["imputation"] = imputation.impute(con, store, opts, full=full).people_recomputed
     report["profiles"] = profiles.build(con, full=full).people_recomputed

@@ -27,7 +27,7 @@ def test_segments_recover_the_planted_archetypes(segmented):
     humans = people[~people.is_bot]
     ari = adjusted_rand_score(humans.archetype, humans.segment_id)
     assert ari >= 0.8, f"adjusted Rand index {ari:.3f}"
-    assert result["model"].chosen_k == 5
+    assert result.model.chosen_k == 5
 
 
 def test_retraining_on_the_same_data_keeps_people_in_their_segment_ids(segmented):
@@ -35,28 +35,28 @@ def test_retraining_on_the_same_data_keeps_people_in_their_segment_ids(segmented
     before = _segments(con)
     again = segments.build(con, store, SegmentOptions(seed=3), retrain=True)
     after = _segments(con)
-    assert again["trained"] and again["model"].version == first["model"].version + 1
+    assert again.trained and again.model.version == first.model.version + 1
     kept = (before.set_index("person_id").segment_id == after.set_index("person_id").segment_id).mean()
     assert kept >= 0.95
     # Sub-segments live in the feature space, so a new autoencoder does not reshuffle them.
     sub_kept = (before.set_index("person_id").subsegment_id == after.set_index("person_id").subsegment_id).mean()
     assert sub_kept >= 0.75, sub_kept
-    assert again["moved_share"] == pytest.approx(1 - kept)
-    matching = again["model"].matching
-    assert len(matching) == first["model"].chosen_k and matching.kept_id.all()
+    assert again.moved_share == pytest.approx(1 - kept)
+    matching = again.model.matching
+    assert len(matching) == first.model.chosen_k and matching.kept_id.all()
 
 
 def test_a_refresh_assigns_with_the_saved_model(segmented):
     con, store, _, first = segmented
     # Nothing changed upstream: an incremental refresh has nobody to assign.
     idle = segments.build(con, store, SegmentOptions())
-    assert idle["mode"] == "incremental" and idle["people_recomputed"] == 0
+    assert idle.mode == "incremental" and idle.people_recomputed == 0
     again = segments.build(con, store, SegmentOptions(), full=True)
-    assert not again["trained"] and again["model"].version == first["model"].version
-    assert again["moved_share"] == 0
+    assert not again.trained and again.model.version == first.model.version
+    assert again.moved_share == 0
     # A features refit means the saved model no longer fits the matrix: it retrains.
     features.build(con, store, features.FeatureOptions(), refit=True)
-    assert segments.build(con, store, SegmentOptions())["why"] == "features were refitted"
+    assert segments.build(con, store, SegmentOptions()).why == "features were refitted"
 
 
 def test_everyone_with_behaviour_has_a_segment_and_excluded_people_are_low_confidence(segmented):
@@ -113,7 +113,7 @@ def test_k_and_space_are_the_most_stable_under_resampling():
 
 
 def test_the_autoencoder_space_is_compared_with_the_raw_features(segmented):
-    model = segmented[3]["model"]
+    model = segmented[3].model
     assert {"silhouette_features", "silhouette_autoencoder", "stability_features", "stability_autoencoder"} <= set(
         model.scores
     )
@@ -127,6 +127,6 @@ def test_the_autoencoder_space_is_compared_with_the_raw_features(segmented):
 def test_one_space_only_when_asked(warehouse_copy):
     con, store, _ = warehouse_copy
     features.build(con, store, features.FeatureOptions())
-    model = segments.build(con, store, SegmentOptions(space="features", k_max=6))["model"]
+    model = segments.build(con, store, SegmentOptions(space="features", k_max=6)).model
     assert model.space == "features" and model.encoder is None and "silhouette_autoencoder" not in model.scores
     assert np.isfinite(model.curves.silhouette).all()

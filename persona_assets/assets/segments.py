@@ -6,8 +6,8 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from persona_assets.automation import EAGER
-from persona_assets.checks import contract_check, frame_md, refresh_metadata, sql_check, stage_metadata
+from persona_assets.automation import EAGER, full_refresh
+from persona_assets.checks import contract_check, frame_md, sql_check, stage_metadata
 from persona_assets.contracts import NormalizedFeatures, SegmentCatalog, Segments
 from persona_assets.core import features, segments
 from persona_assets.resources import PersonaHome
@@ -24,10 +24,12 @@ GROUP = "segmentation"
     pool="duckdb",
     description="One row per person with behaviour: log1p, clipped and scaled features, with a saved, versioned transform.",
 )
-def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, persona: PersonaHome):
+def normalized_features(
+    context: dg.AssetExecutionContext, config: FeaturesConfig, warehouse: DuckDBResource, persona: PersonaHome
+):
     with warehouse.get_connection() as con:
         result = features.build(
-            con, persona.models, persona.options(config), refit=config.refit, full=config.full_refresh
+            con, persona.models, persona.options(config), refit=config.refit, full=full_refresh(context, config)
         )
     transform = result.transform
     metadata = {**stage_metadata(result), "people_without_behaviour": result.without_behaviour}
@@ -66,22 +68,21 @@ def normalized_features(config: FeaturesConfig, warehouse: DuckDBResource, perso
     ],
     pool="duckdb",
 )
-def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: PersonaHome):
+def segment_people(
+    context: dg.AssetExecutionContext, config: SegmentsConfig, warehouse: DuckDBResource, persona: PersonaHome
+):
     with warehouse.get_connection() as con:
         result = segments.build(
-            con, persona.models, persona.options(config), retrain=config.retrain, full=config.full_refresh
+            con, persona.models, persona.options(config), retrain=config.retrain, full=full_refresh(context, config)
         )
-    model = result["model"]
-    groups = result["catalog"]
+    model = result.model
+    groups = result.catalog
     metadata = {
-        "dagster/row_count": result["people"],
         **(figures(model, groups, result) if model is not None else {}),
-        "status": result["status"] or "fitted",
-        "trained": result["trained"],
-        "why": result["why"],
-        **refresh_metadata(result["mode"], result["people_recomputed"], result["people"]),
-        "people_without_segment": result["unsegmented"],
-        "low_confidence_people": result["low_confidence"],
+        **stage_metadata(result),
+        "trained": result.trained,
+        "people_without_segment": result.unsegmented,
+        "low_confidence_people": result.low_confidence,
     }
     if model is not None:
         metadata.update(_model_metadata(model, groups, result, persona.models.root))
@@ -90,7 +91,7 @@ def segment_people(config: SegmentsConfig, warehouse: DuckDBResource, persona: P
         asset_key="segment_catalog",
         metadata={
             "dagster/row_count": len(groups),
-            "status": result["status"] or "fitted",
+            "status": result.status,
             "model_version": model.version if model is not None else "none",
             "catalog": frame_md(groups),
         },
@@ -108,7 +109,7 @@ def _saved_picture(picture: bytes, models_root: Path, version: int) -> Path:
     return path
 
 
-def _model_metadata(model: segments.SegmentModel, groups, result: dict, models_root: Path) -> dict:
+def _model_metadata(model: segments.SegmentModel, groups, result: segments.SegmentResult, models_root: Path) -> dict:
     """What the segment model is: k and why, the curves, the segments and their sizes.
 
     The figures a person looks at first come before, as numbers (`figures`)."""
@@ -129,12 +130,12 @@ def _model_metadata(model: segments.SegmentModel, groups, result: dict, models_r
         "segments": frame_md(top),
         "subsegments": frame_md(subs),
     }
-    if result["trained"] and model.matching is not None and len(model.matching):
+    if result.trained and model.matching is not None and len(model.matching):
         metadata["matching_to_previous_model"] = frame_md(model.matching)
     return metadata
 
 
-def figures(model: segments.SegmentModel, groups, result: dict) -> dict[str, dg.MetadataValue]:
+def figures(model: segments.SegmentModel, groups, result: segments.SegmentResult) -> dict[str, dg.MetadataValue]:
     """The segmentation's first figures, at the top of the asset's page and typed as numbers, so
     they show without a click (a picture is behind *Show Markdown*) and the Plots tab draws each
     across runs: how many segments, the k chosen, each space's silhouette, the noise share and
@@ -145,12 +146,12 @@ def figures(model: segments.SegmentModel, groups, result: dict) -> dict[str, dg.
         "chosen_k": dg.MetadataValue.int(int(model.chosen_k)),
         "elbow_k": dg.MetadataValue.int(int(model.knee)),
         **{name: dg.MetadataValue.float(float(value)) for name, value in model.scores.items()},
-        "noise_share": dg.MetadataValue.float(round(float(result["noise_share"]), 4)),
+        "noise_share": dg.MetadataValue.float(round(float(result.noise_share), 4)),
         "largest_segment_share": dg.MetadataValue.float(round(float(shares.max()), 4) if len(shares) else 0.0),
         "smallest_segment_share": dg.MetadataValue.float(round(float(shares.min()), 4) if len(shares) else 0.0),
     }
-    if result["moved_share"] is not None:
-        out["share_moved_segment"] = dg.MetadataValue.float(round(float(result["moved_share"]), 4))
+    if result.moved_share is not None:
+        out["share_moved_segment"] = dg.MetadataValue.float(round(float(result.moved_share), 4))
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
 import duckdb
 import numpy as np
@@ -27,7 +28,9 @@ from persona_assets.contracts import SegmentCatalog, Segments
 from persona_assets.core import refresh
 from persona_assets.core.features import CATEGORY_PREFIX
 from persona_assets.core.models import ModelStore
+from persona_assets.core.options import setting
 from persona_assets.core.refresh import SCOPE
+from persona_assets.core.stage import StageResult, retrain_reasons
 from persona_assets.core.warehouse import replace_frames, splice_frame, table_exists
 
 SPACES = ("auto", "features", "autoencoder")
@@ -35,25 +38,33 @@ SPACES = ("auto", "features", "autoencoder")
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    k_min: int = 2
-    k_max: int = 10
+    """Segmentation: k range, sub-segments, noise, embedding and id matching."""
+
+    k_min: int = setting(2, "Smallest k tried.", ge=2)
+    k_max: int = setting(10, "Largest k tried.", ge=2)
     scan_sample: int = 20_000
     silhouette_sample: int = 4_000
-    stability_tolerance: float = 0.03
+    stability_tolerance: float = setting(
+        0.03, "k and space are chosen among those this close to the most stable under bootstrap resampling.", ge=0
+    )
     stability_rounds: int = 4
     stability_sample: int = 4_000
-    minibatch_above: int = 100_000
-    sub_k_max: int = 4
+    minibatch_above: int = setting(100_000, "Use MiniBatchKMeans above this many people.", ge=1)
+    sub_k_max: int = setting(4, "Most sub-segments per segment (Ward).", ge=2)
     sub_sample: int = 2_000
     min_subsegment_people: int = 60
     noise_sample: int = 5_000
-    noise_min_cluster_size: int = 40
+    noise_min_cluster_size: int = setting(40, "HDBSCAN: smallest dense group (in the sample).", ge=2)
     noise_min_samples: int = 10
-    space: str = "auto"
-    embedding_dim: int = 4
+    space: Literal["auto", "features", "autoencoder"] = setting(
+        "auto", "features, autoencoder, or auto (the more stable under bootstrap resampling)."
+    )
+    embedding_dim: int = setting(4, "Width of the autoencoder's bottleneck.", ge=1)
     autoencoder_sample: int = 20_000
-    match_max_distance: float = 1.0
-    seed: int = 0
+    match_max_distance: float = setting(
+        1.0, "A retrained segment keeps an old id when its profile is this close.", gt=0
+    )
+    seed: int = setting(0, "Random seed for samples, k-means and the autoencoder.")
 
     def __post_init__(self) -> None:
         if not 2 <= self.k_min <= self.k_max:
@@ -426,18 +437,21 @@ def _pick_reason(chosen: Candidate, picks: list[Candidate]) -> str:
     )
 
 
-def train(
-    X: pd.DataFrame, opts: SegmentOptions, feature_version: int, version: int, previous: SegmentModel | None = None
-) -> SegmentModel:
-    """Fit a segment model on the fit rows of the normalized matrix."""
-    features = list(X.columns)
-    Xn = X.to_numpy(dtype=float)
-    problem = untrainable(Xn, opts)
-    if problem:
-        raise ValueError(problem)
-    settings = opts.model_settings()
-    # k cannot exceed the number of different behaviour profiles (a small or uniform population).
-    opts = replace(opts, k_max=min(opts.k_max, distinct_rows(Xn) - 1))
+@dataclass
+class _Choice:
+    """Which space and k a model is trained with, and the figures that chose them."""
+
+    spaces: dict[str, tuple[np.ndarray, object]]
+    curves: list[pd.DataFrame]
+    chosen: Candidate
+    elbow: int
+    reason: str
+    scores: dict[str, float]
+
+
+def _choose(Xn: np.ndarray, opts: SegmentOptions) -> _Choice:
+    """Each space proposes every k from its elbow to its best silhouette; the most stable under
+    bootstrap resampling wins (see `pick_k`, `pick_space`)."""
     spaces: dict[str, tuple[np.ndarray, object]] = {"features": (Xn, None)} if opts.space != "autoencoder" else {}
     scores: dict[str, float] = {}
     if opts.space in ("auto", "autoencoder"):
@@ -459,44 +473,67 @@ def train(
         scores[f"stability_{name}"] = round(best.stability, 3)
         candidates.append(best)
     chosen = pick_space(candidates, opts.stability_tolerance)
-    space, k, elbow, reason = chosen.space, chosen.k, elbows[chosen.space], _pick_reason(chosen, candidates)
-    Z, encoder = spaces[space]
-    km = _kmeans(Z, k, opts, n_init=10)
-    labels = km.labels_
-    mean, std = Xn.mean(axis=0), Xn.std(axis=0)
-    segments: list[Group] = []
-    for j in range(k):
-        members = labels == j
-        segments.append(
-            Group(
-                id="",
-                name="",
-                centroid=km.cluster_centers_[j],
-                profile=Xn[members].mean(axis=0),
-                size=int(members.sum()),
-            )
-        )
-    # Profiles are comparable only over the same features (a new category means new ids).
-    if previous is not None and previous.features != features:
-        previous = None
+    return _Choice(spaces, curves, chosen, elbows[chosen.space], _pick_reason(chosen, candidates), scores)
+
+
+def _name_segments(segments: list[Group], previous: SegmentModel | None, Xn: np.ndarray, features: list[str],
+                   opts: SegmentOptions) -> pd.DataFrame:  # fmt: skip
+    """Give each segment its id (an old one where its profile matched) and a readable name;
+    returns how the old segments were matched."""
     kept, matching = _match(previous.segments if previous else [], segments, opts.match_max_distance)
-    ids = _numbered(kept, k, [g.id for g in previous.segments] if previous else [], "S")
+    ids = _numbered(kept, len(segments), [g.id for g in previous.segments] if previous else [], "S")
+    mean, std = Xn.mean(axis=0), Xn.std(axis=0)
     taken: set[str] = set()
-    for j in sorted(range(k), key=lambda j: -segments[j].size):
+    for j in sorted(range(len(segments)), key=lambda j: -segments[j].size):
         segments[j].id = ids[j]
         segments[j].name, segments[j].explanation = describe(segments[j].profile, mean, std, features, taken)
         taken.add(segments[j].name)
     if len(matching):
         matching["new"] = [f"{segments[r].id} {segments[r].name}" for r in matching["new"]]
+    return matching
+
+
+def _all_subsegments(segments: list[Group], labels: np.ndarray, Xn: np.ndarray, previous: SegmentModel | None,
+                     features: list[str], opts: SegmentOptions) -> list[Group]:  # fmt: skip
+    """Each segment's sub-segments (Ward), keeping old ids where their profiles matched."""
     subsegments: list[Group] = []
     for j, seg in enumerate(segments):
-        members = labels == j
         old = [g for g in (previous.subsegments if previous else []) if g.parent == seg.id]
-        subs = _subsegments(Xn[members], seg, opts, features, old)
+        subs = _subsegments(Xn[labels == j], seg, opts, features, old)
         sub_kept, _ = _match(old, subs, opts.match_max_distance)
         for sub, sub_id in zip(subs, _numbered(sub_kept, len(subs), [g.id for g in old], "")):
             sub.id = sub_id if "." in sub_id else f"{seg.id}.{sub_id}"
         subsegments.extend(subs)
+    return subsegments
+
+
+def train(
+    X: pd.DataFrame, opts: SegmentOptions, feature_version: int, version: int, previous: SegmentModel | None = None
+) -> SegmentModel:
+    """Fit a segment model on the fit rows of the normalized matrix."""
+    features = list(X.columns)
+    Xn = X.to_numpy(dtype=float)
+    problem = untrainable(Xn, opts)
+    if problem:
+        raise ValueError(problem)
+    settings = opts.model_settings()
+    # k cannot exceed the number of different behaviour profiles (a small or uniform population).
+    opts = replace(opts, k_max=min(opts.k_max, distinct_rows(Xn) - 1))
+    choice = _choose(Xn, opts)
+    space, k = choice.chosen.space, choice.chosen.k
+    Z, encoder = choice.spaces[space]
+    km = _kmeans(Z, k, opts, n_init=10)
+    labels = km.labels_
+    segments = [
+        Group(id="", name="", centroid=km.cluster_centers_[j], profile=Xn[labels == j].mean(axis=0),
+              size=int((labels == j).sum()))  # fmt: skip
+        for j in range(k)
+    ]
+    # Profiles are comparable only over the same features (a new category means new ids).
+    if previous is not None and previous.features != features:
+        previous = None
+    matching = _name_segments(segments, previous, Xn, features, opts)
+    subsegments = _all_subsegments(segments, labels, Xn, previous, features, opts)
     points, reach = _noise_reference(Z, opts)
     return SegmentModel(
         version=version,
@@ -508,11 +545,11 @@ def train(
         subsegments=subsegments,
         noise_points=points,
         noise_reach=reach,
-        curves=pd.concat(curves, ignore_index=True),
+        curves=pd.concat(choice.curves, ignore_index=True),
         chosen_k=k,
-        knee=elbow,
-        reason=reason,
-        scores=scores,
+        knee=choice.elbow,
+        reason=choice.reason,
+        scores=choice.scores,
         settings=settings,
         matching=matching,
     )
@@ -614,8 +651,18 @@ def unsegmented(person_ids) -> pd.DataFrame:
     )
 
 
+@dataclass
+class SegmentResult(StageResult):
+    model: SegmentModel | None = None  # None: no model could be fitted (see status)
+    catalog: pd.DataFrame = field(default_factory=pd.DataFrame)
+    moved_share: float | None = None  # share of people re-assigned who changed segment
+    noise_share: float = 0.0
+    low_confidence: int = 0
+    unsegmented: int = 0  # people without a segment (no behaviour)
+
+
 def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOptions, retrain: bool = False,
-          full: bool = False) -> dict:  # fmt: skip
+          full: bool = False) -> SegmentResult:  # fmt: skip
     """Assign segments with the saved model, training (and saving) a new one when needed.
 
     Everyone cleaning kept gets a row: people with behaviour their nearest segment, people with
@@ -627,13 +674,11 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
     version = con.execute("SELECT max(transform_version) FROM normalized_features").fetchall()[0][0]
     saved = store.latest(SEGMENTS_KIND)
     previous: SegmentModel | None = saved.payload if saved else None
-    reasons = {
-        "retrain on request": retrain,
-        "no saved model": previous is None,
-        "features were refitted": previous is not None and previous.feature_version != version,
-        "segmentation settings changed": previous is not None and previous.settings != opts.model_settings(),
-    }
-    why = [reason for reason, hit in reasons.items() if hit]
+    changed = {} if previous is None else {
+        "features were refitted": previous.feature_version != version,
+        "segmentation settings changed": previous.settings != opts.model_settings(),
+    }  # fmt: skip
+    why = retrain_reasons(retrain, previous is None, changed)
     model_version = (saved.version if saved else 0) + 1 if why else saved.version
     p = refresh.plan(con, "segments", {**opts.model_settings(), "model_version": model_version},
                      ("segments", "segment_catalog"), full=full or bool(why),
@@ -647,15 +692,28 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
     if version is None:
         status = "not fitted: no behaviour features to segment by (see normalized_features); segments left empty"
     elif why:
-        fit_rows = matrix.loc[flags["used_for_fitting"].to_numpy(), _feature_columns(matrix)]
-        problem = untrainable(fit_rows.to_numpy(dtype=float), opts)
-        if problem:
-            status = f"not fitted: {problem}; segments left empty"
-        else:
-            model = train(fit_rows, opts, version, model_version, previous)
-            store.save(SEGMENTS_KIND, model, summary(model))
+        model, status = _fit(store, matrix, flags, opts, version, model_version, previous)
     assigned = _assign_everyone(model, matrix, flags, [r[0] for r in everyone])
     moved = _moved_share(con, assigned, scope)
+    _write(con, p, model, assigned)
+    return _result(con, p, model, status, why, moved, len(assigned))
+
+
+def _fit(store: ModelStore, matrix: pd.DataFrame, flags: pd.DataFrame, opts: SegmentOptions, version: int,
+         model_version: int, previous: SegmentModel | None) -> tuple[SegmentModel | None, str | None]:  # fmt: skip
+    """Train and save a model on the people fitted on, or say why none can be."""
+    fit_rows = matrix.loc[flags["used_for_fitting"].to_numpy(), _feature_columns(matrix)]
+    problem = untrainable(fit_rows.to_numpy(dtype=float), opts)
+    if problem:
+        return None, f"not fitted: {problem}; segments left empty"
+    model = train(fit_rows, opts, version, model_version, previous)
+    store.save(SEGMENTS_KIND, model, summary(model))
+    return model, None
+
+
+def _write(con: duckdb.DuckDBPyConnection, p: refresh.Plan, model: SegmentModel | None, assigned: pd.DataFrame) -> None:
+    """Everyone's assignments and the catalog swapped in, or the scope's spliced in and the
+    catalog's sizes counted again over everyone."""
 
     def finish() -> None:
         counts = con.execute("SELECT segment_id, subsegment_id FROM segments").df()
@@ -675,24 +733,21 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
         )
     else:
         splice_frame(con, "segments", assigned, before_commit=finish)
-    stats = con.execute(
+
+
+def _result(con: duckdb.DuckDBPyConnection, p: refresh.Plan, model: SegmentModel | None, status: str | None,
+            why: list[str], moved: float | None, assigned: int) -> SegmentResult:  # fmt: skip
+    people, noise, low, unsegmented = con.execute(
         "SELECT count(*), coalesce(avg(is_noise::INT), 0), count(*) FILTER (WHERE low_confidence), "
         "count(*) FILTER (WHERE segment_id IS NULL) FROM segments"
     ).fetchall()[0]
-    return {
-        "model": model,
-        "status": status,
-        "trained": bool(why) and model is not None,
-        "why": "; ".join(why) or f"assigned with saved model v{model.version}",
-        "moved_share": moved,
-        "catalog": con.execute("SELECT * FROM segment_catalog").df(),
-        "people": stats[0],
-        "noise_share": float(stats[1]),
-        "low_confidence": int(stats[2]),
-        "unsegmented": int(stats[3]),
-        "mode": p.mode,
-        "people_recomputed": None if p.full else len(assigned),
-    }
+    return SegmentResult(
+        mode=p.mode, why="; ".join(why) or f"assigned with saved model v{model.version}", people=people,
+        people_recomputed=None if p.full else assigned, counts={"segments": people}, status=status or "fitted",
+        trained=bool(why) and model is not None, model=model, moved_share=moved,
+        catalog=con.execute("SELECT * FROM segment_catalog").df(), noise_share=float(noise), low_confidence=int(low),
+        unsegmented=int(unsegmented),
+    )  # fmt: skip
 
 
 def _feature_columns(matrix: pd.DataFrame) -> list[str]:
