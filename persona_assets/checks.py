@@ -142,15 +142,3 @@ def stage_metadata(result: StageResult) -> dict:
         "people_in_table": result.people,
         "status": result.status,
     }
-
-
-def refresh_metadata(mode: str, recomputed: int | None, everyone: int, why: str | None = None) -> dict:
-    """What a person-level stage's run was: full or incremental, why, and how many people it
-    recomputed, beside the table's own figure (everyone in it), which a run that finds nothing
-    new leaves as it was instead of showing 0."""
-    out = {
-        "refresh": mode,
-        "people_recomputed": everyone if recomputed is None else recomputed,
-        "people_in_table": everyone,
-    }
-    return out if why is None else {**out, "why": why}

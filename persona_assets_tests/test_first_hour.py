@@ -265,11 +265,13 @@ def test_profile_with_events_shows_the_merged_identifiers_and_a_timeline(built):
 
 
 def test_stage_metadata_shows_the_table_beside_what_the_run_did():
-    from persona_assets.checks import refresh_metadata
+    from persona_assets.checks import stage_metadata
+    from persona_assets.core.stage import StageResult
 
-    idle = refresh_metadata("incremental", 0, 500, "incremental")
-    assert idle == {"refresh": "incremental", "people_recomputed": 0, "people_in_table": 500, "why": "incremental"}
-    assert refresh_metadata("full", None, 500)["people_recomputed"] == 500
+    idle = stage_metadata(StageResult(mode="incremental", why="incremental", people=500, people_recomputed=0))
+    assert idle == {"dagster/row_count": 500, "refresh": "incremental", "people_recomputed": 0,
+                    "people_in_table": 500, "why": "incremental", "status": "fitted"}  # fmt: skip
+    assert stage_metadata(StageResult(mode="full", people=500))["people_recomputed"] == 500
 
 
 def test_sql_shell_at_a_terminal(built):
