@@ -30,7 +30,7 @@ from persona_assets.core.audience_definitions import (
 )
 from persona_assets.core.computed_traits import Binder
 from persona_assets.core.publish import sql_identifier
-from persona_assets.core.warehouse import data_as_of, table_exists
+from persona_assets.core.warehouse import data_as_of, scratch, table_exists, transaction
 
 TABLES = {"audience_members": AudienceMembers, "audience_changes": AudienceChanges, "audience_runs": AudienceRuns}
 SEGMENT_COLUMNS = ("segment_id", "segment_name", "subsegment_id", "subsegment_name")
@@ -149,8 +149,8 @@ def evaluate(con: duckdb.DuckDBPyConnection, definitions: Definitions, name: str
     sql, params = members_sql(definitions, name)
     con.execute(f"CREATE OR REPLACE TEMP TABLE _audience_now AS {sql}", params)
     audience = definitions.audiences[name]
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with scratch(con) as s, transaction(con):
+        s.adopt("_audience_now")
         first = _next_change(con)
         values = {"first": first, "audience": name, "at": at, "as_of": as_of, "run": run}
         con.execute(CHANGES_SQL, values)
@@ -171,12 +171,6 @@ def evaluate(con: duckdb.DuckDBPyConnection, definitions: Definitions, name: str
             "INSERT INTO audience_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [name, run, at, as_of, size, entered, exited, audience.definition_json(), seconds],
         )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.execute("DROP TABLE IF EXISTS _audience_now")
     return AudienceReport(name, size, entered, exited, seconds, as_of, run)
 
 

@@ -34,6 +34,7 @@ import duckdb
 
 from persona_assets.contracts import DestinationDeadLetters, DestinationDeliveries, ddl
 from persona_assets.core.audience_definitions import Definitions, Destination
+from persona_assets.core.warehouse import transaction
 
 SIGNATURE_HEADER = "X-Persona-Signature"
 TIMESTAMP_HEADER = "X-Persona-Timestamp"
@@ -211,11 +212,10 @@ def deliver_webhook(con: duckdb.DuckDBPyConnection, dest: Destination, opts: Del
             state.attempts_failed + 1, state.pending_attempts + 1, error)  # fmt: skip
         report.attempts_failed += 1
         if not retry or state.pending_attempts >= dest.max_attempts:
-            con.execute("BEGIN TRANSACTION")
-            _dead_letter(con, dest, batch, state.pending_attempts, error or "failed")
-            state.delivered_through, state.pending_attempts = batch[-1]["change_id"], 0
-            save_state(con, dest, state)
-            con.execute("COMMIT")
+            with transaction(con):
+                _dead_letter(con, dest, batch, state.pending_attempts, error or "failed")
+                state.delivered_through, state.pending_attempts = batch[-1]["change_id"], 0
+                save_state(con, dest, state)
             report.dead_lettered += len(batch)
             continue
         save_state(con, dest, state)

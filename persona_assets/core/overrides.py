@@ -35,7 +35,7 @@ from persona_assets.contracts import HEX64, IDENTIFIER_TYPES, OVERRIDE_ACTIONS, 
 from persona_assets.core import refresh
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
 from persona_assets.core.refresh import SCOPE
-from persona_assets.core.warehouse import table_exists
+from persona_assets.core.warehouse import table_exists, transaction
 
 TABLE = "identity_overrides"
 TAKEN_OUT = "taken out by persona unmerge"  # identity_guard's reason for a take_out, then its number
@@ -441,17 +441,13 @@ def _record(con: duckdb.DuckDBPyConnection, action: str, person_id: str, parts: 
     )
     frame = IdentityOverrides.validate(frame)
     con.register("_override_frame", frame)
-    con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(
-            f"UPDATE {TABLE} SET revoked_at = $now, revoked_by = $id WHERE override_id IN (SELECT unnest($revoke))",
-            {"now": now, "id": override_id, "revoke": revoke},
-        )
-        con.execute(f"INSERT INTO {TABLE} BY NAME SELECT * FROM _override_frame")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            con.execute(
+                f"UPDATE {TABLE} SET revoked_at = $now, revoked_by = $id WHERE override_id IN (SELECT unnest($revoke))",
+                {"now": now, "id": override_id, "revoke": revoke},
+            )
+            con.execute(f"INSERT INTO {TABLE} BY NAME SELECT * FROM _override_frame")
     finally:
         con.unregister("_override_frame")
     return Decision(override_id, OVERRIDE_ACTIONS[action], action, person_id, parts, revoke, now)
