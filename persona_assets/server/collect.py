@@ -203,7 +203,9 @@ class Prepared:
         return counts
 
     def data(self) -> bytes:
-        return b"".join((line + "\n").encode("utf-8", "surrogatepass") for line in self.lines)
+        if not self.lines:
+            return b""
+        return ("\n".join(self.lines) + "\n").encode("utf-8", "surrogatepass")
 
     def valid_lines(self) -> list[str]:
         return [line for line, reason in zip(self.lines, self.reasons) if reason is None]
@@ -258,6 +260,8 @@ def _line(value: object) -> str:
     """JSON text for one landing line: as is when it is valid UTF-8, else with every character
     escaped (`\\ud800`), as a landing file holding the same text would have it."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if text.isascii():
+        return text
     try:
         text.encode("utf-8")
         return text

@@ -1,12 +1,20 @@
 """The profile API's reads, on the read-only serving snapshot (and the hot store when a stream runs).
 
-One worker thread owns the snapshot connection and runs every read, so no read ever shares
-it with another. Before each read it looks at the snapshot's file: when a run or `persona
-forget` has published a new one (a new inode), it closes the old connection first and opens
-the new file. Closing first matters: DuckDB hands a process that still holds a database open
+One worker thread owns the snapshot connection and runs every read that asks it, so no read
+ever shares it with another. Before each read it looks at the snapshot's file: when a run or
+`persona forget` has published a new one (a new inode), it closes the old connection first
+and opens the new file. Closing first matters: DuckDB hands a process that still holds a database open
 the same instance again for the same path, so a reopen without closing would keep serving
 the old file (and an erased person with it). A read in flight finishes on the file it began
 with, which stays whole after the rename.
+
+When it opens a snapshot, the worker also reads what a traits or audiences read needs
+(identity_map, user_profiles, audience_members) into memory, each table up to a row limit, as
+a `View` that never changes once made. A read whose answer is all in the view is answered on
+the event loop (`ProfileReader.from_view`), after the same look at the snapshot's file: a new
+file sends it to the worker, which opens it and makes the next view, so a forgotten person is
+gone from memory as soon as from the file. Events, identifiers and tables past their limits
+are asked of the snapshot, as before.
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ EVENT_LIMIT, MAX_EVENT_LIMIT = 20, 200
 # identity_map is held in memory up to this many rows (about 100 MB); past it, each first read
 # of an identifier asks the snapshot (the table is sorted by identifier, so it reads one row group).
 IDENTITY_IN_MEMORY = 1_000_000
+# user_profiles is held in memory up to this many people (47 columns took 2.7 KB a person as
+# Python objects: about 270 MB at the limit), audience_members up to this many memberships;
+# past them, each first read asks the snapshot.
+PROFILES_IN_MEMORY = 100_000
+MEMBERSHIPS_IN_MEMORY = 2_000_000
 
 
 class NotFound(Exception):
@@ -94,8 +107,21 @@ class Recent(OrderedDict):
         return value
 
 
+@dataclass(frozen=True)
+class View:
+    """What was read into memory from one snapshot file, never changed once made: who each
+    identifier is, each person's profile row, each person's audiences (None where the table
+    was past its limit and is asked instead)."""
+
+    file: tuple[int, int]
+    identity: dict[tuple[str, str], str] | None
+    columns: tuple[str, ...]
+    profiles: dict[str, tuple] | None
+    audiences: dict[str, list[dict]] | None
+
+
 class ProfileReader:
-    """Look-ups by any identifier; every method runs on the reader's one worker thread.
+    """Look-ups by any identifier; every method but `from_view` runs on the reader's one worker thread.
 
     A snapshot never changes once published, so what was read from it (who an identifier is,
     a profile row) is kept for the next request, up to `cache` entries each, and dropped with
@@ -109,6 +135,7 @@ class ProfileReader:
         self._people: Recent = Recent(cache)
         self._profiles: Recent = Recent(cache)
         self._identity: dict[tuple[str, str], str] | None = None
+        self.view: View | None = None  # replaced whole (never changed) by the worker thread
 
     def _connection(self):
         """The snapshot connection, reopened when a new snapshot was published."""
@@ -119,11 +146,69 @@ class ProfileReader:
                 self._con = None
             self._people.clear()
             self._profiles.clear()
+            self.view = None
             self._con = open_snapshot(self.snapshot)
-            self._identity = _identity_index(self._con)
+            self._identity = _identity_index(self._con, IDENTITY_IN_MEMORY)
             self._file = (st.st_ino, st.st_dev)
+            self.view = _view(self._con, self._file, self._identity, PROFILES_IN_MEMORY, MEMBERSHIPS_IN_MEMORY)
             self.reopened += 1
         return self._con
+
+    def from_view(self, what: str, id_type: str, value: str, fields: list[str] | None) -> dict | None:
+        """The answer from memory, on the caller's thread, when the snapshot's file is still the one
+        the view was made from and holds all the answer needs; None: ask the worker thread.
+        Raises NotFound (an identifier the in-memory identity map does not hold) like the others."""
+        view = self.view
+        if view is None or what not in ("traits", "audiences") or (what == "traits" and self.live is not None):
+            return None
+        try:
+            st = os.stat(self.snapshot)
+        except FileNotFoundError:
+            return None
+        if (st.st_ino, st.st_dev) != view.file:
+            return None  # a new snapshot: the worker opens it (and makes its view)
+        if id_type == "person_id":
+            if view.profiles is None:
+                return None
+            if value not in view.profiles:
+                raise NotFound
+            person_id = value
+        else:
+            if view.identity is None:
+                return None
+            person_id = view.identity.get((id_type, self._normalized(id_type, value)))
+            if person_id is None:
+                raise NotFound
+        if what == "audiences":
+            if view.audiences is None:
+                return None
+            return {"person_id": person_id, "data": view.audiences.get(person_id, [])}
+        if view.profiles is None:
+            return None
+        row = view.profiles.get(person_id)
+        profile = dict(zip(view.columns, row, strict=True)) if row is not None else {"person_id": person_id}
+        return {"person_id": person_id, "traits": jsonable(_select(profile, fields))}
+
+    def _normalized(self, id_type: str, value: str) -> str | None:
+        """An identifier as identity_map holds it: email and phone normalized and keyed-hashed."""
+        if id_type == "email":
+            value = normalize_email(value, self.gmail_rules)
+        elif id_type == "phone":
+            value = normalize_phone(value, None)
+        if value is not None and id_type in ("email", "phone"):
+            value = hmac_hex(self.key, value)
+        return value
+
+    def warm(self) -> None:
+        """Open the snapshot now, if there is one, so the first read does not wait for its view."""
+        try:
+            self._connection()
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # the read that comes will meet it again and answer it
+            import logging
+
+            logging.getLogger("persona.server").warning("the snapshot could not be opened: %s", type(exc).__name__)
 
     def close(self) -> None:
         if self._con is not None:
@@ -147,14 +232,9 @@ class ProfileReader:
             if not found:
                 raise NotFound
             return found[0][0]
-        if id_type == "email":
-            value = normalize_email(value, self.gmail_rules)
-        elif id_type == "phone":
-            value = normalize_phone(value, None)
+        value = self._normalized(id_type, value)
         if value is None:
             raise NotFound
-        if id_type in ("email", "phone"):
-            value = hmac_hex(self.key, value)
         if self._identity is not None:
             if (id_type, value) not in self._identity:
                 raise NotFound
@@ -169,6 +249,10 @@ class ProfileReader:
     def traits(self, id_type: str, value: str, fields: list[str] | None) -> dict:
         person_id = self.person(id_type, value)
         profile = self._profiles.find(person_id)
+        view = self.view
+        if profile is None and view is not None and view.profiles is not None:
+            row = view.profiles.get(person_id)
+            profile = dict(zip(view.columns, row, strict=True)) if row is not None else {"person_id": person_id}
         if profile is None:
             result = self._connection().execute("SELECT * FROM user_profiles WHERE person_id = ?", [person_id])
             names = [d[0] for d in result.description]
@@ -180,6 +264,22 @@ class ProfileReader:
         if self.live is not None:
             profile.update(self.live(person_id, profile))
         return {"person_id": person_id, "traits": jsonable(_select(profile, fields))}
+
+    def audiences(self, id_type: str, value: str) -> dict:
+        """The audiences the person is in now (audience_members), oldest entry first; none when the
+        snapshot was published before audiences existed."""
+        person_id = self.person(id_type, value)
+        view = self.view
+        if view is not None and view.audiences is not None:
+            return {"person_id": person_id, "data": view.audiences.get(person_id, [])}
+        con = self._connection()
+        if not _has_table(con, "audience_members"):
+            return {"person_id": person_id, "data": []}
+        rows = con.execute(
+            "SELECT audience, entered_at FROM audience_members WHERE person_id = ? ORDER BY entered_at, audience",
+            [person_id],
+        ).fetchall()
+        return {"person_id": person_id, "data": [_membership(a, at) for a, at in rows]}
 
     def identifiers(self, id_type: str, value: str) -> dict:
         person_id = self.person(id_type, value)
@@ -218,12 +318,41 @@ class ProfileReader:
                 "cursor": {"has_more": more, "next": token}}  # fmt: skip
 
 
-def _identity_index(con, limit: int = IDENTITY_IN_MEMORY) -> dict[tuple[str, str], str] | None:
+def _identity_index(con, limit: int) -> dict[tuple[str, str], str] | None:
     """identity_map as a dict, when it is small enough to hold: a first read is then one query."""
     if con.execute("SELECT count(*) FROM identity_map").fetchall()[0][0] > limit:
         return None
     rows = con.execute("SELECT identifier_type, identifier, person_id FROM identity_map").fetchall()
     return {(kind, identifier): person for kind, identifier, person in rows}
+
+
+def _has_table(con, name: str) -> bool:
+    return bool(con.execute("SELECT 1 FROM duckdb_tables() WHERE table_name = ?", [name]).fetchall())
+
+
+def _membership(audience: str, entered_at) -> dict:
+    return {"audience": audience, "entered_at": jsonable(entered_at)}
+
+
+def _view(con, file: tuple[int, int], identity, profiles_limit: int, memberships_limit: int) -> View:
+    """The snapshot's user_profiles and audience_members in memory, each when small enough to hold."""
+    columns, profiles = (), None
+    if con.execute("SELECT count(*) FROM user_profiles").fetchall()[0][0] <= profiles_limit:
+        result = con.execute("SELECT * FROM user_profiles")
+        columns = tuple(d[0] for d in result.description)
+        at = columns.index("person_id")
+        profiles = {row[at]: row for row in result.fetchall()}
+    audiences: dict[str, list[dict]] | None = {}
+    if _has_table(con, "audience_members"):
+        if con.execute("SELECT count(*) FROM audience_members").fetchall()[0][0] <= memberships_limit:
+            rows = con.execute(
+                "SELECT person_id, audience, entered_at FROM audience_members ORDER BY person_id, entered_at, audience"
+            ).fetchall()
+            for person_id, audience, entered_at in rows:
+                audiences.setdefault(person_id, []).append(_membership(audience, entered_at))
+        else:
+            audiences = None
+    return View(file, identity, columns, profiles, audiences)
 
 
 def _select(row: dict, fields: list[str] | None) -> dict:
