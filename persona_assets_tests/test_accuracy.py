@@ -190,6 +190,7 @@ def top_category_precision(con: duckdb.DuckDBPyConnection, truth: Path) -> dict[
     }
 
 
+@pytest.mark.slow
 def test_top_category_beats_plain_counting(resolved, shaped, tmp_path):
     # Before issue 21 (decayed scores alone): 0.68 against plain counting's 0.72 on the default
     # generator, 0.59 against 0.60 for people with ten interactions or fewer.

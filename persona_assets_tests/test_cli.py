@@ -66,6 +66,7 @@ def test_query_without_a_snapshot_says_what_to_do(persona_home):
     assert proc.returncode == 2 and "make demo" in proc.stderr
 
 
+@pytest.mark.slow
 def test_query_reports_sql_errors_plainly(persona_home, generated):
     persona("generate", "--people", "50", "--seed", "3", env_home=persona_home)
     persona("run", env_home=persona_home)

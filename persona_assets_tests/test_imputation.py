@@ -81,6 +81,7 @@ def test_every_value_has_a_source_and_observed_values_are_never_replaced(imputed
     assert model_rows.model_version.notna().all() and (model_rows.confidence >= 0.5).all()
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_beat_the_majority_leaves_its_trait_unknown(warehouse_copy):
     con, store, _ = warehouse_copy
     # Genders that behaviour cannot predict: mostly one value, assigned at random.
@@ -97,6 +98,7 @@ def test_a_model_that_cannot_beat_the_majority_leaves_its_trait_unknown(warehous
     assert failing == [("gender",)]
 
 
+@pytest.mark.slow
 def test_too_few_answers_means_no_model_rather_than_a_failed_one(warehouse_copy):
     con, store, _ = warehouse_copy
     _prepare(con, store)
@@ -106,6 +108,7 @@ def test_too_few_answers_means_no_model_rather_than_a_failed_one(warehouse_copy)
     assert set(_values(con, "age_bracket").source) == {"observed", "unknown"}
 
 
+@pytest.mark.slow
 def test_saved_models_predict_until_a_retrain_and_drift_stays_low_on_the_same_people(warehouse_copy):
     con, store, _ = warehouse_copy
     _prepare(con, store)

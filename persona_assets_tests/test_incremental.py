@@ -133,6 +133,7 @@ def increments(tmp_path_factory) -> tuple[Path, list[list[str]]]:
     return root, [*dealt, newest + dealt[0][:20]]
 
 
+@pytest.mark.slow
 def test_increments_equal_a_full_rebuild(increments, tmp_path):
     root, parts = increments
     inc_home, full_home = tmp_path / "inc", tmp_path / "full"

@@ -118,6 +118,7 @@ def _event(anonymous_id: str, message_id: str, day: int, **extra) -> dict:
             "timestamp": f"2026-11-{day:02d}T12:00:00Z", "properties": {"category": "books", "price": 9.5}, **extra}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_forget_leaves_no_trace_anywhere_and_keeps_the_person_forgotten(persona_home, generated, redis_home):
     client = redis_home
     source = generated("jsonl")
@@ -203,6 +204,7 @@ def test_forget_leaves_no_trace_anywhere_and_keeps_the_person_forgotten(persona_
     assert not [h for h in _traces(roots, client, needles[with_email.person_key]) if "late.jsonl" not in h[0]]
 
 
+@pytest.mark.slow
 def test_people_who_decline_personalization_are_counted_but_never_profiled(persona_home, generated, redis_home):
     client = redis_home
     source = generated("jsonl")

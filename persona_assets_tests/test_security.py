@@ -68,7 +68,7 @@ def test_stream_flush_binds_the_landing_path(tmp_path):
     ("config", "values", "named"),
     [
         (settings.SegmentsConfig, {"k_min": 6, "k_max": 3}, "k_min <= k_max"),
-        (settings.SegmentsConfig, {"space": "umap"}, "space must be one of"),
+        (settings.SegmentsConfig, {"space": "umap"}, "space\n  Input should be 'auto', 'features' or 'autoencoder'"),
         (settings.CleaningConfig, {"outlier_method": "median"}, "Input should be 'zscore', 'iqr' or 'mad'"),
         (
             settings.CleaningConfig,

@@ -66,6 +66,7 @@ def test_the_file_sets_defaults_and_the_run_config_wins_over_it(tmp_path):
     assert effective_settings({})["ingest"]["min_event_at"] == IngestConfig().min_event_at
 
 
+@pytest.mark.slow
 def test_persona_config_prints_the_settings_in_force_and_run_refuses_a_bad_file(persona_home):
     out = cli(persona_home, "config")
     assert out.returncode == 0 and "the defaults" in out.stdout and "sparse_threshold: 0.5" in out.stdout
