@@ -127,7 +127,8 @@ def stage_statuses(events) -> list[tuple[list[str], str]]:
         if not event.is_step_materialization:
             continue
         materialization = event.step_materialization_data.materialization
-        status = materialization.metadata.get("status")
+        # A stage's `status`, else its `note` (linkage waiting for enough people, say).
+        status = materialization.metadata.get("status") or materialization.metadata.get("note")
         if status is not None and status.value != "fitted":
             out.setdefault(str(status.value), []).append(materialization.asset_key.to_user_string())
     return [(assets, status) for status, assets in out.items()]

@@ -190,6 +190,62 @@ def test_a_crm_export_links_better_than_default_splink_side_by_side(tmp_path):
     assert persona[0] >= 0.98, figures  # hardly a wrong merge
 
 
+def _small_crm_export(out: Path, seed: int = 7) -> dict[str, str]:
+    """A small CRM export of the shape real ones have: ~300 identify records with first name, last
+    name and birth date only, upper-case, from a small German name vocabulary (so many different
+    people share a first and last name, with different birth dates), and ~40 duplicates whose name
+    has one typo and whose birth date is the same. Returns the true person of each anonymousId."""
+    import random
+
+    rng = random.Random(seed)
+    firsts = ["ANNA", "BERND", "DIETER", "EVA", "FRANK", "GRETA", "HANS", "ILSE", "JONAS", "KARIN", "LUKAS"]
+    lasts = ["MUELLER", "SCHMIDT", "SCHNEIDER", "FISCHER", "WEBER", "MEYER", "WAGNER", "BECKER", "SCHULZ",
+             "HOFFMANN"]  # fmt: skip
+    people: list[tuple[str, str, str]] = []
+    while len(people) < 260:
+        person = (rng.choice(firsts), rng.choice(lasts),
+                  f"{rng.randint(1940, 2000)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}")  # fmt: skip
+        # Namesakes born a digit apart are what a typo looks like: no reader could tell them apart.
+        if not any(p[:2] == person[:2] and sum(a != b for a, b in zip(p[2], person[2])) <= 1 for p in people):
+            people.append(person)
+    records = [(f"crm-{i}", f"p{i}", *p) for i, p in enumerate(people)]
+    for k, i in enumerate(rng.sample(range(len(people)), 40)):
+        first, last, born = people[i]
+        which = k % 3 != 0  # mostly the surname, a third the first name
+        name = last if which else first
+        at = rng.randrange(2, len(name))  # a typo after the first two letters
+        typo = name[:at] + rng.choice([c for c in "AEIOURNLST" if c != name[at]]) + name[at + 1 :]
+        records.append((f"crm-d{k}", f"p{i}", first if which else typo, typo if which else last, born))
+    rng.shuffle(records)
+    with out.open("w") as fh:
+        for n, (anon, _, first, last, born) in enumerate(records):
+            fh.write(json.dumps({"type": "identify", "messageId": f"m-{anon}", "anonymousId": anon,
+                                 "timestamp": f"2026-01-01T00:{n // 60 % 60:02d}:{n % 60:02d}.000Z",
+                                 "traits": {"first_name": first, "last_name": last, "birthday": born}}) + "\n")  # fmt: skip
+    return {anon: person for anon, person, *_ in records}
+
+
+def test_a_small_crm_export_with_typos_links_at_the_defaults(tmp_path):
+    """~300 records, names and birth dates only, no duplicate agreeing exactly on everything: the prior
+    comes from near-exact pairs, the model trains at the default min_link_records, and the typo
+    duplicates merge while namesakes with other birth dates stay apart."""
+    (tmp_path / "landing").mkdir()
+    truth = _small_crm_export(tmp_path / "landing" / "crm.jsonl")
+    assert len(truth) >= IdentityOptions().min_link_records
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        ingest(con, tmp_path / "landing", KEY)
+        report = resolve(con)
+        namesakes = con.execute(
+            """SELECT count(*) FROM identity_pii l JOIN identity_pii r ON l.record_id < r.record_id
+               AND l.first_name = r.first_name AND l.last_name = r.last_name AND l.birthday <> r.birthday"""
+        ).fetchall()[0][0]
+        precision, recall, f1 = pairwise_scores(con, truth)
+    print(f"small CRM export: precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f}; "
+          f"{namesakes} namesake pairs; model: {report.links.model_status}")  # fmt: skip
+    assert report.links.trained and namesakes >= 100
+    assert precision >= 0.95 and recall >= 0.8, (precision, recall, f1)
+
+
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 SWEPT = {"FEBRL1": ["dataset1.csv"], "FEBRL2": ["dataset2.csv"], "FEBRL3": ["dataset3.csv"],
          "FEBRL4": ["dataset4a.csv", "dataset4b.csv"]}  # fmt: skip

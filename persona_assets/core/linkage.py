@@ -513,6 +513,12 @@ def check_model(scratch: duckdb.DuckDBPyConnection, pairs: str, model: dict, rec
                 if hi is not None and lo is not None and lo > hi * ORDER_SLACK:
                     problems.append(("order", f"{name}: '{lower}' carried more evidence than '{upper}' "
                                     f"(Bayes factor {lo:.3g} against {hi:.3g})"))  # fmt: skip
+    for name in ("first_name", "last_name", "birthday"):
+        # The exact level of a name or a birth date is the strongest evidence there is: EM leaving it
+        # without an estimate (its passes failed on small data) is a model that cannot link.
+        exact = _levels(by_name[name])[0]
+        if exact.get("m_probability") is None and exact.get("u_probability"):
+            problems.append(("zero", f"{name}: EM left '{exact.get('label_for_charts')}' without an estimate"))
     for name, _ in COMPARISONS:
         if name in FIXED:
             continue
@@ -605,13 +611,28 @@ def _put_in_order(model: dict) -> None:
                 break
 
 
-def prior(con: duckdb.DuckDBPyConnection, recall: float = 0.7) -> float:
-    """The probability that two random records match: the pairs the deterministic rules find,
-    scaled up for the matches they miss, over all pairs. At least one match is assumed, so the
-    prior is never zero (with no duplicates at all, links then need overwhelming evidence)."""
+# Pairs that almost surely match although one field has a typo: first name, last name and birth
+# date all given, two of them the same and the third nearly (a name at Jaro-Winkler >= 0.9, a
+# date one digit off). Real duplicates rarely agree exactly on everything, so without these the
+# prior of hand-typed records would be near zero and no pair could link.
+NEAR_EXACT_RULES = tuple(
+    f"{' AND '.join(f'l.{c} = r.{c}' for c in ('first_name', 'last_name', 'birthday') if c != typo)} AND {near}"
+    for typo, near in (
+        ("first_name", "jaro_winkler_similarity(l.first_name, r.first_name) >= 0.9"),
+        ("last_name", "jaro_winkler_similarity(l.last_name, r.last_name) >= 0.9"),
+        ("birthday", "length(l.birthday) = length(r.birthday) AND hamming(l.birthday, r.birthday) <= 1"),
+    )
+)
+
+
+def prior(con: duckdb.DuckDBPyConnection, recall: float = 0.9) -> float:
+    """The probability that two random records match: the pairs the deterministic rules find (exact,
+    or near-exact: one typo in one of name, surname and birth date), scaled up for the matches they
+    miss (`recall`: the share of hand-typed duplicates with at most one typo in those three), over all pairs. At least one match is assumed, so the prior is never zero (with no
+    duplicates at all, links then need overwhelming evidence)."""
     pairs = " UNION ".join(
         f"SELECT l.record_id, r.record_id FROM _records l JOIN _records r ON {rule} AND l.record_id < r.record_id"
-        for rule in DETERMINISTIC_RULES
+        for rule in (*DETERMINISTIC_RULES, *NEAR_EXACT_RULES)
     )
     found, n = con.execute(f"SELECT (SELECT count(*) FROM ({pairs})), (SELECT count(*) FROM _records)").fetchall()[0]
     return min(max(found / recall, 1.0) / max(n * (n - 1) / 2, 1.0), 0.5)
@@ -816,7 +837,8 @@ def weights_png(con: duckdb.DuckDBPyConnection, threshold: float) -> bytes:
             axes[0].hist(values, bins=30, alpha=0.7, label=f"{status} ({len(values)})")
     axes[0].axvline(np.log2(threshold / (1 - threshold)), color="grey", linestyle="--")
     axes[0].set_title("match weight of links (threshold dashed)", fontsize=10)
-    axes[0].legend(fontsize=8)
+    if rows:  # with no links there is nothing to label (and matplotlib would warn)
+        axes[0].legend(fontsize=8)
     per = {}
     for _, _, w in rows:
         for name, value in json.loads(w).items():
