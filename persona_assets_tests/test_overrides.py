@@ -128,7 +128,8 @@ def test_unmerge_and_merge_hold_through_incremental_runs_new_files_and_full_rebu
         (f"taken out by persona unmerge (decision {taken.override_id})",)
     ]
     history = con.execute("SELECT old_person_id, change FROM person_id_history ORDER BY changed_at").fetchall()
-    assert (matched, "split") in history and (ann, "split") in history and history[-1][1] == "merge"
+    # One run writes its changes with one timestamp, so their order among themselves is not defined.
+    assert (matched, "split") in history and (ann, "split") in history and "merge" in {c for _, c in history}
     decisions = con.execute("SELECT * FROM identity_overrides").df()
     IdentityOverrides.validate(decisions)
     assert decisions.loc[decisions.override_id == split.override_id, "reason"].tolist() == ["two sisters"] * 2
