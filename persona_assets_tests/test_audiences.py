@@ -5,7 +5,6 @@ an incremental refresh equal to a full one, and CDNOW's orders through the asset
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -302,7 +301,7 @@ def test_increments_equal_a_full_rebuild(tmp_path):
     from persona_assets.core.models import ModelStore
     from persona_assets.datagen import generate
 
-    from .test_incremental import _stamp, assert_same, build, split_lines
+    from .test_incremental import _stamp, assert_same, build, rebuild_beside, split_lines
 
     generate(600, 31, tmp_path / "gen", "jsonl", people_per_file=300)
     parts = split_lines(tmp_path / "gen", 3, seed=2)
@@ -326,17 +325,8 @@ def test_increments_equal_a_full_rebuild(tmp_path):
         people = con.execute("SELECT count(*) FROM user_profiles").fetchall()[0][0]
     assert reports[0].mode == "full" and all(r.mode == "incremental" for r in reports[1:])
     assert all(r.people_recomputed > 0 for r in reports[1:]) and reports[-1].people_recomputed < people / 2, reports
-    for path in (inc / "landing").iterdir():
-        shutil.copy2(path, full / "landing" / path.name)
-    shutil.copytree(inc / "models", full / "models")
     with duckdb.connect(str(full / "warehouse.duckdb")) as con:
-        from persona_assets.core import linkage
-
-        linkage.ensure_tables(con)
-        con.execute(f"ATTACH '{inc / 'warehouse.duckdb'}' AS inc (READ_ONLY)")
-        con.execute(f"INSERT INTO {linkage.MODEL_TABLE} SELECT * FROM inc.{linkage.MODEL_TABLE}")
-        con.execute("DETACH inc")
-        build(con, full / "landing", ModelStore(full / "models"), full=True)
+        rebuild_beside(con, inc, full)
         d = defs.load(full, None, audiences.vocabulary(con))
         assert computed_traits.build(con, d, full=True).mode == "full"
         for name in d.audiences:

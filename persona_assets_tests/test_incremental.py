@@ -63,6 +63,19 @@ def build(con: duckdb.DuckDBPyConnection, landing: Path, store: ModelStore, full
     return report
 
 
+def rebuild_beside(con: duckdb.DuckDBPyConnection, inc_home: Path, full_home: Path) -> None:
+    """In `full_home` (its warehouse open as `con`): a full rebuild on the landing files and saved
+    models of the incrementally built `inc_home`, with its linkage model (kept in the warehouse itself)."""
+    for path in (inc_home / "landing").iterdir():
+        shutil.copy2(path, full_home / "landing" / path.name)
+    shutil.copytree(inc_home / "models", full_home / "models")
+    linkage.ensure_tables(con)
+    con.execute(f"ATTACH '{inc_home / 'warehouse.duckdb'}' AS inc (READ_ONLY)")
+    con.execute(f"INSERT INTO {linkage.MODEL_TABLE} SELECT * FROM inc.{linkage.MODEL_TABLE}")
+    con.execute("DETACH inc")
+    build(con, full_home / "landing", ModelStore(full_home / "models"), full=True)
+
+
 def split_lines(source: Path, parts: int, seed: int) -> list[list[str]]:
     """Every generated line dealt into `parts` files, mostly in time order (so the data's clock
     moves on with each increment: recency, decay, intent windows and birthdays all move), a
@@ -154,16 +167,8 @@ def test_increments_equal_a_full_rebuild(increments, tmp_path):
     assert reports[-1]["segments"] < 0.1 * people, reports[-1]
 
     # A full rebuild on the same events, with the same saved models.
-    for path in (inc_home / "landing").iterdir():
-        shutil.copy2(path, full_home / "landing" / path.name)
-    shutil.copytree(inc_home / "models", full_home / "models")
     with duckdb.connect(str(full_home / "warehouse.duckdb")) as con:
-        # The linkage model is kept in the warehouse itself: bring it along too.
-        linkage.ensure_tables(con)
-        con.execute(f"ATTACH '{inc_home / 'warehouse.duckdb'}' AS inc (READ_ONLY)")
-        con.execute(f"INSERT INTO {linkage.MODEL_TABLE} SELECT * FROM inc.{linkage.MODEL_TABLE}")
-        con.execute("DETACH inc")
-        build(con, full_home / "landing", ModelStore(full_home / "models"), full=True)
+        rebuild_beside(con, inc_home, full_home)
         rebuilt = {name: table(con, name) for name in COMPARED}
     for name in COMPARED:
         assert_same(incremental[name], rebuilt[name], name)
