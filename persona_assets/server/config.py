@@ -12,6 +12,7 @@ from pathlib import Path
 
 WRITE_KEY_ENV = "PERSONA_WRITE_KEY"
 READ_KEY_ENV = "PERSONA_READ_KEY"
+ADMIN_KEY_ENV = "PERSONA_ADMIN_KEY"
 SECTION = "server"
 MIN_KEY_CHARS = 8
 
@@ -28,6 +29,7 @@ class ServerSettings:
     port: int = 8080
     write_key: str = ""
     read_key: str = ""
+    admin_key: str = ""  # the explorer's actions (merge, unmerge, forget); off without one
     event_bytes: int = 32 * 1024  # one event, as Segment limits it
     batch_bytes: int = 500 * 1024  # one request to /v1/batch
     batch_events: int = 2_500
@@ -99,7 +101,8 @@ def load(home: Path, config: Path | None = None) -> ServerSettings:
     if isinstance(ingest, dict) and isinstance(ingest.get("gmail_rules"), bool):
         values["gmail_rules"] = ingest["gmail_rules"]
     settings = replace(ServerSettings(), **values)
-    env = {"write_key": os.environ.get(WRITE_KEY_ENV, ""), "read_key": os.environ.get(READ_KEY_ENV, "")}
+    env = {"write_key": os.environ.get(WRITE_KEY_ENV, ""), "read_key": os.environ.get(READ_KEY_ENV, ""),
+           "admin_key": os.environ.get(ADMIN_KEY_ENV, "")}
     settings = replace(settings, **{k: v for k, v in env.items() if v})
     return _usable(settings)
 
@@ -111,12 +114,18 @@ def _usable(settings: ServerSettings) -> ServerSettings:
             f"`export {WRITE_KEY_ENV}=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')`) "
             "or write_key under server: in persona.yaml"
         )
-    for name, value in (("write key", settings.write_key), ("read key", settings.read_key)):
+    keys = (("write key", settings.write_key), ("read key", settings.read_key), ("admin key", settings.admin_key))
+    for name, value in keys:
         if value and len(value) < MIN_KEY_CHARS:
             raise ServerSettingsError(f"the {name} is shorter than {MIN_KEY_CHARS} characters: choose a longer one")
     if settings.read_key and settings.read_key == settings.write_key:
         raise ServerSettingsError(
             "the read key equals the write key: a write key ships in every web page, so profiles need their own "
             f"key ({READ_KEY_ENV})"
+        )
+    if settings.admin_key and settings.admin_key in (settings.read_key, settings.write_key):
+        raise ServerSettingsError(
+            f"the admin key equals the read or the write key: actions (merge, unmerge, forget) need their own key "
+            f"({ADMIN_KEY_ENV})"
         )
     return settings
