@@ -101,8 +101,11 @@ def load(home: Path, config: Path | None = None) -> ServerSettings:
     if isinstance(ingest, dict) and isinstance(ingest.get("gmail_rules"), bool):
         values["gmail_rules"] = ingest["gmail_rules"]
     settings = replace(ServerSettings(), **values)
-    env = {"write_key": os.environ.get(WRITE_KEY_ENV, ""), "read_key": os.environ.get(READ_KEY_ENV, ""),
-           "admin_key": os.environ.get(ADMIN_KEY_ENV, "")}
+    env = {
+        "write_key": os.environ.get(WRITE_KEY_ENV, ""),
+        "read_key": os.environ.get(READ_KEY_ENV, ""),
+        "admin_key": os.environ.get(ADMIN_KEY_ENV, ""),
+    }
     settings = replace(settings, **{k: v for k, v in env.items() if v})
     return _usable(settings)
 
