@@ -4,8 +4,10 @@ Collection (`POST /v1/track|identify|page|screen|group|alias|batch`, and analyti
 paths `/v1/t|i|p|s|g|a|b`) answers 200 only once the request's events are fsync'd in the
 spool (`spool.py`), so a 200 is never lost; the events then reach `raw_events` through the
 landing sensor (or `persona run`), and the hot profiles through the Redis stream when one is
-configured. Profiles (`GET /v1/profiles/{id_type}:{id}/traits|events|identifiers|audiences`) are
-read from the serving snapshot (`profiles.py`) with a read key that is not the write key.
+configured. Profiles (`GET /v1/profiles/{id_type}:{id}/traits|events|identifiers|audiences|provenance|links`,
+`/v1/search`, `/v1/segments`, `/v1/audiences`) are read from the serving snapshot (`profiles.py`) with a
+read key that is not the write key. Every other path is the person explorer (`explorer.py`), which
+reads through the same reader.
 
 No request is logged: paths carry emails and phone numbers, headers carry keys.
 """
@@ -20,6 +22,7 @@ import os
 import socket
 import sys
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,7 @@ from persona_assets.server.collect import (
     prepare,
 )
 from persona_assets.server.config import ServerSettings
+from persona_assets.server.explorer import Explorer
 from persona_assets.server.profiles import EVENT_LIMIT, ID_TYPES, MAX_EVENT_LIMIT, BadRequest, NotFound, ProfileReader
 from persona_assets.server.spool import PREFIX, Recovered, Spool, recover
 
@@ -89,6 +93,7 @@ class State:
     ticker: asyncio.Task | None = None
     recovered: Recovered | None = None
     stream_errors: int = 0
+    explorer: object = None  # explorer.Explorer, made at start
 
 
 def error(status: int, message: str, headers: dict | None = None) -> Answer:
@@ -204,6 +209,8 @@ async def profile(request: Request, state: State, who: str, what: str) -> Answer
     if not sep or id_type not in ID_TYPES or not value:
         return error(400, f"ask for {{id_type}}:{{id}} with id_type one of {', '.join(ID_TYPES)}")
     fields = [f for f in request.query.get("fields", "").split(",") if f] or None
+    if what == "audiences" and request.query.get("why", "").lower() in ("1", "true", "yes"):
+        what = "audiences_why"
     try:
         # Answered from what the reader holds in memory when it can: no hop to its thread.
         answer = state.reader.from_view(what, id_type, value, fields)
@@ -228,18 +235,63 @@ def _reader_call(reader: ProfileReader, what: str, id_type: str, value: str, fie
         return lambda: reader.identifiers(id_type, value)
     if what == "audiences":
         return lambda: reader.audiences(id_type, value)
+    if what == "audiences_why":
+        return lambda: reader.audiences_why(id_type, value)
+    if what == "provenance":
+        return lambda: reader.provenance(id_type, value)
+    if what == "links":
+        return lambda: reader.links(id_type, value)
+    limit = _limit(query)
+    return lambda: reader.events(id_type, value, limit, query.get("next"), fields)
+
+
+def _limit(query: dict) -> int:
     try:
         limit = int(query.get("limit", EVENT_LIMIT))
     except ValueError:
         raise BadRequest("limit: a whole number") from None
     if not 1 <= limit <= MAX_EVENT_LIMIT:
         raise BadRequest(f"limit: from 1 to {MAX_EVENT_LIMIT}")
-    return lambda: reader.events(id_type, value, limit, query.get("next"), fields)
+    return limit
+
+
+async def listing(request: Request, state: State, parts: list[str]) -> Answer:
+    """`/v1/search?q=`, `/v1/segments[/{id}/members]`, `/v1/audiences[/{name}/members]`: the explorer's
+    look-ups and lists, for any client with the read key."""
+    if not state.settings.read_key:
+        return error(401, "the profile API is off: no read key is set (PERSONA_READ_KEY or server.read_key)")
+    if not key_matches(read_key(request), state.settings.read_key):
+        return error(401, "a read key is needed: HTTP Basic username or Authorization: Bearer")
+    reader, query = state.reader, request.query
+    try:
+        if parts == ["search"]:
+            if not query.get("q", "").strip():
+                raise BadRequest("q: an identifier to look for")
+            call = lambda: reader.search(query["q"])  # noqa: E731
+        elif parts in (["segments"], ["audiences"]):
+            call = reader.segments if parts == ["segments"] else reader.audience_list
+        elif len(parts) == 3 and parts[2] == "members":
+            limit, after, name = _limit(query), query.get("next"), parts[1]
+            members = reader.segment_members if parts[0] == "segments" else reader.audience_members
+            call = lambda: members(name, limit, after)  # noqa: E731
+        else:
+            return error(404, NO_ENDPOINT)
+        answer = await asyncio.get_running_loop().run_in_executor(state.reads, call)
+    except NotFound:
+        return error(404, f"no such {parts[0][:-1]}" if len(parts) > 1 else "not found")
+    except BadRequest as exc:
+        return error(400, str(exc))
+    except FileNotFoundError:
+        return error(503, "no serving snapshot yet: run `persona run` (or make demo) first")
+    except Exception as exc:
+        return failed(exc)
+    return Answer.json(answer)
 
 
 NO_ENDPOINT = "no such endpoint; see README 'Send events over HTTP' and 'Read profiles over HTTP'"
 COLLECT_PATHS = {*TYPES, "batch", *SHORT}
-PROFILE_PARTS = ("traits", "events", "identifiers", "audiences")
+PROFILE_PARTS = ("traits", "events", "identifiers", "audiences", "provenance", "links")
+LISTINGS = ("search", "segments", "audiences")
 
 
 def failed(exc: Exception, headers: dict | None = None) -> Answer:
@@ -249,7 +301,8 @@ def failed(exc: Exception, headers: dict | None = None) -> Answer:
 
 
 async def route(request: Request, state: State) -> Answer:
-    """/v1/<call> for collection, /v1/profiles/<id_type>:<id>/<part> for reads (an id may hold '/')."""
+    """/v1/<call> for collection, /v1/profiles/<id_type>:<id>/<part> for reads (an id may hold '/'),
+    /v1/search|segments|audiences for look-ups and lists; any other path is the explorer's."""
     parts = request.path.split("/")
     if len(parts) == 3 and parts[1] == "v1" and parts[2] in COLLECT_PATHS:
         if request.method == "POST":
@@ -259,6 +312,12 @@ async def route(request: Request, state: State) -> Answer:
         if request.method == "GET":
             return await profile(request, state, "/".join(parts[3:-1]), parts[-1])
         return error(405, "GET only", {"Allow": "GET"})
+    if len(parts) >= 3 and parts[1] == "v1" and parts[2] in LISTINGS:
+        if request.method == "GET":
+            return await listing(request, state, [urllib.parse.unquote(p) for p in parts[2:]])
+        return error(405, "GET only", {"Allow": "GET"})
+    if parts[1] != "v1" and state.explorer is not None:
+        return await state.explorer.handle(request)
     return error(404, NO_ENDPOINT)
 
 
@@ -332,7 +391,10 @@ async def _start(state: State) -> None:
     state.reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiles")
     url = _stream_url(state.home) if s.stream else None
     live = _live_reader(url) if url else None
-    state.reader = ProfileReader(snapshot_path(), load_key(state.home), s.gmail_rules, live)
+    state.reader = ProfileReader(snapshot_path(), load_key(state.home), s.gmail_rules, live,
+                                 definitions=_definitions(state.home))  # fmt: skip
+    loop = asyncio.get_running_loop()
+    state.explorer = Explorer(s, state.home, state.reader, lambda call: loop.run_in_executor(state.reads, call))
     state.reads.submit(state.reader.warm)  # the snapshot opened (and held) before the first read asks
     if url:
         import redis.asyncio
@@ -343,6 +405,25 @@ async def _start(state: State) -> None:
     # the server: moved out of the collector's reach, full collections under load take a few ms,
     # not the 50-150 ms measured with it in (`persona bench --server`).
     gc.freeze()
+
+
+def _definitions(home: Path):
+    """definitions(con): the audience definitions in force (audiences.yaml or persona.yaml), checked against
+    the snapshot `con` is on; read again when the file or the snapshot changes."""
+    from persona_assets.core.audience_definitions import load
+    from persona_assets.core.audiences import vocabulary
+
+    kept: dict = {}
+
+    def definitions(con):
+        settings = Path(os.environ.get("PERSONA_CONFIG") or home / "persona.yaml")
+        files = [home / "audiences.yaml", settings]
+        stamp = (id(con), *(f.stat().st_mtime_ns if f.exists() else None for f in files))
+        if kept.get("stamp") != stamp:
+            kept.update(stamp=stamp, value=load(home, settings if settings.is_file() else None, vocabulary(con)))
+        return kept["value"]
+
+    return definitions
 
 
 def _stream_url(home: Path) -> str | None:
@@ -380,6 +461,8 @@ async def _tick(spool: Spool, every: float) -> None:
 
 
 async def _stop(state: State) -> None:
+    if state.explorer is not None:
+        await state.explorer.stop()
     if state.ticker is not None:
         state.ticker.cancel()
     if state.spool is not None:
@@ -399,6 +482,8 @@ def _announce(state: State) -> None:
         print(f"recovered {len(recovered.files)} spool file(s) a stopped server left "
               f"({recovered.torn_bytes} bytes of unanswered lines cut)", flush=True)  # fmt: skip
     reads = "on" if state.settings.read_key else "off (no read key)"
+    if state.settings.read_key:
+        reads += f"; person explorer at {state.address}/ (actions {'on' if state.settings.admin_key else 'off'})"
     stream = "and the Redis stream" if state.stream is not None else "(no Redis stream)"
     print(f"Persona server on {state.address}: events to {state.home / 'landing'} {stream}; "
           f"profile API {reads}", flush=True)  # fmt: skip

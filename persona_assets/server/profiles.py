@@ -127,8 +127,11 @@ class ProfileReader:
     a profile row) is kept for the next request, up to `cache` entries each, and dropped with
     the connection when a new snapshot comes."""
 
-    def __init__(self, snapshot: Path, key: bytes, gmail_rules: bool = True, live=None, cache: int = 50_000) -> None:
+    def __init__(self, snapshot: Path, key: bytes, gmail_rules: bool = True, live=None, cache: int = 50_000,
+                 definitions=None) -> None:  # fmt: skip
         self.snapshot, self.key, self.gmail_rules, self.live = snapshot, key, gmail_rules, live
+        # definitions(con) -> the audience definitions in force, checked against the snapshot (for `why`)
+        self.definitions = definitions
         self._con = None
         self._file: tuple[int, int] | None = None
         self.reopened = 0
@@ -300,13 +303,20 @@ class ProfileReader:
         (keyset paging on (event_at, message_id), so a page never repeats or skips an event)."""
         person_id = self.person(id_type, value)
         at, message_id = decode_cursor(after) if after else (None, None)
+        # `arrived_via`: how the event reached landing (the stream consumer's and the HTTP server's
+        # files are named by them), so the explorer can mark the live ones.
         result = self._connection().execute(
-            """WITH ids AS (SELECT identifier_type, identifier FROM identity_map WHERE person_id = $person)
-               SELECT * EXCLUDE (batch_id, source_line) FROM raw_events
-               WHERE (user_id IN (SELECT identifier FROM ids WHERE identifier_type = 'user_id')
-                  OR anonymous_id IN (SELECT identifier FROM ids WHERE identifier_type = 'anonymous_id'))
-                 AND ($at IS NULL OR (event_at, message_id) < ($at, $message_id))
-               ORDER BY event_at DESC, message_id DESC LIMIT $limit""",
+            """WITH ids AS (SELECT identifier_type, identifier FROM identity_map WHERE person_id = $person),
+               mine AS (SELECT * FROM raw_events
+                        WHERE (user_id IN (SELECT identifier FROM ids WHERE identifier_type = 'user_id')
+                           OR anonymous_id IN (SELECT identifier FROM ids WHERE identifier_type = 'anonymous_id'))
+                          AND ($at IS NULL OR (event_at, message_id) < ($at, $message_id))
+                        ORDER BY event_at DESC, message_id DESC LIMIT $limit)
+               SELECT e.* EXCLUDE (batch_id, source_line),
+                      CASE WHEN f.file_name LIKE 'stream-%' THEN 'stream' WHEN f.file_name LIKE 'http-%' THEN 'http'
+                           ELSE 'file' END AS arrived_via
+               FROM mine e LEFT JOIN ingest_files f ON f.batch_id = e.batch_id
+               ORDER BY e.event_at DESC, e.message_id DESC""",
             {"person": person_id, "at": at, "message_id": message_id, "limit": limit + 1},
         )
         names = [d[0] for d in result.description]
@@ -317,6 +327,158 @@ class ProfileReader:
         return {"person_id": person_id, "data": [jsonable(_select(r, fields)) for r in rows],
                 "cursor": {"has_more": more, "next": token}}  # fmt: skip
 
+    # --- reads the person explorer needs (also under /v1/: search, provenance, links, segments, audiences) ---
+
+    def search(self, text: str) -> dict:
+        """Everyone an identifier of any kind names: `type:value` asks one kind; otherwise a person_id,
+        userId, anonymousId and device id as given, an email or phone normalized and hashed."""
+        text = text.strip()
+        kind, sep, rest = text.partition(":")
+        if sep and kind in ID_TYPES:
+            asked = [(kind, rest.strip())]
+        else:
+            asked = [("person_id", text)] if re.fullmatch(PERSON_ID, text) else []
+            asked += [("user_id", text), ("anonymous_id", text), ("device_id", text)]
+            if "@" in text:
+                asked.append(("email", text))
+            if re.fullmatch(r"[+0-9 ()./-]{6,}", text):
+                asked.append(("phone", text))
+        found: dict[str, list[str]] = {}
+        for id_type, value in asked:
+            if not value:
+                continue
+            try:
+                found.setdefault(self.person(id_type, value), []).append(id_type)
+            except NotFound:
+                continue
+        return {"data": [{"person_id": p, "matched": kinds} for p, kinds in found.items()]}
+
+    def provenance(self, id_type: str, value: str) -> dict:
+        """Each trait with its value, source, confidence and when it was observed (imputed_attributes),
+        and each computed trait (source `computed`)."""
+        person_id = self.person(id_type, value)
+        con = self._connection()
+        rows = con.execute(
+            "SELECT trait, value, source, confidence, model_version, observed_at FROM imputed_attributes "
+            "WHERE person_id = ? ORDER BY trait",
+            [person_id],
+        ).fetchall()
+        names = ("trait", "value", "source", "confidence", "model_version", "observed_at")
+        data = [dict(zip(names, r, strict=True)) for r in rows]
+        if _has_table(con, "computed_traits"):
+            computed = con.execute(
+                "SELECT trait, kind, number, text, list, source FROM computed_traits WHERE person_id = ? ORDER BY trait",
+                [person_id],
+            ).fetchall()
+            for trait, kind, number, text, items, source in computed:
+                shown = items if items is not None else text if text is not None else number
+                data.append({"trait": trait, "value": shown, "source": source, "kind": kind, "confidence": None,
+                             "model_version": None, "observed_at": None})  # fmt: skip
+        return {"person_id": person_id, "data": jsonable(data)}
+
+    def links(self, id_type: str, value: str) -> dict:
+        """How the person came to be: the probabilistic links that hold their records together (with the
+        weight each comparison added) and their person_id's history (merges and splits)."""
+        person_id = self.person(id_type, value)
+        con = self._connection()
+        links = None
+        if _has_table(con, "identity_links"):
+            rows = con.execute(
+                "SELECT record_id_l, record_id_r, match_probability, match_weight, weights, status, reason "
+                "FROM identity_links WHERE person_id = ? ORDER BY match_weight DESC, record_id_l, record_id_r",
+                [person_id],
+            ).fetchall()
+            names = ("record_l", "record_r", "match_probability", "match_weight", "weights", "status", "reason")
+            links = [dict(zip(names, r, strict=True)) for r in rows]
+            for link in links:
+                link["weights"] = json.loads(link["weights"]) if link["weights"] else {}
+        history = con.execute(
+            "SELECT old_person_id, new_person_id, change, identifiers_moved, changed_at FROM person_id_history "
+            "WHERE old_person_id = $p OR new_person_id = $p ORDER BY changed_at DESC, old_person_id",
+            {"p": person_id},
+        ).fetchall()
+        names = ("old_person_id", "new_person_id", "change", "identifiers_moved", "changed_at")
+        return {"person_id": person_id, "links": jsonable(links),
+                "history": jsonable([dict(zip(names, r, strict=True)) for r in history])}  # fmt: skip
+
+    def audiences_why(self, id_type: str, value: str) -> dict:
+        """The person's audiences with, for each, every condition of its definition and whether it
+        holds, with the value read (as `persona audience NAME WHO` prints it)."""
+        from persona_assets.core.audience_definitions import DefinitionsError
+        from persona_assets.core.audiences import explain
+
+        answer = self.audiences(id_type, value)
+        con = self._connection()
+        try:
+            definitions = self.definitions(con) if self.definitions is not None else None
+        except DefinitionsError as exc:
+            return answer | {"why_unavailable": f"the audience definitions cannot be read: {exc}"}
+        for member in answer["data"]:
+            if definitions is None or member["audience"] not in definitions.audiences:
+                member["why"] = None
+                continue
+            audience = definitions.audiences[member["audience"]]
+            member["description"] = audience.description
+            reasons = explain(con, definitions, member["audience"], answer["person_id"])
+            member["why"] = [{"depth": r.depth, "holds": r.holds, "text": r.text, "value": jsonable(r.value)}
+                             for r in reasons]  # fmt: skip
+        return answer
+
+    def segments(self) -> dict:
+        """The segment catalog: every segment and sub-segment with its size and explanation."""
+        rows = (
+            self._connection()
+            .execute("SELECT level, id, parent_id, name, people, share, explanation FROM segment_catalog ORDER BY id")
+            .fetchall()
+        )
+        names = ("level", "id", "parent_id", "name", "people", "share", "explanation")
+        return {"data": jsonable([dict(zip(names, r, strict=True)) for r in rows])}
+
+    def segment_members(self, segment_id: str, limit: int, after: str | None) -> dict:
+        """The people of a segment or sub-segment, by person_id, `limit` at a time (`after`: the last page's cursor)."""
+        con = self._connection()
+        found = con.execute(
+            "SELECT level, id, parent_id, name, people, share, explanation FROM segment_catalog WHERE id = ?",
+            [segment_id],
+        ).fetchall()
+        if not found:
+            raise NotFound
+        names = ("level", "id", "parent_id", "name", "people", "share", "explanation")
+        rows = con.execute(
+            """SELECT person_id, segment_name, subsegment_name, event_count, order_count, total_revenue, top_category
+               FROM user_profiles WHERE (segment_id = $id OR subsegment_id = $id) AND ($after IS NULL OR person_id > $after)
+               ORDER BY person_id LIMIT $limit""",
+            {"id": segment_id, "after": _person_cursor(after), "limit": limit + 1},
+        )
+        return {"segment": jsonable(dict(zip(names, found[0], strict=True)))} | _page(rows, limit, "person_id")
+
+    def audience_list(self) -> dict:
+        """Every audience with its latest evaluation (size, who entered and exited, when)."""
+        con = self._connection()
+        if not _has_table(con, "audience_runs"):
+            return {"data": []}
+        rows = con.execute(
+            """SELECT audience, arg_max(size, evaluated_at), arg_max(entered, evaluated_at),
+                      arg_max(exited, evaluated_at), max(evaluated_at), arg_max(definition, evaluated_at)
+               FROM audience_runs GROUP BY audience ORDER BY audience"""
+        ).fetchall()
+        names = ("audience", "size", "entered", "exited", "evaluated_at", "definition")
+        return {"data": jsonable([dict(zip(names, r, strict=True)) for r in rows])}
+
+    def audience_members(self, name: str, limit: int, after: str | None) -> dict:
+        """An audience's members, by person_id, `limit` at a time, with when each entered."""
+        audiences = {a["audience"]: a for a in self.audience_list()["data"]}
+        if name not in audiences:
+            raise NotFound
+        rows = self._connection().execute(
+            """SELECT m.person_id, m.entered_at, p.segment_name, p.event_count, p.order_count, p.total_revenue
+               FROM audience_members m LEFT JOIN user_profiles p USING (person_id)
+               WHERE m.audience = $name AND ($after IS NULL OR m.person_id > $after)
+               ORDER BY m.person_id LIMIT $limit""",
+            {"name": name, "after": _person_cursor(after), "limit": limit + 1},
+        )
+        return {"audience": audiences[name]} | _page(rows, limit, "person_id")
+
 
 def _identity_index(con, limit: int) -> dict[tuple[str, str], str] | None:
     """identity_map as a dict, when it is small enough to hold: a first read is then one query."""
@@ -324,6 +486,21 @@ def _identity_index(con, limit: int) -> dict[tuple[str, str], str] | None:
         return None
     rows = con.execute("SELECT identifier_type, identifier, person_id FROM identity_map").fetchall()
     return {(kind, identifier): person for kind, identifier, person in rows}
+
+
+def _person_cursor(after: str | None) -> str | None:
+    if after is not None and not re.fullmatch(PERSON_ID, after):
+        raise BadRequest("next: not a cursor this API gave")
+    return after
+
+
+def _page(result, limit: int, key: str) -> dict:
+    """Rows of a keyset page asked for with `limit + 1`: the first `limit`, and the cursor when more follow."""
+    names = [d[0] for d in result.description]
+    rows = [dict(zip(names, r, strict=True)) for r in result.fetchall()]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"data": jsonable(rows), "cursor": {"has_more": more, "next": rows[-1][key] if more else None}}
 
 
 def _has_table(con, name: str) -> bool:
