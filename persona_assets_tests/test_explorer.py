@@ -23,7 +23,7 @@ import duckdb
 import pytest
 
 from persona_assets.datagen import generate, identify_records
-from persona_assets_tests.sdk.serving import READ_KEY, WRITE_KEY, start_server
+from persona_assets_tests.sdk.serving import READ_KEY, WRITE_KEY, request, start_server
 from persona_assets_tests.test_ui import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
 
 ADMIN_KEY = "test-admin-key-8910"
@@ -251,6 +251,12 @@ def built(tmp_path_factory):
                  properties={"category": HOSTILE["viewed"]})
     )  # fmt: skip
     (home / "audiences.yaml").write_text(AUDIENCES)
+    # One event through the HTTP collector (the server's spool moves into landing as it stops): a live one.
+    collector = start_server(home, env={"PERSONA_HASH_KEY": None})
+    live = {"userId": "evil-1", "event": "Live Ping", "messageId": "live-1", "timestamp": "2025-06-01T10:05:00Z"}
+    assert request(f"{collector.url}/v1/track", live)[0] == 200
+    collector.stop()
+    assert len(list(landing.glob("http-*.jsonl"))) == 1
     env = {**os.environ, "PERSONA_HOME": str(home), "DAGSTER_HOME": str(root / "dagster")}
     env.pop("PERSONA_HASH_KEY", None)
     done = subprocess.run([sys.executable, "-m", "persona_assets.cli", "run"], env=env, capture_output=True,
@@ -323,10 +329,10 @@ def _an_email_of_one_person(home: Path) -> tuple[str, str]:
 def test_search_by_email_opens_the_person_with_traits_and_sources_as_in_the_snapshot(built, page):
     home, served = built
     email, person = _an_email_of_one_person(home)
-    if SCREENSHOTS:
-        page.screenshot(path=str(SCREENSHOTS / "explorer-search.png"))
     # written another way: the server normalizes and hashes it as ingest did
     page.fill("form.big-search input[name=q]", f"  {email.upper()} ")
+    if SCREENSHOTS:
+        page.screenshot(path=str(SCREENSHOTS / "explorer-search.png"))
     with page.expect_navigation():
         page.click("form.big-search button")
     assert page.url.endswith(f"/people/{person}")
@@ -346,6 +352,7 @@ def test_search_by_email_opens_the_person_with_traits_and_sources_as_in_the_snap
     nq = _snapshot(home, "SELECT next_question FROM user_profiles WHERE person_id = ?", [person])[0][0]
     assert page.inner_text("#next-question") == (nq or "nothing (every askable trait is known)")
     assert page.locator("#affinity rect.bar").count() >= 1
+    assert page.locator("#activity rect.week").count() == 26
     segment = _snapshot(home, "SELECT segment_id, subsegment_id FROM user_profiles WHERE person_id = ?", [person])[0]
     if segment[0]:
         assert segment[0] in page.inner_text("#segment")
@@ -386,6 +393,8 @@ def test_html_and_script_in_traits_event_names_and_properties_show_as_text(built
     with page.expect_navigation():
         page.click("header form.search button")
     assert page.evaluate("typeof window.pwned") == "undefined"
+    live = page.locator("#timeline tr.event.live")  # the event the HTTP collector took, marked
+    assert live.count() == 1 and "live · HTTP" in live.inner_text() and "Live Ping" in live.inner_text()
     timeline = page.inner_text("#timeline")
     for text in (HOSTILE["event"], HOSTILE["category"], HOSTILE["viewed"], HOSTILE["product"]):
         assert text in timeline, text
@@ -400,8 +409,6 @@ def test_html_and_script_in_traits_event_names_and_properties_show_as_text(built
 
 @pytest.mark.slow
 def test_the_reads_behind_the_pages_are_profile_api_endpoints(built):
-    from persona_assets_tests.sdk.serving import request
-
     home, served = built
     url = served.url
     status, found, _ = request(f"{url}/v1/search?q=evil%40example.com", key=READ_KEY)
@@ -419,7 +426,10 @@ def test_the_reads_behind_the_pages_are_profile_api_endpoints(built):
     browsers = next(a for a in audiences["data"] if a["audience"] == "browsers")
     assert browsers["why"][0]["holds"] and any(r["value"] == 2 for r in browsers["why"])
     status, events, _ = request(f"{url}/v1/profiles/user_id:evil-1/events?limit=2", key=READ_KEY)
-    assert [e["message_id"] for e in events["data"]] == ["x4", "x3"] and events["data"][0]["arrived_via"] == "file"
+    assert [(e["message_id"], e["arrived_via"]) for e in events["data"]] == [("live-1", "http"), ("x4", "file")]
+    weeks = request(f"{url}/v1/profiles/user_id:evil-1/activity", key=READ_KEY)[1]["data"]
+    assert len(weeks) == 26 and weeks[-1] == {"week": "2025-05-26", "events": 5, "orders": 0}
+    assert sum(w["events"] for w in weeks) == 5
     segments = request(f"{url}/v1/segments", key=READ_KEY)[1]["data"]
     first = segments[0]
     seen, after = [], ""

@@ -241,6 +241,8 @@ def _reader_call(reader: ProfileReader, what: str, id_type: str, value: str, fie
         return lambda: reader.provenance(id_type, value)
     if what == "links":
         return lambda: reader.links(id_type, value)
+    if what == "activity":
+        return lambda: reader.activity(id_type, value)
     limit = _limit(query)
     return lambda: reader.events(id_type, value, limit, query.get("next"), fields)
 
@@ -290,7 +292,7 @@ async def listing(request: Request, state: State, parts: list[str]) -> Answer:
 
 NO_ENDPOINT = "no such endpoint; see README 'Send events over HTTP' and 'Read profiles over HTTP'"
 COLLECT_PATHS = {*TYPES, "batch", *SHORT}
-PROFILE_PARTS = ("traits", "events", "identifiers", "audiences", "provenance", "links")
+PROFILE_PARTS = ("traits", "events", "identifiers", "audiences", "provenance", "links", "activity")
 LISTINGS = ("search", "segments", "audiences")
 
 

@@ -325,12 +325,14 @@ class Explorer:
         identifiers = (await self.read(lambda: r.identifiers(*who)))["data"]
         audiences = await self.read(lambda: r.audiences_why(*who))
         events = await self.read(lambda: r.events(*who, EVENTS_PER_PAGE, after, None))
+        weeks = (await self.read(lambda: r.activity(*who)))["data"]
         catalog = {s["id"]: s for s in (await self.read(r.segments))["data"]}
         jobs = [j for j in self.jobs.values() if j.person_id == person_id]
         return self.page(
             "person.html", visit, person_id=person_id, traits=traits, provenance=provenance,
             behaviour=[(label, traits.get(name)) for name, label in BEHAVIOUR],
-            affinity=_bars(traits.get("category_affinity") or {}), identity=identity, identifiers=identifiers,
+            affinity=_bars(traits.get("category_affinity") or {}), activity=_columns(weeks), identity=identity,
+            identifiers=identifiers,
             audiences=audiences, events=events, after=after, path=_segment_path(traits, catalog), jobs=jobs,
         )  # fmt: skip
 
@@ -499,6 +501,15 @@ def _bars(affinity: dict, top: int = 8) -> list[dict]:
     most = items[0][1] if items else 1.0
     return [
         {"label": k, "score": v, "width": max(1.0, 200.0 * v / most), "y": 22 * i} for i, (k, v) in enumerate(items)
+    ]
+
+
+def _columns(weeks: list[dict], height: float = 60.0) -> list[dict]:
+    """Each week as a column (events) with its orders inside it, for the inline SVG chart."""
+    most = max((w["events"] for w in weeks), default=0) or 1
+    return [
+        {**w, "x": 16 * i, "h": height * w["events"] / most, "oh": height * w["orders"] / most}
+        for i, w in enumerate(weeks)
     ]
 
 

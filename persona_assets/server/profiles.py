@@ -26,7 +26,7 @@ import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -400,6 +400,36 @@ class ProfileReader:
         names = ("old_person_id", "new_person_id", "change", "identifiers_moved", "changed_at")
         return {"person_id": person_id, "links": jsonable(links),
                 "history": jsonable([dict(zip(names, r, strict=True)) for r in history])}  # fmt: skip
+
+    def activity(self, id_type: str, value: str, weeks: int = 26) -> dict:
+        """The person's events and orders a week, over the `weeks` weeks up to their latest event
+        (weeks without events count 0)."""
+        person_id = self.person(id_type, value)
+        rows = (
+            self._connection()
+            .execute(
+                """WITH ids AS (SELECT identifier_type, identifier FROM identity_map WHERE person_id = $person),
+               mine AS (SELECT event_at, event_name FROM raw_events
+                        WHERE user_id IN (SELECT identifier FROM ids WHERE identifier_type = 'user_id')
+                           OR anonymous_id IN (SELECT identifier FROM ids WHERE identifier_type = 'anonymous_id')),
+               span AS (SELECT date_trunc('week', max(event_at)) AS last FROM mine)
+               SELECT CAST(date_trunc('week', event_at) AS DATE) AS week, count(*) AS events,
+                      count(*) FILTER (WHERE event_name = 'Order Completed') AS orders
+               FROM mine, span WHERE event_at >= span.last - to_weeks(CAST($weeks AS INTEGER) - 1)
+               GROUP BY 1 ORDER BY 1""",
+                {"person": person_id, "weeks": weeks},
+            )
+            .fetchall()
+        )
+        counted = {week: (events, orders) for week, events, orders in rows}
+        data = []
+        if rows:
+            last = rows[-1][0]
+            for back in range(weeks - 1, -1, -1):
+                week = last - timedelta(weeks=back)
+                events, orders = counted.get(week, (0, 0))
+                data.append({"week": week.isoformat(), "events": events, "orders": orders})
+        return {"person_id": person_id, "data": data}
 
     def audiences_why(self, id_type: str, value: str) -> dict:
         """The person's audiences with, for each, every condition of its definition and whether it
