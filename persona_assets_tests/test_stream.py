@@ -220,3 +220,74 @@ def test_scores_stay_exact_when_a_person_comes_back_after_many_half_lives(redis_
     half = AffinityOptions().half_life_days
     assert affinity["books"] == pytest.approx(2 ** (-701 / half) + 2 ** (-1 / half), rel=1e-12)
     assert affinity["games"] == pytest.approx(1.0, rel=1e-12)
+
+
+def test_a_window_the_clock_ends_emits_the_exit_with_the_next_batch_not_at_a_sweep(redis_url, tmp_path):
+    from persona_assets.core.audience_definitions import parse, read_sections
+    from persona_assets.stream_audiences import CHANGES, DUE, LiveAudiences
+
+    (tmp_path / "audiences.yaml").write_text(
+        "audiences:\n"
+        "  viewers: {where: {event: Product Viewed, count: {gte: 2}, within_days: 7}}\n"
+        "  buyers: {where: {event: Order Completed, count: {gte: 1}}}\n"
+    )
+    client = stream.connect(redis_url)
+    live = LiveAudiences(client, parse(read_sections(tmp_path / "audiences.yaml"), "audiences.yaml"))
+    worker = stream.Consumer(client, stream.RedisStreamSource(client, "c"), tmp_path / "landing",
+                             stream.ConsumerOptions(block_ms=10), audiences=live)  # fmt: skip
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    line = '{"messageId":"m%d","anonymousId":"%s","type":"track","event":"%s","timestamp":"%s"}'
+
+    def send(i: int, anon: str, event: str, day: float) -> None:
+        at = (start + timedelta(days=day)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        client.xadd(stream.STREAM, {"event": line % (i, anon, event, at)})
+
+    def changes() -> list[tuple[str, str, str]]:
+        return [(f[b"audience"].decode(), f[b"person_id"].decode(), f[b"change"].decode())
+                for _, f in client.xrange(CHANGES)]  # fmt: skip
+
+    viewer, buyer = stream.provisional_id("a-viewer"), stream.provisional_id("a-buyer")
+    send(1, "a-viewer", "Product Viewed", 0)
+    send(2, "a-viewer", "Product Viewed", 1)  # leaves the window when the clock reaches day 8
+    send(3, "a-viewer", "Product Viewed", 5)
+    worker.step()
+    assert changes() == [("viewers", viewer, "entered")]
+    assert float(client.zscore(DUE, viewer)) == (start + timedelta(days=7)).timestamp()
+
+    send(4, "a-buyer", "Order Completed", 7.5)  # someone else's event moves the clock past day 7
+    worker.step()
+    assert changes()[1:] == [("buyers", buyer, "entered")] and live.due == [viewer]
+    worker.step()  # decided with the next batch: two views left in 7 days, still in; due when day 1's leaves
+    assert changes()[2:] == [] and live.due == []
+    assert float(client.zscore(DUE, viewer)) == (start + timedelta(days=8)).timestamp()
+
+    send(5, "a-buyer", "Order Completed", 9)  # the clock passes day 8: one view is left in the window
+    worker.step()  # this batch finds the viewer due
+    worker.step()  # and the next one (the stream is quiet now) decides them: no flush, no sweep
+    assert changes()[2:] == [("viewers", viewer, "exited")]
+    assert client.zscore(DUE, viewer) == (start + timedelta(days=12)).timestamp()  # the view of day 5
+    assert live.members("viewers") == set() and live.members("buyers") == {buyer}
+    assert client.zscore(DUE, buyer) is None  # no windowed event of theirs: never due
+    worker.flush()
+    assert changes()[3:] == []  # the last sweep finds nothing left to change
+
+
+def test_a_busy_stream_leaves_the_contract_query_to_its_thread_and_applies_its_verdicts_later(redis_url, tmp_path):
+    client = stream.connect(redis_url)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    line = '{"messageId":"%s","anonymousId":"a-busy","type":"page","timestamp":"%s"}'
+    worker = stream.Consumer(client, stream.RedisStreamSource(client, "c"), tmp_path / "landing",
+                             stream.ConsumerOptions(block_ms=10, query_seconds=0))  # fmt: skip
+    client.xadd(stream.STREAM, {"event": line % ("m1", now)})
+    client.xadd(stream.STREAM, {"event": '{"type": "page"'})
+    assert worker.step() == 2  # busy: the bad line went to the query, which this step did not wait for
+    assert (worker.applied, worker.quarantined) == (1, 0)
+    client.xadd(stream.STREAM, {"event": line % ("m2", now)})
+    for _ in range(100):  # a later step applies the verdict (a quiet one waits for it)
+        if worker.quarantined:
+            break
+        worker.step()
+    assert (worker.applied, worker.quarantined) == (2, 1)
+    assert [f[b"reason"] for _, f in client.xrange(stream.QUARANTINE)] == [b"malformed_json"]
+    worker.flush()
+    assert client.xpending(stream.STREAM, stream.GROUP)["pending"] == 0
