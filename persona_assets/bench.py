@@ -573,6 +573,8 @@ def run(args) -> int:
         for key, value in SCALES[args.scale].items():
             setattr(args, key, value)
     work = Path(args.workdir) if args.workdir else persona_home() / "bench"
+    if getattr(args, "only", None):
+        return run_only(args.only, work, args.scale)
     people = max(100, args.events // EVENTS_PER_PERSON)
     data = work / f"landing-{people}-{args.format.replace('.', '')}"
     truth_dir = data.with_name(data.name + "_truth")  # where `persona generate` puts it: beside, never in
@@ -702,6 +704,39 @@ def run(args) -> int:
         DOCS.joinpath("benchmarks", f"{args.scale}.json").write_text(json.dumps(results, indent=2) + "\n")
         write_docs()
         print(f"(and to {DOCS / 'benchmarks.md'})")
+    return 0
+
+
+ONLY = ("server", "stream")
+
+
+def run_only(parts: str, work: Path, scale: str | None) -> int:
+    """Only the server and/or the stream figures, without building anything: the server's reads use
+    the snapshot a `--keep` run left in `work`. With a scale, they replace that scale's figures in
+    docs/benchmarks/<scale>.json (the rest of that run's figures stay) and docs/benchmarks.md."""
+    chosen = [p.strip() for p in parts.split(",") if p.strip()]
+    if not chosen or set(chosen) - set(ONLY):
+        raise SystemExit(f"--only takes {', '.join(ONLY)} (comma-separated), got {parts!r}")
+    results: dict[str, object] = {}
+    if "server" in chosen:
+        snapshot = work / "bench-serving.duckdb"
+        if not snapshot.exists():
+            raise SystemExit(f"no snapshot at {snapshot}: run the bench once with --keep --workdir {work}")
+        print("server (persona serve against its floor) ...", flush=True)
+        results["server"] = server_bench(work, snapshot)
+    if "stream" in chosen:
+        print("stream ...", flush=True)
+        results["stream"] = stream_bench(work)
+    print(json.dumps(results, indent=2))
+    if scale:
+        path = DOCS / "benchmarks" / f"{scale}.json"
+        if not path.exists():
+            raise SystemExit(f"no {path} to merge into: run `persona bench --scale {scale}` once first")
+        recorded = json.loads(path.read_text())
+        recorded.update(results)
+        path.write_text(json.dumps(recorded, indent=2) + "\n")
+        write_docs()
+        print(f"(merged into {path} and {DOCS / 'benchmarks.md'})")
     return 0
 
 

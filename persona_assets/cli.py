@@ -1192,6 +1192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", action=argparse.BooleanOptionalAction, default=None,
                    help="time persona serve against its floor (default: with --scale)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the bench warehouse and snapshot for inspection")
+    p.add_argument("--only", help="only these parts, comma-separated: server, stream (the server's reads use the "
+                   "snapshot a --keep run left in the workdir); with --scale, their figures replace that scale's")  # fmt: skip
     p.add_argument(
         "--link-records",
         type=int,
