@@ -387,6 +387,22 @@ def test_the_timeline_is_newest_first_and_pages_without_repeating_an_event(built
 
 
 @pytest.mark.slow
+def test_browse_an_audience_page_by_page_from_the_first_page(built, page):
+    home, _ = built
+    with page.expect_navigation():
+        page.click("text=browsers")
+    seen = []
+    while True:
+        seen += page.locator("table.members tbody a").all_inner_texts()
+        if page.locator("a.next").count() == 0:
+            break
+        with page.expect_navigation():
+            page.click("a.next")
+    expected = _snapshot(home, "SELECT person_id FROM audience_members WHERE audience = 'browsers' ORDER BY 1")
+    assert seen == [p for (p,) in expected] and len(seen) > 100  # three pages of 50
+
+
+@pytest.mark.slow
 def test_html_and_script_in_traits_event_names_and_properties_show_as_text(built, page):
     _, served = built
     page.fill("header input[name=q]", "evil@example.com")
@@ -477,6 +493,23 @@ def test_undo_a_merge_from_the_page_and_see_two_people_after_the_refresh(built, 
         assert page.locator("#identity tbody tr").count() == 1
     assert {"split"} == {c for (c,) in _snapshot(home, "SELECT change FROM person_id_history WHERE old_person_id = ?",
                                                  [person])}  # fmt: skip
+
+    # and forced back together from the page, naming the other by one of its identifiers
+    other = next(p for p in people if p != person)
+    anonymous_id = _snapshot(home, "SELECT identifier FROM identity_map WHERE person_id = ?", [other])[0][0]
+    page.goto(f"{served.url}/people/{person}")
+    page.fill("#actions input[name=with]", anonymous_id)
+    with page.expect_navigation():
+        page.click("#actions form[method=get] button")
+    assert f"{person} and {other} one person" in page.inner_text("main")
+    with page.expect_navigation():
+        page.click("#confirm")
+    page.wait_for_selector("#status.done, #status.failed", timeout=240_000)
+    assert page.locator("#status.done").count() == 1, page.inner_text("#action")
+    assert page.inner_text("#people-now").startswith("1 person")  # holding both people's identifiers
+    with page.expect_navigation():
+        page.click("#people-now a.person-link")
+    assert page.locator("#identity tbody tr").count() == 2
 
 
 @pytest.mark.slow

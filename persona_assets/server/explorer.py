@@ -380,6 +380,9 @@ class Explorer:
                 return self.message(visit, 400, "Whom to merge with?", "Name exactly one other person (a person_id "
                                     "or an identifier that finds one person).")  # fmt: skip
             args = ["merge", person_id, found[0]["person_id"]]
+            # the other's identifiers too, so the action's page shows who holds all of them after
+            theirs = await self.read(lambda: self.reader.identifiers("person_id", found[0]["person_id"]))
+            identifiers += theirs["data"]
         if kind in ("unmerge", "merge"):
             args += ["--by", "explorer"] + (["--reason", reason] if reason else [])
         job = Job(len(self.jobs) + 1, kind, person_id, [sys.executable, "-m", "persona_assets.cli", *args],
