@@ -246,3 +246,56 @@ def test_unusual_but_valid_lines_are_left_to_the_query():
     queried = query_lines(duckdb.connect(), lines, PARAMS, [False] * len(lines))
     assert [r["reason"] for r in queried] == [None] * len(lines)
     assert plain_rows(lines[:1], PARAMS, bad_utf8=[True]) == [None]
+
+
+# --- the server's check: from the events it wrote, not by decoding their lines again -----------------
+
+NOT_ROUND_TRIP = st.sampled_from([float("nan"), float("inf"), float("-inf"), 2**63, -(2**63) - 1, 10**30])
+
+
+@st.composite
+def server_events(draw) -> object:
+    if draw(st.integers(0, 19)) == 0:
+        return draw(TRICKY)  # not an object at all
+    event = copy.deepcopy(draw(st.sampled_from(BASE)))
+    values = st.one_of(TRICKY, NOT_ROUND_TRIP) if draw(st.integers(0, 4)) == 0 else TRICKY
+    for path, value in draw(st.lists(st.tuples(st.sampled_from(PATHS), values), max_size=4)):
+        _put(event, path, value)
+    return event
+
+
+def _server_lines(events: list[object]):
+    """The events as the server receives them in a batch, stamps them and writes their lines."""
+    from persona_assets.server.collect import RecentIds, parse_body, prepare
+
+    body = json.dumps({"batch": events, "sentAt": "2026-12-01T10:00:01Z"}).encode()
+    return prepare(parse_body(body, "batch", 2500), "batch", RecentIds(), 32 * 1024)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=st.lists(server_events(), min_size=1, max_size=20))
+def test_the_servers_check_from_its_events_equals_the_check_of_its_lines(events):
+    from persona_assets.core.plain import plain_event_rows
+    from persona_assets.server.collect import ContractCheck
+
+    params = contract_params()  # the server stamps receivedAt now
+    prepared = _server_lines(events)
+    full = plain_rows(prepared.lines, params)
+    if prepared.exact:  # checked from the events: the very rows the lines' check gives
+        assert plain_event_rows(prepared.events, prepared.lines, params) == full
+    # Exact or not, the server leaves to the query exactly the lines the full check leaves to it.
+    assert ContractCheck.plain(prepared) == [i for i, row in enumerate(full) if row is None]
+    assert prepared.reasons == [None] * len(full)
+
+
+def test_a_body_with_numbers_that_do_not_round_trip_is_not_exact():
+    from persona_assets.server.collect import parse_body
+
+    event = '{"type":"track","event":"x","anonymousId":"a","properties":{"price":%s}}'
+    assert parse_body((event % "19.99").encode(), "track", 1).exact
+    assert parse_body((event % str(2**63 - 1)).encode(), "track", 1).exact
+    for number in ("NaN", "Infinity", "-Infinity", "1e400", str(2**63), str(-(2**63) - 1)):
+        assert not parse_body((event % number).encode(), "track", 1).exact, number
+    # Exact or not, the server's answer for such an event is the contract's (the query's reason).
+    prepared = _server_lines([json.loads(event % "NaN")])
+    assert plain_rows(prepared.lines, contract_params()) == [None]

@@ -150,12 +150,12 @@ async def _collect(request: Request, state: State, kind: str) -> dict:
     body = await read_limited(request, limit)
     if request.headers.get("content-encoding", "").strip().lower() == "gzip":
         body = inflate(body, limit)
-    items, batch = parse_body(body, kind, settings.batch_events)
+    parsed = parse_body(body, kind, settings.batch_events)
     if header_key is None:
-        given = batch.get("writeKey") if kind == "batch" else items[0].get("writeKey")
+        given = parsed.batch.get("writeKey") if kind == "batch" else parsed.items[0].get("writeKey")
         if not key_matches(given if isinstance(given, str) else None, settings.write_key):
             raise Refused(401, "a write key is needed: HTTP Basic username, or writeKey in the body")
-    prepared = prepare(items, kind, batch, state.recent, settings.event_bytes)
+    prepared = prepare(parsed, kind, state.recent, settings.event_bytes)
     # Every line is stored whatever the contract says of it, so the fsync need not wait for the
     # check: it runs meanwhile, and the answer waits for both.
     durable = asyncio.ensure_future(state.spool.append(prepared.data()))

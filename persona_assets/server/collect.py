@@ -22,6 +22,7 @@ import functools
 import hashlib
 import hmac
 import json
+import math
 import threading
 import zlib
 from collections import OrderedDict
@@ -32,7 +33,7 @@ from pathlib import Path
 import duckdb
 
 from persona_assets.core.ingest import contract_params, query_lines
-from persona_assets.core.plain import TIMESTAMP, plain_rows
+from persona_assets.core.plain import TIMESTAMP, plain_event_rows, plain_rows
 
 TYPES = ("track", "identify", "page", "screen", "group", "alias")
 # analytics.js (analytics-next) posts each call to the first letter of its type, and batches to /b.
@@ -100,24 +101,55 @@ def inflate(body: bytes, limit: int) -> bytes:
     return data
 
 
-def parse_body(body: bytes, kind: str, max_events: int) -> tuple[list[object], dict]:
-    """The events of a request and its batch-level fields (sentAt, context, writeKey)."""
+INT64 = 2**63
+
+
+@dataclass
+class Body:
+    """A request's events, its batch-level fields (sentAt, context, writeKey), and whether every
+    number in it is one the contract's decoder reads back as json.dumps writes it (no NaN or
+    Infinity, no float too large to be finite, no integer past int64)."""
+
+    items: list[object]
+    batch: dict
+    exact: bool
+
+
+def parse_body(body: bytes, kind: str, max_events: int) -> Body:
     if not body.strip():
         raise Refused(400, "the request has no body")
+    exact = [True]
+
+    def integer(text: str) -> int:
+        value = int(text)
+        if not -INT64 <= value < INT64:
+            exact[0] = False
+        return value
+
+    def number(text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            exact[0] = False
+        return value
+
+    def constant(text: str) -> float:
+        exact[0] = False
+        return float(text)
+
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_int=integer, parse_float=number, parse_constant=constant)
     except (ValueError, RecursionError):
         raise Refused(400, "the body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise Refused(400, "the body must be a JSON object")
     if kind != "batch":
-        return [payload], {}
+        return Body([payload], {}, exact[0])
     items = payload.get("batch")
     if not isinstance(items, list):
         raise Refused(400, "a batch needs a 'batch' list of events")
     if len(items) > max_events:
         raise Refused(413, f"a batch holds at most {max_events} events; this one has {len(items)}")
-    return items, {k: payload[k] for k in ("sentAt", "context", "writeKey") if k in payload}
+    return Body(items, {k: payload[k] for k in ("sentAt", "context", "writeKey") if k in payload}, exact[0])
 
 
 class RecentIds:
@@ -131,15 +163,20 @@ class RecentIds:
         self.capacity = capacity
         self._stamps: OrderedDict[tuple, tuple[str, object]] = OrderedDict()
 
+    @staticmethod
+    def _key(message_id: str, original: object) -> tuple:
+        # The client's timestamp as sent: a string as is (the usual case), anything else as its JSON.
+        return (message_id, original) if type(original) is str else (message_id, None, json.dumps(original))
+
     def get(self, message_id: object, original: object) -> tuple[str, object] | None:
         if not isinstance(message_id, str):
             return None
-        return self._stamps.get((message_id, json.dumps(original)))
+        return self._stamps.get(self._key(message_id, original))
 
     def remember(self, message_id: object, original: object, received: str, timestamp: object) -> None:
         if not isinstance(message_id, str):
             return
-        key = (message_id, json.dumps(original))
+        key = self._key(message_id, original)
         self._stamps[key] = (received, timestamp)
         self._stamps.move_to_end(key)
         if len(self._stamps) > self.capacity:
@@ -188,7 +225,9 @@ class Prepared:
     """One request's events as landing lines, and what the contract says of them."""
 
     lines: list[str] = field(default_factory=list)
+    events: list[object] = field(default_factory=list)  # what each line is the JSON text of
     reasons: list[str | None] = field(default_factory=list)
+    exact: bool = True  # each line decodes back to its event (`Body.exact`)
 
     @property
     def accepted(self) -> int:
@@ -225,10 +264,10 @@ class Received:
 
 
 def prepare_event(item: object, kind: str, batch: dict, received: Received, recent: RecentIds,
-                  max_bytes: int) -> str:  # fmt: skip
-    """One event as its landing line."""
+                  max_bytes: int) -> tuple[object, str]:  # fmt: skip
+    """One event as stamped, and its landing line."""
     if not isinstance(item, dict):  # written as sent: the contract quarantines it (not_an_object)
-        return _line(item)
+        return item, _line(item)
     event = {k: v for k, v in item.items() if k not in ("writeKey", "receivedAt")}
     if kind != "batch":
         event["type"] = kind
@@ -253,7 +292,7 @@ def prepare_event(item: object, kind: str, batch: dict, received: Received, rece
     line = _line(event)
     if len(line) > max_bytes + STAMP_BYTES and len(line.encode("utf-8")) > max_bytes + STAMP_BYTES:
         raise Refused(413, f"an event is larger than {max_bytes} bytes")
-    return line
+    return event, line
 
 
 def _line(value: object) -> str:
@@ -279,9 +318,13 @@ class ContractCheck:
         self._lock = threading.Lock()
         query_lines(self._con, ['{"type":"track","event":"warm-up","anonymousId":"x"}'], contract_params(), [False])
 
-    def plain(self, prepared: Prepared) -> list[int]:
+    @staticmethod
+    def plain(prepared: Prepared) -> list[int]:
         """Fill in the reasons of plain lines; the positions left for `query`."""
-        rows = plain_rows(prepared.lines, contract_params())
+        if prepared.exact:  # checked from the events, not decoded again
+            rows = plain_event_rows(prepared.events, prepared.lines, contract_params())
+        else:
+            rows = plain_rows(prepared.lines, contract_params())
         prepared.reasons = [None] * len(rows)
         return [i for i, row in enumerate(rows) if row is None]
 
@@ -296,6 +339,11 @@ class ContractCheck:
         self._con.close()
 
 
-def prepare(items: list[object], kind: str, batch: dict, recent: RecentIds, max_bytes: int) -> Prepared:
+def prepare(body: Body, kind: str, recent: RecentIds, max_bytes: int) -> Prepared:
     received = Received.now()
-    return Prepared([prepare_event(item, kind, batch, received, recent, max_bytes) for item in items])
+    prepared = Prepared(exact=body.exact)
+    for item in body.items:
+        event, line = prepare_event(item, kind, body.batch, received, recent, max_bytes)
+        prepared.events.append(event)
+        prepared.lines.append(line)
+    return prepared
