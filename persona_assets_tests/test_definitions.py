@@ -61,7 +61,7 @@ def test_materializing_everything_publishes_a_snapshot_without_restricted_column
         cols = {r[0] for r in con.execute("DESCRIBE raw_events").fetchall()}
         assert cols.isdisjoint(RESTRICTED_COLUMNS) and "email_hash" in cols
         kept = con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0]
-        assert not tables & {"identity_pii", "identity_links", "identity_link_model"}
+        assert not tables & {"identity_pii", "identity_link_model"}
         # Look-ups by person_id are index reads; by identifier, reads of one row group of a sorted table.
         indexed = {r[0] for r in con.execute("SELECT table_name FROM duckdb_indexes()").fetchall()}
         assert "user_profiles" in indexed

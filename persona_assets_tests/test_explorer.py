@@ -476,7 +476,12 @@ def test_undo_a_merge_from_the_page_and_see_two_people_after_the_refresh(built, 
                ORDER BY 1 LIMIT 1"""
         ).fetchall()[0][0]
     page.goto(f"{served.url}/people/{person}")
-    assert page.locator("#identity tbody tr").count() == 2
+    assert page.locator("#identifiers tbody tr").count() == 2
+    # the link that merged them, with the weight each comparison added, from the published identity_links
+    link = page.locator("#links tbody tr")
+    assert link.count() == 1 and "merged" in link.inner_text()
+    weights = link.locator("td.weights").inner_text()
+    assert "name" in weights and "+" in weights, weights
     _unlock(page)
     page.click("text=Undo a merge")
     assert "Undo the merge" in page.inner_text("h1")
@@ -490,7 +495,7 @@ def test_undo_a_merge_from_the_page_and_see_two_people_after_the_refresh(built, 
     assert person in people and len(set(people)) == 2
     for other in people:
         page.goto(f"{served.url}/people/{other}")
-        assert page.locator("#identity tbody tr").count() == 1
+        assert page.locator("#identifiers tbody tr").count() == 1
     assert {"split"} == {c for (c,) in _snapshot(home, "SELECT change FROM person_id_history WHERE old_person_id = ?",
                                                  [person])}  # fmt: skip
 
@@ -509,7 +514,7 @@ def test_undo_a_merge_from_the_page_and_see_two_people_after_the_refresh(built, 
     assert page.inner_text("#people-now").startswith("1 person")  # holding both people's identifiers
     with page.expect_navigation():
         page.click("#people-now a.person-link")
-    assert page.locator("#identity tbody tr").count() == 2
+    assert page.locator("#identifiers tbody tr").count() == 2
 
 
 @pytest.mark.slow
@@ -534,7 +539,7 @@ def test_forget_a_person_from_the_page_and_see_them_gone(built, page):
 
 
 def test_links_are_read_with_their_weights_when_the_snapshot_holds_them(tmp_path):
-    """identity_links is not published today; a snapshot that holds it gives the person's links."""
+    """The reader gives a person's links with each comparison's weight, as the snapshot holds them."""
     from persona_assets.server.profiles import ProfileReader
 
     path = tmp_path / "persona.duckdb"

@@ -57,7 +57,7 @@ def test_text_fields_hold_no_email_or_phone_and_the_snapshot_no_quarantined_text
         tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         # Every table the README tells users about is there, except the restricted ones.
         assert {"person_id_history", "trait_importance", "user_profiles", "identity_map"} <= tables
-        assert not tables & {"identity_pii", "identity_links", "erasure_log"}
+        assert not tables & {"identity_pii", "erasure_log"}
         assert con.execute("SELECT reason FROM quarantined_events").fetchall() == [("malformed_json",)]
     data = snapshot.read_bytes().lower()
     for needle in ("kunigunde", "zwetschge", "1961-07-04", "9876543", "2345678", EMAIL, "jo.doe%40"):
