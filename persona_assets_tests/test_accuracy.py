@@ -237,29 +237,17 @@ def segment_scores(path: Path, truth: Path, root: Path) -> dict:
     return {"ari": round(ari, 3), "k": model.chosen_k, "space": model.space, "seconds": round(seconds, 1)}
 
 
-# Where the goal of issue 21 part 5 (ARI >= 0.9, k = 5) is not met yet, as measured: k and space by
-# bootstrap stability still pick k = 6 (features, 10% buyers) or the autoencoder's k = 10 (40% and
-# 60% buyers) there. These cases are strict xfails: one that starts meeting the goal fails the test,
-# so the list (and the README's table) is kept true.
-SEGMENTS_SHORT_OF_GOAL = {("buyers_10", 5000), ("buyers_40", 5000), ("buyers_60", 5000), ("buyers_40", 10000)}
 # make test runs the 2,000-people grid; the whole grid: PERSONA_SEGMENT_SIZES=2000,5000,10000 (about 10 minutes).
 SEGMENT_SIZES = [int(n) for n in os.environ.get("PERSONA_SEGMENT_SIZES", "2000").split(",")]
 
 
-def _segment_case(name: str, people: int):
-    if (name, people) not in SEGMENTS_SHORT_OF_GOAL:
-        return pytest.param(name, people)
-    short = pytest.mark.xfail(reason="issue 21 part 5 not met here yet (see SEGMENTS_SHORT_OF_GOAL)", strict=True)
-    return pytest.param(name, people, marks=short)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "people"), [_segment_case(n, k) for k in SEGMENT_SIZES for n in SEGMENT_SHAPES])
+@pytest.mark.parametrize(("name", "people"), [(n, k) for k in SEGMENT_SIZES for n in SEGMENT_SHAPES])
 def test_segments_recover_the_archetypes_at_every_size_and_buyer_share(tmp_path, name, people):
-    # The goal of issue 21 part 5. Seen (k and space by stability): 10% buyers 0.925 / 0.825 (k 6) /
-    # 0.923 at 2,000 / 5,000 / 10,000 people; 40% 0.928 / 0.870 (k 6) / 0.585 (k 10);
-    # 60% 0.935 / 0.591 (k 10) / 0.939. Before (by silhouette), on data generated with 2,000
-    # people a file: 0.80 (k 8) at 10% and 10,000 people, 0.71 (k 9) and 0.60 (k 10) at 60%.
+    # The goal of issue 21 part 5. Seen, all k = 5 in the feature space: 10% buyers 0.940 / 0.939 /
+    # 0.934 at 2,000 / 5,000 / 10,000 people; 40% 0.949 / 0.943 / 0.943; 60% 0.939 / 0.946 / 0.944.
+    # Before correlated features counted as one: 0.825 (k 6) at 10% and 5,000, 0.585 (k 10) at 40%
+    # and 10,000, 0.591 (k 10) at 60% and 5,000.
     path, truth, _ = build(tmp_path, SEGMENT_SHAPES[name], people=people)
     scores = segment_scores(path, truth, tmp_path)
     print(f"\nsegments {name} {people:,} people: {scores}")

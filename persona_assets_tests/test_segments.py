@@ -130,3 +130,21 @@ def test_one_space_only_when_asked(warehouse_copy):
     model = segments.build(con, store, SegmentOptions(space="features", k_max=6)).model
     assert model.space == "features" and model.encoder is None and "silhouette_autoencoder" not in model.scores
     assert np.isfinite(model.curves.silhouette).all()
+
+
+def test_features_that_move_together_count_as_one():
+    rng = np.random.default_rng(3)
+    buying = rng.exponential(size=2_000) * (rng.random(2_000) < 0.1)
+    X = np.column_stack([
+        buying, 2 * buying + rng.normal(0, 0.01, 2_000), np.sqrt(buying) * 3,  # three measures of one thing
+        rng.normal(size=2_000), rng.normal(size=2_000),  # independent
+        np.zeros(2_000),  # constant: no correlation with anything
+    ])  # fmt: skip
+    names = ["orders", "revenue", "value", "mobile", "night", "other"]
+    weights, together = segments.redundancy_weights(X, names, 0.75)
+    assert together == [["orders", "revenue", "value"]]
+    np.testing.assert_allclose(weights, [3**-0.5] * 3 + [1, 1, 1])
+    # the group adds as much variance to a distance as one feature does
+    standardized = (X[:, :3] - X[:, :3].mean(0)) / X[:, :3].std(0)
+    assert ((standardized * weights[:3]) ** 2).sum(1).mean() == pytest.approx(1)
+    assert segments.redundancy_weights(X, names, 1.0)[1] == []  # nothing is perfectly correlated

@@ -1,5 +1,5 @@
 """Segmentation: k-means with k and feature space chosen by bootstrap stability (among the ks from
-the elbow to the best silhouette), Ward sub-segments, HDBSCAN noise, an autoencoder embedding as
+the elbow to the best silhouette), features that move together counted as one, Ward sub-segments, HDBSCAN noise, an autoencoder embedding as
 an alternative space, readable names and ids kept across retrains.
 
 Works on the normalized feature matrix (one row per person, pandas/numpy); everything that
@@ -17,6 +17,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import connected_components
 from sklearn.cluster import HDBSCAN, AgglomerativeClustering, KMeans, MiniBatchKMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, silhouette_score
@@ -48,6 +49,10 @@ class SegmentOptions:
         0.03, "k and space are chosen among those this close to the most stable under bootstrap resampling.", ge=0
     )
     stability_rounds: int = 4
+    redundancy_correlation: float = setting(
+        0.75, "Features correlated at least this much (in absolute value) count as one in the segment space.",
+        ge=0, le=1,
+    )
     stability_sample: int = 4_000
     minibatch_above: int = setting(100_000, "Use MiniBatchKMeans above this many people.", ge=1)
     sub_k_max: int = setting(4, "Most sub-segments per segment (Ward).", ge=2)
@@ -110,6 +115,33 @@ class SegmentModel:
     scores: dict[str, float]
     settings: dict
     matching: pd.DataFrame | None = None
+    # Each feature's weight in the model space (see `redundancy_weights`); None in models saved before it.
+    weights: np.ndarray | None = None
+    together: list[list[str]] = field(default_factory=list)
+
+
+def redundancy_weights(X: np.ndarray, features: list[str], min_correlation: float) -> tuple[np.ndarray, list[list[str]]]:
+    """Each feature's weight, so that features which move together count as one.
+
+    Standardized features each add one unit of variance to a distance, so four measures of the
+    same thing (order count, revenue, order value, conversion) weigh four times as much as one
+    measure of anything else, and k-means splits people along that one thing first: the few who
+    buy become a segment of their own, cut out of every behaviour group. Features whose absolute
+    correlation reaches `min_correlation` (directly or through a chain) form a group, and each
+    member of a group of n is weighted 1/sqrt(n), so the group adds one unit of variance in all.
+    Returns the weights and the groups of two or more, by name."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        correlation = np.nan_to_num(np.corrcoef(X, rowvar=False)) if X.shape[1] > 1 else np.ones((1, 1))
+    linked = np.abs(np.atleast_2d(correlation)) >= min_correlation
+    _, group = connected_components(linked, directed=False)
+    sizes = np.bincount(group)
+    together = [[f for f, g in zip(features, group) if g == j] for j in np.flatnonzero(sizes > 1)]
+    return 1 / np.sqrt(sizes[group]), together
+
+
+def model_space(Xn: np.ndarray, model: SegmentModel) -> np.ndarray:
+    """The normalized features as the model sees them: weighted, then encoded when it uses the autoencoder."""
+    return encode(Xn if model.weights is None else Xn * model.weights, model.encoder)
 
 
 def encode(X: np.ndarray, encoder: list[tuple[np.ndarray, np.ndarray]] | None) -> np.ndarray:
@@ -428,12 +460,14 @@ def _candidates(space: str, Z: np.ndarray, curve: pd.DataFrame) -> list[int]:
     return list(range(min(elbow, best), max(elbow, best) + 1))
 
 
-def _pick_reason(chosen: Candidate, picks: list[Candidate]) -> str:
+def _pick_reason(chosen: Candidate, picks: list[Candidate], together: list[list[str]], min_correlation: float) -> str:
     other = ", ".join(f"{c.space} space k={c.k} ({c.stability:.2f})" for c in picks if c != chosen)
+    groups = "; ".join(" + ".join(g) for g in together)
     return (
         f"{chosen.space} space, k={chosen.k}: stability under bootstrap resampling {chosen.stability:.2f} "
         f"(adjusted Rand index between k-means fits on two samples); {chosen.reason}, the largest as stable "
         f"as the best{'; other space: ' + other if other else ''}"
+        f"{f'; counted as one (correlated {min_correlation:g} or more): {groups}' if groups else ''}"
     )
 
 
@@ -449,9 +483,9 @@ class _Choice:
     scores: dict[str, float]
 
 
-def _choose(Xn: np.ndarray, opts: SegmentOptions) -> _Choice:
+def _choose(Xn: np.ndarray, opts: SegmentOptions, together: list[list[str]]) -> _Choice:
     """Each space proposes every k from its elbow to its best silhouette; the most stable under
-    bootstrap resampling wins (see `pick_k`, `pick_space`)."""
+    bootstrap resampling wins (see `pick_k`, `pick_space`). `Xn` is already weighted."""
     spaces: dict[str, tuple[np.ndarray, object]] = {"features": (Xn, None)} if opts.space != "autoencoder" else {}
     scores: dict[str, float] = {}
     if opts.space in ("auto", "autoencoder"):
@@ -473,7 +507,8 @@ def _choose(Xn: np.ndarray, opts: SegmentOptions) -> _Choice:
         scores[f"stability_{name}"] = round(best.stability, 3)
         candidates.append(best)
     chosen = pick_space(candidates, opts.stability_tolerance)
-    return _Choice(spaces, curves, chosen, elbows[chosen.space], _pick_reason(chosen, candidates), scores)
+    reason = _pick_reason(chosen, candidates, together, opts.redundancy_correlation)
+    return _Choice(spaces, curves, chosen, elbows[chosen.space], reason, scores)
 
 
 def _name_segments(segments: list[Group], previous: SegmentModel | None, Xn: np.ndarray, features: list[str],
@@ -519,7 +554,8 @@ def train(
     settings = opts.model_settings()
     # k cannot exceed the number of different behaviour profiles (a small or uniform population).
     opts = replace(opts, k_max=min(opts.k_max, distinct_rows(Xn) - 1))
-    choice = _choose(Xn, opts)
+    weights, together = redundancy_weights(Xn, features, opts.redundancy_correlation)
+    choice = _choose(Xn * weights, opts, together)
     space, k = choice.chosen.space, choice.chosen.k
     Z, encoder = choice.spaces[space]
     km = _kmeans(Z, k, opts, n_init=10)
@@ -552,6 +588,8 @@ def train(
         scores=choice.scores,
         settings=settings,
         matching=matching,
+        weights=weights,
+        together=together,
     )
 
 
@@ -562,7 +600,7 @@ SEGMENT_COLUMNS = ("segment_id", "segment_name", "segment_distance", "segment_co
 def assign(model: SegmentModel, X: pd.DataFrame) -> pd.DataFrame:
     """Segment, sub-segment and noise for every row by nearest centroid in the model's space."""
     Xn = X[model.features].to_numpy(dtype=float)
-    Z = encode(Xn, model.encoder)
+    Z = model_space(Xn, model)
     centroids = np.stack([g.centroid for g in model.segments])
     dist = euclidean_distances(Z, centroids)
     order = np.argsort(dist, axis=1)
@@ -806,6 +844,7 @@ def summary(model: SegmentModel) -> dict:
         "knee": model.knee,
         "reason": model.reason,
         "scores": model.scores,
+        "counted_together": model.together,
         "segments": [{"id": g.id, "name": g.name, "size": g.size} for g in model.segments],
         "subsegments": [{"id": g.id, "name": g.name, "size": g.size} for g in model.subsegments],
         "settings": model.settings,
