@@ -64,6 +64,7 @@ from persona_assets.core.warehouse import bind, transaction
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".csv": "csv", ".parquet": "parquet"}
 PARTIAL_SUFFIXES = (".tmp", ".part")
 RAW_TEXT_LIMIT = 10_000  # characters of a bad line kept in quarantine; the file keeps the rest
+SCAN_ROWS = 16_384  # rows of a chunk each DuckDB thread takes at a time
 
 
 @dataclass(frozen=True)
@@ -635,9 +636,11 @@ WITH lines AS (
   SELECT line, raw,
     CASE WHEN too_long THEN 'line_too_long'
          WHEN bad_utf8 THEN 'invalid_utf8'
+         -- The usual line is valid JSON and short; trimming every line cost more than parsing it.
+         WHEN strlen(raw) <= $max_line_bytes AND json_valid(raw) THEN NULL
          WHEN trim(raw) = '' THEN 'empty_line'
          WHEN strlen(raw) > $max_line_bytes THEN 'line_too_long'
-         WHEN NOT json_valid(raw) THEN 'malformed_json' END AS early_error
+         ELSE 'malformed_json' END AS early_error
   FROM _chunk
 ), typed AS (
   SELECT line, raw, early_error,
@@ -931,7 +934,8 @@ def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: 
             if not lines:
                 raise
             return lines, str(exc)
-        con.register("_chunk", chunk)
+        # DuckDB scans an Arrow table one record batch per thread: a chunk in slices is read by every core.
+        con.register("_chunk", pa.Table.from_batches(chunk.to_batches(max_chunksize=SCAN_ROWS)))
         try:
             con.execute(insert, bound)
         finally:
@@ -1025,29 +1029,42 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
     # People type emails and phone numbers into searches and forms that end up in URLs: never stored raw.
     select["page_url"] = scrub_text_sql("s.page_url")
     select["search_query"] = scrub_text_sql("s.search_query")
-    # Derived ids hash the content, so re-delivered copies of an id-less event hash alike.
-    select["message_id"] = "coalesce(s.message_id, 'derived-' || sha256(s.raw))"
-    # One copy per messageId: the earliest line of the earliest file, and none already stored.
+    select["message_id"] = "k.message_id"
+    _first_copies(con)
     insert = f"""INSERT INTO raw_events ({", ".join(raw_cols)})
-        WITH kept AS (
-          SELECT {", ".join(f"{expr} AS {c}" for c, expr in select.items())}, s.file_order
-          FROM _stage s {phone_map}
-          WHERE s.reason IS NULL
-        )
-        , stored AS (
-          -- Probe the stored ids with this batch's (a hash of the batch, not of everything stored).
-          SELECT message_id FROM raw_events WHERE message_id IN (SELECT message_id FROM kept)
-        )
-        SELECT {", ".join(raw_cols)} FROM (
-          SELECT k.* FROM kept k ANTI JOIN stored r ON r.message_id = k.message_id
-          QUALIFY row_number() OVER (PARTITION BY k.message_id ORDER BY k.file_order, k.source_line) = 1
-        )"""
+        SELECT {", ".join(f"{expr} AS {c}" for c, expr in select.items())}
+        FROM _first_copy k JOIN _stage s ON s.rowid = k.stage_row {phone_map}"""
     con.execute(insert, bind(insert, params))
     _mark_conflicts(con, opts, select, phone_map, params)
+    con.execute("DROP TABLE _valid_ids")
+    con.execute("DROP TABLE _first_copy")
     con.execute(
         f"""INSERT INTO quarantined_events
         SELECT s.batch_id, f.file_name, s.line, s.reason, s.detail, {_redact_sql("s.raw")}, now()::TIMESTAMP
         FROM _stage s JOIN _files f USING (batch_id) WHERE s.reason IS NOT NULL"""
+    )
+
+
+def _first_copies(con: duckdb.DuckDBPyConnection) -> None:
+    """One copy per messageId: `_valid_ids` holds every valid staged line's id (a derived id hashes
+    the content, so re-delivered copies of an id-less event hash alike), `_first_copy` the line kept
+    for each id: the earliest line of the earliest file, and none for an id already stored.
+
+    Only these narrow rows are grouped (a window over the whole staged rows cost most of publishing),
+    and the stored ids are probed with this group's (a hash of the group, not of everything stored)."""
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE _valid_ids AS
+           SELECT s.rowid AS stage_row, coalesce(s.message_id, 'derived-' || sha256(s.raw)) AS message_id,
+             s.message_id IS NULL AS derived, s.file_order, s.line
+           FROM _stage s WHERE s.reason IS NULL"""
+    )
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE _first_copy AS
+           SELECT i.message_id, arg_min(i.stage_row, (i.file_order, i.line)) AS stage_row
+           FROM _valid_ids i ANTI JOIN (
+             SELECT message_id FROM raw_events WHERE message_id IN (SELECT message_id FROM _valid_ids)
+           ) r ON r.message_id = i.message_id
+           GROUP BY i.message_id"""
     )
 
 
@@ -1056,23 +1073,21 @@ def _mark_conflicts(con: duckdb.DuckDBPyConnection, opts: IngestOptions, stored:
     """After publishing the kept events: a valid staged line not kept (a re-delivered copy of a kept
     messageId) whose content differs from the kept copy becomes a quarantined `conflicting_redelivery`
     naming both copies, so it is seen and counted as quarantined; an identical copy stays a counted
-    duplicate. `stored`: each raw_events column's expression over the stage `s`, so the copies are
-    compared as they would be stored.
+    duplicate. `stored`: each raw_events column's expression over the stage `s` and its id row `k`, so
+    the copies are compared as they would be stored.
 
-    Finding the copies is a join on (batch, line) integers; only they are typed and compared, and
-    both copies are fetched by row id."""
+    The copies are the valid lines with a sent messageId that `_first_copies` did not keep; only they
+    are typed and compared, and both copies are fetched by row id."""
     con.execute(
         """CREATE OR REPLACE TEMP TABLE _copy_rows AS
-           SELECT s.rowid AS stage_row FROM _stage s
-           ANTI JOIN (SELECT batch_id, source_line FROM raw_events WHERE batch_id IN (SELECT batch_id FROM _files)) r
-             ON r.batch_id = s.batch_id AND r.source_line = s.line
-           WHERE s.reason IS NULL AND s.message_id IS NOT NULL"""
+           SELECT i.stage_row, i.message_id FROM _valid_ids i ANTI JOIN _first_copy k ON k.stage_row = i.stage_row
+           WHERE NOT i.derived"""
     )
     content = [c for c in stored if c not in ("message_id", "batch_id", "source_line")]
     differs = ", ".join(f"CASE WHEN c.{c} IS DISTINCT FROM k.{c} THEN '{c}' END" for c in content)
     typed = f"""CREATE OR REPLACE TEMP TABLE _copies AS
         SELECT {", ".join(f"{expr} AS {c}" for c, expr in stored.items())}
-        FROM _stage s {phone_map} WHERE s.rowid IN (SELECT stage_row FROM _copy_rows)"""
+        FROM _copy_rows k JOIN _stage s ON s.rowid = k.stage_row {phone_map}"""
     con.execute(typed, bind(typed, params))
     sql = f"""CREATE OR REPLACE TEMP TABLE _conflicts AS
     WITH copies AS (FROM _copies),
@@ -1198,6 +1213,11 @@ def _commit_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: d
             kill_point(["raw_events", "ingest_files"])
 
 
+# The temporary tables a run makes, dropped however it ends.
+SCRATCH_TABLES = ("_stage", "_files", "_phone_map", "_suppressed", "_copy_rows", "_copies", "_conflicts", "_valid_ids",
+                  "_first_copy")  # fmt: skip
+
+
 @dataclass
 class _Landed:
     """A landing file not yet in the ledger."""
@@ -1292,7 +1312,7 @@ def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: Inge
                 staged_bytes = 0
         _commit_group(con, opts, params, run_id, suppress, last=True)
     finally:
-        for name in ("_stage", "_files", "_phone_map", "_suppressed", "_copy_rows", "_copies", "_conflicts"):
+        for name in SCRATCH_TABLES:
             con.execute(f"DROP TABLE IF EXISTS {name}")
     report.refused = sorted(report.refusals)
     if order:
