@@ -10,7 +10,8 @@ in the same run and stop what is downstream of a failure) → `user_profiles` an
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -41,8 +42,40 @@ ingest_landing_job = dg.define_asset_job(
 )
 
 
-def _env_seconds(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+@dataclass(frozen=True)
+class Timing:
+    """How often the sensors tick (seconds), and how long a landing file must stay unchanged before
+    it is read. Read from the environment when Dagster loads the definitions, never at import."""
+
+    landing_interval: int = 15
+    landing_settle: float = 10.0
+    automation_interval: int = 30
+    failure_interval: int = 30
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] = os.environ) -> "Timing":
+        """The defaults, each overridden by its variable in TIMING_ENV when set."""
+        values = {}
+        for f in fields(cls):
+            name, text = TIMING_ENV[f.name], env.get(TIMING_ENV[f.name], "").strip()
+            if not text:
+                continue
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ValueError(f"{name} must be a number of seconds, got {text!r}") from None
+            if not seconds >= 0:
+                raise ValueError(f"{name} must be a number of seconds, not negative, got {text!r}")
+            values[f.name] = type(f.default)(seconds)
+        return cls(**values)
+
+
+TIMING_ENV = {
+    "landing_interval": "PERSONA_LANDING_INTERVAL",
+    "landing_settle": "PERSONA_LANDING_SETTLE_SECONDS",
+    "automation_interval": "PERSONA_AUTOMATION_INTERVAL",
+    "failure_interval": "PERSONA_FAILURE_INTERVAL",
+}
 
 
 def _alive(pid: int) -> bool:
@@ -186,20 +219,13 @@ def landing_requests(landing, cursor: dict[str, str], settle_seconds: float, now
     return requests, {k: v for k, v in seen.items() if v}, settling
 
 
-@dg.sensor(
-    job=ingest_landing_job,
-    minimum_interval_seconds=int(_env_seconds("PERSONA_LANDING_INTERVAL", 15)),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Starts one ingest run per new complete file in PERSONA_HOME/landing (files the "
-    "serving snapshot's ledger already holds are not new).",
-)
-def landing_sensor(context: dg.SensorEvaluationContext, persona: PersonaHome):
+def landing_tick(context: dg.SensorEvaluationContext, persona: PersonaHome):
+    """One tick of the landing sensor: a run request per new settled file."""
     for run_id in reap_dead_runs(context.instance):
         context.log.warning(f"run {run_id} had died without finishing: marked failed, its pool slot freed")
     cursor = json.loads(context.cursor) if context.cursor else {}
-    settle = _env_seconds("PERSONA_LANDING_SETTLE_SECONDS", 10)
     requests, cursor, settling = landing_requests(
-        persona.landing, cursor, settle, time.time(), ingested=lambda: ingested_files(persona.serving_path)
+        persona.landing, cursor, persona.landing_settle_seconds, time.time(), ingested=lambda: ingested_files(persona.serving_path)
     )
     skip = None
     not_read = not_read_line(persona.landing)
@@ -211,13 +237,30 @@ def landing_sensor(context: dg.SensorEvaluationContext, persona: PersonaHome):
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor), skip_reason=skip)
 
 
-automation_sensor = dg.AutomationConditionSensorDefinition(
-    "persona_automation",
-    target=dg.AssetSelection.all(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=int(_env_seconds("PERSONA_AUTOMATION_INTERVAL", 30)),
-    description="Refreshes every asset downstream of new events (AutomationCondition.eager).",
-)
+def sensors(timing: Timing) -> list:
+    """The landing, automation and failure sensors, ticking as `timing` says; all start running."""
+    landing = dg.sensor(
+        name="landing_sensor",
+        job=ingest_landing_job,
+        minimum_interval_seconds=timing.landing_interval,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Starts one ingest run per new complete file in PERSONA_HOME/landing (files the "
+        "serving snapshot's ledger already holds are not new).",
+    )(landing_tick)
+    automation = dg.AutomationConditionSensorDefinition(
+        "persona_automation",
+        target=dg.AssetSelection.all(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=timing.automation_interval,
+        description="Refreshes every asset downstream of new events (AutomationCondition.eager).",
+    )
+    failures = dg.run_failure_sensor(
+        name="failure_sensor",
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=timing.failure_interval,
+        description="Records each failed run in ops.duckdb `run_failures` and tags the run with what failed.",
+    )(record_failed_run)
+    return [landing, automation, failures]
 
 
 FAILURES_DDL = """CREATE TABLE IF NOT EXISTS run_failures (run_id VARCHAR, job_name VARCHAR, failed_at TIMESTAMP,
@@ -248,12 +291,8 @@ def step_error(event: dg.DagsterEvent) -> str | None:
     return f"{event.step_key}: {error.message.strip()}"
 
 
-@dg.run_failure_sensor(
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=int(_env_seconds("PERSONA_FAILURE_INTERVAL", 30)),
-    description="Records each failed run in ops.duckdb `run_failures` and tags the run with what failed.",
-)
-def failure_sensor(context: dg.RunFailureSensorContext, persona: PersonaHome):
+def record_failed_run(context: dg.RunFailureSensorContext, persona: PersonaHome):
+    """The failure sensor's work: the run, its failed steps and the innermost error, in ops.duckdb."""
     run = context.dagster_run
     steps = [event.step_key for event in context.get_step_failure_events() if event.step_key]
     error = next(filter(None, map(step_error, context.get_step_failure_events())), None)

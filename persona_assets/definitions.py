@@ -15,10 +15,17 @@ from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_re
 from persona_assets.settings import CONFIG_ENV, persona_home
 
 
-def build_definitions(home: Path | None = None, config_file: str | None = None) -> dg.Definitions:
+def build_definitions(home: Path | None = None, config_file: str | None = None,
+                      timing: automation.Timing | None = None) -> dg.Definitions:  # fmt: skip
     """Definitions over PERSONA_HOME (or `home`, for tests), with the settings file `config_file`
-    (default PERSONA_CONFIG, else PERSONA_HOME/persona.yaml when present)."""
-    persona = PersonaHome(home=str(home or persona_home()), config_file=config_file or os.environ.get(CONFIG_ENV, ""))
+    (default PERSONA_CONFIG, else PERSONA_HOME/persona.yaml when present) and the sensors'
+    `timing` (default: from the environment, see `automation.Timing`)."""
+    timing = timing or automation.Timing.from_environment()
+    persona = PersonaHome(
+        home=str(home or persona_home()),
+        config_file=config_file or os.environ.get(CONFIG_ENV, ""),
+        landing_settle_seconds=timing.landing_settle,
+    )
     audience_assets, audience_checks = audiences.build_assets(persona)
     assets = [
         ingest.ingest_landing,
@@ -43,7 +50,7 @@ def build_definitions(home: Path | None = None, config_file: str | None = None) 
         ],
         jobs=[schedules.retrain_models, automation.ingest_landing_job, automation.nightly_refresh],
         schedules=[schedules.weekly_retrain, automation.nightly_schedule],
-        sensors=[automation.landing_sensor, automation.automation_sensor, automation.failure_sensor],
+        sensors=automation.sensors(timing),
         resources={
             "persona": persona,
             "warehouse": warehouse_resource(persona),
@@ -72,4 +79,8 @@ def in_catalog(spec: dg.AssetSpec) -> dg.AssetSpec:
     return spec.merge_attributes(owners=OWNERS, metadata=metadata)
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """What `dagster dev`, the UI and the daemon load (workspace.yaml): PERSONA_HOME, the settings
+    file and the sensors' timing are read when Dagster loads the code, not when this module is imported."""
+    return build_definitions()

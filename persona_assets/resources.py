@@ -19,6 +19,7 @@ class PersonaHome(dg.ConfigurableResource):
 
     home: str
     config_file: str = ""
+    landing_settle_seconds: float = 10.0  # how long a landing file must stay unchanged before it is read
 
     def settings(self) -> dict:
         """The settings file's sections, checked (read at each run, so an edit applies to the next run)."""

@@ -36,7 +36,7 @@ def test_the_landing_sensor_waits_for_complete_files_and_requests_each_once(pers
     for path in landed:
         os.utime(path, (time.time() - 60, time.time() - 60))
     old = landed[0]
-    first = _sensor_tick(defs, automation.landing_sensor, instance)
+    first = _sensor_tick(defs, defs.get_sensor_def("landing_sensor"), instance)
     requested = {r.tags["persona/landing_file"] for r in first.run_requests}
     assert old.name in requested and "fresh.jsonl" not in requested and "incoming.jsonl.part" not in requested
     request = next(r for r in first.run_requests if r.tags["persona/landing_file"] == old.name)
@@ -44,14 +44,14 @@ def test_the_landing_sensor_waits_for_complete_files_and_requests_each_once(pers
     assert request.run_key.startswith(old.name + ":")
     # Next tick: nothing twice; the settled file now goes.
     os.utime(fresh, (time.time() - 60, time.time() - 60))
-    second = _sensor_tick(defs, automation.landing_sensor, instance, first.cursor)
+    second = _sensor_tick(defs, defs.get_sensor_def("landing_sensor"), instance, first.cursor)
     assert [r.tags["persona/landing_file"] for r in second.run_requests] == ["fresh.jsonl"]
-    third = _sensor_tick(defs, automation.landing_sensor, instance, second.cursor)
+    third = _sensor_tick(defs, defs.get_sensor_def("landing_sensor"), instance, second.cursor)
     assert not third.run_requests and "no new files" in third.skip_reason.skip_message
     # A file rewritten in place is new again (its run key changes with size and mtime).
     fresh.write_text("{}\n{}\n")
     os.utime(fresh, (time.time() - 60, time.time() - 60))
-    fourth = _sensor_tick(defs, automation.landing_sensor, instance, third.cursor)
+    fourth = _sensor_tick(defs, defs.get_sensor_def("landing_sensor"), instance, third.cursor)
     assert [r.tags["persona/landing_file"] for r in fourth.run_requests] == ["fresh.jsonl"]
     assert json.loads(fourth.cursor).keys() >= {"fresh.jsonl", old.name}
 
@@ -94,6 +94,22 @@ def _assert_segment_figures_are_numbers(result) -> None:
     assert all(isinstance(segments[name], dg.IntMetadataValue) for name in ("segment_count", "chosen_k"))
     assert 0 < segments["smallest_segment_share"].value <= segments["largest_segment_share"].value < 1
     assert segments["segment_count"].value == segments["chosen_k"].value
+
+
+def test_sensor_timing_is_read_from_the_environment_when_dagster_loads_the_definitions(monkeypatch, persona_home):
+    from persona_assets import definitions
+
+    monkeypatch.setenv("PERSONA_LANDING_INTERVAL", "3")
+    monkeypatch.setenv("PERSONA_LANDING_SETTLE_SECONDS", "2.5")
+    defs = definitions.defs()  # what workspace.yaml names: a function Dagster calls, not a module-level object
+    assert isinstance(defs, dg.Definitions)
+    assert defs.get_sensor_def("landing_sensor").minimum_interval_seconds == 3
+    assert defs.get_sensor_def("persona_automation").minimum_interval_seconds == 30  # the default
+    assert defs.resources["persona"].landing_settle_seconds == 2.5
+    monkeypatch.setenv("PERSONA_AUTOMATION_INTERVAL", "soon")
+    with pytest.raises(ValueError, match="PERSONA_AUTOMATION_INTERVAL must be a number of seconds, got 'soon'"):
+        automation.Timing.from_environment()
+    assert automation.Timing.from_environment({"PERSONA_FAILURE_INTERVAL": "7.9"}).failure_interval == 7
 
 
 def test_sensors_and_schedules_are_on_by_default_and_profiles_declare_freshness():
@@ -165,7 +181,7 @@ def test_a_failed_run_is_recorded_in_a_table_and_in_its_tags(persona_home):
         dagster_event=failure,
         resources={"persona": defs.resources["persona"]},
     ).for_run_failure()
-    automation.failure_sensor(context)
+    defs.get_sensor_def("failure_sensor")(context)
     with duckdb.connect(str(persona_home / "ops.duckdb"), read_only=True) as con:
         rows = con.execute("SELECT run_id, job_name, failed_steps, error FROM run_failures").fetchall()
     assert rows[0][0] == failed.run_id and "resolve_identities" in rows[0][2] and rows[0][3]
@@ -197,7 +213,7 @@ def test_a_first_tick_on_an_up_to_date_home_requests_only_what_the_ledger_lacks(
     rewritten.write_text("{}\n")  # changed since it was ingested
     os.utime(rewritten, (time.time() - 60, time.time() - 60))
     defs = build_definitions(persona_home)
-    first = _sensor_tick(defs, automation.landing_sensor, dg.DagsterInstance.ephemeral())
+    first = _sensor_tick(defs, defs.get_sensor_def("landing_sensor"), dg.DagsterInstance.ephemeral())
     assert [r.tags["persona/landing_file"] for r in first.run_requests] == [rewritten.name]
     assert json.loads(first.cursor).keys() == {p.name for p in landed}  # the ledger's files remembered too
 
@@ -225,7 +241,7 @@ def test_a_first_tick_on_an_up_to_date_home_requests_only_what_the_ledger_lacks(
     # No snapshot yet (a new home): every settled file is requested, as before.
     (persona_home / "serving" / "persona.duckdb").unlink()
     assert automation.ingested_files(persona_home / "serving" / "persona.duckdb") is None
-    again = _sensor_tick(defs, automation.landing_sensor, dg.DagsterInstance.ephemeral())
+    again = _sensor_tick(defs, defs.get_sensor_def("landing_sensor"), dg.DagsterInstance.ephemeral())
     assert {r.tags["persona/landing_file"] for r in again.run_requests} == {p.name for p in landed}
 
 
@@ -265,9 +281,9 @@ def test_files_persona_does_not_read_are_named_by_the_sensor_and_persona_run(per
 
     defs = build_definitions(persona_home)
     os.utime(event_file, (time.time() - 60, time.time() - 60))
-    first = _sensor_tick(defs, automation.landing_sensor, dg.DagsterInstance.ephemeral())
+    first = _sensor_tick(defs, defs.get_sensor_def("landing_sensor"), dg.DagsterInstance.ephemeral())
     assert [r.tags["persona/landing_file"] for r in first.run_requests] == [event_file.name]
-    quiet = _sensor_tick(defs, automation.landing_sensor, dg.DagsterInstance.ephemeral(), first.cursor)
+    quiet = _sensor_tick(defs, defs.get_sensor_def("landing_sensor"), dg.DagsterInstance.ephemeral(), first.cursor)
     assert quiet.skip_reason.skip_message == (
         f"no new files in landing. Not read: data.gz ({why}); events.json ({why}); notes.txt ({why})"
     )

@@ -16,7 +16,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from persona_assets import automation, cli
+from persona_assets import cli
 from persona_assets.core.faults import KILL_ENV
 from persona_assets.core.ingest import ingest
 from persona_assets.definitions import build_definitions
@@ -169,8 +169,8 @@ def test_fifty_files_landing_at_once_are_each_ingested_exactly_once(persona_home
         os.utime(part, (time.time() - 60, time.time() - 60))  # settled
     defs = build_definitions(persona_home)
     instance = dg.DagsterInstance.ephemeral()
-    first = automation.landing_sensor(dg.build_sensor_context(instance=instance, resources=defs.resources))
-    second = automation.landing_sensor(
+    first = defs.get_sensor_def("landing_sensor")(dg.build_sensor_context(instance=instance, resources=defs.resources))
+    second = defs.get_sensor_def("landing_sensor")(
         dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=defs.resources)
     )
     assert len({r.run_key for r in first.run_requests}) == 50 and not second.run_requests
