@@ -295,10 +295,14 @@ def prepare_event(item: object, kind: str, batch: dict, received: Received, rece
     return event, line
 
 
+# One encoder for every line (json.dumps with options builds one a call).
+LINE_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _line(value: object) -> str:
     """JSON text for one landing line: as is when it is valid UTF-8, else with every character
     escaped (`\\ud800`), as a landing file holding the same text would have it."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = LINE_ENCODER.encode(value)
     if text.isascii():
         return text
     try:
