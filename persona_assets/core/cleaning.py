@@ -15,7 +15,6 @@ from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core import refresh
 from persona_assets.core.identity import COUNTRIES, GENDERS, MAX_AGE, MIN_AGE, stage_scope_events
 from persona_assets.core.options import setting
-from persona_assets.core.refresh import SCOPE
 from persona_assets.core.stage import StageResult
 from persona_assets.core.warehouse import Scratch, bind, data_as_of, replace_tables, scratch
 
@@ -415,7 +414,7 @@ FULL_SOURCES = _Sources("person_events", "", "SELECT * FROM _session_rows", "SEL
 def _scope_sources(con: duckdb.DuckDBPyConnection, opts: CleaningOptions, p: refresh.Plan, as_of) -> _Sources:
     """Widen the scope to people whose age moved with the data's as-of date, stage their events,
     and remember everyone's downstream flags (people whose flags move go downstream too)."""
-    refresh.widen(
+    p.scope.widen(
         con,
         """SELECT person_id FROM deduped_users WHERE birthday IS NOT NULL
            AND NOT coalesce(TRY_CAST(age AS DOUBLE) BETWEEN $min_age AND $max_age, false)
@@ -423,17 +422,17 @@ def _scope_sources(con: duckdb.DuckDBPyConnection, opts: CleaningOptions, p: ref
                IS DISTINCT FROM date_diff('year', TRY_CAST(birthday AS DATE), $new::DATE)""",
         {"old": p.previous_as_of or as_of, "new": as_of, "min_age": opts.min_age, "max_age": opts.max_age},
     )
-    stage_scope_events(con, EVENT_COLUMNS)
+    stage_scope_events(con, p.scope, EVENT_COLUMNS)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE _flags_before AS SELECT person_id, {', '.join(DOWNSTREAM_FLAGS)} FROM cleaned_users"
     )
     return _Sources(
         events="_scope_events",
-        people=f"WHERE d.person_id IN (SELECT person_id FROM {SCOPE})",
-        sessions=f"""SELECT * EXCLUDE (is_long, is_burst) FROM sessions WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})
+        people=f"WHERE {p.scope.has('d.person_id')}",
+        sessions=f"""SELECT * EXCLUDE (is_long, is_burst) FROM sessions WHERE {p.scope.lacks()}
                      UNION ALL BY NAME SELECT * FROM _session_rows""",
         scored=f"""SELECT * EXCLUDE ({", ".join(DERIVED_COLUMNS)}) FROM cleaned_users
-                   WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})
+                   WHERE {p.scope.lacks()}
                    UNION ALL BY NAME SELECT * FROM _scored_new""",
     )
 
@@ -488,16 +487,16 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
         )
         src = FULL_SOURCES if p.full else _scope_sources(con, opts, p, as_of)
         _stage_rows(s, opts, src, params)
-        recomputed = refresh.scope_size(con)
+        recomputed = p.scope.size(con)
 
         def record() -> None:
             if not p.full:  # people whose flags moved with the population's fences go downstream too
-                refresh.widen(
+                p.scope.widen(
                     con,
                     f"""SELECT person_id FROM (SELECT person_id, {", ".join(DOWNSTREAM_FLAGS)} FROM cleaned_users
                         EXCEPT SELECT * FROM _flags_before)""",
                 )
-            refresh.record(con, p, as_of, refresh.scope_size(con))
+            refresh.record(con, p, as_of, p.scope.size(con))
 
         counts = replace_tables(
             con,

@@ -19,7 +19,6 @@ from persona_assets.core import refresh, warehouse
 from persona_assets.core.audience_definitions import SQL_OPERATORS, Definitions, Filter, TraitSpec
 from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.publish import sql_identifier
-from persona_assets.core.refresh import SCOPE
 from persona_assets.core.stage import StageResult
 from persona_assets.core.warehouse import data_as_of
 
@@ -110,11 +109,11 @@ def _columns(specs: list[TraitSpec]) -> tuple[str, ...]:
     return ("message_id", "event_name", "event_at", *props)
 
 
-def _widen_windows(con: duckdb.DuckDBPyConnection, specs: list[TraitSpec], old, new) -> None:
+def _widen_windows(con: duckdb.DuckDBPyConnection, scope: refresh.Scope, specs: list[TraitSpec], old, new) -> None:
     """People an event of a windowed trait left the window for, as the clock moved from `old` to `new`."""
     for event, days in sorted({(s.event or "", s.within_days) for s in specs if s.within_days}):
         named = "event_name = $event AND " if event else ""
-        refresh.widen(
+        scope.widen(
             con,
             f"SELECT person_id FROM person_events WHERE {named}event_at > $old - to_days(CAST($days AS INTEGER)) "
             "AND event_at <= $new - to_days(CAST($days AS INTEGER))",
@@ -129,13 +128,13 @@ def build(con: duckdb.DuckDBPyConnection, definitions: Definitions, full: bool =
     as_of = data_as_of(con)
     p = refresh.plan(con, "computed_traits", definitions.settings_key(), (TABLE, "user_profiles"), full=full)
     if not p.full and specs:
-        _widen_windows(con, specs, p.previous_as_of, as_of)
+        _widen_windows(con, p.scope, specs, p.previous_as_of, as_of)
         # Every event of their people, the names filtered by bound values in each trait's SELECT.
-        stage_scope_events(con, _columns(specs), name="_trait_events")
+        stage_scope_events(con, p.scope, _columns(specs), name="_trait_events")
     events = PROFILED.format(events="person_events" if p.full else "_trait_events")
     bind = Binder()
     selects = [trait_select(spec, events, bind) for spec in specs]
-    scoped = "" if p.full else f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"
+    scoped = p.where()
     with warehouse.scratch(con) as s, warehouse.transaction(con):
         s.adopt("_trait_events")
         con.execute(f"DELETE FROM {TABLE} {scoped}")
@@ -143,7 +142,7 @@ def build(con: duckdb.DuckDBPyConnection, definitions: Definitions, full: bool =
         if selects:
             sql = f"INSERT INTO {TABLE} BY NAME {' UNION ALL '.join(selects)}"
             con.execute(sql, warehouse.bind(sql, {**bind.params, "as_of": as_of}))
-        recomputed = None if p.full else refresh.scope_size(con)
+        recomputed = None if p.full else p.scope.size(con)
         refresh.record(con, p, as_of, recomputed)
     rows, people = con.execute(f"SELECT count(*), count(DISTINCT person_id) FROM {TABLE}").fetchall()[0]
     return TraitsReport(mode=p.mode, why=p.reason, people=people, people_recomputed=recomputed,

@@ -17,7 +17,6 @@ import pandas as pd
 from persona_assets.core import refresh
 from persona_assets.core.models import ModelStore
 from persona_assets.core.options import setting
-from persona_assets.core.refresh import SCOPE
 from persona_assets.core.stage import StageResult, retrain_reasons
 from persona_assets.core.warehouse import replace_frame, splice_frame
 
@@ -274,7 +273,7 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
     p = refresh.plan(con, "features", {**asdict(opts), "transform_version": version}, ("normalized_features",),
                      full=full or bool(why), full_reason="full rebuild asked for" if full else "transform refitted")  # fmt: skip
     categories = top_categories(con, opts.max_categories) if why else saved.payload.categories
-    base = load_base(con, categories, "" if p.full else f"WHERE person_id IN (SELECT person_id FROM {SCOPE})")
+    base = load_base(con, categories, p.where())
     if why:
         fit_rows = base[~base["exclude_from_fitting"]]
         if len(fit_rows) < MIN_FIT_PEOPLE:
@@ -302,7 +301,10 @@ def _write(con: duckdb.DuckDBPyConnection, p: refresh.Plan, base: pd.DataFrame, 
     )
     frame = pd.concat([ids, transform.apply(rows)], axis=1)
     recorded = lambda: refresh.record(con, p, None, len(base))  # noqa: E731
-    (replace_frame if p.full else splice_frame)(con, "normalized_features", frame, before_commit=recorded)
+    if p.full:
+        replace_frame(con, "normalized_features", frame, before_commit=recorded)
+    else:
+        splice_frame(con, "normalized_features", frame, p.scope.has(), before_commit=recorded)
 
 
 def _without_behaviour(con: duckdb.DuckDBPyConnection) -> int:

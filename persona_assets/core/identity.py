@@ -34,7 +34,6 @@ from persona_assets.core import linkage, overrides, refresh
 from persona_assets.core.faults import kill_point
 from persona_assets.core.options import setting
 from persona_assets.core.publish import sql_literal
-from persona_assets.core.refresh import SCOPE
 from persona_assets.core.stage import StageResult
 from persona_assets.core.warehouse import data_as_of, replace_tables, scratch, transaction
 
@@ -100,9 +99,9 @@ LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifi
 """
 
 
-def stage_scope_events(con: duckdb.DuckDBPyConnection, columns: tuple[str, ...], event_names: tuple[str, ...] = (),
-                       name: str = "_scope_events") -> None:  # fmt: skip
-    """`person_events` for the people in `_scope` only, as `_scope_events`: one scan of the
+def stage_scope_events(con: duckdb.DuckDBPyConnection, scope: refresh.Scope, columns: tuple[str, ...],
+                       event_names: tuple[str, ...] = (), name: str = "_scope_events") -> None:  # fmt: skip
+    """`person_events` for the people in `scope` only, as `_scope_events` (or `name`): one scan of the
     `columns` the stage reads (reading raw_events is most of an incremental run's cost, and each
     column more adds to it), of the events of their userIds and anonymousIds (a userId's person
     wins, as in the view); only events named `event_names` when given."""
@@ -111,7 +110,7 @@ def stage_scope_events(con: duckdb.DuckDBPyConnection, columns: tuple[str, ...],
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _scope_ids AS
             SELECT identifier_type, identifier FROM identity_map
-            WHERE identifier_type IN ('user_id', 'anonymous_id') AND person_id IN (SELECT person_id FROM {SCOPE})"""
+            WHERE identifier_type IN ('user_id', 'anonymous_id') AND {scope.has()}"""
     )
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE {name} AS
@@ -121,7 +120,7 @@ def stage_scope_events(con: duckdb.DuckDBPyConnection, columns: tuple[str, ...],
                  OR anonymous_id IN (SELECT identifier FROM _scope_ids WHERE identifier_type = 'anonymous_id'))) e
         LEFT JOIN identity_map mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
         LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
-        WHERE coalesce(mu.person_id, ma.person_id) IN (SELECT person_id FROM {SCOPE})"""
+        WHERE {scope.has('coalesce(mu.person_id, ma.person_id)')}"""
     )
     con.execute("DROP TABLE _scope_ids")
 
@@ -412,18 +411,18 @@ def _resolve_full(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, run: _R
 def _resolve_incremental(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, run: _Run, model) -> None:
     """The identifiers of new events and the people holding them (widened until linkage reaches
     nobody new outside), recomputed and spliced in."""
-    links = run.links
+    links, scope = run.links, run.plan.scope
     for _ in range(MAX_LINK_ROUNDS):
-        _stage_area(con, opts, run.plan.since_batch)
+        _stage_area(con, opts, scope, run.plan.since_batch)
         _components(con)
         con.execute(MEMBERS.format(area="SEMI JOIN _area USING (identifier_type, identifier)"))
-        outside = f"SELECT * FROM identity_pii WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})"
+        outside = f"SELECT * FROM identity_pii WHERE {scope.lacks()}"
         _link(con, opts, links, model, False, outside=outside, cluster=False)
-        pulled = linkage.outside_people(con) if links.enabled else []
+        pulled = linkage.outside_people(con, scope) if links.enabled else []
         if not pulled:
             break
         # A new record links to someone outside the run: take that person in, and look again.
-        refresh.widen(con, "SELECT unnest($people) AS person_id", {"people": pulled})
+        scope.widen(con, "SELECT unnest($people) AS person_id", {"people": pulled})
     else:
         raise RuntimeError(f"incremental linkage kept reaching new people after {MAX_LINK_ROUNDS} rounds; "
                            "run identity with full_refresh")  # fmt: skip
@@ -438,10 +437,9 @@ def _resolve_incremental(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, 
 
 def _splice_area(con: duckdb.DuckDBPyConnection, run: _Run) -> None:
     """Inside the run's transaction: the area's identifiers, guard entries and people in place of their old rows."""
-    deduped = DEDUPED_USERS.format(
-        map="identity_map", events="_area_events", people=f"WHERE person_id IN (SELECT person_id FROM {SCOPE})"
-    )
-    refresh.widen(con, "SELECT person_id FROM identity_map__next")
+    scope = run.plan.scope
+    deduped = DEDUPED_USERS.format(map="identity_map", events="_area_events", people=f"WHERE {scope.has()}")
+    scope.widen(con, "SELECT person_id FROM identity_map__next")
     con.execute(*run.history)
     con.execute("DELETE FROM identity_guard WHERE (identifier_type, identifier) IN (SELECT * FROM _area)")
     con.execute(
@@ -449,11 +447,11 @@ def _splice_area(con: duckdb.DuckDBPyConnection, run: _Run) -> None:
     )
     con.execute("DELETE FROM identity_map WHERE (identifier_type, identifier) IN (SELECT * FROM _area)")
     con.execute("INSERT INTO identity_map BY NAME SELECT * FROM identity_map__next")
-    con.execute(f"DELETE FROM deduped_users WHERE person_id IN (SELECT person_id FROM {SCOPE})")
+    con.execute(f"DELETE FROM deduped_users WHERE {scope.has()}")
     con.execute(f"INSERT INTO deduped_users BY NAME {deduped}")
     if run.links.enabled:
-        _splice_links(con, run.links.model_version)
-    refresh.record(con, run.plan, run.as_of, refresh.scope_size(con))
+        _splice_links(con, scope, run.links.model_version)
+    refresh.record(con, run.plan, run.as_of, scope.size(con))
     kill_point(["deduped_users", "identity_map"])
 
 
@@ -466,7 +464,7 @@ def _report(con: duckdb.DuckDBPyConnection, run: _Run) -> IdentityReport:
         mode=run.plan.mode,
         why=run.plan.reason,
         people=people,
-        people_recomputed=None if run.plan.full else refresh.scope_size(con),
+        people_recomputed=None if run.plan.full else run.plan.scope.size(con),
         counts={"deduped_users": people, "identity_map": one("SELECT count(*) FROM identity_map")},
         identifiers=one("SELECT count(*) FROM identity_map"),
         guard_hits=one("SELECT count(*) FROM identity_guard"),
@@ -522,39 +520,39 @@ def _link(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, links: linkage.
     return trained
 
 
-def _splice_links(con: duckdb.DuckDBPyConnection, model_version: int) -> None:
+def _splice_links(con: duckdb.DuckDBPyConnection, scope: refresh.Scope, model_version: int) -> None:
     """Replace the records and links of the people this incremental run rebuilt."""
-    old = f"SELECT record_id FROM identity_pii WHERE person_id IN (SELECT person_id FROM {SCOPE})"
+    old = f"SELECT record_id FROM identity_pii WHERE {scope.has()}"
     con.execute(f"DELETE FROM identity_links WHERE record_id_l IN ({old}) OR record_id_r IN ({old})")
-    con.execute(f"DELETE FROM identity_pii WHERE person_id IN (SELECT person_id FROM {SCOPE})")
+    con.execute(f"DELETE FROM identity_pii WHERE {scope.has()}")
     people = linkage.record_people_sql("identity_map__next")
     con.execute(f"INSERT INTO identity_pii BY NAME {linkage.PII_SELECT.format(people=people)}")
     sql = f"INSERT INTO identity_links BY NAME {linkage.LINKS_SELECT.format(people=people)}"
     con.execute(sql, {"model_version": model_version})
 
 
-def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, since_batch: int) -> None:
+def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, scope: refresh.Scope, since_batch: int) -> None:
     """The part of the identity graph new events can change, staged like a full rebuild.
 
     The area is every identifier in a new event plus every identifier of a person holding one.
     Guard counts only grow as events arrive, and a component can only gain edges through a new
     event's identifiers, so no person outside the area changes. `_area_events` holds every
     event touching the area, so the area's tuples, guard counts and first/last-seen times are
-    complete; `_scope` starts as the people who held area identifiers before.
+    complete; `scope` starts as the people who held area identifiers before.
     """
     new_ids = " UNION ".join(
         f"SELECT '{t}' AS identifier_type, {c} AS identifier FROM raw_events WHERE batch_id > $since AND {c} IS NOT NULL"
         for t, c in IDENTIFIER_COLUMNS
     )
     con.execute(f"CREATE OR REPLACE TEMP TABLE _new_ids AS {new_ids}", {"since": since_batch})
-    refresh.widen(con, "SELECT person_id FROM identity_map SEMI JOIN _new_ids USING (identifier_type, identifier)")
+    scope.widen(con, "SELECT person_id FROM identity_map SEMI JOIN _new_ids USING (identifier_type, identifier)")
     # People whose record holds a shared email or phone seen again: whether it still is evidence may change.
-    refresh.widen(con, "SELECT person_id FROM identity_pii WHERE shared_contact IN "
+    scope.widen(con, "SELECT person_id FROM identity_pii WHERE shared_contact IN "
                        "(SELECT identifier_type || ':' || identifier FROM _new_ids)")  # fmt: skip
-    overrides.take_in(con)  # people a decision does not hold for yet, and every part of those it touches
+    overrides.take_in(con, scope)  # people a decision does not hold for yet, and every part of those it touches
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _area AS
-            SELECT identifier_type, identifier FROM identity_map WHERE person_id IN (SELECT person_id FROM {SCOPE})
+            SELECT identifier_type, identifier FROM identity_map WHERE {scope.has()}
             UNION SELECT identifier_type, identifier FROM _new_ids"""
     )
     # One scan of raw_events: the columns identity reads, of every event holding an area identifier.

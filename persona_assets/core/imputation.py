@@ -35,7 +35,6 @@ from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.ingest import checksum
 from persona_assets.core.models import ModelStore
 from persona_assets.core.options import setting
-from persona_assets.core.refresh import SCOPE
 from persona_assets.core.stage import StageResult, retrain_reasons
 from persona_assets.core.warehouse import data_as_of, replace_frames, scratch, splice_frame
 
@@ -244,21 +243,20 @@ def model_inputs(
     saved: TraitModels | None,
     opts: ImputationOptions,
     feature_version: int,
-    scoped: bool = False,
+    scope: refresh.Scope | None = None,
 ) -> tuple[pd.DataFrame, list[str], ProductEmbedding | None, sp.csr_matrix | None]:
     """Behavioural proxies for every person: normalized features, segment, product embedding;
     and the items themselves (TF-IDF of the products each person touched), when there is an
     embedding to weigh them with.
 
     With `saved` models, their segment columns and product embedding are reused; without,
-    both are taken afresh from the data (a retrain). `scoped`: only the people in `_scope`
-    (their events staged in `_scope_events`)."""
+    both are taken afresh from the data (a retrain). With `scope`, only the people in it (their
+    events staged in `_scope_events`); without, everyone."""
     if feature_version is None:  # no behaviour features were fitted: the segment and products are all there is
         behaviour = pd.DataFrame(index=pd.Index(people["person_id"]))
     else:
         transform = store.load(FEATURES_KIND, feature_version).payload
-        scope = f"WHERE person_id IN (SELECT person_id FROM {SCOPE})" if scoped else ""
-        base = load_base(con, transform.categories, scope)
+        base = load_base(con, transform.categories, f"WHERE {scope.has()}" if scope else "")
         behaviour = transform.apply(base).set_axis(base["person_id"].to_numpy())
         behaviour = behaviour.reindex(people["person_id"]).fillna(0.0)
     segments = saved.segments if saved is not None else sorted(people["segment_id"].dropna().unique())
@@ -268,7 +266,7 @@ def model_inputs(
     index = pd.Index(people["person_id"])
     embedding = saved.embedding if saved is not None else None
     matrix, products = _product_matrix(
-        con, index, embedding.products if embedding else None, "_scope_events" if scoped else "person_events"
+        con, index, embedding.products if embedding else None, "_scope_events" if scope else "person_events"
     )
     if embedding is None and matrix.shape[1] > opts.product_components:
         tfidf = TfidfTransformer().fit(matrix)
@@ -663,18 +661,18 @@ def _prepare(
     if not p.full:
         # Recent intent counts events of the last window: people whose window lost events move too.
         window = f"INTERVAL {int(math.ceil(opts.intent_window_days))} DAY"
-        refresh.widen(
+        p.scope.widen(
             con,
             f"SELECT person_id FROM person_events WHERE event_at > $old - {window} AND event_at <= $new - {window}",
             {"old": p.previous_as_of or as_of, "new": as_of},
         )
-        stage_scope_events(con, EVENT_COLUMNS)
-    people = _people(con, "" if p.full else f"WHERE c.person_id IN (SELECT person_id FROM {SCOPE})")
+        stage_scope_events(con, p.scope, EVENT_COLUMNS)
+    people = _people(con, p.where("c.person_id"))
     events = "person_events" if p.full else "_scope_events"
     context = _context(con, as_of, opts.intent_window_days, events).set_index("person_id").reindex(people["person_id"])
     # A retrain refits the product embedding too; otherwise the saved one scores everyone.
     inputs, segments, embedding, items = model_inputs(
-        con, store, people, None if why else previous, opts, feature_version, scoped=not p.full
+        con, store, people, None if why else previous, opts, feature_version, scope=None if p.full else p.scope
     )
     if why:
         models = _train(people, inputs, items, opts)
@@ -877,7 +875,7 @@ def _write(
         con.unregister("_importance_frame")
         finish()
 
-    splice_frame(con, "imputed_attributes", values, before_commit=splice)
+    splice_frame(con, "imputed_attributes", values, run.plan.scope.has(), before_commit=splice)
     return con.execute("SELECT * FROM trait_model_drift").df()
 
 

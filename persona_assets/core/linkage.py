@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from persona_assets.contracts import IdentityLinks, IdentityPii, ddl
-from persona_assets.core.refresh import SCOPE
+from persona_assets.core.refresh import Scope
 
 MODEL_TABLE = "identity_link_model"
 COMPARED = ("first_name", "last_name", "birthday", "age", "postal_code", "city")
@@ -502,8 +502,13 @@ def check_model(scratch: duckdb.DuckDBPyConnection, pairs: str, model: dict, rec
       level in numbers non-matches cannot explain;
     - an implausible number of expected matches against the pairs the deterministic rules find, or
       those pairs not linking."""
-    problems = []
     by_name = {c["output_column_name"]: c for c in model["comparisons"]}
+    return [*_order_problems(by_name), *_zero_problems(scratch, pairs, by_name), *_count_problems(scratch, pairs, records)]
+
+
+def _order_problems(by_name: dict) -> list[tuple[str, str]]:
+    """Fuzzier levels carrying more evidence than stricter ones, along each comparison's CHAINS."""
+    problems = []
     for name, chains in CHAINS.items():
         levels = {lv.get("label_for_charts"): lv for lv in _levels(by_name[name])}
         levels["else"] = _levels(by_name[name])[-1]
@@ -513,6 +518,12 @@ def check_model(scratch: duckdb.DuckDBPyConnection, pairs: str, model: dict, rec
                 if hi is not None and lo is not None and lo > hi * ORDER_SLACK:
                     problems.append(("order", f"{name}: '{lower}' carried more evidence than '{upper}' "
                                     f"(Bayes factor {lo:.3g} against {hi:.3g})"))  # fmt: skip
+    return problems
+
+
+def _zero_problems(scratch: duckdb.DuckDBPyConnection, pairs: str, by_name: dict) -> list[tuple[str, str]]:
+    """Levels EM left without an estimate, or whose m it drove to near zero against the evidence."""
+    problems = []
     for name in ("first_name", "last_name", "birthday"):
         # The exact level of a name or a birth date is the strongest evidence there is: EM leaving it
         # without an estimate (its passes failed on small data) is a model that cannot link.
@@ -532,6 +543,11 @@ def check_model(scratch: duckdb.DuckDBPyConnection, pairs: str, model: dict, rec
             if n >= 5 and n > 3 * by_chance + 5 and (m is None or m < 0.1 * (n - by_chance) / seen):
                 problems.append(("zero", f"{name}: m of '{level.get('label_for_charts')}' is {0 if m is None else m:.2g} "
                                  f"though {n} of {seen} pairs that agree on everything else are at that level"))  # fmt: skip
+    return problems
+
+
+def _count_problems(scratch: duckdb.DuckDBPyConnection, pairs: str, records: int) -> list[tuple[str, str]]:
+    """An implausible number of expected matches, or sure pairs (same names and birth date) not linking."""
     top = {name: len(levels) - 2 for name, levels in COMPARISONS}
     agree = " AND ".join(f"gamma_{c} = {top[c]}" for c in ("first_name", "last_name", "birthday"))
     expected, sure, sure_linked = scratch.execute(
@@ -539,14 +555,15 @@ def check_model(scratch: duckdb.DuckDBPyConnection, pairs: str, model: dict, rec
                    count(*) FILTER (WHERE {agree} AND match_probability >= 0.5)
             FROM {pairs}"""
     ).fetchall()[0]
-    expected = expected or 0.0
-    if sure >= 10:
-        if expected < 0.5 * sure or expected > max(50 * sure, 2 * records):
-            problems.append(("count", f"the model expects {expected:.0f} matching pairs where {sure} pairs agree "
-                                      f"exactly on name and birth date"))  # fmt: skip
-        if sure_linked < 0.9 * sure:
-            problems.append(("count", f"only {sure_linked} of the {sure} pairs that agree exactly on name and "
-                                      f"birth date would link"))  # fmt: skip
+    expected, problems = expected or 0.0, []
+    if sure < 10:
+        return problems
+    if expected < 0.5 * sure or expected > max(50 * sure, 2 * records):
+        problems.append(("count", f"the model expects {expected:.0f} matching pairs where {sure} pairs agree "
+                                  f"exactly on name and birth date"))  # fmt: skip
+    if sure_linked < 0.9 * sure:
+        problems.append(("count", f"only {sure_linked} of the {sure} pairs that agree exactly on name and "
+                                  f"birth date would link"))  # fmt: skip
     return problems
 
 
@@ -688,7 +705,13 @@ def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outsi
     finally:
         scratch.close()
     report_by_threshold[:] = list(zip(THRESHOLDS, by_threshold))
-    # Splink's per-comparison match weights (log2 Bayes factors): mw_<comparison>.
+    _stage_candidates(con, table)
+    return compared
+
+
+def _stage_candidates(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
+    """Splink's scored pairs as `_candidates`: each pair once (lower record id left), with the
+    weight each comparison added (Splink's mw_<comparison>, log2 Bayes factors) as JSON."""
     weights = {c[3:]: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names if c.startswith("mw_")}
     names = list(weights)
     shared = weights.get("shared_contact", np.zeros(table.num_rows)) > 0
@@ -710,7 +733,6 @@ def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outsi
                   match_probability, match_weight, weights, shared FROM _candidates_arrow"""
     )
     con.unregister("_candidates_arrow")
-    return compared
 
 
 def _area_pairs(scratch: duckdb.DuckDBPyConnection, records: pa.Table) -> str:
@@ -735,14 +757,14 @@ def _area_pairs(scratch: duckdb.DuckDBPyConnection, records: pa.Table) -> str:
     return "_area_blocked"
 
 
-def outside_people(con: duckdb.DuckDBPyConnection) -> list[str]:
+def outside_people(con: duckdb.DuckDBPyConnection, scope: Scope) -> list[str]:
     """People outside an incremental run whose records a new candidate links to: the run must take them in."""
     return [
         r[0]
         for r in con.execute(
             f"""SELECT DISTINCT p.person_id FROM identity_pii p
                 WHERE p.record_id IN (SELECT record_id_l FROM _candidates UNION SELECT record_id_r FROM _candidates)
-                  AND p.person_id NOT IN (SELECT person_id FROM {SCOPE})
+                  AND {scope.lacks('p.person_id')}
                   AND p.record_id NOT IN (SELECT record_id FROM _records)"""
         ).fetchall()
     ]

@@ -34,7 +34,6 @@ import pyarrow as pa
 from persona_assets.contracts import HEX64, IDENTIFIER_TYPES, OVERRIDE_ACTIONS, PERSON_ID, IdentityOverrides, ddl
 from persona_assets.core import refresh
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
-from persona_assets.core.refresh import SCOPE
 from persona_assets.core.warehouse import table_exists, transaction
 
 TABLE = "identity_overrides"
@@ -82,16 +81,16 @@ def guard(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def take_in(con: duckdb.DuckDBPyConnection) -> int:
-    """Widen an incremental run's `_scope` with the people a decision does not hold for yet, then
+def take_in(con: duckdb.DuckDBPyConnection, scope: refresh.Scope) -> int:
+    """Widen an incremental run's `scope` with the people a decision does not hold for yet, then
     with the people of every part of each decision a person in scope holds a part of (until no
     more come in). Returns how many people came in."""
     ensure_table(con)
     if not con.execute(f"SELECT count(*) FROM {TABLE}").fetchall()[0][0]:
         return 0
-    added = refresh.widen(con, UNHELD)
-    added += refresh.widen(con, "SELECT unnest($people) AS person_id", {"people": _guard_changed_people(con)})
-    while more := refresh.widen(con, PARTNERS):
+    added = scope.widen(con, UNHELD)
+    added += scope.widen(con, "SELECT unnest($people) AS person_id", {"people": _guard_changed_people(con)})
+    while more := scope.widen(con, _partners(scope)):
         added += more
     return added
 
@@ -109,10 +108,12 @@ UNION SELECT m.person_id FROM {ACTIVE} a JOIN identity_map m USING (identifier_t
     SELECT 1 FROM identity_guard g WHERE g.identifier_type = a.identifier_type AND g.identifier = a.identifier)
 """
 
-PARTNERS = f"""
+def _partners(scope: refresh.Scope) -> str:
+    """The people holding a part of a decision someone in `scope` holds a part of."""
+    return f"""
 WITH held AS {HELD}
 SELECT b.person_id FROM held a JOIN held b USING (override_id)
-WHERE a.action IN ('join', 'keep_apart') AND a.person_id IN (SELECT person_id FROM {SCOPE})
+WHERE a.action IN ('join', 'keep_apart') AND {scope.has('a.person_id')}
 """
 
 

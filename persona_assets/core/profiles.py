@@ -19,7 +19,6 @@ from persona_assets.core.affinity import (
 )
 from persona_assets.core.identity import stage_scope_events
 from persona_assets.core.publish import find_person  # noqa: F401  (look-ups live beside the snapshot they read)
-from persona_assets.core.refresh import SCOPE
 from persona_assets.core.stage import StageResult
 from persona_assets.core.warehouse import Scratch, bind, data_as_of, replace_tables, scratch, transaction
 
@@ -102,7 +101,7 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
         con, "profiles", {**asdict(opts), "scores_layout": 3}, ("user_profiles", "category_scores"), full=full
     )
     params = {"as_of": as_of, "updated_at": now}
-    record = [(lambda: refresh.record(con, p, as_of, refresh.scope_size(con)), None)]
+    record = [(lambda: refresh.record(con, p, as_of, p.scope.size(con)), None)]
     with scratch(con) as s:
         if p.full:
             scores = [
@@ -111,23 +110,24 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
             counts = replace_tables(con, [*scores, (UserProfiles, "user_profiles", profiles_sql(opts))], params, record)
         else:
             # Scores read product interactions only: their events and columns are all that is staged.
-            stage_scope_events(con, INTERACTION_COLUMNS, INTERACTION_EVENTS)
+            stage_scope_events(con, p.scope, INTERACTION_COLUMNS, INTERACTION_EVENTS)
             s.adopt("_scope_events")
             with transaction(con):
-                _splice_scores(con, s, opts, params)
+                _splice_scores(con, s, p.scope, opts, params)
                 updated = "coalesce((SELECT u.updated_at FROM _updated u WHERE u.person_id = c.person_id), $updated_at)"
                 counts = replace_tables(con, [(UserProfiles, "user_profiles", profiles_sql(opts, updated))], params,
                                         record, transaction=False)  # fmt: skip
     return StageResult(mode=p.mode, why=p.reason, people=counts["user_profiles"],
-                       people_recomputed=None if p.full else refresh.scope_size(con), counts=counts)  # fmt: skip
+                       people_recomputed=None if p.full else p.scope.size(con), counts=counts)  # fmt: skip
 
 
-def _splice_scores(con: duckdb.DuckDBPyConnection, s: Scratch, opts: AffinityOptions, params: dict) -> None:
+def _splice_scores(con: duckdb.DuckDBPyConnection, s: Scratch, scope: refresh.Scope, opts: AffinityOptions,
+                   params: dict) -> None:  # fmt: skip
     """The scope's category scores in place of their old ones; everyone else's updated_at kept (`_updated`)."""
-    con.execute(f"DELETE FROM category_scores WHERE person_id IN (SELECT person_id FROM {SCOPE})")
+    con.execute(f"DELETE FROM category_scores WHERE {scope.has()}")
     sql = f"INSERT INTO category_scores BY NAME {person_scores_sql(opts, PROFILED.format(events='_scope_events'))}"
     con.execute(sql, bind(sql, params))
     s.table(
         "_updated",
-        f"SELECT person_id, updated_at FROM user_profiles WHERE person_id NOT IN (SELECT person_id FROM {SCOPE})",
+        f"SELECT person_id, updated_at FROM user_profiles WHERE {scope.lacks()}",
     )

@@ -19,7 +19,7 @@ used, and its settings.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import duckdb
@@ -30,7 +30,37 @@ from persona_assets.core.warehouse import table_exists
 STAGES = ("identity", "cleaning", "features", "segments", "imputation", "profiles", "computed_traits")
 UPSTREAM = dict(zip(STAGES[1:], STAGES[:-1]))
 
-SCOPE = "_scope"  # temp table (person_id) of the people an incremental run recomputes
+
+@dataclass(frozen=True)
+class Scope:
+    """The people a run recomputes: a temp table of person_ids that `plan` fills with those its
+    upstream changed (empty in a full run) and the stage widens with those its own inputs name.
+    A stage gets it from its Plan and passes it to every step that reads or widens it; no module
+    knows the table by name. Filters are SQL text: `scope.has("c.person_id")`, `scope.lacks()`."""
+
+    table: str = "_scope"
+
+    def has(self, column: str = "person_id") -> str:
+        return f"{column} IN (SELECT person_id FROM {self.table})"
+
+    def lacks(self, column: str = "person_id") -> str:
+        return f"{column} NOT IN (SELECT person_id FROM {self.table})"
+
+    def reset(self, con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {self.table} (person_id VARCHAR)")
+
+    def widen(self, con: duckdb.DuckDBPyConnection, select: str, params: dict | list | None = None) -> int:
+        """Add the people a SELECT of person_id names; returns how many were new."""
+        before = self.size(con)
+        con.execute(
+            f"INSERT INTO {self.table} SELECT DISTINCT person_id FROM ({select}) s "
+            f"WHERE person_id IS NOT NULL AND {self.lacks()}",
+            params,
+        )
+        return self.size(con) - before
+
+    def size(self, con: duckdb.DuckDBPyConnection) -> int:
+        return con.execute(f"SELECT count(*) FROM {self.table}").fetchall()[0][0]
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -52,10 +82,15 @@ class Plan:
     upto_batch: int = 0
     previous_as_of: datetime | None = None
     settings: str = ""
+    scope: Scope = field(default_factory=Scope)
 
     @property
     def mode(self) -> str:
         return "full" if self.full else "incremental"
+
+    def where(self, column: str = "person_id") -> str:
+        """A WHERE clause for the people this run recomputes; empty in a full run (everyone)."""
+        return "" if self.full else f"WHERE {self.scope.has(column)}"
 
 
 def settings_key(settings: object) -> str:
@@ -64,8 +99,8 @@ def settings_key(settings: object) -> str:
 
 def plan(con: duckdb.DuckDBPyConnection, stage: str, settings: object, tables: tuple[str, ...],
          full: bool = False, full_reason: str = "") -> Plan:  # fmt: skip
-    """Decide full or incremental for `stage`; for incremental, fill the `_scope` temp table
-    with the people its upstream changed since this stage last ran."""
+    """Decide full or incremental for `stage`; for incremental, fill the plan's scope with the
+    people its upstream changed since this stage last ran."""
     ensure_tables(con)
     key = settings_key(settings)
     state = con.execute(
@@ -91,11 +126,11 @@ def plan(con: duckdb.DuckDBPyConnection, stage: str, settings: object, tables: t
         reasons[f"{upstream} was rebuilt in full"] = everyone > 0
     hits = [r for r, hit in reasons.items() if hit]
     p.full, p.reason = bool(hits), "; ".join(hits) or "incremental"
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {SCOPE} (person_id VARCHAR)")
+    p.scope.reset(con)
     if not p.full and upstream:
-        con.execute(
-            f"""INSERT INTO {SCOPE} SELECT DISTINCT person_id FROM person_changes
-                WHERE stage = ? AND change_seq > ? AND change_seq <= ?""",
+        p.scope.widen(
+            con,
+            "SELECT person_id FROM person_changes WHERE stage = ? AND change_seq > ? AND change_seq <= ?",
             [upstream, p.since_seq, p.upto_seq],
         )
     return p
@@ -109,21 +144,6 @@ def _last_seq(con: duckdb.DuckDBPyConnection) -> int:
     ).fetchall()[0][0]
 
 
-def widen(con: duckdb.DuckDBPyConnection, select: str, params: dict | list | None = None) -> int:
-    """Add the people a SELECT of person_id names to this run's scope; returns how many were new."""
-    before = scope_size(con)
-    con.execute(
-        f"INSERT INTO {SCOPE} SELECT DISTINCT person_id FROM ({select}) s "
-        f"WHERE person_id IS NOT NULL AND person_id NOT IN (SELECT person_id FROM {SCOPE})",
-        params,
-    )
-    return scope_size(con) - before
-
-
-def scope_size(con: duckdb.DuckDBPyConnection) -> int:
-    return con.execute(f"SELECT count(*) FROM {SCOPE}").fetchall()[0][0]
-
-
 def record(con: duckdb.DuckDBPyConnection, p: Plan, as_of: datetime | None, people: int | None) -> None:
     """Inside the stage's transaction: log who this run changed (everyone for a full run), move
     the watermark, and drop log entries every reader has consumed."""
@@ -133,7 +153,7 @@ def record(con: duckdb.DuckDBPyConnection, p: Plan, as_of: datetime | None, peop
     elif p.full:
         con.execute("INSERT INTO person_changes VALUES (?, ?, NULL)", [seq, p.stage])
     else:
-        con.execute(f"INSERT INTO person_changes SELECT ?, ?, person_id FROM {SCOPE}", [seq, p.stage])
+        con.execute(f"INSERT INTO person_changes SELECT ?, ?, person_id FROM {p.scope.table}", [seq, p.stage])
     con.execute(
         """INSERT OR REPLACE INTO refresh_state VALUES (?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)""",
         [p.stage, seq, p.upto_batch, as_of, p.settings, p.mode, people],

@@ -30,7 +30,6 @@ from persona_assets.core import refresh
 from persona_assets.core.features import CATEGORY_PREFIX
 from persona_assets.core.models import ModelStore
 from persona_assets.core.options import setting
-from persona_assets.core.refresh import SCOPE
 from persona_assets.core.stage import StageResult, retrain_reasons
 from persona_assets.core.warehouse import replace_frames, splice_frame, table_exists
 
@@ -721,7 +720,7 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
     p = refresh.plan(con, "segments", {**opts.model_settings(), "model_version": model_version},
                      ("segments", "segment_catalog"), full=full or bool(why),
                      full_reason="full rebuild asked for" if full else "model retrained")  # fmt: skip
-    scope = "" if p.full else f"person_id IN (SELECT person_id FROM {SCOPE})"
+    scope = "" if p.full else p.scope.has()
     everyone = con.execute(
         f"SELECT person_id FROM cleaned_users {'WHERE ' + scope if scope else ''} ORDER BY person_id"
     ).fetchall()
@@ -770,7 +769,7 @@ def _write(con: duckdb.DuckDBPyConnection, p: refresh.Plan, model: SegmentModel 
             before_commit=lambda: refresh.record(con, p, None, len(assigned)),
         )
     else:
-        splice_frame(con, "segments", assigned, before_commit=finish)
+        splice_frame(con, "segments", assigned, p.scope.has(), before_commit=finish)
 
 
 def _result(con: duckdb.DuckDBPyConnection, p: refresh.Plan, model: SegmentModel | None, status: str | None,

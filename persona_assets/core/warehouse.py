@@ -181,11 +181,12 @@ def replace_frame(
 
 
 def splice_frame(
-    con: duckdb.DuckDBPyConnection, table: str, frame, before_commit: Callable[[], object] | None = None
+    con: duckdb.DuckDBPyConnection, table: str, frame, people: str, before_commit: Callable[[], object] | None = None
 ) -> int:
-    """An incremental run's rows in place of the old rows of the people in `_scope` (one transaction)."""
+    """An incremental run's rows in place of the old rows of the people the SQL condition `people`
+    names (a run's `scope.has()`), in one transaction."""
     statements = [
-        'DELETE FROM "{table}" WHERE person_id IN (SELECT person_id FROM _scope)',
+        'DELETE FROM "{table}" WHERE ' + people.replace("{", "{{").replace("}", "}}"),
         'INSERT INTO "{table}" BY NAME SELECT * FROM "{view}"',
     ]
     return _frame_transaction(con, table, frame, statements, before_commit)
