@@ -88,6 +88,25 @@ def warehouse_copy(resolved, tmp_path: Path):
     con.close()
 
 
+@pytest.fixture(scope="session")
+def segmented_once(resolved, tmp_path_factory: pytest.TempPathFactory):
+    """The resolved warehouse with features and segments built once for the session: its file,
+    its model folder, the truth folder and the segments stage's result (tests copy the files)."""
+    import duckdb
+
+    from persona_assets.core import features, segments
+    from persona_assets.core.models import ModelStore
+
+    path, truth_dir = resolved
+    root = tmp_path_factory.mktemp("segmented")
+    shutil.copy2(path, root / "warehouse.duckdb")
+    with duckdb.connect(str(root / "warehouse.duckdb")) as con:
+        store = ModelStore(root / "models")
+        features.build(con, store, features.FeatureOptions())
+        result = segments.build(con, store, segments.SegmentOptions())
+    return root / "warehouse.duckdb", root / "models", truth_dir, result
+
+
 def person_truth(con, truth_dir: Path) -> pd.DataFrame:
     """Each resolved person_id with the generated person it mostly came from (archetype, age, bot...)."""
     ids = pd.read_parquet(truth_dir / "identifiers.parquet")

@@ -95,12 +95,14 @@ def check_cleaning(scores: dict[str, float]) -> None:
     assert scores["planted_bots"] >= 2 and scores["bots"] == 1.0, scores
 
 
+@pytest.mark.slow
 def test_cleaning_holds_on_the_default_generator(resolved):
     scores = cleaning_scores(*resolved)
     assert max(scores[f] for f in OUTLIER_FEATURES) <= 0.02, scores
     assert scores["long_sessions"] >= 0.95 and scores["long_session_people"] >= 0.95 and scores["bots"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_cleaning_holds_on_other_shapes(shaped, name):
     path, truth, report = shaped(name)

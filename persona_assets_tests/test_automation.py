@@ -56,6 +56,7 @@ def test_the_landing_sensor_waits_for_complete_files_and_requests_each_once(pers
     assert json.loads(fourth.cursor).keys() >= {"fresh.jsonl", old.name}
 
 
+@pytest.mark.slow
 def test_a_landed_file_flows_to_profiles_through_automation(persona_home, generated):
     landing = persona_home / "landing"
     files = land(generated("jsonl"), landing)
@@ -245,6 +246,7 @@ def test_a_first_tick_on_an_up_to_date_home_requests_only_what_the_ledger_lacks(
     assert {r.tags["persona/landing_file"] for r in again.run_requests} == {p.name for p in landed}
 
 
+@pytest.mark.slow
 def test_a_run_the_cli_launches_names_its_assets_for_the_runs_page(persona_home, tmp_path):
     from persona_assets import cli
 

@@ -213,6 +213,7 @@ def test_forget_someone_unknown_and_a_dry_run(built, tmp_path):
     assert json.loads(still.stdout) == [{"n": 1}]
 
 
+@pytest.mark.slow
 def test_a_run_that_does_nothing_new_says_so(built):
     proc = persona("run", home=built)
     assert proc.returncode == 0, proc.stderr

@@ -136,6 +136,7 @@ def test_country_is_inferred_from_the_locale_when_not_given(imputed):
     assert (inferred.value == inferred.country).mean() >= 0.95
 
 
+@pytest.mark.slow
 def test_enrichment_joins_and_counts_unmatched_keys(imputed, warehouse_copy, tmp_path):
     con, _, _, result = imputed
     info = result.enrichment
@@ -182,6 +183,7 @@ def test_bad_settings_are_refused():
         ImputationOptions(enrichment_keys=("city",))
 
 
+@pytest.mark.slow
 def test_the_enrichment_table_counts_by_its_content_not_its_path(warehouse_copy, tmp_path):
     con, store, _ = warehouse_copy
     _prepare(con, store)

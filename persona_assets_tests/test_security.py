@@ -19,6 +19,7 @@ HOSTILE_ANON = 'x"); DROP TABLE identity_map; --'
 HOSTILE_FILE = "o'brien\"; DROP TABLE raw_events; --.jsonl"
 
 
+@pytest.mark.slow
 def test_names_ids_and_paths_made_of_sql_are_only_ever_data(tmp_path, generated, monkeypatch):
     # A home whose path has quotes in it: every ATTACH, COPY and file read must bind it.
     home = tmp_path / 'it\'s "here"; DROP TABLE x' / "persona"

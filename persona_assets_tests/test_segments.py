@@ -10,11 +10,20 @@ from .conftest import person_truth
 
 
 @pytest.fixture
-def segmented(warehouse_copy):
-    con, store, truth_dir = warehouse_copy
-    features.build(con, store, features.FeatureOptions())
-    result = segments.build(con, store, SegmentOptions())
-    return con, store, truth_dir, result
+def segmented(segmented_once, tmp_path):
+    """A private copy of the session's segmented warehouse and its models, with the build's result."""
+    import shutil
+
+    import duckdb
+
+    from persona_assets.core.models import ModelStore
+
+    path, models, truth_dir, result = segmented_once
+    shutil.copy2(path, tmp_path / "warehouse.duckdb")
+    shutil.copytree(models, tmp_path / "models")
+    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    yield con, ModelStore(tmp_path / "models"), truth_dir, result
+    con.close()
 
 
 def _segments(con) -> pd.DataFrame:
