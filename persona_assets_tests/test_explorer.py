@@ -482,6 +482,8 @@ def test_undo_a_merge_from_the_page_and_see_two_people_after_the_refresh(built, 
     assert link.count() == 1 and "merged" in link.inner_text()
     weights = link.locator("td.weights").inner_text()
     assert "name" in weights and "+" in weights, weights
+    if SCREENSHOTS:  # a person two records made, with the link that merged them
+        page.locator("#identity").screenshot(path=str(SCREENSHOTS / "explorer-links.png"))
     _unlock(page)
     page.click("text=Undo a merge")
     assert "Undo the merge" in page.inner_text("h1")
