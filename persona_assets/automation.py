@@ -225,7 +225,11 @@ def landing_tick(context: dg.SensorEvaluationContext, persona: PersonaHome):
         context.log.warning(f"run {run_id} had died without finishing: marked failed, its pool slot freed")
     cursor = json.loads(context.cursor) if context.cursor else {}
     requests, cursor, settling = landing_requests(
-        persona.landing, cursor, persona.landing_settle_seconds, time.time(), ingested=lambda: ingested_files(persona.serving_path)
+        persona.landing,
+        cursor,
+        persona.landing_settle_seconds,
+        time.time(),
+        ingested=lambda: ingested_files(persona.serving_path),
     )
     skip = None
     not_read = not_read_line(persona.landing)
@@ -297,8 +301,9 @@ def record_failed_run(context: dg.RunFailureSensorContext, persona: PersonaHome)
     steps = [event.step_key for event in context.get_step_failure_events() if event.step_key]
     error = next(filter(None, map(step_error, context.get_step_failure_events())), None)
     error = error or context.failure_event.message or "run failed"
-    record_failure(persona.root / "ops.duckdb", run.run_id, run.job_name, steps, error,
-                   run.tags.get("persona/landing_file"))  # fmt: skip
+    record_failure(
+        persona.root / "ops.duckdb", run.run_id, run.job_name, steps, error, run.tags.get("persona/landing_file")
+    )
     context.instance.add_run_tags(
         run.run_id, {"persona/failed_steps": ",".join(steps) or "run", "persona/failure": error[:200]}
     )

@@ -37,8 +37,10 @@ def writable_home() -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise Stop(f"{HOME_ENV}={home} is not a folder this user can write ({exc.strerror or exc}); "
-                   f"set {HOME_ENV} to one that is (default ./data).") from None  # fmt: skip
+        raise Stop(
+            f"{HOME_ENV}={home} is not a folder this user can write ({exc.strerror or exc}); "
+            f"set {HOME_ENV} to one that is (default ./data)."
+        ) from None
     return home
 
 
@@ -90,8 +92,11 @@ def materialize(selection: list[str] | None = None, log_level: str = "WARNING", 
         steps, error = failed_steps(result.all_events)
         record_failure(persona_home() / "ops.duckdb", result.run_id, job.name, steps, error, None)
         first_line = error.strip().splitlines()[0] if error.strip() else "run failed"
-        print(f"persona: the run failed at {first_line} (recorded: persona "
-              f"failures; the whole run {result.run_id} in persona ui)", file=sys.stderr)  # fmt: skip
+        print(
+            f"persona: the run failed at {first_line} (recorded: persona "
+            f"failures; the whole run {result.run_id} in persona ui)",
+            file=sys.stderr,
+        )
     return result.success
 
 
@@ -247,9 +252,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     selection = [s.strip() for s in args.select.split(",") if s.strip()] if args.select else None
     if not (home / "warehouse.duckdb").exists() and not has_event_files(home / "landing"):
         where = "is empty" if (home / "landing").is_dir() else "does not exist"
-        raise Stop(f"nothing to build: {home / 'landing'} {where}. Put Segment event files there (JSON lines, "
-                   "CSV or Parquet), or `persona generate --people 1000` for synthetic ones; then `persona run`.",
-                   code=1)  # fmt: skip
+        raise Stop(
+            f"nothing to build: {home / 'landing'} {where}. Put Segment event files there (JSON lines, "
+            "CSV or Parquet), or `persona generate --people 1000` for synthetic ones; then `persona run`.",
+            code=1,
+        )
     before = snapshot_totals() or (0, 0)
     ok = materialize(selection)
     if ok and snapshot_path().exists():
@@ -293,8 +300,15 @@ def cmd_stream(args: argparse.Namespace) -> int:
     print(f"consuming {stream.STREAM} as {name}; flushing to {home / 'landing'} every {args.flush_seconds:g} s")
     live = live_audiences(client, home)
     try:
-        worker = stream.run(client, home / "landing", home / "serving" / "persona.duckdb", name, opts,
-                            max_events=args.max_events, audiences=live)  # fmt: skip
+        worker = stream.run(
+            client,
+            home / "landing",
+            home / "serving" / "persona.duckdb",
+            name,
+            opts,
+            max_events=args.max_events,
+            audiences=live,
+        )
     finally:
         if server is not None:
             server.terminate()
@@ -318,8 +332,10 @@ def live_audiences(client, home: Path):
     if not live.audiences:
         return None
     later = sorted(set(definitions.audiences) - set(live.audiences))
-    print(f"audiences decided per event: {', '.join(live.audiences)} (entries and exits on persona:audience_changes)"
-          + (f"; at the next batch run: {', '.join(later)}" if later else ""))  # fmt: skip
+    print(
+        f"audiences decided per event: {', '.join(live.audiences)} (entries and exits on persona:audience_changes)"
+        + (f"; at the next batch run: {', '.join(later)}" if later else "")
+    )
     return live
 
 
@@ -334,8 +350,10 @@ def redis_client(url: str | None):
     try:
         client.ping()
     except redis.exceptions.RedisError as exc:
-        raise Stop(f"no Redis answers at {url} ({exc}). Start one with `persona stream --start-redis` "
-                   "(or `make stream`), or pass --redis URL.") from None  # fmt: skip
+        raise Stop(
+            f"no Redis answers at {url} ({exc}). Start one with `persona stream --start-redis` "
+            "(or `make stream`), or pass --redis URL."
+        ) from None
     return client
 
 
@@ -590,8 +608,9 @@ IDENTIFIERS_SHOWN = 50
 def print_history(con, person_id: str, limit: int) -> None:
     """The identifiers merged into a person and their latest `limit` events, newest first (events
     are the person's when one of their userIds or anonymousIds sent them)."""
-    ids = con.execute("SELECT identifier_type, identifier FROM identity_map WHERE person_id = ? ORDER BY 1, 2",
-                      [person_id]).fetchall()  # fmt: skip
+    ids = con.execute(
+        "SELECT identifier_type, identifier FROM identity_map WHERE person_id = ? ORDER BY 1, 2", [person_id]
+    ).fetchall()
     print(f"\nidentifiers merged into {person_id} ({len(ids)}; email and phone as keyed hashes):")
     for kind, identifier in ids[:IDENTIFIERS_SHOWN]:
         print(f"  {kind:<13} {identifier}")
@@ -608,8 +627,14 @@ def print_history(con, person_id: str, limit: int) -> None:
     ).fetchall()
     print(f"\nlatest {len(events)} events, newest first:")
     for at, kind, name, category, product, revenue, page, search in events:
-        what = [name or page or "", *(f"{k}={v}" for k, v in (("category", category), ("product", product),
-                ("revenue", revenue), ("search", search)) if v is not None)]  # fmt: skip
+        what = [
+            name or page or "",
+            *(
+                f"{k}={v}"
+                for k, v in (("category", category), ("product", product), ("revenue", revenue), ("search", search))
+                if v is not None
+            ),
+        ]
         print(f"  {at:%Y-%m-%d %H:%M:%S}  {kind:<8}  {'  '.join(w for w in what if w)}")
 
 
@@ -711,8 +736,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve(home, settings)
     except OSError as exc:
-        raise Stop(f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); "
-                   "pass --port (or --host)") from None  # fmt: skip
+        raise Stop(
+            f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); pass --port (or --host)"
+        ) from None
     return 0
 
 
@@ -761,8 +787,10 @@ def _forget_redis(home: Path, skip: bool):
         try:
             client.ping()
         except Exception as exc:
-            raise SystemExit(f"Redis at {url} holds hot profiles but does not answer ({exc}). Start it, "
-                             "or pass --skip-redis to erase everything else now.") from None  # fmt: skip
+            raise SystemExit(
+                f"Redis at {url} holds hot profiles but does not answer ({exc}). Start it, "
+                "or pass --skip-redis to erase everything else now."
+            ) from None
         return client, None
     if (home / "redis").is_dir() and any((home / "redis").iterdir()):
         server, url = stream.start_redis(home / "redis")
@@ -808,13 +836,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
     saved = erasure.compact(path) if not args.no_compact else 0
     for who, report, hot in done:
         if not report.people and not report.message_ids:
-            print(f"Nobody was found for {who!r}: nothing stored was erased. The identifier is logged (as a keyed "
-                  "hash), so future events from it will be dropped.")  # fmt: skip
+            print(
+                f"Nobody was found for {who!r}: nothing stored was erased. The identifier is logged (as a keyed "
+                "hash), so future events from it will be dropped."
+            )
             continue
         found = f"{len(report.people)} person(s)" if report.people else "no stored person (logged for suppression)"
-        print(f"Forgot {who!r}: {found}, {report.identifiers} identifiers, {report.events} events, "
-              f"{report.quarantined_lines} quarantined lines, {report.landing_lines} landing lines in "
-              f"{report.landing_files} files.")  # fmt: skip
+        print(
+            f"Forgot {who!r}: {found}, {report.identifiers} identifiers, {report.events} events, "
+            f"{report.quarantined_lines} quarantined lines, {report.landing_lines} landing lines in "
+            f"{report.landing_files} files."
+        )
         for table, n in sorted(report.rows.items()):
             print(f"  {table}: {n} rows")
         if hot is not None:
@@ -842,12 +874,16 @@ def forget_plan(path: Path, key: bytes, who: list[str], wait: float) -> int:
             finally:
                 con.execute("ROLLBACK")
             if not report.people and not report.message_ids:
-                print(f"Nobody was found for {value!r}: nothing stored would be erased; forgetting it would log "
-                      "the identifier so that future events from it are dropped.")  # fmt: skip
+                print(
+                    f"Nobody was found for {value!r}: nothing stored would be erased; forgetting it would log "
+                    "the identifier so that future events from it are dropped."
+                )
                 continue
-            print(f"Would forget {value!r}: {len(report.people)} person(s) ({', '.join(report.people)}), "
-                  f"{report.identifiers} identifiers, {len(report.message_ids)} events, {quarantined} quarantined "
-                  "lines, and their lines in landing files.")  # fmt: skip
+            print(
+                f"Would forget {value!r}: {len(report.people)} person(s) ({', '.join(report.people)}), "
+                f"{report.identifiers} identifiers, {len(report.message_ids)} events, {quarantined} quarantined "
+                "lines, and their lines in landing files."
+            )
     finally:
         con.close()
     print("Dry run: nothing was changed.")
@@ -891,8 +927,10 @@ def apply_decision(args: argparse.Namespace, decide) -> int:
     print(decision_text(decision))
     print("Rebuilding the people it touches in every person table and the snapshot...")
     if not materialize(person_assets()):
-        print(f"persona: decision #{decision.override_id} is recorded and applies on the next run (persona run).",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"persona: decision #{decision.override_id} is recorded and applies on the next run (persona run).",
+            file=sys.stderr,
+        )
         return 1
     with open_snapshot(snapshot_path()) as snap:
         now = overrides.where_now(snap, decision)
@@ -906,8 +944,10 @@ def decision_text(decision) -> str:
     if decision.action == "take_out":
         what = f"{_shown(*decision.parts[0])} is taken out of {decision.person_id} and will link nobody again"
     elif decision.action == "keep_apart":
-        what = (f"{decision.person_id} is split into its {len(decision.parts)} groups of identifiers seen together; "
-                "no match or merge will join them again")  # fmt: skip
+        what = (
+            f"{decision.person_id} is split into its {len(decision.parts)} groups of identifiers seen together; "
+            "no match or merge will join them again"
+        )
     else:
         what = f"{_shown(*decision.parts[0])} and {_shown(*decision.parts[1])} are one person from now on"
     return f"Decision #{decision.override_id} ({decision.kind}): {what}.{undoes}"
@@ -944,8 +984,9 @@ def cmd_unmerge(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from persona_assets.core import overrides
 
-    return apply_decision(args, lambda con, key, by: overrides.merge(con, key, args.first, args.second, by=by,
-                                                                     reason=args.reason))  # fmt: skip
+    return apply_decision(
+        args, lambda con, key, by: overrides.merge(con, key, args.first, args.second, by=by, reason=args.reason)
+    )
 
 
 def _audience_definitions(con):
@@ -1034,9 +1075,11 @@ def cmd_destinations(args: argparse.Namespace) -> int:
             raise Stop("the snapshot has no deliveries yet: run `persona run` first")
         for row in lag(con, definitions):
             success = f"{row['last_success_at']:%Y-%m-%d %H:%M:%S}" if row["last_success_at"] else "never"
-            print(f"{row['destination']} ({row['kind']}): {row['delivered']} delivered, {row['pending']} pending "
-                  f"(oldest {row['lag_seconds']:.0f} s), {row['failed_attempts']} failed attempts, "
-                  f"{row['dead_letters']} dead letters, last success {success}")  # fmt: skip
+            print(
+                f"{row['destination']} ({row['kind']}): {row['delivered']} delivered, {row['pending']} pending "
+                f"(oldest {row['lag_seconds']:.0f} s), {row['failed_attempts']} failed attempts, "
+                f"{row['dead_letters']} dead letters, last success {success}"
+            )
             if row["last_error"]:
                 print(f"  last error: {row['last_error']}")
     return 0
@@ -1077,8 +1120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-events", type=int, default=50_000)
     p.add_argument("--max-events", type=int, help="stop after this many events (for tests and benchmarks)")
     p.add_argument("--claim-idle-ms", type=int, default=30_000, help="claim other consumers' entries pending this long")
-    p.add_argument("--query-seconds", type=float, default=0.5,
-                   help="longest wait of events the plain check leaves to the contract query (sooner when quiet)")  # fmt: skip
+    p.add_argument(
+        "--query-seconds",
+        type=float,
+        default=0.5,
+        help="longest wait of events the plain check leaves to the contract query (sooner when quiet)",
+    )
     p.set_defaults(fn=cmd_stream)
 
     p = sub.add_parser("publish", help="push a JSON-lines file's events to the Redis stream")
@@ -1103,8 +1150,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("query", help="run SQL on the read-only serving snapshot")
     p.add_argument("sql")
-    p.add_argument("--format", default="table", choices=["table", "csv", "json"],
-                   help="table: DuckDB's rendering, fitted to the terminal; csv or json: every column and row")  # fmt: skip
+    p.add_argument(
+        "--format",
+        default="table",
+        choices=["table", "csv", "json"],
+        help="table: DuckDB's rendering, fitted to the terminal; csv or json: every column and row",
+    )
     p.add_argument("--max-rows", type=int, default=50)
     p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
     p.set_defaults(fn=cmd_query)
@@ -1116,8 +1167,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="print one profile, by person_id, email, phone, userId, anonymousId or device")
     p.add_argument("who")
-    p.add_argument("--events", type=int, default=0, metavar="N",
-                   help="also the identifiers merged into the person and their latest N events")  # fmt: skip
+    p.add_argument(
+        "--events",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also the identifiers merged into the person and their latest N events",
+    )
     p.add_argument("--snapshot", help="path of the snapshot (default PERSONA_HOME/serving/persona.duckdb)")
     p.set_defaults(fn=cmd_profile)
 
@@ -1126,14 +1182,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for a running run to let go")
     p.add_argument("--skip-redis", action="store_true", help="leave the hot store alone (it is unreachable)")
     p.add_argument("--dry-run", action="store_true", help="print what would be erased; change nothing")
-    p.add_argument("--no-compact", action="store_true", help="skip rewriting the warehouse file (faster; "
-                   "deleted rows may stay in its free blocks until the next compaction)")  # fmt: skip
+    p.add_argument(
+        "--no-compact",
+        action="store_true",
+        help="skip rewriting the warehouse file (faster; "
+        "deleted rows may stay in its free blocks until the next compaction)",
+    )
     p.set_defaults(fn=cmd_forget)
 
     p = sub.add_parser("unmerge", help="split a person wrongly merged (a match, a merge, or one identifier), for good")
     p.add_argument("person", help="the person: person_id, or an identifier as TYPE:VALUE (user_id:u1, email:...)")
-    p.add_argument("--identifier", metavar="TYPE:VALUE",
-                   help="take only this identifier out of the person (e.g. a shared device_id:...)")  # fmt: skip
+    p.add_argument(
+        "--identifier",
+        metavar="TYPE:VALUE",
+        help="take only this identifier out of the person (e.g. a shared device_id:...)",
+    )
     p.add_argument("--reason", help="why, kept with the decision")
     p.add_argument("--by", help="who decided (default: this user's login name)")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a running run to let go")
@@ -1165,8 +1228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_destinations)
 
     p = sub.add_parser("ui", help="start the Dagster webserver and daemon")
-    p.add_argument("--config", help="settings file for every run the UI, sensors and schedules start "
-                   "(default PERSONA_HOME/persona.yaml when present)")  # fmt: skip
+    p.add_argument(
+        "--config",
+        help="settings file for every run the UI, sensors and schedules start "
+        "(default PERSONA_HOME/persona.yaml when present)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(fn=cmd_ui)
@@ -1174,8 +1240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="time the whole graph, a refresh, look-ups (and stream, linkage) on generated data"
     )
-    p.add_argument("--scale", choices=["small", "1m", "20m"], help="a preset (events, linkage, segmentation) that "
-                   "also writes docs/benchmarks.md")  # fmt: skip
+    p.add_argument(
+        "--scale",
+        choices=["small", "1m", "20m"],
+        help="a preset (events, linkage, segmentation) that also writes docs/benchmarks.md",
+    )
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument(
         "--profile", action="store_true", help="sample each full-build stage with pyinstrument (docs/profiles/<scale>/)"
@@ -1189,11 +1258,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="resample cleaned_users to this many people before timing segmentation (default: as generated)",
     )
     p.add_argument("--no-stream", dest="stream", action="store_false", help="skip the Redis stream benchmark")
-    p.add_argument("--server", action=argparse.BooleanOptionalAction, default=None,
-                   help="time persona serve against its floor (default: with --scale)")  # fmt: skip
+    p.add_argument(
+        "--server",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time persona serve against its floor (default: with --scale)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the bench warehouse and snapshot for inspection")
-    p.add_argument("--only", help="only these parts, comma-separated: server, stream (the server's reads use the "
-                   "snapshot a --keep run left in the workdir); with --scale, their figures replace that scale's")  # fmt: skip
+    p.add_argument(
+        "--only",
+        help="only these parts, comma-separated: server, stream (the server's reads use the "
+        "snapshot a --keep run left in the workdir); with --scale, their figures replace that scale's",
+    )
     p.add_argument(
         "--link-records",
         type=int,

@@ -73,14 +73,27 @@ class RawEvents(pa.DataFrameModel):
 
 
 QUARANTINE_REASONS = (
-    "invalid_utf8", "empty_line", "line_too_long", "malformed_json", "not_an_object",
-    "malformed_row", "bad_type", "missing_id", "unknown_type", "missing_timestamp",
-    "bad_timestamp", "timestamp_out_of_range", "missing_event_name", "missing_previous_id",
-    "field_too_long", "unreadable_file",
+    "invalid_utf8",
+    "empty_line",
+    "line_too_long",
+    "malformed_json",
+    "not_an_object",
+    "malformed_row",
+    "bad_type",
+    "missing_id",
+    "unknown_type",
+    "missing_timestamp",
+    "bad_timestamp",
+    "timestamp_out_of_range",
+    "missing_event_name",
+    "missing_previous_id",
+    "field_too_long",
+    "unreadable_file",
     # A negative, non-finite or absurd price or revenue (`core.events.MAX_AMOUNT`), a product list
     # holding NaN or Infinity; a re-delivered messageId whose content differs from the copy kept.
-    "bad_value", "conflicting_redelivery",
-)  # fmt: skip
+    "bad_value",
+    "conflicting_redelivery",
+)
 
 
 class QuarantinedEvents(pa.DataFrameModel):
@@ -627,8 +640,17 @@ class UserProfiles(pa.DataFrameModel):
 # --- audiences (DESIGN.md section 11) -------------------------------------------------------------
 
 COMPUTED_TRAIT_KINDS = [
-    "count", "sum", "mean", "min", "max", "most_frequent", "first", "last", "unique_list", "unique_count",
-]  # fmt: skip
+    "count",
+    "sum",
+    "mean",
+    "min",
+    "max",
+    "most_frequent",
+    "first",
+    "last",
+    "unique_list",
+    "unique_count",
+]
 AUDIENCE_CHANGES = ["entered", "exited"]
 
 

@@ -21,9 +21,17 @@ AGE_BRACKETS = ("<25", "25-34", "35-44", "45-54", "55+")
 AGE_BRACKET_SHARE = (0.20, 0.30, 0.22, 0.16, 0.12)
 AGE_RANGES = ((16, 24), (25, 34), (35, 44), (45, 54), (55, 80))
 CATEGORIES = (
-    "electronics", "fashion", "beauty", "home", "grocery",
-    "sports", "toys", "books", "gaming", "garden",
-)  # fmt: skip
+    "electronics",
+    "fashion",
+    "beauty",
+    "home",
+    "grocery",
+    "sports",
+    "toys",
+    "books",
+    "gaming",
+    "garden",
+)
 PRODUCTS_PER_CATEGORY = 40
 END_AT = datetime(2026, 10, 1, tzinfo=UTC)
 HISTORY_DAYS = 90
@@ -48,38 +56,104 @@ class Archetype:
 ARCHETYPES = (
     # Each archetype has its own favourite categories, hours and devices, as real audiences do;
     # per-person noise (few sessions, random picks) still blurs the edges.
-    Archetype("window_shopper", 0.26, 4.5, 5, 25, 0.04, 0.10, 1.0,
-              (0.5, 8, 6, 0.5, 0.3, 0.8, 0.3, 0.8, 0.3, 0.3), (0.1, 0.1, 0.2, 0.6), (0.85, 0.1, 0.05),
-              (1.6, 1.3, 0.8, 0.6, 0.5)),
-    Archetype("bargain_hunter", 0.22, 2.8, 9, 35, 0.25, 0.45, 0.5,
-              (0.5, 0.5, 0.3, 6, 0.8, 0.5, 5, 0.3, 0.3, 4), (0.03, 0.45, 0.45, 0.07), (0.35, 0.6, 0.05),
-              (0.8, 1.1, 1.3, 1.1, 0.9)),
-    Archetype("big_spender", 0.14, 1.8, 7, 60, 0.45, 0.85, 3.5,
-              (10, 1, 0.5, 0.8, 0.2, 4, 0.2, 0.3, 0.8, 0.3), (0.03, 0.15, 0.42, 0.4), (0.15, 0.8, 0.05),
-              (0.4, 0.9, 1.4, 1.6, 1.2)),
-    Archetype("loyal_regular", 0.18, 5.5, 4, 30, 0.5, 0.7, 0.9,
-              (0.2, 0.5, 0.8, 1, 10, 0.3, 0.3, 5, 0.2, 0.8), (0.02, 0.65, 0.2, 0.13), (0.5, 0.45, 0.05),
-              (0.5, 0.9, 1.2, 1.3, 1.6)),
-    Archetype("night_gamer", 0.20, 3, 7, 20, 0.2, 0.5, 1.2,
-              (2, 0.3, 0.2, 0.2, 0.3, 0.5, 0.8, 0.3, 12, 0.1), (0.7, 0.02, 0.05, 0.23), (0.35, 0.2, 0.45),
-              (2.2, 1.4, 0.6, 0.3, 0.2)),
-)  # fmt: skip
+    Archetype(
+        "window_shopper",
+        0.26,
+        4.5,
+        5,
+        25,
+        0.04,
+        0.10,
+        1.0,
+        (0.5, 8, 6, 0.5, 0.3, 0.8, 0.3, 0.8, 0.3, 0.3),
+        (0.1, 0.1, 0.2, 0.6),
+        (0.85, 0.1, 0.05),
+        (1.6, 1.3, 0.8, 0.6, 0.5),
+    ),
+    Archetype(
+        "bargain_hunter",
+        0.22,
+        2.8,
+        9,
+        35,
+        0.25,
+        0.45,
+        0.5,
+        (0.5, 0.5, 0.3, 6, 0.8, 0.5, 5, 0.3, 0.3, 4),
+        (0.03, 0.45, 0.45, 0.07),
+        (0.35, 0.6, 0.05),
+        (0.8, 1.1, 1.3, 1.1, 0.9),
+    ),
+    Archetype(
+        "big_spender",
+        0.14,
+        1.8,
+        7,
+        60,
+        0.45,
+        0.85,
+        3.5,
+        (10, 1, 0.5, 0.8, 0.2, 4, 0.2, 0.3, 0.8, 0.3),
+        (0.03, 0.15, 0.42, 0.4),
+        (0.15, 0.8, 0.05),
+        (0.4, 0.9, 1.4, 1.6, 1.2),
+    ),
+    Archetype(
+        "loyal_regular",
+        0.18,
+        5.5,
+        4,
+        30,
+        0.5,
+        0.7,
+        0.9,
+        (0.2, 0.5, 0.8, 1, 10, 0.3, 0.3, 5, 0.2, 0.8),
+        (0.02, 0.65, 0.2, 0.13),
+        (0.5, 0.45, 0.05),
+        (0.5, 0.9, 1.2, 1.3, 1.6),
+    ),
+    Archetype(
+        "night_gamer",
+        0.20,
+        3,
+        7,
+        20,
+        0.2,
+        0.5,
+        1.2,
+        (2, 0.3, 0.2, 0.2, 0.3, 0.5, 0.8, 0.3, 12, 0.1),
+        (0.7, 0.02, 0.05, 0.23),
+        (0.35, 0.2, 0.45),
+        (2.2, 1.4, 0.6, 0.3, 0.2),
+    ),
+)
 
 COUNTRIES = (
     # code, share, timezones, locale, spellings seen in dirty traits, phone prefix, postcode maker
-    ("US", 0.45, ("America/New_York", "America/Chicago", "America/Los_Angeles"), "en-US",
-     ("US", "usa", "United States", " us "), "+1"),
+    (
+        "US",
+        0.45,
+        ("America/New_York", "America/Chicago", "America/Los_Angeles"),
+        "en-US",
+        ("US", "usa", "United States", " us "),
+        "+1",
+    ),
     ("GB", 0.15, ("Europe/London",), "en-GB", ("GB", "UK", "United Kingdom", "gb"), "+44"),
     ("DE", 0.15, ("Europe/Berlin",), "de-DE", ("DE", "Germany", "Deutschland", "de"), "+49"),
     ("FR", 0.10, ("Europe/Paris",), "fr-FR", ("FR", "France", "fr"), "+33"),
     ("BR", 0.08, ("America/Sao_Paulo",), "pt-BR", ("BR", "Brazil", "Brasil"), "+55"),
     ("IN", 0.07, ("Asia/Kolkata",), "en-IN", ("IN", "India", "in"), "+91"),
-)  # fmt: skip
+)
 TZ_OFFSET_HOURS = {
-    "America/New_York": -4, "America/Chicago": -5, "America/Los_Angeles": -7,
-    "Europe/London": 1, "Europe/Berlin": 2, "Europe/Paris": 2,
-    "America/Sao_Paulo": -3, "Asia/Kolkata": 5.5,
-}  # fmt: skip
+    "America/New_York": -4,
+    "America/Chicago": -5,
+    "America/Los_Angeles": -7,
+    "Europe/London": 1,
+    "Europe/Berlin": 2,
+    "Europe/Paris": 2,
+    "America/Sao_Paulo": -3,
+    "Asia/Kolkata": 5.5,
+}
 GENDERS = ("female", "male", "nonbinary")
 GENDER_SPELLINGS = {
     "female": ("female", "F", "Female", "woman", " f"),
@@ -87,13 +161,45 @@ GENDER_SPELLINGS = {
     "nonbinary": ("non-binary", "nonbinary", "NB"),
 }
 FIRST_NAMES = (
-    "anna", "ben", "carla", "david", "emma", "felix", "grace", "hugo", "ines", "jonas",
-    "karen", "liam", "maria", "noah", "olga", "paul", "quinn", "rosa", "sven", "tara",
-)  # fmt: skip
+    "anna",
+    "ben",
+    "carla",
+    "david",
+    "emma",
+    "felix",
+    "grace",
+    "hugo",
+    "ines",
+    "jonas",
+    "karen",
+    "liam",
+    "maria",
+    "noah",
+    "olga",
+    "paul",
+    "quinn",
+    "rosa",
+    "sven",
+    "tara",
+)
 LAST_NAMES = (
-    "smith", "meyer", "garcia", "martin", "silva", "kumar", "brown", "schmidt",
-    "dubois", "costa", "patel", "jones", "weber", "moreau", "santos", "singh",
-)  # fmt: skip
+    "smith",
+    "meyer",
+    "garcia",
+    "martin",
+    "silva",
+    "kumar",
+    "brown",
+    "schmidt",
+    "dubois",
+    "costa",
+    "patel",
+    "jones",
+    "weber",
+    "moreau",
+    "santos",
+    "singh",
+)
 EMAIL_DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "example.org", "mail.de")
 JUNK_EMAIL = "test@test.com"
 OS_BY_DEVICE = {"mobile": ("iOS", "Android"), "desktop": ("Windows", "macOS"), "tablet": ("iPadOS", "Android")}
@@ -133,10 +239,20 @@ class Shape:
     def __post_init__(self) -> None:
         if self.buyer_share is not None and not 0 <= self.buyer_share <= 1:
             raise ValueError("buyer_share must be in [0, 1]")
-        if not all(0 <= x <= 1 for x in (self.anonymous_share, self.bounce_share, self.long_session_rate,
-                                         self.duplicate_account_share, self.family_email_share)):
-            raise ValueError("anonymous_share, bounce_share, long_session_rate, duplicate_account_share and "
-                             "family_email_share must be in [0, 1]")
+        if not all(
+            0 <= x <= 1
+            for x in (
+                self.anonymous_share,
+                self.bounce_share,
+                self.long_session_rate,
+                self.duplicate_account_share,
+                self.family_email_share,
+            )
+        ):
+            raise ValueError(
+                "anonymous_share, bounce_share, long_session_rate, duplicate_account_share and "
+                "family_email_share must be in [0, 1]"
+            )
         if self.duplicate_account_share + 2 * self.family_email_share > 1:
             raise ValueError("duplicate_account_share + 2 * family_email_share must be at most 1")
         if self.long_session_gap_seconds >= 1800:
@@ -353,9 +469,20 @@ class _EventMaker:
         return {**base, "type": "track", "event": name, "properties": properties}
 
 
-def _session_events(mk: _EventMaker, p: Person, device: dict, anon: str, start: datetime, n_events: int,
-                    gap_seconds: float, logged_in: bool, identify: bool, junk_email: bool,
-                    order: bool | None = None, even_gap: bool = False) -> list[dict]:  # fmt: skip
+def _session_events(
+    mk: _EventMaker,
+    p: Person,
+    device: dict,
+    anon: str,
+    start: datetime,
+    n_events: int,
+    gap_seconds: float,
+    logged_in: bool,
+    identify: bool,
+    junk_email: bool,
+    order: bool | None = None,
+    even_gap: bool = False,
+) -> list[dict]:
     """One session's events. `order`: None leaves an order to the archetype's chances, True
     places one (adding a product if the cart is empty), False never orders."""
     rng, arch = mk.rng, p.archetype
@@ -447,8 +574,20 @@ def _person_events(rng: random.Random, p: Person, truth: Truth, shape: Shape = D
             # A ten-hour session: an event every few minutes, never a 30-minute pause.
             gap, n_events = shape.long_session_gap_seconds, shape.long_session_events
         order = None if p.buys is None else (True if i == order_idx else None if p.buys else False)
-        session = _session_events(mk, p, device, anon, start, n_events, gap, logged_in, identify, i == junk_slot,
-                                  order, even_gap=i == long_idx and shape.long_session_even)  # fmt: skip
+        session = _session_events(
+            mk,
+            p,
+            device,
+            anon,
+            start,
+            n_events,
+            gap,
+            logged_in,
+            identify,
+            i == junk_slot,
+            order,
+            even_gap=i == long_idx and shape.long_session_even,
+        )
         if i == long_idx:
             ts0, ts1 = session[0]["timestamp"], session[-1]["timestamp"]
             p.long_session = (anon, ts0, ts1)
@@ -461,8 +600,9 @@ def _person_events(rng: random.Random, p: Person, truth: Truth, shape: Shape = D
     return events
 
 
-def _people(seed: int, chunk: int, count: int, first_index: int, truth: Truth,
-            shape: Shape = DEFAULT_SHAPE) -> tuple[random.Random, list[Person]]:  # fmt: skip
+def _people(
+    seed: int, chunk: int, count: int, first_index: int, truth: Truth, shape: Shape = DEFAULT_SHAPE
+) -> tuple[random.Random, list[Person]]:
     rng = random.Random(f"persona-{seed}-{chunk}")
     people = [_make_person(rng, f"p{first_index + i:09x}") for i in range(count)]
     for p in people:
@@ -505,8 +645,15 @@ def _plant_accounts(rng: random.Random, people: list[Person], shape: Shape) -> N
     for p in chosen[:n_dup]:
         p.second_user_id, p.names_always = f"u{rng.getrandbits(48):012x}", True
         dtype = rng.choices(("mobile", "desktop", "tablet"), p.archetype.device_weights)[0]
-        p.devices.append({"device_id": _uuid(rng), "type": dtype, "os": rng.choice(OS_BY_DEVICE[dtype]),
-                          "anonymous_ids": [_uuid(rng)], "user_id": p.second_user_id})  # fmt: skip
+        p.devices.append(
+            {
+                "device_id": _uuid(rng),
+                "type": dtype,
+                "os": rng.choice(OS_BY_DEVICE[dtype]),
+                "anonymous_ids": [_uuid(rng)],
+                "user_id": p.second_user_id,
+            }
+        )
     rest = chosen[n_dup:]
     for head, member in zip(rest[0::2], rest[1::2]):
         member.email, member.last_name, member.postal_code = head.email, head.last_name, head.postal_code
@@ -516,19 +663,36 @@ def _plant_accounts(rng: random.Random, people: list[Person], shape: Shape) -> N
 
 
 def _record_truth(p: Person, truth: Truth) -> None:
-    truth.people.append({
-        "person_key": p.key, "archetype": p.archetype.name, "age": p.age,
-        "age_bracket": AGE_BRACKETS[p.age_index], "gender": GENDERS[p.gender_index],
-        "country": p.country[0], "timezone": p.timezone, "user_id": p.user_id, "email": p.email,
-        "phone": p.phone, "age_observed": p.age_known, "gender_observed": p.gender_known, "is_bot": p.is_bot, "has_long_session": p.long_session is not None,
-        "second_user_id": p.second_user_id, "shares_email_with": p.shares_email_with,
-    })  # fmt: skip
+    truth.people.append(
+        {
+            "person_key": p.key,
+            "archetype": p.archetype.name,
+            "age": p.age,
+            "age_bracket": AGE_BRACKETS[p.age_index],
+            "gender": GENDERS[p.gender_index],
+            "country": p.country[0],
+            "timezone": p.timezone,
+            "user_id": p.user_id,
+            "email": p.email,
+            "phone": p.phone,
+            "age_observed": p.age_known,
+            "gender_observed": p.gender_known,
+            "is_bot": p.is_bot,
+            "has_long_session": p.long_session is not None,
+            "second_user_id": p.second_user_id,
+            "shares_email_with": p.shares_email_with,
+        }
+    )
     for d in p.devices:
         for anon in d["anonymous_ids"]:
-            truth.identifiers.append({
-                "person_key": p.key, "anonymous_id": anon, "device_id": d["device_id"],
-                "shared_device": bool(d.get("shared")),
-            })  # fmt: skip
+            truth.identifiers.append(
+                {
+                    "person_key": p.key,
+                    "anonymous_id": anon,
+                    "device_id": d["device_id"],
+                    "shared_device": bool(d.get("shared")),
+                }
+            )
 
 
 def _malform(rng: random.Random, event: dict, fmt: str) -> tuple[str, object]:
@@ -608,7 +772,9 @@ class _Writer:
         self.tmp.rename(self.path)
 
 
-NUMERIC_COLUMNS = {flat: pa.float64() if kind == "DOUBLE" else pa.int64() for flat, kind in NUMERIC_FLAT_COLUMNS.items()}
+NUMERIC_COLUMNS = {
+    flat: pa.float64() if kind == "DOUBLE" else pa.int64() for flat, kind in NUMERIC_FLAT_COLUMNS.items()
+}
 
 
 def _parquet_schema() -> pa.Schema:
@@ -624,8 +790,15 @@ def parquet_row(event: dict) -> dict:
     return {k: v if v is None or k in NUMERIC_COLUMNS else str(v) for k, v in flat.items()}
 
 
-def generate(people: int, seed: int, out: Path, fmt: str = "jsonl", people_per_file: int | None = None,
-             truth_dir: Path | None = None, shape: Shape = DEFAULT_SHAPE) -> dict:  # fmt: skip
+def generate(
+    people: int,
+    seed: int,
+    out: Path,
+    fmt: str = "jsonl",
+    people_per_file: int | None = None,
+    truth_dir: Path | None = None,
+    shape: Shape = DEFAULT_SHAPE,
+) -> dict:
     """Write landing files for `people` people into `out` and ground truth into `truth_dir`.
 
     Deterministic for a seed. Holds one file's worth of people in memory at a time.
@@ -709,8 +882,38 @@ def _write_truth(truth: Truth, truth_dir: Path) -> None:
 # with the typos and gaps of hand-typed forms. Names are built from syllables so that their
 # frequencies look like a real population's (a few common, a long tail), unlike the small
 # name lists above.
-SYLLABLES = ("an", "be", "ca", "da", "el", "fi", "go", "ha", "is", "jo", "ka", "li", "ma", "no", "or", "pa",
-             "ri", "sa", "te", "ul", "va", "wi", "xe", "yo", "za", "ro", "mi", "ne", "lu", "to")  # fmt: skip
+SYLLABLES = (
+    "an",
+    "be",
+    "ca",
+    "da",
+    "el",
+    "fi",
+    "go",
+    "ha",
+    "is",
+    "jo",
+    "ka",
+    "li",
+    "ma",
+    "no",
+    "or",
+    "pa",
+    "ri",
+    "sa",
+    "te",
+    "ul",
+    "va",
+    "wi",
+    "xe",
+    "yo",
+    "za",
+    "ro",
+    "mi",
+    "ne",
+    "lu",
+    "to",
+)
 
 
 SYLLABLE_WEIGHTS = tuple(1 / (i + 1) ** 0.7 for i in range(len(SYLLABLES)))  # Zipf-like: a few common

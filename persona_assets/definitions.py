@@ -15,8 +15,9 @@ from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_re
 from persona_assets.settings import CONFIG_ENV, persona_home
 
 
-def build_definitions(home: Path | None = None, config_file: str | None = None,
-                      timing: automation.Timing | None = None) -> dg.Definitions:  # fmt: skip
+def build_definitions(
+    home: Path | None = None, config_file: str | None = None, timing: automation.Timing | None = None
+) -> dg.Definitions:
     """Definitions over PERSONA_HOME (or `home`, for tests), with the settings file `config_file`
     (default PERSONA_CONFIG, else PERSONA_HOME/persona.yaml when present) and the sensors'
     `timing` (default: from the environment, see `automation.Timing`)."""

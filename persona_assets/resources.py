@@ -62,8 +62,14 @@ class ServingPublisher(dg.ConfigurableResource):
 
     path: str
 
-    def publish(self, con, tables: dict[str, str], run_id: str | None = None, append: dict | None = None,
-                indexes: dict | None = None) -> dict:  # fmt: skip
+    def publish(
+        self,
+        con,
+        tables: dict[str, str],
+        run_id: str | None = None,
+        append: dict | None = None,
+        indexes: dict | None = None,
+    ) -> dict:
         return publish_snapshot(con, Path(self.path), tables, run_id=run_id, append=append, indexes=indexes)
 
 

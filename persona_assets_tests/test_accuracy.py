@@ -26,7 +26,7 @@ SHAPES = {
     "buyers_10": Shape(buyer_share=0.1, long_session_rate=0.02),
     "buyers_40_anonymous": Shape(
         buyer_share=0.4, anonymous_share=0.3, bounce_share=0.5, long_session_rate=0.02, **SLOW_LONG
-    ),  # fmt: skip
+    ),
     "buyers_60": Shape(buyer_share=0.6, long_session_rate=0.02, **SLOW_LONG),
 }
 PEOPLE = 2000
@@ -123,13 +123,15 @@ def fences_of(people: pd.DataFrame, opts: CleaningOptions | None = None) -> pd.D
 
 def test_fences_hold_on_zero_inflated_discrete_and_constant_features():
     n = 1000
-    people = pd.DataFrame({
-        "event_count": [20 + i % 7 for i in range(n)],
-        "session_count": [3] * n,  # everyone alike: no spread
-        "avg_session_seconds": [120.0 + i % 50 for i in range(n)],
-        "order_count": [(1 + (i % 10 == 0)) if i % 5 == 0 else 0 for i in range(n)],  # 20% buy, a few twice
-        "total_revenue": [0.0] * n,  # nobody spends
-    })  # fmt: skip
+    people = pd.DataFrame(
+        {
+            "event_count": [20 + i % 7 for i in range(n)],
+            "session_count": [3] * n,  # everyone alike: no spread
+            "avg_session_seconds": [120.0 + i % 50 for i in range(n)],
+            "order_count": [(1 + (i % 10 == 0)) if i % 5 == 0 else 0 for i in range(n)],  # 20% buy, a few twice
+            "total_revenue": [0.0] * n,  # nobody spends
+        }
+    )
     for method in ("mad", "iqr", "zscore"):
         fences = fences_of(people, CleaningOptions(outlier_method=method)).set_index("feature")
         # Before issue 21 the order fences were [0, 0] (median and MAD of mostly zeros): every buyer flagged.
@@ -210,8 +212,11 @@ def test_top_category_beats_plain_counting(resolved, shaped, tmp_path):
 
 # Segments against the planted archetypes (part 5): buyer shares the generator's archetypes do
 # not set, at three sizes. Each case generates, ingests, resolves and cleans its own data.
-SEGMENT_SHAPES = {"buyers_10": Shape(buyer_share=0.1), "buyers_40": Shape(buyer_share=0.4),
-                  "buyers_60": Shape(buyer_share=0.6)}  # fmt: skip
+SEGMENT_SHAPES = {
+    "buyers_10": Shape(buyer_share=0.1),
+    "buyers_40": Shape(buyer_share=0.4),
+    "buyers_60": Shape(buyer_share=0.6),
+}
 
 
 def segment_scores(path: Path, truth: Path, root: Path) -> dict:

@@ -71,21 +71,33 @@ def test_a_good_file_defines_traits_audiences_and_destinations(tmp_path):
     "replace, expected",
     [
         ("{trait: top_category, in: [books]}", None),
-        ("{trait: top_categry, in: [books]}", ":11: audiences.recent_book_buyers: unknown trait 'top_categry'; "
-                                              "traits: age_bracket"),
-        ("{trait: top_category, like: books}", ":11: audiences.recent_book_buyers: unknown operator 'like'; "
-                                               "operators: eq, in, gte"),
+        (
+            "{trait: top_categry, in: [books]}",
+            ":11: audiences.recent_book_buyers: unknown trait 'top_categry'; traits: age_bracket",
+        ),
+        (
+            "{trait: top_category, like: books}",
+            ":11: audiences.recent_book_buyers: unknown operator 'like'; operators: eq, in, gte",
+        ),
         ("{trait: order_count, gte: many}", ":11: audiences.recent_book_buyers: gte on a number takes a number"),
-        ("{event: Order Complete, count: {gte: 1}}", ":11: audiences.recent_book_buyers: unknown event "
-                                                     "'Order Complete'; the data's events: Order Completed, Product"),
-        ("{event: Order Completed, count: {gte: 1}, where: {brand: x}}", ":11: audiences.recent_book_buyers.where: "
-                                                                        "unknown property 'brand'; allowed: age"),
+        (
+            "{event: Order Complete, count: {gte: 1}}",
+            ":11: audiences.recent_book_buyers: unknown event "
+            "'Order Complete'; the data's events: Order Completed, Product",
+        ),
+        (
+            "{event: Order Completed, count: {gte: 1}, where: {brand: x}}",
+            ":11: audiences.recent_book_buyers.where: unknown property 'brand'; allowed: age",
+        ),
         ("{audience: buyerz}", ":11: audiences.recent_book_buyers: unknown audience 'buyerz'; audiences: book_lovers"),
         ("{segment: S9}", ":11: audiences.recent_book_buyers: unknown segment S9; segments: S1, S2"),
-        ("{audience: recent_book_buyers}", ":6: audiences.recent_book_buyers: audiences depend on each other: "
-                                           "recent_book_buyers -> recent_book_buyers"),
+        (
+            "{audience: recent_book_buyers}",
+            ":6: audiences.recent_book_buyers: audiences depend on each other: "
+            "recent_book_buyers -> recent_book_buyers",
+        ),
     ],
-)  # fmt: skip
+)
 def test_each_mistake_is_refused_with_its_line_and_the_allowed_names(tmp_path, replace, expected):
     text = GOOD.replace("{trait: top_category, in: [books]}", replace)
     if expected is None:
@@ -97,8 +109,11 @@ def test_each_mistake_is_refused_with_its_line_and_the_allowed_names(tmp_path, r
 
 def test_every_mistake_is_named_at_once(tmp_path):
     text = GOOD.replace("property: revenue", "property: revenu").replace("gte: 1}", "gte: 1, lte: 3}")
-    text = text.replace("audiences:\n", "audiences:\n  loop_a: {where: {audience: loop_b}}\n  loop_b: {where: {not: "
-                        "{audience: loop_a}}}\n", 1)  # fmt: skip
+    text = text.replace(
+        "audiences:\n",
+        "audiences:\n  loop_a: {where: {audience: loop_b}}\n  loop_b: {where: {not: {audience: loop_a}}}\n",
+        1,
+    )
     problems = _problems(tmp_path, text)
     assert any(":3: computed_traits.lifetime_value: unknown numeric property 'revenu'" in p for p in problems)
     assert any("a trait condition takes one operator, got gte, lte" in p for p in problems)
@@ -106,7 +121,7 @@ def test_every_mistake_is_named_at_once(tmp_path):
 
 
 def test_destinations_are_checked(tmp_path):
-    text = GOOD.replace('secret_env: PERSONA_HOOK_SECRET', 'secret_env: "hunter2 is my secret"').replace(
+    text = GOOD.replace("secret_env: PERSONA_HOOK_SECRET", 'secret_env: "hunter2 is my secret"').replace(
         "format: csv", "format: xlsx"
     )
     problems = _problems(tmp_path, text)
@@ -132,8 +147,10 @@ NOW = datetime(2026, 3, 1, 12, 0)
 
 def _event(mid: str, who: dict, name: str, days_ago: float, **properties) -> str:
     at = (NOW - timedelta(days=days_ago)).isoformat() + "Z"
-    return json.dumps({"messageId": mid, "type": "track", "event": name, "timestamp": at, **who,
-                       "properties": properties}) + "\n"  # fmt: skip
+    return (
+        json.dumps({"messageId": mid, "type": "track", "event": name, "timestamp": at, **who, "properties": properties})
+        + "\n"
+    )
 
 
 A, B, C = {"userId": "listener-a"}, {"userId": "listener-b"}, {"anonymousId": "visitor-c"}
@@ -188,8 +205,9 @@ def music(tmp_path):
     # The audience stages read user_profiles' people and columns: cleaned_users has those these conditions use.
     con.execute("CREATE TABLE user_profiles AS SELECT * FROM cleaned_users")
     people = dict(
-        con.execute("SELECT identifier, person_id FROM identity_map WHERE identifier_type IN ('user_id', "
-                    "'anonymous_id')").fetchall()  # fmt: skip
+        con.execute(
+            "SELECT identifier, person_id FROM identity_map WHERE identifier_type IN ('user_id', 'anonymous_id')"
+        ).fetchall()
     )
     yield con, tmp_path, {"a": people["listener-a"], "b": people["listener-b"], "c": people["visitor-c"]}
     con.close()
@@ -210,11 +228,26 @@ def test_every_kind_of_trait_on_events_in_another_vocabulary(music):
     assert report.mode == "full" and report.as_of == NOW
     a = _traits(con, who["a"])
     assert a.pop("spend") == pytest.approx(14.98) and a.pop("avg_plan") == pytest.approx(7.49)
-    assert a == {"plays_30d": 3, "cheapest": 4.99, "priciest": 9.99, "top_genre": "jazz", "first_genre": "jazz",
-                 "last_genre": "jazz", "genres": ["jazz", "rock"], "tracks": 3, "jazz_plays": 3,
-                 "jazz_fans.line_18": 2}  # fmt: skip
-    assert _traits(con, who["b"]) == {"plays_30d": 1, "top_genre": "rock", "first_genre": "rock", "last_genre": "rock",
-                                      "genres": ["rock"], "tracks": 2}  # fmt: skip
+    assert a == {
+        "plays_30d": 3,
+        "cheapest": 4.99,
+        "priciest": 9.99,
+        "top_genre": "jazz",
+        "first_genre": "jazz",
+        "last_genre": "jazz",
+        "genres": ["jazz", "rock"],
+        "tracks": 3,
+        "jazz_plays": 3,
+        "jazz_fans.line_18": 2,
+    }
+    assert _traits(con, who["b"]) == {
+        "plays_30d": 1,
+        "top_genre": "rock",
+        "first_genre": "rock",
+        "last_genre": "rock",
+        "genres": ["rock"],
+        "tracks": 2,
+    }
     c = _traits(con, who["c"])
     assert c["spend"] == pytest.approx(19.99) and "plays_30d" not in c  # no matching event: no row (reads as 0)
 
@@ -241,7 +274,9 @@ def test_audiences_over_traits_events_and_other_audiences(music):
     con.execute("DELETE FROM computed_traits WHERE person_id = ? AND trait = 'spend'", [c])
     second = audiences.evaluate(con, d, "payers", "run-2")
     assert (second.size, second.entered, second.exited) == (1, 0, 1)
-    changes = con.execute("SELECT change_id, person_id, change, run FROM audience_changes ORDER BY change_id").fetchall()
+    changes = con.execute(
+        "SELECT change_id, person_id, change, run FROM audience_changes ORDER BY change_id"
+    ).fetchall()
     assert [(p, ch, r) for _, p, ch, r in changes][-1] == (c, "exited", "run-2")
     assert [i for i, *_ in changes] == list(range(1, len(changes) + 1))
     assert {r[0] for r in con.execute("SELECT person_id FROM audience_members").fetchall()} == {a}
@@ -377,8 +412,9 @@ def test_cdnow_audiences_through_the_assets(persona_home, capsys):
     orders["at"] = pd.to_datetime(orders["date"], format="%Y%m%d")
     as_of = orders["at"].max()
     recent = orders[orders["at"] > as_of - pd.Timedelta(days=90)].groupby("customer_id").size()
-    per = orders.groupby("customer_id").agg(n=("order_no", "size"), top=("dollar_value", "max"),
-                                            cds=("number_of_cds", "sum"))  # fmt: skip
+    per = orders.groupby("customer_id").agg(
+        n=("order_no", "size"), top=("dollar_value", "max"), cds=("number_of_cds", "sum")
+    )
     expected = {
         "big_spenders": set(per[(per.n >= 3) & (per.top >= 100)].index),
         "active": set(recent[recent >= 2].index),
@@ -468,8 +504,13 @@ def test_the_stream_decides_audiences_as_the_next_batch_run_does(tmp_path, redis
     sent = sum(stream.publish(client, path) for path in landing_files(tmp_path / "landing"))
     live = LiveAudiences(client, d)
     assert sorted(live.audiences) == sorted(set(d.audiences) - {"lapsing"})  # a batch-only field waits
-    worker = stream.Consumer(client, stream.RedisStreamSource(client, "one"), tmp_path / "out",
-                             stream.ConsumerOptions(block_ms=50), audiences=live)  # fmt: skip
+    worker = stream.Consumer(
+        client,
+        stream.RedisStreamSource(client, "one"),
+        tmp_path / "out",
+        stream.ConsumerOptions(block_ms=50),
+        audiences=live,
+    )
     while worker.handled < sent:
         assert worker.step() or worker.handled == sent, "stream ran dry"
     worker.flush()  # settles the last events, then re-decides everyone as of the final clock
@@ -494,12 +535,20 @@ def test_a_file_with_mistakes_changes_nothing_and_does_not_fail_the_run(music):
 
     con, home, who = music
     con.close()  # the run opens the warehouse itself
-    selection = ["computed_traits", "audience_members", "audience_changes", "audience_runs",
-                 "destination_deliveries", "destination_dead_letters"]  # fmt: skip
+    selection = [
+        "computed_traits",
+        "audience_members",
+        "audience_changes",
+        "audience_runs",
+        "destination_deliveries",
+        "destination_dead_letters",
+    ]
 
     def run():
         defs_ = build_definitions(home)
-        keys = [dg.AssetKey(s) for s in selection] + [k for k in defs_.resolve_all_asset_keys() if k.path[0] == "audiences"]
+        keys = [dg.AssetKey(s) for s in selection] + [
+            k for k in defs_.resolve_all_asset_keys() if k.path[0] == "audiences"
+        ]
         result = defs_.resolve_implicit_global_asset_job_def().execute_in_process(
             instance=dg.DagsterInstance.ephemeral(), asset_selection=keys, raise_on_error=False
         )

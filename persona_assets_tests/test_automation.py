@@ -15,9 +15,17 @@ from persona_assets.definitions import build_definitions
 from .conftest import land
 
 PERSON_LEVEL = {
-    "deduped_users", "identity_map", "cleaned_users", "sessions", "normalized_features", "segments",
-    "segment_catalog", "imputed_attributes", "user_profiles", "serving_snapshot",
-}  # fmt: skip
+    "deduped_users",
+    "identity_map",
+    "cleaned_users",
+    "sessions",
+    "normalized_features",
+    "segments",
+    "segment_catalog",
+    "imputed_attributes",
+    "user_profiles",
+    "serving_snapshot",
+}
 
 
 def _sensor_tick(defs, sensor, instance, cursor=None):
@@ -88,8 +96,9 @@ def test_a_landed_file_flows_to_profiles_through_automation(persona_home, genera
 def _assert_segment_figures_are_numbers(result) -> None:
     """The segments asset's first figures are typed numbers, which the asset page shows without a
     click and its Plots tab draws across materializations (a markdown picture needs a click)."""
-    segments = next(m for m in result.asset_materializations_for_node("segment_people")
-                    if m.asset_key == dg.AssetKey("segments")).metadata  # fmt: skip
+    segments = next(
+        m for m in result.asset_materializations_for_node("segment_people") if m.asset_key == dg.AssetKey("segments")
+    ).metadata
     floats = ["silhouette_features", "noise_share", "largest_segment_share", "smallest_segment_share"]
     assert all(isinstance(segments[name], dg.FloatMetadataValue) for name in floats), segments
     assert all(isinstance(segments[name], dg.IntMetadataValue) for name in ("segment_count", "chosen_k"))
@@ -141,11 +150,20 @@ def test_the_nightly_tag_rebuilds_every_person_level_stage_in_full(persona_home,
         assert result.success
         return {
             m.asset_key.to_user_string(): m.metadata["refresh"].value
-            for m in (e.step_materialization_data.materialization for e in result.all_events if e.is_step_materialization)
+            for m in (
+                e.step_materialization_data.materialization for e in result.all_events if e.is_step_materialization
+            )
             if "refresh" in m.metadata
         }
 
-    stages = {"deduped_users", "cleaned_users", "imputed_attributes", "user_profiles", "segments", "normalized_features"}
+    stages = {
+        "deduped_users",
+        "cleaned_users",
+        "imputed_attributes",
+        "user_profiles",
+        "segments",
+        "normalized_features",
+    }
     quiet = modes({})
     assert stages <= set(quiet) and {quiet[s] for s in stages} == {"incremental"}, quiet
     nightly = modes({automation.FULL_REFRESH_TAG: "true"})
@@ -168,7 +186,7 @@ def test_a_failed_run_is_recorded_in_a_table_and_in_its_tags(persona_home):
                 "identity_links",
                 "identity_pii",
                 "person_id_history",
-            )  # fmt: skip
+            )
         ],
         raise_on_error=False,
     )
@@ -222,9 +240,12 @@ def test_a_first_tick_on_an_up_to_date_home_requests_only_what_the_ledger_lacks(
     _ledger_snapshot(persona_home, landed)
     calls = []
     requests, cursor, _ = automation.landing_requests(
-        landing, {}, 10, time.time(), ingested=lambda: calls.append(1) or automation.ingested_files(
-            persona_home / "serving" / "persona.duckdb")
-    )  # fmt: skip
+        landing,
+        {},
+        10,
+        time.time(),
+        ingested=lambda: calls.append(1) or automation.ingested_files(persona_home / "serving" / "persona.duckdb"),
+    )
     assert not requests and cursor.keys() == {p.name for p in landed} and calls == [1]
     automation.landing_requests(landing, cursor, 10, time.time(), ingested=lambda: calls.append(1))
     assert calls == [1]

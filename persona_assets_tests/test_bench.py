@@ -17,14 +17,35 @@ pytestmark = pytest.mark.slow
 
 def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
     work = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "persona_assets.cli", "bench", "--events", "6400", "--no-stream",
-           "--refresh-share", "0.05", "--link-records", "3000", "--workdir", str(work)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "persona_assets.cli",
+        "bench",
+        "--events",
+        "6400",
+        "--no-stream",
+        "--refresh-share",
+        "0.05",
+        "--link-records",
+        "3000",
+        "--workdir",
+        str(work),
+    ]
     env = {**os.environ, "PERSONA_HOME": str(tmp_path)}
     subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     results = json.loads(next(work.glob("bench-*.json")).read_text())
     stages = results["stages"]
-    assert list(stages) == ["ingest", "identity", "cleaning", "features", "segments", "imputation", "profiles",
-                            "serving"]  # fmt: skip
+    assert list(stages) == [
+        "ingest",
+        "identity",
+        "cleaning",
+        "features",
+        "segments",
+        "imputation",
+        "profiles",
+        "serving",
+    ]
     for name, stage in stages.items():
         assert stage["seconds"] > 0 and stage["peak_gb"] > 0, name
         assert stage["rows_out"] > 0, name

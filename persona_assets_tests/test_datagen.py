@@ -71,8 +71,15 @@ def test_default_shape_writes_what_the_generator_always_wrote(tmp_path):
 
 
 def test_shapes_set_buyers_anonymous_people_and_long_sessions(tmp_path):
-    shape = Shape(buyer_share=0.1, anonymous_share=0.5, bounce_share=0.5, long_session_rate=0.1,
-                  long_session_events=32, long_session_gap_seconds=1200, long_session_even=True)  # fmt: skip
+    shape = Shape(
+        buyer_share=0.1,
+        anonymous_share=0.5,
+        bounce_share=0.5,
+        long_session_rate=0.1,
+        long_session_events=32,
+        long_session_gap_seconds=1200,
+        long_session_even=True,
+    )
     generate(400, 3, tmp_path, people_per_file=400, shape=shape)
     people = pq.read_table(tmp_path / "_truth" / "people.parquet").to_pandas()
     events = []

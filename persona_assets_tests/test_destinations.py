@@ -96,7 +96,9 @@ class Receiver:
     def by_person(self) -> dict[str, list[tuple[str, str]]]:
         out = defaultdict(list)
         for event in self.events.values():  # insertion order: first arrival
-            out[event.get("userId") or event["anonymousId"]].append((event["properties"]["audience_key"], event["event"]))
+            out[event.get("userId") or event["anonymousId"]].append(
+                (event["properties"]["audience_key"], event["event"])
+            )
         return out
 
 
@@ -117,8 +119,11 @@ def _warehouse(path: Path, people: int = 120, runs: int = 6, seed: int = 3) -> d
     """audience_changes as runs make them (each person entering and leaving audiences over
     several runs), the identity map (userIds for some, anonymousIds for all) and the members."""
     con = duckdb.connect(str(path))
-    for model, table in ((AudienceChanges, "audience_changes"), (IdentityMap, "identity_map"),
-                         (AudienceMembers, "audience_members")):  # fmt: skip
+    for model, table in (
+        (AudienceChanges, "audience_changes"),
+        (IdentityMap, "identity_map"),
+        (AudienceMembers, "audience_members"),
+    ):
         con.execute(ddl(model, table))
     rng, start = random.Random(seed), datetime(2026, 1, 1)
     ids, rows, members, change_id = [], [], {}, 0
@@ -141,8 +146,7 @@ def _warehouse(path: Path, people: int = 120, runs: int = 6, seed: int = 3) -> d
                         members[(person, audience)] = at
     con.executemany("INSERT INTO audience_changes VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
     con.executemany("INSERT INTO identity_map VALUES (?, ?, ?, ?, ?)", ids)
-    con.executemany("INSERT INTO audience_members VALUES (?, ?, ?)",
-                    [(a, p, at) for (p, a), at in members.items()])  # fmt: skip
+    con.executemany("INSERT INTO audience_members VALUES (?, ?, ?)", [(a, p, at) for (p, a), at in members.items()])
     return con
 
 
@@ -208,8 +212,9 @@ def test_a_receiver_down_for_a_whole_run_gets_everything_on_the_next(receiver, t
     total = con.execute("SELECT count(*) FROM audience_changes WHERE audience = 'gamers'").fetchall()[0][0]
     hook = receiver()
     hook.stop()
-    dest = Destination("crm", "webhook", ("gamers",), url=hook.url, secret_env="HOOK_SECRET", batch_size=25,
-                       max_attempts=100)  # fmt: skip
+    dest = Destination(
+        "crm", "webhook", ("gamers",), url=hook.url, secret_env="HOOK_SECRET", batch_size=25, max_attempts=100
+    )
     definitions = _definitions(dest)
     opts = destinations.DeliveryOptions(base_delay=0.05, max_delay=0.2, budget_seconds=1.0, seed=2)
     [first] = destinations.deliver(con, definitions, tmp_path, opts)

@@ -187,26 +187,77 @@ def test_the_person_page_escapes_every_value(tmp_path):
     from persona_assets.server.explorer import BEHAVIOUR, Explorer, Visit, _bars
 
     evil = "<script>alert(1)</script>"
-    traits = {"person_id": "p0123456789abcdef", "top_category": evil, "next_question": evil, "live": evil,
-              "category_affinity": {evil: 2.0, "books": 1.0}, "enriched": {evil: evil}}  # fmt: skip
-    event = {"message_id": evil, "event_at": "2025-01-01T00:00:00", "event_type": "track", "event_name": evil,
-             "category": evil, "product_id": evil, "price": None, "quantity": None, "revenue": None,
-             "order_id": None, "search_query": evil, "page_url": evil, "device_type": None, "arrived_via": "stream"}  # fmt: skip
+    traits = {
+        "person_id": "p0123456789abcdef",
+        "top_category": evil,
+        "next_question": evil,
+        "live": evil,
+        "category_affinity": {evil: 2.0, "books": 1.0},
+        "enriched": {evil: evil},
+    }
+    event = {
+        "message_id": evil,
+        "event_at": "2025-01-01T00:00:00",
+        "event_type": "track",
+        "event_name": evil,
+        "category": evil,
+        "product_id": evil,
+        "price": None,
+        "quantity": None,
+        "revenue": None,
+        "order_id": None,
+        "search_query": evil,
+        "page_url": evil,
+        "device_type": None,
+        "arrived_via": "stream",
+    }
     explorer = Explorer(ServerSettings(write_key="w" * 8, read_key="r" * 8, admin_key="a" * 8), tmp_path, None, None)
     answer = explorer.page(
-        "person.html", Visit(True, True, "c" * 64), person_id=traits["person_id"], traits=traits,
+        "person.html",
+        Visit(True, True, "c" * 64),
+        person_id=traits["person_id"],
+        traits=traits,
         provenance=[{"trait": evil, "value": evil, "source": evil, "confidence": 0.5, "observed_at": None}],
-        behaviour=[(label, evil) for _, label in BEHAVIOUR], affinity=_bars(traits["category_affinity"]),
-        identity={"links": [{"record_l": evil, "record_r": evil, "match_probability": 0.9, "match_weight": 3.0,
-                             "weights": {evil: 1.0}, "status": evil, "reason": evil}],
-                  "history": [{"changed_at": None, "old_person_id": evil, "new_person_id": evil, "change": evil,
-                               "identifiers_moved": 1}]},
+        behaviour=[(label, evil) for _, label in BEHAVIOUR],
+        affinity=_bars(traits["category_affinity"]),
+        identity={
+            "links": [
+                {
+                    "record_l": evil,
+                    "record_r": evil,
+                    "match_probability": 0.9,
+                    "match_weight": 3.0,
+                    "weights": {evil: 1.0},
+                    "status": evil,
+                    "reason": evil,
+                }
+            ],
+            "history": [
+                {
+                    "changed_at": None,
+                    "old_person_id": evil,
+                    "new_person_id": evil,
+                    "change": evil,
+                    "identifiers_moved": 1,
+                }
+            ],
+        },
         identifiers=[{"type": "user_id", "id": evil, "first_seen_at": None, "last_seen_at": None}],
-        audiences={"data": [{"audience": evil, "entered_at": None, "description": evil,
-                             "why": [{"depth": 1, "holds": True, "text": evil, "value": evil}]}]},
-        events={"data": [event], "cursor": {"has_more": True, "next": '"&x=<y>'}}, after=None,
-        path=[{"id": evil, "name": evil, "people": 1, "explanation": evil}], jobs=[],
-    )  # fmt: skip
+        audiences={
+            "data": [
+                {
+                    "audience": evil,
+                    "entered_at": None,
+                    "description": evil,
+                    "why": [{"depth": 1, "holds": True, "text": evil, "value": evil}],
+                }
+            ]
+        },
+        events={"data": [event], "cursor": {"has_more": True, "next": '"&x=<y>'}},
+        after=None,
+        path=[{"id": evil, "name": evil, "people": 1, "explanation": evil}],
+        jobs=[],
+    )
     html = answer.body.decode()
     assert "<script>alert" not in html and html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 20
     assert "next=%22%26x%3D%3Cy%3E" in html  # a cursor is URL-encoded inside the link
@@ -241,15 +292,39 @@ def built(tmp_path_factory):
     identify_records(240, 3, root / "signups")
     shutil.copy2(root / "signups" / "signups-s3.jsonl", landing / "signups.jsonl")
     (landing / "hostile.jsonl").write_text(
-        _event("x1", "identify", "2025-06-01T10:00:00Z", userId="evil-1", anonymousId="evil-a",
-               traits={"email": "evil@example.com", "gender": HOSTILE["category"]})
-        + _event("x2", "track", "2025-06-01T10:01:00Z", userId="evil-1", event=HOSTILE["event"],
-                 properties={"category": HOSTILE["category"], "product_id": HOSTILE["product"], "price": 3})
-        + _event("x3", "track", "2025-06-01T10:02:00Z", userId="evil-1", event="Product Viewed",
-                 properties={"category": HOSTILE["viewed"], "query": HOSTILE["category"]})
-        + _event("x4", "track", "2025-06-01T10:03:00Z", userId="evil-1", event="Product Viewed",
-                 properties={"category": HOSTILE["viewed"]})
-    )  # fmt: skip
+        _event(
+            "x1",
+            "identify",
+            "2025-06-01T10:00:00Z",
+            userId="evil-1",
+            anonymousId="evil-a",
+            traits={"email": "evil@example.com", "gender": HOSTILE["category"]},
+        )
+        + _event(
+            "x2",
+            "track",
+            "2025-06-01T10:01:00Z",
+            userId="evil-1",
+            event=HOSTILE["event"],
+            properties={"category": HOSTILE["category"], "product_id": HOSTILE["product"], "price": 3},
+        )
+        + _event(
+            "x3",
+            "track",
+            "2025-06-01T10:02:00Z",
+            userId="evil-1",
+            event="Product Viewed",
+            properties={"category": HOSTILE["viewed"], "query": HOSTILE["category"]},
+        )
+        + _event(
+            "x4",
+            "track",
+            "2025-06-01T10:03:00Z",
+            userId="evil-1",
+            event="Product Viewed",
+            properties={"category": HOSTILE["viewed"]},
+        )
+    )
     (home / "audiences.yaml").write_text(AUDIENCES)
     # One event through the HTTP collector (the server's spool moves into landing as it stops): a live one.
     collector = start_server(home, env={"PERSONA_HASH_KEY": None})
@@ -259,11 +334,13 @@ def built(tmp_path_factory):
     assert len(list(landing.glob("http-*.jsonl"))) == 1
     env = {**os.environ, "PERSONA_HOME": str(home), "DAGSTER_HOME": str(root / "dagster")}
     env.pop("PERSONA_HASH_KEY", None)
-    done = subprocess.run([sys.executable, "-m", "persona_assets.cli", "run"], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "persona_assets.cli", "run"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    served = start_server(home, env={"PERSONA_ADMIN_KEY": ADMIN_KEY, "DAGSTER_HOME": str(root / "dagster"),
-                                     "PERSONA_HASH_KEY": None})  # fmt: skip
+    served = start_server(
+        home, env={"PERSONA_ADMIN_KEY": ADMIN_KEY, "DAGSTER_HOME": str(root / "dagster"), "PERSONA_HASH_KEY": None}
+    )
     yield home, served
     served.stop()
 
@@ -318,8 +395,11 @@ def _an_email_of_one_person(home: Path) -> tuple[str, str]:
                 continue
             normal = normalize_email(email, True) if isinstance(email, str) else None
             if normal:
-                rows = _snapshot(home, "SELECT DISTINCT person_id FROM identity_map WHERE identifier_type = 'email' "
-                                 "AND identifier = ?", [hmac_hex(key, normal)])  # fmt: skip
+                rows = _snapshot(
+                    home,
+                    "SELECT DISTINCT person_id FROM identity_map WHERE identifier_type = 'email' AND identifier = ?",
+                    [hmac_hex(key, normal)],
+                )
                 if len(rows) == 1:
                     return email, rows[0][0]
     raise AssertionError("no email of one person in the generated files")
@@ -367,8 +447,9 @@ def test_search_by_email_opens_the_person_with_traits_and_sources_as_in_the_snap
 @pytest.mark.slow
 def test_the_timeline_is_newest_first_and_pages_without_repeating_an_event(built, page):
     home, served = built
-    person, count = _snapshot(home, "SELECT person_id, event_count FROM user_profiles ORDER BY event_count DESC, "
-                              "person_id LIMIT 1")[0]  # fmt: skip
+    person, count = _snapshot(
+        home, "SELECT person_id, event_count FROM user_profiles ORDER BY event_count DESC, person_id LIMIT 1"
+    )[0]
     assert count > 45
     page.goto(f"{served.url}/people/{person}")
     seen = []
@@ -379,10 +460,14 @@ def test_the_timeline_is_newest_first_and_pages_without_repeating_an_event(built
         with page.expect_navigation():
             page.click("#older")
     seen += page.locator("#timeline tr.event").evaluate_all("rows => rows.map(r => r.dataset.messageId)")
-    expected = _snapshot(home, """WITH ids AS (SELECT identifier_type, identifier FROM identity_map WHERE person_id = ?)
+    expected = _snapshot(
+        home,
+        """WITH ids AS (SELECT identifier_type, identifier FROM identity_map WHERE person_id = ?)
         SELECT message_id FROM raw_events WHERE user_id IN (SELECT identifier FROM ids WHERE identifier_type = 'user_id')
            OR anonymous_id IN (SELECT identifier FROM ids WHERE identifier_type = 'anonymous_id')
-        ORDER BY event_at DESC, message_id DESC LIMIT ?""", [person, len(seen)])  # fmt: skip
+        ORDER BY event_at DESC, message_id DESC LIMIT ?""",
+        [person, len(seen)],
+    )
     assert seen == [m for (m,) in expected] and len(set(seen)) == len(seen)
 
 
@@ -434,9 +519,15 @@ def test_the_reads_behind_the_pages_are_profile_api_endpoints(built):
     assert request(f"{url}/v1/search?q=nobody-at-all", key=READ_KEY)[1] == {"data": []}
     status, provenance, _ = request(f"{url}/v1/profiles/user_id:evil-1/provenance", key=READ_KEY)
     traits = {t["trait"]: t for t in provenance["data"]}
-    assert traits["favourite"] == {"trait": "favourite", "value": HOSTILE["viewed"], "source": "computed",
-                                   "kind": "most_frequent", "confidence": None, "model_version": None,
-                                   "observed_at": None}  # fmt: skip
+    assert traits["favourite"] == {
+        "trait": "favourite",
+        "value": HOSTILE["viewed"],
+        "source": "computed",
+        "kind": "most_frequent",
+        "confidence": None,
+        "model_version": None,
+        "observed_at": None,
+    }
     assert request(f"{url}/v1/profiles/user_id:evil-1/links", key=READ_KEY)[1]["person_id"] == person
     status, audiences, _ = request(f"{url}/v1/profiles/person_id:{person}/audiences?why=true", key=READ_KEY)
     browsers = next(a for a in audiences["data"] if a["audience"] == "browsers")
@@ -455,8 +546,11 @@ def test_the_reads_behind_the_pages_are_profile_api_endpoints(built):
         if not page["cursor"]["has_more"]:
             break
         after = f"&next={page['cursor']['next']}"
-    expected = _snapshot(home, "SELECT person_id FROM user_profiles WHERE segment_id = $1 OR subsegment_id = $1 "
-                         "ORDER BY person_id", [first["id"]])  # fmt: skip
+    expected = _snapshot(
+        home,
+        "SELECT person_id FROM user_profiles WHERE segment_id = $1 OR subsegment_id = $1 ORDER BY person_id",
+        [first["id"]],
+    )
     assert seen == [p for (p,) in expected] and len(seen) == first["people"]
     listed = request(f"{url}/v1/audiences", key=READ_KEY)[1]["data"]
     assert {a["audience"] for a in listed} == {"buyers", "browsers"}
@@ -498,8 +592,9 @@ def test_undo_a_merge_from_the_page_and_see_two_people_after_the_refresh(built, 
     for other in people:
         page.goto(f"{served.url}/people/{other}")
         assert page.locator("#identifiers tbody tr").count() == 1
-    assert {"split"} == {c for (c,) in _snapshot(home, "SELECT change FROM person_id_history WHERE old_person_id = ?",
-                                                 [person])}  # fmt: skip
+    assert {"split"} == {
+        c for (c,) in _snapshot(home, "SELECT change FROM person_id_history WHERE old_person_id = ?", [person])
+    }
 
     # and forced back together from the page, naming the other by one of its identifiers
     other = next(p for p in people if p != person)
@@ -549,20 +644,28 @@ def test_links_are_read_with_their_weights_when_the_snapshot_holds_them(tmp_path
         con.execute("CREATE TABLE user_profiles AS SELECT 'p00000000000000aa' AS person_id")
         con.execute("""CREATE TABLE identity_map AS SELECT 'user_id' AS identifier_type, 'u1' AS identifier,
                        'p00000000000000aa' AS person_id, now()::TIMESTAMP AS first_seen_at,
-                       now()::TIMESTAMP AS last_seen_at""")  # fmt: skip
+                       now()::TIMESTAMP AS last_seen_at""")
         con.execute("""CREATE TABLE person_id_history AS SELECT 'p00000000000000bb' AS old_person_id,
                        'p00000000000000aa' AS new_person_id, 'merge' AS change, 1 AS identifiers_moved,
-                       TIMESTAMP '2026-01-01' AS changed_at""")  # fmt: skip
+                       TIMESTAMP '2026-01-01' AS changed_at""")
         con.execute("""CREATE TABLE identity_links AS SELECT 'p00000000000000aa' AS record_id_l,
                        'p00000000000000bb' AS record_id_r, 'p00000000000000aa' AS person_id, 0.98 AS match_probability,
                        14.5 AS match_weight, '{"first_name": 6.7, "birthday": 7.8}' AS weights, 'merged' AS status,
-                       NULL AS reason""")  # fmt: skip
+                       NULL AS reason""")
     reader = ProfileReader(path, b"k")
     try:
         answer = reader.links("user_id", "u1")
     finally:
         reader.close()
-    assert answer["links"] == [{"record_l": "p00000000000000aa", "record_r": "p00000000000000bb",
-                                "match_probability": 0.98, "match_weight": 14.5,
-                                "weights": {"first_name": 6.7, "birthday": 7.8}, "status": "merged", "reason": None}]  # fmt: skip
+    assert answer["links"] == [
+        {
+            "record_l": "p00000000000000aa",
+            "record_r": "p00000000000000bb",
+            "match_probability": 0.98,
+            "match_weight": 14.5,
+            "weights": {"first_name": 6.7, "birthday": 7.8},
+            "status": "merged",
+            "reason": None,
+        }
+    ]
     assert answer["history"][0]["change"] == "merge"

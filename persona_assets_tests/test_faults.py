@@ -131,8 +131,9 @@ def test_a_run_killed_inside_each_asset_leaves_its_tables_and_the_rerun_ends_as_
     home = _copy(scenario["base"], tmp_path / "home")
     shutil.copy2(scenario["last"], home / "landing" / scenario["last"].name)
     env = {**os.environ, "PERSONA_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"), KILL_ENV: asset}
-    killed = subprocess.run([sys.executable, "-m", "persona_assets.cli", "run"], env=env, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    killed = subprocess.run(
+        [sys.executable, "-m", "persona_assets.cli", "run"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert killed.returncode == -9, f"the run was not killed inside {asset}: {killed.stderr[-2000:]}"
 
     after = _digests(home / "warehouse.duckdb")
@@ -149,8 +150,11 @@ def test_a_run_killed_inside_each_asset_leaves_its_tables_and_the_rerun_ends_as_
     with _env(home):
         assert cli.materialize()
     rerun = _digests(home / "warehouse.duckdb")
-    differ = sorted(t for t in set(rerun) | set(scenario["expected"])
-                    if t not in BOOKKEEPING and rerun.get(t) != scenario["expected"].get(t))  # fmt: skip
+    differ = sorted(
+        t
+        for t in set(rerun) | set(scenario["expected"])
+        if t not in BOOKKEEPING and rerun.get(t) != scenario["expected"].get(t)
+    )
     assert differ == []
     snapshot = _digests(home / "serving" / "persona.duckdb")
     assert {t: d for t, d in snapshot.items() if t != "snapshot_info"} == {

@@ -20,8 +20,14 @@ HEAVY = ("dagster", "sklearn", "lightgbm", "pandas")
 def persona(*args, home: Path, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PERSONA_HOME": str(home), **(env or {})}
     environ.pop("DAGSTER_HOME", None)
-    return subprocess.run([sys.executable, "-m", "persona_assets.cli", *args], env=environ, input=stdin,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "persona_assets.cli", *args],
+        env=environ,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *words: str, code: int | None = None) -> str:
@@ -61,12 +67,18 @@ def imported(proc: subprocess.CompletedProcess) -> set[str]:
         ["failures"],
         ["sql"],
         ["--help"],
-    ],  # fmt: skip
+    ],
 )
 def test_commands_that_read_the_snapshot_import_no_dagster_or_models(built, args):
     env = {**os.environ, "PERSONA_HOME": str(built)}
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "persona_assets.cli", *args], env=env,
-                          input="SELECT 1;", capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "persona_assets.cli", *args],
+        env=env,
+        input="SELECT 1;",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     modules = imported(proc)
     assert "duckdb" in modules or args == ["--help"]
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
@@ -103,8 +115,12 @@ def test_query_reads_the_snapshot_and_nothing_else(built, sql):
 
 
 def test_refusals_say_they_are_refusals(built):
-    for sql in (f"ATTACH '{built}/warehouse.duckdb' AS w", "SELECT * FROM read_csv('/etc/passwd')",
-                "SET enable_external_access = true", "LOAD httpfs"):  # fmt: skip
+    for sql in (
+        f"ATTACH '{built}/warehouse.duckdb' AS w",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SET enable_external_access = true",
+        "LOAD httpfs",
+    ):
         assert "refused" in one_line_error(persona("query", sql, home=built))
 
 
@@ -118,8 +134,9 @@ def test_several_statements_print_each_result_or_are_refused(built):
 
 
 def test_query_output_formats(built):
-    out = persona("query", "SELECT 1 AS n, '=cmd' AS t, TIMESTAMP '2024-01-02 03:04:05' AS at", "--format", "json",
-                  home=built).stdout  # fmt: skip
+    out = persona(
+        "query", "SELECT 1 AS n, '=cmd' AS t, TIMESTAMP '2024-01-02 03:04:05' AS at", "--format", "json", home=built
+    ).stdout
     assert json.loads(out) == [{"n": 1, "t": "=cmd", "at": "2024-01-02T03:04:05"}]
     csv = persona("query", "SELECT 1 AS n, '=cmd' AS t", "--format", "csv", home=built).stdout
     assert csv.splitlines() == ["n,t", "1,'=cmd"]
@@ -130,16 +147,18 @@ def test_query_output_formats(built):
 def test_sql_shell_reads_statements_from_stdin_with_the_same_locks(built):
     proc = persona("sql", home=built, stdin="SELECT count(*) AS people FROM user_profiles;\nSELECT 7 AS seven;\n")
     assert proc.returncode == 0, proc.stderr
-    people = json.loads(persona("query", "SELECT count(*) AS n FROM user_profiles", "--format", "json",
-                                home=built).stdout)[0]["n"]  # fmt: skip
+    people = json.loads(
+        persona("query", "SELECT count(*) AS n FROM user_profiles", "--format", "json", home=built).stdout
+    )[0]["n"]
     assert f"│ {people:>6} │" in proc.stdout and "seven" in proc.stdout
     one_line_error(persona("sql", home=built, stdin=f"ATTACH '{built}/warehouse.duckdb' AS w;"), "refused")
     one_line_error(persona("sql", home=built, stdin="COPY raw_events TO '/tmp/x.csv';"), "refused")
 
 
 def test_profile_still_finds_people_on_the_locked_snapshot(built):
-    person = json.loads(persona("query", "SELECT person_id FROM user_profiles LIMIT 1", "--format", "json",
-                                home=built).stdout)[0]["person_id"]  # fmt: skip
+    person = json.loads(
+        persona("query", "SELECT person_id FROM user_profiles LIMIT 1", "--format", "json", home=built).stdout
+    )[0]["person_id"]
     proc = persona("profile", person, home=built)
     assert proc.returncode == 0 and "person_id" in proc.stdout and person in proc.stdout
 
@@ -147,8 +166,12 @@ def test_profile_still_finds_people_on_the_locked_snapshot(built):
 def test_profile_into_a_closed_pipe_exits_quietly(built):
     environ = {**os.environ, "PERSONA_HOME": str(built)}
     for args in (["profile", "nobody"], ["query", "SELECT * FROM range(200000)", "--format", "csv"]):
-        proc = subprocess.Popen([sys.executable, "-m", "persona_assets.cli", *args], env=environ,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "persona_assets.cli", *args],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         proc.stdout.close()  # as `| head` does once it has its lines
         err = proc.stderr.read().decode()
         proc.wait(timeout=120)
@@ -157,8 +180,9 @@ def test_profile_into_a_closed_pipe_exits_quietly(built):
 
 def test_query_on_a_file_that_is_not_a_snapshot(built, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    one_line_error(persona("query", "SELECT 1", "--snapshot", str(tmp_path / "notes.txt"), home=built),
-                   "not a DuckDB database")  # fmt: skip
+    one_line_error(
+        persona("query", "SELECT 1", "--snapshot", str(tmp_path / "notes.txt"), home=built), "not a DuckDB database"
+    )
     one_line_error(persona("query", "SELECT 1", "--snapshot", str(tmp_path), home=built), "folder")
     one_line_error(persona("query", "SELECT 1", "--snapshot", str(tmp_path / "none.duckdb"), home=built), "persona run")
 
@@ -199,8 +223,15 @@ def test_forget_someone_unknown_and_a_dry_run(built, tmp_path):
     proc = persona("forget", "nobody@example.org", "--skip-redis", "--no-compact", home=home)
     assert proc.returncode == 0, proc.stderr
     assert "Nobody was found for 'nobody@example.org'" in proc.stdout and "future events" in proc.stdout
-    user = json.loads(persona("query", "SELECT identifier FROM identity_map WHERE identifier_type = 'user_id' LIMIT 1",
-                              "--format", "json", home=home).stdout)[0]["identifier"]  # fmt: skip
+    user = json.loads(
+        persona(
+            "query",
+            "SELECT identifier FROM identity_map WHERE identifier_type = 'user_id' LIMIT 1",
+            "--format",
+            "json",
+            home=home,
+        ).stdout
+    )[0]["identifier"]
     before = (home / "warehouse.duckdb").read_bytes()
     plan = persona("forget", user, "--dry-run", home=home)
     assert plan.returncode == 0, plan.stderr
@@ -208,8 +239,9 @@ def test_forget_someone_unknown_and_a_dry_run(built, tmp_path):
     assert (home / "warehouse.duckdb").read_bytes() == before
     nobody = persona("forget", "nobody@example.org", "--dry-run", home=home)
     assert "Nobody was found" in nobody.stdout
-    still = persona("query", f"SELECT count(*) AS n FROM identity_map WHERE identifier = '{user}'", "--format",
-                    "json", home=home)  # fmt: skip
+    still = persona(
+        "query", f"SELECT count(*) AS n FROM identity_map WHERE identifier = '{user}'", "--format", "json", home=home
+    )
     assert json.loads(still.stdout) == [{"n": 1}]
 
 
@@ -246,15 +278,31 @@ def test_bench_reports_how_long_a_user_waits_for_query_and_profile(built):
     startup = cli_startup(built / "serving" / "persona.duckdb", runs=1)
     assert set(startup) == {"python_ms", "query_ms", "profile_ms"}
     assert 0 < startup["python_ms"] < startup["query_ms"]
-    figures = {"scale": "small", "events": 1, "people": 1, "date": "today", "machine": "m", "stages": {},
-               "full_build_seconds": 1.0, "full_build_peak_gb": 0.1, "startup": startup,
-               "lookup": {"lookups": 1, "p50_ms": 1.0, "p99_ms": 2.0, "cold_p50_ms": 3.0, "cold_p99_ms": 4.0}}  # fmt: skip
+    figures = {
+        "scale": "small",
+        "events": 1,
+        "people": 1,
+        "date": "today",
+        "machine": "m",
+        "stages": {},
+        "full_build_seconds": 1.0,
+        "full_build_peak_gb": 0.1,
+        "startup": startup,
+        "lookup": {"lookups": 1, "p50_ms": 1.0, "p99_ms": 2.0, "cold_p50_ms": 3.0, "cold_p99_ms": 4.0},
+    }
     assert '`persona query "SELECT 1"`' in report_markdown(figures)
 
 
 def test_profile_with_events_shows_the_merged_identifiers_and_a_timeline(built):
-    person = json.loads(persona("query", "SELECT person_id FROM user_profiles ORDER BY event_count DESC LIMIT 1",
-                                "--format", "json", home=built).stdout)[0]["person_id"]  # fmt: skip
+    person = json.loads(
+        persona(
+            "query",
+            "SELECT person_id FROM user_profiles ORDER BY event_count DESC LIMIT 1",
+            "--format",
+            "json",
+            home=built,
+        ).stdout
+    )[0]["person_id"]
     out = persona("profile", person, "--events", "5", home=built).stdout
     ids = out.split(f"identifiers merged into {person}")[1].split("latest")[0]
     assert "anonymous_id" in ids and "user_id" in ids
@@ -270,8 +318,14 @@ def test_stage_metadata_shows_the_table_beside_what_the_run_did():
     from persona_assets.core.stage import StageResult
 
     idle = stage_metadata(StageResult(mode="incremental", why="incremental", people=500, people_recomputed=0))
-    assert idle == {"dagster/row_count": 500, "refresh": "incremental", "people_recomputed": 0,
-                    "people_in_table": 500, "why": "incremental", "status": "fitted"}  # fmt: skip
+    assert idle == {
+        "dagster/row_count": 500,
+        "refresh": "incremental",
+        "people_recomputed": 0,
+        "people_in_table": 500,
+        "why": "incremental",
+        "status": "fitted",
+    }
     assert stage_metadata(StageResult(mode="full", people=500))["people_recomputed"] == 500
 
 
@@ -306,11 +360,17 @@ def test_profile_with_a_stream_configured_reads_redis_without_dagster(built, tmp
 
     server, url = stream.start_redis(tmp_path / "redis")
     try:
-        person = json.loads(persona("query", "SELECT person_id FROM user_profiles LIMIT 1", "--format", "json",
-                                    home=built).stdout)[0]["person_id"]  # fmt: skip
+        person = json.loads(
+            persona("query", "SELECT person_id FROM user_profiles LIMIT 1", "--format", "json", home=built).stdout
+        )[0]["person_id"]
         env = {**os.environ, "PERSONA_HOME": str(built), "PERSONA_REDIS_URL": url}
-        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "persona_assets.cli", "profile", person],
-                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "persona_assets.cli", "profile", person],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0 and "no streamed events for this person" in proc.stdout
         assert "dagster" not in imported(proc)
     finally:

@@ -143,8 +143,13 @@ def test_ratings_log_runs_end_to_end(persona_home):
     with (persona_home / "landing" / "ratings_movielens.jsonl").open("w") as fh:
         for row in ratings.itertuples():
             genre = str(row.genres).split("|")[0]
-            event = {"user": int(row.userId), "movie": int(row.movieId), "rating": float(row.rating),
-                     "rated_at": int(row.timestamp), "genre": genre}  # fmt: skip
+            event = {
+                "user": int(row.userId),
+                "movie": int(row.movieId),
+                "rating": float(row.rating),
+                "rated_at": int(row.timestamp),
+                "genre": genre,
+            }
             fh.write(json.dumps(event) + "\n")
     (persona_home / "persona.yaml").write_text(RATINGS_SETTINGS)
     statuses = materialize_all(persona_home)
@@ -174,8 +179,9 @@ def test_identify_only_records_profile_everyone_and_say_what_could_not_fit(perso
     truth = febrl_events(["dataset3.csv"], persona_home / "landing" / "febrl.jsonl")
     env = {**os.environ, "PERSONA_HOME": str(persona_home)}
     env.pop("DAGSTER_HOME", None)
-    proc = subprocess.run([sys.executable, "-m", "persona_assets.cli", "run"], env=env, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "persona_assets.cli", "run"], env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     # `persona run` says which stages could not fit and why, in the data's words.
@@ -279,8 +285,14 @@ def _views(people: int, same: bool) -> str:
     lines = []
     for p in range(people):
         at = datetime(2025, 1, 1, 12, tzinfo=UTC) + (timedelta(days=p) if same else timedelta(hours=7 * p))
-        event = {"messageId": f"v{p}", "type": "track", "event": "Product Viewed", "userId": f"u{p}",
-                 "timestamp": at.isoformat(), "properties": {"category": "books" if same else f"c{p % 4}"}}  # fmt: skip
+        event = {
+            "messageId": f"v{p}",
+            "type": "track",
+            "event": "Product Viewed",
+            "userId": f"u{p}",
+            "timestamp": at.isoformat(),
+            "properties": {"category": "books" if same else f"c{p % 4}"},
+        }
         lines.append(json.dumps(event))
         if not same:
             for k in range(p % 5):

@@ -158,9 +158,25 @@ def test_a_parquet_file_with_nested_and_unusual_columns_is_read(tmp_path):
 
 
 CSV_NAMES = st.sampled_from(
-    ["messageId", "type", "event", "userId", "anonymousId", "timestamp", "properties_price", "properties_revenue",
-     "properties_quantity", "properties_products", "traits_email", "x", "", "user\nId", 'a"b', "\ufefftype"]
-)  # fmt: skip
+    [
+        "messageId",
+        "type",
+        "event",
+        "userId",
+        "anonymousId",
+        "timestamp",
+        "properties_price",
+        "properties_revenue",
+        "properties_quantity",
+        "properties_products",
+        "traits_email",
+        "x",
+        "",
+        "user\nId",
+        'a"b',
+        "\ufefftype",
+    ]
+)
 CELLS = st.one_of(
     st.sampled_from(["track", "identify", "2026-09-01T10:00:00Z", "2026-09-01", "a1", "-5", "1e309", "NaN", "[1,"]),
     st.sampled_from(['[{"price": NaN}]', '"quoted, comma"', '"open quote', "x\ny", "x\ry", "", "12", "true"]),
@@ -183,16 +199,44 @@ def csv_files(draw) -> bytes:
 
 
 PARQUET_TYPES = st.sampled_from(
-    [pa.string(), pa.large_string(), pa.binary(), pa.int64(), pa.float64(), pa.bool_(), pa.timestamp("us"),
-     pa.timestamp("ns", tz="UTC"), pa.date32(), pa.decimal128(12, 3), pa.list_(pa.int32()),
-     pa.list_(pa.struct([("category", pa.string()), ("price", pa.float64())])), pa.map_(pa.string(), pa.string()),
-     pa.struct([("a", pa.int16())]), pa.null(), pa.dictionary(pa.int8(), pa.string()), pa.duration("s"),
-     pa.time64("us"), pa.large_list(pa.float32())]
-)  # fmt: skip
+    [
+        pa.string(),
+        pa.large_string(),
+        pa.binary(),
+        pa.int64(),
+        pa.float64(),
+        pa.bool_(),
+        pa.timestamp("us"),
+        pa.timestamp("ns", tz="UTC"),
+        pa.date32(),
+        pa.decimal128(12, 3),
+        pa.list_(pa.int32()),
+        pa.list_(pa.struct([("category", pa.string()), ("price", pa.float64())])),
+        pa.map_(pa.string(), pa.string()),
+        pa.struct([("a", pa.int16())]),
+        pa.null(),
+        pa.dictionary(pa.int8(), pa.string()),
+        pa.duration("s"),
+        pa.time64("us"),
+        pa.large_list(pa.float32()),
+    ]
+)
 PARQUET_NAMES = st.sampled_from(
-    ["messageId", "type", "event", "anonymousId", "userId", "timestamp", "properties_price", "properties_revenue",
-     "properties_products", "properties_quantity", "traits_email", "other"]
-)  # fmt: skip
+    [
+        "messageId",
+        "type",
+        "event",
+        "anonymousId",
+        "userId",
+        "timestamp",
+        "properties_price",
+        "properties_revenue",
+        "properties_products",
+        "properties_quantity",
+        "traits_email",
+        "other",
+    ]
+)
 
 
 def _column(kind: pa.DataType, n: int, rng: np.random.Generator) -> pa.Array:
@@ -210,9 +254,12 @@ def _column(kind: pa.DataType, n: int, rng: np.random.Generator) -> pa.Array:
             [str(rng.choice(["track", "a1", "2026-09-01T10:00:00Z", "", "NaN", "-1"])) for _ in range(n)], kind
         )
     sample = {
-        pa.int64(): [1, -1, 2**62], pa.bool_(): [True, False], pa.date32(): [datetime(2026, 9, 1).date()],
-        pa.time64("us"): [datetime(2026, 1, 1, 10).time()], pa.duration("s"): [5],
-    }  # fmt: skip
+        pa.int64(): [1, -1, 2**62],
+        pa.bool_(): [True, False],
+        pa.date32(): [datetime(2026, 9, 1).date()],
+        pa.time64("us"): [datetime(2026, 1, 1, 10).time()],
+        pa.duration("s"): [5],
+    }
     if kind in sample:
         return pa.array([sample[kind][i % len(sample[kind])] for i in range(n)], kind)
     if pa.types.is_timestamp(kind):
@@ -290,18 +337,31 @@ def test_negative_and_non_finite_amounts_are_quarantined_as_bad_values(tmp_path)
 
 
 AMOUNTS = st.one_of(
-    st.none(), st.floats(), st.integers(), st.text(max_size=12),
+    st.none(),
+    st.floats(),
+    st.integers(),
+    st.text(max_size=12),
     st.sampled_from(["1e309", "-0", "NaN", "Infinity", "1e15", "1000000000000000.1", " 5", "5e-324", True]),
-)  # fmt: skip
+)
 TIMESTAMPS = st.one_of(
     st.sampled_from(
-        ["2026-09-01T10:00:00Z", "2026-09-01T10:00:00", "2026-09-01", "2026-09-01T10:00:00-99:00",
-         "2026-09-01T10:00:00+18:00", "2026-09-01T10:00:00+18:01", "2026-09-01T10:00:00+05:99",
-         "2026-09-01 10:00:00 Europe/Berlin", "1970-01-01T00:00:01Z", "2026-11-02T00:00:00+14:00", "2026-09-01T10:00:00.1234567+0530"]
+        [
+            "2026-09-01T10:00:00Z",
+            "2026-09-01T10:00:00",
+            "2026-09-01",
+            "2026-09-01T10:00:00-99:00",
+            "2026-09-01T10:00:00+18:00",
+            "2026-09-01T10:00:00+18:01",
+            "2026-09-01T10:00:00+05:99",
+            "2026-09-01 10:00:00 Europe/Berlin",
+            "1970-01-01T00:00:01Z",
+            "2026-11-02T00:00:00+14:00",
+            "2026-09-01T10:00:00.1234567+0530",
+        ]
     ),
     st.datetimes(min_value=datetime(1960, 1, 1), max_value=datetime(2030, 1, 1)).map(lambda d: d.isoformat()),
     st.text(max_size=25),
-)  # fmt: skip
+)
 TEXTS = st.one_of(st.none(), st.text(max_size=20), st.integers(), st.sampled_from(["", " ", "x" * 300, "NaN"]))
 
 
@@ -361,9 +421,20 @@ def _edge_lines() -> list[str]:
     lines = []
     for i in range(40):
         props = edge[i % len(edge)]
-        lines.append(_line(messageId=f"o{i}", event="Order Completed", anonymousId=f"a{i % 3}", properties=props,
-                           timestamp=["2026-09-01T10:00:00", "1970-01-01T00:00:01Z", "2026-11-02T00:00:00+14:00",
-                                      "2026-09-01T10:00:00-18:00"][i % 4]))  # fmt: skip
+        lines.append(
+            _line(
+                messageId=f"o{i}",
+                event="Order Completed",
+                anonymousId=f"a{i % 3}",
+                properties=props,
+                timestamp=[
+                    "2026-09-01T10:00:00",
+                    "1970-01-01T00:00:01Z",
+                    "2026-11-02T00:00:00+14:00",
+                    "2026-09-01T10:00:00-18:00",
+                ][i % 4],
+            )
+        )
     lines += [
         _line(messageId="id1", type="identify", anonymousId="a0", traits={"age": "1e309", "email": "NaN"}),
         _line(messageId="id2", type="identify", anonymousId="a1", traits={"age": -5, "country": "∞"}),
@@ -692,8 +763,15 @@ def test_a_parquet_string_column_that_is_not_utf8_quarantines_its_rows_only(tmp_
     # A damaged file's "string" column can hold bytes that are not UTF-8; handed to DuckDB as
     # text they raised an internal error that stopped the whole run (found by the fuzz test).
     ids = pa.array([b"ok-1", b"bad-\xd2", b"ok-2"], pa.binary()).view(pa.string())
-    table = pa.table({"messageId": ids, "type": ["track"] * 3, "event": ["Page Viewed"] * 3,
-                      "anonymousId": ["a1", "a2", "a3"], "timestamp": ["2025-01-01T00:00:00Z"] * 3})  # fmt: skip
+    table = pa.table(
+        {
+            "messageId": ids,
+            "type": ["track"] * 3,
+            "event": ["Page Viewed"] * 3,
+            "anonymousId": ["a1", "a2", "a3"],
+            "timestamp": ["2025-01-01T00:00:00Z"] * 3,
+        }
+    )
     con, report = _run(tmp_path, {"damaged.parquet": _parquet(table)})
     kept = sorted(r[0] for r in con.execute("SELECT message_id FROM raw_events").fetchall())
     assert kept == ["ok-1", "ok-2"]

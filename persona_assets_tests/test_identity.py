@@ -52,8 +52,12 @@ def test_without_the_guard_the_household_would_merge(resolved, tmp_path):
     copy = tmp_path / "w.duckdb"
     shutil.copy(path, copy)
     with duckdb.connect(str(copy)) as con:
-        resolve(con, IdentityOptions(max_user_ids_per_identifier=100, max_emails_per_identifier=100,
-                                     max_anonymous_ids_per_identifier=10_000))  # fmt: skip
+        resolve(
+            con,
+            IdentityOptions(
+                max_user_ids_per_identifier=100, max_emails_per_identifier=100, max_anonymous_ids_per_identifier=10_000
+            ),
+        )
         joined = _anonymous_people(con, truth_dir)
     shared = joined[joined.shared_device]
     assert (shared.groupby("person_id").person_key.nunique() > 1).any()
@@ -157,9 +161,12 @@ def accounts(tmp_path_factory):
 
 
 def _user_people(con) -> pd.Series:
-    return con.execute(
-        "SELECT identifier, person_id FROM identity_map WHERE identifier_type = 'user_id'"
-    ).df().set_index("identifier").person_id  # fmt: skip
+    return (
+        con.execute("SELECT identifier, person_id FROM identity_map WHERE identifier_type = 'user_id'")
+        .df()
+        .set_index("identifier")
+        .person_id
+    )
 
 
 def test_two_accounts_sharing_an_email_with_agreeing_names_merge(accounts):
@@ -176,8 +183,7 @@ def test_two_accounts_sharing_an_email_with_agreeing_names_merge(accounts):
         history = con.execute("SELECT change, run_id, count(*) FROM person_id_history GROUP BY ALL").fetchall()
     planted = people[people.second_user_id.notna()]
     merged = sum(person.get(a) == person.get(b) for a, b in zip(planted.user_id, planted.second_user_id))
-    owner = {**dict(zip(people.user_id, people.person_key)),
-             **dict(zip(planted.second_user_id, planted.person_key))}  # fmt: skip
+    owner = {**dict(zip(people.user_id, people.person_key)), **dict(zip(planted.second_user_id, planted.person_key))}
     right = sum(len({owner[u] for u in users}) == 1 for (users,) in several)
     recall, precision = merged / len(planted), right / len(several)
     print(f"duplicate accounts: {len(planted)} planted, precision {precision:.4f} recall {recall:.4f}")
@@ -195,7 +201,9 @@ def test_a_family_sharing_an_email_stays_apart(accounts):
     path, people, _ = accounts
     with duckdb.connect(str(path), read_only=True) as con:
         person = _user_people(con)
-        guarded = set(con.execute("SELECT identifier FROM identity_guard WHERE identifier_type = 'email'").df().identifier)
+        guarded = set(
+            con.execute("SELECT identifier FROM identity_guard WHERE identifier_type = 'email'").df().identifier
+        )
         mapped = set(con.execute("SELECT identifier FROM identity_map WHERE identifier_type = 'email'").df().identifier)
     heads = people.set_index("person_key").user_id
     family = people[people.shares_email_with.notna()]

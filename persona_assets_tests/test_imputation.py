@@ -36,8 +36,9 @@ def _values(con, trait: str) -> pd.DataFrame:
 def test_imputed_age_brackets_beat_the_majority_baseline_on_hidden_ages(imputed):
     con, _, truth_dir, _ = imputed
     truth = person_truth(con, truth_dir)
-    values = _values(con, "age_bracket").merge(truth[["person_id", "age_bracket", "is_bot"]], on="person_id",
-                                                suffixes=("", "_true"))  # fmt: skip
+    values = _values(con, "age_bracket").merge(
+        truth[["person_id", "age_bracket", "is_bot"]], on="person_id", suffixes=("", "_true")
+    )
     hidden = values[values.source != "observed"]
     guessed = hidden[hidden.source == "imputed_model"]
     assert len(guessed) >= 0.5 * len(hidden), "most people without an age get a confident guess"

@@ -38,8 +38,9 @@ def pairwise_scores(con: duckdb.DuckDBPyConnection, truth: dict[str, str]) -> tu
     return precision, recall, 2 * precision * recall / (precision + recall)
 
 
-def scores_by_threshold(con: duckdb.DuckDBPyConnection, truth: dict[str, str],
-                        thresholds: tuple[float, ...]) -> dict[float, tuple[float, float, float]]:  # fmt: skip
+def scores_by_threshold(
+    con: duckdb.DuckDBPyConnection, truth: dict[str, str], thresholds: tuple[float, ...]
+) -> dict[float, tuple[float, float, float]]:
     """Pairwise precision, recall and F1 at each threshold from one run at a threshold no higher than
     any of them: records merge strongest link first, so a run at t merges exactly the links at or
     above t that the lower run merged. For data where each record is one anonymousId (FEBRL)."""
@@ -76,7 +77,9 @@ def cluster_scores(entity: pd.Series, cluster: pd.Series) -> tuple[float, float,
     return precision, recall, 2 * precision * recall / (precision + recall) if correct else 0.0
 
 
-def splink_default(records: list[dict], truth: dict[str, str], threshold: float = 0.5) -> tuple[float, float, float, float]:
+def splink_default(
+    records: list[dict], truth: dict[str, str], threshold: float = 0.5
+) -> tuple[float, float, float, float]:
     """Default Splink 5 on identify records, as a new user would set it up: two name comparisons and a
     date-of-birth comparison, u by random sampling, EM blocked on birth date and on names, links at
     `threshold`, clustered. It gets the records with the preparation such a user does first: names
@@ -114,7 +117,9 @@ def splink_default(records: list[dict], truth: dict[str, str], threshold: float 
         linker.training.estimate_parameters_using_expectation_maximisation(block_on("birthday"))
         linker.training.estimate_parameters_using_expectation_maximisation(block_on("first_name", "last_name"))
         predictions = linker.inference.predict(threshold_match_probability=threshold)
-        clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(predictions, threshold).as_pandas_dataframe()
+        clusters = linker.clustering.cluster_pairwise_predictions_at_threshold(
+            predictions, threshold
+        ).as_pandas_dataframe()
     seconds = time.perf_counter() - started
     clusters["entity"] = clusters.unique_id.map(truth)
     precision, recall, f1 = cluster_scores(clusters.entity, clusters.cluster_id)
@@ -162,8 +167,10 @@ def test_febrl_deduplication_and_linkage_reach_f1_099(tmp_path, name, files):
     seconds = time.perf_counter() - started
     precision, recall, f1 = pairwise_scores(con, truth)
     con.close()
-    print(f"{name} precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f} in {seconds:.1f} s "
-          f"({report.links.model_status})")  # fmt: skip
+    print(
+        f"{name} precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f} in {seconds:.1f} s "
+        f"({report.links.model_status})"
+    )
     assert f1 >= 0.99, (precision, recall, f1)
 
 
@@ -199,12 +206,14 @@ def _small_crm_export(out: Path, seed: int = 7) -> dict[str, str]:
 
     rng = random.Random(seed)
     firsts = ["ANNA", "BERND", "DIETER", "EVA", "FRANK", "GRETA", "HANS", "ILSE", "JONAS", "KARIN", "LUKAS"]
-    lasts = ["MUELLER", "SCHMIDT", "SCHNEIDER", "FISCHER", "WEBER", "MEYER", "WAGNER", "BECKER", "SCHULZ",
-             "HOFFMANN"]  # fmt: skip
+    lasts = ["MUELLER", "SCHMIDT", "SCHNEIDER", "FISCHER", "WEBER", "MEYER", "WAGNER", "BECKER", "SCHULZ", "HOFFMANN"]
     people: list[tuple[str, str, str]] = []
     while len(people) < 260:
-        person = (rng.choice(firsts), rng.choice(lasts),
-                  f"{rng.randint(1940, 2000)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}")  # fmt: skip
+        person = (
+            rng.choice(firsts),
+            rng.choice(lasts),
+            f"{rng.randint(1940, 2000)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+        )
         # Namesakes born a digit apart are what a typo looks like: no reader could tell them apart.
         if not any(p[:2] == person[:2] and sum(a != b for a, b in zip(p[2], person[2])) <= 1 for p in people):
             people.append(person)
@@ -219,9 +228,18 @@ def _small_crm_export(out: Path, seed: int = 7) -> dict[str, str]:
     rng.shuffle(records)
     with out.open("w") as fh:
         for n, (anon, _, first, last, born) in enumerate(records):
-            fh.write(json.dumps({"type": "identify", "messageId": f"m-{anon}", "anonymousId": anon,
-                                 "timestamp": f"2026-01-01T00:{n // 60 % 60:02d}:{n % 60:02d}.000Z",
-                                 "traits": {"first_name": first, "last_name": last, "birthday": born}}) + "\n")  # fmt: skip
+            fh.write(
+                json.dumps(
+                    {
+                        "type": "identify",
+                        "messageId": f"m-{anon}",
+                        "anonymousId": anon,
+                        "timestamp": f"2026-01-01T00:{n // 60 % 60:02d}:{n % 60:02d}.000Z",
+                        "traits": {"first_name": first, "last_name": last, "birthday": born},
+                    }
+                )
+                + "\n"
+            )
     return {anon: person for anon, person, *_ in records}
 
 
@@ -240,15 +258,21 @@ def test_a_small_crm_export_with_typos_links_at_the_defaults(tmp_path):
                AND l.first_name = r.first_name AND l.last_name = r.last_name AND l.birthday <> r.birthday"""
         ).fetchall()[0][0]
         precision, recall, f1 = pairwise_scores(con, truth)
-    print(f"small CRM export: precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f}; "
-          f"{namesakes} namesake pairs; model: {report.links.model_status}")  # fmt: skip
+    print(
+        f"small CRM export: precision {precision:.4f} recall {recall:.4f} F1 {f1:.4f}; "
+        f"{namesakes} namesake pairs; model: {report.links.model_status}"
+    )
     assert report.links.trained and namesakes >= 100
     assert precision >= 0.95 and recall >= 0.8, (precision, recall, f1)
 
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
-SWEPT = {"FEBRL1": ["dataset1.csv"], "FEBRL2": ["dataset2.csv"], "FEBRL3": ["dataset3.csv"],
-         "FEBRL4": ["dataset4a.csv", "dataset4b.csv"]}  # fmt: skip
+SWEPT = {
+    "FEBRL1": ["dataset1.csv"],
+    "FEBRL2": ["dataset2.csv"],
+    "FEBRL3": ["dataset3.csv"],
+    "FEBRL4": ["dataset4a.csv", "dataset4b.csv"],
+}
 
 
 @pytest.mark.slow
@@ -373,9 +397,12 @@ def test_two_verified_user_ids_are_never_merged_by_a_probabilistic_link(tmp_path
     with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
         ingest(con, tmp_path / "landing", KEY)
         resolve(con)
-        people = con.execute(
-            "SELECT identifier, person_id FROM identity_map WHERE identifier_type = 'user_id'"
-        ).df().set_index("identifier").person_id  # fmt: skip
+        people = (
+            con.execute("SELECT identifier, person_id FROM identity_map WHERE identifier_type = 'user_id'")
+            .df()
+            .set_index("identifier")
+            .person_id
+        )
         blocked = con.execute("SELECT count(*) FROM identity_links WHERE status = 'blocked'").fetchall()[0][0]
     assert all(people[f"user-a-{i}"] != people[f"user-b-{i}"] for i in range(len(pairs)))
     assert blocked >= len(pairs) * 0.9  # the strong ones are recorded as blocked, with the reason
@@ -440,8 +467,17 @@ def test_the_identity_asset_reports_linkage_in_dagster(persona_home):
     from persona_assets.definitions import build_definitions
 
     febrl_events(["dataset3.csv"], persona_home / "landing" / "febrl3.jsonl")
-    keys = ["raw_events", "quarantined_events", "ingest_files", "deduped_users", "identity_map", "identity_guard",
-            "identity_links", "identity_pii", "person_id_history"]  # fmt: skip
+    keys = [
+        "raw_events",
+        "quarantined_events",
+        "ingest_files",
+        "deduped_users",
+        "identity_map",
+        "identity_guard",
+        "identity_links",
+        "identity_pii",
+        "person_id_history",
+    ]
     job = build_definitions(persona_home).resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(
         instance=dg.DagsterInstance.ephemeral(), asset_selection=[dg.AssetKey(k) for k in keys]

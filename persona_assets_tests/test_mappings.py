@@ -50,19 +50,39 @@ def _us(micros: int) -> datetime:
 
 GA4_LINES = [
     {"event_name": "session_start", "event_timestamp": "1730000000000001", "user_pseudo_id": "p1.17"},
-    {"event_name": "page_view", "event_timestamp": 1730000000500000, "user_pseudo_id": "p1.17",
-     "device": {"category": "mobile"}},
-    {"event_name": "view_item", "event_timestamp": 1730000001123456, "user_pseudo_id": "p1.17",
-     "device": {"category": "mobile"},
-     "items": [{"item_id": "SKU-9", "item_name": "Trail shoe", "item_category": "Shoes", "price": 89.9,
-                "quantity": 1}]},
-    {"event_name": "add_to_cart", "event_timestamp": "1730000002000000", "user_pseudo_id": "p1.17",
-     "items": [{"item_id": "SKU-9", "item_category": "Shoes", "price": 89.9, "quantity": 2}]},
-    {"event_name": "purchase", "event_timestamp": 1730000003999999, "user_pseudo_id": "p1.17", "user_id": "U-42",
-     "ecommerce": {"transaction_id": "T-1001", "purchase_revenue": 179.8},
-     "items": [{"item_id": "SKU-9", "item_category": "Shoes", "price": 89.9, "quantity": 2},
-               {"item_id": "SKU-3", "item_category": "Socks", "price": 0.0, "quantity": 1}]},
-]  # fmt: skip
+    {
+        "event_name": "page_view",
+        "event_timestamp": 1730000000500000,
+        "user_pseudo_id": "p1.17",
+        "device": {"category": "mobile"},
+    },
+    {
+        "event_name": "view_item",
+        "event_timestamp": 1730000001123456,
+        "user_pseudo_id": "p1.17",
+        "device": {"category": "mobile"},
+        "items": [
+            {"item_id": "SKU-9", "item_name": "Trail shoe", "item_category": "Shoes", "price": 89.9, "quantity": 1}
+        ],
+    },
+    {
+        "event_name": "add_to_cart",
+        "event_timestamp": "1730000002000000",
+        "user_pseudo_id": "p1.17",
+        "items": [{"item_id": "SKU-9", "item_category": "Shoes", "price": 89.9, "quantity": 2}],
+    },
+    {
+        "event_name": "purchase",
+        "event_timestamp": 1730000003999999,
+        "user_pseudo_id": "p1.17",
+        "user_id": "U-42",
+        "ecommerce": {"transaction_id": "T-1001", "purchase_revenue": 179.8},
+        "items": [
+            {"item_id": "SKU-9", "item_category": "Shoes", "price": 89.9, "quantity": 2},
+            {"item_id": "SKU-3", "item_category": "Socks", "price": 0.0, "quantity": 1},
+        ],
+    },
+]
 
 
 def test_a_ga4_export_is_ingested_with_segment_names_exact_values_and_every_line_accounted(tmp_path):
@@ -82,13 +102,52 @@ def test_a_ga4_export_is_ingested_with_segment_names_exact_values_and_every_line
     assert rows == [
         (1, "track", "session_start", _us(1730000000000001), "p1.17", None, None, None, None, None, None, None, None),
         (2, "track", "page_view", _us(1730000000500000), "p1.17", None, "mobile", None, None, None, None, None, None),
-        (3, "track", "Product Viewed", _us(1730000001123456), "p1.17", None, "mobile", "Shoes", "SKU-9", 89.9, 1,
-         None, None),
-        (4, "track", "Product Added", _us(1730000002000000), "p1.17", None, None, "Shoes", "SKU-9", 89.9, 2, None,
-         None),
-        (5, "track", "Order Completed", _us(1730000003999999), "p1.17", "U-42", None, "Shoes", "SKU-9", 89.9, 2,
-         179.8, "T-1001"),
-    ]  # fmt: skip
+        (
+            3,
+            "track",
+            "Product Viewed",
+            _us(1730000001123456),
+            "p1.17",
+            None,
+            "mobile",
+            "Shoes",
+            "SKU-9",
+            89.9,
+            1,
+            None,
+            None,
+        ),
+        (
+            4,
+            "track",
+            "Product Added",
+            _us(1730000002000000),
+            "p1.17",
+            None,
+            None,
+            "Shoes",
+            "SKU-9",
+            89.9,
+            2,
+            None,
+            None,
+        ),
+        (
+            5,
+            "track",
+            "Order Completed",
+            _us(1730000003999999),
+            "p1.17",
+            "U-42",
+            None,
+            "Shoes",
+            "SKU-9",
+            89.9,
+            2,
+            179.8,
+            "T-1001",
+        ),
+    ]
     assert rows[0][3] == datetime(2024, 10, 27, 3, 33, 20, 1)  # 1730000000 s is 2024-10-27 03:33:20 UTC
 
 
@@ -105,8 +164,14 @@ def test_a_ga4_order_counts_for_the_categories_of_all_its_items(tmp_path):
         ("view", "Shoes", "SKU-9"),
     ]
     kept = json.loads(con.execute("SELECT products FROM raw_events WHERE order_id = 'T-1001'").fetchall()[0][0])
-    assert kept[1] == {"item_id": "SKU-3", "item_category": "Socks", "price": 0.0, "quantity": 1,
-                       "product_id": "SKU-3", "category": "Socks"}  # fmt: skip
+    assert kept[1] == {
+        "item_id": "SKU-3",
+        "item_category": "Socks",
+        "price": 0.0,
+        "quantity": 1,
+        "product_id": "SKU-3",
+        "category": "Socks",
+    }
 
 
 def test_a_mapped_field_of_the_wrong_json_type_is_quarantined_with_its_segment_name(tmp_path):
@@ -159,9 +224,13 @@ def test_orders_csvs_are_read_through_a_preset_and_explicit_columns(tmp_path):
     landing = _landing(tmp_path, {"orders_a.csv": ORDERS, "orders_b.csv": REDELIVERED, "shop.csv": SHOP})
     mappings = [
         {"files": "orders_*.csv", "preset": "orders_csv"},
-        {"files": "shop*.csv", "columns": {"userId": "cust", "timestamp": "day", "properties.revenue": "total"},
-         "defaults": {"type": "track", "event": "Order Completed"}, "timestamp_format": "%Y%m%d"},
-    ]  # fmt: skip
+        {
+            "files": "shop*.csv",
+            "columns": {"userId": "cust", "timestamp": "day", "properties.revenue": "total"},
+            "defaults": {"type": "track", "event": "Order Completed"},
+            "timestamp_format": "%Y%m%d",
+        },
+    ]
     con, report = _ingest(tmp_path, landing, mappings)
     _accounted(report)
     by_file = {f.file_name: (f.lines_read, f.events_kept, f.lines_quarantined, f.duplicates) for f in report.files}
@@ -178,8 +247,13 @@ def test_orders_csvs_are_read_through_a_preset_and_explicit_columns(tmp_path):
         (f"O-{i}", f"O-{i}", c, "track", "Order Completed")
         for i, c in enumerate(["C-1", "C-2", "C-1", "C-3", "C-4"], 1)
     ]
-    assert [r[5] for r in orders] == [datetime(1997, 1, 1), datetime(1997, 1, 1), datetime(1997, 1, 12),
-                                      datetime(1997, 2, 28), datetime(1997, 3, 1)]  # fmt: skip
+    assert [r[5] for r in orders] == [
+        datetime(1997, 1, 1),
+        datetime(1997, 1, 1),
+        datetime(1997, 1, 12),
+        datetime(1997, 2, 28),
+        datetime(1997, 3, 1),
+    ]
     distinct_orders = _sum(ORDERS, "amount") - Decimal("5.00") + Decimal("10")  # O-2's copy out, O-5 in
     assert Decimal(str(round(sum(r[6] for r in orders), 2))) == distinct_orders
     shop = con.execute(
@@ -233,8 +307,12 @@ def test_a_mapped_parquet_file_with_typed_columns_is_read_as_text(tmp_path):
 def test_timestamp_formats(tmp_path, fmt, value, expected):
     line = json.dumps({"uid": "u1", "ts": value})
     landing = _landing(tmp_path, {"app.jsonl": line + "\n"})
-    mapping = {"files": "*.jsonl", "columns": {"userId": "uid", "timestamp": "ts"},
-               "defaults": {"type": "identify"}, "timestamp_format": fmt}  # fmt: skip
+    mapping = {
+        "files": "*.jsonl",
+        "columns": {"userId": "uid", "timestamp": "ts"},
+        "defaults": {"type": "identify"},
+        "timestamp_format": fmt,
+    }
     con, report = _ingest(tmp_path, landing, [mapping])
     _accounted(report)
     if isinstance(expected, datetime):
@@ -248,12 +326,18 @@ def test_timestamp_formats(tmp_path, fmt, value, expected):
 
 def test_snake_case_events_are_renamed_and_unknown_names_kept(tmp_path):
     lines = [
-        {"type": "track", "event": "order_completed", "user_id": "u1", "message_id": "m1",
-         "timestamp": "2024-01-01T00:00:00Z", "properties": {"revenue": 10}},
+        {
+            "type": "track",
+            "event": "order_completed",
+            "user_id": "u1",
+            "message_id": "m1",
+            "timestamp": "2024-01-01T00:00:00Z",
+            "properties": {"revenue": 10},
+        },
         {"type": "track", "event": "transaction", "anonymous_id": "a1", "timestamp": "2024-01-02T00:00:00Z"},
         {"type": "track", "event": "link_click", "anonymous_id": "a1", "timestamp": "2024-01-03T00:00:00Z"},
         {"type": "track", "event": " product_view ", "anonymous_id": "a1", "timestamp": "2024-01-04T00:00:00Z"},
-    ]  # fmt: skip
+    ]
     landing = _landing(tmp_path, {"rudder.jsonl": "\n".join(json.dumps(line) for line in lines) + "\n"})
     con, report = _ingest(tmp_path, landing, [{"files": "rudder*", "preset": "snake_case"}])
     _accounted(report)
@@ -282,7 +366,7 @@ def test_a_file_matching_no_mapping_is_ingested_exactly_as_before(tmp_path, gene
                     ("quarantined_events", "quarantined_at, batch_id"),
                     ("ingest_files", "ingested_at, run_id, batch_id"),
                 )
-            ]  # fmt: skip
+            ]
         )
         con.close()
     assert tables[0] == tables[1]
@@ -300,11 +384,19 @@ def test_quotes_and_sql_in_names_defaults_and_columns_stay_data(tmp_path):
     landing = _landing(tmp_path, {"odd.csv": csv_text, "odd.jsonl": json_line + "\n"})
     renamed = "Order 'Completed\"; DROP TABLE ingest_files; --"
     mappings = [
-        {"files": "odd.csv", "columns": {"userId": "who", "timestamp": 'it\'s "when"', "event": "what"},
-         "defaults": {"type": "track", "event": NASTY}, "events": {'buy "now"': renamed}},
-        {"files": "odd.jsonl", "columns": {"userId": "we'ird \"key\".id", "timestamp": "at", "event": "what"},
-         "defaults": {"type": "track"}, "events": {NASTY: renamed}},
-    ]  # fmt: skip
+        {
+            "files": "odd.csv",
+            "columns": {"userId": "who", "timestamp": 'it\'s "when"', "event": "what"},
+            "defaults": {"type": "track", "event": NASTY},
+            "events": {'buy "now"': renamed},
+        },
+        {
+            "files": "odd.jsonl",
+            "columns": {"userId": 'we\'ird "key".id', "timestamp": "at", "event": "what"},
+            "defaults": {"type": "track"},
+            "events": {NASTY: renamed},
+        },
+    ]
     con, report = _ingest(tmp_path, landing, mappings)
     _accounted(report)
     got = con.execute("SELECT user_id, event_name, event_at FROM raw_events ORDER BY user_id").fetchall()
@@ -321,10 +413,16 @@ def test_quotes_and_sql_in_names_defaults_and_columns_stay_data(tmp_path):
 
 def test_a_preset_is_the_base_and_the_entry_overrides_and_extends_it():
     (m,) = parse_mappings(
-        [{"files": "ga4_*.jsonl", "preset": "ga4", "columns": {"userId": "user_properties.crm_id",
-          "traits.email": "user_properties.email"}, "events": {"purchase": "Order Placed"},
-          "timestamp_format": "epoch_ms"}]
-    )  # fmt: skip
+        [
+            {
+                "files": "ga4_*.jsonl",
+                "preset": "ga4",
+                "columns": {"userId": "user_properties.crm_id", "traits.email": "user_properties.email"},
+                "events": {"purchase": "Order Placed"},
+                "timestamp_format": "epoch_ms",
+            }
+        ]
+    )
     assert m.columns["userId"] == "user_properties.crm_id"
     assert m.columns["traits.email"] == "user_properties.email"
     assert m.columns["anonymousId"] == "user_pseudo_id"
@@ -338,8 +436,9 @@ def test_the_first_matching_mapping_applies_and_options_stay_hashable():
     assert mapping_for(mappings, "ga4_1.jsonl") is mappings[0]
     assert mapping_for(mappings, "app.jsonl") is mappings[1]
     assert mapping_for(mappings, "GA4_1.csv") is None
-    assert hash(IngestOptions(mappings=mappings)) == hash(IngestOptions(mappings=parse_mappings([
-        {"files": "ga4_*.jsonl", "preset": "ga4"}, {"files": "*.jsonl"}])))  # fmt: skip
+    assert hash(IngestOptions(mappings=mappings)) == hash(
+        IngestOptions(mappings=parse_mappings([{"files": "ga4_*.jsonl", "preset": "ga4"}, {"files": "*.jsonl"}]))
+    )
     assert FileMapping("*.csv") == FileMapping("*.csv", {}, {}, {}, "iso")
 
 

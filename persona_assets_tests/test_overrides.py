@@ -30,23 +30,63 @@ def _event(message_id: str, kind: str, at: str, **fields) -> str:
 # through the tablet. Carl (u9) and his anonymous a7 were never seen together.
 HAND = (
     _event("h1", "identify", "2025-01-01T10:00:00Z", userId="u1", anonymousId="a1", traits={"email": "ann@example.com"})
-    + _event("h2", "track", "2025-01-02T10:00:00Z", anonymousId="a1", event="Product Viewed",
-             context={"device": {"id": "d1"}}, properties={"category": "books", "price": 10})
-    + _event("h3", "track", "2025-01-03T10:00:00Z", anonymousId="a2", event="Product Viewed",
-             context={"device": {"id": "d1"}}, properties={"category": "toys", "price": 5})
+    + _event(
+        "h2",
+        "track",
+        "2025-01-02T10:00:00Z",
+        anonymousId="a1",
+        event="Product Viewed",
+        context={"device": {"id": "d1"}},
+        properties={"category": "books", "price": 10},
+    )
+    + _event(
+        "h3",
+        "track",
+        "2025-01-03T10:00:00Z",
+        anonymousId="a2",
+        event="Product Viewed",
+        context={"device": {"id": "d1"}},
+        properties={"category": "toys", "price": 5},
+    )
     + _event("h4", "identify", "2025-01-04T10:00:00Z", userId="u9", anonymousId="a9", traits={"first_name": "Carl"})
-    + _event("h5", "track", "2025-01-05T10:00:00Z", anonymousId="a7", event="Product Viewed",
-             properties={"category": "garden", "price": 7})
-)  # fmt: skip
+    + _event(
+        "h5",
+        "track",
+        "2025-01-05T10:00:00Z",
+        anonymousId="a7",
+        event="Product Viewed",
+        properties={"category": "garden", "price": 7},
+    )
+)
 # Later: the tablet again for both, and Carl's anonymous id again.
 LATER = (
-    _event("h6", "track", "2025-02-01T10:00:00Z", anonymousId="a2", event="Product Viewed",
-           context={"device": {"id": "d1"}}, properties={"category": "toys", "price": 6})
-    + _event("h7", "track", "2025-02-02T10:00:00Z", anonymousId="a1", event="Product Viewed",
-             context={"device": {"id": "d1"}}, properties={"category": "books", "price": 11})
-    + _event("h8", "track", "2025-02-03T10:00:00Z", anonymousId="a7", event="Product Viewed",
-             properties={"category": "garden", "price": 8})
-)  # fmt: skip
+    _event(
+        "h6",
+        "track",
+        "2025-02-01T10:00:00Z",
+        anonymousId="a2",
+        event="Product Viewed",
+        context={"device": {"id": "d1"}},
+        properties={"category": "toys", "price": 6},
+    )
+    + _event(
+        "h7",
+        "track",
+        "2025-02-02T10:00:00Z",
+        anonymousId="a1",
+        event="Product Viewed",
+        context={"device": {"id": "d1"}},
+        properties={"category": "books", "price": 11},
+    )
+    + _event(
+        "h8",
+        "track",
+        "2025-02-03T10:00:00Z",
+        anonymousId="a7",
+        event="Product Viewed",
+        properties={"category": "garden", "price": 8},
+    )
+)
 
 
 def person_of(con, kind: str, identifier: str) -> str | None:
@@ -315,8 +355,11 @@ def test_unmerge_and_merge_commands_rebuild_every_person_table_and_the_snapshot(
         assert {r[0] for r in con.execute("SELECT DISTINCT person_id FROM imputed_attributes").fetchall()} >= {a, b}
         changes = con.execute("SELECT old_person_id, change FROM person_id_history").fetchall()
         assert (matched, "split") in changes and (ann, "split") in changes and ("merge" in {c for _, c in changes})
-        events = dict(con.execute("SELECT person_id, event_count FROM user_profiles WHERE person_id IN (?, ?)",
-                                  [ann, bob]).fetchall())  # fmt: skip
+        events = dict(
+            con.execute(
+                "SELECT person_id, event_count FROM user_profiles WHERE person_id IN (?, ?)", [ann, bob]
+            ).fetchall()
+        )
         assert events == {ann: 2, bob: 1}  # the tablet's events went with the anonymousId that sent them
 
     # A new file through the whole graph keeps every decision.
@@ -338,10 +381,15 @@ def test_a_locked_warehouse_is_said_plainly(linked, tmp_path, monkeypatch):
     home = tmp_path
     monkeypatch.setenv("PERSONA_HOME", str(home))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); "
-         "time.sleep(60)", str(home / "warehouse.duckdb")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(60)",
+            str(home / "warehouse.duckdb"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         code, out, err = persona("merge", "user_id:u9", "anonymous_id:a7", "--wait", "0")

@@ -17,8 +17,15 @@ from persona_assets.core.pii import hmac_hex, load_key, normalize_email, normali
 from persona_assets_tests.conftest import land
 from persona_assets_tests.test_stream import REDIS_SERVER
 
-PERSON_TABLES = ("cleaned_users", "sessions", "normalized_features", "segments", "imputed_attributes",
-                 "category_scores", "user_profiles")  # fmt: skip
+PERSON_TABLES = (
+    "cleaned_users",
+    "sessions",
+    "normalized_features",
+    "segments",
+    "imputed_attributes",
+    "category_scores",
+    "user_profiles",
+)
 
 
 def _needles(key: bytes, person: pd.Series, anonymous_ids: list[str], devices: list[str], person_id: str) -> list[str]:
@@ -107,15 +114,28 @@ def _people(source: Path, con) -> pd.DataFrame:
     people = pd.read_parquet(source / "_truth" / "people.parquet").set_index("person_key")
     rows = []
     for key, group in clean.groupby("person_key"):
-        rows.append({**people.loc[key].to_dict(), "person_key": key, "person_id": group.person_id.iloc[0],
-                     "anonymous_ids": sorted(group.anonymous_id),
-                     "devices": sorted(group[~group.shared_device].device_id)})  # fmt: skip
+        rows.append(
+            {
+                **people.loc[key].to_dict(),
+                "person_key": key,
+                "person_id": group.person_id.iloc[0],
+                "anonymous_ids": sorted(group.anonymous_id),
+                "devices": sorted(group[~group.shared_device].device_id),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _event(anonymous_id: str, message_id: str, day: int, **extra) -> dict:
-    return {"type": "track", "event": "Product Viewed", "anonymousId": anonymous_id, "messageId": message_id,
-            "timestamp": f"2026-11-{day:02d}T12:00:00Z", "properties": {"category": "books", "price": 9.5}, **extra}  # fmt: skip
+    return {
+        "type": "track",
+        "event": "Product Viewed",
+        "anonymousId": anonymous_id,
+        "messageId": message_id,
+        "timestamp": f"2026-11-{day:02d}T12:00:00Z",
+        "properties": {"category": "books", "price": 9.5},
+        **extra,
+    }
 
 
 @pytest.mark.slow
@@ -137,8 +157,10 @@ def test_forget_leaves_no_trace_anywhere_and_keeps_the_person_forgotten(persona_
 
     # The stream sees some of their events: hot profiles, processed ids, a flushed Parquet
     # landing file, and entries still pending when the consumer stops.
-    lines = [json.dumps(_event(p.anonymous_ids[0], f"live-{i}-{p.person_key}", 20))
-             for i, p in enumerate([with_email, by_anon, kept])]  # fmt: skip
+    lines = [
+        json.dumps(_event(p.anonymous_ids[0], f"live-{i}-{p.person_key}", 20))
+        for i, p in enumerate([with_email, by_anon, kept])
+    ]
     for line in lines:
         client.xadd(stream.STREAM, {"event": line})
     snapshot = persona_home / "serving" / "persona.duckdb"
@@ -159,8 +181,12 @@ def test_forget_leaves_no_trace_anywhere_and_keeps_the_person_forgotten(persona_
 
     spaced_phone = with_phone.phone[:3] + " " + with_phone.phone[3:6] + " " + with_phone.phone[6:]
     # Several at once (one snapshot and compaction for all), and one more on its own.
-    assert cli.main(["forget", f"  {with_email.email.upper()} ", spaced_phone, with_user.user_id,
-                     by_anon.anonymous_ids[-1]]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            ["forget", f"  {with_email.email.upper()} ", spaced_phone, with_user.user_id, by_anon.anonymous_ids[-1]]
+        )
+        == 0
+    )
     assert cli.main(["forget", by_person.person_id]) == 0
 
     after = _traces(roots, client, sorted({n for ns in needles.values() for n in ns}))
@@ -175,8 +201,12 @@ def test_forget_leaves_no_trace_anywhere_and_keeps_the_person_forgotten(persona_
         assert lost == 0
         logged = con.execute("SELECT count(*), count(consented_at) FROM erasure_log").fetchall()[0]
         assert logged[0] >= 5 * 2 and logged[1] == 0  # every identifier of five people, as keyed hashes only
-        assert con.execute("SELECT count(*) FROM erasure_log WHERE NOT regexp_full_match(erasure_hash, "
-                           "'[0-9a-f]{64}')").fetchall()[0][0] == 0  # fmt: skip
+        assert (
+            con.execute(
+                "SELECT count(*) FROM erasure_log WHERE NOT regexp_full_match(erasure_hash, '[0-9a-f]{64}')"
+            ).fetchall()[0][0]
+            == 0
+        )
 
     # Later events of the forgotten are suppressed (in batch and in the stream) until one comes with consent.
     late = [
@@ -188,8 +218,9 @@ def test_forget_leaves_no_trace_anywhere_and_keeps_the_person_forgotten(persona_
     (persona_home / "landing" / "late.jsonl").write_text("".join(json.dumps(e) + "\n" for e in late))
     for who, message_id in ((with_user, "live-late-1"), (by_person, "live-late-2")):
         client.xadd(stream.STREAM, {"event": json.dumps(_event(who.anonymous_ids[0], message_id, 22))})
-    worker = stream.run(client, persona_home / "landing", snapshot, "c2", stream.ConsumerOptions(block_ms=50),
-                        max_events=2)  # fmt: skip
+    worker = stream.run(
+        client, persona_home / "landing", snapshot, "c2", stream.ConsumerOptions(block_ms=50), max_events=2
+    )
     assert worker.suppressed == 2 and worker.applied == 0  # (the pending entry was erased from the stream)
     assert not client.exists(stream.hot_key(with_user.person_id))
     assert cli.materialize()
@@ -221,29 +252,47 @@ def test_people_who_decline_personalization_are_counted_but_never_profiled(perso
     assert cli.materialize()
     with duckdb.connect(str(persona_home / "warehouse.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0] == events_before + 1
-        assert con.execute("SELECT consent FROM deduped_users WHERE person_id = ?",
-                           [declined.person_id]).fetchall() == [("declined",)]  # fmt: skip
+        assert con.execute(
+            "SELECT consent FROM deduped_users WHERE person_id = ?", [declined.person_id]
+        ).fetchall() == [("declined",)]
         for table in PERSON_TABLES:
-            rows = con.execute(f"SELECT count(*) FILTER (WHERE person_id = $d), count(*) FROM {table}",
-                               {"d": declined.person_id}).fetchall()[0]  # fmt: skip
+            rows = con.execute(
+                f"SELECT count(*) FILTER (WHERE person_id = $d), count(*) FROM {table}", {"d": declined.person_id}
+            ).fetchall()[0]
             assert rows[0] == 0 and rows[1] > 0, table
     # The stream keeps no hot profile for them; a later "yes" brings them back.
     stream.load_identity(client, persona_home / "serving" / "persona.duckdb")
-    events = [_event(declined.anonymous_ids[0], "s-1", 23, context=no), _event(declined.anonymous_ids[0], "s-2", 23),
-              _event(declined.anonymous_ids[0], "s-3", 24, context={"consent": {"personalization": "yes"}})]  # fmt: skip
+    events = [
+        _event(declined.anonymous_ids[0], "s-1", 23, context=no),
+        _event(declined.anonymous_ids[0], "s-2", 23),
+        _event(declined.anonymous_ids[0], "s-3", 24, context={"consent": {"personalization": "yes"}}),
+    ]
     for e in events[:2]:
         client.xadd(stream.STREAM, {"event": json.dumps(e)})
-    worker = stream.run(client, persona_home / "landing", persona_home / "missing.duckdb", "c",
-                        stream.ConsumerOptions(block_ms=50), max_events=2)  # fmt: skip
+    worker = stream.run(
+        client,
+        persona_home / "landing",
+        persona_home / "missing.duckdb",
+        "c",
+        stream.ConsumerOptions(block_ms=50),
+        max_events=2,
+    )
     assert worker.not_profiled == 2 and not client.exists(stream.hot_key(declined.person_id))
     client.xadd(stream.STREAM, {"event": json.dumps(events[2])})
-    worker = stream.run(client, persona_home / "landing", persona_home / "missing.duckdb", "c",
-                        stream.ConsumerOptions(block_ms=50), max_events=1)  # fmt: skip
+    worker = stream.run(
+        client,
+        persona_home / "landing",
+        persona_home / "missing.duckdb",
+        "c",
+        stream.ConsumerOptions(block_ms=50),
+        max_events=1,
+    )
     assert worker.applied == 1 and client.exists(stream.hot_key(declined.person_id))
     assert cli.materialize()
     with duckdb.connect(str(persona_home / "warehouse.duckdb"), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM user_profiles WHERE person_id = ?",
-                           [declined.person_id]).fetchall() == [(1,)]  # fmt: skip
+        assert con.execute(
+            "SELECT count(*) FROM user_profiles WHERE person_id = ?", [declined.person_id]
+        ).fetchall() == [(1,)]
 
 
 def test_forget_reaches_the_hot_store_of_a_stopped_stream_through_its_append_only_file(persona_home):
@@ -264,8 +313,14 @@ def test_forget_reaches_the_hot_store_of_a_stopped_stream_through_its_append_onl
     client.hset(stream.IDS["anonymous_id"], anon, person_id)
     for e in events:
         client.xadd(stream.STREAM, {"event": json.dumps(e)})
-    stream.run(client, persona_home / "landing", persona_home / "none.duckdb", "c", stream.ConsumerOptions(block_ms=50),
-               max_events=3)  # fmt: skip
+    stream.run(
+        client,
+        persona_home / "landing",
+        persona_home / "none.duckdb",
+        "c",
+        stream.ConsumerOptions(block_ms=50),
+        max_events=3,
+    )
     assert client.exists(stream.hot_key(person_id))
     server.terminate()
     server.wait(timeout=20)

@@ -102,7 +102,9 @@ def test_a_profile_is_found_by_any_identifier(profiled):
     hashed = hmac_hex(KEY, normalize_email(someone.email))
     assert con.execute("SELECT count(*) FROM identity_map WHERE identifier = ?", [hashed]).fetchall()[0][0] == 1
     assert profiles.find_person(con, by_email[0], KEY) == by_email
-    anonymous = con.execute("SELECT identifier FROM identity_map WHERE person_id = ? AND identifier_type = "
-                            "'anonymous_id' LIMIT 1", [by_email[0]]).fetchall()[0][0]  # fmt: skip
+    anonymous = con.execute(
+        "SELECT identifier FROM identity_map WHERE person_id = ? AND identifier_type = 'anonymous_id' LIMIT 1",
+        [by_email[0]],
+    ).fetchall()[0][0]
     assert profiles.find_person(con, anonymous, KEY) == by_email
     assert profiles.find_person(con, "nobody@example.org", KEY) == []

@@ -72,8 +72,9 @@ def test_a_spare_a_reader_still_holds_is_left_alone(warehouse, tmp_path):
     publish_snapshot(warehouse, path, TABLES, append=APPEND)
     # A reader in another process opened the snapshot before the next publish, and one in this
     # process (the lock DuckDB takes is per process, so only /proc/locks shows it).
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)  # fmt: skip
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         seen = int(reader.stdout.readline())
         held = path.stat().st_ino

@@ -25,8 +25,13 @@ EMAIL = "jo.doe@example.com"
 
 
 def _event(n: int, anon: str, **extra) -> dict:
-    event = {"messageId": f"m{n}", "type": "track", "event": "Products Searched", "anonymousId": anon,
-             "timestamp": f"2025-03-01T{10 + n // 60:02d}:{n % 60:02d}:00Z"}  # fmt: skip
+    event = {
+        "messageId": f"m{n}",
+        "type": "track",
+        "event": "Products Searched",
+        "anonymousId": anon,
+        "timestamp": f"2025-03-01T{10 + n // 60:02d}:{n % 60:02d}:00Z",
+    }
     event.update(extra)
     return event
 
@@ -99,8 +104,9 @@ def test_forget_reaches_malformed_csv_rows_truncated_gzip_and_guarded_ids(tmp_pa
 
 
 def test_csv_output_cannot_run_as_a_formula():
-    frame = pd.DataFrame({"name": ["=HYPERLINK(\"http://x\")", "+1", "-cmd", "@SUM(A1)", "plain", None],
-                          "n": [-5, 1, 2, 3, 4, 5]})  # fmt: skip
+    frame = pd.DataFrame(
+        {"name": ['=HYPERLINK("http://x")', "+1", "-cmd", "@SUM(A1)", "plain", None], "n": [-5, 1, 2, 3, 4, 5]}
+    )
     safe = spreadsheet_safe(frame)
     assert safe["name"].tolist()[:5] == ['\'=HYPERLINK("http://x")', "'+1", "'-cmd", "'@SUM(A1)", "plain"]
     assert safe["n"].tolist()[0] == -5, "numbers stay numbers"
@@ -108,8 +114,13 @@ def test_csv_output_cannot_run_as_a_formula():
 
 def test_generate_writes_its_truth_beside_landing_never_in_it(persona_home):
     env = {**os.environ, "PERSONA_HOME": str(persona_home)}
-    proc = subprocess.run([sys.executable, "-m", "persona_assets.cli", "generate", "--people", "20"], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "persona_assets.cli", "generate", "--people", "20"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert not (persona_home / "landing" / "_truth").exists()
     assert (persona_home / "landing_truth" / "people.parquet").exists()

@@ -29,8 +29,15 @@ NPM_DIR = Path(os.environ.get("PERSONA_NPM_CACHE", Path.home() / ".cache" / "per
 NPM_PACKAGES = {"@segment/analytics-node": "3.1.0", "@segment/analytics-next": "1.84.3"}
 NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ETIMEDOUT", "ECONNRESET", "ENETUNREACH", "network")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 KEY = b"sdk-test-hash-key"
 
 
@@ -49,8 +56,13 @@ def npm_packages() -> Path:
         NPM_DIR.mkdir(parents=True, exist_ok=True)
         if not (NPM_DIR / "package.json").exists():
             (NPM_DIR / "package.json").write_text('{"name": "persona-sdk-tests", "private": true}\n')
-        done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--save-exact", *wanted],
-                              cwd=NPM_DIR, capture_output=True, text=True, timeout=600)  # fmt: skip
+        done = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--save-exact", *wanted],
+            cwd=NPM_DIR,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if done.returncode != 0:
             if any(word in done.stderr for word in NETWORK_ERRORS):
                 pytest.skip(f"npm cannot reach its registry to install {', '.join(wanted)}: {done.stderr[-300:]}")
@@ -62,13 +74,23 @@ def send_python(url: str, user: str, email: str) -> None:
     from segment.analytics.client import Client
 
     errors = []
-    client = Client(write_key=WRITE_KEY, host=url, gzip=True, max_retries=2, upload_interval=0.1,
-                    on_error=lambda exc, batch: errors.append(repr(exc)))  # fmt: skip
+    client = Client(
+        write_key=WRITE_KEY,
+        host=url,
+        gzip=True,
+        max_retries=2,
+        upload_interval=0.1,
+        on_error=lambda exc, batch: errors.append(repr(exc)),
+    )
     client.identify(user, {"email": email, "first_name": "Lu", "country": "NL"}, anonymous_id=f"a-{user}")
     client.page(user, name="Home", properties={"url": "https://shop.example/"}, anonymous_id=f"a-{user}")
     for product in ("k1", "k2"):
-        client.track(user, "Product Viewed", {"product_id": product, "category": "kitchen", "price": 30.0},
-                     anonymous_id=f"a-{user}")  # fmt: skip
+        client.track(
+            user,
+            "Product Viewed",
+            {"product_id": product, "category": "kitchen", "price": 30.0},
+            anonymous_id=f"a-{user}",
+        )
     client.flush()
     client.join()
     assert not errors, errors
@@ -76,8 +98,13 @@ def send_python(url: str, user: str, email: str) -> None:
 
 def send_node(modules: Path, url: str, user: str, email: str) -> None:
     env = {**os.environ, "NODE_PATH": str(modules)}
-    done = subprocess.run(["node", str(SDK / "node_sdk.js"), url, WRITE_KEY, user, f"a-{user}", email],
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        ["node", str(SDK / "node_sdk.js"), url, WRITE_KEY, user, f"a-{user}", email],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "sent" in done.stdout, done.stderr
 
 
@@ -156,7 +183,11 @@ def test_segments_python_sdk_events_reach_raw_events(persona_home):
         served.stop()
     rows = _raw(persona_home, "py-user")
     assert sorted((t, n) for t, n, _ in rows) == [
-        ("identify", None), ("page", "Home"), ("track", "Product Viewed"), ("track", "Product Viewed")]  # fmt: skip
+        ("identify", None),
+        ("page", "Home"),
+        ("track", "Product Viewed"),
+        ("track", "Product Viewed"),
+    ]
     assert {h for t, _, h in rows if t == "identify"} == {hmac_hex(KEY, normalize_email("py.user@example.com"))}
     lines = landing_lines(persona_home)
     assert all(e["receivedAt"] and e["originalTimestamp"] and e["sentAt"] for e in lines)  # stamped, skew-corrected
@@ -169,8 +200,10 @@ def test_segments_node_sdk_events_reach_raw_events(persona_home, npm_packages):
     finally:
         served.stop()
     rows = _raw(persona_home, "node-user")
-    assert sorted((t, n) for t, n, _ in rows) == [("identify", None), ("page", "Home"), ("track", "Order Completed")] + [
-        ("track", "Product Viewed")] * 3  # fmt: skip
+    assert (
+        sorted((t, n) for t, n, _ in rows)
+        == [("identify", None), ("page", "Home"), ("track", "Order Completed")] + [("track", "Product Viewed")] * 3
+    )
 
 
 @pytest.mark.slow
@@ -204,8 +237,11 @@ def test_all_three_sdks_reach_the_profile_api_after_a_run(persona_home, npm_pack
     shutil.rmtree(persona_home / "landing" / "_truth", ignore_errors=True)
     (persona_home / "persona.yaml").write_text(ROTATE_EVERY_SECOND)
     served = start_server(persona_home, env={"PERSONA_HASH_KEY": None})
-    people = {"python": ("py-1", "py.one@example.com"), "node": ("node-1", "node.one@example.com"),
-              "browser": ("web-1", "web.one@example.com")}  # fmt: skip
+    people = {
+        "python": ("py-1", "py.one@example.com"),
+        "node": ("node-1", "node.one@example.com"),
+        "browser": ("web-1", "web.one@example.com"),
+    }
     try:
         send_python(served.url, *people["python"])
         send_node(npm_packages, served.url, *people["node"])
@@ -217,11 +253,13 @@ def test_all_three_sdks_reach_the_profile_api_after_a_run(persona_home, npm_pack
     served = start_server(persona_home, env={"PERSONA_HASH_KEY": None})
     try:
         for sdk, (user, email) in people.items():
-            status, body, _ = request(f"{served.url}/v1/profiles/email:{urllib.parse.quote(email)}/traits", None,
-                                      key=READ_KEY, method="GET")  # fmt: skip
+            status, body, _ = request(
+                f"{served.url}/v1/profiles/email:{urllib.parse.quote(email)}/traits", None, key=READ_KEY, method="GET"
+            )
             assert status == 200, (sdk, body)
-            status, by_user, _ = request(f"{served.url}/v1/profiles/user_id:{user}/events?limit=50", None,
-                                         key=READ_KEY, method="GET")  # fmt: skip
+            status, by_user, _ = request(
+                f"{served.url}/v1/profiles/user_id:{user}/events?limit=50", None, key=READ_KEY, method="GET"
+            )
             assert status == 200 and by_user["person_id"] == body["person_id"], sdk
             assert body["traits"]["event_count"] >= len(by_user["data"]) >= 3, sdk
     finally:

@@ -28,17 +28,30 @@ def test_names_ids_and_paths_made_of_sql_are_only_ever_data(tmp_path, generated,
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     land(generated("jsonl"), home / "landing")
     events = [
-        {"type": "identify", "userId": HOSTILE_USER, "anonymousId": HOSTILE_ANON, "messageId": "m'1",
-         "timestamp": "2026-11-20T10:00:00Z", "traits": {"email": "o'hara@example.com", "country": "GB"}},
-        {"type": "track", "event": "Product Viewed", "anonymousId": HOSTILE_ANON, "messageId": "m'2",
-         "timestamp": "2026-11-20T10:01:00Z", "properties": {"category": "b'ooks", "price": 3}},
-    ]  # fmt: skip
+        {
+            "type": "identify",
+            "userId": HOSTILE_USER,
+            "anonymousId": HOSTILE_ANON,
+            "messageId": "m'1",
+            "timestamp": "2026-11-20T10:00:00Z",
+            "traits": {"email": "o'hara@example.com", "country": "GB"},
+        },
+        {
+            "type": "track",
+            "event": "Product Viewed",
+            "anonymousId": HOSTILE_ANON,
+            "messageId": "m'2",
+            "timestamp": "2026-11-20T10:01:00Z",
+            "properties": {"category": "b'ooks", "price": 3},
+        },
+    ]
     (home / "landing" / HOSTILE_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
     assert cli.materialize()
     snapshot = home / "serving" / "persona.duckdb"
     with duckdb.connect(str(snapshot), read_only=True) as con:
-        assert con.execute("SELECT status, events_kept FROM ingest_files WHERE file_name = ?",
-                           [HOSTILE_FILE]).fetchall() == [("ingested", 2)]  # fmt: skip
+        assert con.execute(
+            "SELECT status, events_kept FROM ingest_files WHERE file_name = ?", [HOSTILE_FILE]
+        ).fetchall() == [("ingested", 2)]
         people = find_person(con, HOSTILE_USER, load_key(home))
         assert len(people) == 1 and find_person(con, HOSTILE_ANON, load_key(home)) == people
         assert find_person(con, "o'hara@example.com", load_key(home)) == people
@@ -103,8 +116,11 @@ def test_a_run_with_a_bad_setting_fails_before_touching_data(persona_home, gener
     land(generated("jsonl"), persona_home / "landing")
     from persona_assets_tests.test_definitions import _run
 
-    result = _run(persona_home, ["raw_events", "quarantined_events", "ingest_files"],
-                  run_config={"ops": {"ingest_landing": {"config": {"min_event_at": "someday"}}}})  # fmt: skip
+    result = _run(
+        persona_home,
+        ["raw_events", "quarantined_events", "ingest_files"],
+        run_config={"ops": {"ingest_landing": {"config": {"min_event_at": "someday"}}}},
+    )
     assert not result.success
     errors = [e.step_failure_data.error for e in result.all_events if e.is_step_failure]
     assert any("min_event_at must be an ISO date" in str(error.to_string()) for error in errors)

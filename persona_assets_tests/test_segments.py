@@ -144,11 +144,16 @@ def test_one_space_only_when_asked(warehouse_copy):
 def test_features_that_move_together_count_as_one():
     rng = np.random.default_rng(3)
     buying = rng.exponential(size=2_000) * (rng.random(2_000) < 0.1)
-    X = np.column_stack([
-        buying, 2 * buying + rng.normal(0, 0.01, 2_000), np.sqrt(buying) * 3,  # three measures of one thing
-        rng.normal(size=2_000), rng.normal(size=2_000),  # independent
-        np.zeros(2_000),  # constant: no correlation with anything
-    ])  # fmt: skip
+    X = np.column_stack(
+        [
+            buying,
+            2 * buying + rng.normal(0, 0.01, 2_000),
+            np.sqrt(buying) * 3,  # three measures of one thing
+            rng.normal(size=2_000),
+            rng.normal(size=2_000),  # independent
+            np.zeros(2_000),  # constant: no correlation with anything
+        ]
+    )
     names = ["orders", "revenue", "value", "mobile", "night", "other"]
     weights, together = segments.redundancy_weights(X, names, 0.75)
     assert together == [["orders", "revenue", "value"]]

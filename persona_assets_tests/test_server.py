@@ -42,9 +42,15 @@ NOW = datetime.now(UTC)
 
 
 def event(n: int | str, **extra) -> dict:
-    return {"type": "track", "event": "Product Viewed", "userId": f"u{n}", "messageId": f"m-{n}",
-            "properties": {"category": "shoes", "price": 10.0},
-            "timestamp": NOW.isoformat().replace("+00:00", "Z"), **extra}  # fmt: skip
+    return {
+        "type": "track",
+        "event": "Product Viewed",
+        "userId": f"u{n}",
+        "messageId": f"m-{n}",
+        "properties": {"category": "shoes", "price": 10.0},
+        "timestamp": NOW.isoformat().replace("+00:00", "Z"),
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -122,20 +128,35 @@ def test_every_status_code_of_the_tracking_api(server, persona_home):
         status = 413
     assert status == 413
     assert request(f"{url}/v1/nothing", event(7))[0] == 404
-    status, _, headers = request(f"{url}/v1/t", None, method="OPTIONS", key=None,
-                                 headers={"Origin": "http://shop.example", "Access-Control-Request-Method": "POST"})  # fmt: skip
+    status, _, headers = request(
+        f"{url}/v1/t",
+        None,
+        method="OPTIONS",
+        key=None,
+        headers={"Origin": "http://shop.example", "Access-Control-Request-Method": "POST"},
+    )
     assert status == 204 and "Authorization" in headers["access-control-allow-headers"]
     assert WRITE_KEY not in served.output() and READ_KEY not in served.output()
 
 
 def test_a_batch_answers_how_many_were_accepted_and_quarantined_and_nothing_is_lost(server, persona_home):
     served = server()
-    batch = [event(1), {"type": "track", "event": "No one"}, {"type": "launch", "userId": "u9"}, "a string",
-             event(2, timestamp="yesterday"), event(3, properties={"price": -5})]  # fmt: skip
+    batch = [
+        event(1),
+        {"type": "track", "event": "No one"},
+        {"type": "launch", "userId": "u9"},
+        "a string",
+        event(2, timestamp="yesterday"),
+        event(3, properties={"price": -5}),
+    ]
     status, body, _ = request(f"{served.url}/v1/batch", {"batch": batch})
     assert status == 200
-    assert body == {"success": True, "accepted": 1, "quarantined": 5, "reasons": {
-        "missing_id": 1, "unknown_type": 1, "not_an_object": 1, "bad_timestamp": 1, "bad_value": 1}}  # fmt: skip
+    assert body == {
+        "success": True,
+        "accepted": 1,
+        "quarantined": 5,
+        "reasons": {"missing_id": 1, "unknown_type": 1, "not_an_object": 1, "bad_timestamp": 1, "bad_value": 1},
+    }
     served.stop()
     con = ingested(persona_home)
     assert con.execute("SELECT message_id FROM raw_events").fetchall() == [("m-1",)]
@@ -333,7 +354,9 @@ def test_the_profile_api_needs_its_own_key_and_a_snapshot(server, persona_home):
     assert request(path, None, key=None, method="GET")[0] == 401
     assert request(path, None, key=WRITE_KEY, method="GET")[0] == 401
     assert request(path, None, key=READ_KEY, method="GET")[:2] == (
-        503, {"success": False, "error": "no serving snapshot yet: run `persona run` (or make demo) first"})  # fmt: skip
+        503,
+        {"success": False, "error": "no serving snapshot yet: run `persona run` (or make demo) first"},
+    )
     assert request(f"{served.url}/v1/profiles/shoe:1/traits", None, key=READ_KEY, method="GET")[0] == 400
     served.stop()
     served = server(env={"PERSONA_READ_KEY": None})
@@ -387,8 +410,13 @@ def someone(home: Path) -> dict:
             email_hash = normalize_email(email) and hmac_hex(key, normalize_email(email))
             phone_hash = normalize_phone(phone, None) and hmac_hex(key, normalize_phone(phone, None))
             if {e["userId"], email_hash, phone_hash} <= known:
-                return {"user_id": e["userId"], "anonymous_id": e.get("anonymousId"), "email": email, "phone": phone,
-                        "device_id": (e.get("context") or {}).get("device", {}).get("id")}  # fmt: skip
+                return {
+                    "user_id": e["userId"],
+                    "anonymous_id": e.get("anonymousId"),
+                    "email": email,
+                    "phone": phone,
+                    "device_id": (e.get("context") or {}).get("device", {}).get("id"),
+                }
     raise AssertionError("no identified person with a phone in the generated data")
 
 
@@ -413,8 +441,13 @@ def test_a_profile_is_found_by_every_kind_of_identifier(reading, built):
     assert isinstance(traits["category_affinity"], dict | None)
     # The email and phone as a person types them: normalized and hashed by the server, as ingest does.
     messy_email = "  " + person["email"].upper() + " "
-    for kind, value in (("anonymous_id", person["anonymous_id"]), ("email", messy_email),
-                        ("phone", person["phone"]), ("device_id", person["device_id"]), ("person_id", pid)):  # fmt: skip
+    for kind, value in (
+        ("anonymous_id", person["anonymous_id"]),
+        ("email", messy_email),
+        ("phone", person["phone"]),
+        ("device_id", person["device_id"]),
+        ("person_id", pid),
+    ):
         if value:
             status, body = read(reading.url, f"/v1/profiles/{kind}:{q(value)}/traits")
             assert (status, body.get("person_id")) == (200, pid), (kind, body)
@@ -431,7 +464,9 @@ def test_a_profile_is_found_by_every_kind_of_identifier(reading, built):
 @pytest.mark.slow
 def test_unknown_people_and_bad_requests_get_json_errors(reading):
     assert read(reading.url, "/v1/profiles/email:nobody%40example.com/traits") == (
-        404, {"success": False, "error": "no profile for this email"})  # fmt: skip
+        404,
+        {"success": False, "error": "no profile for this email"},
+    )
     assert read(reading.url, "/v1/profiles/person_id:p0000000000000000/events")[0] == 404
     assert read(reading.url, "/v1/profiles/shoe:42/traits")[0] == 400
     assert read(reading.url, "/v1/profiles/user_id:x/everything")[0] == 404
@@ -454,8 +489,9 @@ def test_events_page_newest_first_with_a_cursor(reading, built):
     from persona_assets.core.publish import open_snapshot
 
     with open_snapshot(built / "serving" / "persona.duckdb") as con:
-        user = con.execute("SELECT user_id FROM raw_events WHERE user_id IS NOT NULL GROUP BY 1 "
-                           "ORDER BY count(*) DESC, 1 LIMIT 1").fetchall()[0][0]  # fmt: skip
+        user = con.execute(
+            "SELECT user_id FROM raw_events WHERE user_id IS NOT NULL GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"
+        ).fetchall()[0][0]
     pages, token = [], None
     while True:
         path = f"/v1/profiles/user_id:{q(user)}/events?limit=3" + (f"&next={token}" if token else "")
@@ -496,21 +532,30 @@ def test_a_persons_audiences_are_listed_and_a_snapshot_without_them_lists_none(b
         who = con.execute("SELECT person_id FROM identity_map WHERE identifier = ?", [person["user_id"]])
         pid = who.fetchall()[0][0]
         other = con.execute("SELECT person_id FROM user_profiles WHERE person_id <> ? LIMIT 1", [pid]).fetchall()[0][0]
-        con.execute("CREATE OR REPLACE TABLE audience_members (audience VARCHAR, person_id VARCHAR, "
-                    "entered_at TIMESTAMP)")  # fmt: skip
-        con.execute("INSERT INTO audience_members VALUES ('recent_book_buyers', $p, TIMESTAMP '2026-03-02 10:00:00'), "
-                    "('buyers', $p, TIMESTAMP '2026-01-05 08:30:00'), ('buyers', $o, TIMESTAMP '2026-02-01 00:00:00')",
-                    {"p": pid, "o": other})  # fmt: skip
+        con.execute(
+            "CREATE OR REPLACE TABLE audience_members (audience VARCHAR, person_id VARCHAR, entered_at TIMESTAMP)"
+        )
+        con.execute(
+            "INSERT INTO audience_members VALUES ('recent_book_buyers', $p, TIMESTAMP '2026-03-02 10:00:00'), "
+            "('buyers', $p, TIMESTAMP '2026-01-05 08:30:00'), ('buyers', $o, TIMESTAMP '2026-02-01 00:00:00')",
+            {"p": pid, "o": other},
+        )
     served = start_server(home, env={"PERSONA_HASH_KEY": None})
     try:
-        want = [{"audience": "buyers", "entered_at": "2026-01-05T08:30:00"},
-                {"audience": "recent_book_buyers", "entered_at": "2026-03-02T10:00:00"}]  # fmt: skip
+        want = [
+            {"audience": "buyers", "entered_at": "2026-01-05T08:30:00"},
+            {"audience": "recent_book_buyers", "entered_at": "2026-03-02T10:00:00"},
+        ]
         for kind, value in (("user_id", person["user_id"]), ("email", person["email"]), ("person_id", pid)):
             assert read(served.url, f"/v1/profiles/{kind}:{q(value)}/audiences") == (
-                200, {"person_id": pid, "data": want}), kind  # fmt: skip
+                200,
+                {"person_id": pid, "data": want},
+            ), kind
         with duckdb.connect(str(snapshot), read_only=True) as con:
-            nobody = con.execute("SELECT person_id FROM user_profiles WHERE person_id NOT IN "
-                                 "(SELECT person_id FROM audience_members) LIMIT 1").fetchall()[0][0]  # fmt: skip
+            nobody = con.execute(
+                "SELECT person_id FROM user_profiles WHERE person_id NOT IN "
+                "(SELECT person_id FROM audience_members) LIMIT 1"
+            ).fetchall()[0][0]
         none = read(served.url, f"/v1/profiles/person_id:{nobody}/audiences")
         assert none == (200, {"person_id": nobody, "data": []})
         assert read(served.url, "/v1/profiles/email:nobody%40example.com/audiences")[0] == 404
@@ -537,14 +582,20 @@ def test_past_its_row_limits_the_reader_asks_the_snapshot_and_answers_the_same(t
 
     path = tmp_path / "persona.duckdb"
     with duckdb.connect(str(path)) as con:
-        con.execute("CREATE TABLE user_profiles AS SELECT 'p' || lpad(i::VARCHAR, 16, '0') AS person_id, "
-                    "i * 2 AS order_count FROM range(5) t(i)")  # fmt: skip
-        con.execute("CREATE TABLE identity_map AS SELECT 'user_id' AS identifier_type, 'u' || i AS identifier, "
-                    "'p' || lpad(i::VARCHAR, 16, '0') AS person_id, NULL::TIMESTAMP AS first_seen_at, "
-                    "NULL::TIMESTAMP AS last_seen_at FROM range(5) t(i)")  # fmt: skip
-        con.execute("CREATE TABLE audience_members AS SELECT * FROM (VALUES ('b', 'p0000000000000001', "
-                    "TIMESTAMP '2026-01-02'), ('a', 'p0000000000000001', TIMESTAMP '2026-01-03')) "
-                    "t(audience, person_id, entered_at)")  # fmt: skip
+        con.execute(
+            "CREATE TABLE user_profiles AS SELECT 'p' || lpad(i::VARCHAR, 16, '0') AS person_id, "
+            "i * 2 AS order_count FROM range(5) t(i)"
+        )
+        con.execute(
+            "CREATE TABLE identity_map AS SELECT 'user_id' AS identifier_type, 'u' || i AS identifier, "
+            "'p' || lpad(i::VARCHAR, 16, '0') AS person_id, NULL::TIMESTAMP AS first_seen_at, "
+            "NULL::TIMESTAMP AS last_seen_at FROM range(5) t(i)"
+        )
+        con.execute(
+            "CREATE TABLE audience_members AS SELECT * FROM (VALUES ('b', 'p0000000000000001', "
+            "TIMESTAMP '2026-01-02'), ('a', 'p0000000000000001', TIMESTAMP '2026-01-03')) "
+            "t(audience, person_id, entered_at)"
+        )
     answers = []
     for limit in (1_000, 0):
         with pytest.MonkeyPatch.context() as mp:
@@ -553,8 +604,12 @@ def test_past_its_row_limits_the_reader_asks_the_snapshot_and_answers_the_same(t
             mp.setattr(profiles, "IDENTITY_IN_MEMORY", limit)
             reader = profiles.ProfileReader(path, b"k")
             try:
-                got = [reader.traits("user_id", "u1", None), reader.audiences("user_id", "u1"),
-                       reader.audiences("person_id", "p0000000000000002"), reader.traits("person_id", "p0000000000000003", ["order_count"])]  # fmt: skip
+                got = [
+                    reader.traits("user_id", "u1", None),
+                    reader.audiences("user_id", "u1"),
+                    reader.audiences("person_id", "p0000000000000002"),
+                    reader.traits("person_id", "p0000000000000003", ["order_count"]),
+                ]
                 in_memory = reader.from_view("traits", "user_id", "u1", None)
                 with pytest.raises(profiles.NotFound):
                     reader.audiences("user_id", "nobody")
@@ -563,8 +618,10 @@ def test_past_its_row_limits_the_reader_asks_the_snapshot_and_answers_the_same(t
             answers.append(got)
             assert (in_memory == got[0]) if limit else (in_memory is None)
     assert answers[0] == answers[1]
-    assert answers[0][1]["data"] == [{"audience": "b", "entered_at": "2026-01-02T00:00:00"},
-                                     {"audience": "a", "entered_at": "2026-01-03T00:00:00"}]  # fmt: skip
+    assert answers[0][1]["data"] == [
+        {"audience": "b", "entered_at": "2026-01-02T00:00:00"},
+        {"audience": "a", "entered_at": "2026-01-03T00:00:00"},
+    ]
     assert answers[0][0]["traits"]["order_count"] == 2 and answers[0][2]["data"] == []
 
 
@@ -583,9 +640,11 @@ def test_reads_never_fail_while_runs_publish_new_snapshots(reading, built):
     from persona_assets.core.publish import publish_snapshot
 
     person = someone(built)
-    paths = [f"/v1/profiles/user_id:{q(person['user_id'])}/traits",
-             f"/v1/profiles/email:{q(person['email'])}/events?limit=5",
-             f"/v1/profiles/user_id:{q(person['user_id'])}/identifiers"]  # fmt: skip
+    paths = [
+        f"/v1/profiles/user_id:{q(person['user_id'])}/traits",
+        f"/v1/profiles/email:{q(person['email'])}/events?limit=5",
+        f"/v1/profiles/user_id:{q(person['user_id'])}/identifiers",
+    ]
     stop, results = threading.Event(), []
     readers = [threading.Thread(target=_hammer, args=(reading.url, paths, stop, results)) for _ in range(3)]
     for t in readers:
@@ -593,8 +652,14 @@ def test_reads_never_fail_while_runs_publish_new_snapshots(reading, built):
     try:
         with duckdb.connect(str(built / "warehouse.duckdb")) as con:
             for _ in range(4):
-                publish_snapshot(con, built / "serving" / "persona.duckdb", published_tables(), run_id="again",
-                                 append=APPEND_ONLY, indexes=INDEXED)  # fmt: skip
+                publish_snapshot(
+                    con,
+                    built / "serving" / "persona.duckdb",
+                    published_tables(),
+                    run_id="again",
+                    append=APPEND_ONLY,
+                    indexes=INDEXED,
+                )
                 time.sleep(0.3)
     finally:
         stop.set()
@@ -615,8 +680,10 @@ def test_reads_never_fail_while_forget_runs_and_the_forgotten_are_gone(built, tm
         person = someone(home)
         others = []
         with duckdb.connect(str(home / "serving" / "persona.duckdb"), read_only=True) as con:
-            for (user,) in con.execute("SELECT identifier FROM identity_map WHERE identifier_type = 'user_id' "
-                                       "AND identifier <> ? LIMIT 3", [person["user_id"]]).fetchall():  # fmt: skip
+            for (user,) in con.execute(
+                "SELECT identifier FROM identity_map WHERE identifier_type = 'user_id' AND identifier <> ? LIMIT 3",
+                [person["user_id"]],
+            ).fetchall():
                 others.append(f"/v1/profiles/user_id:{q(user)}/traits")
         stop, results = threading.Event(), []
         readers = [threading.Thread(target=_hammer, args=(served.url, others, stop, results)) for _ in range(2)]
@@ -625,8 +692,13 @@ def test_reads_never_fail_while_forget_runs_and_the_forgotten_are_gone(built, tm
         try:
             env = {**os.environ, "PERSONA_HOME": str(home)}
             env.pop("PERSONA_HASH_KEY", None)
-            done = subprocess.run([sys.executable, "-m", "persona_assets.cli", "forget", person["email"], "--skip-redis"],
-                                  env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-m", "persona_assets.cli", "forget", person["email"], "--skip-redis"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert done.returncode == 0, done.stderr
             time.sleep(0.3)
         finally:

@@ -27,8 +27,9 @@ def cli(home, *args):
     env = {**os.environ, "PERSONA_HOME": str(home)}
     env.pop("DAGSTER_HOME", None)
     env.pop("PERSONA_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "persona_assets.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "persona_assets.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize(
@@ -85,8 +86,14 @@ def test_persona_config_prints_the_settings_in_force_and_run_refuses_a_bad_file(
 
 
 def _order(at: str, n: int) -> str:
-    event = {"messageId": f"o{n}", "type": "track", "event": "Order Completed", "userId": f"c{n}", "timestamp": at,
-             "properties": {"revenue": 10.0}}  # fmt: skip
+    event = {
+        "messageId": f"o{n}",
+        "type": "track",
+        "event": "Order Completed",
+        "userId": f"c{n}",
+        "timestamp": at,
+        "properties": {"revenue": 10.0},
+    }
     return json.dumps(event) + "\n"
 
 

@@ -120,9 +120,10 @@ def test_a_consumer_killed_mid_batch_is_replayed_exactly_once(batch, redis_url, 
     env = {**os.environ, "PERSONA_HOME": str(tmp_path), "PERSONA_REDIS_URL": redis_url}
     persona = str(Path(sys.executable).with_name("persona"))
     first = subprocess.Popen(
-        [persona, "stream", "--consumer", "doomed", "--batch", "50", "--flush-seconds", "0.5"], env=env,
+        [persona, "stream", "--consumer", "doomed", "--batch", "50", "--flush-seconds", "0.5"],
+        env=env,
         stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 60
     while client.scard(stream.SEEN) < kept // 3:
         assert time.monotonic() < deadline and first.poll() is None, "the first consumer made no progress"
@@ -133,9 +134,10 @@ def test_a_consumer_killed_mid_batch_is_replayed_exactly_once(batch, redis_url, 
     assert client.xpending(stream.STREAM, stream.GROUP)["pending"] > 0
     # Another consumer claims what the dead one left pending, and reads the rest.
     second = subprocess.Popen(
-        [persona, "stream", "--consumer", "heir", "--claim-idle-ms", "0", "--flush-seconds", "0.5"], env=env,
+        [persona, "stream", "--consumer", "heir", "--claim-idle-ms", "0", "--flush-seconds", "0.5"],
+        env=env,
         stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 120
     while client.scard(stream.SEEN) < kept or client.xpending(stream.STREAM, stream.GROUP)["pending"]:
         assert time.monotonic() < deadline and second.poll() is None, "the second consumer did not finish"
@@ -155,8 +157,10 @@ def test_unknown_visitors_get_a_provisional_id_until_the_batch_stitches_them(red
     client = stream.connect(redis_url)
     snapshot = tmp_path / "serving" / "persona.duckdb"
     with duckdb.connect() as con:
-        con.execute("CREATE TABLE identity_map AS SELECT 'anonymous_id' AS identifier_type, 'a-known' AS identifier, "
-                    "'p0000000000000001' AS person_id")  # fmt: skip
+        con.execute(
+            "CREATE TABLE identity_map AS SELECT 'anonymous_id' AS identifier_type, 'a-known' AS identifier, "
+            "'p0000000000000001' AS person_id"
+        )
         publish_snapshot(con, snapshot, {"identity_map": "SELECT * FROM identity_map"})
     stream.load_identity(client, snapshot)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
@@ -170,9 +174,11 @@ def test_unknown_visitors_get_a_provisional_id_until_the_batch_stitches_them(red
     assert stream.hot_profile(client, "p0000000000000001")["events"] == 1
     # The next batch run links a-new to the known person: the provisional profile moves over.
     with duckdb.connect() as con:
-        con.execute("CREATE TABLE identity_map AS SELECT * FROM (VALUES ('anonymous_id', 'a-known', "
-                    "'p0000000000000001'), ('anonymous_id', 'a-new', 'p0000000000000001')) t(identifier_type, "
-                    "identifier, person_id)")  # fmt: skip
+        con.execute(
+            "CREATE TABLE identity_map AS SELECT * FROM (VALUES ('anonymous_id', 'a-known', "
+            "'p0000000000000001'), ('anonymous_id', 'a-new', 'p0000000000000001')) t(identifier_type, "
+            "identifier, person_id)"
+        )
         publish_snapshot(con, snapshot, {"identity_map": "SELECT * FROM identity_map"})
     stream.load_identity(client, snapshot)
     assert stream.stitch_provisional(client) == 1
@@ -189,8 +195,12 @@ def test_events_the_plain_check_cannot_type_wait_for_the_contract_query_until_th
     not_utf8 = (line % ("m4", "a-\xff", now)).encode("latin-1")  # a byte that is not UTF-8
     for event in (plain, spaced, bad, not_utf8):
         client.xadd(stream.STREAM, {"event": event})
-    worker = stream.Consumer(client, stream.RedisStreamSource(client, "c"), tmp_path / "landing",
-                             stream.ConsumerOptions(block_ms=10, query_seconds=60))  # fmt: skip
+    worker = stream.Consumer(
+        client,
+        stream.RedisStreamSource(client, "c"),
+        tmp_path / "landing",
+        stream.ConsumerOptions(block_ms=10, query_seconds=60),
+    )
     assert worker.step() == 4
     assert (worker.applied, worker.quarantined) == (1, 0)  # the plain event is in, the others wait
     client.xadd(stream.STREAM, {"event": line % ("m3", "a-plain", now)})
@@ -233,8 +243,13 @@ def test_a_window_the_clock_ends_emits_the_exit_with_the_next_batch_not_at_a_swe
     )
     client = stream.connect(redis_url)
     live = LiveAudiences(client, parse(read_sections(tmp_path / "audiences.yaml"), "audiences.yaml"))
-    worker = stream.Consumer(client, stream.RedisStreamSource(client, "c"), tmp_path / "landing",
-                             stream.ConsumerOptions(block_ms=10), audiences=live)  # fmt: skip
+    worker = stream.Consumer(
+        client,
+        stream.RedisStreamSource(client, "c"),
+        tmp_path / "landing",
+        stream.ConsumerOptions(block_ms=10),
+        audiences=live,
+    )
     start = datetime(2026, 3, 1, tzinfo=UTC)
     line = '{"messageId":"m%d","anonymousId":"%s","type":"track","event":"%s","timestamp":"%s"}'
 
@@ -243,8 +258,10 @@ def test_a_window_the_clock_ends_emits_the_exit_with_the_next_batch_not_at_a_swe
         client.xadd(stream.STREAM, {"event": line % (i, anon, event, at)})
 
     def changes() -> list[tuple[str, str, str]]:
-        return [(f[b"audience"].decode(), f[b"person_id"].decode(), f[b"change"].decode())
-                for _, f in client.xrange(CHANGES)]  # fmt: skip
+        return [
+            (f[b"audience"].decode(), f[b"person_id"].decode(), f[b"change"].decode())
+            for _, f in client.xrange(CHANGES)
+        ]
 
     viewer, buyer = stream.provisional_id("a-viewer"), stream.provisional_id("a-buyer")
     send(1, "a-viewer", "Product Viewed", 0)
@@ -276,8 +293,12 @@ def test_a_busy_stream_leaves_the_contract_query_to_its_thread_and_applies_its_v
     client = stream.connect(redis_url)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     line = '{"messageId":"%s","anonymousId":"a-busy","type":"page","timestamp":"%s"}'
-    worker = stream.Consumer(client, stream.RedisStreamSource(client, "c"), tmp_path / "landing",
-                             stream.ConsumerOptions(block_ms=10, query_seconds=0))  # fmt: skip
+    worker = stream.Consumer(
+        client,
+        stream.RedisStreamSource(client, "c"),
+        tmp_path / "landing",
+        stream.ConsumerOptions(block_ms=10, query_seconds=0),
+    )
     client.xadd(stream.STREAM, {"event": line % ("m1", now)})
     client.xadd(stream.STREAM, {"event": '{"type": "page"'})
     assert worker.step() == 2  # busy: the bad line went to the query, which this step did not wait for

@@ -58,8 +58,11 @@ def not_run(con, why: str, tables: list[str]) -> dict:
     con.execute(ddl(ComputedTraits, "computed_traits"))
     rows = sum(con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in tables)
     first = why.splitlines()[0] + (f" (and {len(why.splitlines()) - 1} more)" if len(why.splitlines()) > 1 else "")
-    return {"status": f"not run: {first}", "why_not_run": dg.MetadataValue.md(f"```\n{why}\n```"),
-            "dagster/row_count": rows}  # fmt: skip
+    return {
+        "status": f"not run: {first}",
+        "why_not_run": dg.MetadataValue.md(f"```\n{why}\n```"),
+        "dagster/row_count": rows,
+    }
 
 
 class ComputedTraitsConfig(RefreshConfig):
@@ -79,8 +82,9 @@ class ComputedTraitsConfig(RefreshConfig):
     description="Each person's computed traits (audiences.yaml computed_traits: and the counts behind audiences' "
     "event conditions), provenance computed; recomputed for the people whose profile or window moved.",
 )
-def computed_traits_asset(context: dg.AssetExecutionContext, config: ComputedTraitsConfig, warehouse: DuckDBResource,
-                          persona: PersonaHome):  # fmt: skip
+def computed_traits_asset(
+    context: dg.AssetExecutionContext, config: ComputedTraitsConfig, warehouse: DuckDBResource, persona: PersonaHome
+):
     with warehouse.get_connection() as con:
         definitions = checked_definitions(persona, con, context)
         if isinstance(definitions, str):
@@ -138,9 +142,14 @@ def audience_asset(audience: audience_definitions.Audience, depends_on: list[str
         with warehouse.get_connection() as con:
             definitions = checked_definitions(persona, con, context)
             if isinstance(definitions, str) or name not in definitions.audiences:
-                why = definitions if isinstance(definitions, str) else (
-                    f"{name} is no longer defined in {definitions.source or 'the definitions'}; its members stay "
-                    "until the definitions are reloaded (persona ui's Reload, or a new persona run)")  # fmt: skip
+                why = (
+                    definitions
+                    if isinstance(definitions, str)
+                    else (
+                        f"{name} is no longer defined in {definitions.source or 'the definitions'}; its members stay "
+                        "until the definitions are reloaded (persona ui's Reload, or a new persona run)"
+                    )
+                )
                 return dg.MaterializeResult(metadata=not_run(con, why, ["audience_members"]))
             report = audiences.evaluate(con, definitions, name, context.run_id)
             plot = _plot_metadata(con, name, persona.root)
@@ -205,18 +214,29 @@ class DeliveriesConfig(dg.Config):
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec("destination_deliveries", kinds={"duckdb"}, group_name=GROUP, automation_condition=EAGER,
-                     deps=["audience_members", "audience_changes"],
-                     description="Each destination's progress: delivered, failed attempts, the last error."),
-        dg.AssetSpec("destination_dead_letters", kinds={"duckdb"}, group_name=GROUP, automation_condition=EAGER,
-                     deps=["audience_members", "audience_changes"],
-                     description="Changes a destination refused or could not take after its attempts."),
+        dg.AssetSpec(
+            "destination_deliveries",
+            kinds={"duckdb"},
+            group_name=GROUP,
+            automation_condition=EAGER,
+            deps=["audience_members", "audience_changes"],
+            description="Each destination's progress: delivered, failed attempts, the last error.",
+        ),
+        dg.AssetSpec(
+            "destination_dead_letters",
+            kinds={"duckdb"},
+            group_name=GROUP,
+            automation_condition=EAGER,
+            deps=["audience_members", "audience_changes"],
+            description="Changes a destination refused or could not take after its attempts.",
+        ),
     ],
     name="deliver_to_destinations",
     pool="duckdb",
-)  # fmt: skip
-def deliver_to_destinations(context: dg.AssetExecutionContext, config: DeliveriesConfig, warehouse: DuckDBResource,
-                            persona: PersonaHome):  # fmt: skip
+)
+def deliver_to_destinations(
+    context: dg.AssetExecutionContext, config: DeliveriesConfig, warehouse: DuckDBResource, persona: PersonaHome
+):
     """Audience entries and exits to each destination in audiences.yaml (webhooks signed, files
     written aside and renamed); what a webhook could not take yet waits for the next run."""
     with warehouse.get_connection() as con:
@@ -254,8 +274,7 @@ def build_assets(persona: PersonaHome) -> tuple[list, list]:
     except audience_definitions.DefinitionsError:
         definitions = audience_definitions.Definitions()
     made = [audience_asset(a, definitions.depends_on(a.name)) for a in definitions.audiences.values()]
-    assets = [computed_traits_asset, *made, audience_tables_asset(list(definitions.audiences)),
-              deliver_to_destinations]
+    assets = [computed_traits_asset, *made, audience_tables_asset(list(definitions.audiences)), deliver_to_destinations]
     checks = [
         contract_check("computed_traits", ComputedTraits, "computed_traits"),
         contract_check("audience_members", AudienceMembers, "audience_members"),

@@ -58,8 +58,13 @@ def resolve_identities(
     context: dg.AssetExecutionContext, config: IdentityConfig, warehouse: DuckDBResource, persona: PersonaHome
 ):
     with warehouse.get_connection() as con:
-        report = resolve(con, persona.options(config), run_id=context.run_id, full=full_refresh(context, config),
-                         retrain_linkage=config.retrain_linkage)  # fmt: skip
+        report = resolve(
+            con,
+            persona.options(config),
+            run_id=context.run_id,
+            full=full_refresh(context, config),
+            retrain_linkage=config.retrain_linkage,
+        )
         link_rows = con.execute(
             "SELECT status, count(*) AS links, round(avg(match_probability), 4) AS mean_probability "
             "FROM identity_links GROUP BY 1 ORDER BY 1"
@@ -122,8 +127,9 @@ def resolve_identities(
         link_meta["status"] = (
             f"linked with a fallback model, not EM's: {'; '.join(links.problems[:2]) or 'see model_status'}"
             + (f" (and {len(links.problems) - 2} more in em_model_problems)" if len(links.problems) > 2 else "")
-            if links.fallback else "fitted"
-        )  # fmt: skip
+            if links.fallback
+            else "fitted"
+        )
         if links.problems:
             link_meta["em_model_problems"] = dg.MetadataValue.md("\n".join(f"- {p}" for p in links.problems))
     if links.by_threshold:
@@ -132,7 +138,9 @@ def resolve_identities(
         )
     if model:
         png = base64.b64encode(linkage.model_png(model, links.model_status)).decode()
-        link_meta["model_match_weights"] = dg.MetadataValue.md(f"![match weight per comparison](data:image/png;base64,{png})")
+        link_meta["model_match_weights"] = dg.MetadataValue.md(
+            f"![match weight per comparison](data:image/png;base64,{png})"
+        )
         link_meta["model_match_weights_table"] = markdown(
             [(c, lv, "no estimate" if w is None else f"{w:+.2f}") for c, lv, w in linkage.model_weights(model)],
             ["comparison", "level", "match weight"],

@@ -137,7 +137,7 @@ CHECKS = [
         "raw_events",
         where=LATEST_RUN_ROWS,
         description="Events added by the latest ingest run satisfy the RawEvents contract.",
-    ),  # fmt: skip
+    ),
     contract_check("quarantined_events", QuarantinedEvents, "quarantined_events", where=LATEST_RUN_ROWS),
     contract_check("ingest_files", IngestFiles, "ingest_files"),
     sql_check(

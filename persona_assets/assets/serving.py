@@ -55,8 +55,12 @@ PUBLISHED = {
 
 
 # Tables that only ever grow, by the key they grow along: a publish adds only their new rows.
-APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "ingest_files": "batch_id",
-               "audience_changes": "change_id"}  # fmt: skip
+APPEND_ONLY = {
+    "raw_events": "batch_id",
+    "quarantined_events": "batch_id",
+    "ingest_files": "batch_id",
+    "audience_changes": "change_id",
+}
 
 
 # Tables looked up by key (`persona profile`): stored in key order, so DuckDB's min/max per row
@@ -69,8 +73,14 @@ INDEXED = {"user_profiles": "person_id"}
 
 # Tables a warehouse built before audiences existed (or by the core stages alone, as the bench
 # does) may not have yet: published empty, with their columns, instead of failing the publish.
-MAY_BE_MISSING = ("computed_traits", "audience_members", "audience_changes", "audience_runs",
-                  "destination_deliveries", "destination_dead_letters")  # fmt: skip
+MAY_BE_MISSING = (
+    "computed_traits",
+    "audience_members",
+    "audience_changes",
+    "audience_runs",
+    "destination_deliveries",
+    "destination_dead_letters",
+)
 
 
 def _empty(model) -> str:

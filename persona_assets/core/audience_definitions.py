@@ -32,9 +32,20 @@ SQL_OPERATORS = {"eq": "=", "gte": ">=", "lte": "<=", "gt": ">", "lt": "<"}
 # Event properties a trait or filter may read: raw_events' published columns, less identifiers
 # and the event's own envelope.
 NOT_PROPERTIES = {
-    "message_id", "event_type", "event_name", "user_id", "anonymous_id", "previous_id", "event_at",
-    "email_hash", "phone_hash", "device_id", "products", "batch_id", "source_line",
-}  # fmt: skip
+    "message_id",
+    "event_type",
+    "event_name",
+    "user_id",
+    "anonymous_id",
+    "previous_id",
+    "event_at",
+    "email_hash",
+    "phone_hash",
+    "device_id",
+    "products",
+    "batch_id",
+    "source_line",
+}
 
 
 def _sql_types(model) -> dict[str, str]:
@@ -277,8 +288,11 @@ class _Reader:
         for name, body in section.items():
             line = line_of(section, name)
             if not isinstance(name, str) or not NAME.match(name):
-                self.fail(line, what, f"{name!r} is not a usable name: lower-case letters, digits and _, "
-                          "starting with a letter")  # fmt: skip
+                self.fail(
+                    line,
+                    what,
+                    f"{name!r} is not a usable name: lower-case letters, digits and _, starting with a letter",
+                )
                 continue
             out.append((name, body, line))
         return out
@@ -400,7 +414,11 @@ def _operand(r: _Reader, op, value, sql_type: str, line: int, where: str) -> boo
         problem = "in takes a list of values, such as [books, music]"
     elif isinstance(value, (dict, list)) or value is None:
         problem = f"{op} takes one value"
-    elif op in COMPARISONS and sql_type in NUMERIC_SQL and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    elif (
+        op in COMPARISONS
+        and sql_type in NUMERIC_SQL
+        and (isinstance(value, bool) or not isinstance(value, (int, float)))
+    ):
         problem = f"{op} on a number takes a number, got {value!r}"
     elif sql_type == "TIMESTAMP" and op != "exists":
         problem = _timestamp_problem(value)
@@ -431,7 +449,9 @@ def _condition(r: _Reader, value, line: int, audience: str):
     line = line_of(value, default=line)
     heads = [k for k in CONDITION_KEYS if k in value]
     if len(heads) != 1:
-        r.fail(line, where, f"a condition starts with one of: {', '.join(CONDITION_KEYS)}; got {_names(map(str, value))}")
+        r.fail(
+            line, where, f"a condition starts with one of: {', '.join(CONDITION_KEYS)}; got {_names(map(str, value))}"
+        )
         return None
     head = heads[0]
     text = json.dumps(plain(value), default=str)
@@ -463,8 +483,10 @@ def _condition(r: _Reader, value, line: int, audience: str):
         unknown = sorted(set(names) - r.vocab.segments)
         r.fail(line, where, f"unknown segment {', '.join(unknown)}; segments: {_names(r.vocab.segments)}")
         return None
-    return Leaf(head, names[0], "in", tuple(names), line, text) if head == "segment" else Leaf(
-        "audience", names[0], "in", names[0], line, text
+    return (
+        Leaf(head, names[0], "in", tuple(names), line, text)
+        if head == "segment"
+        else Leaf("audience", names[0], "in", names[0], line, text)
     )
 
 
@@ -477,8 +499,11 @@ def _trait_condition(r: _Reader, value: dict, line: int, where: str, text: str) 
         r.fail(line, where, f"unknown trait {subject!r}; traits: {_names(allowed)}")
         return None
     if len(ops) != 1:
-        r.fail(line, where, f"a trait condition takes one operator, got {_names(map(str, ops))}; "
-               f"operators: {', '.join(OPERATORS)}")  # fmt: skip
+        r.fail(
+            line,
+            where,
+            f"a trait condition takes one operator, got {_names(map(str, ops))}; operators: {', '.join(OPERATORS)}",
+        )
         return None
     kind, sql_type = typed
     if not _operand(r, ops[0], value[ops[0]], sql_type, line, where):
@@ -536,15 +561,18 @@ def _check_references(r: _Reader, audiences: dict[str, Audience], declared: list
     for audience in audiences.values():
         for leaf in leaves(audience.where):
             if leaf.kind == "audience" and leaf.subject not in declared:
-                r.fail(leaf.line, f"audiences.{audience.name}",
-                       f"unknown audience {leaf.subject!r}; audiences: {_names(audiences)}")  # fmt: skip
+                r.fail(
+                    leaf.line,
+                    f"audiences.{audience.name}",
+                    f"unknown audience {leaf.subject!r}; audiences: {_names(audiences)}",
+                )
     state: dict[str, str] = {}
 
     def visit(name: str, path: list[str]) -> None:
         if state.get(name) == "done" or name not in audiences:
             return
         if state.get(name) == "open":
-            cycle = path[path.index(name):] + [name]
+            cycle = path[path.index(name) :] + [name]
             r.fail(audiences[name].line, f"audiences.{name}", f"audiences depend on each other: {' -> '.join(cycle)}")
             return
         state[name] = "open"
@@ -605,9 +633,12 @@ def _webhook_destination(r: _Reader, name: str, params: dict, line: int, names: 
         r.fail(line_of(params, "url", line), where, f"url must be an http:// or https:// address, got {url!r}")
         return None
     if not isinstance(secret, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", secret):
-        r.fail(line_of(params, "secret_env", line), where,
-               "secret_env names the environment variable holding the signing secret (the secret itself "
-               "never goes in the file)")  # fmt: skip
+        r.fail(
+            line_of(params, "secret_env", line),
+            where,
+            "secret_env names the environment variable holding the signing secret (the secret itself "
+            "never goes in the file)",
+        )
         return None
     numbers = {}
     for key, default, low in (("batch_size", 100, 1), ("max_attempts", 5, 1), ("timeout_seconds", 10.0, 0.1)):
@@ -616,8 +647,16 @@ def _webhook_destination(r: _Reader, name: str, params: dict, line: int, names: 
             r.fail(line_of(params, key, line), where, f"{key} must be a number of at least {low}, got {value!r}")
             return None
         numbers[key] = value
-    return Destination(name, "webhook", names, url=url, secret_env=secret, batch_size=int(numbers["batch_size"]),
-                       max_attempts=int(numbers["max_attempts"]), timeout_seconds=float(numbers["timeout_seconds"]))  # fmt: skip
+    return Destination(
+        name,
+        "webhook",
+        names,
+        url=url,
+        secret_env=secret,
+        batch_size=int(numbers["batch_size"]),
+        max_attempts=int(numbers["max_attempts"]),
+        timeout_seconds=float(numbers["timeout_seconds"]),
+    )
 
 
 def parse(raw: dict, source: str, vocab: Vocabulary | None = None) -> Definitions:
@@ -677,6 +716,7 @@ def load(home: Path, settings_file: Path | None = None, vocab: Vocabulary | None
     if path.name == AUDIENCES_FILE:
         unknown = [k for k in raw if k not in SECTIONS]
         if unknown:
-            raise DefinitionsError([f"{path}:{line_of(raw, unknown[0])}: unknown section {unknown[0]!r}; "
-                                    f"allowed: {', '.join(SECTIONS)}"])  # fmt: skip
+            raise DefinitionsError(
+                [f"{path}:{line_of(raw, unknown[0])}: unknown section {unknown[0]!r}; allowed: {', '.join(SECTIONS)}"]
+            )
     return parse({k: raw.get(k) for k in SECTIONS}, str(path), vocab)

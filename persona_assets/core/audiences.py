@@ -139,8 +139,9 @@ def _counted(con: duckdb.DuckDBPyConnection, audience: str, first: int) -> tuple
     return rows.get("entered", 0), rows.get("exited", 0)
 
 
-def evaluate(con: duckdb.DuckDBPyConnection, definitions: Definitions, name: str, run: str,
-             now: datetime | None = None) -> AudienceReport:  # fmt: skip
+def evaluate(
+    con: duckdb.DuckDBPyConnection, definitions: Definitions, name: str, run: str, now: datetime | None = None
+) -> AudienceReport:
     """Who is in audience `name` now: members replaced and each entry and exit recorded, in one transaction."""
     started = time.perf_counter()
     ensure_tables(con)
@@ -245,7 +246,9 @@ def explain(con: duckdb.DuckDBPyConnection, definitions: Definitions, name: str,
     out: list[Reason] = []
 
     def holds(sql: str, params: dict) -> tuple[bool, object]:
-        row = con.execute(f"SELECT {sql} FROM user_profiles p WHERE p.person_id = $person", {**params, "person": person_id})
+        row = con.execute(
+            f"SELECT {sql} FROM user_profiles p WHERE p.person_id = $person", {**params, "person": person_id}
+        )
         found = row.fetchall()
         return (bool(found[0][0]), found[0][1] if len(found[0]) > 1 else None) if found else (False, None)
 

@@ -145,5 +145,13 @@ def build(con: duckdb.DuckDBPyConnection, definitions: Definitions, full: bool =
         recomputed = None if p.full else p.scope.size(con)
         refresh.record(con, p, as_of, recomputed)
     rows, people = con.execute(f"SELECT count(*), count(DISTINCT person_id) FROM {TABLE}").fetchall()[0]
-    return TraitsReport(mode=p.mode, why=p.reason, people=people, people_recomputed=recomputed,
-                        counts={TABLE: rows}, rows=rows, traits=len(specs), as_of=as_of)  # fmt: skip
+    return TraitsReport(
+        mode=p.mode,
+        why=p.reason,
+        people=people,
+        people_recomputed=recomputed,
+        counts={TABLE: rows},
+        rows=rows,
+        traits=len(specs),
+        as_of=as_of,
+    )

@@ -99,9 +99,17 @@ def save_state(con: duckdb.DuckDBPyConnection, dest: Destination, s: State) -> N
     con.execute(
         """UPDATE destination_deliveries SET delivered_through = ?, delivered = ?, attempts_failed = ?,
            pending_attempts = ?, last_success_at = ?, last_error = ?, updated_at = ? WHERE destination = ?""",
-        [s.delivered_through, s.delivered, s.attempts_failed, s.pending_attempts, s.last_success_at, s.last_error,
-         now(), dest.name],
-    )  # fmt: skip
+        [
+            s.delivered_through,
+            s.delivered,
+            s.attempts_failed,
+            s.pending_attempts,
+            s.last_success_at,
+            s.last_error,
+            now(),
+            dest.name,
+        ],
+    )
 
 
 def _audience_filter(dest: Destination) -> tuple[str, dict]:
@@ -141,9 +149,11 @@ def track_event(destination: str, change: dict) -> dict:
         "messageId": idempotency_key(destination, change),
         "timestamp": change["changed_at"].isoformat() + "Z",
         "properties": {"audience_key": change["audience"], change["audience"]: change["change"] == "entered"},
-        "context": {"personas": {"computation_key": change["audience"], "computation_class": "audience"},
-                    "library": {"name": "persona"}},
-    }  # fmt: skip
+        "context": {
+            "personas": {"computation_key": change["audience"], "computation_class": "audience"},
+            "library": {"name": "persona"},
+        },
+    }
     if change["user_id"]:
         event["userId"] = change["user_id"]
     else:
@@ -161,9 +171,18 @@ def send(dest: Destination, events: list[dict], secret: bytes) -> tuple[bool, bo
     body = json.dumps({"batch": events, "sentAt": now().isoformat() + "Z"}, separators=(",", ":")).encode()
     stamp = str(int(time.time()))
     batch_key = hashlib.sha256("".join(e["messageId"] for e in events).encode()).hexdigest()[:32]
-    request = urllib.request.Request(dest.url, data=body, method="POST", headers={
-        "Content-Type": "application/json", TIMESTAMP_HEADER: stamp, SIGNATURE_HEADER: sign(secret, stamp, body),
-        "Idempotency-Key": batch_key, "User-Agent": "persona"})  # fmt: skip
+    request = urllib.request.Request(
+        dest.url,
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            TIMESTAMP_HEADER: stamp,
+            SIGNATURE_HEADER: sign(secret, stamp, body),
+            "Idempotency-Key": batch_key,
+            "User-Agent": "persona",
+        },
+    )
     try:
         with urllib.request.urlopen(request, timeout=dest.timeout_seconds) as response:  # noqa: S310 (http(s) only: checked)
             response.read()
@@ -177,8 +196,20 @@ def send(dest: Destination, events: list[dict], secret: bytes) -> tuple[bool, bo
 
 
 def _dead_letter(con: duckdb.DuckDBPyConnection, dest: Destination, batch: list[dict], attempts: int, error: str):
-    rows = [(dest.name, c["change_id"], idempotency_key(dest.name, c), c["audience"], c["person_id"], c["change"],
-             attempts, error, now()) for c in batch]  # fmt: skip
+    rows = [
+        (
+            dest.name,
+            c["change_id"],
+            idempotency_key(dest.name, c),
+            c["audience"],
+            c["person_id"],
+            c["change"],
+            attempts,
+            error,
+            now(),
+        )
+        for c in batch
+    ]
     con.execute(
         "DELETE FROM destination_dead_letters WHERE destination = ? AND change_id IN (SELECT unnest(?))",
         [dest.name, [c["change_id"] for c in batch]],
@@ -209,7 +240,10 @@ def deliver_webhook(con: duckdb.DuckDBPyConnection, dest: Destination, opts: Del
             save_state(con, dest, state)
             continue
         state.attempts_failed, state.pending_attempts, state.last_error = (
-            state.attempts_failed + 1, state.pending_attempts + 1, error)  # fmt: skip
+            state.attempts_failed + 1,
+            state.pending_attempts + 1,
+            error,
+        )
         report.attempts_failed += 1
         if not retry or state.pending_attempts >= dest.max_attempts:
             with transaction(con):
@@ -234,9 +268,13 @@ def redeliver_dead_letters(con: duckdb.DuckDBPyConnection, dest: Destination, op
         return 0
     sent, deadline = 0, time.monotonic() + opts.budget_seconds
     while time.monotonic() < deadline:
-        ids = [r[0] for r in con.execute(
-            "SELECT change_id FROM destination_dead_letters WHERE destination = ? ORDER BY change_id LIMIT ?",
-            [dest.name, dest.batch_size]).fetchall()]  # fmt: skip
+        ids = [
+            r[0]
+            for r in con.execute(
+                "SELECT change_id FROM destination_dead_letters WHERE destination = ? ORDER BY change_id LIMIT ?",
+                [dest.name, dest.batch_size],
+            ).fetchall()
+        ]
         if not ids:
             break
         batch = [c for c in pending(con, dest, ids[0] - 1, None) if c["change_id"] in set(ids)]
@@ -248,14 +286,17 @@ def redeliver_dead_letters(con: duckdb.DuckDBPyConnection, dest: Destination, op
                 [error, dest.name, ids],
             )
             break
-        con.execute("DELETE FROM destination_dead_letters WHERE destination = ? AND change_id IN (SELECT unnest(?))",
-                    [dest.name, ids])  # fmt: skip
+        con.execute(
+            "DELETE FROM destination_dead_letters WHERE destination = ? AND change_id IN (SELECT unnest(?))",
+            [dest.name, ids],
+        )
         sent += len(batch)
     return sent
 
 
-def deliver_files(con: duckdb.DuckDBPyConnection, dest: Destination, definitions: Definitions,
-                  home: Path) -> DeliveryReport:  # fmt: skip
+def deliver_files(
+    con: duckdb.DuckDBPyConnection, dest: Destination, definitions: Definitions, home: Path
+) -> DeliveryReport:
     """Each audience's members as one file per audience, written aside and renamed into place."""
     folder = Path(dest.folder).expanduser()
     folder = folder if folder.is_absolute() else Path(home) / folder
@@ -284,8 +325,13 @@ def deliver_files(con: duckdb.DuckDBPyConnection, dest: Destination, definitions
     return DeliveryReport(dest.name, "file", delivered=written)
 
 
-def deliver(con: duckdb.DuckDBPyConnection, definitions: Definitions, home: Path,
-            opts: DeliveryOptions | None = None, redeliver: bool = False) -> list[DeliveryReport]:  # fmt: skip
+def deliver(
+    con: duckdb.DuckDBPyConnection,
+    definitions: Definitions,
+    home: Path,
+    opts: DeliveryOptions | None = None,
+    redeliver: bool = False,
+) -> list[DeliveryReport]:
     """Every destination's pending changes, delivered (destinations no longer defined are left as
     they were); with `redeliver`, webhooks' dead letters are sent again first."""
     ensure_tables(con)
@@ -312,10 +358,17 @@ def lag(con: duckdb.DuckDBPyConnection, definitions: Definitions) -> list[dict]:
             "SELECT count(*) FROM destination_dead_letters WHERE destination = ?", [dest.name]
         ).fetchall()[0][0]
         oldest = waiting[0]["changed_at"] if waiting else None
-        out.append({
-            "destination": dest.name, "kind": dest.kind, "delivered": state.delivered, "pending": len(waiting),
-            "lag_seconds": round((now() - oldest).total_seconds(), 1) if oldest else 0.0,
-            "failed_attempts": state.attempts_failed, "dead_letters": dead,
-            "last_success_at": state.last_success_at, "last_error": state.last_error,
-        })  # fmt: skip
+        out.append(
+            {
+                "destination": dest.name,
+                "kind": dest.kind,
+                "delivered": state.delivered,
+                "pending": len(waiting),
+                "lag_seconds": round((now() - oldest).total_seconds(), 1) if oldest else 0.0,
+                "failed_attempts": state.attempts_failed,
+                "dead_letters": dead,
+                "last_success_at": state.last_success_at,
+                "last_error": state.last_error,
+            }
+        )
     return out

@@ -148,8 +148,14 @@ def _tables_with(con: duckdb.DuckDBPyConnection, column: str) -> list[str]:
     ]
 
 
-def forget(con: duckdb.DuckDBPyConnection, key: bytes, value: str, landing: Path | None = None,
-           gmail_rules: bool = True, now: datetime | None = None) -> ErasureReport:  # fmt: skip
+def forget(
+    con: duckdb.DuckDBPyConnection,
+    key: bytes,
+    value: str,
+    landing: Path | None = None,
+    gmail_rules: bool = True,
+    now: datetime | None = None,
+) -> ErasureReport:
     """Erase the person `value` names (email, phone, userId, anonymousId or person_id) from the
     warehouse and the landing files, and log their identifiers' keyed hashes. One transaction:
     killed half-way, nothing is erased and running it again does it all."""
@@ -173,10 +179,12 @@ def plan(con: duckdb.DuckDBPyConnection, key: bytes, value: str, gmail_rules: bo
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _forget_people AS SELECT unnest($p::VARCHAR[]) AS person_id", {"p": people}
     )
-    con.execute("CREATE OR REPLACE TEMP TABLE _forget_ids AS SELECT unnest($i::VARCHAR[]) AS identifier",
-                {"i": identifiers})  # fmt: skip
-    con.execute("CREATE OR REPLACE TEMP TABLE _forget_raw AS SELECT unnest($i::VARCHAR[]) AS identifier",
-                {"i": report.raw_ids})  # fmt: skip
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _forget_ids AS SELECT unnest($i::VARCHAR[]) AS identifier", {"i": identifiers}
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _forget_raw AS SELECT unnest($i::VARCHAR[]) AS identifier", {"i": report.raw_ids}
+    )
     by_person = (
         "OR message_id IN (SELECT message_id FROM person_events WHERE person_id IN (SELECT person_id FROM _forget_people))"
         if table_exists(con, "person_events")
@@ -237,8 +245,14 @@ def _log_erasures(con: duckdb.DuckDBPyConnection, hashes: list[str], now: dateti
     con.execute("INSERT INTO erasure_log SELECT unnest($h::VARCHAR[]), $now, NULL", {"h": hashes, "now": now})
 
 
-def erase(con: duckdb.DuckDBPyConnection, key: bytes, report: ErasureReport, landing: Path | None = None,
-          gmail_rules: bool = True, now: datetime | None = None) -> None:  # fmt: skip
+def erase(
+    con: duckdb.DuckDBPyConnection,
+    key: bytes,
+    report: ErasureReport,
+    landing: Path | None = None,
+    gmail_rules: bool = True,
+    now: datetime | None = None,
+) -> None:
     """Carry out a `plan` made on the same connection: one warehouse transaction, then the
     landing files' scrubbed copies renamed into place."""
     now = now or datetime.now(UTC).replace(tzinfo=None)
@@ -305,8 +319,11 @@ def _erase_rows(con: duckdb.DuckDBPyConnection, report: ErasureReport) -> None:
     for table in _tables_with(con, "identifier"):
         delete(table, "identifier IN (SELECT identifier FROM _forget_ids)")
     for table in _tables_with(con, "old_person_id"):
-        delete(table, "old_person_id IN (SELECT person_id FROM _forget_people) OR new_person_id IN "
-                      "(SELECT person_id FROM _forget_people)")  # fmt: skip
+        delete(
+            table,
+            "old_person_id IN (SELECT person_id FROM _forget_people) OR new_person_id IN "
+            "(SELECT person_id FROM _forget_people)",
+        )
     report.rows = rows
     report.events = rows.get("raw_events", 0)
     report.quarantined_lines = rows.get("quarantined_events", 0)
@@ -349,8 +366,9 @@ class EventMatcher:
                 return True
         for parent in TRAIT_PARENTS:
             traits = _dig(event, parent)
-            if isinstance(traits, dict) and self.contact(traits.get("email"), traits.get("phone"),
-                                                         _dig(event, ("context", "locale"))):  # fmt: skip
+            if isinstance(traits, dict) and self.contact(
+                traits.get("email"), traits.get("phone"), _dig(event, ("context", "locale"))
+            ):
                 return True
         return False
 
@@ -363,8 +381,9 @@ class EventMatcher:
         )
 
 
-def contact_hashes(key: bytes, email: object, phone: object, locale: object = None,
-                   gmail_rules: bool = True) -> list[str]:  # fmt: skip
+def contact_hashes(
+    key: bytes, email: object, phone: object, locale: object = None, gmail_rules: bool = True
+) -> list[str]:
     """The keyed hashes identity_map holds for an email and a phone as sent (the phone read
     with the locale's region, as ingest reads it); none for a value that is not one."""
     region = str(locale).split("-")[1].upper() if locale and "-" in str(locale) else None
@@ -392,8 +411,9 @@ def _dig(obj: object, path: tuple[str, ...]) -> object:
     return obj
 
 
-def scrub_landing(landing: Path, report: ErasureReport, key: bytes,
-                  gmail_rules: bool = True) -> list[tuple[str, int, int, str, str]]:  # fmt: skip
+def scrub_landing(
+    landing: Path, report: ErasureReport, key: bytes, gmail_rules: bool = True
+) -> list[tuple[str, int, int, str, str]]:
     """Write a copy of each landing file without the person's lines beside it (`.<name>.forget.tmp`).
 
     Returns (name, new size, new mtime_ns, old checksum, new checksum) per file that changes;

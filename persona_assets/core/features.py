@@ -256,8 +256,9 @@ class FeatureResult(StageResult):
     without_behaviour: int = 0  # people the table leaves out
 
 
-def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOptions, refit: bool = False,
-          full: bool = False) -> FeatureResult:  # fmt: skip
+def build(
+    con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOptions, refit: bool = False, full: bool = False
+) -> FeatureResult:
     """Bring `normalized_features` up to date with the saved transform, fitting (and saving) a new one when needed.
 
     A new transform is fitted on request, when none is saved yet, or when the settings changed;
@@ -270,8 +271,14 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
     changed = {} if saved is None else {"settings changed": not opts.matches(saved.payload)}
     why = retrain_reasons(refit, saved is None, changed, what="transform", verb="refit")
     version = (saved.version + 1 if why else saved.version) if saved else 1
-    p = refresh.plan(con, "features", {**asdict(opts), "transform_version": version}, ("normalized_features",),
-                     full=full or bool(why), full_reason="full rebuild asked for" if full else "transform refitted")  # fmt: skip
+    p = refresh.plan(
+        con,
+        "features",
+        {**asdict(opts), "transform_version": version},
+        ("normalized_features",),
+        full=full or bool(why),
+        full_reason="full rebuild asked for" if full else "transform refitted",
+    )
     categories = top_categories(con, opts.max_categories) if why else saved.payload.categories
     base = load_base(con, categories, p.where())
     if why:
@@ -286,18 +293,27 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: FeatureOption
     _write(con, p, base, transform)
     total = con.execute("SELECT count(*) FROM normalized_features").fetchall()[0][0]
     return FeatureResult(
-        mode=p.mode, why=p.reason, people=total, people_recomputed=None if p.full else len(base),
-        counts={"normalized_features": total}, trained=bool(why), transform=transform,
-        reason="; ".join(why) or f"scored with saved transform v{saved.version}", without_behaviour=_without_behaviour(con),
-    )  # fmt: skip
+        mode=p.mode,
+        why=p.reason,
+        people=total,
+        people_recomputed=None if p.full else len(base),
+        counts={"normalized_features": total},
+        trained=bool(why),
+        transform=transform,
+        reason="; ".join(why) or f"scored with saved transform v{saved.version}",
+        without_behaviour=_without_behaviour(con),
+    )
 
 
 def _write(con: duckdb.DuckDBPyConnection, p: refresh.Plan, base: pd.DataFrame, transform: FeatureTransform) -> None:
     """The matrix of the people with behaviour in `base`: everyone's swapped in, or the scope's spliced in."""
     rows = base[base["behaviour_events"] > 0]
     ids = pd.DataFrame(
-        {"person_id": rows["person_id"], "used_for_fitting": ~rows["exclude_from_fitting"],
-         "transform_version": transform.version}  # fmt: skip
+        {
+            "person_id": rows["person_id"],
+            "used_for_fitting": ~rows["exclude_from_fitting"],
+            "transform_version": transform.version,
+        }
     )
     frame = pd.concat([ids, transform.apply(rows)], axis=1)
     recorded = lambda: refresh.record(con, p, None, len(base))  # noqa: E731
@@ -332,6 +348,10 @@ def _not_fitted(con: duckdb.DuckDBPyConnection, p: refresh.Plan, base: pd.DataFr
         con, "normalized_features", empty_matrix(), before_commit=lambda: refresh.record(con, p, None, len(base))
     )
     return FeatureResult(
-        mode=p.mode, why=p.reason, people=0, status=status, reason="nothing to fit on",
+        mode=p.mode,
+        why=p.reason,
+        people=0,
+        status=status,
+        reason="nothing to fit on",
         without_behaviour=int((base["behaviour_events"] == 0).sum()),
-    )  # fmt: skip
+    )

@@ -99,8 +99,13 @@ LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifi
 """
 
 
-def stage_scope_events(con: duckdb.DuckDBPyConnection, scope: refresh.Scope, columns: tuple[str, ...],
-                       event_names: tuple[str, ...] = (), name: str = "_scope_events") -> None:  # fmt: skip
+def stage_scope_events(
+    con: duckdb.DuckDBPyConnection,
+    scope: refresh.Scope,
+    columns: tuple[str, ...],
+    event_names: tuple[str, ...] = (),
+    name: str = "_scope_events",
+) -> None:
     """`person_events` for the people in `scope` only, as `_scope_events` (or `name`): one scan of the
     `columns` the stage reads (reading raw_events is most of an incremental run's cost, and each
     column more adds to it), of the events of their userIds and anonymousIds (a userId's person
@@ -120,7 +125,7 @@ def stage_scope_events(con: duckdb.DuckDBPyConnection, scope: refresh.Scope, col
                  OR anonymous_id IN (SELECT identifier FROM _scope_ids WHERE identifier_type = 'anonymous_id'))) e
         LEFT JOIN identity_map mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
         LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
-        WHERE {scope.has('coalesce(mu.person_id, ma.person_id)')}"""
+        WHERE {scope.has("coalesce(mu.person_id, ma.person_id)")}"""
     )
     con.execute("DROP TABLE _scope_ids")
 
@@ -226,11 +231,25 @@ GENDERS = {
     "nonbinary": ("nb", "non-binary", "nonbinary", "non binary", "diverse", "other"),
 }
 COUNTRY_ALIASES = {
-    "USA": "US", "UNITED STATES": "US", "UNITED STATES OF AMERICA": "US", "UK": "GB",
-    "UNITED KINGDOM": "GB", "GREAT BRITAIN": "GB", "ENGLAND": "GB", "GERMANY": "DE",
-    "DEUTSCHLAND": "DE", "FRANCE": "FR", "BRAZIL": "BR", "BRASIL": "BR", "INDIA": "IN",
-    "SPAIN": "ES", "ITALY": "IT", "CANADA": "CA", "MEXICO": "MX", "NETHERLANDS": "NL",
-}  # fmt: skip
+    "USA": "US",
+    "UNITED STATES": "US",
+    "UNITED STATES OF AMERICA": "US",
+    "UK": "GB",
+    "UNITED KINGDOM": "GB",
+    "GREAT BRITAIN": "GB",
+    "ENGLAND": "GB",
+    "GERMANY": "DE",
+    "DEUTSCHLAND": "DE",
+    "FRANCE": "FR",
+    "BRAZIL": "BR",
+    "BRASIL": "BR",
+    "INDIA": "IN",
+    "SPAIN": "ES",
+    "ITALY": "IT",
+    "CANADA": "CA",
+    "MEXICO": "MX",
+    "NETHERLANDS": "NL",
+}
 COUNTRIES = {**{c: c for c in sorted(phonenumbers.SUPPORTED_REGIONS)}, **COUNTRY_ALIASES}
 
 
@@ -303,12 +322,29 @@ FROM moved m JOIN fan f USING (old_person_id) JOIN fan_in fi USING (new_person_i
 
 
 # Temp tables a run of identity makes (its steps share them; all are dropped when it ends).
-SCRATCH_TABLES = ("_tuples", "_occ", "_nodes", "_guard", "_labels", "identity_map__next", "_new_ids", "_area",
-                  "_area_events", "_records", "_candidates", "_link_status")  # fmt: skip
+SCRATCH_TABLES = (
+    "_tuples",
+    "_occ",
+    "_nodes",
+    "_guard",
+    "_labels",
+    "identity_map__next",
+    "_new_ids",
+    "_area",
+    "_area_events",
+    "_records",
+    "_candidates",
+    "_link_status",
+)
 
 
-def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
-            run_id: str | None = None, full: bool = False, retrain_linkage: bool = False) -> IdentityReport:  # fmt: skip
+def resolve(
+    con: duckdb.DuckDBPyConnection,
+    opts: IdentityOptions | None = None,
+    run_id: str | None = None,
+    full: bool = False,
+    retrain_linkage: bool = False,
+) -> IdentityReport:
     """Bring identity_map, identity_guard and deduped_users (and, with linkage, identity_pii and
     identity_links) up to date with raw_events, in one transaction.
 
@@ -322,10 +358,21 @@ def resolve(con: duckdb.DuckDBPyConnection, opts: IdentityOptions | None = None,
     model, train, waiting = _linkage_plan(con, opts, retrain_linkage)
     settings = {**asdict(opts), "link_model": model[0] if model else None}
     # Training a model changes how everyone links, so it makes the run full.
-    p = refresh.plan(con, "identity", settings, ("deduped_users", "identity_guard"), full=full or train,
-                     full_reason="full rebuild asked for" if full else "training the linkage model")  # fmt: skip
-    run = _Run(p, data_as_of(con), datetime.now(UTC).replace(tzinfo=None), run_id,
-               linkage.LinkReport(enabled=opts.linkage and (model is not None or train), note=waiting))  # fmt: skip
+    p = refresh.plan(
+        con,
+        "identity",
+        settings,
+        ("deduped_users", "identity_guard"),
+        full=full or train,
+        full_reason="full rebuild asked for" if full else "training the linkage model",
+    )
+    run = _Run(
+        p,
+        data_as_of(con),
+        datetime.now(UTC).replace(tzinfo=None),
+        run_id,
+        linkage.LinkReport(enabled=opts.linkage and (model is not None or train), note=waiting),
+    )
     with scratch(con) as s:
         for name in SCRATCH_TABLES:
             s.adopt(name)
@@ -354,8 +401,9 @@ class _Run:
         return HISTORY, {"now": self.now, "run_id": self.run_id}
 
 
-def _linkage_plan(con: duckdb.DuckDBPyConnection, opts: IdentityOptions,
-                  retrain: bool) -> tuple[tuple[int, dict] | None, bool, str]:  # fmt: skip
+def _linkage_plan(
+    con: duckdb.DuckDBPyConnection, opts: IdentityOptions, retrain: bool
+) -> tuple[tuple[int, dict] | None, bool, str]:
     """The linkage model in use (None: none yet, or linkage off), whether to train one, and why
     linkage waits when there are too few people to train on."""
     model = linkage.latest_model(con) if opts.linkage else None
@@ -371,8 +419,9 @@ def _linkage_plan(con: duckdb.DuckDBPyConnection, opts: IdentityOptions,
     return None, False, waits
 
 
-def _resolve_full(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, run: _Run, model, train: bool,
-                  settings: dict) -> None:  # fmt: skip
+def _resolve_full(
+    con: duckdb.DuckDBPyConnection, opts: IdentityOptions, run: _Run, model, train: bool, settings: dict
+) -> None:
     """Everyone's identifiers, components, links and people, rebuilt and swapped in at once."""
     p, links = run.plan, run.links
     _stage_identifiers(con, opts)
@@ -387,9 +436,13 @@ def _resolve_full(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, run: _R
     tables = [(DedupedUsers, "deduped_users", deduped), (IdentityGuard, "identity_guard", "SELECT * FROM _guard")]
     if links.enabled:
         people = linkage.record_people_sql("identity_map__next")
-        tables += [(IdentityPii, "identity_pii", linkage.PII_SELECT.format(people=people)),
-                   (IdentityLinks, "identity_links", linkage.LINKS_SELECT.format(people=people))]  # fmt: skip
-    save = [(lambda: linkage.save_model(con, saved, links.records, links.model_status), None)] if saved is not None else []
+        tables += [
+            (IdentityPii, "identity_pii", linkage.PII_SELECT.format(people=people)),
+            (IdentityLinks, "identity_links", linkage.LINKS_SELECT.format(people=people)),
+        ]
+    save = (
+        [(lambda: linkage.save_model(con, saved, links.records, links.model_status), None)] if saved is not None else []
+    )
     # Linkage off (or no model yet): no links stand, and no matching traits are kept.
     unlink = [] if links.enabled else [("DELETE FROM identity_links", None), ("DELETE FROM identity_pii", None)]
     replace_tables(
@@ -424,8 +477,10 @@ def _resolve_incremental(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, 
         # A new record links to someone outside the run: take that person in, and look again.
         scope.widen(con, "SELECT unnest($people) AS person_id", {"people": pulled})
     else:
-        raise RuntimeError(f"incremental linkage kept reaching new people after {MAX_LINK_ROUNDS} rounds; "
-                           "run identity with full_refresh")  # fmt: skip
+        raise RuntimeError(
+            f"incremental linkage kept reaching new people after {MAX_LINK_ROUNDS} rounds; "
+            "run identity with full_refresh"
+        )
     if links.enabled:
         counts = linkage.cluster(con, _link_user_ids(opts))
         links.merges, links.blocked = counts["merged"], counts["blocked"]
@@ -488,8 +543,15 @@ def _link_user_ids(opts: IdentityOptions) -> int:
     return 1_000_000 if opts.link_across_user_ids else 1
 
 
-def _link(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, links: linkage.LinkReport,
-          model: tuple[int, dict] | None, train: bool, outside: str | None, cluster: bool = True) -> dict | None:  # fmt: skip
+def _link(
+    con: duckdb.DuckDBPyConnection,
+    opts: IdentityOptions,
+    links: linkage.LinkReport,
+    model: tuple[int, dict] | None,
+    train: bool,
+    outside: str | None,
+    cluster: bool = True,
+) -> dict | None:
     """Stage records, train a model if asked, score candidate pairs and (unless the caller merges
     later) merge. Returns newly trained settings to save, else None."""
     if not links.enabled:
@@ -547,8 +609,11 @@ def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, scope: re
     con.execute(f"CREATE OR REPLACE TEMP TABLE _new_ids AS {new_ids}", {"since": since_batch})
     scope.widen(con, "SELECT person_id FROM identity_map SEMI JOIN _new_ids USING (identifier_type, identifier)")
     # People whose record holds a shared email or phone seen again: whether it still is evidence may change.
-    scope.widen(con, "SELECT person_id FROM identity_pii WHERE shared_contact IN "
-                       "(SELECT identifier_type || ':' || identifier FROM _new_ids)")  # fmt: skip
+    scope.widen(
+        con,
+        "SELECT person_id FROM identity_pii WHERE shared_contact IN "
+        "(SELECT identifier_type || ':' || identifier FROM _new_ids)",
+    )
     overrides.take_in(con, scope)  # people a decision does not hold for yet, and every part of those it touches
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _area AS
@@ -559,8 +624,12 @@ def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, scope: re
     touching = " OR ".join(
         f"{c} IN (SELECT identifier FROM _area WHERE identifier_type = '{t}')" for t, c in IDENTIFIER_COLUMNS
     )
-    cols = ", ".join(sorted({c for _, c in IDENTIFIER_COLUMNS} | {"message_id", "event_at", *SURVIVING_TRAITS,
-                                                              "first_name", "last_name"}))  # fmt: skip
+    cols = ", ".join(
+        sorted(
+            {c for _, c in IDENTIFIER_COLUMNS}
+            | {"message_id", "event_at", *SURVIVING_TRAITS, "first_name", "last_name"}
+        )
+    )
     con.execute(f"CREATE OR REPLACE TEMP TABLE _area_events AS SELECT {cols} FROM raw_events WHERE {touching}")
     _stage_identifiers(con, opts, "_area_events")
     # Guard counts are exact for area identifiers; everyone else keeps theirs.

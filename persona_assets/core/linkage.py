@@ -79,13 +79,17 @@ def _null(*cols: str) -> str:
 
 # First and last name given the other way round (a typo allowed in each).
 # (Their first letters agree first: most pairs fail that cheaply, and u is sampled over millions.)
-SWAPPED = ("left(first_name_l, 1) = left(last_name_r, 1) AND left(last_name_l, 1) = left(first_name_r, 1) AND "
-           "jaro_winkler_similarity(first_name_l, last_name_r) >= 0.9 AND "
-           "jaro_winkler_similarity(last_name_l, first_name_r) >= 0.9")  # fmt: skip
+SWAPPED = (
+    "left(first_name_l, 1) = left(last_name_r, 1) AND left(last_name_l, 1) = left(first_name_r, 1) AND "
+    "jaro_winkler_similarity(first_name_l, last_name_r) >= 0.9 AND "
+    "jaro_winkler_similarity(last_name_l, first_name_r) >= 0.9"
+)
 
 # Both records hold the same shared email or phone, and the same (or nearly the same) first name.
-SHARED_AGREE = ("shared_contact_l = shared_contact_r AND (first_name_l = first_name_r OR "
-                "jaro_winkler_similarity(first_name_l, first_name_r) >= 0.92)")  # fmt: skip
+SHARED_AGREE = (
+    "shared_contact_l = shared_contact_r AND (first_name_l = first_name_r OR "
+    "jaro_winkler_similarity(first_name_l, first_name_r) >= 0.92)"
+)
 # An email or phone seen with this many userIds at most is evidence that they are one person's
 # accounts (more is a shared inbox, a call centre, a junk address: still only guarded).
 MAX_SHARED_USER_IDS = 4
@@ -95,60 +99,85 @@ MAX_SHARED_USER_IDS = 4
 # data cannot say (no pair found by other means falls in the comparison): the share of true
 # duplicates at that level in hand-typed records.
 COMPARISONS: tuple[tuple[str, tuple[tuple[str, str, float], ...]], ...] = (
-    ("first_name", (
-        ("null", _null("first_name"), 0),
-        ("exact", "first_name_l = first_name_r", 0.80),
-        ("names swapped", SWAPPED, 0.02),
-        ("similar (JW >= 0.92)", _jw("first_name", 0.92), 0.08),
-        ("close (JW >= 0.8)", _jw("first_name", 0.8), 0.05),
-        ("else", "ELSE", 0.05),
-    )),
-    ("last_name", (
-        ("null", _null("last_name"), 0),
-        ("exact", "last_name_l = last_name_r", 0.80),
-        ("names swapped", SWAPPED, 0.02),
-        ("similar (JW >= 0.92)", _jw("last_name", 0.92), 0.08),
-        ("close (JW >= 0.8)", _jw("last_name", 0.8), 0.05),
-        ("else", "ELSE", 0.05),
-    )),
-    ("birthday", (
-        ("null", _null("birthday"), 0),
-        ("exact", "birthday_l = birthday_r", 0.80),
-        # Dates compared are all YYYY-MM-DD: ten characters, so a typo or two is a Hamming distance.
-        ("one digit off", "hamming(birthday_l, birthday_r) <= 1", 0.10),
-        ("day and month swapped", "left(birthday_l, 4) = left(birthday_r, 4) AND substr(birthday_l, 6, 2) = "
-                                  "substr(birthday_r, 9, 2) AND substr(birthday_l, 9, 2) = substr(birthday_r, 6, 2)", 0.02),
-        ("two digits off", "hamming(birthday_l, birthday_r) <= 2", 0.04),
-        ("else", "ELSE", 0.04),
-    )),
-    ("age", (
-        ("null", _null("age"), 0),
-        ("exact", "age_l = age_r", 0.90),
-        ("within a year", "abs(age_l - age_r) <= 1", 0.07),
-        ("else", "ELSE", 0.03),
-    )),
-    ("postal_code", (
-        ("null", _null("postal_code"), 0),
-        ("exact", "postal_code_l = postal_code_r", 0.85),
-        ("one character off", f"{_edits('postal_code')} <= 1", 0.06),
-        ("two characters off", f"{_edits('postal_code')} <= 2", 0.03),
-        ("else", "ELSE", 0.06),
-    )),
-    ("city", (
-        ("null", _null("city"), 0),
-        ("exact", "city_l = city_r", 0.85),
-        ("similar (JW >= 0.9)", _jw("city", 0.9), 0.07),
-        ("else", "ELSE", 0.08),
-    )),
+    (
+        "first_name",
+        (
+            ("null", _null("first_name"), 0),
+            ("exact", "first_name_l = first_name_r", 0.80),
+            ("names swapped", SWAPPED, 0.02),
+            ("similar (JW >= 0.92)", _jw("first_name", 0.92), 0.08),
+            ("close (JW >= 0.8)", _jw("first_name", 0.8), 0.05),
+            ("else", "ELSE", 0.05),
+        ),
+    ),
+    (
+        "last_name",
+        (
+            ("null", _null("last_name"), 0),
+            ("exact", "last_name_l = last_name_r", 0.80),
+            ("names swapped", SWAPPED, 0.02),
+            ("similar (JW >= 0.92)", _jw("last_name", 0.92), 0.08),
+            ("close (JW >= 0.8)", _jw("last_name", 0.8), 0.05),
+            ("else", "ELSE", 0.05),
+        ),
+    ),
+    (
+        "birthday",
+        (
+            ("null", _null("birthday"), 0),
+            ("exact", "birthday_l = birthday_r", 0.80),
+            # Dates compared are all YYYY-MM-DD: ten characters, so a typo or two is a Hamming distance.
+            ("one digit off", "hamming(birthday_l, birthday_r) <= 1", 0.10),
+            (
+                "day and month swapped",
+                "left(birthday_l, 4) = left(birthday_r, 4) AND substr(birthday_l, 6, 2) = "
+                "substr(birthday_r, 9, 2) AND substr(birthday_l, 9, 2) = substr(birthday_r, 6, 2)",
+                0.02,
+            ),
+            ("two digits off", "hamming(birthday_l, birthday_r) <= 2", 0.04),
+            ("else", "ELSE", 0.04),
+        ),
+    ),
+    (
+        "age",
+        (
+            ("null", _null("age"), 0),
+            ("exact", "age_l = age_r", 0.90),
+            ("within a year", "abs(age_l - age_r) <= 1", 0.07),
+            ("else", "ELSE", 0.03),
+        ),
+    ),
+    (
+        "postal_code",
+        (
+            ("null", _null("postal_code"), 0),
+            ("exact", "postal_code_l = postal_code_r", 0.85),
+            ("one character off", f"{_edits('postal_code')} <= 1", 0.06),
+            ("two characters off", f"{_edits('postal_code')} <= 2", 0.03),
+            ("else", "ELSE", 0.06),
+        ),
+    ),
+    (
+        "city",
+        (
+            ("null", _null("city"), 0),
+            ("exact", "city_l = city_r", 0.85),
+            ("similar (JW >= 0.9)", _jw("city", 0.9), 0.07),
+            ("else", "ELSE", 0.08),
+        ),
+    ),
     # Two accounts (userIds) that share an email or phone and give one first name: one person with
     # two accounts, unless the rest disagrees. A shared email with different first names (a family)
     # is no evidence here, and the first names' disagreement and the userId guard keep them apart.
-    ("shared_contact", (
-        ("null", f"NOT ({SHARED_AGREE}) OR {_null('shared_contact')}", 0),
-        ("same email or phone, same first name", SHARED_AGREE, 0.5),
-        ("else", "ELSE", 0.5),
-    )),
-)  # fmt: skip
+    (
+        "shared_contact",
+        (
+            ("null", f"NOT ({SHARED_AGREE}) OR {_null('shared_contact')}", 0),
+            ("same email or phone, same first name", SHARED_AGREE, 0.5),
+            ("else", "ELSE", 0.5),
+        ),
+    ),
+)
 # Comparisons whose m and u are set here, not estimated: (m, u) per level after the null level.
 # Two random people almost never share an email and a first name: u is one pair in a million.
 FIXED = {"shared_contact": ((0.5, 1e-6), (0.5, 0.5))}
@@ -162,7 +191,7 @@ CHAINS = {
     "age": (("exact", "within a year", "else"),),
     "postal_code": (("exact", "one character off", "two characters off", "else"),),
     "city": (("exact", "similar (JW >= 0.9)", "else"),),
-}  # fmt: skip
+}
 # A chain may rise by this factor from one level to the next (sampling noise in u and m).
 ORDER_SLACK = 1.5
 
@@ -453,8 +482,8 @@ def _score_blocked(scratch: duckdb.DuckDBPyConnection, records: pa.Table, model:
     scratch.execute(
         f"""CREATE OR REPLACE TABLE _scored AS
             SELECT * EXCLUDE (mw), 1 / (1 + pow(2, -mw)) AS match_probability FROM (
-              SELECT *, {prior_weight!r} + {' + '.join(weights)} AS mw FROM (
-                SELECT {', '.join(gammas)} FROM (
+              SELECT *, {prior_weight!r} + {" + ".join(weights)} AS mw FROM (
+                SELECT {", ".join(gammas)} FROM (
                   SELECT {columns} FROM {blocked} b
                   JOIN _score_arrow l ON l.record_id = b.join_key_l JOIN _score_arrow r ON r.record_id = b.join_key_r)))"""
     )
@@ -503,7 +532,11 @@ def check_model(scratch: duckdb.DuckDBPyConnection, pairs: str, model: dict, rec
     - an implausible number of expected matches against the pairs the deterministic rules find, or
       those pairs not linking."""
     by_name = {c["output_column_name"]: c for c in model["comparisons"]}
-    return [*_order_problems(by_name), *_zero_problems(scratch, pairs, by_name), *_count_problems(scratch, pairs, records)]
+    return [
+        *_order_problems(by_name),
+        *_zero_problems(scratch, pairs, by_name),
+        *_count_problems(scratch, pairs, records),
+    ]
 
 
 def _order_problems(by_name: dict) -> list[tuple[str, str]]:
@@ -516,8 +549,13 @@ def _order_problems(by_name: dict) -> list[tuple[str, str]]:
             for upper, lower in zip(chain, chain[1:]):
                 hi, lo = _bf(levels[upper]), _bf(levels[lower])
                 if hi is not None and lo is not None and lo > hi * ORDER_SLACK:
-                    problems.append(("order", f"{name}: '{lower}' carried more evidence than '{upper}' "
-                                    f"(Bayes factor {lo:.3g} against {hi:.3g})"))  # fmt: skip
+                    problems.append(
+                        (
+                            "order",
+                            f"{name}: '{lower}' carried more evidence than '{upper}' "
+                            f"(Bayes factor {lo:.3g} against {hi:.3g})",
+                        )
+                    )
     return problems
 
 
@@ -541,8 +579,13 @@ def _zero_problems(scratch: duckdb.DuckDBPyConnection, pairs: str, by_name: dict
             by_chance = seen * (level.get("u_probability") or 0)
             m = level.get("m_probability")
             if n >= 5 and n > 3 * by_chance + 5 and (m is None or m < 0.1 * (n - by_chance) / seen):
-                problems.append(("zero", f"{name}: m of '{level.get('label_for_charts')}' is {0 if m is None else m:.2g} "
-                                 f"though {n} of {seen} pairs that agree on everything else are at that level"))  # fmt: skip
+                problems.append(
+                    (
+                        "zero",
+                        f"{name}: m of '{level.get('label_for_charts')}' is {0 if m is None else m:.2g} "
+                        f"though {n} of {seen} pairs that agree on everything else are at that level",
+                    )
+                )
     return problems
 
 
@@ -559,11 +602,17 @@ def _count_problems(scratch: duckdb.DuckDBPyConnection, pairs: str, records: int
     if sure < 10:
         return problems
     if expected < 0.5 * sure or expected > max(50 * sure, 2 * records):
-        problems.append(("count", f"the model expects {expected:.0f} matching pairs where {sure} pairs agree "
-                                  f"exactly on name and birth date"))  # fmt: skip
+        problems.append(
+            (
+                "count",
+                f"the model expects {expected:.0f} matching pairs where {sure} pairs agree "
+                f"exactly on name and birth date",
+            )
+        )
     if sure_linked < 0.9 * sure:
-        problems.append(("count", f"only {sure_linked} of the {sure} pairs that agree exactly on name and "
-                                  f"birth date would link"))  # fmt: skip
+        problems.append(
+            ("count", f"only {sure_linked} of the {sure} pairs that agree exactly on name and birth date would link")
+        )
     return problems
 
 
@@ -600,12 +649,20 @@ def fallback_model(scratch: duckdb.DuckDBPyConnection, pairs: str, u_model: dict
         for level, value, u_value in zip(levels, m, u):
             level["m_probability"], level["u_probability"] = value / total, u_value
     _put_in_order(model)
-    how = "fallback: EM's model failed its checks; m " + "; ".join(
-        part for part in (
-            f"estimated from the pairs that agree on everything else for {', '.join(estimated)}" if estimated else "",
-            f"fixed per level for {', '.join(fixed)}" if fixed else "",
-        ) if part
-    ) + "; u from random sampling"  # fmt: skip
+    how = (
+        "fallback: EM's model failed its checks; m "
+        + "; ".join(
+            part
+            for part in (
+                f"estimated from the pairs that agree on everything else for {', '.join(estimated)}"
+                if estimated
+                else "",
+                f"fixed per level for {', '.join(fixed)}" if fixed else "",
+            )
+            if part
+        )
+        + "; u from random sampling"
+    )
     return model, how
 
 
@@ -668,8 +725,13 @@ def save_model(con: duckdb.DuckDBPyConnection, settings: dict, records: int, sta
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 
 
-def predict(con: duckdb.DuckDBPyConnection, model: dict, threshold: float, outside: str | None,
-            report_by_threshold: list | None = None) -> int:  # fmt: skip
+def predict(
+    con: duckdb.DuckDBPyConnection,
+    model: dict,
+    threshold: float,
+    outside: str | None,
+    report_by_threshold: list | None = None,
+) -> int:
     """`_candidates`: scored pairs at or above `threshold` among `_records` (in_area) and, on an
     incremental run, the stored records of people outside the run (`outside`, not in_area):
     only pairs with at least one record in the run are compared. Returns the pairs compared, and
@@ -764,7 +826,7 @@ def outside_people(con: duckdb.DuckDBPyConnection, scope: Scope) -> list[str]:
         for r in con.execute(
             f"""SELECT DISTINCT p.person_id FROM identity_pii p
                 WHERE p.record_id IN (SELECT record_id_l FROM _candidates UNION SELECT record_id_r FROM _candidates)
-                  AND {scope.lacks('p.person_id')}
+                  AND {scope.lacks("p.person_id")}
                   AND p.record_id NOT IN (SELECT record_id FROM _records)"""
         ).fetchall()
     ]
@@ -820,7 +882,7 @@ def cluster(con: duckdb.DuckDBPyConnection, max_user_ids: int) -> dict[str, int]
                 name: pa.array(list(values), pa.string())
                 for name, values in zip(("record_id_l", "record_id_r", "status", "reason"), cols)
             }
-        ),  # fmt: skip
+        ),
     )
     con.execute("CREATE OR REPLACE TEMP TABLE _link_status AS SELECT * FROM _status_arrow")
     con.unregister("_status_arrow")
@@ -883,8 +945,13 @@ def model_weights(model: dict) -> list[tuple[str, str, float | None]]:
         for level in _levels(comparison):
             bf = _bf(level)
             label = level.get("label_for_charts") or "else"
-            rows.append((comparison["output_column_name"], "else" if label == "All other comparisons" else label,
-                         None if not bf else float(np.log2(bf))))  # fmt: skip
+            rows.append(
+                (
+                    comparison["output_column_name"],
+                    "else" if label == "All other comparisons" else label,
+                    None if not bf else float(np.log2(bf)),
+                )
+            )
     return rows
 
 

@@ -25,8 +25,13 @@ TIMESTAMP_FORMATS = ("iso", *EPOCH_FORMATS)
 
 # Item keys of GA4's `items` and the Segment product keys they are read as, so a mapped
 # product list is unpacked by the same code as a Segment one (`core.affinity`).
-ITEM_KEYS = {"item_id": "product_id", "item_name": "name", "item_category": "category",
-             "item_brand": "brand", "item_variant": "variant"}  # fmt: skip
+ITEM_KEYS = {
+    "item_id": "product_id",
+    "item_name": "name",
+    "item_category": "category",
+    "item_brand": "brand",
+    "item_variant": "variant",
+}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _INDEXED = re.compile(r"(?P<name>.+?)(?P<index>(?:\[\d+\])*)")

@@ -108,12 +108,13 @@ UNION SELECT m.person_id FROM {ACTIVE} a JOIN identity_map m USING (identifier_t
     SELECT 1 FROM identity_guard g WHERE g.identifier_type = a.identifier_type AND g.identifier = a.identifier)
 """
 
+
 def _partners(scope: refresh.Scope) -> str:
     """The people holding a part of a decision someone in `scope` holds a part of."""
     return f"""
 WITH held AS {HELD}
 SELECT b.person_id FROM held a JOIN held b USING (override_id)
-WHERE a.action IN ('join', 'keep_apart') AND {scope.has('a.person_id')}
+WHERE a.action IN ('join', 'keep_apart') AND {scope.has("a.person_id")}
 """
 
 
@@ -256,8 +257,10 @@ def find(con: duckdb.DuckDBPyConnection, key: bytes, text: str, gmail_rules: boo
             [text],
         ).fetchall()
         if not row:
-            raise OverrideError(f"No person {text} in the warehouse (person ids change when people merge or split: "
-                                "`persona profile` finds the current one by any identifier).")  # fmt: skip
+            raise OverrideError(
+                f"No person {text} in the warehouse (person ids change when people merge or split: "
+                "`persona profile` finds the current one by any identifier)."
+            )
         return Who(*row[0], named_identifier=False)
     kind, _, value = text.partition(":")
     forms = _forms(key, kind, value, gmail_rules) if kind in IDENTIFIER_TYPES and value else _bare_forms(key, text)
@@ -276,9 +279,11 @@ def find(con: duckdb.DuckDBPyConnection, key: bytes, text: str, gmail_rules: boo
         ).fetchall()[:1]
         if rows:
             return Who(*rows[0], named_identifier=True, taken_out=True)
-        raise OverrideError(f"No person holds {text!r}: name a person_id, or an identifier as TYPE:VALUE with "
-                            f"TYPE one of {', '.join(IDENTIFIER_TYPES)} (an identifier the guard keeps out "
-                            "belongs to nobody).")  # fmt: skip
+        raise OverrideError(
+            f"No person holds {text!r}: name a person_id, or an identifier as TYPE:VALUE with "
+            f"TYPE one of {', '.join(IDENTIFIER_TYPES)} (an identifier the guard keeps out "
+            "belongs to nobody)."
+        )
     if len(rows) > 1:
         kinds = ", ".join(f"{t}:{text}" for _, t, _ in rows)
         raise OverrideError(
@@ -350,9 +355,16 @@ def label(kind: str, identifier: str) -> str:
     return f"{kind}:{identifier}"
 
 
-def unmerge(con: duckdb.DuckDBPyConnection, key: bytes, person: str, identifier: str | None = None,
-            by: str = "persona", reason: str | None = None, now: datetime | None = None,
-            gmail_rules: bool = True) -> Decision:  # fmt: skip
+def unmerge(
+    con: duckdb.DuckDBPyConnection,
+    key: bytes,
+    person: str,
+    identifier: str | None = None,
+    by: str = "persona",
+    reason: str | None = None,
+    now: datetime | None = None,
+    gmail_rules: bool = True,
+) -> Decision:
     """Record a split of the person `person` names: take `identifier` out of them, or (without one)
     keep apart the groups of identifiers events tie together, undoing the matches and merges that
     joined them. Applied by the next identity run."""
@@ -360,9 +372,12 @@ def unmerge(con: duckdb.DuckDBPyConnection, key: bytes, person: str, identifier:
     who = find(con, key, person, gmail_rules)
     if who.taken_out:
         raise OverrideError(f"{person!r} was taken out of {who.person_id} already: it belongs to nobody.")
-    ids = [tuple(r) for r in con.execute(
-        "SELECT identifier_type, identifier FROM identity_map WHERE person_id = ? ORDER BY ALL", [who.person_id]
-    ).fetchall()]  # fmt: skip
+    ids = [
+        tuple(r)
+        for r in con.execute(
+            "SELECT identifier_type, identifier FROM identity_map WHERE person_id = ? ORDER BY ALL", [who.person_id]
+        ).fetchall()
+    ]
     if identifier:
         out = find(con, key, identifier, gmail_rules)
         if out.taken_out or out.person_id != who.person_id:
@@ -390,8 +405,16 @@ def unmerge(con: duckdb.DuckDBPyConnection, key: bytes, person: str, identifier:
     return _record(con, "keep_apart", who.person_id, [g[0] for g in found], revoke, by, reason, now)
 
 
-def merge(con: duckdb.DuckDBPyConnection, key: bytes, first: str, second: str, by: str = "persona",
-          reason: str | None = None, now: datetime | None = None, gmail_rules: bool = True) -> Decision:  # fmt: skip
+def merge(
+    con: duckdb.DuckDBPyConnection,
+    key: bytes,
+    first: str,
+    second: str,
+    by: str = "persona",
+    reason: str | None = None,
+    now: datetime | None = None,
+    gmail_rules: bool = True,
+) -> Decision:
     """Record that the people `first` and `second` name are one person, undoing any split that
     kept them apart. Applied by the next identity run."""
     ensure_table(con)
@@ -419,8 +442,16 @@ def _decisions_naming(con: duckdb.DuckDBPyConnection, action: str, parts: list[t
     return [r[0] for r in rows]
 
 
-def _record(con: duckdb.DuckDBPyConnection, action: str, person_id: str, parts: list[tuple[str, str]],
-            revoke: list[int], by: str, reason: str | None, now: datetime | None) -> Decision:  # fmt: skip
+def _record(
+    con: duckdb.DuckDBPyConnection,
+    action: str,
+    person_id: str,
+    parts: list[tuple[str, str]],
+    revoke: list[int],
+    by: str,
+    reason: str | None,
+    now: datetime | None,
+) -> Decision:
     """Write the decision (checked against its contract) and mark the ones it undoes, in one transaction."""
     now = now or datetime.now(UTC).replace(tzinfo=None)
     override_id = con.execute(f"SELECT coalesce(max(override_id), 0) + 1 FROM {TABLE}").fetchall()[0][0]

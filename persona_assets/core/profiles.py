@@ -115,14 +115,25 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
             with transaction(con):
                 _splice_scores(con, s, p.scope, opts, params)
                 updated = "coalesce((SELECT u.updated_at FROM _updated u WHERE u.person_id = c.person_id), $updated_at)"
-                counts = replace_tables(con, [(UserProfiles, "user_profiles", profiles_sql(opts, updated))], params,
-                                        record, transaction=False)  # fmt: skip
-    return StageResult(mode=p.mode, why=p.reason, people=counts["user_profiles"],
-                       people_recomputed=None if p.full else p.scope.size(con), counts=counts)  # fmt: skip
+                counts = replace_tables(
+                    con,
+                    [(UserProfiles, "user_profiles", profiles_sql(opts, updated))],
+                    params,
+                    record,
+                    transaction=False,
+                )
+    return StageResult(
+        mode=p.mode,
+        why=p.reason,
+        people=counts["user_profiles"],
+        people_recomputed=None if p.full else p.scope.size(con),
+        counts=counts,
+    )
 
 
-def _splice_scores(con: duckdb.DuckDBPyConnection, s: Scratch, scope: refresh.Scope, opts: AffinityOptions,
-                   params: dict) -> None:  # fmt: skip
+def _splice_scores(
+    con: duckdb.DuckDBPyConnection, s: Scratch, scope: refresh.Scope, opts: AffinityOptions, params: dict
+) -> None:
     """The scope's category scores in place of their old ones; everyone else's updated_at kept (`_updated`)."""
     con.execute(f"DELETE FROM category_scores WHERE {scope.has()}")
     sql = f"INSERT INTO category_scores BY NAME {person_scores_sql(opts, PROFILED.format(events='_scope_events'))}"

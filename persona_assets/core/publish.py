@@ -87,9 +87,14 @@ def _keep_as_spare(path: Path) -> None:
     os.replace(aside, spare_path(path))
 
 
-def publish_snapshot(con: duckdb.DuckDBPyConnection, path: Path, tables: dict[str, str],
-                     run_id: str | None = None, append: dict[str, str] | None = None,
-                     indexes: dict[str, str] | None = None) -> dict[str, int]:  # fmt: skip
+def publish_snapshot(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    tables: dict[str, str],
+    run_id: str | None = None,
+    append: dict[str, str] | None = None,
+    indexes: dict[str, str] | None = None,
+) -> dict[str, int]:
     """Write each `name -> SELECT` into a new file, then rename it over `path`.
 
     Table names are Persona's own; the SELECTs run on the warehouse connection `con`.
@@ -160,8 +165,9 @@ def _write_table(con: duckdb.DuckDBPyConnection, name: str, select: str, key: st
         # The key as a value, not a subquery: the scan then skips every row group whose
         # keys are all older (they grow with insertion order), instead of reading them all.
         reached = con.execute(f'SELECT coalesce(max("{key}"), -1) FROM _snapshot."{name}"').fetchall()[0][0]
-        con.execute(f'INSERT INTO _snapshot."{name}" SELECT * FROM ({select}) WHERE "{key}" > $reached',
-                    {"reached": reached})  # fmt: skip
+        con.execute(
+            f'INSERT INTO _snapshot."{name}" SELECT * FROM ({select}) WHERE "{key}" > $reached', {"reached": reached}
+        )
         want = con.execute(f"SELECT count(*) FROM ({select})").fetchall()[0][0]
         if con.execute(f'SELECT count(*) FROM _snapshot."{name}"').fetchall()[0][0] == want:
             return want

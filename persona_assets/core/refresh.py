@@ -97,8 +97,14 @@ def settings_key(settings: object) -> str:
     return json.dumps(settings, sort_keys=True, default=str)
 
 
-def plan(con: duckdb.DuckDBPyConnection, stage: str, settings: object, tables: tuple[str, ...],
-         full: bool = False, full_reason: str = "") -> Plan:  # fmt: skip
+def plan(
+    con: duckdb.DuckDBPyConnection,
+    stage: str,
+    settings: object,
+    tables: tuple[str, ...],
+    full: bool = False,
+    full_reason: str = "",
+) -> Plan:
     """Decide full or incremental for `stage`; for incremental, fill the plan's scope with the
     people its upstream changed since this stage last ran."""
     ensure_tables(con)

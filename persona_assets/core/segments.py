@@ -49,8 +49,10 @@ class SegmentOptions:
     )
     stability_rounds: int = 4
     redundancy_correlation: float = setting(
-        0.75, "Features correlated at least this much (in absolute value) count as one in the segment space.",
-        ge=0, le=1,
+        0.75,
+        "Features correlated at least this much (in absolute value) count as one in the segment space.",
+        ge=0,
+        le=1,
     )
     stability_sample: int = 4_000
     minibatch_above: int = setting(100_000, "Use MiniBatchKMeans above this many people.", ge=1)
@@ -119,7 +121,9 @@ class SegmentModel:
     together: list[list[str]] = field(default_factory=list)
 
 
-def redundancy_weights(X: np.ndarray, features: list[str], min_correlation: float) -> tuple[np.ndarray, list[list[str]]]:
+def redundancy_weights(
+    X: np.ndarray, features: list[str], min_correlation: float
+) -> tuple[np.ndarray, list[list[str]]]:
     """Each feature's weight, so that features which move together count as one.
 
     Standardized features each add one unit of variance to a distance, so four measures of the
@@ -317,8 +321,9 @@ def describe(
 SUBSEGMENT_STICKINESS = 0.05  # silhouette a new sub-split must gain over the previous one to replace it
 
 
-def _subsegments(X: np.ndarray, parent: Group, opts: SegmentOptions, features: list[str],
-                 previous: list[Group] = ()) -> list[Group]:  # fmt: skip
+def _subsegments(
+    X: np.ndarray, parent: Group, opts: SegmentOptions, features: list[str], previous: list[Group] = ()
+) -> list[Group]:
     """Ward clusters within one segment, on a sample; the sub-k with the best silhouette wins.
 
     Always in the normalized feature space (whichever space the segments use), so a
@@ -510,8 +515,9 @@ def _choose(Xn: np.ndarray, opts: SegmentOptions, together: list[list[str]]) -> 
     return _Choice(spaces, curves, chosen, elbows[chosen.space], reason, scores)
 
 
-def _name_segments(segments: list[Group], previous: SegmentModel | None, Xn: np.ndarray, features: list[str],
-                   opts: SegmentOptions) -> pd.DataFrame:  # fmt: skip
+def _name_segments(
+    segments: list[Group], previous: SegmentModel | None, Xn: np.ndarray, features: list[str], opts: SegmentOptions
+) -> pd.DataFrame:
     """Give each segment its id (an old one where its profile matched) and a readable name;
     returns how the old segments were matched."""
     kept, matching = _match(previous.segments if previous else [], segments, opts.match_max_distance)
@@ -527,8 +533,14 @@ def _name_segments(segments: list[Group], previous: SegmentModel | None, Xn: np.
     return matching
 
 
-def _all_subsegments(segments: list[Group], labels: np.ndarray, Xn: np.ndarray, previous: SegmentModel | None,
-                     features: list[str], opts: SegmentOptions) -> list[Group]:  # fmt: skip
+def _all_subsegments(
+    segments: list[Group],
+    labels: np.ndarray,
+    Xn: np.ndarray,
+    previous: SegmentModel | None,
+    features: list[str],
+    opts: SegmentOptions,
+) -> list[Group]:
     """Each segment's sub-segments (Ward), keeping old ids where their profiles matched."""
     subsegments: list[Group] = []
     for j, seg in enumerate(segments):
@@ -560,8 +572,13 @@ def train(
     km = _kmeans(Z, k, opts, n_init=10)
     labels = km.labels_
     segments = [
-        Group(id="", name="", centroid=km.cluster_centers_[j], profile=Xn[labels == j].mean(axis=0),
-              size=int((labels == j).sum()))  # fmt: skip
+        Group(
+            id="",
+            name="",
+            centroid=km.cluster_centers_[j],
+            profile=Xn[labels == j].mean(axis=0),
+            size=int((labels == j).sum()),
+        )
         for j in range(k)
     ]
     # Profiles are comparable only over the same features (a new category means new ids).
@@ -592,8 +609,15 @@ def train(
     )
 
 
-SEGMENT_COLUMNS = ("segment_id", "segment_name", "segment_distance", "segment_confidence", "subsegment_id",
-                   "subsegment_name", "is_noise")  # fmt: skip
+SEGMENT_COLUMNS = (
+    "segment_id",
+    "segment_name",
+    "segment_distance",
+    "segment_confidence",
+    "subsegment_id",
+    "subsegment_name",
+    "is_noise",
+)
 
 
 def assign(model: SegmentModel, X: pd.DataFrame) -> pd.DataFrame:
@@ -698,8 +722,9 @@ class SegmentResult(StageResult):
     unsegmented: int = 0  # people without a segment (no behaviour)
 
 
-def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOptions, retrain: bool = False,
-          full: bool = False) -> SegmentResult:  # fmt: skip
+def build(
+    con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOptions, retrain: bool = False, full: bool = False
+) -> SegmentResult:
     """Assign segments with the saved model, training (and saving) a new one when needed.
 
     Everyone cleaning kept gets a row: people with behaviour their nearest segment, people with
@@ -711,15 +736,24 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
     version = con.execute("SELECT max(transform_version) FROM normalized_features").fetchall()[0][0]
     saved = store.latest(SEGMENTS_KIND)
     previous: SegmentModel | None = saved.payload if saved else None
-    changed = {} if previous is None else {
-        "features were refitted": previous.feature_version != version,
-        "segmentation settings changed": previous.settings != opts.model_settings(),
-    }  # fmt: skip
+    changed = (
+        {}
+        if previous is None
+        else {
+            "features were refitted": previous.feature_version != version,
+            "segmentation settings changed": previous.settings != opts.model_settings(),
+        }
+    )
     why = retrain_reasons(retrain, previous is None, changed)
     model_version = (saved.version if saved else 0) + 1 if why else saved.version
-    p = refresh.plan(con, "segments", {**opts.model_settings(), "model_version": model_version},
-                     ("segments", "segment_catalog"), full=full or bool(why),
-                     full_reason="full rebuild asked for" if full else "model retrained")  # fmt: skip
+    p = refresh.plan(
+        con,
+        "segments",
+        {**opts.model_settings(), "model_version": model_version},
+        ("segments", "segment_catalog"),
+        full=full or bool(why),
+        full_reason="full rebuild asked for" if full else "model retrained",
+    )
     scope = "" if p.full else p.scope.has()
     everyone = con.execute(
         f"SELECT person_id FROM cleaned_users {'WHERE ' + scope if scope else ''} ORDER BY person_id"
@@ -736,8 +770,15 @@ def build(con: duckdb.DuckDBPyConnection, store: ModelStore, opts: SegmentOption
     return _result(con, p, model, status, why, moved, len(assigned))
 
 
-def _fit(store: ModelStore, matrix: pd.DataFrame, flags: pd.DataFrame, opts: SegmentOptions, version: int,
-         model_version: int, previous: SegmentModel | None) -> tuple[SegmentModel | None, str | None]:  # fmt: skip
+def _fit(
+    store: ModelStore,
+    matrix: pd.DataFrame,
+    flags: pd.DataFrame,
+    opts: SegmentOptions,
+    version: int,
+    model_version: int,
+    previous: SegmentModel | None,
+) -> tuple[SegmentModel | None, str | None]:
     """Train and save a model on the people fitted on, or say why none can be."""
     fit_rows = matrix.loc[flags["used_for_fitting"].to_numpy(), _feature_columns(matrix)]
     problem = untrainable(fit_rows.to_numpy(dtype=float), opts)
@@ -772,27 +813,43 @@ def _write(con: duckdb.DuckDBPyConnection, p: refresh.Plan, model: SegmentModel 
         splice_frame(con, "segments", assigned, p.scope.has(), before_commit=finish)
 
 
-def _result(con: duckdb.DuckDBPyConnection, p: refresh.Plan, model: SegmentModel | None, status: str | None,
-            why: list[str], moved: float | None, assigned: int) -> SegmentResult:  # fmt: skip
+def _result(
+    con: duckdb.DuckDBPyConnection,
+    p: refresh.Plan,
+    model: SegmentModel | None,
+    status: str | None,
+    why: list[str],
+    moved: float | None,
+    assigned: int,
+) -> SegmentResult:
     people, noise, low, unsegmented = con.execute(
         "SELECT count(*), coalesce(avg(is_noise::INT), 0), count(*) FILTER (WHERE low_confidence), "
         "count(*) FILTER (WHERE segment_id IS NULL) FROM segments"
     ).fetchall()[0]
     return SegmentResult(
-        mode=p.mode, why="; ".join(why) or f"assigned with saved model v{model.version}", people=people,
-        people_recomputed=None if p.full else assigned, counts={"segments": people}, status=status or "fitted",
-        trained=bool(why) and model is not None, model=model, moved_share=moved,
-        catalog=con.execute("SELECT * FROM segment_catalog").df(), noise_share=float(noise), low_confidence=int(low),
+        mode=p.mode,
+        why="; ".join(why) or f"assigned with saved model v{model.version}",
+        people=people,
+        people_recomputed=None if p.full else assigned,
+        counts={"segments": people},
+        status=status or "fitted",
+        trained=bool(why) and model is not None,
+        model=model,
+        moved_share=moved,
+        catalog=con.execute("SELECT * FROM segment_catalog").df(),
+        noise_share=float(noise),
+        low_confidence=int(low),
         unsegmented=int(unsegmented),
-    )  # fmt: skip
+    )
 
 
 def _feature_columns(matrix: pd.DataFrame) -> list[str]:
     return [c for c in matrix.columns if c not in ("person_id", "used_for_fitting", "transform_version")]
 
 
-def _assign_everyone(model: SegmentModel | None, matrix: pd.DataFrame, flags: pd.DataFrame,
-                     person_ids: list[str]) -> pd.DataFrame:  # fmt: skip
+def _assign_everyone(
+    model: SegmentModel | None, matrix: pd.DataFrame, flags: pd.DataFrame, person_ids: list[str]
+) -> pd.DataFrame:
     """Segment rows for `person_ids`: the model's assignment for those with features, empty ones for the rest."""
     if model is None or not len(matrix):
         return unsegmented(person_ids)

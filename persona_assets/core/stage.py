@@ -27,8 +27,9 @@ class StageResult:
         return self.people if self.people_recomputed is None else self.people_recomputed
 
 
-def retrain_reasons(asked: bool, nothing_saved: bool, changed: dict[str, bool], what: str = "model",
-                    verb: str = "retrain") -> list[str]:  # fmt: skip
+def retrain_reasons(
+    asked: bool, nothing_saved: bool, changed: dict[str, bool], what: str = "model", verb: str = "retrain"
+) -> list[str]:
     """Why a stage's model must be fitted again, in plain words (none: the saved one serves).
     `changed`: what the saved model was fitted on that is no longer so (empty when nothing is saved)."""
     reasons = {f"{verb} on request": asked, f"no saved {what}": nothing_saved, **changed}

@@ -393,8 +393,9 @@ async def _start(state: State) -> None:
     state.reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiles")
     url = _stream_url(state.home) if s.stream else None
     live = _live_reader(url) if url else None
-    state.reader = ProfileReader(snapshot_path(), load_key(state.home), s.gmail_rules, live,
-                                 definitions=_definitions(state.home))  # fmt: skip
+    state.reader = ProfileReader(
+        snapshot_path(), load_key(state.home), s.gmail_rules, live, definitions=_definitions(state.home)
+    )
     loop = asyncio.get_running_loop()
     state.explorer = Explorer(s, state.home, state.reader, lambda call: loop.run_in_executor(state.reads, call))
     state.reads.submit(state.reader.warm)  # the snapshot opened (and held) before the first read asks
@@ -481,14 +482,19 @@ async def _stop(state: State) -> None:
 def _announce(state: State) -> None:
     recovered = state.recovered
     if recovered.files:
-        print(f"recovered {len(recovered.files)} spool file(s) a stopped server left "
-              f"({recovered.torn_bytes} bytes of unanswered lines cut)", flush=True)  # fmt: skip
+        print(
+            f"recovered {len(recovered.files)} spool file(s) a stopped server left "
+            f"({recovered.torn_bytes} bytes of unanswered lines cut)",
+            flush=True,
+        )
     reads = "on" if state.settings.read_key else "off (no read key)"
     if state.settings.read_key:
         reads += f"; person explorer at {state.address}/ (actions {'on' if state.settings.admin_key else 'off'})"
     stream = "and the Redis stream" if state.stream is not None else "(no Redis stream)"
-    print(f"Persona server on {state.address}: events to {state.home / 'landing'} {stream}; "
-          f"profile API {reads}", flush=True)  # fmt: skip
+    print(
+        f"Persona server on {state.address}: events to {state.home / 'landing'} {stream}; profile API {reads}",
+        flush=True,
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -511,6 +517,14 @@ def serve(home: Path, settings: ServerSettings) -> None:
     shown = f"[{host}]" if ":" in host else host
     app = build_app(home, settings, f"http://{shown}:{port}")
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="persona serve: %(message)s")
-    config = uvicorn.Config(app, loop="uvloop", http="httptools", lifespan="on", access_log=False,
-                            log_level="warning", server_header=False, timeout_graceful_shutdown=10)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
     uvicorn.Server(config).run(sockets=[sock])

@@ -263,8 +263,9 @@ class Received:
         return cls(at, iso(at))
 
 
-def prepare_event(item: object, kind: str, batch: dict, received: Received, recent: RecentIds,
-                  max_bytes: int) -> tuple[object, str]:  # fmt: skip
+def prepare_event(
+    item: object, kind: str, batch: dict, received: Received, recent: RecentIds, max_bytes: int
+) -> tuple[object, str]:
     """One event as stamped, and its landing line."""
     if not isinstance(item, dict):  # written as sent: the contract quarantines it (not_an_object)
         return item, _line(item)

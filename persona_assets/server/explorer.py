@@ -129,9 +129,15 @@ class Job:
         return self.returncode is None
 
     def public(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "person_id": self.person_id, "running": self.running,
-                "ok": self.returncode == 0, "started_at": self.started_at.isoformat(timespec="seconds"),
-                "finished_at": self.finished_at.isoformat(timespec="seconds") if self.finished_at else None}  # fmt: skip
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "person_id": self.person_id,
+            "running": self.running,
+            "ok": self.returncode == 0,
+            "started_at": self.started_at.isoformat(timespec="seconds"),
+            "finished_at": self.finished_at.isoformat(timespec="seconds") if self.finished_at else None,
+        }
 
 
 @dataclass
@@ -163,8 +169,7 @@ class Explorer:
     # --- answers ------------------------------------------------------------------------------
 
     def page(self, template: str, visit: Visit | None, status: int = 200, headers: dict | None = None, **values):
-        values = {"visit": visit, "admin_key_set": bool(self.settings.admin_key), "running": self._running(),
-                  **values}  # fmt: skip
+        values = {"visit": visit, "admin_key_set": bool(self.settings.admin_key), "running": self._running(), **values}
         body = self.templates.get_template(template).render(**values).encode()
         return Answer(status, body, HEADERS | (headers or {}))
 
@@ -218,9 +223,13 @@ class Explorer:
             return _static(parts[1])
         visit = self.visit(request)
         if not self.settings.read_key:
-            return self.message(visit, 503, "The explorer is off",
-                                "No read key is set. Set PERSONA_READ_KEY (or read_key under server: in "
-                                "persona.yaml) and restart persona serve.")  # fmt: skip
+            return self.message(
+                visit,
+                503,
+                "The explorer is off",
+                "No read key is set. Set PERSONA_READ_KEY (or read_key under server: in "
+                "persona.yaml) and restart persona serve.",
+            )
         if request.method not in ("GET", "POST"):
             return Answer(405, b"", {"allow": "GET, POST"})
         try:
@@ -237,8 +246,12 @@ class Explorer:
                 return self.page("login.html", visit, 401, next=_next(back))
             return await self._get(request, visit, parts)
         except NotFound:
-            return self.message(visit, 404, "Nobody here", "No one in the snapshot has this id (forgotten, or "
-                                "merged into someone else since: search again).")  # fmt: skip
+            return self.message(
+                visit,
+                404,
+                "Nobody here",
+                "No one in the snapshot has this id (forgotten, or merged into someone else since: search again).",
+            )
         except BadRequest as exc:
             return self.message(visit, 400, "Not understood", str(exc))
         except FileNotFoundError:
@@ -299,8 +312,9 @@ class Explorer:
             if not self.settings.admin_key:
                 return self.message(visit, 403, "Actions are off", ACTIONS_OFF)
             if not visit.admin:
-                return self.message(visit, 403, "Unlock actions first", "Actions need the admin key: unlock them "
-                                    "on the person's page.")  # fmt: skip
+                return self.message(
+                    visit, 403, "Unlock actions first", "Actions need the admin key: unlock them on the person's page."
+                )
             return await self._act(visit, parts[1], parts[2], form)
         return self.message(visit, 404, "No such page", "Start from the search.")
 
@@ -329,12 +343,22 @@ class Explorer:
         catalog = {s["id"]: s for s in (await self.read(r.segments))["data"]}
         jobs = [j for j in self.jobs.values() if j.person_id == person_id]
         return self.page(
-            "person.html", visit, person_id=person_id, traits=traits, provenance=provenance,
+            "person.html",
+            visit,
+            person_id=person_id,
+            traits=traits,
+            provenance=provenance,
             behaviour=[(label, traits.get(name)) for name, label in BEHAVIOUR],
-            affinity=_bars(traits.get("category_affinity") or {}), activity=_columns(weeks), identity=identity,
+            affinity=_bars(traits.get("category_affinity") or {}),
+            activity=_columns(weeks),
+            identity=identity,
             identifiers=identifiers,
-            audiences=audiences, events=events, after=after, path=_segment_path(traits, catalog), jobs=jobs,
-        )  # fmt: skip
+            audiences=audiences,
+            events=events,
+            after=after,
+            path=_segment_path(traits, catalog),
+            jobs=jobs,
+        )
 
     async def _confirm(self, visit: Visit, person_id: str, kind: str, other: str) -> Answer:
         if not PERSON.match(person_id):
@@ -344,8 +368,17 @@ class Explorer:
         identifiers = (await self.read(lambda: r.identifiers(*who)))["data"]
         identity = await self.read(lambda: r.links(*who))
         others = (await self.read(lambda: r.search(other)))["data"] if other.strip() else []
-        return self.page("confirm.html", visit, kind=kind, person_id=person_id, traits=traits,
-                         identifiers=identifiers, identity=identity, other=other.strip(), others=others)  # fmt: skip
+        return self.page(
+            "confirm.html",
+            visit,
+            kind=kind,
+            person_id=person_id,
+            traits=traits,
+            identifiers=identifiers,
+            identity=identity,
+            other=other.strip(),
+            others=others,
+        )
 
     async def _action_page(self, visit: Visit, number: str) -> Answer:
         job = self.jobs.get(int(number)) if number.isdigit() else None
@@ -367,9 +400,13 @@ class Explorer:
             raise NotFound
         running = self._running()
         if running is not None:
-            return self.message(visit, 409, "Another action is running",
-                                f"Action #{running.id} ({running.kind} of {running.person_id}) has not finished; "
-                                "the warehouse takes one writer at a time.")  # fmt: skip
+            return self.message(
+                visit,
+                409,
+                "Another action is running",
+                f"Action #{running.id} ({running.kind} of {running.person_id}) has not finished; "
+                "the warehouse takes one writer at a time.",
+            )
         identifiers = (await self.read(lambda: self.reader.identifiers("person_id", person_id)))["data"]
         reason = form.get("reason", "").strip()[:500]
         args = {"unmerge": ["unmerge", person_id], "forget": ["forget", person_id]}.get(kind)
@@ -377,16 +414,25 @@ class Explorer:
             other = form.get("with", "").strip()
             found = (await self.read(lambda: self.reader.search(other)))["data"] if other else []
             if len(found) != 1 or found[0]["person_id"] == person_id:
-                return self.message(visit, 400, "Whom to merge with?", "Name exactly one other person (a person_id "
-                                    "or an identifier that finds one person).")  # fmt: skip
+                return self.message(
+                    visit,
+                    400,
+                    "Whom to merge with?",
+                    "Name exactly one other person (a person_id or an identifier that finds one person).",
+                )
             args = ["merge", person_id, found[0]["person_id"]]
             # the other's identifiers too, so the action's page shows who holds all of them after
             theirs = await self.read(lambda: self.reader.identifiers("person_id", found[0]["person_id"]))
             identifiers += theirs["data"]
         if kind in ("unmerge", "merge"):
             args += ["--by", "explorer"] + (["--reason", reason] if reason else [])
-        job = Job(len(self.jobs) + 1, kind, person_id, [sys.executable, "-m", "persona_assets.cli", *args],
-                  [(i["type"], i["id"]) for i in identifiers])  # fmt: skip
+        job = Job(
+            len(self.jobs) + 1,
+            kind,
+            person_id,
+            [sys.executable, "-m", "persona_assets.cli", *args],
+            [(i["type"], i["id"]) for i in identifiers],
+        )
         self.jobs[job.id] = job
         await self._start(job)
         return self.redirect(f"/actions/{job.id}")
@@ -394,9 +440,13 @@ class Explorer:
     async def _start(self, job: Job) -> None:
         env = {**os.environ, "PERSONA_HOME": str(self.home)}
         process = await asyncio.create_subprocess_exec(
-            *job.command, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            *job.command,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         async def follow() -> None:
             out, _ = await process.communicate()
@@ -416,8 +466,10 @@ class Explorer:
                 job.task.cancel()
 
 
-ACTIONS_OFF = ("No admin key is set, so merging, splitting and forgetting from here are off. Set PERSONA_ADMIN_KEY "
-               "(or admin_key under server: in persona.yaml; not the read or write key) and restart persona serve.")  # fmt: skip
+ACTIONS_OFF = (
+    "No admin key is set, so merging, splitting and forgetting from here are off. Set PERSONA_ADMIN_KEY "
+    "(or admin_key under server: in persona.yaml; not the read or write key) and restart persona serve."
+)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -428,8 +480,9 @@ def _static(name: str) -> Answer:
     kind = STATIC_TYPES.get(path.suffix)
     if kind is None or "/" in name or name.startswith(".") or not path.is_file():
         return Answer(404, b"not found", {"content-type": "text/plain"})
-    return Answer(200, path.read_bytes(), {"content-type": kind, "cache-control": "no-cache",
-                                           "x-content-type-options": "nosniff"})  # fmt: skip
+    return Answer(
+        200, path.read_bytes(), {"content-type": kind, "cache-control": "no-cache", "x-content-type-options": "nosniff"}
+    )
 
 
 async def _form(request: Request) -> dict:

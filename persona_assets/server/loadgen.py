@@ -110,8 +110,9 @@ async def closed_loop(host: str, port: int, make: Callable[[int], bytes], connec
     return Result(done[0], time.perf_counter() - start, errors[0], [])
 
 
-async def open_loop(host: str, port: int, make: Callable[[int], bytes], rate: float, seconds: float,
-                    connections: int = 64) -> Result:  # fmt: skip
+async def open_loop(
+    host: str, port: int, make: Callable[[int], bytes], rate: float, seconds: float, connections: int = 64
+) -> Result:
     """`rate` requests a second on a pool of connections; latency from when each was due."""
     pool: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(connections):

@@ -127,8 +127,9 @@ class ProfileReader:
     a profile row) is kept for the next request, up to `cache` entries each, and dropped with
     the connection when a new snapshot comes."""
 
-    def __init__(self, snapshot: Path, key: bytes, gmail_rules: bool = True, live=None, cache: int = 50_000,
-                 definitions=None) -> None:  # fmt: skip
+    def __init__(
+        self, snapshot: Path, key: bytes, gmail_rules: bool = True, live=None, cache: int = 50_000, definitions=None
+    ) -> None:
         self.snapshot, self.key, self.gmail_rules, self.live = snapshot, key, gmail_rules, live
         # definitions(con) -> the audience definitions in force, checked against the snapshot (for `why`)
         self.definitions = definitions
@@ -324,8 +325,11 @@ class ProfileReader:
         more = len(rows) > limit
         rows = rows[:limit]
         token = encode_cursor(rows[-1]["event_at"], rows[-1]["message_id"]) if more else None
-        return {"person_id": person_id, "data": [jsonable(_select(r, fields)) for r in rows],
-                "cursor": {"has_more": more, "next": token}}  # fmt: skip
+        return {
+            "person_id": person_id,
+            "data": [jsonable(_select(r, fields)) for r in rows],
+            "cursor": {"has_more": more, "next": token},
+        }
 
     # --- reads the person explorer needs (also under /v1/: search, provenance, links, segments, audiences) ---
 
@@ -372,8 +376,17 @@ class ProfileReader:
             ).fetchall()
             for trait, kind, number, text, items, source in computed:
                 shown = items if items is not None else text if text is not None else number
-                data.append({"trait": trait, "value": shown, "source": source, "kind": kind, "confidence": None,
-                             "model_version": None, "observed_at": None})  # fmt: skip
+                data.append(
+                    {
+                        "trait": trait,
+                        "value": shown,
+                        "source": source,
+                        "kind": kind,
+                        "confidence": None,
+                        "model_version": None,
+                        "observed_at": None,
+                    }
+                )
         return {"person_id": person_id, "data": jsonable(data)}
 
     def links(self, id_type: str, value: str) -> dict:
@@ -398,8 +411,11 @@ class ProfileReader:
             {"p": person_id},
         ).fetchall()
         names = ("old_person_id", "new_person_id", "change", "identifiers_moved", "changed_at")
-        return {"person_id": person_id, "links": jsonable(links),
-                "history": jsonable([dict(zip(names, r, strict=True)) for r in history])}  # fmt: skip
+        return {
+            "person_id": person_id,
+            "links": jsonable(links),
+            "history": jsonable([dict(zip(names, r, strict=True)) for r in history]),
+        }
 
     def activity(self, id_type: str, value: str, weeks: int = 26) -> dict:
         """The person's events and orders a week, over the `weeks` weeks up to their latest event
@@ -450,8 +466,9 @@ class ProfileReader:
             audience = definitions.audiences[member["audience"]]
             member["description"] = audience.description
             reasons = explain(con, definitions, member["audience"], answer["person_id"])
-            member["why"] = [{"depth": r.depth, "holds": r.holds, "text": r.text, "value": jsonable(r.value)}
-                             for r in reasons]  # fmt: skip
+            member["why"] = [
+                {"depth": r.depth, "holds": r.holds, "text": r.text, "value": jsonable(r.value)} for r in reasons
+            ]
         return answer
 
     def segments(self) -> dict:

@@ -49,8 +49,11 @@ def start_server(home: Path, env: dict | None = None, args: tuple[str, ...] = ()
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "persona_assets.cli", "serve", "--port", "0", *args],
-            env=full, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            env=full,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     served = Served("", process, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -69,8 +72,14 @@ def basic(key: str) -> str:
     return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
 
 
-def request(url: str, body: bytes | dict | None = None, key: str | None = WRITE_KEY, method: str | None = None,
-            headers: dict | None = None, timeout: float = 10.0) -> tuple[int, dict, dict]:  # fmt: skip
+def request(
+    url: str,
+    body: bytes | dict | None = None,
+    key: str | None = WRITE_KEY,
+    method: str | None = None,
+    headers: dict | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, dict, dict]:
     """(status, JSON answer, headers) of one request."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     sent = {"Content-Type": "application/json", **({"Authorization": basic(key)} if key else {}), **(headers or {})}
