@@ -370,8 +370,11 @@ def _paced_with_audiences(client, url: str, root: Path, publish_path: Path, rate
     stream.load_identity(client, root / "snapshot.duckdb")
     definitions = root / "audiences.yaml"
     definitions.write_text(BENCH_AUDIENCES)
-    consumer = subprocess.Popen([sys.executable, "-c", CONSUME, url, str(offered), str(root / "flushed"),
-                                 str(definitions)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    consumer = subprocess.Popen(
+        [sys.executable, "-c", CONSUME, url, str(offered), str(root / "flushed"), str(definitions)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert consumer.stdout.readline().strip() == "ready"
     stream.publish(client, publish_path, rate=rate, limit=offered)
     out, _ = consumer.communicate(timeout=300)
@@ -394,14 +397,26 @@ BENCH_WRITE_KEY, BENCH_READ_KEY = "bench-write-key", "bench-read-key"
 def _event_template() -> bytes:
     """A typical track call as an SDK sends it, its messageId to be filled in per request."""
     at = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-    return json.dumps({
-        "type": "track", "event": "Product Viewed", "userId": "bench-user", "anonymousId": "bench-anon",
-        "messageId": "@ID@", "timestamp": at, "sentAt": at,
-        "properties": {"product_id": "sku-123", "category": "garden", "price": 19.99, "currency": "EUR"},
-        "context": {"device": {"id": "dev-1", "type": "mobile"}, "os": {"name": "iOS"}, "locale": "de-DE",
-                    "timezone": "Europe/Berlin", "page": {"url": "https://shop.example/p/sku-123"},
-                    "library": {"name": "analytics-python", "version": "2.4.0"}},
-    }).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "type": "track",
+            "event": "Product Viewed",
+            "userId": "bench-user",
+            "anonymousId": "bench-anon",
+            "messageId": "@ID@",
+            "timestamp": at,
+            "sentAt": at,
+            "properties": {"product_id": "sku-123", "category": "garden", "price": 19.99, "currency": "EUR"},
+            "context": {
+                "device": {"id": "dev-1", "type": "mobile"},
+                "os": {"name": "iOS"},
+                "locale": "de-DE",
+                "timezone": "Europe/Berlin",
+                "page": {"url": "https://shop.example/p/sku-123"},
+                "library": {"name": "analytics-python", "version": "2.4.0"},
+            },
+        }
+    ).encode()
 
 
 def _server_workloads(host: str, users: list[str]) -> dict:
@@ -429,13 +444,20 @@ def _load_server(port: int, workloads: dict, seconds: float, reads: bool = True)
 
     batch = loadgen.run(loadgen.closed_loop("127.0.0.1", port, workloads["batch"], 8, seconds))
     track = loadgen.run(loadgen.open_loop("127.0.0.1", port, workloads["track"], 1000.0, seconds))
-    out = {"events_per_second": round(batch.per_second * 100), "batch_errors": batch.errors,
-           "track_p50_ms": round(track.percentile(0.5), 2), "track_p99_ms": round(track.percentile(0.99), 2),
-           "track_errors": track.errors}  # fmt: skip
+    out = {
+        "events_per_second": round(batch.per_second * 100),
+        "batch_errors": batch.errors,
+        "track_p50_ms": round(track.percentile(0.5), 2),
+        "track_p99_ms": round(track.percentile(0.99), 2),
+        "track_errors": track.errors,
+    }
     if reads:
         read = loadgen.run(loadgen.open_loop("127.0.0.1", port, workloads["read"], 500.0, seconds))
-        out.update(read_p50_ms=round(read.percentile(0.5), 2), read_p99_ms=round(read.percentile(0.99), 2),
-                   read_errors=read.errors)  # fmt: skip
+        out.update(
+            read_p50_ms=round(read.percentile(0.5), 2),
+            read_p99_ms=round(read.percentile(0.99), 2),
+            read_errors=read.errors,
+        )
     return out
 
 
@@ -479,13 +501,22 @@ def server_bench(work: Path, snapshot: Path, seconds: float = SERVER_SECONDS) ->
     with duckdb.connect(str(snapshot), read_only=True) as con:
         # As many different people's identifiers as reads are made: each read is a first read
         # (the server keeps what it read from a snapshot, so repeats would measure its cache).
-        users = [f"{t}:{i}" for t, i in con.execute(
-            "SELECT identifier_type, identifier FROM identity_map WHERE identifier_type IN ('user_id', 'anonymous_id') "
-            "QUALIFY row_number() OVER (PARTITION BY person_id ORDER BY identifier) = 1 ORDER BY hash(identifier) "
-            "LIMIT $n", {"n": int(500 * seconds)}).fetchall()]  # fmt: skip
+        users = [
+            f"{t}:{i}"
+            for t, i in con.execute(
+                "SELECT identifier_type, identifier FROM identity_map WHERE identifier_type IN ('user_id', 'anonymous_id') "
+                "QUALIFY row_number() OVER (PARTITION BY person_id ORDER BY identifier) = 1 ORDER BY hash(identifier) "
+                "LIMIT $n",
+                {"n": int(500 * seconds)},
+            ).fetchall()
+        ]
     port = _free_port()
-    env = {**os.environ, "PERSONA_HOME": str(root), "PERSONA_WRITE_KEY": BENCH_WRITE_KEY,
-           "PERSONA_READ_KEY": BENCH_READ_KEY}  # fmt: skip
+    env = {
+        **os.environ,
+        "PERSONA_HOME": str(root),
+        "PERSONA_WRITE_KEY": BENCH_WRITE_KEY,
+        "PERSONA_READ_KEY": BENCH_READ_KEY,
+    }
     env.pop("PERSONA_REDIS_URL", None)
     workloads = _server_workloads(f"127.0.0.1:{port}", users)
     cmd = [sys.executable, "-m", "persona_assets.cli", "serve", "--port", str(port)]
@@ -594,8 +625,9 @@ def run(args) -> int:
         base, increment = work / f"{data.name}-base-{tag}", work / f"{data.name}-new-{tag}" / "newest.jsonl"
         if not increment.exists():
             print(f"splitting off the newest {args.refresh_share:.1%} of events ...", flush=True)
-            subprocess.run([sys.executable, "-c", SPLIT, str(data), str(base), str(increment),
-                            str(args.refresh_share)], check=True)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-c", SPLIT, str(data), str(base), str(increment), str(args.refresh_share)], check=True
+            )
         data = base
     pattern = str(data / ("*." + args.format))
     warehouse, snapshot = work / "bench-warehouse.duckdb", work / "bench-serving.duckdb"
@@ -649,10 +681,11 @@ def run(args) -> int:
         results["people"] = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
     print("audiences ...", flush=True)
     audience_s, audience_gb, out = measure(AUDIENCES, str(warehouse), BENCH_AUDIENCES)
-    results["audiences"] = {**{k: (round(v, 2) if isinstance(v, float) else v)
-                               for k, v in json.loads(out.splitlines()[-1]).items()},
-                            "peak_gb": round(audience_gb, 2),
-                            "share_of_full_build": round(audience_s / results["full_build_seconds"], 3)}  # fmt: skip
+    results["audiences"] = {
+        **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in json.loads(out.splitlines()[-1]).items()},
+        "peak_gb": round(audience_gb, 2),
+        "share_of_full_build": round(audience_s / results["full_build_seconds"], 3),
+    }
     if increment is not None:
         print("incremental refresh ...", flush=True)
         refresh_s, _, out = measure(INGEST, str(increment.parent), str(warehouse))
@@ -788,24 +821,42 @@ def _stage(seconds: float, peak_gb: float, rows_in: int | None, rows_out: int | 
 
 # Goals from the performance issue, checked on the 20m run.
 GOALS = (
-    ("full build under 15 minutes", lambda r: r["full_build_seconds"] < 900, lambda r: f"{r['full_build_seconds']:.0f} s"),
+    (
+        "full build under 15 minutes",
+        lambda r: r["full_build_seconds"] < 900,
+        lambda r: f"{r['full_build_seconds']:.0f} s",
+    ),
     ("full build under 12 GB peak", lambda r: r["full_build_peak_gb"] < 12, lambda r: f"{r['full_build_peak_gb']} GB"),
-    ("whole graph under 15x the floor", lambda r: r.get("full_build_ratio_to_floor", 99) < 15,
-     lambda r: f"{r.get('full_build_ratio_to_floor')}x"),
-    ("1% refresh under 10% of the full build", lambda r: r["refresh"]["share_of_full_build"] < 0.10,
-     lambda r: f"{r['refresh']['share_of_full_build']:.1%}"),
+    (
+        "whole graph under 15x the floor",
+        lambda r: r.get("full_build_ratio_to_floor", 99) < 15,
+        lambda r: f"{r.get('full_build_ratio_to_floor')}x",
+    ),
+    (
+        "1% refresh under 10% of the full build",
+        lambda r: r["refresh"]["share_of_full_build"] < 0.10,
+        lambda r: f"{r['refresh']['share_of_full_build']:.1%}",
+    ),
     ("profile look-up p99 under 10 ms", lambda r: r["lookup"]["p99_ms"] < 10, lambda r: f"{r['lookup']['p99_ms']} ms"),
-    ("10 audiences and 5 computed traits under 10% of the full build",
-     lambda r: r["audiences"]["share_of_full_build"] < 0.10, lambda r: f"{r['audiences']['share_of_full_build']:.1%}"),
-)  # fmt: skip
+    (
+        "10 audiences and 5 computed traits under 10% of the full build",
+        lambda r: r["audiences"]["share_of_full_build"] < 0.10,
+        lambda r: f"{r['audiences']['share_of_full_build']:.1%}",
+    ),
+)
 
 
 def report_markdown(r: dict) -> str:
     """One bench run as markdown: the per-stage table, then the summary figures."""
     sampled = " Stages sampled by pyinstrument (adds a little)." if r.get("profiled") else ""
-    lines = [f"### {r['scale']}: {r['events']:,} events, {r['people']:,} people ({r['date']})", "",
-             f"Machine: {r['machine']}.{sampled}", "",
-             "| stage | seconds | peak GB | rows in | rows out |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"### {r['scale']}: {r['events']:,} events, {r['people']:,} people ({r['date']})",
+        "",
+        f"Machine: {r['machine']}.{sampled}",
+        "",
+        "| stage | seconds | peak GB | rows in | rows out |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, st in r["stages"].items():
         rows_in = f"{st['rows_in']:,}" if st["rows_in"] is not None else ""
         rows_out = f"{st['rows_out']:,}" if st["rows_out"] is not None else ""
@@ -867,8 +918,12 @@ def report_markdown(r: dict) -> str:
             f"- Stream: {st['stream_events_per_second']:,} events/s on one consumer; at "
             f"{st['stream_offered_per_second']:.0f}/s offered, latency p50 {st['stream_latency_p50_ms']} ms, "
             f"p99 {st['stream_latency_p99_ms']} ms"
-            + (f"; deciding the live audiences per event, p50 {st['stream_audiences_latency_p50_ms']} ms, "
-               f"p99 {st['stream_audiences_latency_p99_ms']} ms." if "stream_audiences_latency_p99_ms" in st else ".")
+            + (
+                f"; deciding the live audiences per event, p50 {st['stream_audiences_latency_p50_ms']} ms, "
+                f"p99 {st['stream_audiences_latency_p99_ms']} ms."
+                if "stream_audiences_latency_p99_ms" in st
+                else "."
+            )
         )
     if "linkage" in r:
         lk = r["linkage"]
@@ -891,8 +946,11 @@ def server_markdown(sv: dict) -> list[str]:
     """The server's figures, each beside its floor (the same stack answering an empty 200)."""
     own = OWN_STACK if "floor_stack" not in sv else sv["floor_stack"]
     p, f = sv["persona"], sv[own]
-    others = ", ".join(f"{name} {sv[name]['events_per_second'] / 100:,.0f} requests/s and track p99 "
-                       f"{sv[name]['track_p99_ms']} ms" for name in FLOOR_STACKS if name != own and name in sv)  # fmt: skip
+    others = ", ".join(
+        f"{name} {sv[name]['events_per_second'] / 100:,.0f} requests/s and track p99 {sv[name]['track_p99_ms']} ms"
+        for name in FLOOR_STACKS
+        if name != own and name in sv
+    )
     errors = sum(v for k, v in p.items() if k.endswith("_errors"))
     return [
         f"- Server (`persona serve`, one process): collection {p['events_per_second']:,} events/s in batches of 100 "

@@ -100,7 +100,7 @@ def test_staging_in_small_steps_gives_the_same_tables_as_one_step(tmp_path, gene
                         ("quarantined_events", "quarantined_at"),
                         ("ingest_files", "ingested_at, run_id, mtime_ns, lines_suppressed, lines_erased"),
                     )
-                ]  # fmt: skip
+                ]
             )
     assert tables[0] == tables[1]
     assert tables[1][2][-1][-1] > 0, "the re-delivered file's lines are counted as copies"

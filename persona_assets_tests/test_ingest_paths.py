@@ -28,9 +28,15 @@ from persona_assets.core.mappings import parse_mappings
 KEY = b"paths-key"
 NOW = datetime(2026, 11, 1)
 MAPPINGS = parse_mappings(
-    [{"files": "shop-*.jsonl", "columns": {"userId": "customer.id", "properties.revenue": "order.total"},
-      "events": {"purchase": "Order Completed"}, "defaults": {"type": "track"}}]
-)  # fmt: skip
+    [
+        {
+            "files": "shop-*.jsonl",
+            "columns": {"userId": "customer.id", "properties.revenue": "order.total"},
+            "events": {"purchase": "Order Completed"},
+            "defaults": {"type": "track"},
+        }
+    ]
+)
 
 
 def _event(n: int, **over) -> dict:
@@ -41,9 +47,13 @@ def _event(n: int, **over) -> dict:
         "anonymousId": f"a{n % 7}",
         "userId": f"u{n % 5}",
         "timestamp": f"2026-09-01T10:{n % 60:02d}:00Z",
-        "context": {"device": {"id": f"d{n % 3}", "type": "mobile"}, "locale": "en-GB", "page": {"url": "https://x.example/p"}},
+        "context": {
+            "device": {"id": f"d{n % 3}", "type": "mobile"},
+            "locale": "en-GB",
+            "page": {"url": "https://x.example/p"},
+        },
         "properties": {"price": 9.5 + n, "category": "books", "product_id": f"p{n % 11}"},
-    }  # fmt: skip
+    }
     if n % 4 == 0:
         ev.update(type="identify", traits={"email": f"Person.{n % 5}@Gmail.com", "phone": "+44 20 7946 0958"})
         ev.pop("event")
@@ -110,10 +120,21 @@ def landing(tmp_path: Path) -> Path:
     pacsv.write_csv(_flat_table(events), folder / "05-clean.csv")
     text = (folder / "05-clean.csv").read_text()
     (folder / "06-malformed.csv").write_text(text.replace("m4010", "m6010") + "x,y\n" + "broken,\n")
-    pq.write_table(_flat_table([_event(n) for n in range(7000, 7150)] + [_event(n) for n in range(10)]),
-                   folder / "07-clean.parquet")  # fmt: skip
-    shop = [{"messageId": f"s{n}", "event": "purchase", "anonymousId": f"a{n}", "timestamp": "2026-09-02T08:00:00Z",
-             "customer": {"id": f"c{n}"}, "order": {"total": 20 + n}} for n in range(50)]  # fmt: skip
+    pq.write_table(
+        _flat_table([_event(n) for n in range(7000, 7150)] + [_event(n) for n in range(10)]),
+        folder / "07-clean.parquet",
+    )
+    shop = [
+        {
+            "messageId": f"s{n}",
+            "event": "purchase",
+            "anonymousId": f"a{n}",
+            "timestamp": "2026-09-02T08:00:00Z",
+            "customer": {"id": f"c{n}"},
+            "order": {"total": 20 + n},
+        }
+        for n in range(50)
+    ]
     _write_jsonl(
         folder / "shop-08.jsonl", [json.dumps(e) for e in shop] + ['{"messageId": "s1", "order": {"total": "x"}}']
     )
@@ -141,8 +162,18 @@ def test_chunked_parallel_ingest_matches_line_by_line_ingest(tmp_path, landing):
     kept, quarantined, ledger = results[0]
     assert results[0] == results[1]
     reasons = {row[2] for row in quarantined}
-    assert {"malformed_json", "not_an_object", "empty_line", "bad_type", "bad_value", "invalid_utf8",
-            "conflicting_redelivery", "malformed_row", "field_too_long", "bad_timestamp"} <= reasons  # fmt: skip
+    assert {
+        "malformed_json",
+        "not_an_object",
+        "empty_line",
+        "bad_type",
+        "bad_value",
+        "invalid_utf8",
+        "conflicting_redelivery",
+        "malformed_row",
+        "field_too_long",
+        "bad_timestamp",
+    } <= reasons
     assert sum(row[5] for row in ledger) > 0, "copies across files are counted"
     assert all(row[1] == "ingested" for row in ledger) and len(ledger) == 8
     assert sum(row[2] for row in ledger) == sum(row[3] + row[4] + row[5] for row in ledger)

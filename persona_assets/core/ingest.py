@@ -211,13 +211,26 @@ HEADER_CHARS = 1 << 20  # a CSV header is looked for in this much of the file
 # What reading a damaged or hostile file raises; and of those, what is the machine's failure, not the
 # file's (it stops the run instead of marking the file unreadable for good).
 READ_ERRORS = (
-    OSError, EOFError, zlib.error, csv.Error, UnicodeError, ValueError, KeyError, IndexError, OverflowError,
-    RecursionError, pa.ArrowException, duckdb.Error,
-)  # fmt: skip
+    OSError,
+    EOFError,
+    zlib.error,
+    csv.Error,
+    UnicodeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    RecursionError,
+    pa.ArrowException,
+    duckdb.Error,
+)
 NOT_FILE_ERRORS = (
-    duckdb.OutOfMemoryException, duckdb.IOException, duckdb.InterruptException, duckdb.FatalException,
+    duckdb.OutOfMemoryException,
+    duckdb.IOException,
+    duckdb.InterruptException,
+    duckdb.FatalException,
     pa.ArrowMemoryError,
-)  # fmt: skip
+)
 
 
 class UnreadableFile(Exception):
@@ -867,11 +880,39 @@ FROM v
 
 
 STAGE_COLUMNS = [
-    "message_id", "event_type", "event_name", "user_id", "anonymous_id", "previous_id", "event_at",
-    "email", "phone", "first_name", "last_name", "birthday", "age", "gender", "postal_code", "city",
-    "country", "consent", "device_id", "device_type", "os_name", "timezone", "locale", "page_url",
-    "category", "product_id", "price", "quantity", "revenue", "order_id", "products", "search_query",
-]  # fmt: skip
+    "message_id",
+    "event_type",
+    "event_name",
+    "user_id",
+    "anonymous_id",
+    "previous_id",
+    "event_at",
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "birthday",
+    "age",
+    "gender",
+    "postal_code",
+    "city",
+    "country",
+    "consent",
+    "device_id",
+    "device_type",
+    "os_name",
+    "timezone",
+    "locale",
+    "page_url",
+    "category",
+    "product_id",
+    "price",
+    "quantity",
+    "revenue",
+    "order_id",
+    "products",
+    "search_query",
+]
 
 
 def _create_stage(con: duckdb.DuckDBPyConnection) -> None:
@@ -906,8 +947,15 @@ def _reader(path: Path, fmt: str, opts: IngestOptions) -> tuple[Iterator[pa.Tabl
     return _parquet_batches(path, sources=sources), _flat_select(mapping), mapping
 
 
-def _stage_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, batch_id: int, file_order: int,
-                opts: IngestOptions, params: dict) -> tuple[int, str | None]:  # fmt: skip
+def _stage_file(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    fmt: str,
+    batch_id: int,
+    file_order: int,
+    opts: IngestOptions,
+    params: dict,
+) -> tuple[int, str | None]:
     """Read one file into `_stage`, through its mapping if one matches its name; returns the number
     of lines read and, for a file damaged part-way, why the rest could not be read. A file of which
     nothing can be read raises."""
@@ -1009,8 +1057,10 @@ def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: 
     raw_cols = columns(RawEvents)
     email_hash = hmac_sql(normalize_email_sql("s.email", opts.gmail_rules))
     phone_hash = f"CASE WHEN pm.e164 IS NOT NULL THEN {hmac_sql('pm.e164')} END"
-    phone_map = "LEFT JOIN _phone_map pm ON pm.phone = s.phone AND pm.region IS NOT DISTINCT FROM " \
-                "upper(nullif(split_part(s.locale, '-', 2), ''))"  # fmt: skip
+    phone_map = (
+        "LEFT JOIN _phone_map pm ON pm.phone = s.phone AND pm.region IS NOT DISTINCT FROM "
+        "upper(nullif(split_part(s.locale, '-', 2), ''))"
+    )
     if suppress:
         suppress_staged(
             con,
@@ -1068,8 +1118,9 @@ def _first_copies(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def _mark_conflicts(con: duckdb.DuckDBPyConnection, opts: IngestOptions, stored: dict[str, str], phone_map: str,
-                    params: dict) -> None:  # fmt: skip
+def _mark_conflicts(
+    con: duckdb.DuckDBPyConnection, opts: IngestOptions, stored: dict[str, str], phone_map: str, params: dict
+) -> None:
     """After publishing the kept events: a valid staged line not kept (a re-delivered copy of a kept
     messageId) whose content differs from the kept copy becomes a quarantined `conflicting_redelivery`
     naming both copies, so it is seen and counted as quarantined; an identical copy stays a counted
@@ -1174,8 +1225,9 @@ def _withdraw_regrown(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def _finish_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, run_id: str | None,
-                  suppress: bool) -> None:  # fmt: skip
+def _finish_group(
+    con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, run_id: str | None, suppress: bool
+) -> None:
     """Move the staged files' lines to raw_events and quarantined_events and write their ledger rows."""
     _withdraw_regrown(con)
     _publish_stage(con, opts, params, suppress)
@@ -1203,8 +1255,9 @@ def _finish_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: d
     con.execute("DELETE FROM _files")
 
 
-def _commit_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, run_id: str | None,
-                  suppress: bool, last: bool) -> None:  # fmt: skip
+def _commit_group(
+    con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, run_id: str | None, suppress: bool, last: bool
+) -> None:
     """Publish the staged files and their ledger rows in one transaction."""
     with transaction(con):
         if con.execute("SELECT count(*) FROM _files").fetchall()[0][0]:
@@ -1214,8 +1267,17 @@ def _commit_group(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: d
 
 
 # The temporary tables a run makes, dropped however it ends.
-SCRATCH_TABLES = ("_stage", "_files", "_phone_map", "_suppressed", "_copy_rows", "_copies", "_conflicts", "_valid_ids",
-                  "_first_copy")  # fmt: skip
+SCRATCH_TABLES = (
+    "_stage",
+    "_files",
+    "_phone_map",
+    "_suppressed",
+    "_copy_rows",
+    "_copies",
+    "_conflicts",
+    "_valid_ids",
+    "_first_copy",
+)
 
 
 @dataclass
@@ -1229,8 +1291,9 @@ class _Landed:
     extends: int | None  # the batch of the earlier version it grew from by appending (`_withdraw_regrown`)
 
 
-def _new_files(con: duckdb.DuckDBPyConnection, landing: Path, only: set[str] | None,
-               report: IngestReport) -> Iterator[_Landed]:  # fmt: skip
+def _new_files(
+    con: duckdb.DuckDBPyConnection, landing: Path, only: set[str] | None, report: IngestReport
+) -> Iterator[_Landed]:
     """The landing files not in the ledger (by name, size and mtime, then by name and checksum), oldest
     first; the others are listed in the report as skipped, or refused for this run if they cannot be
     opened."""
@@ -1260,8 +1323,9 @@ def _new_files(con: duckdb.DuckDBPyConnection, landing: Path, only: set[str] | N
         yield _Landed(path, info.st_size, info.st_mtime_ns, digest, extends)
 
 
-def _stage_landed(con: duckdb.DuckDBPyConnection, landed: _Landed, batch_id: int, order: int, opts: IngestOptions,
-                  params: dict) -> None:  # fmt: skip
+def _stage_landed(
+    con: duckdb.DuckDBPyConnection, landed: _Landed, batch_id: int, order: int, opts: IngestOptions, params: dict
+) -> None:
     """Stage one file and its ledger row. Nothing in a file can stop the run: staging runs outside any
     transaction, so a DuckDB error on one file's chunk undoes that statement only, and a file of which
     nothing can be read is quarantined whole (`unreadable_file`) while the others go on."""
@@ -1274,14 +1338,31 @@ def _stage_landed(con: duckdb.DuckDBPyConnection, landed: _Landed, batch_id: int
         lines, error = 0, f"unreadable ({landed.size} bytes): {why}"
     con.execute(
         "INSERT INTO _files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [batch_id, landed.path.name, landed.digest, landed.size, landed.mtime_ns, fmt,
-         "ingested" if lines or error is None else "unreadable", lines, error, str(landed.path), landed.extends],
-    )  # fmt: skip
+        [
+            batch_id,
+            landed.path.name,
+            landed.digest,
+            landed.size,
+            landed.mtime_ns,
+            fmt,
+            "ingested" if lines or error is None else "unreadable",
+            lines,
+            error,
+            str(landed.path),
+            landed.extends,
+        ],
+    )
 
 
-def ingest(con: duckdb.DuckDBPyConnection, landing: Path, key: bytes, opts: IngestOptions | None = None,
-           run_id: str | None = None, now: datetime | None = None,
-           only: set[str] | None = None) -> IngestReport:  # fmt: skip
+def ingest(
+    con: duckdb.DuckDBPyConnection,
+    landing: Path,
+    key: bytes,
+    opts: IngestOptions | None = None,
+    run_id: str | None = None,
+    now: datetime | None = None,
+    only: set[str] | None = None,
+) -> IngestReport:
     """Ingest every new complete file in `landing` (or, with `only`, those of the names given).
 
     Files are committed in groups of about `stage_bytes` of input, each group with its ledger
