@@ -37,11 +37,13 @@ test: venv
 	$(call debian_package,node,nodejs)
 	$(call debian_package,npm,npm)
 	$(BIN)/ruff check persona_assets persona_assets_tests
+	$(BIN)/ruff format --check persona_assets persona_assets_tests
 	$(BIN)/pytest -q --durations=30
 
 # The development lane: everything but the slow end-to-end tests (make test runs those too).
 test-fast: venv
 	$(BIN)/ruff check persona_assets persona_assets_tests
+	$(BIN)/ruff format --check persona_assets persona_assets_tests
 	$(BIN)/pytest -q -m "not slow"
 
 ui: venv
