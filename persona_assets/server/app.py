@@ -200,25 +200,21 @@ def read_key(request: Request) -> str | None:
     return basic_username(header)
 
 
-async def profile(request: Request, state: State, who: str, what: str) -> Answer:
+def read_refused(request: Request, state: State) -> Answer | None:
+    """The 401 for a read without the read key (or with the profile API off), else None."""
     if not state.settings.read_key:
         return error(401, "the profile API is off: no read key is set (PERSONA_READ_KEY or server.read_key)")
     if not key_matches(read_key(request), state.settings.read_key):
         return error(401, "a read key is needed: HTTP Basic username or Authorization: Bearer")
-    id_type, sep, value = who.partition(":")
-    if not sep or id_type not in ID_TYPES or not value:
-        return error(400, f"ask for {{id_type}}:{{id}} with id_type one of {', '.join(ID_TYPES)}")
-    fields = [f for f in request.query.get("fields", "").split(",") if f] or None
-    if what == "audiences" and request.query.get("why", "").lower() in ("1", "true", "yes"):
-        what = "audiences_why"
+    return None
+
+
+async def answered(read, not_found: str) -> Answer:
+    """Await `read` (a coroutine giving the answer) and say the reader's refusals as statuses."""
     try:
-        # Answered from what the reader holds in memory when it can: no hop to its thread.
-        answer = state.reader.from_view(what, id_type, value, fields)
-        if answer is None:
-            call = _reader_call(state.reader, what, id_type, value, fields, request.query)
-            answer = await asyncio.get_running_loop().run_in_executor(state.reads, call)
+        answer = await read
     except NotFound:
-        return error(404, f"no profile for this {id_type}")
+        return error(404, not_found)
     except BadRequest as exc:
         return error(400, str(exc))
     except FileNotFoundError:
@@ -226,6 +222,27 @@ async def profile(request: Request, state: State, who: str, what: str) -> Answer
     except Exception as exc:
         return failed(exc)
     return Answer.json(answer)
+
+
+async def profile(request: Request, state: State, who: str, what: str) -> Answer:
+    if refused := read_refused(request, state):
+        return refused
+    id_type, sep, value = who.partition(":")
+    if not sep or id_type not in ID_TYPES or not value:
+        return error(400, f"ask for {{id_type}}:{{id}} with id_type one of {', '.join(ID_TYPES)}")
+    fields = [f for f in request.query.get("fields", "").split(",") if f] or None
+    if what == "audiences" and request.query.get("why", "").lower() in ("1", "true", "yes"):
+        what = "audiences_why"
+
+    async def read():
+        # Answered from what the reader holds in memory when it can: no hop to its thread.
+        answer = state.reader.from_view(what, id_type, value, fields)
+        if answer is None:
+            call = _reader_call(state.reader, what, id_type, value, fields, request.query)
+            answer = await asyncio.get_running_loop().run_in_executor(state.reads, call)
+        return answer
+
+    return await answered(read(), f"no profile for this {id_type}")
 
 
 def _reader_call(reader: ProfileReader, what: str, id_type: str, value: str, fields, query):
@@ -260,34 +277,26 @@ def _limit(query: dict) -> int:
 async def listing(request: Request, state: State, parts: list[str]) -> Answer:
     """`/v1/search?q=`, `/v1/segments[/{id}/members]`, `/v1/audiences[/{name}/members]`: the explorer's
     look-ups and lists, for any client with the read key."""
-    if not state.settings.read_key:
-        return error(401, "the profile API is off: no read key is set (PERSONA_READ_KEY or server.read_key)")
-    if not key_matches(read_key(request), state.settings.read_key):
-        return error(401, "a read key is needed: HTTP Basic username or Authorization: Bearer")
+    if refused := read_refused(request, state):
+        return refused
+    if parts not in (["search"], ["segments"], ["audiences"]) and not (len(parts) == 3 and parts[2] == "members"):
+        return error(404, NO_ENDPOINT)
     reader, query = state.reader, request.query
-    try:
+
+    async def read():
         if parts == ["search"]:
             if not query.get("q", "").strip():
                 raise BadRequest("q: an identifier to look for")
             call = lambda: reader.search(query["q"])  # noqa: E731
         elif parts in (["segments"], ["audiences"]):
             call = reader.segments if parts == ["segments"] else reader.audience_list
-        elif len(parts) == 3 and parts[2] == "members":
+        else:  # {segments|audiences}/{id}/members
             limit, after, name = _limit(query), query.get("next"), parts[1]
             members = reader.segment_members if parts[0] == "segments" else reader.audience_members
             call = lambda: members(name, limit, after)  # noqa: E731
-        else:
-            return error(404, NO_ENDPOINT)
-        answer = await asyncio.get_running_loop().run_in_executor(state.reads, call)
-    except NotFound:
-        return error(404, f"no such {parts[0][:-1]}" if len(parts) > 1 else "not found")
-    except BadRequest as exc:
-        return error(400, str(exc))
-    except FileNotFoundError:
-        return error(503, "no serving snapshot yet: run `persona run` (or make demo) first")
-    except Exception as exc:
-        return failed(exc)
-    return Answer.json(answer)
+        return await asyncio.get_running_loop().run_in_executor(state.reads, call)
+
+    return await answered(read(), f"no such {parts[0][:-1]}" if len(parts) > 1 else "not found")
 
 
 NO_ENDPOINT = "no such endpoint; see README 'Send events over HTTP' and 'Read profiles over HTTP'"
