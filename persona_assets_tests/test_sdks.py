@@ -23,21 +23,12 @@ import pytest
 from persona_assets.core.ingest import ingest
 from persona_assets.core.pii import hmac_hex, normalize_email
 from persona_assets_tests.sdk.serving import READ_KEY, WRITE_KEY, landing_lines, request, start_server
+from persona_assets_tests.test_ui import CHROMIUM, CHROMIUM_ARGS
 
 SDK = Path(__file__).parent / "sdk"
 NPM_DIR = Path(os.environ.get("PERSONA_NPM_CACHE", Path.home() / ".cache" / "persona-tests" / "npm"))
 NPM_PACKAGES = {"@segment/analytics-node": "3.1.0", "@segment/analytics-next": "1.84.3"}
 NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ETIMEDOUT", "ECONNRESET", "ENETUNREACH", "network")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-sync",
-    "--disable-background-networking",
-    "--disable-component-update",
-]
 KEY = b"sdk-test-hash-key"
 
 
