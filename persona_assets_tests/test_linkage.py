@@ -34,7 +34,9 @@ def pairwise_scores(con: duckdb.DuckDBPyConnection, truth: dict[str, str]) -> tu
     true_pairs = _pairs(people.groupby("entity").size())
     found = _pairs(people.groupby("person_id").size())
     correct = _pairs(people.groupby(["entity", "person_id"]).size())
-    precision, recall = correct / found, correct / true_pairs
+    precision, recall = correct / max(found, 1), correct / true_pairs
+    if not correct:
+        return precision, recall, 0.0
     return precision, recall, 2 * precision * recall / (precision + recall)
 
 
@@ -266,6 +268,59 @@ def test_a_small_crm_export_with_typos_links_at_the_defaults(tmp_path):
     assert precision >= 0.95 and recall >= 0.8, (precision, recall, f1)
 
 
+def _namesakes(out: Path, people: int = 500, duplicates: int = 20, seed: int = 11) -> dict[str, str]:
+    """`people` different ANNA MUELLERs (no two born a digit apart) and `duplicates` of them again
+    with the surname mistyped: a name so common that a budget of pairs leaves blocking on it out.
+    Returns the true person of each anonymousId."""
+    import random
+
+    rng = random.Random(seed)
+    born: list[str] = []
+    while len(born) < people:
+        day = f"{rng.randint(1940, 2000)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+        if not any(sum(a != b for a, b in zip(day, other)) <= 1 for other in born):
+            born.append(day)
+    records = [(f"anna-{i}", f"anna-{i}", "MUELLER", day) for i, day in enumerate(born)]
+    for k, i in enumerate(rng.sample(range(people), duplicates)):
+        records.append((f"anna-d{k}", f"anna-{i}", rng.choice(["MULLER", "MUELER", "MEULLER", "MUELLLER"]), born[i]))
+    with out.open("w") as fh:
+        for n, (anon, _, last, day) in enumerate(records):
+            traits = {"first_name": "ANNA", "last_name": last, "birthday": day}
+            event = {"type": "identify", "messageId": f"m-{anon}", "anonymousId": anon, "traits": traits}
+            fh.write(json.dumps({**event, "timestamp": f"2026-01-02T00:{n // 60 % 60:02d}:{n % 60:02d}.000Z"}) + "\n")
+    return {anon: person for anon, person, *_ in records}
+
+
+def test_a_name_hundreds_share_is_left_out_of_blocking_and_its_duplicates_still_link(tmp_path, monkeypatch):
+    """A budget of pairs too small for the 500-record ANNA MUELLER block: blocking leaves that key
+    out and says so, the pairs compared fit the budget, and the model and merges are those of a run
+    that compares everything: the duplicates (name typos) link, the namesakes stay apart. (Before
+    the m of a comparison was estimated only from pairs found without its fields, leaving the
+    block out made the fallback read namesakes born in one year as matches and link nothing.)"""
+    from persona_assets.core import blocking
+
+    (tmp_path / "landing").mkdir()
+    truth = {**_small_crm_export(tmp_path / "landing" / "crm.jsonl"), **_namesakes(tmp_path / "landing" / "anna.jsonl")}
+
+    def run(warehouse: str, opts: IdentityOptions):  # each in its own warehouse, so each trains its model
+        with duckdb.connect(str(tmp_path / warehouse)) as con:
+            ingest(con, tmp_path / "landing", KEY)
+            return resolve(con, opts).links, pairwise_scores(con, truth)
+
+    everything, scores_everything = run("everything.duckdb", IdentityOptions())
+    monkeypatch.setattr(blocking, "MIN_BUDGET", 0)
+    budgeted, scores_budgeted = run("budgeted.duckdb", IdentityOptions(link_pairs_per_record=40))
+    print(f"\neverything: {everything.candidate_pairs} pairs, P/R/F1 {scores_everything}; {everything.model_status}")
+    print(f"budgeted: {budgeted.candidate_pairs} pairs, P/R/F1 {scores_budgeted}; {budgeted.model_status}")
+    print("left out:", *budgeted.left_out, sep="\n  ")
+    assert not everything.left_out and everything.candidate_pairs > 500 * 499 / 2
+    assert budgeted.candidate_pairs <= 40 * budgeted.records
+    assert any(k.startswith("same first name and last name:") for k in budgeted.left_out), budgeted.left_out
+    assert budgeted.model_status == everything.model_status
+    assert budgeted.merges == everything.merges and scores_budgeted == scores_everything
+    assert scores_everything[0] >= 0.95 and scores_everything[1] >= 0.8, scores_everything
+
+
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 SWEPT = {
     "FEBRL1": ["dataset1.csv"],
@@ -329,7 +384,7 @@ def test_a_collapsed_em_model_is_not_used_the_run_falls_back_and_says_so(tmp_pat
     (tmp_path / "landing").mkdir()
     truth = febrl_events(["dataset1.csv"], tmp_path / "landing" / "febrl.jsonl")
 
-    def collapsed(linker, db, records):
+    def collapsed(linker, db, records, limit):
         model = linker.misc.save_model_to_json()
         for comparison in model["comparisons"]:
             levels = [lv for lv in comparison["comparison_levels"] if not lv.get("is_null_level")]

@@ -121,6 +121,9 @@ def resolve_identities(
     }
     if links.note:
         link_meta["note"] = links.note
+    if links.left_out:
+        # Blocking's budget of pairs left the most common keys out (see IdentityOptions.link_pairs_per_record).
+        link_meta["blocking_left_out"] = dg.MetadataValue.md("\n".join(f"- {k}" for k in links.left_out))
     if links.enabled:
         # How the model in use was made; `persona run` prints a status that is not "fitted".
         link_meta["model_status"] = links.model_status

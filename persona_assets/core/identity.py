@@ -60,6 +60,13 @@ class IdentityOptions:
     link_across_user_ids: bool = setting(
         False, "Let a probabilistic link join two people with different verified userIds."
     )
+    link_pairs_per_record: int = setting(
+        50,
+        "Pairs of records linkage may compare, per record (2 million at least). Where blocking would give "
+        "more (a name thousands share), the most common keys are left out, largest first, and the "
+        "identity_links metadata says which; a pair there is still compared when a stricter rule finds it.",
+        ge=1,
+    )
     min_link_records: int = setting(
         200,
         "People with a name or birth date needed before a linkage model is trained. 200 is enough: the prior "
@@ -563,7 +570,7 @@ def _link(
             links.enabled, links.note = False, "no linkage model: fewer than two people to compare"
             return None
         try:
-            trained, links.model_status, links.problems = linkage.train(con)
+            trained, links.model_status, links.problems = linkage.train(con, opts.link_pairs_per_record)
         except linkage.NotTrainable as exc:
             links.enabled, links.note = False, f"no linkage model: {exc}"
             return None
@@ -573,7 +580,7 @@ def _link(
         links.model_status = linkage.model_status(con, model[0])
     links.fallback = links.model_status.startswith("fallback")
     links.model_version = model[0] if model[0] is not None else linkage.next_version(con)
-    links.candidate_pairs = linkage.predict(con, model[1], opts.link_threshold, outside, links.by_threshold)
+    linkage.predict(con, model[1], opts.link_threshold, outside, opts.link_pairs_per_record, links)
     links.links = con.execute("SELECT count(*) FROM _candidates").fetchall()[0][0]
     overrides.keep_apart(con)
     if cluster:

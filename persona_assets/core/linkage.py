@@ -30,37 +30,20 @@ import numpy as np
 import pyarrow as pa
 
 from persona_assets.contracts import IdentityLinks, IdentityPii, ddl
+from persona_assets.core.blocking import RULES, block, capped, found_without, with_sizes
 from persona_assets.core.refresh import Scope
 
 MODEL_TABLE = "identity_link_model"
 COMPARED = ("first_name", "last_name", "birthday", "age", "postal_code", "city")
 
-# Each rule is an equi-join, so each person meets only those who agree on these keys.
-# Together they still catch a pair with a typo in any one field, and most with one in two.
-BLOCKING_RULES = (
-    "l.birthday = r.birthday",
-    "l.first_name = r.first_name AND l.last_name = r.last_name",
-    "l.postal_code = r.postal_code",
-    "l.first_name = r.last_name AND l.last_name = r.first_name",
-    "l.last_name = r.last_name AND left(l.birthday, 4) = left(r.birthday, 4)",
-    "l.first_name = r.first_name AND left(l.birthday, 4) = left(r.birthday, 4)",
-    "l.last_name = r.last_name AND right(l.birthday, 5) = right(r.birthday, 5)",
-    "l.first_name = r.first_name AND right(l.birthday, 5) = right(r.birthday, 5)",
-    "l.first_name = r.first_name AND left(l.postal_code, 2) = left(r.postal_code, 2)",
-    "l.last_name = r.last_name AND left(l.postal_code, 2) = left(r.postal_code, 2)",
-    "l.shared_contact = r.shared_contact",
-)
 # Pairs that almost surely match, for the prior probability that two records match.
 DETERMINISTIC_RULES = (
     "l.first_name = r.first_name AND l.last_name = r.last_name AND l.birthday = r.birthday",
     "l.last_name = r.last_name AND l.birthday = r.birthday AND l.postal_code = r.postal_code",
 )
 # EM needs blocks where matches are common; each pass estimates the comparisons not blocked on.
-EM_RULES = (
-    "l.birthday = r.birthday",
-    "l.first_name = r.first_name AND l.last_name = r.last_name",
-    "l.postal_code = r.postal_code",
-)
+# (Indexes into blocking.RULES: birth date, first and last name, postcode.)
+EM_RULES = (0, 1, 2)
 
 
 def _jw(col: str, at: float) -> str:
@@ -215,6 +198,7 @@ class LinkReport:
     fallback: bool = False  # EM's model failed its checks and a fallback links instead
     problems: list[str] = field(default_factory=list)  # what EM's model got wrong, when it did
     by_threshold: list[tuple[float, int]] = field(default_factory=list)  # pairs scored at or above each
+    left_out: list[str] = field(default_factory=list)  # blocking keys too common to compare on, in plain words
 
 
 # Values that mean "not given" in exports and forms.
@@ -386,23 +370,26 @@ def _linker(records: pa.Table, settings: dict):
 
 
 def _splink_input(con: duckdb.DuckDBPyConnection, select: str) -> pa.Table:
+    """The records to compare, with how many records share each blocking key (see blocking)."""
     cols = ", ".join(("record_id", *COMPARED, "shared_contact", "in_area"))
-    return con.sql(f"SELECT {cols} FROM ({select}) ORDER BY record_id").to_arrow_table()
+    return con.sql(f"{with_sizes(f'SELECT {cols} FROM ({select})')} ORDER BY record_id").to_arrow_table()
 
 
-def train(con: duckdb.DuckDBPyConnection) -> tuple[dict, str, list[str]]:
+def train(con: duckdb.DuckDBPyConnection, pairs_per_record: int) -> tuple[dict, str, list[str]]:
     """Estimate a model on `_records` without labels (u by random sampling, m by EM), then check it.
-    Returns Splink's settings with the parameters, how they were made, and what was wrong with EM's
-    model when it failed its checks (then the settings are the fallback's, see `fallback_model`)."""
+    Returns Splink's settings with the parameters, how they were made, what was wrong with EM's
+    model when it failed its checks (then the settings are the fallback's, see `fallback_model`).
+    The checks score the pairs blocking gives, within `pairs_per_record`."""
     records = _splink_input(con, "SELECT *, true AS in_area FROM _records")
-    settings = _settings(BLOCKING_RULES)
+    settings = _settings(RULES)
     settings["probability_two_random_records_match"] = prior(con)
     linker, scratch, db = _linker(records, settings)
     try:
+        blocked = block(scratch, records, pairs_per_record)
         linker.training.estimate_u_using_random_sampling(max_pairs=5e6, seed=1)
         u_only = linker.misc.save_model_to_json()
-        em = _em_model(linker, db, records)
-        pairs = _score_blocked(scratch, records, em)
+        em = _em_model(linker, db, records, blocked.limit)
+        pairs = _score_blocked(scratch, blocked.table, em)
         problems = check_model(scratch, pairs, em, len(records))
         if not problems:
             return em, "trained by EM", []
@@ -411,7 +398,7 @@ def train(con: duckdb.DuckDBPyConnection) -> tuple[dict, str, list[str]]:
             # look stronger than an exact common one): the fuzzier level is pooled with the stricter,
             # and checked again.
             _put_in_order(em)
-            pairs = _score_blocked(scratch, records, em)
+            pairs = _score_blocked(scratch, blocked.table, em)
             if not check_model(scratch, pairs, em, len(records)):
                 return em, "trained by EM; levels put in order: " + "; ".join(t for _, t in problems), []
         model, how = fallback_model(scratch, pairs, u_only)
@@ -420,8 +407,9 @@ def train(con: duckdb.DuckDBPyConnection) -> tuple[dict, str, list[str]]:
         scratch.close()
 
 
-def _em_model(linker, db, records: pa.Table) -> dict:
-    """m by EM, one pass per EM_RULES blocking rule (u already estimated); the settings after."""
+def _em_model(linker, db, records: pa.Table, limit: int | None) -> dict:
+    """m by EM, one pass per EM_RULES blocking rule (u already estimated; the keys blocking left
+    out left out here too); the settings after."""
     from splink import Linker
     from splink.internals.exceptions import EMTrainingException
 
@@ -431,7 +419,7 @@ def _em_model(linker, db, records: pa.Table) -> dict:
         # The prior stays at the deterministic estimate: with few true matches EM would drive it to zero.
         try:
             linker.training.estimate_parameters_using_expectation_maximisation(
-                rule, max_pairs=2e6, fix_probability_two_random_records_match=True
+                capped(rule, limit), max_pairs=2e6, fix_probability_two_random_records_match=True
             )
             passes += 1
         except (EMTrainingException, ValueError):
@@ -440,7 +428,7 @@ def _em_model(linker, db, records: pa.Table) -> dict:
             # leaves Splink's model without the comparisons it blocked on: start from before it.
             linker = Linker(db.register(records), before, log_level=logging.ERROR)
     if not passes:
-        raise NotTrainable(f"no two people agree on any of {', '.join(EM_RULES)}")
+        raise NotTrainable(f"no two people agree on any of {', '.join(RULES[i] for i in EM_RULES)}")
     return linker.misc.save_model_to_json()
 
 
@@ -454,16 +442,11 @@ def _bf(level: dict) -> float | None:
     return None if m is None or not u else m / u
 
 
-def _score_blocked(scratch: duckdb.DuckDBPyConnection, records: pa.Table, model: dict) -> str:
-    """Every blocked pair of `records` scored by `model`: a table in `scratch` of each pair's gamma
-    per comparison (Splink's numbering: -1 null, 0 else, the best level highest) and its
-    match_probability, and nothing else, so millions of pairs stay small; returns its name."""
-    from splink import DuckDBAPI, Linker
-
-    db = DuckDBAPI(scratch)
-    linker = Linker(db.register(records), _with_defaults(model), log_level=logging.ERROR)
-    blocked = linker.inference.compute_blocked_pairs_for_predict().physical_name
-    scratch.register("_score_arrow", records)
+def _score_blocked(scratch: duckdb.DuckDBPyConnection, blocked: str, model: dict) -> str:
+    """Every pair in `blocked` (see blocking.block) scored by `model`: a table in `scratch` of each
+    pair's gamma per comparison (Splink's numbering: -1 null, 0 else, the best level highest), its
+    match_probability and the rules that found it, and nothing else, so millions of pairs stay
+    small; returns its name."""
     columns = ", ".join(f"l.{c} AS {c}_l, r.{c} AS {c}_r" for c in (*COMPARED, "shared_contact"))
     gammas, weights = [], []
     for comparison in model["comparisons"]:
@@ -483,11 +466,11 @@ def _score_blocked(scratch: duckdb.DuckDBPyConnection, records: pa.Table, model:
         f"""CREATE OR REPLACE TABLE _scored AS
             SELECT * EXCLUDE (mw), 1 / (1 + pow(2, -mw)) AS match_probability FROM (
               SELECT *, {prior_weight!r} + {" + ".join(weights)} AS mw FROM (
-                SELECT {", ".join(gammas)} FROM (
-                  SELECT {columns} FROM {blocked} b
-                  JOIN _score_arrow l ON l.record_id = b.join_key_l JOIN _score_arrow r ON r.record_id = b.join_key_r)))"""
+                SELECT rules, {", ".join(gammas)} FROM (
+                  SELECT b.rules, {columns} FROM {blocked} b
+                  JOIN _blocking_records l ON l.record_id = b.join_key_l
+                  JOIN _blocking_records r ON r.record_id = b.join_key_r)))"""
     )
-    scratch.unregister("_score_arrow")
     return "_scored"
 
 
@@ -515,11 +498,20 @@ def _top_counts(name: str) -> str:
     return f"CASE WHEN {all_top} THEN {score} ELSE 0 END"
 
 
+# Fields a comparison's agreement follows from besides its own: an age from a birth date, a
+# city from a postcode. A rule on those selects pairs that agree on the comparison too.
+FOLLOWS = {"age": ("birthday",), "city": ("postal_code",)}
+
+
 def _evidence(scratch: duckdb.DuckDBPyConnection, pairs: str, name: str) -> dict[int, int]:
     """For comparison `name`: how many pairs that agree on everything else (strongly: a birth date,
-    or two other fields) fall at each of its levels (gamma -> pairs)."""
+    or two other fields) fall at each of its levels (gamma -> pairs). Only pairs found by a rule
+    that looks at none of its fields count: a rule on the birth year finds namesakes born that
+    year, whose birth dates agree more than a match's and a random pair's would say."""
     rows = scratch.execute(
-        f"SELECT gamma_{name}, count(*) FROM {pairs} WHERE ({_top_counts(name)}) >= 2 AND gamma_{name} >= 0 GROUP BY 1"
+        f"""SELECT gamma_{name}, count(*) FROM {pairs}
+            WHERE ({_top_counts(name)}) >= 2 AND gamma_{name} >= 0 AND {found_without((name, *FOLLOWS.get(name, ())))}
+            GROUP BY 1"""
     ).fetchall()
     return dict(rows)
 
@@ -688,22 +680,26 @@ def _put_in_order(model: dict) -> None:
 # Pairs that almost surely match although one field has a typo: first name, last name and birth
 # date all given, two of them the same and the third nearly (a name at Jaro-Winkler >= 0.9, a
 # date one digit off). Real duplicates rarely agree exactly on everything, so without these the
-# prior of hand-typed records would be near zero and no pair could link.
-NEAR_EXACT_RULES = tuple(
-    f"{' AND '.join(f'l.{c} = r.{c}' for c in ('first_name', 'last_name', 'birthday') if c != typo)} AND {near}"
-    for typo, near in (
-        ("first_name", "jaro_winkler_similarity(l.first_name, r.first_name) >= 0.9"),
-        ("last_name", "jaro_winkler_similarity(l.last_name, r.last_name) >= 0.9"),
-        ("birthday", "length(l.birthday) = length(r.birthday) AND hamming(l.birthday, r.birthday) <= 1"),
-    )
+# prior of hand-typed records would be near zero and no pair could link. A date one digit off
+# keeps its year or its month and day, so that rule joins on either (never on the names alone,
+# which thousands may share).
+NEAR_EXACT_RULES = (
+    "l.first_name = r.first_name AND l.birthday = r.birthday AND jaro_winkler_similarity(l.last_name, r.last_name) >= 0.9",
+    "l.last_name = r.last_name AND l.birthday = r.birthday AND jaro_winkler_similarity(l.first_name, r.first_name) >= 0.9",
+    *(
+        f"l.first_name = r.first_name AND l.last_name = r.last_name AND {part}(l.birthday, {n}) = {part}(r.birthday, {n}) "
+        "AND length(l.birthday) = length(r.birthday) AND hamming(l.birthday, r.birthday) <= 1"
+        for part, n in (("left", 4), ("right", 5))
+    ),
 )
 
 
 def prior(con: duckdb.DuckDBPyConnection, recall: float = 0.9) -> float:
     """The probability that two random records match: the pairs the deterministic rules find (exact,
     or near-exact: one typo in one of name, surname and birth date), scaled up for the matches they
-    miss (`recall`: the share of hand-typed duplicates with at most one typo in those three), over all pairs. At least one match is assumed, so the prior is never zero (with no
-    duplicates at all, links then need overwhelming evidence)."""
+    miss (`recall`: the share of hand-typed duplicates with at most one typo in those three), over
+    all pairs. At least one match is assumed, so the prior is never zero (with no duplicates at all,
+    links then need overwhelming evidence)."""
     pairs = " UNION ".join(
         f"SELECT l.record_id, r.record_id FROM _records l JOIN _records r ON {rule} AND l.record_id < r.record_id"
         for rule in (*DETERMINISTIC_RULES, *NEAR_EXACT_RULES)
@@ -730,32 +726,25 @@ def predict(
     model: dict,
     threshold: float,
     outside: str | None,
-    report_by_threshold: list | None = None,
-) -> int:
+    pairs_per_record: int,
+    report: LinkReport,
+) -> None:
     """`_candidates`: scored pairs at or above `threshold` among `_records` (in_area) and, on an
     incremental run, the stored records of people outside the run (`outside`, not in_area):
-    only pairs with at least one record in the run are compared. Returns the pairs compared, and
-    fills `report_by_threshold` with how many pairs scored at or above each of THRESHOLDS."""
-    report_by_threshold = [] if report_by_threshold is None else report_by_threshold
+    only pairs with at least one record in the run are compared. Fills the report's pairs
+    compared, what blocking left out, and how many pairs scored at or above each of THRESHOLDS."""
     select = "SELECT *, true AS in_area FROM _records"
     if outside:
         select += f" UNION ALL BY NAME SELECT *, false AS in_area FROM ({outside})"
     records = _splink_input(con, select)
     settings = _with_defaults(model)
-    settings["blocking_rules_to_generate_predictions"] = [
-        {"blocking_rule": rule, "sql_dialect": "duckdb"} for rule in BLOCKING_RULES
-    ]
     settings["retain_intermediate_calculation_columns"] = True
     settings["retain_matching_columns"] = False
     linker, scratch, db = _linker(records, settings)
     try:
-        if outside is None:
-            # Blocked pairs first, to count them; predict reuses them from Splink's cache.
-            blocked = linker.inference.compute_blocked_pairs_for_predict().physical_name
-        else:
-            blocked = _area_pairs(scratch, records)
-            linker.table_management.register_blocked_pairs_for_predict(db.register(blocked))
-        compared = scratch.sql(f"SELECT count(*) FROM {blocked}").fetchall()[0][0]
+        blocked = block(scratch, records, pairs_per_record, area_only=outside is not None)
+        scratch.execute(f"CREATE VIEW _splink_blocked AS SELECT match_key, join_key_l, join_key_r FROM {blocked.table}")
+        linker.table_management.register_blocked_pairs_for_predict(db.register("_splink_blocked"))
         pairs = linker.inference.predict(threshold_match_probability=min(threshold, THRESHOLDS[0]))
         by_threshold = scratch.execute(
             f"SELECT {', '.join(f'count(*) FILTER (WHERE match_probability >= {t})' for t in THRESHOLDS)} "
@@ -766,9 +755,9 @@ def predict(
         ).to_arrow_table()
     finally:
         scratch.close()
-    report_by_threshold[:] = list(zip(THRESHOLDS, by_threshold))
+    report.candidate_pairs, report.left_out = blocked.pairs, blocked.left_out
+    report.by_threshold = list(zip(THRESHOLDS, by_threshold))
     _stage_candidates(con, table)
-    return compared
 
 
 def _stage_candidates(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
@@ -795,28 +784,6 @@ def _stage_candidates(con: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
                   match_probability, match_weight, weights, shared FROM _candidates_arrow"""
     )
     con.unregister("_candidates_arrow")
-
-
-def _area_pairs(scratch: duckdb.DuckDBPyConnection, records: pa.Table) -> str:
-    """The pairs Splink's blocking would give that have a record of this run on at least one side,
-    found from those records outward: each rule joins the run's few records to everyone's, so an
-    incremental run does not pair up everyone to keep a handful. Each pair keeps the first rule
-    that found it, as Splink's own blocking does."""
-    scratch.register("_records_arrow", records)
-    scratch.execute("CREATE TABLE _records AS SELECT * FROM _records_arrow")
-    scratch.unregister("_records_arrow")
-    found = " UNION ALL ".join(
-        f"""SELECT '{i}' AS match_key, least(l.record_id, r.record_id) AS join_key_l,
-                   greatest(l.record_id, r.record_id) AS join_key_r
-            FROM (SELECT * FROM _records WHERE in_area) l JOIN _records r
-            ON {rule} AND l.record_id <> r.record_id"""
-        for i, rule in enumerate(BLOCKING_RULES)
-    )
-    scratch.execute(
-        f"""CREATE TABLE _area_blocked AS SELECT min(match_key) AS match_key, join_key_l, join_key_r
-            FROM ({found}) GROUP BY join_key_l, join_key_r"""
-    )
-    return "_area_blocked"
 
 
 def outside_people(con: duckdb.DuckDBPyConnection, scope: Scope) -> list[str]:
