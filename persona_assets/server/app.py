@@ -1,10 +1,12 @@
 """`persona serve`: one ASGI process (uvicorn, httptools, uvloop) for Segment's tracking API and the profile API.
 
 Collection (`POST /v1/track|identify|page|screen|group|alias|batch`, and analytics.js's short
-paths `/v1/t|i|p|s|g|a|b`) answers 200 only once the request's events are fsync'd in the
-spool (`spool.py`), so a 200 is never lost; the events then reach `raw_events` through the
-landing sensor (or `persona run`), and the hot profiles through the Redis stream when one is
-configured. Profiles (`GET /v1/profiles/{id_type}:{id}/traits|events|identifiers|audiences|provenance|links`,
+paths `/v1/t|i|p|s|g|a|b`) answers 200 only once the request's events are durable, so a 200 is
+never lost: with `durable: disk`, every line fsync'd in the spool (`spool.py`), the valid ones
+then also put on the Redis stream for the hot profiles when one is configured; with `durable:
+stream`, the valid lines on the Redis stream (the consumer lands them as Parquet) and the
+refused ones fsync'd in the spool, which also takes the valid ones whenever Redis does not.
+The spool's files reach `raw_events` through the landing sensor (or `persona run`). Profiles (`GET /v1/profiles/{id_type}:{id}/traits|events|identifiers|audiences|provenance|links`,
 `/v1/search`, `/v1/segments`, `/v1/audiences`) are read from the serving snapshot (`profiles.py`) with a
 read key that is not the write key. Every other path is the person explorer (`explorer.py`), which
 reads through the same reader.
@@ -32,15 +34,19 @@ from persona_assets.server.collect import (
     SHORT,
     TYPES,
     ContractCheck,
+    Prepared,
     RecentIds,
     Refused,
+    Stamps,
     basic_username,
     inflate,
     key_matches,
+    lines_data,
     parse_body,
     prepare,
+    stamps,
 )
-from persona_assets.server.config import ServerSettings
+from persona_assets.server.config import ServerSettings, ServerSettingsError
 from persona_assets.server.explorer import Explorer
 from persona_assets.server.profiles import EVENT_LIMIT, ID_TYPES, MAX_EVENT_LIMIT, BadRequest, NotFound, ProfileReader
 from persona_assets.server.spool import PREFIX, Recovered, Spool, recover
@@ -55,7 +61,18 @@ PREFLIGHT = CORS | {
     "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding, X-Retry-Count",
     "Access-Control-Max-Age": "86400",
 }
-RECENT_FILES_BYTES = 64 << 20  # newest server files read at start for the stamps of retried events
+RECENT_FILES_BYTES = 64 << 20  # newest server files (and stream entries) read at start for the stamps of retried events
+# A request waits this long for Redis to take its events before the spool takes them instead; after
+# a failure the stream is left alone for STREAM_PAUSE seconds, so no request waits on a Redis that is down.
+STREAM_TIMEOUT = 0.25
+STREAM_PAUSE = 1.0
+STARTUP_TIMEOUT = 10.0  # for what the server asks Redis when it starts
+# All of a request's events in one call. From redis.asyncio here, 100 XADDs took 3.96 ms (p50) as a
+# pipeline, most of it packing commands and parsing replies in Python, and 0.39 ms as this script.
+XADD_ALL = """
+for _, line in ipairs(ARGV) do redis.call('XADD', KEYS[1], '*', 'event', line) end
+return #ARGV
+"""
 
 
 class TokenBucket:
@@ -88,7 +105,12 @@ class State:
     recent: RecentIds = field(default_factory=RecentIds)
     reader: ProfileReader | None = None
     reads: ThreadPoolExecutor | None = None
-    stream: object = None  # an async Redis client when events also go to the stream
+    stream: object = None  # an async Redis client when events go to the stream
+    xadd: object = None  # XADD_ALL on that client
+    durable: str = "disk"  # where a valid event is durable before its 200 (`durability`)
+    persistence: str = ""  # what Redis says of its own durability, for the start line
+    stream_down: bool = False  # since a call failed, until one succeeds (one warning an outage)
+    stream_paused_until: float = 0.0
     limiter: TokenBucket | None = None
     ticker: asyncio.Task | None = None
     recovered: Recovered | None = None
@@ -156,36 +178,77 @@ async def _collect(request: Request, state: State, kind: str) -> dict:
         if not key_matches(given if isinstance(given, str) else None, settings.write_key):
             raise Refused(401, "a write key is needed: HTTP Basic username, or writeKey in the body")
     prepared = prepare(parsed, kind, state.recent, settings.event_bytes)
-    # Every line is stored whatever the contract says of it, so the fsync need not wait for the
-    # check: it runs meanwhile, and the answer waits for both.
-    durable = asyncio.ensure_future(state.spool.append(prepared.data()))
-    try:
-        left = state.check.plain(prepared)
-        if left:
-            await asyncio.to_thread(state.check.query, prepared, left)
-    finally:
-        await durable
-    if state.stream is not None:
-        await _to_stream(state, prepared.valid_lines())
+    if state.durable == "stream":
+        await _check(state, prepared)
+        await _keep_on_stream(state, prepared)
+    else:
+        await _keep_on_disk(state, prepared)
     quarantined = prepared.quarantined
     answer = {"success": True, "accepted": prepared.accepted, "quarantined": sum(quarantined.values())}
     return answer | ({"reasons": quarantined} if quarantined else {})
 
 
-async def _to_stream(state: State, lines: list[str]) -> None:
-    """XADD the valid events for the hot profiles; they are already durable, so a Redis error only delays those."""
+async def _check(state: State, prepared: Prepared) -> None:
+    """The contract's reasons for each line: plain lines here, the rest by its query on a thread."""
+    left = state.check.plain(prepared)
+    if left:
+        await asyncio.to_thread(state.check.query, prepared, left)
+
+
+async def _keep_on_disk(state: State, prepared: Prepared) -> None:
+    """Every line fsync'd in the spool. Each is stored whatever the contract says of it, so the
+    fsync need not wait for the check: it runs meanwhile. Then the valid lines go onto the
+    stream, if any, for the hot profiles: already durable, a Redis error only delays those."""
+    durable = asyncio.ensure_future(state.spool.append(prepared.data()))
+    try:
+        await _check(state, prepared)
+    finally:
+        await durable
+    if state.stream is not None:
+        await _xadd(state, prepared.valid_lines())
+
+
+async def _keep_on_stream(state: State, prepared: Prepared) -> None:
+    """The valid lines onto the stream and the refused ones fsync'd in the spool meanwhile (ingest
+    quarantines them with their reason); valid lines the stream did not take are fsync'd too."""
+    valid, refused = prepared.valid_lines(), prepared.refused_lines()
+    spooled = asyncio.ensure_future(state.spool.append(lines_data(refused))) if refused else None
+    try:
+        if valid and not await _xadd(state, valid):
+            await state.spool.append(lines_data(valid))
+    finally:
+        if spooled is not None:
+            await spooled
+
+
+async def _xadd(state: State, lines: list[str]) -> bool:
+    """True once Redis has every line on the stream; False when it is down, refuses, or is slower
+    than STREAM_TIMEOUT. A call that timed out may still be carried out: then the event lands both
+    ways, identical, and ingest counts the second copy as a re-delivered duplicate."""
     from persona_assets.stream import STREAM
 
     if not lines:
-        return
+        return True
+    if time.monotonic() < state.stream_paused_until:
+        return False
     try:
-        async with state.stream.pipeline(transaction=False) as pipe:
-            for line in lines:
-                pipe.xadd(STREAM, {"event": line})
-            await pipe.execute()
-    except Exception as exc:  # the events are in landing; the batch path still gets them
+        async with asyncio.timeout(STREAM_TIMEOUT):
+            await state.xadd(keys=[STREAM], args=[line.encode("utf-8", "surrogatepass") for line in lines])
+    except Exception as exc:  # the type only: a Redis error's text may carry its URL
         state.stream_errors += 1
-        log.warning("Redis stream unreachable (%s): events reach profiles at the next run", type(exc).__name__)
+        state.stream_paused_until = time.monotonic() + STREAM_PAUSE
+        if not state.stream_down:
+            state.stream_down = True
+            log.warning(
+                "the Redis stream did not take events (%s): they are fsync'd in the spool until it does, "
+                "and reach profiles at the next run",
+                type(exc).__name__,
+            )
+        return False
+    if state.stream_down:
+        state.stream_down = False
+        log.warning("the Redis stream takes events again")
+    return True
 
 
 def preflight() -> Answer:
@@ -375,8 +438,13 @@ def _landing(home: Path) -> Path:
     return landing
 
 
-def _learn_recent(recent: RecentIds, landing: Path) -> None:
-    """The stamps of the newest server files' events, so a retry after a restart gets the same ones."""
+async def _learn_recent(state: State, landing: Path) -> int:
+    """The stamps of the newest events the server stored, so a retry after a restart gets the same
+    ones: from its newest landing files and, with a stream, the stream's newest entries. With
+    `durable: stream` the valid events are only on the stream, which keeps every entry the
+    consumer acknowledged (nothing trims it); the consumer's `stream-*.parquet` files cannot
+    serve, as they keep neither receivedAt nor originalTimestamp. Both sources are merged oldest
+    first, so the newest `capacity` stamps are the ones kept, whichever way each event went."""
     mine = sorted(landing.glob(f"{PREFIX}*.jsonl"), key=lambda p: p.name)
     chosen, size = [], 0
     for path in reversed(mine):
@@ -384,8 +452,61 @@ def _learn_recent(recent: RecentIds, landing: Path) -> None:
         if size > RECENT_FILES_BYTES:
             break
         chosen.append(path)
-    for path in reversed(chosen):
-        recent.load(path)
+    found: list[Stamps] = []
+    for path in chosen:
+        with open(path, "rb") as fh:
+            found += stamps(fh)
+    if state.stream is not None:
+        found += await _stream_stamps(state.stream, state.recent.capacity)
+    found.sort(key=lambda one: one.received)
+    return state.recent.learn(found)
+
+
+async def _stream_stamps(client, count: int, page: int = 10_000) -> list[Stamps]:
+    """The stamps on the stream's newest `count` entries (at most RECENT_FILES_BYTES of them); none,
+    with a warning, when Redis does not answer."""
+    from persona_assets.stream import STREAM
+
+    raws, size, newest = [], 0, "+"
+    try:
+        async with asyncio.timeout(STARTUP_TIMEOUT):
+            while len(raws) < count and size < RECENT_FILES_BYTES:
+                entries = await client.xrevrange(STREAM, newest, "-", count=min(page, count - len(raws)))
+                if not entries:
+                    break
+                for _, entry in entries:
+                    raws.append(entry.get(b"event", b""))
+                    size += len(raws[-1])
+                newest = "(" + entries[-1][0].decode()
+    except Exception as exc:  # the type only: a Redis error's text may carry its URL
+        log.warning(
+            "the Redis stream's newest events could not be read (%s): a retry of one of them may be "
+            "quarantined as a conflicting re-delivery",
+            type(exc).__name__,
+        )
+    return list(stamps(reversed(raws)))
+
+
+def durability(settings: ServerSettings, url: str | None) -> str:
+    """`disk` or `stream`: the setting, else `stream` when events go onto a stream (`url`)."""
+    if settings.durable == "stream" and url is None:
+        raise ServerSettingsError(
+            "server.durable is stream but no Redis stream is configured: set PERSONA_REDIS_URL (or start one "
+            "with `persona stream --start-redis`) and leave server.stream true, or set server.durable: disk"
+        )
+    return settings.durable or ("stream" if url else "disk")
+
+
+async def _persistence(client) -> str:
+    """What Redis says of its own durability (`CONFIG GET`, which a managed Redis may refuse)."""
+    try:
+        async with asyncio.timeout(STARTUP_TIMEOUT):
+            config = await client.config_get("append*")
+    except Exception:
+        return "Redis's persistence unknown (CONFIG GET refused)"
+    if config.get("appendonly") != "yes":
+        return "Redis appendonly no: events live in its memory until the consumer lands them"
+    return f"Redis appendonly yes, appendfsync {config.get('appendfsync')}"
 
 
 async def _start(state: State) -> None:
@@ -394,13 +515,13 @@ async def _start(state: State) -> None:
 
     landing = _landing(state.home)
     state.recovered = recover(landing)
-    _learn_recent(state.recent, landing)
     s = state.settings
     state.spool = Spool(landing, s.rotate_seconds, s.rotate_bytes)
     state.check = await asyncio.to_thread(ContractCheck)
     state.limiter = TokenBucket(s.max_requests_per_second, s.burst)
     state.reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiles")
     url = _stream_url(state.home) if s.stream else None
+    state.durable = durability(s, url)
     live = _live_reader(url) if url else None
     state.reader = ProfileReader(
         snapshot_path(), load_key(state.home), s.gmail_rules, live, definitions=_definitions(state.home)
@@ -411,7 +532,11 @@ async def _start(state: State) -> None:
     if url:
         import redis.asyncio
 
-        state.stream = redis.asyncio.Redis.from_url(url)
+        state.stream = redis.asyncio.Redis.from_url(url, decode_responses=False)
+        state.xadd = state.stream.register_script(XADD_ALL)
+        if state.durable == "stream":
+            state.persistence = await _persistence(state.stream)
+    await _learn_recent(state, landing)
     state.ticker = asyncio.create_task(_tick(state.spool, s.rotate_seconds))
     # What was imported and built to start (pandas, pandera, DuckDB, the contract) lives as long as
     # the server: moved out of the collector's reach, full collections under load take a few ms,
@@ -499,11 +624,19 @@ def _announce(state: State) -> None:
     reads = "on" if state.settings.read_key else "off (no read key)"
     if state.settings.read_key:
         reads += f"; person explorer at {state.address}/ (actions {'on' if state.settings.admin_key else 'off'})"
-    stream = "and the Redis stream" if state.stream is not None else "(no Redis stream)"
-    print(
-        f"Persona server on {state.address}: events to {state.home / 'landing'} {stream}; profile API {reads}",
-        flush=True,
-    )
+    print(f"Persona server on {state.address}: {_durable_line(state)}; profile API {reads}", flush=True)
+
+
+def _durable_line(state: State) -> str:
+    """Where an accepted event is before its 200, as the start line says it."""
+    landing = state.home / "landing"
+    if state.durable == "stream":
+        return (
+            f"valid events on the Redis stream before each 200 ({state.persistence}; `persona stream` lands them), "
+            f"refused ones and any Redis does not take fsync'd to {landing}"
+        )
+    copied = ", the valid ones then onto the Redis stream" if state.stream is not None else " (no Redis stream)"
+    return f"events fsync'd to {landing} before each 200{copied}"
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -26,9 +26,11 @@ import math
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 
@@ -152,6 +154,27 @@ def parse_body(body: bytes, kind: str, max_events: int) -> Body:
     return Body(items, {k: payload[k] for k in ("sentAt", "context", "writeKey") if k in payload}, exact[0])
 
 
+class Stamps(NamedTuple):
+    """What the server gave one event: `received` first, so a list of them sorts oldest first."""
+
+    received: str
+    message_id: object
+    original: object
+    timestamp: object
+
+
+def stamps(raws: Iterable[bytes]) -> Iterator[Stamps]:
+    """The stamps of the server-stamped events among JSON lines (others are skipped)."""
+    for raw in raws:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("receivedAt"), str):
+            original = event.get("originalTimestamp")
+            yield Stamps(event["receivedAt"], event.get("messageId"), original, event.get("timestamp"))
+
+
 class RecentIds:
     """The stamps given to the newest messageIds, so a retried copy gets the same ones.
 
@@ -184,17 +207,15 @@ class RecentIds:
 
     def load(self, path: Path) -> int:
         """Learn the stamps of the events in one of the server's landing files."""
-        learned = 0
         with open(path, "rb") as fh:
-            for raw in fh:
-                try:
-                    event = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(event, dict) and isinstance(event.get("receivedAt"), str):
-                    original = event.get("originalTimestamp")
-                    self.remember(event.get("messageId"), original, event["receivedAt"], event.get("timestamp"))
-                    learned += 1
+            return self.learn(stamps(fh))
+
+    def learn(self, stamped: Iterable[Stamps]) -> int:
+        """Remember stamps in the order given (the last is the newest kept)."""
+        learned = 0
+        for one in stamped:
+            self.remember(one.message_id, one.original, one.received, one.timestamp)
+            learned += 1
         return learned
 
     def __len__(self) -> int:
@@ -242,12 +263,20 @@ class Prepared:
         return counts
 
     def data(self) -> bytes:
-        if not self.lines:
-            return b""
-        return ("\n".join(self.lines) + "\n").encode("utf-8", "surrogatepass")
+        return lines_data(self.lines)
 
     def valid_lines(self) -> list[str]:
         return [line for line, reason in zip(self.lines, self.reasons) if reason is None]
+
+    def refused_lines(self) -> list[str]:
+        return [line for line, reason in zip(self.lines, self.reasons) if reason is not None]
+
+
+def lines_data(lines: list[str]) -> bytes:
+    """Lines as the bytes a landing file holds them in."""
+    if not lines:
+        return b""
+    return ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 WRITE_KEY_ENV = "PERSONA_WRITE_KEY"
 READ_KEY_ENV = "PERSONA_READ_KEY"
 ADMIN_KEY_ENV = "PERSONA_ADMIN_KEY"
 SECTION = "server"
 MIN_KEY_CHARS = 8
+Durable = Literal["disk", "stream"]  # where an accepted event is made durable before its 200
+CHOICES = {"durable": get_args(Durable)}
 
 
 class ServerSettingsError(ValueError):
@@ -42,6 +45,10 @@ class ServerSettings:
     # With a Redis stream configured (PERSONA_REDIS_URL, or `persona stream --start-redis`'s), valid
     # events also go onto it for the hot profiles, and profiles show the live fields; false: never.
     stream: bool = True
+    # Where a valid event is durable before its 200: `disk` (the spool, fsync'd on this machine) or
+    # `stream` (XADDed to the Redis stream, as durable as Redis makes it; the consumer lands it). Unset:
+    # `stream` when events go onto a stream, else `disk`. Refused events are fsync'd in the spool either way.
+    durable: Durable | None = None
     gmail_rules: bool = True  # as ingest normalizes emails (persona.yaml ingest.gmail_rules)
 
     def __repr__(self) -> str:  # keys never reach a log or a traceback
@@ -64,6 +71,11 @@ def check_section(values: object) -> dict:
     for key, value in values.items():
         if key not in FILE_KEYS:
             raise ServerSettingsError(f"server.{key}: unknown setting; allowed: {', '.join(FILE_KEYS)}")
+        if key in CHOICES:
+            if value not in CHOICES[key]:
+                raise ServerSettingsError(f"server.{key}: one of {', '.join(CHOICES[key])}, got {value!r}")
+            out[key] = value
+            continue
         want = type(getattr(defaults, key))
         ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
