@@ -92,6 +92,9 @@ def test_the_server_section_of_persona_yaml_is_checked():
         check_section({"prot": 9000})
     with pytest.raises(ServerSettingsError, match="server.port: expected int, got str"):
         check_section({"port": "9000"})
+    assert check_section({"durable": "stream"}) == {"durable": "stream"}
+    with pytest.raises(ServerSettingsError, match="server.durable: one of disk, stream, got 'memory'"):
+        check_section({"durable": "memory"})
 
 
 def test_every_status_code_of_the_tracking_api(server, persona_home):
@@ -271,13 +274,14 @@ def test_concurrent_requests_share_one_fsync(tmp_path):
 
 
 def _sender(url_box: dict, acked: set, stop: threading.Event, seed: int) -> None:
-    """Sends batches of new events; a batch without a 200 is sent again (same messageIds) until one comes."""
+    """Sends batches of new events; a batch without a 200 is sent again (same messageIds, a new
+    sentAt, as an SDK retries) until one comes."""
     rng = random.Random(seed)
     while not stop.is_set():
         batch = [event(f"{seed}-{uuid.uuid4().hex[:12]}") for _ in range(rng.randint(1, 40))]
         while not stop.is_set():
             try:
-                status, _, _ = request(f"{url_box['url']}/v1/batch", {"batch": batch}, timeout=2)
+                status, _, _ = request(f"{url_box['url']}/v1/batch", {"batch": batch, "sentAt": sent_now()}, timeout=2)
             except OSError:
                 status = 0
             if status == 200:
@@ -286,16 +290,18 @@ def _sender(url_box: dict, acked: set, stop: threading.Event, seed: int) -> None
             time.sleep(0.02)
 
 
-@pytest.mark.slow
-def test_a_server_killed_at_random_moments_loses_no_event_it_answered_200_for(persona_home):
-    """SIGKILL while four clients send; each restart recovers the spool. Every acknowledged
-    event reaches raw_events once, and the retries of unanswered batches count once too."""
+def sent_now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _kill_while_sending(home: Path, env: dict | None = None) -> set[str]:
+    """SIGKILL the server six times at random moments while four clients send; the messageIds
+    answered 200."""
     rng = random.Random(24)
     acked: set[str] = set()
     stop = threading.Event()
-    url_box = {"url": ""}
-    served = start_server(persona_home)
-    url_box["url"] = served.url
+    served = start_server(home, env=env)
+    url_box = {"url": served.url}
     senders = [threading.Thread(target=_sender, args=(url_box, acked, stop, i)) for i in range(4)]
     for t in senders:
         t.start()
@@ -303,7 +309,7 @@ def test_a_server_killed_at_random_moments_loses_no_event_it_answered_200_for(pe
         for _ in range(6):
             time.sleep(rng.uniform(0.3, 1.5))
             served.stop(signal.SIGKILL)
-            served = start_server(persona_home)
+            served = start_server(home, env=env)
             url_box["url"] = served.url
         time.sleep(0.5)
     finally:
@@ -312,37 +318,161 @@ def test_a_server_killed_at_random_moments_loses_no_event_it_answered_200_for(pe
             t.join()
         served.stop()
     assert len(acked) > 200
-    assert not list((persona_home / "landing").glob(".http-*"))
-    con = ingested(persona_home)
+    assert not list((home / "landing").glob(".http-*"))
+    return acked
+
+
+def _replay(home: Path, acked: set[str], env: dict | None = None) -> None:
+    """Send every acknowledged event again (a client replaying its whole log, with a new sentAt)."""
+    served = start_server(home, env=env)
+    replay = [event(m.removeprefix("m-")) for m in sorted(acked)]
+    for start in range(0, len(replay), 500):
+        batch = {"batch": replay[start : start + 500], "sentAt": sent_now()}
+        assert request(f"{served.url}/v1/batch", batch)[0] == 200
+    served.stop()
+
+
+def _each_once(con: duckdb.DuckDBPyConnection, acked: set[str]) -> None:
     kept = {m for (m,) in con.execute("SELECT message_id FROM raw_events").fetchall()}
     assert acked <= kept
     assert con.execute("SELECT count(*) = count(DISTINCT message_id) FROM raw_events").fetchall()[0][0]
     assert con.execute("SELECT count(*) FROM quarantined_events").fetchall()[0][0] == 0  # no torn line, no conflict
-    # Sending everything again (a client replaying its whole log) adds nothing.
-    served = start_server(persona_home)
-    replay = [event(m.removeprefix("m-")) for m in sorted(acked)]
-    for start in range(0, len(replay), 500):
-        assert request(f"{served.url}/v1/batch", {"batch": replay[start : start + 500]})[0] == 200
-    served.stop()
+
+
+@pytest.mark.slow
+def test_a_server_killed_at_random_moments_loses_no_event_it_answered_200_for(persona_home):
+    """SIGKILL while four clients send; each restart recovers the spool. Every acknowledged
+    event reaches raw_events once, and the retries of unanswered batches count once too."""
+    acked = _kill_while_sending(persona_home)
+    con = ingested(persona_home)
+    _each_once(con, acked)
     before = con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0]
+    _replay(persona_home, acked)
     ingest(con, persona_home / "landing", b"test-key")
     assert con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0] == before
     assert con.execute("SELECT count(*) FROM quarantined_events").fetchall()[0][0] == 0
 
 
-def test_valid_events_also_go_to_the_redis_stream_when_one_is_configured(server, persona_home):
+def consumed(url: str, home: Path) -> int:
+    """Everything on the stream through the real consumer into landing (Parquet), acknowledged."""
     from persona_assets import stream
 
+    client = stream.connect(url)
+    worker = stream.Consumer(
+        client, stream.RedisStreamSource(client, "test"), home / "landing", stream.ConsumerOptions(block_ms=50)
+    )
+    while worker.step():
+        pass
+    worker.flush()
+    assert client.xpending(stream.STREAM, stream.GROUP)["pending"] == 0
+    return worker.handled
+
+
+@pytest.mark.slow
+def test_with_durable_stream_a_server_killed_at_random_moments_loses_no_event_it_answered_200_for(persona_home):
+    """As above with the valid events on the Redis stream before the 200 (the default with a
+    stream): once the consumer lands them, each acknowledged event is in raw_events once, and
+    a replay adds nothing (a restarted server learns the stamps it gave from the stream)."""
+    from persona_assets import stream
+
+    redis_server, url = stream.start_redis(persona_home.parent / "redis")
+    env = {"PERSONA_REDIS_URL": url}
+    try:
+        acked = _kill_while_sending(persona_home, env)
+        assert consumed(url, persona_home) >= len(acked)
+        assert list((persona_home / "landing").glob("stream-*.parquet"))
+        con = ingested(persona_home)
+        _each_once(con, acked)
+        before = con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0]
+        _replay(persona_home, acked, env)
+        assert consumed(url, persona_home) == len(acked)
+        ingest(con, persona_home / "landing", b"test-key")
+        assert con.execute("SELECT count(*) FROM raw_events").fetchall()[0][0] == before
+        assert con.execute("SELECT count(*) FROM quarantined_events").fetchall()[0][0] == 0
+    finally:
+        redis_server.kill()
+        redis_server.wait()
+
+
+def test_with_durable_disk_valid_events_also_go_to_the_redis_stream_when_one_is_configured(server, persona_home):
+    from persona_assets import stream
+
+    (persona_home / "persona.yaml").write_text("server:\n  durable: disk\n")
     redis_server, url = stream.start_redis(persona_home / "redis-data")
     try:
         served = server(env={"PERSONA_REDIS_URL": url})
-        assert "and the Redis stream" in served.output()
+        assert "events fsync'd to" in served.output() and "the valid ones then onto the Redis stream" in served.output()
         status, body, _ = request(f"{served.url}/v1/batch", {"batch": [event(1), event(2), {"type": "track"}]})
         assert (status, body["accepted"], body["quarantined"]) == (200, 2, 1)
         entries = stream.connect(url).xrange(stream.STREAM)
         assert sorted(json.loads(fields[b"event"])["messageId"] for _, fields in entries) == ["m-1", "m-2"]
         served.stop()
         assert len(landing_lines(persona_home)) == 3  # landing holds them all, the invalid one too
+    finally:
+        redis_server.kill()
+        redis_server.wait()
+
+
+def test_with_durable_stream_valid_events_go_only_to_the_stream_and_refused_ones_to_the_spool(server, persona_home):
+    from persona_assets import stream
+
+    redis_server, url = stream.start_redis(persona_home.parent / "redis")
+    try:
+        served = server(env={"PERSONA_REDIS_URL": url})  # the default with a stream
+        assert "valid events on the Redis stream before each 200 (Redis appendonly yes" in served.output()
+        status, body, _ = request(f"{served.url}/v1/batch", {"batch": [event(1), event(2), {"type": "track"}]})
+        assert (status, body["accepted"], body["quarantined"]) == (200, 2, 1)
+        entries = stream.connect(url).xrange(stream.STREAM)
+        assert sorted(json.loads(fields[b"event"])["messageId"] for _, fields in entries) == ["m-1", "m-2"]
+        served.stop()
+        assert [sorted(line) for line in landing_lines(persona_home)] == [
+            ["messageId", "receivedAt", "timestamp", "type"]
+        ]
+        assert consumed(url, persona_home) == 2
+        con = ingested(
+            persona_home
+        )  # each event once: the valid from the consumer's Parquet, the refused from the spool
+        assert sorted(m for (m,) in con.execute("SELECT message_id FROM raw_events").fetchall()) == ["m-1", "m-2"]
+        assert con.execute("SELECT reason FROM quarantined_events").fetchall() == [("missing_id",)]
+    finally:
+        redis_server.kill()
+        redis_server.wait()
+
+
+def test_with_durable_stream_events_go_to_the_spool_while_redis_is_slow_or_down(server, persona_home):
+    """A hung Redis (SIGSTOP) costs a request the stream's timeout, a dead one nothing; both
+    requests are answered 200 with their events fsync'd in the spool, and the log says so once."""
+    from persona_assets import stream
+
+    redis_server, url = stream.start_redis(persona_home.parent / "redis")
+    try:
+        served = server(env={"PERSONA_REDIS_URL": url})
+        assert request(f"{served.url}/v1/batch", {"batch": [event(1), event(2)]})[0] == 200
+        redis_server.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        assert request(f"{served.url}/v1/track", event(3))[:2] == (
+            200,
+            {"success": True, "accepted": 1, "quarantined": 0},
+        )
+        assert time.monotonic() - started < 3
+        redis_server.kill()
+        redis_server.wait()
+        time.sleep(1.2)  # past the pause after a failure: the next request tries Redis again
+        assert request(f"{served.url}/v1/track", event(4))[0] == 200
+        served.stop()
+        assert sorted(line["messageId"] for line in landing_lines(persona_home)) == ["m-3", "m-4"]
+        log = served.output()
+        assert log.count("the Redis stream did not take events") == 1 and "redis://" not in log
+        redis_server, url = stream.start_redis(persona_home.parent / "redis")  # its append-only file: m-1, m-2
+        assert consumed(url, persona_home) == 2
+        con = ingested(persona_home)
+        assert sorted(m for (m,) in con.execute("SELECT message_id FROM raw_events").fetchall()) == [
+            "m-1",
+            "m-2",
+            "m-3",
+            "m-4",
+        ]
+        assert con.execute("SELECT count(*) FROM quarantined_events").fetchall()[0][0] == 0
     finally:
         redis_server.kill()
         redis_server.wait()
