@@ -383,7 +383,8 @@ def _paced_with_audiences(client, url: str, root: Path, publish_path: Path, rate
 
 # The server's workloads (`server_bench`): collection in batches of 100 as fast as answers come,
 # one /v1/track offered at 1,000 requests/s, profile reads offered at 500/s; each also against
-# the floor, the same stack answering an empty 200, and the floor of two other stacks.
+# the floor, the same stack answering an empty 200, and the floor of two other stacks. Collection
+# is measured with each durability: `disk` (fsync'd in the spool) and `stream` (on Redis).
 SERVER_SECONDS = 5.0
 FLOOR_STACKS = {  # name: (http, loop, app) for loadgen.FLOOR; the first is persona serve's own stack
     "asgi-httptools-uvloop": ("httptools", "uvloop", "bare"),
@@ -491,13 +492,16 @@ def _free_port() -> int:
 
 
 def server_bench(work: Path, snapshot: Path, seconds: float = SERVER_SECONDS) -> dict:
-    """`persona serve` on a copy of the bench snapshot, against the floor of its own stack and two others."""
+    """`persona serve` on a copy of the bench snapshot, with `durable: disk` and with `durable: stream`
+    (a redis-server as `persona stream --start-redis` runs it, no consumer reading meanwhile),
+    against the floor of its own stack and two others."""
+    from persona_assets import stream
+
     root = work / "server-bench"
     shutil.rmtree(root, ignore_errors=True)
     (root / "landing").mkdir(parents=True)
     (root / "serving").mkdir()
     shutil.copyfile(snapshot, root / "serving" / "persona.duckdb")
-    (root / "persona.yaml").write_text("server:\n  max_requests_per_second: 0\n  stream: false\n")
     with duckdb.connect(str(snapshot), read_only=True) as con:
         # As many different people's identifiers as reads are made: each read is a first read
         # (the server keeps what it read from a snapshot, so repeats would measure its cache).
@@ -510,7 +514,6 @@ def server_bench(work: Path, snapshot: Path, seconds: float = SERVER_SECONDS) ->
                 {"n": int(500 * seconds)},
             ).fetchall()
         ]
-    port = _free_port()
     env = {
         **os.environ,
         "PERSONA_HOME": str(root),
@@ -518,15 +521,18 @@ def server_bench(work: Path, snapshot: Path, seconds: float = SERVER_SECONDS) ->
         "PERSONA_READ_KEY": BENCH_READ_KEY,
     }
     env.pop("PERSONA_REDIS_URL", None)
-    workloads = _server_workloads(f"127.0.0.1:{port}", users)
-    cmd = [sys.executable, "-m", "persona_assets.cli", "serve", "--port", str(port)]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (root / "persona.yaml").write_text("server:\n  max_requests_per_second: 0\n  stream: false\n")
+    results = {"persona": _persona_served(env, users, seconds, reads=True)}
+    results["events_landed"] = _landed(root / "landing", remove=True)
+    (root / "persona.yaml").write_text("server:\n  max_requests_per_second: 0\n  durable: stream\n")
+    redis_server, url = stream.start_redis(root / "redis")
     try:
-        _wait_port(port, 120)
-        results = {"persona": _load_server(port, workloads, seconds)}
+        results["persona_stream"] = _persona_served({**env, "PERSONA_REDIS_URL": url}, users, seconds, reads=False)
+        results["events_streamed"] = stream.connect(url).xlen(stream.STREAM)
+        results["events_spooled_with_stream"] = _landed(root / "landing", remove=True)  # Redis did not take them
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        redis_server.kill()
+        redis_server.wait()
     for name, stack in FLOOR_STACKS.items():
         port = _free_port()
         floor = _floor(port, stack)
@@ -537,9 +543,32 @@ def server_bench(work: Path, snapshot: Path, seconds: float = SERVER_SECONDS) ->
             floor.terminate()
             floor.wait(timeout=60)
     results["floor_stack"] = OWN_STACK
-    results["events_landed"] = sum(1 for p in (root / "landing").glob("http-*.jsonl") for _ in open(p, "rb"))
     shutil.rmtree(root, ignore_errors=True)
     return results
+
+
+def _persona_served(env: dict, users: list[str], seconds: float, reads: bool) -> dict:
+    """The workloads against `persona serve` started with `env` (its home's persona.yaml as written)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "persona_assets.cli", "serve", "--port", str(port)]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, 120)
+        return _load_server(port, _server_workloads(f"127.0.0.1:{port}", users), seconds, reads=reads)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _landed(landing: Path, remove: bool = False) -> int:
+    """Lines in the server's landing files (removed after counting with `remove`)."""
+    count = 0
+    for path in landing.glob("http-*.jsonl"):
+        with open(path, "rb") as fh:
+            count += sum(1 for _ in fh)
+        if remove:
+            path.unlink()
+    return count
 
 
 # The child reports its own high-water mark: ru_maxrss from wait4 would start from the
@@ -952,17 +981,34 @@ def server_markdown(sv: dict) -> list[str]:
         if name != own and name in sv
     )
     errors = sum(v for k, v in p.items() if k.endswith("_errors"))
-    return [
-        f"- Server (`persona serve`, one process): collection {p['events_per_second']:,} events/s in batches of 100 "
-        f"(floor {f['events_per_second']:,}: {p['events_per_second'] / f['events_per_second']:.2f}x of it); one "
-        f"`/v1/track` offered at 1,000/s: p50 {p['track_p50_ms']} ms, p99 {p['track_p99_ms']} ms (floor p99 "
-        f"{f['track_p99_ms']} ms, {p['track_p99_ms'] / f['track_p99_ms']:.1f}x); profile reads at 500/s: p50 "
+    lines = [
+        f"- Server (`persona serve`, one process, `durable: disk`): {_collection(p, f)}; profile reads at 500/s: p50 "
         f"{p['read_p50_ms']} ms, p99 {p['read_p99_ms']} ms (floor p99 {f['read_p99_ms']} ms, "
-        f"{p['read_p99_ms'] / f['read_p99_ms']:.1f}x); {errors} errors; {sv['events_landed']:,} events landed.",
+        f"{p['read_p99_ms'] / f['read_p99_ms']:.1f}x); {errors} errors; {sv['events_landed']:,} events landed."
+    ]
+    if "persona_stream" in sv:
+        s = sv["persona_stream"]
+        lines.append(
+            f"- Server with `durable: stream` (valid events on Redis before the 200, appendfsync everysec; no "
+            f"consumer running): {_collection(s, f)}; {s['batch_errors'] + s['track_errors']} errors; "
+            f"{sv['events_streamed']:,} events on the stream, {sv['events_spooled_with_stream']:,} spooled instead."
+        )
+    lines.append(
         f"- Server stacks, empty 200 (batch requests as fast as answered, track at 1,000/s): "
         f"{own} (persona serve's) {f['events_per_second'] / 100:,.0f} requests/s and track p99 "
-        f"{f['track_p99_ms']} ms; {others}.",
-    ]
+        f"{f['track_p99_ms']} ms; {others}."
+    )
+    return lines
+
+
+def _collection(p: dict, f: dict) -> str:
+    """Collection figures `p` beside the floor's `f`."""
+    return (
+        f"collection {p['events_per_second']:,} events/s in batches of 100 (floor {f['events_per_second']:,}: "
+        f"{p['events_per_second'] / f['events_per_second']:.2f}x of it); one `/v1/track` offered at 1,000/s: "
+        f"p50 {p['track_p50_ms']} ms, p99 {p['track_p99_ms']} ms (floor p99 {f['track_p99_ms']} ms, "
+        f"{p['track_p99_ms'] / f['track_p99_ms']:.1f}x)"
+    )
 
 
 BENCH_DOC_HEAD = """# Benchmarks
