@@ -723,12 +723,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`persona serve`: the tracking and profile API (persona_assets/server), until Ctrl-C or SIGTERM."""
     from dataclasses import replace
 
-    from persona_assets.server.app import serve
+    from persona_assets.server.app import durability, serve
     from persona_assets.server.config import ServerSettingsError, load
 
     home = writable_home()
     try:
         settings = load(home, Path(args.config) if args.config else None)
+        durability(home, settings)
     except ServerSettingsError as exc:
         raise Stop(str(exc)) from None
     chosen = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}

@@ -86,6 +86,15 @@ def test_serve_refuses_to_start_without_a_write_key_and_says_how_to_set_one(pers
     assert "same-key-123" not in done.stderr
 
 
+def test_serve_refuses_durable_stream_without_a_stream(persona_home):
+    (persona_home / "persona.yaml").write_text("server:\n  durable: stream\n")
+    env = {**os.environ, "PERSONA_HOME": str(persona_home), "PERSONA_WRITE_KEY": WRITE_KEY}
+    env.pop("PERSONA_REDIS_URL", None)
+    cmd = [sys.executable, "-m", "persona_assets.cli", "serve", "--port", "0"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "server.durable is stream but no Redis stream is configured" in done.stderr
+
+
 def test_the_server_section_of_persona_yaml_is_checked():
     assert check_section({"port": 9000, "max_requests_per_second": 5}) == {"port": 9000, "max_requests_per_second": 5.0}
     with pytest.raises(ServerSettingsError, match="server.prot: unknown setting"):

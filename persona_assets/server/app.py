@@ -6,7 +6,8 @@ never lost: with `durable: disk`, every line fsync'd in the spool (`spool.py`), 
 then also put on the Redis stream for the hot profiles when one is configured; with `durable:
 stream`, the valid lines on the Redis stream (the consumer lands them as Parquet) and the
 refused ones fsync'd in the spool, which also takes the valid ones whenever Redis does not.
-The spool's files reach `raw_events` through the landing sensor (or `persona run`). Profiles (`GET /v1/profiles/{id_type}:{id}/traits|events|identifiers|audiences|provenance|links`,
+The spool's files reach `raw_events` through the landing sensor (or `persona run`).
+Profiles (`GET /v1/profiles/{id_type}:{id}/traits|events|identifiers|audiences|provenance|links`,
 `/v1/search`, `/v1/segments`, `/v1/audiences`) are read from the serving snapshot (`profiles.py`) with a
 read key that is not the write key. Every other path is the person explorer (`explorer.py`), which
 reads through the same reader.
@@ -487,14 +488,16 @@ async def _stream_stamps(client, count: int, page: int = 10_000) -> list[Stamps]
     return list(stamps(reversed(raws)))
 
 
-def durability(settings: ServerSettings, url: str | None) -> str:
-    """`disk` or `stream`: the setting, else `stream` when events go onto a stream (`url`)."""
+def durability(home: Path, settings: ServerSettings) -> tuple[str, str | None]:
+    """(`disk` or `stream`, the stream's URL or None): the setting, else `stream` when events go
+    onto a stream; a ServerSettingsError for `stream` without one."""
+    url = _stream_url(home) if settings.stream else None
     if settings.durable == "stream" and url is None:
         raise ServerSettingsError(
             "server.durable is stream but no Redis stream is configured: set PERSONA_REDIS_URL (or start one "
             "with `persona stream --start-redis`) and leave server.stream true, or set server.durable: disk"
         )
-    return settings.durable or ("stream" if url else "disk")
+    return settings.durable or ("stream" if url else "disk"), url
 
 
 async def _persistence(client) -> str:
@@ -516,12 +519,11 @@ async def _start(state: State) -> None:
     landing = _landing(state.home)
     state.recovered = recover(landing)
     s = state.settings
+    state.durable, url = durability(state.home, s)
     state.spool = Spool(landing, s.rotate_seconds, s.rotate_bytes)
     state.check = await asyncio.to_thread(ContractCheck)
     state.limiter = TokenBucket(s.max_requests_per_second, s.burst)
     state.reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profiles")
-    url = _stream_url(state.home) if s.stream else None
-    state.durable = durability(s, url)
     live = _live_reader(url) if url else None
     state.reader = ProfileReader(
         snapshot_path(), load_key(state.home), s.gmail_rules, live, definitions=_definitions(state.home)

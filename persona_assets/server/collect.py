@@ -7,8 +7,9 @@ client's clock skew as Segment does (`receivedAt - (sentAt - originalTimestamp)`
 value kept as `originalTimestamp`), a messageId derived from the content when the client sent
 none. The line is then checked by the contract itself (`core.plain` for the plain ones,
 `ingest.query_lines` for the rest), only to count and to answer: every line, valid or not, is
-written to landing, where ingest checks it again and quarantines the invalid ones with their
-reason and raw text, as it does for any landing line.
+kept (the app puts the valid ones in the spool or on the Redis stream, the invalid ones in the
+spool), and ingest checks it again and quarantines the invalid ones with their reason and raw
+text, as it does for any landing line.
 
 A client retrying an event it got no answer for sends the same messageId with new `sentAt`:
 the stamps given the first copy are reused (for the newest `RecentIds.capacity` ids), so the

@@ -1,4 +1,5 @@
-"""Durable before 200: accepted events are appended to a spool file and fsync'd before the answer.
+"""Durable before 200: accepted events are appended to a spool file and fsync'd before the answer
+(all of them with `durable: disk`; with `durable: stream`, the refused ones and any Redis did not take).
 
 Requests that arrive while one fsync runs wait together for the next one (group commit), so a
 busy server pays one fsync for many requests. The spool is a hidden `.part` file in the
