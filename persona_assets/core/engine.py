@@ -3,13 +3,15 @@ on DuckDB and compiled for Spark with SQLGlot.
 
 A stage's statements stay where they are (`cleaning.py` builds them in small functions); on
 Spark, `SparkTables` runs the same statements over Parquet tables registered as temp views.
-`to_spark` is SQLGlot's duckdb→spark transpiler plus the few rules below, each fixing a
-translation SQLGlot 30 gets wrong for this code (measured on cleaning's six statements: all
-six parse and print, but four would not run or would give other numbers without them):
+`to_spark` is SQLGlot's duckdb→spark transpiler plus the rules below, each fixing a
+translation SQLGlot 30 gets wrong for this code (measured construct by construct on both
+engines: the table in docs/scaling.md; each rule has a test giving DuckDB's answer):
 
 - `quantile_cont(v, p)` comes out as `PERCENTILE_CONT(v, p)`, which Spark refuses (it takes
   `WITHIN GROUP`); Spark's `percentile(v, p)` is the same exact, interpolated quantile.
 - `epoch_us(ts)` (microseconds since 1970) is left as is; Spark calls it `unix_micros`.
+- `round_even(x, n)` (half to even, as DuckDB casts a DOUBLE to an integer) is left as is;
+  Spark calls it `bround` (Spark's own cast truncates: 2.7 becomes 2, DuckDB's 3).
 - `date_diff('second', a, b)` becomes Spark's `DATEDIFF(SECOND, ...)`, which counts whole
   seconds elapsed; DuckDB counts second boundaries crossed (0.9 s across a boundary is 1).
   Spark's `unix_seconds(b) - unix_seconds(a)` counts boundaries, as DuckDB does.
@@ -104,6 +106,8 @@ def _spark_rule(node: exp.Expression) -> exp.Expression:
         return exp.Anonymous(this="percentile", expressions=[node.this, node.expression])
     if isinstance(node, exp.Anonymous) and node.name.lower() == "epoch_us":
         return _unix("unix_micros", node.expressions[0])
+    if isinstance(node, exp.Anonymous) and node.name.lower() == "round_even":
+        return exp.Anonymous(this="bround", expressions=node.expressions)
     if isinstance(node, exp.DateDiff) and node.unit is not None and node.unit.name.upper() == "SECOND":
         return exp.paren(
             exp.Sub(this=_unix("unix_seconds", node.this), expression=_unix("unix_seconds", node.expression))
@@ -187,11 +191,17 @@ class SparkTables:
 
     def write(self, model: type[pa.DataFrameModel], table: str, select: str, params: dict | None = None) -> int:
         """Replace warehouse table `table` with `select`'s rows in the contract's columns and types:
-        written beside it, then moved in (a reader never sees a half-written folder). Returns rows."""
+        written beside it, then moved in: a reader sees the old folder, for an instant none, or the
+        new one, never half of one (folder renames: a local or shared filesystem, not an object
+        store). Returns the rows written."""
         frame = self.query(contract_select(model, select), params)
         target = self.path(table)
         aside = target.with_name(f".{table}.{uuid.uuid4().hex}")
-        frame.write.parquet(str(aside))
+        try:
+            frame.write.parquet(str(aside))
+        except BaseException:
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
         old = target.with_name(f".{table}.old.{uuid.uuid4().hex}")
         if target.exists():
             target.rename(old)
