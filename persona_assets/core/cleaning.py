@@ -1,4 +1,6 @@
-"""Sessions, behaviour aggregates, cleaned traits, missing ratios and outliers — all in DuckDB SQL.
+"""Sessions, behaviour aggregates, cleaned traits, missing ratios and outliers — all in SQL, written
+once in DuckDB's dialect and run on DuckDB (`clean`) or compiled for Spark (`clean_on_spark`, see
+core/engine.py and docs/scaling.md).
 
 Nothing is deleted: sparse people and outliers stay, with flags that later stages read
 (`exclude_from_fitting`).
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import duckdb
 import pandas as pd
@@ -20,6 +22,9 @@ from persona_assets.core.identity import COUNTRIES, GENDERS, MAX_AGE, MIN_AGE, P
 from persona_assets.core.options import setting
 from persona_assets.core.stage import StageResult
 from persona_assets.core.warehouse import DATA_AS_OF, Scratch, bind, data_as_of, replace_tables, scratch
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 OUTLIER_METHODS = ("zscore", "iqr", "mad")
 OUTLIER_ACTIONS = ("flag", "clip", "exclude")
@@ -364,10 +369,14 @@ def _finish_sql(scored: str) -> str:
     flags = ", ".join(
         f"CASE WHEN {f} > 0 AND (ln(1 + {f}) < {f}_lo OR ln(1 + {f}) > {f}_hi) THEN '{f}' END" for f in OUTLIER_FEATURES
     )
-    clipped = ", ".join(
-        f"CASE WHEN $action = 'clip' AND {f} > 0 AND {f}_hi IS NOT NULL"
+    clip = {
+        f: f"CASE WHEN $action = 'clip' AND {f} > 0 AND {f}_hi IS NOT NULL"
         f" THEN least(greatest({f}, exp({f}_lo) - 1), exp({f}_hi) - 1) ELSE {f} END"
-        f"{'::BIGINT' if f in COUNT_FEATURES else ''} AS {f}"
+        for f in OUTLIER_FEATURES
+    }
+    # A clipped count is rounded half to even, as DuckDB's cast does (Spark's cast truncates).
+    clipped = ", ".join(
+        f"round_even({clip[f]}, 0)::BIGINT AS {f}" if f in COUNT_FEATURES else f"{clip[f]} AS {f}"
         for f in OUTLIER_FEATURES
     )
     return f"""
@@ -587,7 +596,7 @@ def fence_report(con: duckdb.DuckDBPyConnection, opts: CleaningOptions) -> list[
 SPARK_INPUTS = ("raw_events", "identity_map", "deduped_users")
 
 
-def clean_on_spark(spark, warehouse: Path, opts: CleaningOptions | None = None) -> CleaningResult:
+def clean_on_spark(spark: SparkSession, warehouse: Path, opts: CleaningOptions | None = None) -> CleaningResult:
     """`sessions` and `cleaned_users` rebuilt in full on Spark from the Parquet tables in
     `warehouse` (raw_events, identity_map, deduped_users), with the statements `clean` runs on
     DuckDB, compiled by `engine.to_spark`; the results are written there as Parquet.
