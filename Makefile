@@ -36,6 +36,7 @@ test: venv
 	$(call debian_package,redis-server,redis-server)
 	$(call debian_package,node,nodejs)
 	$(call debian_package,npm,npm)
+	$(call debian_package,java,openjdk-17-jre-headless)
 	$(BIN)/ruff check persona_assets persona_assets_tests
 	$(BIN)/ruff format --check persona_assets persona_assets_tests
 	$(BIN)/pytest -q --durations=30

@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from persona_assets.core.engine import EngineOptions
 from persona_assets.core.models import ModelStore
 from persona_assets.core.pii import load_key
 from persona_assets.core.publish import publish_snapshot
@@ -76,3 +77,12 @@ class ServingPublisher(dg.ConfigurableResource):
 def warehouse_resource(home: PersonaHome) -> DuckDBResource:
     home.root.mkdir(parents=True, exist_ok=True)
     return DuckDBResource(database=str(home.warehouse_path), connection_config=connection_config())
+
+
+def spark_resource(options: EngineOptions, **spark_config: str):
+    """dagster-pyspark's Spark session for `engine: spark`, with the master from the settings
+    (`spark_config` adds or overrides session settings). Lazy: no JVM starts until a stage asks
+    for `.spark_session` (a Spark session takes ~13 s to start on 2 cores)."""
+    from dagster_pyspark import LazyPySparkResource
+
+    return LazyPySparkResource(spark_config={**options.spark_config(), **spark_config})

@@ -15,6 +15,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 
 from persona_assets.core.affinity import AffinityOptions
 from persona_assets.core.cleaning import CleaningOptions
+from persona_assets.core.engine import EngineOptions, refuse_partial
 from persona_assets.core.features import FeatureOptions
 from persona_assets.core.identity import IdentityOptions
 from persona_assets.core.imputation import ImputationOptions
@@ -177,9 +178,17 @@ ImputationConfig = stage_config("ImputationConfig", ImputationOptions, _Imputati
 ProfilesConfig = stage_config("ProfilesConfig", AffinityOptions, _StageRun)
 
 
+class _EngineSection(PersonaConfig):
+    def options(self) -> EngineOptions:
+        return _as_options(self)
+
+
+EngineConfig = stage_config("EngineConfig", EngineOptions, _EngineSection)
+
+
 # --- the settings file: $PERSONA_HOME/persona.yaml (or --config FILE / PERSONA_CONFIG) ---------------
 
-# Each section of the file sets one stage's settings.
+# Each section of the file sets one stage's settings (and `engine`, which engine runs them).
 SECTIONS: dict[str, type[PersonaConfig]] = {
     "ingest": IngestConfig,
     "identity": IdentityConfig,
@@ -188,6 +197,7 @@ SECTIONS: dict[str, type[PersonaConfig]] = {
     "segments": SegmentsConfig,
     "imputation": ImputationConfig,
     "profiles": ProfilesConfig,
+    "engine": EngineConfig,
 }
 SECTION_OF = {config: name for name, config in SECTIONS.items()}
 # Sections that are not a stage's settings.
@@ -248,6 +258,8 @@ def load_settings(path: Path | None) -> dict:
         config = SECTIONS[section]
         if values is None:
             continue
+        if section == "engine" and isinstance(values, str):
+            values = {"name": values}  # `engine: spark` is short for `engine: {name: spark}`
         if not isinstance(values, dict):
             raise SettingsError(f"{path}: {section} must hold 'key: value' settings, got {type(values).__name__}")
         for key in values:
@@ -262,6 +274,9 @@ def load_settings(path: Path | None) -> dict:
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise SettingsError(f"{path}: {section}: {_plain_errors(exc)}") from None
         out[section] = dict(values)
+    refused = refuse_partial(EngineConfig(**out.get("engine", {})).options())
+    if refused:
+        raise SettingsError(f"{path}: {refused}")
     return out
 
 

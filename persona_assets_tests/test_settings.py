@@ -108,3 +108,19 @@ def test_every_run_reads_the_file_of_its_home(persona_home):
     with duckdb.connect(str(persona_home / "warehouse.duckdb"), read_only=True) as con:
         reasons = con.execute("SELECT reason FROM quarantined_events").fetchall()
     assert reasons == [("timestamp_out_of_range",)], "the file's min_event_at applied"
+
+
+def test_engine_spark_is_refused_at_startup_naming_what_runs(tmp_path, persona_home):
+    (persona_home / "persona.yaml").write_text("engine: spark\n")
+    proc = cli(persona_home, "run")
+    assert proc.returncode == 2 and "engine: spark runs only cleaning so far" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    settings = tmp_path / "persona.yaml"
+    settings.write_text("engine: spark\n")
+    with pytest.raises(SettingsError, match="engine: spark runs only cleaning so far; see docs/scaling.md"):
+        load_settings(settings)
+    settings.write_text("engine:\n  name: duckdb\n  spark_master: local[2]\n")
+    assert load_settings(settings)["engine"]["name"] == "duckdb"
+    settings.write_text("engine: flink\n")
+    with pytest.raises(SettingsError, match="engine"):
+        load_settings(settings)

@@ -1,4 +1,6 @@
-"""Sessions, behaviour aggregates, cleaned traits, missing ratios and outliers — all in DuckDB SQL.
+"""Sessions, behaviour aggregates, cleaned traits, missing ratios and outliers — all in SQL, written
+once in DuckDB's dialect and run on DuckDB (`clean`) or compiled for Spark (`clean_on_spark`, see
+core/engine.py and docs/scaling.md).
 
 Nothing is deleted: sparse people and outliers stay, with flags that later stages read
 (`exclude_from_fitting`).
@@ -7,16 +9,22 @@ Nothing is deleted: sparse people and outliers stay, with flags that later stage
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import duckdb
+import pandas as pd
 
 from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core import refresh
-from persona_assets.core.identity import COUNTRIES, GENDERS, MAX_AGE, MIN_AGE, stage_scope_events
+from persona_assets.core.engine import SparkTables
+from persona_assets.core.identity import COUNTRIES, GENDERS, MAX_AGE, MIN_AGE, PERSON_EVENTS, stage_scope_events
 from persona_assets.core.options import setting
 from persona_assets.core.stage import StageResult
-from persona_assets.core.warehouse import Scratch, bind, data_as_of, replace_tables, scratch
+from persona_assets.core.warehouse import DATA_AS_OF, Scratch, bind, data_as_of, replace_tables, scratch
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 OUTLIER_METHODS = ("zscore", "iqr", "mad")
 OUTLIER_ACTIONS = ("flag", "clip", "exclude")
@@ -88,21 +96,31 @@ def spread_sql(v: str, method: str, whole_counts: bool = False) -> str:
     deviation. For whole counts it is never less than one count above the center
     (ln(1 + e^-center) on the log1p scale), so a fence never falls between two counts that
     are both common. It is 0 only if at least 90% of the values are equal, or (counts) never.
+    MAD is the median of |v - fit_center|, the column `fitted_sql` adds (median(v) over the same
+    rows): written out, because Spark has no MAD aggregate (DuckDB's mad gives the same numbers).
     """
     if method == "zscore":
         spread = f"stddev_pop({v})"
     else:
         q = [f"quantile_cont({v}, {p})" for p in (0.05, 0.25, 0.75, 0.95)]
-        spread = f"greatest(1.4826 * mad({v}), ({q[2]} - {q[1]}) / 1.349, ({q[3]} - {q[0]}) / 3.29)"
+        spread = (
+            f"greatest(1.4826 * median(abs({v} - fit_center)), ({q[2]} - {q[1]}) / 1.349, ({q[3]} - {q[0]}) / 3.29)"
+        )
     if whole_counts:
         # Zero spread stays zero: a count everyone shares flags nobody.
         spread = f"CASE WHEN {spread} > 0 THEN greatest({spread}, ln(1 + exp(-median({v})))) ELSE {spread} END"
     return spread
 
 
+def fitted_sql(value: str, rows: str, where: str = "") -> str:
+    """The values fences are fitted on: `value` over `rows` as column v, with their median as
+    column fit_center (what spread_sql's MAD measures from)."""
+    return f"(SELECT {value} AS v, median({value}) OVER () AS fit_center FROM {rows} {where})"
+
+
 def bounds_sql(v: str, method: str, limit: float, whole_counts: bool = False) -> tuple[str, str]:
-    """Aggregate expressions giving the (lo, hi) fences of `v` for an outlier method (NULL
-    when the spread is 0: a feature with no spread flags nobody)."""
+    """Aggregate expressions giving the (lo, hi) fences of `v` (over `fitted_sql` rows) for an
+    outlier method (NULL when the spread is 0: a feature with no spread flags nobody)."""
     spread = spread_sql(v, method, whole_counts)
     width = f"{limit} * nullif({spread}, 0)"
     if method == "zscore":
@@ -126,20 +144,32 @@ def _person_fences_sql(opts: CleaningOptions, scored: str) -> str:
             f"""SELECT '{f}' AS feature, count(v) AS fitted_on, median(v) AS center,
                    {spread_sql("v", opts.outlier_method, f in COUNT_FEATURES)} AS spread,
                    {lo} AS lo, {hi} AS hi
-            FROM (SELECT ln(1 + {f}) AS v FROM s WHERE {f} > 0)"""
+            FROM {fitted_sql(f"ln(1 + {f})", "s", f"WHERE {f} > 0")}"""
         )
     return f"""WITH s AS (SELECT * FROM ({scored}) WHERE behaviour_events > 0)
 {" UNION ALL ".join(parts)}"""
 
 
+def vocabularies() -> dict[str, pd.DataFrame]:
+    """The small reference tables cleaning joins, by name, for either engine: gender and country
+    aliases, and each time zone's UTC offset now (DuckDB's list; in seconds, because an INTERVAL
+    column has no Parquet type Spark reads)."""
+    with duckdb.connect() as mem:
+        tz = mem.execute("SELECT name, epoch(utc_offset)::BIGINT AS utc_offset_seconds FROM pg_timezone_names()").df()
+    return {
+        "_gender_vocab": pd.DataFrame(
+            [(alias, g) for g, aliases in GENDERS.items() for alias in aliases], columns=["alias", "gender"]
+        ),
+        "_country_vocab": pd.DataFrame(list(COUNTRIES.items()), columns=["alias", "country"]),
+        "_tz": tz,
+    }
+
+
 def _vocabularies(con: duckdb.DuckDBPyConnection) -> None:
-    genders = [(alias, g) for g, aliases in GENDERS.items() for alias in aliases]
-    countries = list(COUNTRIES.items())
-    con.execute("CREATE OR REPLACE TEMP TABLE _gender_vocab (alias VARCHAR, gender VARCHAR)")
-    con.executemany("INSERT INTO _gender_vocab VALUES (?, ?)", genders)
-    con.execute("CREATE OR REPLACE TEMP TABLE _country_vocab (alias VARCHAR, country VARCHAR)")
-    con.executemany("INSERT INTO _country_vocab VALUES (?, ?)", countries)
-    con.execute("CREATE OR REPLACE TEMP TABLE _tz AS SELECT name, utc_offset FROM pg_timezone_names()")
+    for name, frame in vocabularies().items():
+        con.register("_vocabulary", frame)
+        con.execute(f'CREATE OR REPLACE TEMP TABLE "{name}" AS SELECT * FROM _vocabulary')
+        con.unregister("_vocabulary")
 
 
 # People who declined personalization: their events still count, but profiling starts here,
@@ -149,24 +179,27 @@ DECLINED = "(SELECT person_id FROM deduped_users WHERE consent = 'declined')"
 
 
 def _session_rows_sql(events: str) -> str:
-    """Sessions (without flags) of the people in `events` (person_events, or an incremental run's scope)."""
+    """Sessions (without flags) of the people in `events` (person_events, or an incremental run's scope).
+    Both windows order by (event_at, message_id): ordered by event_at alone, two events at the
+    same instant could number a person's first session 0 or 1 from one run to the next."""
     return f"""
 WITH e AS (
-  SELECT person_id, event_at, device_type, anonymous_id,
+  SELECT person_id, event_at, message_id, device_type, anonymous_id,
          CASE WHEN lag(event_at) OVER w IS NULL
-                OR event_at - lag(event_at) OVER w > to_seconds($gap_seconds) THEN 1 ELSE 0 END AS starts
+                OR epoch_us(event_at) - epoch_us(lag(event_at) OVER w) > $gap_seconds * 1e6 THEN 1 ELSE 0 END AS starts
   FROM {events} WHERE person_id IS NOT NULL AND person_id NOT IN (SELECT person_id FROM {DECLINED})
   WINDOW w AS (PARTITION BY person_id ORDER BY event_at, message_id)
 ), numbered AS (
-  SELECT *, sum(starts) OVER (PARTITION BY person_id ORDER BY event_at ROWS UNBOUNDED PRECEDING) AS session_no
+  SELECT *, sum(starts) OVER (PARTITION BY person_id ORDER BY event_at, message_id ROWS UNBOUNDED PRECEDING)
+    AS session_no
   FROM e
 )
 SELECT person_id || '-' || session_no AS session_id, person_id, min(event_at) AS started_at,
-       max(event_at) AS ended_at, epoch(max(event_at) - min(event_at))::DOUBLE AS duration_seconds,
+       max(event_at) AS ended_at, (epoch_us(max(event_at)) - epoch_us(min(event_at))) / 1e6 AS duration_seconds,
        count(*) AS event_count,
-       count(*) / greatest(epoch(max(event_at) - min(event_at)) / 60.0, 1.0) AS events_per_minute,
-       mode(device_type ORDER BY device_type) AS device_type,
-       mode(anonymous_id ORDER BY anonymous_id) AS anonymous_id
+       count(*) / greatest((epoch_us(max(event_at)) - epoch_us(min(event_at))) / 1e6 / 60.0, 1.0) AS events_per_minute,
+       mode() WITHIN GROUP (ORDER BY device_type) AS device_type,
+       mode() WITHIN GROUP (ORDER BY anonymous_id) AS anonymous_id
 FROM numbered GROUP BY person_id, session_no
 """
 
@@ -174,12 +207,11 @@ FROM numbered GROUP BY person_id, session_no
 def _session_fences_sql(opts: CleaningOptions, rows: str) -> str:
     """One row: the fences of session length (over sessions that last at all: a one-event
     visit has no length) and of event rate, on the log1p scale."""
-    long_hi = bounds_sql("ln(1 + duration_seconds)", opts.outlier_method, opts.session_outlier_limit)[1]
-    burst_hi = bounds_sql("ln(1 + events_per_minute)", opts.outlier_method, opts.session_outlier_limit)[1]
+    hi = bounds_sql("v", opts.outlier_method, opts.session_outlier_limit)[1]
     return f"""
 WITH s AS ({rows})
-SELECT (SELECT {long_hi} FROM s WHERE duration_seconds > 0) AS long_hi,
-       (SELECT {burst_hi} FROM s) AS burst_hi,
+SELECT (SELECT {hi} FROM {fitted_sql("ln(1 + duration_seconds)", "s", "WHERE duration_seconds > 0")}) AS long_hi,
+       (SELECT {hi} FROM {fitted_sql("ln(1 + events_per_minute)", "s")}) AS burst_hi,
        (SELECT count(*) FROM s) AS fitted_on
 """
 
@@ -223,7 +255,7 @@ def _behaviour_ctes(events: str) -> str:
     )
     return f"""ev AS (
   SELECT pe.person_id, pe.event_at, pe.event_type, pe.event_name, pe.revenue, pe.category, pe.device_type,
-         hour(pe.event_at + coalesce(tz.utc_offset, INTERVAL 0 SECOND)) AS local_hour
+         hour(pe.event_at + INTERVAL 1 SECOND * coalesce(tz.utc_offset_seconds, 0)) AS local_hour
   FROM {events} pe LEFT JOIN _tz tz ON tz.name = pe.timezone
   WHERE pe.person_id IS NOT NULL
 ), behaviour AS (
@@ -236,7 +268,7 @@ def _behaviour_ctes(events: str) -> str:
 {shares}
   FROM ev GROUP BY person_id
 ), categories AS (
-  SELECT person_id, map_from_entries(list((category, n) ORDER BY category)) AS category_counts
+  SELECT person_id, map_from_entries(list_sort(list((category, n)))) AS category_counts
   FROM (SELECT person_id, category, count(*) AS n FROM ev WHERE category IS NOT NULL GROUP BY 1, 2)
   GROUP BY person_id
 ), sess AS (
@@ -261,11 +293,14 @@ def _trait_ctes(events: str, people: str) -> str:
   SELECT d.person_id, d.first_seen_at, d.last_seen_at, d.email_hash IS NOT NULL AS has_email,
          d.phone_hash IS NOT NULL AS has_phone, d.postal_code,
          TRY_CAST(d.age AS DOUBLE) AS age_number,
-         date_diff('year', TRY_CAST(d.birthday AS DATE), $as_of::DATE) AS birthday_age, d.birthday,
+         year($as_of::DATE) - year(TRY_CAST(d.birthday AS DATE)) AS birthday_age, d.birthday,
          gv.gender, cv.country,
          -- The latest values given, valid or not (a person's own events; else what survived).
          coalesce(l.latest_age, d.age) AS latest_age, coalesce(l.latest_birthday, d.birthday) AS latest_birthday,
-         coalesce(l.latest_gender, d.gender) AS latest_gender, coalesce(l.latest_country, d.country) AS latest_country
+         coalesce(l.latest_gender, d.gender) AS latest_gender, coalesce(l.latest_country, d.country) AS latest_country,
+         -- Checked here, not in aged's list: Spark allows no subquery inside a list function.
+         lower(trim(coalesce(l.latest_gender, d.gender))) NOT IN (SELECT alias FROM _gender_vocab) AS gender_unknown,
+         upper(trim(coalesce(l.latest_country, d.country))) NOT IN (SELECT alias FROM _country_vocab) AS country_unknown
   FROM (SELECT * FROM deduped_users WHERE person_id NOT IN (SELECT person_id FROM {DECLINED})) d
   LEFT JOIN _gender_vocab gv ON gv.alias = lower(trim(d.gender))
   LEFT JOIN _country_vocab cv ON cv.alias = upper(trim(d.country))
@@ -280,8 +315,8 @@ def _trait_ctes(events: str, people: str) -> str:
       CASE WHEN latest_age IS NOT NULL AND TRY_CAST(latest_age AS DOUBLE) IS NULL THEN 'age_not_a_number' END,
       CASE WHEN NOT TRY_CAST(latest_age AS DOUBLE) BETWEEN $min_age AND $max_age THEN 'age_out_of_range' END,
       CASE WHEN latest_birthday IS NOT NULL AND TRY_CAST(latest_birthday AS DATE) IS NULL THEN 'birthday_not_a_date' END,
-      CASE WHEN lower(trim(latest_gender)) NOT IN (SELECT alias FROM _gender_vocab) THEN 'gender_unrecognized' END,
-      CASE WHEN upper(trim(latest_country)) NOT IN (SELECT alias FROM _country_vocab) THEN 'country_unrecognized' END
+      CASE WHEN gender_unknown THEN 'gender_unrecognized' END,
+      CASE WHEN country_unknown THEN 'country_unrecognized' END
     ], lambda x: x IS NOT NULL) AS trait_issues
   FROM traits
 )"""
@@ -305,7 +340,7 @@ JOINED = """SELECT a.person_id, a.first_seen_at, a.last_seen_at,
     CASE WHEN a.age < 25 THEN '<25' WHEN a.age < 35 THEN '25-34' WHEN a.age < 45 THEN '35-44'
          WHEN a.age < 55 THEN '45-54' WHEN a.age IS NOT NULL THEN '55+' END AS age_bracket,
     a.gender, a.country, a.postal_code, a.has_email, a.has_phone,
-    CASE WHEN len(a.trait_issues) > 0 THEN a.trait_issues END AS trait_issues
+    CASE WHEN array_length(a.trait_issues) > 0 THEN a.trait_issues END AS trait_issues
   FROM aged a
   LEFT JOIN behaviour b USING (person_id) LEFT JOIN sess s USING (person_id) LEFT JOIN categories c USING (person_id)"""
 
@@ -334,10 +369,14 @@ def _finish_sql(scored: str) -> str:
     flags = ", ".join(
         f"CASE WHEN {f} > 0 AND (ln(1 + {f}) < {f}_lo OR ln(1 + {f}) > {f}_hi) THEN '{f}' END" for f in OUTLIER_FEATURES
     )
-    clipped = ", ".join(
-        f"CASE WHEN $action = 'clip' AND {f} > 0 AND {f}_hi IS NOT NULL"
+    clip = {
+        f: f"CASE WHEN $action = 'clip' AND {f} > 0 AND {f}_hi IS NOT NULL"
         f" THEN least(greatest({f}, exp({f}_lo) - 1), exp({f}_hi) - 1) ELSE {f} END"
-        f"{'::BIGINT' if f in COUNT_FEATURES else ''} AS {f}"
+        for f in OUTLIER_FEATURES
+    }
+    # A clipped count is rounded half to even, as DuckDB's cast does (Spark's cast truncates).
+    clipped = ", ".join(
+        f"round_even({clip[f]}, 0)::BIGINT AS {f}" if f in COUNT_FEATURES else f"{clip[f]} AS {f}"
         for f in OUTLIER_FEATURES
     )
     return f"""
@@ -358,8 +397,8 @@ SELECT * EXCLUDE ({", ".join(OUTLIER_FEATURES)}, flag_list, {", ".join(f"{f}_lo,
   {clipped},
   CASE WHEN order_count > 0 THEN total_revenue / order_count END AS avg_order_value,
   missing_ratio > $sparse_threshold AS is_sparse,
-  CASE WHEN len(flag_list) > 0 THEN flag_list END AS outlier_flags,
-  behaviour_events = 0 OR is_bot OR ($action = 'exclude' AND (len(flag_list) > 0 OR has_long_session))
+  CASE WHEN array_length(flag_list) > 0 THEN flag_list END AS outlier_flags,
+  behaviour_events = 0 OR is_bot OR ($action = 'exclude' AND (array_length(flag_list) > 0 OR has_long_session))
     AS exclude_from_fitting
 FROM flagged
 """
@@ -418,8 +457,8 @@ def _scope_sources(con: duckdb.DuckDBPyConnection, opts: CleaningOptions, p: ref
         con,
         """SELECT person_id FROM deduped_users WHERE birthday IS NOT NULL
            AND NOT coalesce(TRY_CAST(age AS DOUBLE) BETWEEN $min_age AND $max_age, false)
-           AND date_diff('year', TRY_CAST(birthday AS DATE), $old::DATE)
-               IS DISTINCT FROM date_diff('year', TRY_CAST(birthday AS DATE), $new::DATE)""",
+           AND year($old::DATE) - year(TRY_CAST(birthday AS DATE))
+               IS DISTINCT FROM year($new::DATE) - year(TRY_CAST(birthday AS DATE))""",
         {"old": p.previous_as_of or as_of, "new": as_of, "min_age": opts.min_age, "max_age": opts.max_age},
     )
     stage_scope_events(con, p.scope, EVENT_COLUMNS)
@@ -437,7 +476,8 @@ def _scope_sources(con: duckdb.DuckDBPyConnection, opts: CleaningOptions, p: ref
     )
 
 
-def _params(opts: CleaningOptions, as_of) -> dict:
+def parameters(opts: CleaningOptions, as_of) -> dict:
+    """The values cleaning's statements bind (`$gap_seconds`...), from the options and the data's as-of time."""
     return {
         "gap_seconds": opts.session_gap_minutes * 60,
         "long_seconds": opts.long_session_hours * 3600,
@@ -450,15 +490,29 @@ def _params(opts: CleaningOptions, as_of) -> dict:
     }
 
 
-def _stage_rows(s: Scratch, opts: CleaningOptions, src: _Sources, params: dict) -> None:
-    """The scope's sessions and per-person rows, then the fences over everyone's."""
-    for name, sql in (
+def steps(opts: CleaningOptions, src: _Sources = FULL_SOURCES) -> list[tuple[str, str]]:
+    """The statements before the results, by the table each makes: the scope's sessions and
+    per-person rows, then the fences over everyone's."""
+    return [
         ("_session_rows", _session_rows_sql(src.events)),
         ("_scored_new", _scored_sql(opts, src.events, src.people)),
         ("_fences", _person_fences_sql(opts, src.scored)),
         ("_session_fences", _session_fences_sql(opts, src.sessions)),
-    ):
+    ]
+
+
+def _stage_rows(s: Scratch | SparkTables, opts: CleaningOptions, src: _Sources, params: dict) -> None:
+    """`steps` as DuckDB scratch tables or Spark temp views (the same statements on both)."""
+    for name, sql in steps(opts, src):
         s.table(name, sql, bind(sql, params))
+
+
+def results(src: _Sources = FULL_SOURCES) -> list[tuple[type, str, str]]:
+    """The tables cleaning writes, in order (cleaned_users reads the new sessions)."""
+    return [
+        (Sessions, "sessions", _sessions_sql(src.sessions)),
+        (CleanedUsers, "cleaned_users", _finish_sql(src.scored)),
+    ]
 
 
 def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, full: bool = False) -> CleaningResult:
@@ -472,7 +526,7 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
     """
     opts = opts or CleaningOptions()
     as_of = data_as_of(con)
-    params = _params(opts, as_of)
+    params = parameters(opts, as_of)
     with scratch(con) as s:
         for name in ("_gender_vocab", "_country_vocab", "_tz", "_scope_events", "_flags_before"):
             s.adopt(name)
@@ -498,15 +552,7 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
                 )
             refresh.record(con, p, as_of, p.scope.size(con))
 
-        counts = replace_tables(
-            con,
-            [
-                (Sessions, "sessions", _sessions_sql(src.sessions)),
-                (CleanedUsers, "cleaned_users", _finish_sql(src.scored)),
-            ],
-            params,
-            before_commit=[(record, None)],
-        )
+        counts = replace_tables(con, results(src), params, before_commit=[(record, None)])
         fences = fence_report(con, opts)
     return CleaningResult(
         mode=p.mode,
@@ -544,3 +590,30 @@ def fence_report(con: duckdb.DuckDBPyConnection, opts: CleaningOptions) -> list[
     ).df()
     rows = people.to_dict("records") + sessions.to_dict("records")
     return [{k: (None if v != v else v) for k, v in row.items()} for row in rows]
+
+
+# What reads raw events on Spark so far (`engine: spark` refuses to run the graph until all do).
+SPARK_INPUTS = ("raw_events", "identity_map", "deduped_users")
+
+
+def clean_on_spark(spark: SparkSession, warehouse: Path, opts: CleaningOptions | None = None) -> CleaningResult:
+    """`sessions` and `cleaned_users` rebuilt in full on Spark from the Parquet tables in
+    `warehouse` (raw_events, identity_map, deduped_users), with the statements `clean` runs on
+    DuckDB, compiled by `engine.to_spark`; the results are written there as Parquet.
+
+    Full builds only so far: the incremental path reads and splices DuckDB tables. The fences'
+    report (asset metadata) is not made on Spark yet.
+    """
+    opts = opts or CleaningOptions()
+    t = SparkTables(spark, warehouse)
+    try:
+        t.read(*SPARK_INPUTS)
+        for name, frame in vocabularies().items():
+            t.frame(name, frame)
+        t.view("person_events", PERSON_EVENTS)
+        params = parameters(opts, t.query(DATA_AS_OF).collect()[0][0])
+        _stage_rows(t, opts, FULL_SOURCES, params)
+        counts = {table: t.write(model, table, sql, params) for model, table, sql in results()}
+    finally:
+        t.drop()
+    return CleaningResult(mode="full", why="Spark builds in full", people=counts["cleaned_users"], counts=counts)

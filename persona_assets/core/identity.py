@@ -97,13 +97,13 @@ IDENTIFIER_COLUMNS = [
 ]
 
 # Events are attributed to the person of their userId, else of their anonymousId.
-PERSON_EVENTS_VIEW = """
-CREATE OR REPLACE VIEW person_events AS
+PERSON_EVENTS = """
 SELECT coalesce(mu.person_id, ma.person_id) AS person_id, e.*
 FROM raw_events e
 LEFT JOIN identity_map mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
 LEFT JOIN identity_map ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
 """
+PERSON_EVENTS_VIEW = f"CREATE OR REPLACE VIEW person_events AS {PERSON_EVENTS}"
 
 
 def stage_scope_events(

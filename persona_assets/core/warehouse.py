@@ -136,9 +136,13 @@ def replace_frames(
             con.unregister(f"_{table}_frame")
 
 
+# The time the data reaches: the newest event (now, before any). Recency is measured to it.
+DATA_AS_OF = "SELECT coalesce(max(event_at), now()::TIMESTAMP) FROM raw_events"
+
+
 def data_as_of(con: duckdb.DuckDBPyConnection):
-    """The time the data reaches: the newest event (now, before any). Recency is measured to it."""
-    return con.execute("SELECT coalesce(max(event_at), now()::TIMESTAMP) FROM raw_events").fetchall()[0][0]
+    """The time the data reaches (`DATA_AS_OF`)."""
+    return con.execute(DATA_AS_OF).fetchall()[0][0]
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:

@@ -1,0 +1,226 @@
+"""One source of stage logic for two engines: SQL written once in DuckDB's dialect, run as it is
+on DuckDB and compiled for Spark with SQLGlot.
+
+A stage's statements stay where they are (`cleaning.py` builds them in small functions); on
+Spark, `SparkTables` runs the same statements over Parquet tables registered as temp views.
+`to_spark` is SQLGlot's duckdb→spark transpiler plus the rules below, each fixing a
+translation SQLGlot 30 gets wrong for this code (measured construct by construct on both
+engines: the table in docs/scaling.md; each rule has a test giving DuckDB's answer):
+
+- `quantile_cont(v, p)` comes out as `PERCENTILE_CONT(v, p)`, which Spark refuses (it takes
+  `WITHIN GROUP`); Spark's `percentile(v, p)` is the same exact, interpolated quantile.
+- `epoch_us(ts)` (microseconds since 1970) is left as is; Spark calls it `unix_micros`.
+- `round_even(x, n)` (half to even, as DuckDB casts a DOUBLE to an integer) is left as is;
+  Spark calls it `bround` (Spark's own cast truncates: 2.7 becomes 2, DuckDB's 3).
+- `date_diff('second', a, b)` becomes Spark's `DATEDIFF(SECOND, ...)`, which counts whole
+  seconds elapsed; DuckDB counts second boundaries crossed (0.9 s across a boundary is 1).
+  Spark's `unix_seconds(b) - unix_seconds(a)` counts boundaries, as DuckDB does.
+- A decimal literal (`60.0`) is a DECIMAL in both, but DuckDB divides in DOUBLE while Spark
+  divides in DECIMAL rounded to 6 places (count(*) / 6.0 gave 0.166667): on Spark such
+  literals are written as DOUBLE.
+
+Where a construct has no Spark equivalent the single source was changed instead, in a form
+both engines run with DuckDB's results unchanged (see docs/scaling.md for the list). Values
+are bound as parameters on both engines (`$name` in the source, `:name` on Spark), never
+pasted into the SQL text.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pandera.pandas as pa
+import sqlglot
+from sqlglot import exp
+
+from persona_assets.core.options import setting
+
+if TYPE_CHECKING:  # pyspark is imported only by the Spark path
+    from pyspark.sql import DataFrame, SparkSession
+
+ENGINES = ("duckdb", "spark")
+# The stages that run on Spark so far; `engine: spark` is refused until every stage from the
+# landing files on does (a partial run would leave half the tables where the next stage cannot read them).
+SPARK_STAGES = ("cleaning",)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Which engine runs the event-scale stages (persona.yaml: `engine: spark`, or an `engine:`
+    section with these keys)."""
+
+    name: Literal["duckdb", "spark"] = setting(
+        "duckdb", "duckdb (one machine) or spark (the event-scale stages on a Spark cluster: docs/scaling.md)."
+    )
+    spark_master: str = setting("local[*]", "Spark master URL: local[*] uses this machine's cores.")
+    spark_warehouse: str = setting(
+        "", "Folder of Parquet tables (one folder a table) Spark reads and writes; empty: PERSONA_HOME/spark."
+    )
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise ValueError(f"name must be one of {ENGINES}, got {self.name!r}")
+        if not self.spark_master:
+            raise ValueError("spark_master must name a Spark master, e.g. local[*] or spark://host:7077")
+
+    def warehouse(self, home: Path) -> Path:
+        """Where Spark's Parquet tables live."""
+        return Path(self.spark_warehouse).expanduser() if self.spark_warehouse else Path(home) / "spark"
+
+    def spark_config(self) -> dict[str, str]:
+        """The Spark session's settings (for dagster-pyspark's resource)."""
+        return {
+            "spark.master": self.spark_master,
+            "spark.app.name": "persona",
+            # DuckDB's TIMESTAMP has no zone: read and compute it as UTC (hour(), unix_seconds()).
+            "spark.sql.session.timeZone": "UTC",
+        }
+
+
+def refuse_partial(options: EngineOptions) -> str | None:
+    """Why a run cannot start on this engine yet (None: it can)."""
+    if options.name == "spark":
+        return f"engine: spark runs only {', '.join(SPARK_STAGES)} so far; see docs/scaling.md"
+    return None
+
+
+PARAMETER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _unix(fn: str, value: exp.Expression) -> exp.Expression:
+    """Spark's unix_seconds / unix_micros of a timestamp (Parquet from DuckDB reads as TIMESTAMP_NTZ,
+    which they refuse; the session time zone is UTC, so the cast keeps the instant)."""
+    return exp.Anonymous(this=fn, expressions=[exp.cast(value, exp.DataType.build("TIMESTAMP"))])
+
+
+def _spark_rule(node: exp.Expression) -> exp.Expression:
+    """The translations SQLGlot's spark dialect gets wrong for our SQL (see the module docstring)."""
+    if isinstance(node, exp.PercentileCont):
+        return exp.Anonymous(this="percentile", expressions=[node.this, node.expression])
+    if isinstance(node, exp.Anonymous) and node.name.lower() == "epoch_us":
+        return _unix("unix_micros", node.expressions[0])
+    if isinstance(node, exp.Anonymous) and node.name.lower() == "round_even":
+        return exp.Anonymous(this="bround", expressions=node.expressions)
+    if isinstance(node, exp.DateDiff) and node.unit is not None and node.unit.name.upper() == "SECOND":
+        return exp.paren(
+            exp.Sub(this=_unix("unix_seconds", node.this), expression=_unix("unix_seconds", node.expression))
+        )
+    if isinstance(node, exp.Literal) and not node.is_string and "." in node.name and "e" not in node.name.lower():
+        return exp.cast(node.copy(), exp.DataType.build("DOUBLE"))
+    return node
+
+
+def _utc(value: Any) -> Any:
+    return value.replace(tzinfo=UTC) if isinstance(value, datetime) and value.tzinfo is None else value
+
+
+def to_spark(sql: str) -> str:
+    """A statement in DuckDB's dialect compiled for Spark SQL (parameters `$x` become `:x`)."""
+    tree = sqlglot.parse_one(sql, read="duckdb")
+    return tree.transform(_spark_rule).sql(dialect="spark")
+
+
+def contract_select(model: type[pa.DataFrameModel], select: str) -> str:
+    """`select`'s columns in the contract's order and SQL types, by name (DuckDB's dialect): what
+    `INSERT INTO <contract DDL> BY NAME` does on DuckDB, as one statement Spark can compile too."""
+    columns = model.to_schema().columns
+    cols = ", ".join(f'CAST("{name}" AS {col.metadata["sql"]}) AS "{name}"' for name, col in columns.items())
+    return f"SELECT {cols} FROM ({select}) AS _rows"
+
+
+class SparkTables:
+    """A stage's tables on Spark: inputs read from a warehouse folder of Parquet tables (one
+    folder per table), steps kept as cached temp views, results written back as Parquet.
+
+    It offers what a DuckDB stage uses of `Scratch` (`table(name, select, params)`), so the
+    functions that name a stage's steps run unchanged on either engine.
+    """
+
+    def __init__(self, spark: SparkSession, warehouse: Path) -> None:
+        self.spark = spark
+        self.warehouse = Path(warehouse)
+        self.names: list[str] = []
+        self._cached: list[DataFrame] = []
+        # DuckDB's TIMESTAMP has no zone; hour() and unix_seconds() then read it as UTC on Spark too.
+        spark.conf.set("spark.sql.session.timeZone", "UTC")
+
+    def path(self, table: str) -> Path:
+        return self.warehouse / table
+
+    def read(self, *tables: str) -> None:
+        """Register warehouse tables (Parquet folders) as temp views under their own names."""
+        for table in tables:
+            self.spark.read.parquet(str(self.path(table))).createOrReplaceTempView(table)
+            self._adopt(table)
+
+    def frame(self, name: str, frame: Any) -> str:
+        """A small pandas frame (a vocabulary) as temp view `name`."""
+        self.spark.createDataFrame(frame).createOrReplaceTempView(name)
+        return self._adopt(name)
+
+    def query(self, select: str, params: dict | None = None) -> DataFrame:
+        """A DuckDB-dialect SELECT run on Spark with its `$name` parameters bound (not pasted).
+        A naive datetime (DuckDB's TIMESTAMP) is bound as that UTC instant, whatever the
+        driver's own time zone."""
+        wanted = set(PARAMETER.findall(select))
+        args = {k: _utc(v) for k, v in (params or {}).items() if k in wanted}
+        missing = wanted - set(args)
+        if missing:
+            raise ValueError(f"no value for parameter(s) {', '.join(sorted(missing))}")
+        return self.spark.sql(to_spark(select), args=args)
+
+    def view(self, name: str, select: str, params: dict | None = None) -> str:
+        """A SELECT as temp view `name`, recomputed where read (an input other steps filter)."""
+        self.query(select, params).createOrReplaceTempView(name)
+        return self._adopt(name)
+
+    def table(self, name: str, select: str, params: dict | list | None = None) -> str:
+        """A step's rows as cached temp view `name` (computed once: later steps read it several times)."""
+        frame = self.query(select, params if isinstance(params, dict) else None).cache()
+        frame.count()
+        self._cached.append(frame)
+        frame.createOrReplaceTempView(name)
+        return self._adopt(name)
+
+    def write(self, model: type[pa.DataFrameModel], table: str, select: str, params: dict | None = None) -> int:
+        """Replace warehouse table `table` with `select`'s rows in the contract's columns and types:
+        written beside it, then moved in: a reader sees the old folder, for an instant none, or the
+        new one, never half of one (folder renames: a local or shared filesystem, not an object
+        store). Returns the rows written."""
+        frame = self.query(contract_select(model, select), params)
+        target = self.path(table)
+        aside = target.with_name(f".{table}.{uuid.uuid4().hex}")
+        try:
+            frame.write.parquet(str(aside))
+        except BaseException:
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+        old = target.with_name(f".{table}.old.{uuid.uuid4().hex}")
+        if target.exists():
+            target.rename(old)
+        aside.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        self.read(table)
+        return self.spark.read.parquet(str(target)).count()
+
+    def _adopt(self, name: str) -> str:
+        if name not in self.names:
+            self.names.append(name)
+        return name
+
+    def drop(self, keep: Iterable[str] = ()) -> None:
+        """Drop the temp views and cached steps (warehouse tables stay on disk)."""
+        for frame in self._cached:
+            frame.unpersist()
+        self._cached.clear()
+        for name in self.names:
+            if name not in keep:
+                self.spark.catalog.dropTempView(name)
+        self.names = [n for n in self.names if n in keep]
