@@ -925,9 +925,8 @@ def report_markdown(r: dict) -> str:
         rows_out = f"{st['rows_out']:,}" if st["rows_out"] is not None else ""
         cpu = f"{st['cpu_seconds']:.1f}" if "cpu_seconds" in st else ""
         lines.append(f"| {name} | {st['seconds']:.1f} | {cpu} | {st['peak_gb']:.2f} | {rows_in} | {rows_out} |")
-    cpu = (
-        sum(st.get("cpu_seconds", 0) for st in r["stages"].values()) if "cpu_seconds" in r["stages"]["ingest"] else None
-    )
+    timed = list(r["stages"].values())
+    cpu = sum(st["cpu_seconds"] for st in timed) if timed and all("cpu_seconds" in st for st in timed) else None
     shown = f"**{cpu:.1f}**" if cpu is not None else ""
     lines.append(
         f"| **full build** | **{r['full_build_seconds']:.1f}** | {shown} | **{r['full_build_peak_gb']:.2f}** | | |"
@@ -938,15 +937,16 @@ def report_markdown(r: dict) -> str:
             f"- Floor (DuckDB reads the same files once, groups by anonymousId): {r['floor_seconds']:.1f} s; "
             f"ingest {r['ingest_ratio_to_floor']}x, whole graph {r['full_build_ratio_to_floor']}x."
         )
-    if "all_fields_seconds" in r:
+    ingest = r["stages"].get("ingest")
+    if "all_fields_seconds" in r and ingest:
         lines.append(
             f"- Bound under any ingest that keeps every field (DuckDB's reader with the full schema, stored, "
             f"no validation, hashing or ledger): {r['all_fields_seconds']:.1f} s = {r['all_fields_ratio_to_floor']}x "
-            f"the floor; ingest {r['stages']['ingest']['seconds'] / r['all_fields_seconds']:.2f}x it, the whole "
+            f"the floor; ingest {ingest['seconds'] / r['all_fields_seconds']:.2f}x it, the whole "
             f"graph {r['full_build_seconds'] / r['all_fields_seconds']:.2f}x."
         )
-    if "all_fields_cpu_seconds" in r:
-        ingest_cpu, bound_cpu = r["stages"]["ingest"]["cpu_seconds"], r["all_fields_cpu_seconds"]
+    if "all_fields_cpu_seconds" in r and ingest and "cpu_seconds" in ingest:
+        ingest_cpu, bound_cpu = ingest["cpu_seconds"], r["all_fields_cpu_seconds"]
         lines.append(
             f"- In CPU seconds (what the machine's other work changes least): floor {r['floor_cpu_seconds']:.1f}, "
             f"bound {bound_cpu:.1f}, ingest {ingest_cpu:.1f} = {ingest_cpu / bound_cpu:.2f}x the bound."
