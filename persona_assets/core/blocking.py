@@ -97,6 +97,7 @@ class Blocking:
     largest key size kept (None: nothing left out) and what was left out, in plain words."""
 
     table: str
+    records: str  # the records, with their key sizes, that `table`'s join keys point at
     pairs: int
     budget: int
     limit: int | None = None
@@ -167,7 +168,9 @@ def block(
             FROM ({found}) GROUP BY join_key_l, join_key_r"""
     )
     pairs = scratch.execute("SELECT count(*) FROM _blocked").fetchall()[0][0]
-    return Blocking("_blocked", pairs, budget, limit, left_out(scratch, "_blocking_records", limit))
+    return Blocking(
+        "_blocked", "_blocking_records", pairs, budget, limit, left_out(scratch, "_blocking_records", limit)
+    )
 
 
 def found_without(fields: tuple[str, ...]) -> str:

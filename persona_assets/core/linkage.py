@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from persona_assets.contracts import IdentityLinks, IdentityPii, ddl
-from persona_assets.core.blocking import RULES, block, capped, found_without, with_sizes
+from persona_assets.core.blocking import RULES, Blocking, block, capped, found_without, with_sizes
 from persona_assets.core.refresh import Scope
 
 MODEL_TABLE = "identity_link_model"
@@ -389,7 +389,7 @@ def train(con: duckdb.DuckDBPyConnection, pairs_per_record: int) -> tuple[dict, 
         linker.training.estimate_u_using_random_sampling(max_pairs=5e6, seed=1)
         u_only = linker.misc.save_model_to_json()
         em = _em_model(linker, db, records, blocked.limit)
-        pairs = _score_blocked(scratch, blocked.table, em)
+        pairs = _score_blocked(scratch, blocked, em)
         problems = check_model(scratch, pairs, em, len(records))
         if not problems:
             return em, "trained by EM", []
@@ -398,7 +398,7 @@ def train(con: duckdb.DuckDBPyConnection, pairs_per_record: int) -> tuple[dict, 
             # look stronger than an exact common one): the fuzzier level is pooled with the stricter,
             # and checked again.
             _put_in_order(em)
-            pairs = _score_blocked(scratch, blocked.table, em)
+            pairs = _score_blocked(scratch, blocked, em)
             if not check_model(scratch, pairs, em, len(records)):
                 return em, "trained by EM; levels put in order: " + "; ".join(t for _, t in problems), []
         model, how = fallback_model(scratch, pairs, u_only)
@@ -442,8 +442,8 @@ def _bf(level: dict) -> float | None:
     return None if m is None or not u else m / u
 
 
-def _score_blocked(scratch: duckdb.DuckDBPyConnection, blocked: str, model: dict) -> str:
-    """Every pair in `blocked` (see blocking.block) scored by `model`: a table in `scratch` of each
+def _score_blocked(scratch: duckdb.DuckDBPyConnection, blocked: Blocking, model: dict) -> str:
+    """Every pair `blocked` gives (see blocking.block) scored by `model`: a table in `scratch` of each
     pair's gamma per comparison (Splink's numbering: -1 null, 0 else, the best level highest), its
     match_probability and the rules that found it, and nothing else, so millions of pairs stay
     small; returns its name."""
@@ -467,9 +467,9 @@ def _score_blocked(scratch: duckdb.DuckDBPyConnection, blocked: str, model: dict
             SELECT * EXCLUDE (mw), 1 / (1 + pow(2, -mw)) AS match_probability FROM (
               SELECT *, {prior_weight!r} + {" + ".join(weights)} AS mw FROM (
                 SELECT rules, {", ".join(gammas)} FROM (
-                  SELECT b.rules, {columns} FROM {blocked} b
-                  JOIN _blocking_records l ON l.record_id = b.join_key_l
-                  JOIN _blocking_records r ON r.record_id = b.join_key_r)))"""
+                  SELECT b.rules, {columns} FROM {blocked.table} b
+                  JOIN {blocked.records} l ON l.record_id = b.join_key_l
+                  JOIN {blocked.records} r ON r.record_id = b.join_key_r)))"""
     )
     return "_scored"
 
