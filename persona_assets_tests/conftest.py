@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from persona_assets.core.engine import EngineOptions
 from persona_assets.datagen import generate
+from persona_assets.resources import spark_resource
 
 SMALL_PEOPLE = 400
 SMALL_PER_FILE = 150
@@ -156,3 +159,22 @@ def materialize_all(home: Path) -> dict[str, str]:
     }
     assert all(checks.values()), {k: v for k, v in checks.items() if not v}
     return {asset: status for assets, status in stage_statuses(result.all_events) for asset in assets}
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One Spark session (local[2], dagster-pyspark's resource) for every Spark test: it takes 7-15 s to start."""
+    if shutil.which("java") is None:
+        if os.geteuid() != 0:
+            pytest.skip("no java: Debian's openjdk-17-jre-headless is needed and only root can install it")
+        pytest.fail(
+            "Debian's openjdk-17-jre-headless is needed (make test installs it: apt-get install openjdk-17-jre-headless)"
+        )
+    resource = spark_resource(
+        EngineOptions(name="spark", spark_master="local[2]"),
+        **{"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.sql.shuffle.partitions": "4"},
+    )
+    session = resource.spark_session
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()

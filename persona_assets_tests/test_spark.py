@@ -1,6 +1,6 @@
 """The Spark engine against DuckDB: cleaning's statements, written once, give the same tables on both.
 
-One Spark session (local[2], dagster-pyspark's resource) serves the module. Slow: the session
+One Spark session (local[2], dagster-pyspark's resource, the `spark` fixture in conftest) serves every Spark test. Slow: the session
 takes 7-15 s to start and cleaning ~60 s on Spark on 2 shared cores (the module ~105 s), so
 `make test` runs it and `make test-fast` leaves it out. Java is Debian's openjdk-17-jre-headless,
 which `make test` installs when missing. `engine: spark` being refused is tested in test_settings.
@@ -9,7 +9,6 @@ which `make test` installs when missing. `engine: spark` being refused is tested
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from datetime import datetime
@@ -20,35 +19,16 @@ import pandas as pd
 import pytest
 
 from persona_assets.core import cleaning
-from persona_assets.core.engine import EngineOptions, SparkTables, to_spark
+from persona_assets.core.engine import SparkTables, to_spark
 from persona_assets.core.identity import resolve
 from persona_assets.core.ingest import ingest
 from persona_assets.datagen import generate
-from persona_assets.resources import spark_resource
 
 pytestmark = pytest.mark.slow
 
 PEOPLE = 300
 SEED = 11  # at 300 people: long and burst sessions, outliers and a trait issue (seeds 3, 5, 7 lack some)
 KEYS = {"sessions": "session_id", "cleaned_users": "person_id"}
-
-
-@pytest.fixture(scope="module")
-def spark():
-    if shutil.which("java") is None:
-        if os.geteuid() != 0:
-            pytest.skip("no java: Debian's openjdk-17-jre-headless is needed and only root can install it")
-        pytest.fail(
-            "Debian's openjdk-17-jre-headless is needed (make test installs it: apt-get install openjdk-17-jre-headless)"
-        )
-    resource = spark_resource(
-        EngineOptions(name="spark", spark_master="local[2]"),
-        **{"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.sql.shuffle.partitions": "4"},
-    )
-    session = resource.spark_session
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
 
 
 # The outlier methods and actions take different SQL paths (quantiles, stddev, clipped counts).
