@@ -764,6 +764,39 @@ def test_past_its_row_limits_the_reader_asks_the_snapshot_and_answers_the_same(t
     assert answers[0][0]["traits"]["order_count"] == 2 and answers[0][2]["data"] == []
 
 
+@pytest.mark.slow
+def test_the_in_memory_view_answers_every_identifier_and_profile_as_the_snapshot_does(built):
+    """On a whole graph's snapshot: the columnar view (hashed identifiers, Arrow profile rows) finds
+    every identifier of identity_map and gives every profile exactly as a query of the snapshot
+    does (maps, lists, times, decimals, NULLs), and finds nobody for identifiers it does not hold."""
+    from persona_assets.core.pii import load_key
+    from persona_assets.server import profiles
+
+    snapshot = built / "serving" / "persona.duckdb"
+    with duckdb.connect(str(snapshot), read_only=True) as con:
+        ids = con.execute("SELECT identifier_type, identifier, person_id FROM identity_map").fetchall()
+        result = con.execute("SELECT * FROM user_profiles")
+        names = [d[0] for d in result.description]
+        rows = {r[names.index("person_id")]: dict(zip(names, r, strict=True)) for r in result.fetchall()}
+    reader = profiles.ProfileReader(snapshot, load_key(built))
+    try:
+        reader.warm()
+        view = reader.view
+        assert view is not None and len(view.identity) == len(ids) and len(view.profiles) == len(rows)
+        assert all(view.identity.get(kind, identifier) == person for kind, identifier, person in ids)
+        assert {view.identity.get(kind, identifier + "x") for kind, identifier, _ in ids[:500]} == {None}
+        assert view.identity.get("email", "\ud800") is None
+        for person_id, row in rows.items():
+            assert view.profiles.get(person_id) == row
+        assert view.profiles.get("p0000000000000000") is None
+        someone_id = ids[0]
+        assert reader.from_view("traits", "person_id", someone_id[2], None)["traits"] == profiles.jsonable(
+            rows.get(someone_id[2], {"person_id": someone_id[2]})
+        )
+    finally:
+        reader.close()
+
+
 def _hammer(url: str, paths: list[str], stop: threading.Event, results: list) -> None:
     while not stop.is_set():
         for path in paths:

@@ -10,7 +10,10 @@ with, which stays whole after the rename.
 
 When it opens a snapshot, the worker also reads what a traits or audiences read needs
 (identity_map, user_profiles, audience_members) into memory, each table up to a row limit, as
-a `View` that never changes once made. A read whose answer is all in the view is answered on
+a `View` that never changes once made. It is held in columns, not as Python objects: who each
+identifier is as 16 bytes of a salted hash an identifier (`IdentityIndex`), the profiles as an
+Arrow table sorted by person_id (`ProfileRows`), so a 20M-event snapshot (3.3M identifiers,
+480k people) fits in a few hundred MB and a read finds its row by binary search. A read whose answer is all in the view is answered on
 the event loop (`ProfileReader.from_view`), after the same look at the snapshot's file: a new
 file sends it to the worker, which opens it and makes the next view, so a forgotten person is
 gone from memory as soon as from the file. Events, identifiers and tables past their limits
@@ -20,28 +23,33 @@ are asked of the snapshot, as before.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
 import re
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
+
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
 from persona_assets.core.publish import PERSON_ID, open_snapshot
 
 ID_TYPES = ("user_id", "anonymous_id", "email", "phone", "device_id", "person_id")
 EVENT_LIMIT, MAX_EVENT_LIMIT = 20, 200
-# identity_map is held in memory up to this many rows (about 100 MB); past it, each first read
-# of an identifier asks the snapshot (the table is sorted by identifier, so it reads one row group).
-IDENTITY_IN_MEMORY = 1_000_000
-# user_profiles is held in memory up to this many people (47 columns took 2.7 KB a person as
-# Python objects: about 270 MB at the limit), audience_members up to this many memberships;
-# past them, each first read asks the snapshot.
-PROFILES_IN_MEMORY = 100_000
+# identity_map is held in memory up to this many rows (20 bytes a row and the person_ids once:
+# MEASURED_IDENTITY); past it, each first read of an identifier asks the snapshot (the table is
+# sorted by identifier, so it reads one row group).
+IDENTITY_IN_MEMORY = 20_000_000
+# user_profiles is held in memory up to this many people (as Arrow columns: MEASURED_PROFILES),
+# audience_members up to this many memberships; past them, each first read asks the snapshot.
+PROFILES_IN_MEMORY = 2_000_000
 MEMBERSHIPS_IN_MEMORY = 2_000_000
 
 
@@ -107,6 +115,68 @@ class Recent(OrderedDict):
         return value
 
 
+class IdentityIndex:
+    """identity_map in memory, about 20 bytes an identifier: for each, the 16 bytes of an md5 of
+    (salt, type, identifier), sorted, and which person it belongs to; a look-up is a binary search.
+
+    The salt is drawn afresh each time a snapshot is opened and never leaves the process, so no
+    sender can make two identifiers whose hashes collide (an md5 collision needs its prefix known
+    in advance); by chance, two of 20M identifiers share 128 bits with odds under 1e-24."""
+
+    def __init__(self, con) -> None:
+        self.salt = secrets.token_hex(16)
+        table = con.execute(
+            """SELECT md5_number_upper(k) AS upper, md5_number_lower(k) AS lower, person_id
+               FROM (SELECT $salt || identifier_type || chr(0) || identifier AS k, person_id FROM identity_map)
+               ORDER BY upper, lower""",
+            {"salt": self.salt},
+        ).to_arrow_table()
+        self.upper = table["upper"].to_numpy()
+        self.lower = table["lower"].to_numpy()
+        people = pc.dictionary_encode(table["person_id"].combine_chunks())
+        self.person = people.indices.to_numpy()
+        self.people = people.dictionary.to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.upper)
+
+    def get(self, id_type: str, identifier: str) -> str | None:
+        """The person_id of an identifier as identity_map holds it (normalized, hashed); None: not known."""
+        try:
+            key = f"{self.salt}{id_type}\0{identifier}".encode()
+        except UnicodeEncodeError:  # a lone surrogate from the URL: no identifier in the snapshot is one
+            return None
+        digest = hashlib.md5(key, usedforsecurity=False).digest()
+        # DuckDB's md5_number_upper / _lower read the digest's two halves as little-endian integers.
+        upper = np.uint64(int.from_bytes(digest[:8], "little"))
+        lower = np.uint64(int.from_bytes(digest[8:], "little"))
+        at = int(np.searchsorted(self.upper, upper))
+        while at < len(self.upper) and self.upper[at] == upper:
+            if self.lower[at] == lower:
+                return self.people[self.person[at]]
+            at += 1
+        return None
+
+
+class ProfileRows:
+    """user_profiles in memory as Arrow columns sorted by person_id (a few hundred bytes a person
+    where Python objects took 2.7 KB); a row becomes a dict, as a query's row would, when read."""
+
+    def __init__(self, con) -> None:
+        self.table = con.execute("SELECT * FROM user_profiles ORDER BY person_id").to_arrow_table().combine_chunks()
+        self.columns = tuple(self.table.column_names)
+        self.ids = np.array(self.table["person_id"].to_pylist(), dtype=str)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get(self, person_id: str) -> dict | None:
+        at = int(np.searchsorted(self.ids, person_id))
+        if at == len(self.ids) or self.ids[at] != person_id:
+            return None
+        return self.table.slice(at, 1).to_pylist(maps_as_pydicts="strict")[0]
+
+
 @dataclass(frozen=True)
 class View:
     """What was read into memory from one snapshot file, never changed once made: who each
@@ -114,9 +184,8 @@ class View:
     was past its limit and is asked instead)."""
 
     file: tuple[int, int]
-    identity: dict[tuple[str, str], str] | None
-    columns: tuple[str, ...]
-    profiles: dict[str, tuple] | None
+    identity: IdentityIndex | None
+    profiles: ProfileRows | None
     audiences: dict[str, list[dict]] | None
 
 
@@ -138,7 +207,7 @@ class ProfileReader:
         self.reopened = 0
         self._people: Recent = Recent(cache)
         self._profiles: Recent = Recent(cache)
-        self._identity: dict[tuple[str, str], str] | None = None
+        self._identity: IdentityIndex | None = None
         self.view: View | None = None  # replaced whole (never changed) by the worker thread
 
     def _connection(self):
@@ -174,23 +243,25 @@ class ProfileReader:
         if id_type == "person_id":
             if view.profiles is None:
                 return None
-            if value not in view.profiles:
+            profile = view.profiles.get(value)
+            if profile is None:
                 raise NotFound
             person_id = value
         else:
             if view.identity is None:
                 return None
-            person_id = view.identity.get((id_type, self._normalized(id_type, value)))
+            normalized = self._normalized(id_type, value)
+            person_id = view.identity.get(id_type, normalized) if normalized is not None else None
             if person_id is None:
                 raise NotFound
+            profile = None
         if what == "audiences":
             if view.audiences is None:
                 return None
             return {"person_id": person_id, "data": view.audiences.get(person_id, [])}
         if view.profiles is None:
             return None
-        row = view.profiles.get(person_id)
-        profile = dict(zip(view.columns, row, strict=True)) if row is not None else {"person_id": person_id}
+        profile = profile or view.profiles.get(person_id) or {"person_id": person_id}
         return {"person_id": person_id, "traits": jsonable(_select(profile, fields))}
 
     def _normalized(self, id_type: str, value: str) -> str | None:
@@ -240,9 +311,10 @@ class ProfileReader:
         if value is None:
             raise NotFound
         if self._identity is not None:
-            if (id_type, value) not in self._identity:
+            found = self._identity.get(id_type, value)
+            if found is None:
                 raise NotFound
-            return self._identity[(id_type, value)]
+            return found
         rows = con.execute(
             "SELECT person_id FROM identity_map WHERE identifier = ? AND identifier_type = ?", [value, id_type]
         ).fetchall()
@@ -255,8 +327,7 @@ class ProfileReader:
         profile = self._profiles.find(person_id)
         view = self.view
         if profile is None and view is not None and view.profiles is not None:
-            row = view.profiles.get(person_id)
-            profile = dict(zip(view.columns, row, strict=True)) if row is not None else {"person_id": person_id}
+            profile = view.profiles.get(person_id) or {"person_id": person_id}
         if profile is None:
             result = self._connection().execute("SELECT * FROM user_profiles WHERE person_id = ?", [person_id])
             names = [d[0] for d in result.description]
@@ -527,12 +598,11 @@ class ProfileReader:
         return {"audience": audiences[name]} | _page(rows, limit, "person_id")
 
 
-def _identity_index(con, limit: int) -> dict[tuple[str, str], str] | None:
-    """identity_map as a dict, when it is small enough to hold: a first read is then one query."""
+def _identity_index(con, limit: int) -> IdentityIndex | None:
+    """identity_map in memory, when it is small enough to hold: a first read is then one query."""
     if con.execute("SELECT count(*) FROM identity_map").fetchall()[0][0] > limit:
         return None
-    rows = con.execute("SELECT identifier_type, identifier, person_id FROM identity_map").fetchall()
-    return {(kind, identifier): person for kind, identifier, person in rows}
+    return IdentityIndex(con)
 
 
 def _person_cursor(after: str | None) -> str | None:
@@ -560,12 +630,9 @@ def _membership(audience: str, entered_at) -> dict:
 
 def _view(con, file: tuple[int, int], identity, profiles_limit: int, memberships_limit: int) -> View:
     """The snapshot's user_profiles and audience_members in memory, each when small enough to hold."""
-    columns, profiles = (), None
+    profiles = None
     if con.execute("SELECT count(*) FROM user_profiles").fetchall()[0][0] <= profiles_limit:
-        result = con.execute("SELECT * FROM user_profiles")
-        columns = tuple(d[0] for d in result.description)
-        at = columns.index("person_id")
-        profiles = {row[at]: row for row in result.fetchall()}
+        profiles = ProfileRows(con)
     audiences: dict[str, list[dict]] | None = {}
     if _has_table(con, "audience_members"):
         if con.execute("SELECT count(*) FROM audience_members").fetchall()[0][0] <= memberships_limit:
@@ -576,7 +643,7 @@ def _view(con, file: tuple[int, int], identity, profiles_limit: int, memberships
                 audiences.setdefault(person_id, []).append(_membership(audience, entered_at))
         else:
             audiences = None
-    return View(file, identity, columns, profiles, audiences)
+    return View(file, identity, profiles, audiences)
 
 
 def _select(row: dict, fields: list[str] | None) -> dict:
