@@ -39,13 +39,15 @@ test: venv
 	$(call debian_package,java,openjdk-17-jre-headless)
 	$(BIN)/ruff check persona_assets persona_assets_tests
 	$(BIN)/ruff format --check persona_assets persona_assets_tests
-	$(BIN)/pytest -q --durations=30
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=30
 
+# Both lanes run the tests on two workers (pytest-xdist): most tests wait on a server, a browser or
+# a child process part of the time. The Spark tests keep to one worker, which holds the one session.
 # The development lane: everything but the slow end-to-end tests (make test runs those too).
 test-fast: venv
 	$(BIN)/ruff check persona_assets persona_assets_tests
 	$(BIN)/ruff format --check persona_assets persona_assets_tests
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n 2 --dist loadgroup -m "not slow"
 
 ui: venv
 	$(BIN)/persona ui

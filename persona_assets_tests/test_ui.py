@@ -272,10 +272,15 @@ def test_starting_the_ui_on_a_home_persona_run_brought_up_to_date_launches_nothi
 
     with running_ui(tmp_path, home, dagster_home) as url:
         # Two ticks of the landing sensor and of automation: each finds nothing to do.
-        _wait(lambda: len(_ticks(url, "landing_sensor")) >= 2, 120, "two landing sensor ticks")
-        _wait(lambda: len(_ticks(url, "persona_automation")) >= 2, 120, "two automation ticks")
-        landing = _ticks(url, "landing_sensor")
+        # A tick still being evaluated is STARTED; only ended ticks say what the sensor decided.
+        def ended(name):
+            return [t for t in _ticks(url, name) if t["status"] != "STARTED"]
+
+        _wait(lambda: len(ended("landing_sensor")) >= 2, 120, "two landing sensor ticks")
+        _wait(lambda: len(ended("persona_automation")) >= 2, 120, "two automation ticks")
+        landing = ended("landing_sensor")
         assert all(t["status"] == "SKIPPED" and not t["runIds"] for t in landing), landing
+        assert all(not t["runIds"] for t in _ticks(url, "landing_sensor"))
         assert all(not t["runIds"] for t in _ticks(url, "persona_automation"))
         runs = _graphql(url, RUNS)["runsOrError"]["results"]
         assert [r["runId"] for r in runs] == [cli_run.run_id], runs
