@@ -503,6 +503,9 @@ def server_bench(work: Path, snapshot: Path, seconds: float = SERVER_SECONDS) ->
     (root / "serving").mkdir()
     shutil.copyfile(snapshot, root / "serving" / "persona.duckdb")
     with duckdb.connect(str(snapshot), read_only=True) as con:
+        sizes = con.execute(
+            "SELECT (SELECT count(*) FROM user_profiles), (SELECT count(*) FROM identity_map)"
+        ).fetchall()
         # As many different people's identifiers as reads are made: each read is a first read
         # (the server keeps what it read from a snapshot, so repeats would measure its cache).
         users = [
@@ -522,7 +525,8 @@ def server_bench(work: Path, snapshot: Path, seconds: float = SERVER_SECONDS) ->
     }
     env.pop("PERSONA_REDIS_URL", None)
     (root / "persona.yaml").write_text("server:\n  max_requests_per_second: 0\n  stream: false\n")
-    results = {"persona": _persona_served(env, users, seconds, reads=True)}
+    results: dict = {"snapshot": {"people": sizes[0][0], "identifiers": sizes[0][1]}}
+    results["persona"] = _persona_served(env, users, seconds, reads=True)
     results["events_landed"] = _landed(root / "landing", remove=True)
     (root / "persona.yaml").write_text("server:\n  max_requests_per_second: 0\n  durable: stream\n")
     redis_server, url = stream.start_redis(root / "redis")
@@ -627,6 +631,35 @@ def measure(code: str, *args: str, profile: Path | None = None) -> tuple[float, 
     return seconds, peak_kb / 1024 / 1024, "\n".join(lines)
 
 
+def replicate_snapshot(snapshot: Path, copies: int) -> dict:
+    """Each person in a serving snapshot `copies` times over, in place: copy n of a person has a new
+    person_id and its identifiers carry a "-n" suffix (copy 0 keeps them), in every table with a
+    person_id. The profile API's reads can so be timed against the identity map and profile count
+    of a 20M-event run built from a small one; the rows keep the small run's distribution."""
+    with duckdb.connect(str(snapshot)) as con:
+        before = con.execute("SELECT count(*) FROM user_profiles").fetchall()[0][0]
+        tables = [
+            t
+            for (t,) in con.execute(
+                "SELECT table_name FROM duckdb_columns() WHERE schema_name = 'main' AND column_name = 'person_id'"
+            ).fetchall()
+        ]
+        for table in tables:
+            columns = {c for (c,) in con.execute(f"SELECT name FROM pragma_table_info('{table}')").fetchall()}
+            changed = ["'p' || left(sha256(person_id || '-' || copy), 16) AS person_id"]
+            order = "person_id"
+            if "identifier" in columns:
+                changed.append("identifier || CASE WHEN copy = 0 THEN '' ELSE '-' || copy END AS identifier")
+                order = "identifier_type, identifier"  # as publish sorts it
+            con.execute(
+                f"""CREATE OR REPLACE TABLE "{table}" AS
+                    SELECT * EXCLUDE (copy) REPLACE ({", ".join(changed)})
+                    FROM "{table}", range({int(copies)}) AS r(copy) ORDER BY {order}"""
+            )
+        con.execute("CHECKPOINT")
+    return {"copies": int(copies), "from_people": before}
+
+
 def resample_people(warehouse: Path, people: int) -> int:
     """Grow (or shrink) cleaned_users to `people` rows by resampling its rows under new person ids.
 
@@ -660,7 +693,7 @@ def run(args) -> int:
             setattr(args, key, value)
     work = Path(args.workdir) if args.workdir else persona_home() / "bench"
     if getattr(args, "only", None):
-        return run_only(args.only, work, args.scale)
+        return run_only(args.only, work, args.scale, getattr(args, "snapshot_copies", 1))
     people = max(100, args.events // EVENTS_PER_PERSON)
     data = work / f"landing-{people}-{args.format.replace('.', '')}"
     truth_dir = data.with_name(data.name + "_truth")  # where `persona generate` puts it: beside, never in
@@ -800,7 +833,7 @@ def run(args) -> int:
 ONLY = ("server", "stream")
 
 
-def run_only(parts: str, work: Path, scale: str | None) -> int:
+def run_only(parts: str, work: Path, scale: str | None, copies: int = 1) -> int:
     """Only the server and/or the stream figures, without building anything: the server's reads use
     the snapshot a `--keep` run left in `work`. With a scale, they replace that scale's figures in
     docs/benchmarks/<scale>.json (the rest of that run's figures stay) and docs/benchmarks.md."""
@@ -812,8 +845,17 @@ def run_only(parts: str, work: Path, scale: str | None) -> int:
         snapshot = work / "bench-serving.duckdb"
         if not snapshot.exists():
             raise SystemExit(f"no snapshot at {snapshot}: run the bench once with --keep --workdir {work}")
+        replicated = None
+        if copies > 1:
+            print(f"replicating the snapshot's people {copies} times ...", flush=True)
+            bigger = work / f"bench-serving-{copies}x.duckdb"
+            shutil.copyfile(snapshot, bigger)
+            snapshot, replicated = bigger, replicate_snapshot(bigger, copies)
         print("server (persona serve against its floor) ...", flush=True)
         results["server"] = server_bench(work, snapshot)
+        if replicated:
+            results["server"]["snapshot"]["replicated"] = replicated
+            snapshot.unlink()
     if "stream" in chosen:
         print("stream ...", flush=True)
         results["stream"] = stream_bench(work)
@@ -1020,6 +1062,19 @@ def report_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _snapshot_sizes(sv: dict) -> str:
+    """What the reads were answered from: the snapshot's people and identifiers (and how it was made
+    bigger, when it was)."""
+    size = sv.get("snapshot")
+    if not size:
+        return ""
+    text = f"; reads on a snapshot of {size['people']:,} people and {size['identifiers']:,} identifiers"
+    if "replicated" in size:
+        r = size["replicated"]
+        text += f", each of a {r['from_people']:,}-person run's people {r['copies']} times over (`--snapshot-copies`)"
+    return text
+
+
 def server_markdown(sv: dict) -> list[str]:
     """The server's figures, each beside its floor (the same stack answering an empty 200)."""
     own = OWN_STACK if "floor_stack" not in sv else sv["floor_stack"]
@@ -1031,7 +1086,8 @@ def server_markdown(sv: dict) -> list[str]:
     )
     errors = sum(v for k, v in p.items() if k.endswith("_errors"))
     lines = [
-        f"- Server (`persona serve`, one process, `durable: disk`{_warm(p)}): {_collection(p, f)}; profile reads at 500/s: p50 "
+        f"- Server (`persona serve`, one process, `durable: disk`{_warm(p)}{_snapshot_sizes(sv)}): {_collection(p, f)}; "
+        f"profile reads at 500/s: p50 "
         f"{p['read_p50_ms']} ms, p99 {p['read_p99_ms']} ms (floor p99 {f['read_p99_ms']} ms, "
         f"{p['read_p99_ms'] / f['read_p99_ms']:.1f}x); {errors} errors; {sv['events_landed']:,} events landed."
     ]

@@ -1272,6 +1272,13 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshot a --keep run left in the workdir); with --scale, their figures replace that scale's",
     )
     p.add_argument(
+        "--snapshot-copies",
+        type=int,
+        default=1,
+        help="with --only server: each person of the kept snapshot this many times over (new person_ids "
+        "and identifiers) before timing reads, for a bigger scale's identity map without building it",
+    )
+    p.add_argument(
         "--link-records",
         type=int,
         default=0,

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -797,6 +798,55 @@ def test_the_in_memory_view_answers_every_identifier_and_profile_as_the_snapshot
         )
     finally:
         reader.close()
+
+
+@pytest.mark.slow
+def test_the_bench_replicates_a_snapshot_into_new_people_the_server_finds(built, tmp_path):
+    """`persona bench --only server --snapshot-copies K` times reads on a snapshot made K times
+    bigger: every person comes K times, each with a person_id and identifiers of its own, and
+    the server's view finds each copy with the original's traits."""
+    from persona_assets.bench import _snapshot_sizes, replicate_snapshot
+    from persona_assets.core.pii import load_key
+    from persona_assets.core.publish import PERSON_ID
+    from persona_assets.server import profiles
+
+    bigger = tmp_path / "persona.duckdb"
+    shutil.copyfile(built / "serving" / "persona.duckdb", bigger)
+    with duckdb.connect(str(bigger), read_only=True) as con:
+        ids = con.execute("SELECT identifier_type, identifier, person_id FROM identity_map").fetchall()
+        people = con.execute("SELECT count(*) FROM user_profiles").fetchall()[0][0]
+    assert replicate_snapshot(bigger, 3) == {"copies": 3, "from_people": people}
+    with duckdb.connect(str(bigger), read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT person_id) FROM user_profiles").fetchall() == [
+            (3 * people, 3 * people)
+        ]
+        assert con.execute(
+            "SELECT count(*), count(DISTINCT (identifier_type, identifier)) FROM identity_map"
+        ).fetchall() == [(3 * len(ids), 3 * len(ids))]
+        assert con.execute(
+            "SELECT bool_and(regexp_full_match(person_id, $p)) FROM user_profiles", {"p": PERSON_ID[1:-1]}
+        ).fetchall() == [(True,)]
+    reader = profiles.ProfileReader(bigger, load_key(built))
+    try:
+        reader.warm()
+        view = reader.view
+        for kind, identifier, _ in ids[:200]:
+            found = {view.identity.get(kind, identifier + suffix) for suffix in ("", "-1", "-2")}
+            assert None not in found and len(found) == 3, (kind, identifier)
+            traits = [{k: v for k, v in (view.profiles.get(p) or {}).items() if k != "person_id"} for p in found]
+            assert traits[0] == traits[1] == traits[2]
+    finally:
+        reader.close()
+    line = _snapshot_sizes(
+        {
+            "snapshot": {
+                "people": 3 * people,
+                "identifiers": 3 * len(ids),
+                "replicated": {"copies": 3, "from_people": people},
+            }
+        }
+    )
+    assert f"{3 * people:,} people" in line and "3 times over" in line
 
 
 def _hammer(url: str, paths: list[str], stop: threading.Event, results: list) -> None:
