@@ -1,0 +1,118 @@
+"""A real standalone Spark cluster on this machine: a master and two workers started on loopback
+with the scripts inside the pyspark package, and Persona's Spark application
+(`persona_assets/spark_job.py`) submitted to it with the package's spark-submit. Its tables
+must equal what the same stages make on DuckDB, and the work must have had both workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from persona_assets.core import cleaning
+from persona_assets.core.identity import resolve
+from persona_assets.core.ingest import ingest
+from persona_assets.datagen import generate
+from persona_assets_tests.test_spark import KEYS, _read_parquet, assert_same_table
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]  # Spark's JVMs one group at a time
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spark_bin(name: str) -> str:
+    import pyspark
+
+    return str(Path(pyspark.__file__).parent / "bin" / name)
+
+
+def _master_state(ui: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=5) as answer:
+        return json.load(answer)
+
+
+def _wait(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A master and two workers (one core, 1 GB each): (master URL, master web UI port)."""
+    if shutil.which("java") is None:
+        pytest.skip("no java: Debian's openjdk-17-jre-headless is needed")
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    port, ui = _free_port(), _free_port()
+    started = []
+
+    def daemon(name: str, *args: str) -> None:
+        log = (tmp_path / f"{name}.log").open("w")
+        cmd = [_spark_bin("spark-class"), *args]
+        started.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    try:
+        master = "org.apache.spark.deploy.master.Master"
+        daemon("master", master, "--host", "127.0.0.1", "--port", str(port), "--webui-port", str(ui))
+        _wait(lambda: _master_state(ui)["status"] == "ALIVE", 60, "the master")
+        for n in (1, 2):
+            work = tmp_path / f"worker-{n}"
+            worker = "org.apache.spark.deploy.worker.Worker"
+            args = ["--host", "127.0.0.1", "--cores", "1", "--memory", "1g", "--work-dir", str(work)]
+            daemon(f"worker-{n}", worker, *args, "--webui-port", str(_free_port()), f"spark://127.0.0.1:{port}")
+        _wait(lambda: _master_state(ui)["aliveworkers"] == 2, 60, "two workers")
+        yield f"spark://127.0.0.1:{port}", ui, env
+    finally:
+        for proc in started:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_the_spark_application_on_a_standalone_cluster_gives_duckdbs_tables(cluster, tmp_path):
+    master, ui, env = cluster
+    generate(150, 11, tmp_path / "landing", "jsonl", people_per_file=75)
+    warehouse = tmp_path / "parquet"
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as con:
+        ingest(con, tmp_path / "landing", b"k")
+        resolve(con)
+        for table in cleaning.SPARK_INPUTS:
+            (warehouse / table).mkdir(parents=True)
+            con.execute(f"COPY {table} TO '{warehouse / table / 'part-0.parquet'}' (FORMAT parquet)")
+        cleaning.clean(con, cleaning.CleaningOptions(), full=True)
+        duck = {table: con.execute(f"SELECT * FROM {table}").df() for table in KEYS}
+
+    job = Path(cleaning.__file__).parents[1] / "spark_job.py"
+    cmd = [_spark_bin("spark-submit"), "--master", master, "--conf", "spark.executor.memory=512m"]
+    cmd += ["--conf", "spark.ui.enabled=false", "--conf", "spark.sql.shuffle.partitions=4"]
+    done = subprocess.run([*cmd, str(job), "--warehouse", str(warehouse)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["master"] == master and report["executors"] == 2, report
+    assert report["stages"]["cleaning"]["rows"] == {table: len(duck[table]) for table in KEYS}
+    for table, key in KEYS.items():
+        assert_same_table(duck[table], _read_parquet(warehouse / table), key)
+    # The master ran it: one finished application, which had cores on both workers.
+    _wait(lambda: len(_master_state(ui)["completedapps"]) == 1, 30, "the application to be finished")
+    state = _master_state(ui)
+    assert [app["name"] for app in state["completedapps"]] == ["persona"], state["completedapps"]
+    assert all(worker["coresused"] == 0 and worker["state"] == "ALIVE" for worker in state["workers"])
