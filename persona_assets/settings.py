@@ -272,7 +272,7 @@ def load_settings(path: Path | None) -> dict:
         try:
             config(**values)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            raise SettingsError(f"{path}: {section}: {_plain_errors(exc)}") from None
+            raise SettingsError(f"{path}: {section}: {plain_errors(exc)}") from None
         out[section] = dict(values)
     refused = refuse_partial(EngineConfig(**out.get("engine", {})).options())
     if refused:
@@ -302,7 +302,7 @@ def _server(path: Path, values) -> dict:
         raise SettingsError(f"{path}: {exc}") from None
 
 
-def _plain_errors(exc: ValueError) -> str:
+def plain_errors(exc: ValueError) -> str:
     """A pydantic error as one line per field: 'key: what is wrong'."""
     errors = getattr(exc, "errors", None)
     if not callable(errors):

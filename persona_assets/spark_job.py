@@ -25,12 +25,19 @@ import yaml
 
 def _stage_options(settings: Path | None, section: str):
     """A stage's options from the settings file's section, checked as `persona run` checks them."""
-    from persona_assets.settings import SECTIONS
+    from persona_assets.settings import SECTIONS, plain_errors
 
     values = {}
     if settings is not None:
-        values = (yaml.safe_load(settings.read_text(encoding="utf-8")) or {}).get(section) or {}
-    return SECTIONS[section](**values).options()
+        try:
+            raw = yaml.safe_load(settings.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise SystemExit(f"{settings}: not a readable YAML file: {exc}") from None
+        values = (raw.get(section) if isinstance(raw, dict) else None) or {}
+    try:
+        return SECTIONS[section](**values).options()
+    except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise SystemExit(f"{settings}: {section}: {plain_errors(exc)}") from None
 
 
 def _cleaning(spark, warehouse: Path, settings: Path | None) -> dict:

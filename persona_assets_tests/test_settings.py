@@ -124,3 +124,20 @@ def test_engine_spark_is_refused_at_startup_naming_what_runs(tmp_path, persona_h
     settings.write_text("engine: flink\n")
     with pytest.raises(SettingsError, match="engine"):
         load_settings(settings)
+
+
+def test_the_spark_application_takes_a_stages_settings_and_refuses_bad_ones_plainly(tmp_path):
+    from persona_assets.core.cleaning import CleaningOptions
+    from persona_assets.spark_job import _stage_options
+
+    assert _stage_options(None, "cleaning") == CleaningOptions()
+    good = tmp_path / "persona.yaml"
+    good.write_text("engine: spark\ncleaning:\n  outlier_method: iqr\n  outlier_limit: 1.5\n")
+    assert _stage_options(good, "cleaning") == CleaningOptions(outlier_method="iqr", outlier_limit=1.5)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cleaning:\n  outlier_method: tea\n")
+    with pytest.raises(SystemExit, match="bad.yaml: cleaning: .*outlier_method"):
+        _stage_options(bad, "cleaning")
+    bad.write_text("cleaning: [1\n")
+    with pytest.raises(SystemExit, match="not a readable YAML file"):
+        _stage_options(bad, "cleaning")
