@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 PERSONA_HOME ?= $(CURDIR)/data
 DAGSTER_HOME ?= $(PERSONA_HOME)/dagster
 SCALE ?= 1m
+ENGINE ?= duckdb
 export PERSONA_HOME DAGSTER_HOME
 
 .PHONY: venv demo test test-fast ui bench stream serve lint clean
@@ -54,7 +55,8 @@ ui: venv
 
 bench: venv
 	$(call debian_package,redis-server,redis-server)
-	$(BIN)/persona bench --scale $(SCALE) $(if $(PROFILE),--profile)
+	$(if $(filter spark,$(ENGINE)),$(call debian_package,java,openjdk-17-jre-headless))
+	$(BIN)/persona bench --scale $(SCALE) --engine $(ENGINE) $(if $(PROFILE),--profile)
 
 stream: venv
 	$(call debian_package,redis-server,redis-server)

@@ -596,6 +596,32 @@ def _landed(landing: Path, remove: bool = False) -> int:
 
 # The child reports its own high-water mark: ru_maxrss from wait4 would start from the
 # parent's size at fork (Linux keeps it across exec).
+# One Spark stage of persona_assets/spark_job.py on a warehouse of Parquet tables, in its own
+# process: the session's start and the stage timed apart, and the JVM's peak memory (the
+# driver's Python and the JVM are two processes; the JVM does the work).
+SPARK_STAGE = """
+import json, os, re, sys, time
+from pathlib import Path
+from persona_assets.core.engine import EngineOptions
+from persona_assets.resources import spark_resource
+from persona_assets.spark_job import STAGES
+started = time.perf_counter()
+# local[*] is one JVM: the driver's memory is the executors'; shuffles in 2 partitions a core
+# (Spark's default of 200 makes hundreds of tiny tasks on two cores).
+settings = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.driver.memory": "6g",
+            "spark.sql.shuffle.partitions": str(2 * os.cpu_count())}
+spark = spark_resource(EngineOptions(name="spark", spark_master=sys.argv[3]), **settings).spark_session
+spark.sparkContext.setLogLevel("ERROR")
+session_s = time.perf_counter() - started
+started = time.perf_counter()
+rows = STAGES[sys.argv[2]](spark, Path(sys.argv[1]), None)
+stage_s = time.perf_counter() - started
+jvm = spark.sparkContext._gateway.proc.pid
+jvm_kb = int(re.search(r"VmHWM:\\s+(\\d+)", open(f"/proc/{jvm}/status").read()).group(1))
+spark.stop()
+print(json.dumps({"session_seconds": session_s, "seconds": stage_s, "rows": rows, "jvm_peak_kb": jvm_kb}))
+"""
+
 PEAK = (
     "\nimport re as _re\nprint('PEAK_KB', _re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
 )
@@ -629,6 +655,52 @@ def measure(code: str, *args: str, profile: Path | None = None) -> tuple[float, 
     if lines and lines[-1].startswith("PEAK_KB "):
         peak_kb = int(lines.pop().split()[1])
     return seconds, peak_kb / 1024 / 1024, "\n".join(lines)
+
+
+def spark_bench(warehouse: Path, work: Path, duckdb_stages: dict, master: str = "local[*]") -> dict:
+    """Each stage that runs on Spark (`spark_job.STAGES`), on the inputs the DuckDB build made
+    (exported to Parquet, not timed), in its own process: seconds without the session's start,
+    the session's start, peak memory of the driver and the JVM together, rows out, and the ratio
+    to the same stage on DuckDB in this run."""
+    from persona_assets.core.cleaning import SPARK_INPUTS
+    from persona_assets.spark_job import STAGES
+
+    parquet = work / "spark-warehouse"
+    shutil.rmtree(parquet, ignore_errors=True)
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        for table in SPARK_INPUTS:
+            (parquet / table).mkdir(parents=True)
+            con.execute(
+                "COPY (SELECT * FROM query_table($t)) TO $f (FORMAT parquet)",
+                {"t": table, "f": str(parquet / table / "part-0.parquet")},
+            )
+    out: dict = {"master": master, "stages": {}}
+    for stage in STAGES:
+        _, driver_gb, printed = measure(SPARK_STAGE, str(parquet), stage, master)
+        got = json.loads(printed.splitlines()[-1])
+        seconds = got["seconds"]
+        out["stages"][stage] = {
+            "seconds": round(seconds, 2),
+            "session_seconds": round(got["session_seconds"], 2),
+            "peak_gb": round(driver_gb + got["jvm_peak_kb"] / 1024 / 1024, 2),
+            "rows_out": got["rows"],
+            "ratio_to_duckdb": round(seconds / duckdb_stages[stage]["seconds"], 2),
+        }
+    shutil.rmtree(parquet, ignore_errors=True)
+    return out
+
+
+def spark_markdown(sp: dict, duckdb_stages: dict) -> list[str]:
+    return [
+        f"- On Spark ({sp['master']}, this machine; the session's start apart): "
+        + "; ".join(
+            f"{stage} {st['seconds']:.1f} s against DuckDB's {duckdb_stages[stage]['seconds']:.1f} s "
+            f"(**{st['ratio_to_duckdb']}x**), session start {st['session_seconds']:.0f} s, peak {st['peak_gb']} GB "
+            f"(driver and JVM, a 6 GB heap allowed)"
+            for stage, st in sp["stages"].items()
+        )
+        + "."
+    ]
 
 
 def replicate_snapshot(snapshot: Path, copies: int) -> dict:
@@ -769,6 +841,9 @@ def run(args) -> int:
         results["full_build_ratio_to_floor"] = round(results["full_build_seconds"] / floor_s, 2)
     with duckdb.connect(str(warehouse), read_only=True) as con:
         results["people"] = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
+    if getattr(args, "engine", "duckdb") == "spark":
+        print("the Spark stages on the same inputs ...", flush=True)
+        results["spark"] = spark_bench(warehouse, work, stages)
     print("audiences ...", flush=True)
     audience_s, audience_gb, out = measure(AUDIENCES, str(warehouse), BENCH_AUDIENCES)
     results["audiences"] = {
@@ -1023,6 +1098,8 @@ def report_markdown(r: dict) -> str:
             f"{st['query_ms']:.0f} ms, `persona profile <person_id>` {st['profile_ms']:.0f} ms (Python itself "
             f"{st['python_ms']:.0f} ms), beside the look-up's own p50 {lk['p50_ms']} ms."
         )
+    if "spark" in r:
+        lines += spark_markdown(r["spark"], r["stages"])
     if "server" in r:
         lines += server_markdown(r["server"])
     if "resampled_people" in r:

@@ -1272,6 +1272,12 @@ def build_parser() -> argparse.ArgumentParser:
         "snapshot a --keep run left in the workdir); with --scale, their figures replace that scale's",
     )
     p.add_argument(
+        "--engine",
+        choices=["duckdb", "spark"],
+        default="duckdb",
+        help="spark: also time the stages that run on Spark (local[*]) on the same inputs, beside DuckDB's",
+    )
+    p.add_argument(
         "--snapshot-copies",
         type=int,
         default=1,

@@ -29,6 +29,8 @@ def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
         "0.05",
         "--link-records",
         "3000",
+        "--engine",
+        "spark",
         "--workdir",
         str(work),
     ]
@@ -56,6 +58,12 @@ def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
     assert refresh["new_events"] > 0 and 0 < refresh["share_of_full_build"] < 1
     assert 0 < results["lookup"]["p50_ms"] <= results["lookup"]["p99_ms"]
     assert results["linkage"]["link_records"] == 3000 and results["linkage"]["link_f1"] > 0.9
+    # --engine spark: each Spark stage on the same inputs, beside the same stage on DuckDB.
+    on_spark = results["spark"]["stages"]["cleaning"]
+    assert on_spark["rows_out"]["cleaned_users"] == results["people"]
+    assert on_spark["seconds"] > 0 and on_spark["session_seconds"] > 0 and on_spark["peak_gb"] > 0
+    assert on_spark["ratio_to_duckdb"] == pytest.approx(on_spark["seconds"] / stages["cleaning"]["seconds"], rel=0.05)
+    assert "- On Spark (local[*]" in report_markdown(results)
     # Nothing of the built warehouse is left behind: no warehouse, no snapshot, no spare of it.
     assert not [p.name for p in work.iterdir() if ".duckdb" in p.name]
 
