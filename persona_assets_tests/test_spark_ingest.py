@@ -16,6 +16,7 @@ from persona_assets.core.engine import SparkTables
 from persona_assets.core.ingest import IngestOptions, ingest
 from persona_assets.core.ingest_spark import SparkIngestRefused, ingest_on_spark
 from persona_assets.core.mappings import FileMapping
+from persona_assets.core.pii import hmac_hex
 from persona_assets.datagen import generate
 from persona_assets_tests.test_spark import assert_same_table
 
@@ -64,6 +65,9 @@ def _write_hostile(landing) -> int:
     with gzip.open(landing / "b-hostile.jsonl.gz", "wt") as fh:
         # A copy of the first file's h-1 (a duplicate across files) and the rest of the bad lines.
         fh.write("\n".join([lines[0], *lines[9:]]))  # no final line end
+    # A gzip file cut short: the lines before the damage are read, the rest is one unreadable_file row.
+    whole = gzip.compress("".join(json.dumps(_event(f"cut-{i}", f"u-{i}")) + "\n" for i in range(400)).encode())
+    (landing / "c-cut.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])
     return len(lines) + 1
 
 
@@ -132,22 +136,32 @@ def test_nothing_is_lost_on_spark(both):
     _, on_spark, landing, hostile_lines, _, spark_report = both
     ledger = on_spark["ingest_files"].set_index("file_name")
     for path in landing.iterdir():
+        if path.name == "c-cut.jsonl.gz":
+            continue  # cannot be read to its end: counted below
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rb") as fh:
             lines = fh.read().replace(b"\r\n", b"\n").rstrip(b"\n").count(b"\n") + 1
         row = ledger.loc[path.name]
         assert row.lines_read == lines
         assert row.events_kept + row.lines_quarantined + row.duplicates == lines
+    cut = ledger.loc["c-cut.jsonl.gz"]
+    assert 0 < cut.lines_read < 400 and cut.events_kept + cut.lines_quarantined == cut.lines_read
+    quarantined = on_spark["quarantined_events"]
+    unreadable = quarantined[quarantined.reason == "unreadable_file"]
+    assert list(unreadable.source_file) == ["c-cut.jsonl.gz"] and unreadable.source_line.isna().all()
     hostile = ledger.loc[["a-hostile.jsonl", "b-hostile.jsonl.gz"]]
     assert hostile.lines_read.sum() == hostile_lines
-    raw, quarantined = on_spark["raw_events"], on_spark["quarantined_events"]
-    assert len(raw) == ledger.events_kept.sum() and len(quarantined) == ledger.lines_quarantined.sum()
+    raw = on_spark["raw_events"]
+    assert len(raw) == ledger.events_kept.sum()
+    assert quarantined.source_line.notna().sum() == ledger.lines_quarantined.sum()
     assert hostile.duplicates.sum() == 3  # h-2's copy, the id-less copy and h-1 in the gzip file
     expected = {"conflicting_redelivery", "malformed_json", "empty_line", "missing_id", "bad_type", "bad_timestamp"}
-    assert expected | {"unknown_type", "not_an_object"} <= set(quarantined.reason)
+    assert expected | {"unknown_type", "not_an_object", "unreadable_file"} <= set(quarantined.reason)
     assert spark_report.reasons == quarantined.reason.value_counts().to_dict()
     assert raw.message_id.str.startswith("derived-").sum() == 1
-    assert raw.email_hash.notna().any() and raw.phone_hash.notna().any()
+    # The keyed hashes of the normalized email (Gmail rules) and phone (E.164 from the locale's region).
+    assert hmac_hex(KEY, "jodoe@gmail.com") in set(raw.email_hash)
+    assert hmac_hex(KEY, "+49301234567") in set(raw.phone_hash)
     texts = " ".join(quarantined.raw_text.dropna())
     assert "jo@example.com" not in texts and "2345678" not in texts and "<phone>" in texts
 

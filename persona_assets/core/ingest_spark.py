@@ -3,10 +3,11 @@ DuckDB's `ingest.ingest` gives for the same files and key.
 
 One source: every rule is ingest.py's. A landing file is read and validated by ingest.py's own
 staging (`stage_file_row`: the line splitter and the validation statement) in a Spark task, a
-file per task, on a private single-thread DuckDB on the executor: Spark's text source numbers no
-lines, splits them at other ends (no lone CR, no byte-order mark rule, no bounded overlong line),
-and has no twin of DuckDB's JSON functions (`json_valid`, `json_type` over a list of paths), so
-compiling that statement would change which lines are quarantined and why. A gzip file cannot be
+file per task, on a private single-thread DuckDB on the executor: Spark's text source gives lines
+without their numbers, the splitting rules are ingest.py's (byte-order mark, overlong lines,
+invalid UTF-8 per line), and the validation is written in DuckDB's JSON functions (`json_valid`,
+`json_type` over a list of paths) that have no Spark function of the same meaning: a compiled
+copy would risk quarantining other lines for other reasons. A gzip file cannot be
 split anyway. Publishing (one copy per messageId, keyed hashes, conflicting re-deliveries, the
 ledger) runs as Spark SQL: ingest.py's statements compiled by `engine.to_spark`.
 
