@@ -116,6 +116,12 @@ def _stage(tables: SparkTables, files: list[LandedFile], opts: IngestOptions, pa
     """Stage every file, a Spark task each, as views `_stage` (the lines) and `_files` (ledger rows to be)."""
     spark = tables.spark
     stage_dir.mkdir(parents=True)
+    # The stage's columns even when no file has a line (an empty landing folder): Spark reads them.
+    with duckdb.connect() as con:
+        create_stage(con)
+        pq.write_table(
+            con.sql(f"SELECT *, {STAGE_ROW} AS stage_row FROM _stage").to_arrow_table(), stage_dir / "columns.parquet"
+        )
     tasks = [(landed, i + 1, i + 1, opts, params, str(stage_dir)) for i, landed in enumerate(files)]
     rows = spark.sparkContext.parallelize(tasks, max(1, len(tasks))).map(_stage_file).collect()
     spark.createDataFrame(rows, FILES_SCHEMA).createOrReplaceTempView("_files")
