@@ -221,7 +221,8 @@ def ingest_on_spark(
     tables = SparkTables(spark, warehouse)
     stage_dir = Path(warehouse) / f".ingest-stage-{uuid.uuid4().hex}"
     try:
-        _stage(tables, [_landed(p) for p in landing_files(landing)], opts, params, stage_dir)
+        # Staging binds the contract's limits only: the hash key's pads stay out of the tasks' closures.
+        _stage(tables, [_landed(p) for p in landing_files(landing)], opts, contract_params(opts, now), stage_dir)
         _publish(tables, opts, params, run_id)
         _report(tables, report)
     finally:
