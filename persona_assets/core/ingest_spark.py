@@ -99,6 +99,11 @@ def _landed(path: Path) -> LandedFile:
     return LandedFile(path, info.st_size, info.st_mtime_ns, checksum(path), None)
 
 
+def _staged_lines(con: duckdb.DuckDBPyConnection) -> pa.Table:
+    """`_stage`'s lines, each with its row key."""
+    return con.sql(f"SELECT *, {STAGE_ROW} AS stage_row FROM _stage").to_arrow_table()
+
+
 def _stage_file(task: tuple) -> list:
     """A Spark task: one landing file staged by ingest.py's own staging, its lines written as a Parquet
     file in `stage_dir`; gives the file's `_files` row."""
@@ -107,7 +112,7 @@ def _stage_file(task: tuple) -> list:
     with duckdb.connect(config={"threads": 1}) as con:
         create_stage(con)
         row = stage_file_row(con, landed, batch_id, order, opts, params)
-        lines = con.sql(f"SELECT *, {STAGE_ROW} AS stage_row FROM _stage").to_arrow_table()
+        lines = _staged_lines(con)
     pq.write_table(lines, Path(stage_dir) / f"batch-{batch_id}.parquet")
     return row
 
@@ -119,9 +124,7 @@ def _stage(tables: SparkTables, files: list[LandedFile], opts: IngestOptions, pa
     # The stage's columns even when no file has a line (an empty landing folder): Spark reads them.
     with duckdb.connect() as con:
         create_stage(con)
-        pq.write_table(
-            con.sql(f"SELECT *, {STAGE_ROW} AS stage_row FROM _stage").to_arrow_table(), stage_dir / "columns.parquet"
-        )
+        pq.write_table(_staged_lines(con), stage_dir / "columns.parquet")
     tasks = [(landed, i + 1, i + 1, opts, params, str(stage_dir)) for i, landed in enumerate(files)]
     rows = spark.sparkContext.parallelize(tasks, max(1, len(tasks))).map(_stage_file).collect()
     spark.createDataFrame(rows, FILES_SCHEMA).createOrReplaceTempView("_files")
@@ -135,6 +138,7 @@ def _e164_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]
 
 
 def _phone_map(tables: SparkTables) -> None:
+    """`_phone_map` as DuckDB's ingest builds it, normalized on the executors and cached (two statements read it)."""
     pairs = tables.query(PHONE_PAIRS)
     frame = pairs.mapInArrow(_e164_batches, "phone STRING, region STRING, e164 STRING").cache()
     frame.createOrReplaceTempView("_phone_map")
