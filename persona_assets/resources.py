@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -85,4 +87,8 @@ def spark_resource(options: EngineOptions, **spark_config: str):
     for `.spark_session` (a Spark session takes ~13 s to start on 2 cores)."""
     from dagster_pyspark import LazyPySparkResource
 
+    # Ingest reads landing files in Python on the executors (`ingest_spark`): they must run this
+    # interpreter, with Persona's packages, not pyspark's default `python3` from PATH (read when the
+    # session starts, from the environment only).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return LazyPySparkResource(spark_config={**options.spark_config(), **spark_config})

@@ -18,6 +18,11 @@ engines: the table in docs/scaling.md; each rule has a test giving DuckDB's answ
 - A decimal literal (`60.0`) is a DECIMAL in both, but DuckDB divides in DOUBLE while Spark
   divides in DECIMAL rounded to 6 places (count(*) / 6.0 gave 0.166667): on Spark such
   literals are written as DOUBLE.
+- `regexp_full_match(x, p)` is left as is; Spark has no such function. `regexp_like` with the
+  pattern held between `\A` and `\z` matches the whole text (Java's `$` would also match before a
+  final line break).
+- `regexp_replace`'s back-reference `\1` (DuckDB, RE2) is passed on as text; Java writes it `$1`
+  (and reads a bare `$` as one): Spark put `1` where DuckDB put the group.
 
 Where a construct has no Spark equivalent the single source was changed instead, in a form
 both engines run with DuckDB's results unchanged (see docs/scaling.md for the list). Values
@@ -100,6 +105,11 @@ def _unix(fn: str, value: exp.Expression) -> exp.Expression:
     return exp.Anonymous(this=fn, expressions=[exp.cast(value, exp.DataType.build("TIMESTAMP"))])
 
 
+def _java_replacement(text: str) -> str:
+    """An RE2 replacement (`\\1` a group, other characters as they are) in Java's spelling (`$1`)."""
+    return re.sub(r"\\(\d)|\$", lambda m: f"${m.group(1)}" if m.group(1) else "\\$", text)
+
+
 def _spark_rule(node: exp.Expression) -> exp.Expression:
     """The translations SQLGlot's spark dialect gets wrong for our SQL (see the module docstring)."""
     if isinstance(node, exp.PercentileCont):
@@ -112,6 +122,16 @@ def _spark_rule(node: exp.Expression) -> exp.Expression:
         return exp.paren(
             exp.Sub(this=_unix("unix_seconds", node.this), expression=_unix("unix_seconds", node.expression))
         )
+    if isinstance(node, exp.RegexpFullMatch):
+        whole = exp.DPipe(
+            this=exp.DPipe(this=exp.Literal.string(r"\A(?:"), expression=node.expression),
+            expression=exp.Literal.string(r")\z"),
+        )
+        return exp.Anonymous(this="regexp_like", expressions=[node.this, whole])
+    if isinstance(node, exp.RegexpReplace) and isinstance(node.args.get("replacement"), exp.Literal):
+        node = node.copy()
+        node.set("replacement", exp.Literal.string(_java_replacement(node.args["replacement"].name)))
+        return node
     if isinstance(node, exp.Literal) and not node.is_string and "." in node.name and "e" not in node.name.lower():
         return exp.cast(node.copy(), exp.DataType.build("DOUBLE"))
     return node
@@ -131,7 +151,9 @@ def contract_select(model: type[pa.DataFrameModel], select: str) -> str:
     """`select`'s columns in the contract's order and SQL types, by name (DuckDB's dialect): what
     `INSERT INTO <contract DDL> BY NAME` does on DuckDB, as one statement Spark can compile too."""
     columns = model.to_schema().columns
-    cols = ", ".join(f'CAST("{name}" AS {col.metadata["sql"]}) AS "{name}"' for name, col in columns.items())
+    # A column's DDL may carry a default (`BIGINT DEFAULT 0`): the cast takes the type alone.
+    types = {name: col.metadata["sql"].split(" DEFAULT ")[0] for name, col in columns.items()}
+    cols = ", ".join(f'CAST("{name}" AS {sql}) AS "{name}"' for name, sql in types.items())
     return f"SELECT {cols} FROM ({select}) AS _rows"
 
 

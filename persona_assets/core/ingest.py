@@ -915,7 +915,7 @@ STAGE_COLUMNS = [
 ]
 
 
-def _create_stage(con: duckdb.DuckDBPyConnection) -> None:
+def create_stage(con: duckdb.DuckDBPyConnection) -> None:
     """The staged lines of the group of files being read, and the files (`_files`, their ledger rows to be)."""
     con.execute("DROP TABLE IF EXISTS _stage")
     con.execute(
@@ -1028,20 +1028,36 @@ def query_lines(con: duckdb.DuckDBPyConnection, lines: list[str], params: dict, 
         con.unregister("_chunk")
 
 
-def _normalize_phones(con: duckdb.DuckDBPyConnection) -> None:
-    """E.164 for each distinct (phone, locale region) seen; a small table, not one call per event."""
-    pairs = con.execute(
-        """SELECT DISTINCT phone, upper(nullif(split_part(locale, '-', 2), '')) AS region
-           FROM _stage WHERE reason IS NULL AND phone IS NOT NULL"""
-    ).fetchall()
-    mapping = pa.table(
+# --- publishing: statements both engines run (DuckDB here, Spark in `ingest_spark`) ------------
+# Each reads the staged lines `_stage s` and the files `_files`; `row` names the stage's row key:
+# DuckDB's `s.rowid`, or on Spark (which has none) a `stage_row` column the staging gives each line.
+
+# The distinct (phone, locale region) pairs of the valid staged lines: few, normalized in Python.
+PHONE_PAIRS = """SELECT DISTINCT phone, upper(nullif(split_part(locale, '-', 2), '')) AS region
+    FROM _stage WHERE reason IS NULL AND phone IS NOT NULL"""
+
+# A staged line's E.164 phone (`pm.e164`), from the pairs normalized in `_phone_map`.
+PHONE_MAP = (
+    "LEFT JOIN _phone_map pm ON pm.phone = s.phone AND pm.region IS NOT DISTINCT FROM "
+    "upper(nullif(split_part(s.locale, '-', 2), ''))"
+)
+
+
+def phone_rows(phones: list[str | None], regions: list[str | None]) -> pa.Table:
+    """`_phone_map`'s rows: each (phone, region) pair with its E.164 form (phonenumbers is Python)."""
+    return pa.table(
         {
-            "phone": pa.array([p for p, _ in pairs], pa.string()),
-            "region": pa.array([r for _, r in pairs], pa.string()),
-            "e164": pa.array([normalize_phone(p, r) for p, r in pairs], pa.string()),
+            "phone": pa.array(phones, pa.string()),
+            "region": pa.array(regions, pa.string()),
+            "e164": pa.array([normalize_phone(p, r) for p, r in zip(phones, regions)], pa.string()),
         }
     )
-    con.register("_phone_rows", mapping)
+
+
+def _normalize_phones(con: duckdb.DuckDBPyConnection) -> None:
+    """E.164 for each distinct (phone, locale region) seen; a small table, not one call per event."""
+    pairs = con.execute(PHONE_PAIRS).fetchall()
+    con.register("_phone_rows", phone_rows([p for p, _ in pairs], [r for _, r in pairs]))
     con.execute("CREATE OR REPLACE TEMP TABLE _phone_map AS SELECT * FROM _phone_rows")
     con.unregister("_phone_rows")
 
@@ -1051,101 +1067,62 @@ def _redact_sql(expr: str) -> str:
     return redact_line_sql(expr)
 
 
-def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, suppress: bool) -> None:
-    """Move the staged lines to their three destinations (after taking out erased people's lines)."""
-    _normalize_phones(con)
-    raw_cols = columns(RawEvents)
-    email_hash = hmac_sql(normalize_email_sql("s.email", opts.gmail_rules))
-    phone_hash = f"CASE WHEN pm.e164 IS NOT NULL THEN {hmac_sql('pm.e164')} END"
-    phone_map = (
-        "LEFT JOIN _phone_map pm ON pm.phone = s.phone AND pm.region IS NOT DISTINCT FROM "
-        "upper(nullif(split_part(s.locale, '-', 2), ''))"
-    )
-    if suppress:
-        suppress_staged(
-            con,
-            f"""SELECT s.batch_id, s.line, s.event_at, s.consent,
-                       unnest([s.user_id, s.anonymous_id, s.previous_id, {email_hash}, {phone_hash}]) AS identifier
-                FROM _stage s {phone_map}""",
-            params,
-        )
-    else:
-        con.execute("CREATE OR REPLACE TEMP TABLE _suppressed (batch_id BIGINT, line BIGINT)")
-    select = {c: f"s.{c}" for c in raw_cols}
-    select["email_hash"] = email_hash
-    select["phone_hash"] = phone_hash
+def stored_columns(opts: IngestOptions) -> dict[str, str]:
+    """Each raw_events column's expression over a staged line `s`, its kept id `k` (`message_id`) and
+    its phone `pm` (`PHONE_MAP`): emails and phones leave only as keyed hashes."""
+    select = {c: f"s.{c}" for c in columns(RawEvents)}
+    select["email_hash"] = hmac_sql(normalize_email_sql("s.email", opts.gmail_rules))
+    select["phone_hash"] = f"CASE WHEN pm.e164 IS NOT NULL THEN {hmac_sql('pm.e164')} END"
     select["source_line"] = "s.line"
     select["batch_id"] = "s.batch_id"
     # People type emails and phone numbers into searches and forms that end up in URLs: never stored raw.
     select["page_url"] = scrub_text_sql("s.page_url")
     select["search_query"] = scrub_text_sql("s.search_query")
     select["message_id"] = "k.message_id"
-    _first_copies(con)
-    insert = f"""INSERT INTO raw_events ({", ".join(raw_cols)})
-        SELECT {", ".join(f"{expr} AS {c}" for c, expr in select.items())}
-        FROM _first_copy k JOIN _stage s ON s.rowid = k.stage_row {phone_map}"""
-    con.execute(insert, bind(insert, params))
-    _mark_conflicts(con, opts, select, phone_map, params)
-    con.execute("DROP TABLE _valid_ids")
-    con.execute("DROP TABLE _first_copy")
-    con.execute(
-        f"""INSERT INTO quarantined_events
-        SELECT s.batch_id, f.file_name, s.line, s.reason, s.detail, {_redact_sql("s.raw")}, now()::TIMESTAMP
-        FROM _stage s JOIN _files f USING (batch_id) WHERE s.reason IS NOT NULL"""
-    )
+    return select
 
 
-def _first_copies(con: duckdb.DuckDBPyConnection) -> None:
-    """One copy per messageId: `_valid_ids` holds every valid staged line's id (a derived id hashes
-    the content, so re-delivered copies of an id-less event hash alike), `_first_copy` the line kept
-    for each id: the earliest line of the earliest file, and none for an id already stored.
-
-    Only these narrow rows are grouped (a window over the whole staged rows cost most of publishing),
-    and the stored ids are probed with this group's (a hash of the group, not of everything stored)."""
-    con.execute(
-        """CREATE OR REPLACE TEMP TABLE _valid_ids AS
-           SELECT s.rowid AS stage_row, coalesce(s.message_id, 'derived-' || sha256(s.raw)) AS message_id,
-             s.message_id IS NULL AS derived, s.file_order, s.line
-           FROM _stage s WHERE s.reason IS NULL"""
-    )
-    con.execute(
-        """CREATE OR REPLACE TEMP TABLE _first_copy AS
-           SELECT i.message_id, arg_min(i.stage_row, (i.file_order, i.line)) AS stage_row
-           FROM _valid_ids i ANTI JOIN (
-             SELECT message_id FROM raw_events WHERE message_id IN (SELECT message_id FROM _valid_ids)
-           ) r ON r.message_id = i.message_id
-           GROUP BY i.message_id"""
-    )
+def valid_ids_sql(row: str) -> str:
+    """Every valid staged line's messageId (a derived id hashes the content, so re-delivered copies of
+    an id-less event hash alike), with its row key, file order and line."""
+    return f"""SELECT {row} AS stage_row, coalesce(s.message_id, 'derived-' || sha256(s.raw)) AS message_id,
+         s.message_id IS NULL AS derived, s.file_order, s.line
+       FROM _stage s WHERE s.reason IS NULL"""
 
 
-def _mark_conflicts(
-    con: duckdb.DuckDBPyConnection, opts: IngestOptions, stored: dict[str, str], phone_map: str, params: dict
-) -> None:
-    """After publishing the kept events: a valid staged line not kept (a re-delivered copy of a kept
-    messageId) whose content differs from the kept copy becomes a quarantined `conflicting_redelivery`
-    naming both copies, so it is seen and counted as quarantined; an identical copy stays a counted
-    duplicate. `stored`: each raw_events column's expression over the stage `s` and its id row `k`, so
-    the copies are compared as they would be stored.
+# The line kept for each messageId: the earliest line of the earliest file, none for an id already stored.
+FIRST_COPY = """SELECT i.message_id, arg_min(i.stage_row, (i.file_order, i.line)) AS stage_row
+    FROM _valid_ids i ANTI JOIN (
+      SELECT message_id FROM raw_events WHERE message_id IN (SELECT message_id FROM _valid_ids)
+    ) r ON r.message_id = i.message_id
+    GROUP BY i.message_id"""
 
-    The copies are the valid lines with a sent messageId that `_first_copies` did not keep; only they
-    are typed and compared, and both copies are fetched by row id."""
-    con.execute(
-        """CREATE OR REPLACE TEMP TABLE _copy_rows AS
-           SELECT i.stage_row, i.message_id FROM _valid_ids i ANTI JOIN _first_copy k ON k.stage_row = i.stage_row
-           WHERE NOT i.derived"""
-    )
+
+def raw_events_sql(stored: dict[str, str], row: str) -> str:
+    """The kept lines as raw_events rows."""
+    return f"""SELECT {", ".join(f"{expr} AS {c}" for c, expr in stored.items())}
+        FROM _first_copy k JOIN _stage s ON {row} = k.stage_row {PHONE_MAP}"""
+
+
+# The valid lines with a sent messageId that were not kept: re-delivered copies.
+COPY_ROWS = """SELECT i.stage_row, i.message_id FROM _valid_ids i ANTI JOIN _first_copy k ON k.stage_row = i.stage_row
+    WHERE NOT i.derived"""
+
+
+def copies_sql(stored: dict[str, str], row: str) -> str:
+    """The re-delivered copies typed as they would be stored."""
+    return f"""SELECT {", ".join(f"{expr} AS {c}" for c, expr in stored.items())}
+        FROM _copy_rows k JOIN _stage s ON {row} = k.stage_row {PHONE_MAP}"""
+
+
+def conflicts_sql(stored: dict[str, str], kept: str) -> str:
+    """The copies whose content differs from the kept copy's, each with a detail naming both copies
+    and the columns that differ. `kept`: the raw_events rows holding a copy's messageId (DuckDB finds
+    them by row id, the fast way there)."""
     content = [c for c in stored if c not in ("message_id", "batch_id", "source_line")]
     differs = ", ".join(f"CASE WHEN c.{c} IS DISTINCT FROM k.{c} THEN '{c}' END" for c in content)
-    typed = f"""CREATE OR REPLACE TEMP TABLE _copies AS
-        SELECT {", ".join(f"{expr} AS {c}" for c, expr in stored.items())}
-        FROM _copy_rows k JOIN _stage s ON s.rowid = k.stage_row {phone_map}"""
-    con.execute(typed, bind(typed, params))
-    sql = f"""CREATE OR REPLACE TEMP TABLE _conflicts AS
-    WITH copies AS (FROM _copies),
-    kept AS (
-      FROM raw_events
-      WHERE rowid IN (SELECT rowid FROM raw_events WHERE message_id IN (SELECT message_id FROM _copies))
-    ), files AS (SELECT batch_id, file_name FROM ingest_files UNION ALL SELECT batch_id, file_name FROM _files)
+    return f"""WITH copies AS (FROM _copies), kept AS ({kept}),
+    files AS (SELECT batch_id, file_name FROM ingest_files UNION ALL SELECT batch_id, file_name FROM _files)
     SELECT c.batch_id, c.source_line AS line,
       cf.file_name || ' line ' || c.source_line || ' differs from the copy kept from '
         || coalesce(kf.file_name, 'an earlier batch') || ' line ' || k.source_line || ' in ' || concat_ws(', ', {differs})
@@ -1153,11 +1130,96 @@ def _mark_conflicts(
     FROM copies c JOIN kept k ON k.message_id = c.message_id
     JOIN files cf ON cf.batch_id = c.batch_id LEFT JOIN files kf ON kf.batch_id = k.batch_id
     WHERE {" OR ".join(f"c.{c} IS DISTINCT FROM k.{c}" for c in content)}"""
-    con.execute(sql)
+
+
+# The conflicting copies' lines by file, to read their text again (the stage keeps none of a valid line).
+CONFLICT_LINES = """SELECT f.batch_id, f.path, f.file_format, list(c.line) AS lines
+    FROM _conflicts c JOIN _files f ON f.batch_id = c.batch_id GROUP BY f.batch_id, f.path, f.file_format"""
+
+# A conflicting copy's staged line, marked from its `_conflicts` row `c` joined with its text.
+CONFLICT_MARK = {"reason": "'conflicting_redelivery'", "detail": "c.detail", "raw": f"left(c.raw, {RAW_TEXT_LIMIT})"}
+
+
+def quarantine_sql(stage: str = "_stage") -> str:
+    """The staged lines with a reason as quarantined_events rows (`stage`: the staged lines, marked)."""
+    return f"""SELECT s.batch_id, f.file_name AS source_file, s.line AS source_line, s.reason, s.detail,
+        {_redact_sql("s.raw")} AS raw_text, now()::TIMESTAMP AS quarantined_at
+        FROM {stage} s JOIN _files f ON f.batch_id = s.batch_id WHERE s.reason IS NOT NULL"""
+
+
+# A file that could not be read (whole, or from some line on): one quarantine row, without a line.
+UNREADABLE_FILES = """SELECT batch_id, file_name AS source_file, NULL::BIGINT AS source_line,
+    'unreadable_file' AS reason, error AS detail, NULL::VARCHAR AS raw_text, now()::TIMESTAMP AS quarantined_at
+    FROM _files WHERE error IS NOT NULL"""
+
+# The staged files' ledger rows: every line read is kept, quarantined, suppressed or a counted duplicate.
+LEDGER = """SELECT *, lines_read - events_kept - lines_quarantined - lines_suppressed AS duplicates FROM (
+      SELECT f.batch_id, f.file_name, f.checksum, f.size_bytes, f.mtime_ns, f.file_format, f.status,
+        f.lines_read,
+        (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id) AS events_kept,
+        (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL)
+          AS lines_quarantined,
+        (SELECT count(*) FROM _suppressed x WHERE x.batch_id = f.batch_id) AS lines_suppressed,
+        0 AS lines_erased, $run_id::VARCHAR AS run_id, now()::TIMESTAMP AS ingested_at
+      FROM _files f)
+    ORDER BY batch_id"""
+
+
+def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, suppress: bool) -> None:
+    """Move the staged lines to their three destinations (after taking out erased people's lines)."""
+    _normalize_phones(con)
+    stored = stored_columns(opts)
+    if suppress:
+        suppress_staged(
+            con,
+            f"""SELECT s.batch_id, s.line, s.event_at, s.consent,
+                       unnest([s.user_id, s.anonymous_id, s.previous_id, {stored["email_hash"]},
+                               {stored["phone_hash"]}]) AS identifier
+                FROM _stage s {PHONE_MAP}""",
+            params,
+        )
+    else:
+        con.execute("CREATE OR REPLACE TEMP TABLE _suppressed (batch_id BIGINT, line BIGINT)")
+    _first_copies(con)
+    insert = f"INSERT INTO raw_events ({', '.join(stored)}) {raw_events_sql(stored, 's.rowid')}"
+    con.execute(insert, bind(insert, params))
+    _mark_conflicts(con, opts, stored, params)
+    con.execute("DROP TABLE _valid_ids")
+    con.execute("DROP TABLE _first_copy")
+    con.execute(f"INSERT INTO quarantined_events BY NAME {quarantine_sql()}")
+
+
+def _first_copies(con: duckdb.DuckDBPyConnection) -> None:
+    """One copy per messageId: `_valid_ids` holds every valid staged line's id, `_first_copy` the line
+    kept for each id.
+
+    Only these narrow rows are grouped (a window over the whole staged rows cost most of publishing),
+    and the stored ids are probed with this group's (a hash of the group, not of everything stored)."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _valid_ids AS {valid_ids_sql('s.rowid')}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _first_copy AS {FIRST_COPY}")
+
+
+# DuckDB fetches the kept copies by row id.
+KEPT_BY_ROWID = """FROM raw_events
+    WHERE rowid IN (SELECT rowid FROM raw_events WHERE message_id IN (SELECT message_id FROM _copies))"""
+
+
+def _mark_conflicts(con: duckdb.DuckDBPyConnection, opts: IngestOptions, stored: dict[str, str], params: dict) -> None:
+    """After publishing the kept events: a valid staged line not kept (a re-delivered copy of a kept
+    messageId) whose content differs from the kept copy becomes a quarantined `conflicting_redelivery`
+    naming both copies, so it is seen and counted as quarantined; an identical copy stays a counted
+    duplicate. The copies are compared as they would be stored (`stored_columns`).
+
+    Only the copies are typed and compared, and both copies are fetched by row id."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _copy_rows AS {COPY_ROWS}")
+    typed = f"CREATE OR REPLACE TEMP TABLE _copies AS {copies_sql(stored, 's.rowid')}"
+    con.execute(typed, bind(typed, params))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _conflicts AS {conflicts_sql(stored, KEPT_BY_ROWID)}")
     if con.execute("SELECT count(*) FROM _conflicts").fetchall()[0][0]:
-        con.register("_conflict_texts", _conflict_texts(con, opts))
+        con.register("_conflict_texts", conflict_texts(con.execute(CONFLICT_LINES).fetchall(), opts))
+        marks = ", ".join(f"{c} = {expr}" for c, expr in CONFLICT_MARK.items())
         con.execute(
-            f"""UPDATE _stage s SET reason = 'conflicting_redelivery', detail = c.detail, raw = left(c.raw, {RAW_TEXT_LIMIT})
+            f"""UPDATE _stage s SET {marks}
                 FROM (SELECT * FROM _conflicts LEFT JOIN _conflict_texts USING (batch_id, line)) c
                 WHERE s.batch_id = c.batch_id AND s.line = c.line"""
         )
@@ -1166,17 +1228,14 @@ def _mark_conflicts(
         con.execute(f"DROP TABLE {name}")
 
 
-def _conflict_texts(con: duckdb.DuckDBPyConnection, opts: IngestOptions) -> pa.Table:
-    """(batch_id, line, raw) of the conflicting copies, read again from their files: the stage keeps no
-    text of a valid line. A file that cannot be read again gives none (its rows keep their detail)."""
+def conflict_texts(wanted: list[tuple[int, str, str, list[int]]], opts: IngestOptions) -> pa.Table:
+    """(batch_id, line, raw) of the conflicting copies (`CONFLICT_LINES`), read again from their files:
+    the stage keeps no text of a valid line. A file that cannot be read again gives none (its rows
+    keep their detail)."""
     texts: list[tuple[int, int, str]] = []
-    wanted = con.execute(
-        "SELECT f.batch_id, f.path, f.file_format, list(c.line) FROM _conflicts c JOIN _files f USING (batch_id) "
-        "GROUP BY ALL"
-    ).fetchall()
     for batch_id, path, fmt, lines in wanted:
         try:
-            texts += [(batch_id, line, raw) for line, raw in _line_texts(Path(path), fmt, opts, lines)]
+            texts += [(batch_id, line, raw) for line, raw in _line_texts(Path(path), fmt, opts, list(lines))]
         except (UnreadableFile, *READ_ERRORS) as exc:
             if isinstance(exc, NOT_FILE_ERRORS):
                 raise
@@ -1231,25 +1290,8 @@ def _finish_group(
     """Move the staged files' lines to raw_events and quarantined_events and write their ledger rows."""
     _withdraw_regrown(con)
     _publish_stage(con, opts, params, suppress)
-    con.execute(
-        """INSERT INTO quarantined_events
-           SELECT batch_id, file_name, NULL, 'unreadable_file', error, NULL, now()::TIMESTAMP
-           FROM _files WHERE error IS NOT NULL"""
-    )
-    con.execute(
-        """INSERT INTO ingest_files BY NAME
-        SELECT *, lines_read - events_kept - lines_quarantined - lines_suppressed AS duplicates FROM (
-          SELECT f.batch_id, f.file_name, f.checksum, f.size_bytes, f.mtime_ns, f.file_format, f.status,
-            f.lines_read,
-            (SELECT count(*) FROM raw_events r WHERE r.batch_id = f.batch_id) AS events_kept,
-            (SELECT count(*) FROM quarantined_events q WHERE q.batch_id = f.batch_id AND q.source_line IS NOT NULL)
-              AS lines_quarantined,
-            (SELECT count(*) FROM _suppressed x WHERE x.batch_id = f.batch_id) AS lines_suppressed,
-            0 AS lines_erased, ?::VARCHAR AS run_id, now()::TIMESTAMP AS ingested_at
-          FROM _files f)
-        ORDER BY batch_id""",
-        [run_id],
-    )
+    con.execute(f"INSERT INTO quarantined_events BY NAME {UNREADABLE_FILES}")
+    con.execute(f"INSERT INTO ingest_files BY NAME {LEDGER}", bind(LEDGER, {"run_id": run_id}))
     con.execute("DROP TABLE _suppressed")
     con.execute("DELETE FROM _stage")
     con.execute("DELETE FROM _files")
@@ -1281,7 +1323,7 @@ SCRATCH_TABLES = (
 
 
 @dataclass
-class _Landed:
+class LandedFile:
     """A landing file not yet in the ledger."""
 
     path: Path
@@ -1293,7 +1335,7 @@ class _Landed:
 
 def _new_files(
     con: duckdb.DuckDBPyConnection, landing: Path, only: set[str] | None, report: IngestReport
-) -> Iterator[_Landed]:
+) -> Iterator[LandedFile]:
     """The landing files not in the ledger (by name, size and mtime, then by name and checksum), oldest
     first; the others are listed in the report as skipped, or refused for this run if they cannot be
     opened."""
@@ -1320,15 +1362,26 @@ def _new_files(
             report.skipped.append(path.name)
             continue
         extends = batches[path.name] if before and prefix == before[1] else None
-        yield _Landed(path, info.st_size, info.st_mtime_ns, digest, extends)
+        yield LandedFile(path, info.st_size, info.st_mtime_ns, digest, extends)
 
 
 def _stage_landed(
-    con: duckdb.DuckDBPyConnection, landed: _Landed, batch_id: int, order: int, opts: IngestOptions, params: dict
+    con: duckdb.DuckDBPyConnection, landed: LandedFile, batch_id: int, order: int, opts: IngestOptions, params: dict
 ) -> None:
-    """Stage one file and its ledger row. Nothing in a file can stop the run: staging runs outside any
-    transaction, so a DuckDB error on one file's chunk undoes that statement only, and a file of which
-    nothing can be read is quarantined whole (`unreadable_file`) while the others go on."""
+    """Stage one file and its ledger row (`stage_file_row`)."""
+    con.execute(
+        "INSERT INTO _files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        stage_file_row(con, landed, batch_id, order, opts, params),
+    )
+
+
+def stage_file_row(
+    con: duckdb.DuckDBPyConnection, landed: LandedFile, batch_id: int, order: int, opts: IngestOptions, params: dict
+) -> list:
+    """Stage one file's lines in `_stage` and give its `_files` row. Nothing in a file can stop the run:
+    staging runs outside any transaction, so a DuckDB error on one file's chunk undoes that statement
+    only, and a file of which nothing can be read is quarantined whole (`unreadable_file`) while the
+    others go on. Spark runs this too, a file per task (`ingest_spark`)."""
     fmt = file_format(landed.path)
     try:
         lines, error = _stage_file(con, landed.path, fmt, batch_id, order, opts, params)
@@ -1336,22 +1389,19 @@ def _stage_landed(
         why = exc if isinstance(exc, UnreadableFile) else _damage(exc)
         con.execute("DELETE FROM _stage WHERE batch_id = ?", [batch_id])
         lines, error = 0, f"unreadable ({landed.size} bytes): {why}"
-    con.execute(
-        "INSERT INTO _files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            batch_id,
-            landed.path.name,
-            landed.digest,
-            landed.size,
-            landed.mtime_ns,
-            fmt,
-            "ingested" if lines or error is None else "unreadable",
-            lines,
-            error,
-            str(landed.path),
-            landed.extends,
-        ],
-    )
+    return [
+        batch_id,
+        landed.path.name,
+        landed.digest,
+        landed.size,
+        landed.mtime_ns,
+        fmt,
+        "ingested" if lines or error is None else "unreadable",
+        lines,
+        error,
+        str(landed.path),
+        landed.extends,
+    ]
 
 
 def ingest(
@@ -1381,7 +1431,7 @@ def ingest(
     next_batch = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files").fetchall()[0][0]
     order, staged_bytes = 0, 0
     try:
-        _create_stage(con)
+        create_stage(con)
         for landed in _new_files(con, landing, only, report):
             order += 1
             _stage_landed(con, landed, next_batch + order - 1, order, opts, params)
