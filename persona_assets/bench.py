@@ -600,7 +600,7 @@ def _landed(landing: Path, remove: bool = False) -> int:
 # process: the session's start and the stage timed apart, and the JVM's peak memory (the
 # driver's Python and the JVM are two processes; the JVM does the work).
 SPARK_STAGE = """
-import json, os, re, sys, time
+import argparse, json, os, re, sys, time
 from pathlib import Path
 from persona_assets.core.engine import EngineOptions
 from persona_assets.resources import spark_resource
@@ -614,7 +614,9 @@ spark = spark_resource(EngineOptions(name="spark", spark_master=sys.argv[3]), **
 spark.sparkContext.setLogLevel("ERROR")
 session_s = time.perf_counter() - started
 started = time.perf_counter()
-rows = STAGES[sys.argv[2]](spark, Path(sys.argv[1]), None)
+os.environ["PERSONA_HASH_KEY"] = "bench-key"  # the key the DuckDB build's ingest hashed with
+job = argparse.Namespace(warehouse=sys.argv[1], landing=sys.argv[4], home=None, settings=None)
+rows = STAGES[sys.argv[2]](spark, job)
 stage_s = time.perf_counter() - started
 jvm = spark.sparkContext._gateway.proc.pid
 jvm_kb = int(re.search(r"VmHWM:\\s+(\\d+)", open(f"/proc/{jvm}/status").read()).group(1))
@@ -657,9 +659,9 @@ def measure(code: str, *args: str, profile: Path | None = None) -> tuple[float, 
     return seconds, peak_kb / 1024 / 1024, "\n".join(lines)
 
 
-def spark_bench(warehouse: Path, work: Path, duckdb_stages: dict, master: str = "local[*]") -> dict:
-    """Each stage that runs on Spark (`spark_job.STAGES`), on the inputs the DuckDB build made
-    (exported to Parquet, not timed), in its own process: seconds without the session's start,
+def spark_bench(landing: Path, warehouse: Path, work: Path, duckdb_stages: dict, master: str = "local[*]") -> dict:
+    """Each stage that runs on Spark (`spark_job.STAGES`), on the landing files and the inputs the
+    DuckDB build made (exported to Parquet, not timed), in its own process: seconds without the session's start,
     the session's start, peak memory of the driver and the JVM together, rows out, and the ratio
     to the same stage on DuckDB in this run."""
     from persona_assets.core.cleaning import SPARK_INPUTS
@@ -676,7 +678,7 @@ def spark_bench(warehouse: Path, work: Path, duckdb_stages: dict, master: str = 
             )
     out: dict = {"master": master, "stages": {}}
     for stage in STAGES:
-        _, driver_gb, printed = measure(SPARK_STAGE, str(parquet), stage, master)
+        _, driver_gb, printed = measure(SPARK_STAGE, str(parquet), stage, master, str(landing))
         got = json.loads(printed.splitlines()[-1])
         seconds = got["seconds"]
         out["stages"][stage] = {
@@ -843,7 +845,7 @@ def run(args) -> int:
         results["people"] = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
     if getattr(args, "engine", "duckdb") == "spark":
         print("the Spark stages on the same inputs ...", flush=True)
-        results["spark"] = spark_bench(warehouse, work, stages)
+        results["spark"] = spark_bench(data, warehouse, work, stages)
     print("audiences ...", flush=True)
     audience_s, audience_gb, out = measure(AUDIENCES, str(warehouse), BENCH_AUDIENCES)
     results["audiences"] = {

@@ -5,8 +5,9 @@
 The warehouse is a folder of Parquet tables (one folder a table) that the driver and every
 executor can read: a shared filesystem. The stages that run on Spark so far
 (`engine.SPARK_STAGES`) read their inputs from it and write their results back, as they do
-under `engine: spark` in one process. A stage's settings come from the `persona.yaml` given
-with `--settings` (its section for that stage), or are the defaults.
+under `engine: spark` in one process; with `--landing`, ingest reads the landing files first.
+A stage's settings come from the `persona.yaml` given with `--settings` (its section for that
+stage), or are the defaults.
 
 It prints one JSON line: each stage's rows and seconds, and how many executors the
 application had, so a caller can see the work was spread.
@@ -40,14 +41,36 @@ def _stage_options(settings: Path | None, section: str):
         raise SystemExit(f"{settings}: {section}: {plain_errors(exc)}") from None
 
 
-def _cleaning(spark, warehouse: Path, settings: Path | None) -> dict:
+def _ingest(spark, job: argparse.Namespace) -> dict:
+    """The landing folder's JSONL files into raw_events, quarantined_events and ingest_files, their
+    identifiers hashed with the installation's key (PERSONA_HASH_KEY, or --home's key file)."""
+    from persona_assets.core.ingest_spark import SparkIngestRefused, ingest_on_spark
+    from persona_assets.core.pii import load_key
+
+    key = load_key(Path(job.home) if job.home else Path.cwd())
+    try:
+        report = ingest_on_spark(
+            spark, Path(job.landing), Path(job.warehouse), key, _stage_options(job.settings, "ingest")
+        )
+    except SparkIngestRefused as exc:
+        raise SystemExit(str(exc)) from None
+    return {
+        "lines_read": report.total("lines_read"),
+        "raw_events": report.total("events_kept"),
+        "quarantined_events": report.total("lines_quarantined"),
+        "duplicates": report.total("duplicates"),
+    }
+
+
+def _cleaning(spark, job: argparse.Namespace) -> dict:
     from persona_assets.core.cleaning import clean_on_spark
 
-    result = clean_on_spark(spark, warehouse, _stage_options(settings, "cleaning"))
+    result = clean_on_spark(spark, Path(job.warehouse), _stage_options(job.settings, "cleaning"))
     return result.counts
 
 
-STAGES = {"cleaning": _cleaning}
+# In the graph's order; a stage reads what the ones before it wrote to the warehouse.
+STAGES = {"ingest": _ingest, "cleaning": _cleaning}
 
 
 def _executors(spark) -> int:
@@ -60,15 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warehouse", required=True, help="folder of Parquet tables every executor can read")
     parser.add_argument("--stage", action="append", choices=sorted(STAGES), help="a stage to run (default: all)")
     parser.add_argument("--settings", type=Path, help="a persona.yaml whose stage sections apply")
+    parser.add_argument("--landing", help="folder of landing files every executor can read (for ingest)")
+    parser.add_argument("--home", help="the PERSONA_HOME whose hashing key ingest uses (or PERSONA_HASH_KEY)")
     args = parser.parse_args(argv)
+    stages = args.stage or [stage for stage in STAGES if stage != "ingest" or args.landing]
+    if "ingest" in stages and not args.landing:
+        parser.error("--stage ingest needs --landing")
     from pyspark.sql import SparkSession
 
     spark = SparkSession.builder.appName("persona").config("spark.sql.session.timeZone", "UTC").getOrCreate()
     report: dict = {"master": spark.sparkContext.master, "stages": {}}
     try:
-        for stage in args.stage or list(STAGES):
+        for stage in sorted(stages, key=list(STAGES).index):
             started = time.perf_counter()
-            rows = STAGES[stage](spark, Path(args.warehouse), args.settings)
+            rows = STAGES[stage](spark, args)
             report["stages"][stage] = {"rows": rows, "seconds": round(time.perf_counter() - started, 2)}
         report["executors"] = _executors(spark)
     finally:

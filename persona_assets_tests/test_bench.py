@@ -59,6 +59,7 @@ def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
     assert 0 < results["lookup"]["p50_ms"] <= results["lookup"]["p99_ms"]
     assert results["linkage"]["link_records"] == 3000 and results["linkage"]["link_f1"] > 0.9
     # --engine spark: each Spark stage on the same inputs, beside the same stage on DuckDB.
+    assert results["spark"]["stages"]["ingest"]["rows_out"]["raw_events"] == results["ingest_kept"]
     on_spark = results["spark"]["stages"]["cleaning"]
     assert on_spark["rows_out"]["cleaned_users"] == results["people"]
     assert on_spark["seconds"] > 0 and on_spark["session_seconds"] > 0 and on_spark["peak_gb"] > 0

@@ -1,7 +1,8 @@
 """A real standalone Spark cluster on this machine: a master and two workers started on loopback
 with the scripts inside the pyspark package, and Persona's Spark application
-(`persona_assets/spark_job.py`) submitted to it with the package's spark-submit. Its tables
-must equal what the same stages make on DuckDB, and the work must have had both workers."""
+(`persona_assets/spark_job.py`) submitted to it with the package's spark-submit: ingest of the
+landing files, then cleaning. Its tables must equal what the same stages make on DuckDB, and
+the work must have had both workers."""
 
 from __future__ import annotations
 
@@ -100,15 +101,21 @@ def test_the_spark_application_on_a_standalone_cluster_gives_duckdbs_tables(clus
             con.execute(f"COPY {table} TO '{warehouse / table / 'part-0.parquet'}' (FORMAT parquet)")
         cleaning.clean(con, cleaning.CleaningOptions(), full=True)
         duck = {table: con.execute(f"SELECT * FROM {table}").df() for table in KEYS}
+        events = con.execute("SELECT * FROM raw_events").df()
 
     job = Path(cleaning.__file__).parents[1] / "spark_job.py"
     cmd = [_spark_bin("spark-submit"), "--master", master, "--conf", "spark.executor.memory=512m"]
     cmd += ["--conf", "spark.ui.enabled=false", "--conf", "spark.sql.shuffle.partitions=4"]
-    done = subprocess.run([*cmd, str(job), "--warehouse", str(warehouse)], env=env, capture_output=True, text=True)
+    # Ingest on the cluster first (it replaces the raw_events exported above), then cleaning.
+    args = [str(job), "--warehouse", str(warehouse), "--landing", str(tmp_path / "landing")]
+    done = subprocess.run([*cmd, *args], env={**env, "PERSONA_HASH_KEY": "k"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["master"] == master and report["executors"] == 2, report
+    assert list(report["stages"]) == ["ingest", "cleaning"]
+    assert report["stages"]["ingest"]["rows"]["raw_events"] == len(events)
     assert report["stages"]["cleaning"]["rows"] == {table: len(duck[table]) for table in KEYS}
+    assert_same_table(events, _read_parquet(warehouse / "raw_events"), "message_id")
     for table, key in KEYS.items():
         assert_same_table(duck[table], _read_parquet(warehouse / table), key)
     # The master ran it: one finished application, which had cores on both workers.
