@@ -185,19 +185,24 @@ def _stage_identifiers(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, ev
     overrides.guard(con)  # identifiers a user took out (persona unmerge --identifier) link nobody either
 
 
+# The graph's edges (a, b): the identifiers of one event tuple, each joined to the tuple's first
+# node; guarded nodes carry no edges.
+EDGES = """
+WITH linked AS (
+  SELECT o.tid, n.node FROM _occ o
+  JOIN _nodes n USING (identifier_type, identifier)
+  ANTI JOIN _guard g USING (identifier_type, identifier)
+), hubs AS (SELECT tid, min(node) AS hub FROM linked GROUP BY tid)
+SELECT DISTINCT h.hub AS a, l.node AS b FROM linked l JOIN hubs h USING (tid) WHERE l.node <> h.hub
+"""
+
+
 def _components(con: duckdb.DuckDBPyConnection) -> None:
-    """Label each node with its component; guarded nodes carry no edges."""
-    edges = con.execute(
-        """WITH linked AS (
-             SELECT o.tid, n.node FROM _occ o
-             JOIN _nodes n USING (identifier_type, identifier)
-             ANTI JOIN _guard g USING (identifier_type, identifier)
-           ), hubs AS (SELECT tid, min(node) AS hub FROM linked GROUP BY tid)
-           SELECT DISTINCT h.hub, l.node FROM linked l JOIN hubs h USING (tid) WHERE l.node <> h.hub"""
-    ).fetchnumpy()
+    """Label each node with its component (`_labels`), by scipy's C implementation on this machine."""
+    edges = con.execute(EDGES).fetchnumpy()
     n = con.execute("SELECT count(*) FROM _nodes").fetchall()[0][0]
-    src = np.asarray(edges["hub"], dtype=np.int64)
-    dst = np.asarray(edges["node"], dtype=np.int64)
+    src = np.asarray(edges["a"], dtype=np.int64)
+    dst = np.asarray(edges["b"], dtype=np.int64)
     graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n)).tocsr()
     _, labels = connected_components(graph, directed=False)
     con.register(
