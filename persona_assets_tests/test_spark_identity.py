@@ -61,11 +61,27 @@ def _chain_events(path, first_user: str, last_user: str) -> None:
     path.write_text("".join(json.dumps({"messageId": f"chain-m{i}", **e}) + "\n" for i, e in enumerate(lines)))
 
 
-def _export_raw_events(con: duckdb.DuckDBPyConnection, warehouse) -> None:
-    folder = warehouse / "raw_events"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    con.execute(f"COPY raw_events TO '{folder / 'part-0.parquet'}' (FORMAT parquet)")
+def _export_inputs(con: duckdb.DuckDBPyConnection, warehouse) -> None:
+    """identity's inputs as DuckDB's ingest and the merge / unmerge commands left them, as Parquet."""
+    for table in ("raw_events", overrides.TABLE):
+        folder = warehouse / table
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        con.execute(f"COPY {table} TO '{folder / 'part-0.parquet'}' (FORMAT parquet)")
+
+
+def _decide(con: duckdb.DuckDBPyConnection, users: list[str]) -> str:
+    """A merge of the people of users[2] and users[3], and an anonymousId taken out of someone
+    else who holds several (persona merge / unmerge); returns the identifier taken out."""
+    overrides.merge(con, b"k", f"user_id:{users[2]}", f"user_id:{users[3]}")
+    user, anonymous_id = con.execute(
+        """SELECT d.user_id, min(m.identifier) FROM deduped_users d JOIN identity_map m USING (person_id)
+           WHERE d.anonymous_id_count > 1 AND m.identifier_type = 'anonymous_id' AND d.user_id NOT IN ?
+           GROUP BY d.user_id ORDER BY d.user_id LIMIT 1""",
+        [users[:4]],
+    ).fetchall()[0]
+    overrides.unmerge(con, b"k", f"user_id:{user}", f"anonymous_id:{anonymous_id}")
+    return anonymous_id
 
 
 def _duckdb_tables(con: duckdb.DuckDBPyConnection) -> dict[str, pd.DataFrame]:
@@ -77,7 +93,7 @@ def _build(spark, con, warehouse, seconds: dict) -> tuple[dict, dict, identity.I
     started = time.perf_counter()
     identity.resolve(con, OFF, full=True)
     seconds.setdefault("duckdb", []).append(time.perf_counter() - started)
-    _export_raw_events(con, warehouse)
+    _export_inputs(con, warehouse)
     started = time.perf_counter()
     report = identity.resolve_on_spark(spark, warehouse, OFF)
     seconds.setdefault("spark", []).append(time.perf_counter() - started)
@@ -93,12 +109,14 @@ def builds(spark, tmp_path_factory):
     with duckdb.connect(str(root / "warehouse.duckdb")) as con:
         ingest(con, root / "landing", b"k")
         first = _build(spark, con, warehouse, seconds)
-        users = con.execute("SELECT user_id FROM deduped_users WHERE user_id IS NOT NULL ORDER BY 1 LIMIT 2").fetchall()
-        _chain_events(root / "landing" / "chain.jsonl", users[0][0], users[1][0])
+        query = "SELECT user_id FROM deduped_users WHERE user_id IS NOT NULL ORDER BY 1 LIMIT 4"
+        users = [u[0] for u in con.execute(query).fetchall()]
+        _chain_events(root / "landing" / "chain.jsonl", users[0], users[1])
         ingest(con, root / "landing", b"k")
+        taken = _decide(con, users)
         second = _build(spark, con, warehouse, seconds)
     print(f"identity at {PEOPLE} people (first, second build): DuckDB {seconds['duckdb']}, Spark {seconds['spark']} s")
-    return {"first": first, "second": second, "users": [u[0] for u in users], "warehouse": warehouse}
+    return {"first": first, "second": second, "users": users, "taken": taken, "warehouse": warehouse}
 
 
 def _same(duck: pd.DataFrame, spark: pd.DataFrame, table: str) -> None:
@@ -121,15 +139,19 @@ def test_identity_gives_the_same_tables_on_spark_and_duckdb(builds, build):
 
 def test_the_data_reaches_what_identity_branches_on(builds):
     """The comparison means something only if the builds merge people, guard identifiers, take
-    several rounds, and record a merge: the chain joins two people into one of 202 identifiers."""
+    several rounds, apply decisions and record merges: the chain joins two people into one of
+    202 identifiers or more, a merge joins two more, an anonymousId taken out is a person alone."""
     duck, _, report = builds["second"]
     first_people = builds["first"][0]["deduped_users"]
-    people, ids = duck["deduped_users"], duck["identity_map"]
-    assert (first_people.identifier_count > 1).any() and len(people) == len(first_people) + 1  # +2 tablets, -1 merge
-    chained = ids[ids.identifier.isin(builds["users"])].person_id
-    assert chained.nunique() == 1
-    assert (ids.person_id == chained.iloc[0]).sum() >= CHAIN + 2
-    assert "shared-tablet" in set(duck["identity_guard"].identifier)
+    people, ids, users = duck["deduped_users"], duck["identity_map"], builds["users"]
+    # +2 tablet users, -1 chain, -1 merge, +1 taken out
+    assert (first_people.identifier_count > 1).any() and len(people) == len(first_people) + 1
+    person = ids.set_index("identifier").person_id
+    assert person[users[0]] == person[users[1]] and person[users[2]] == person[users[3]] != person[users[0]]
+    assert (ids.person_id == person[users[0]]).sum() >= CHAIN + 2
+    guard = duck["identity_guard"].set_index("identifier").reason
+    assert "shared-tablet" in guard.index and guard[builds["taken"]].startswith(overrides.TAKEN_OUT)
+    assert (ids.person_id == person[builds["taken"]]).sum() == 1
     assert "merge" in set(duck["person_id_history"].change)
     assert int(report.why.split("(")[1].split()[0]) > 2  # rounds of connected components
 
@@ -150,17 +172,6 @@ def test_unnumbered_row_number_is_unique_on_spark_as_on_duckdb(spark, tmp_path):
     assert SparkTables(spark, tmp_path).query(sql).collect()[0][0] is True
 
 
-def test_linkage_and_decisions_are_refused_on_spark(spark, builds, tmp_path):
+def test_linkage_is_refused_on_spark(spark, builds):
     with pytest.raises(ValueError, match="probabilistic linkage"):
         identity.resolve_on_spark(spark, builds["warehouse"], identity.IdentityOptions(linkage=True))
-    warehouse = shutil.copytree(builds["warehouse"], tmp_path / "decided", ignore=shutil.ignore_patterns("*.crc"))
-    with duckdb.connect() as con:
-        overrides.ensure_table(con)
-        con.execute(
-            f"INSERT INTO {overrides.TABLE} (override_id, action, part, identifier_type, identifier) "
-            "VALUES (1, 'take_out', 1, 'user_id', 'u-1')"
-        )
-        (warehouse / overrides.TABLE).mkdir()
-        con.execute(f"COPY {overrides.TABLE} TO '{warehouse / overrides.TABLE / 'part-0.parquet'}' (FORMAT parquet)")
-    with pytest.raises(ValueError, match="merge / unmerge decisions"):
-        identity.resolve_on_spark(spark, warehouse, OFF)

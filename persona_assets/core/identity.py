@@ -698,10 +698,6 @@ LINKAGE_ON_SPARK = (
     "identity on Spark links people by the identifiers they share only: probabilistic linkage "
     "(Splink, identity.linkage) runs on DuckDB; set identity.linkage: false to run identity on Spark"
 )
-DECISIONS_ON_SPARK = (
-    "identity on Spark does not apply persona merge / unmerge decisions yet, and identity_overrides "
-    "holds {n} active; run identity on DuckDB"
-)
 
 
 def resolve_on_spark(spark: SparkSession, warehouse: Path, opts: IdentityOptions | None = None) -> IdentityReport:
@@ -711,8 +707,9 @@ def resolve_on_spark(spark: SparkSession, warehouse: Path, opts: IdentityOptions
     the graph never reaches the driver). The tables are written there as Parquet, each swapped
     in whole, as `SparkTables.write` does.
 
-    Deterministic linkage only (`opts` defaults to linkage off): probabilistic linkage and
-    merge / unmerge decisions are refused with the reason.
+    persona merge / unmerge decisions (identity_overrides as Parquet there, when it exists) apply
+    as on DuckDB. Deterministic linkage only (`opts` defaults to linkage off): probabilistic
+    linkage is refused with the reason.
     """
     opts = opts or IdentityOptions(linkage=False)
     if opts.linkage:
@@ -720,11 +717,17 @@ def resolve_on_spark(spark: SparkSession, warehouse: Path, opts: IdentityOptions
     t = SparkTables(spark, warehouse, checkpoint=True)
     try:
         t.read("raw_events")
-        _refuse_decisions(t)
+        decisions = t.path(overrides.TABLE).exists()
+        if decisions:
+            t.read(overrides.TABLE)
         stage_identifiers(t, opts)
+        if decisions:  # identifiers a user took out (persona unmerge --identifier) link nobody either
+            t.table("_guard", f"SELECT * FROM _guard UNION ALL SELECT * FROM ({overrides.TAKEN_OUT_SELECT}) AS taken")
         t.table("_identity_edges", EDGES)
         _, rounds = components.label(t, "_nodes", "_identity_edges")
         t.table("_members", MEMBERS_SELECT.format(area=""))
+        if decisions:
+            _join_on_spark(t)
         t.table("identity_map__next", IDENTITY_MAP_SELECT)
         now = datetime.now(UTC).replace(tzinfo=None)
         counts = {"person_id_history": _history_on_spark(t, now)}
@@ -744,14 +747,17 @@ def resolve_on_spark(spark: SparkSession, warehouse: Path, opts: IdentityOptions
     )
 
 
-def _refuse_decisions(t: SparkTables) -> None:
-    """Refuse a warehouse holding active merge / unmerge decisions (not applied on Spark yet)."""
-    if not t.path(overrides.TABLE).exists():
-        return
-    t.read(overrides.TABLE)
-    active = t.scalar(f"SELECT count(*) FROM {overrides.ACTIVE} AS active")
-    if active:
-        raise ValueError(DECISIONS_ON_SPARK.format(n=active))
+def _join_on_spark(t: SparkTables) -> None:
+    """persona merge decisions: the components of each join's parts made one, as `overrides.apply`
+    does on DuckDB, by the same components algorithm over the components they tie together."""
+    t.table("_join_edges", overrides.JOIN_EDGES)
+    components.label(t, "(SELECT DISTINCT component AS node FROM _labels)", "_join_edges", "_joined")
+    t.table(
+        "_labels",
+        "SELECT l.node, coalesce(j.component, l.component) AS component FROM _labels l "
+        "LEFT JOIN _joined j ON j.node = l.component",
+    )
+    t.table("_members", MEMBERS_SELECT.format(area=""))
 
 
 def _history_on_spark(t: SparkTables, now: datetime) -> int:

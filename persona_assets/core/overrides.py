@@ -63,22 +63,38 @@ def ensure_table(con: duckdb.DuckDBPyConnection) -> None:
 # --- applied by identity --------------------------------------------------------------------
 
 
+# The identifiers taken out (and seen in the staged events), counted as the guard counts,
+# unless the guard already keeps them out: rows for `_guard`.
+TAKEN_OUT_SELECT = f"""
+WITH taken AS (SELECT identifier_type, identifier, min(override_id) AS override_id FROM {ACTIVE}
+               WHERE action = 'take_out' GROUP BY 1, 2)
+SELECT o.identifier_type, o.identifier, count(DISTINCT t.user_id) AS user_ids,
+       count(DISTINCT t.email_hash) AS emails,
+       count(DISTINCT coalesce(t.anonymous_id, t.previous_id)) AS anonymous_ids,
+       '{TAKEN_OUT} (decision ' || min(k.override_id) || ')' AS reason
+FROM _occ o JOIN taken k USING (identifier_type, identifier) JOIN _tuples t USING (tid)
+ANTI JOIN _guard g USING (identifier_type, identifier)
+GROUP BY o.identifier_type, o.identifier
+"""
+
+# Each active join decision's components (of `_members`): the components `apply` makes one.
+JOIN_PARTS = f"""
+SELECT DISTINCT a.override_id, m.component FROM {ACTIVE} a
+JOIN _members m USING (identifier_type, identifier) WHERE a.action = 'join'
+"""
+
+# The same as a graph's edges (a, b): each decision's components tied to its smallest one.
+JOIN_EDGES = f"""
+WITH parts AS ({JOIN_PARTS}), hubs AS (SELECT override_id, min(component) AS hub FROM parts GROUP BY override_id)
+SELECT p.component AS a, h.hub AS b FROM parts p JOIN hubs h ON h.override_id = p.override_id
+WHERE p.component <> h.hub
+"""
+
+
 def guard(con: duckdb.DuckDBPyConnection) -> None:
-    """Add the identifiers taken out (and seen in the staged events) to `_guard`, counted as the
-    guard counts, unless the guard already keeps them out."""
+    """Add the identifiers taken out (and seen in the staged events) to `_guard`."""
     ensure_table(con)
-    con.execute(
-        f"""INSERT INTO _guard BY NAME
-        WITH taken AS (SELECT identifier_type, identifier, min(override_id) AS override_id FROM {ACTIVE}
-                       WHERE action = 'take_out' GROUP BY 1, 2)
-        SELECT o.identifier_type, o.identifier, count(DISTINCT t.user_id) AS user_ids,
-               count(DISTINCT t.email_hash) AS emails,
-               count(DISTINCT coalesce(t.anonymous_id, t.previous_id)) AS anonymous_ids,
-               '{TAKEN_OUT} (decision ' || min(k.override_id) || ')' AS reason
-        FROM _occ o JOIN taken k USING (identifier_type, identifier) JOIN _tuples t USING (tid)
-        ANTI JOIN _guard g USING (identifier_type, identifier)
-        GROUP BY o.identifier_type, o.identifier"""
-    )
+    con.execute(f"INSERT INTO _guard BY NAME {TAKEN_OUT_SELECT}")
 
 
 def take_in(con: duckdb.DuckDBPyConnection, scope: refresh.Scope) -> int:
@@ -167,10 +183,7 @@ def apply(con: duckdb.DuckDBPyConnection) -> None:
     """Before the identity map is written: make each join's parts one component in `_labels`, and
     put the links kept apart back among the links, blocked with the decision's number."""
     ensure_table(con)
-    rows = con.execute(
-        f"""SELECT DISTINCT a.override_id, m.component FROM {ACTIVE} a
-            JOIN _members m USING (identifier_type, identifier) WHERE a.action = 'join' ORDER BY 1, 2"""
-    ).fetchall()
+    rows = con.execute(f"SELECT * FROM ({JOIN_PARTS}) AS parts ORDER BY 1, 2").fetchall()
     _join_components(con, rows)
     if table_exists_temp(con, "_kept_apart"):
         if table_exists_temp(con, "_link_status"):
