@@ -194,7 +194,8 @@ class SparkTables:
         return self._adopt(name)
 
     def table(self, name: str, select: str, params: dict | list | None = None) -> str:
-        """A step's rows as cached temp view `name` (computed once: later steps read it several times)."""
+        """A step's rows as temp view `name`, cached (or checkpointed) and computed once: later steps
+        read it several times."""
         frame = self.query(select, params if isinstance(params, dict) else None)
         if self.checkpoint:
             frame = frame.localCheckpoint()

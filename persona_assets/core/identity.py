@@ -188,7 +188,8 @@ WHERE (identifier_type <> 'user_id' AND user_ids > $max_users)
 """
 
 
-def guard_params(opts: IdentityOptions) -> dict[str, int]:
+def _guard_params(opts: IdentityOptions) -> dict[str, int]:
+    """GUARD's limits, bound as parameters on both engines."""
     return {
         "max_users": opts.max_user_ids_per_identifier,
         "max_emails": opts.max_emails_per_identifier,
@@ -201,7 +202,7 @@ def stage_identifiers(t: Steps, opts: IdentityOptions, events: str = "raw_events
     t.table("_tuples", TUPLES.format(events=events))
     t.table("_occ", OCCURRENCES)
     t.table("_nodes", NODES)
-    t.table("_guard", GUARD, guard_params(opts))
+    t.table("_guard", GUARD, _guard_params(opts))
 
 
 def _stage_identifiers(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, events: str = "raw_events") -> None:
@@ -700,7 +701,9 @@ LINKAGE_ON_SPARK = (
 )
 
 
-def resolve_on_spark(spark: SparkSession, warehouse: Path, opts: IdentityOptions | None = None) -> IdentityReport:
+def resolve_on_spark(
+    spark: SparkSession, warehouse: Path, opts: IdentityOptions | None = None, run_id: str | None = None
+) -> IdentityReport:
     """identity_map, deduped_users, identity_guard and person_id_history rebuilt in full on Spark
     from the Parquet table raw_events in `warehouse`, with the statements `resolve` runs on DuckDB
     (compiled by `engine.to_spark`), the components found by `components.label` (distributed:
@@ -730,7 +733,7 @@ def resolve_on_spark(spark: SparkSession, warehouse: Path, opts: IdentityOptions
             _join_on_spark(t)
         t.table("identity_map__next", IDENTITY_MAP_SELECT)
         now = datetime.now(UTC).replace(tzinfo=None)
-        counts = {"person_id_history": _history_on_spark(t, now)}
+        counts = {"person_id_history": _history_on_spark(t, {"now": now, "run_id": run_id})}
         counts["identity_map"] = t.write(IdentityMap, "identity_map", "SELECT * FROM identity_map__next")
         deduped = DEDUPED_USERS.format(map="identity_map__next", events="raw_events", people="")
         counts["deduped_users"] = t.write(DedupedUsers, "deduped_users", deduped)
@@ -760,7 +763,7 @@ def _join_on_spark(t: SparkTables) -> None:
     t.table("_members", MEMBERS_SELECT.format(area=""))
 
 
-def _history_on_spark(t: SparkTables, now: datetime) -> int:
+def _history_on_spark(t: SparkTables, params: dict) -> int:
     """person_id_history with this build's changes appended (against the identity map written
     before; a first build has none to compare with)."""
     if t.path("identity_map").exists():
@@ -772,4 +775,4 @@ def _history_on_spark(t: SparkTables, now: datetime) -> int:
         t.read("person_id_history")
         cols = ", ".join(PersonIdHistory.to_schema().columns)
         new = f"SELECT {cols} FROM person_id_history UNION ALL SELECT {cols} FROM ({HISTORY_SELECT}) AS changes"
-    return t.write(PersonIdHistory, "person_id_history", new, {"now": now, "run_id": None})
+    return t.write(PersonIdHistory, "person_id_history", new, params)
