@@ -726,7 +726,7 @@ def resolve_on_spark(
         stage_identifiers(t, opts)
         if decisions:  # identifiers a user took out (persona unmerge --identifier) link nobody either
             t.table("_guard", f"SELECT * FROM _guard UNION ALL SELECT * FROM ({overrides.TAKEN_OUT_SELECT}) AS taken")
-        t.table("_identity_edges", EDGES)
+        t.view("_identity_edges", EDGES)  # read once, by the components' first step
         _, rounds = components.label(t, "_nodes", "_identity_edges")
         t.table("_members", MEMBERS_SELECT.format(area=""))
         if decisions:
