@@ -4,8 +4,8 @@
 finds components with components.py's large-star/small-star rounds; DuckDB's `resolve` uses
 scipy. Two builds: generated people, then the same with a 200-identifier chain joining two of
 them (a merge person_id_history records), a shared device the guard keeps out, a `persona
-merge` and an anonymousId taken out by `persona unmerge`. The module took 60-100 s with
-Spark's start on 2 shared cores (load average 3-8), most of it the two Spark builds.
+merge` and an anonymousId taken out by `persona unmerge`. The module took 45-100 s with
+Spark's start on 2 shared cores (load average 2.5-8), most of it the two Spark builds.
 """
 
 from __future__ import annotations

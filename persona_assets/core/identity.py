@@ -751,16 +751,11 @@ def resolve_on_spark(
 
 
 def _join_on_spark(t: SparkTables) -> None:
-    """persona merge decisions: the components of each join's parts made one, as `overrides.apply`
-    does on DuckDB, by the same components algorithm over the components they tie together."""
-    t.table("_join_edges", overrides.JOIN_EDGES)
-    components.label(t, "(SELECT DISTINCT component AS node FROM _labels)", "_join_edges", "_joined")
-    t.table(
-        "_labels",
-        "SELECT l.node, coalesce(j.component, l.component) AS component FROM _labels l "
-        "LEFT JOIN _joined j ON j.node = l.component",
-    )
-    t.table("_members", MEMBERS_SELECT.format(area=""))
+    """persona merge decisions: the components of each join's parts made one, with the statements
+    `overrides.apply` runs on DuckDB."""
+    if overrides.join_components(t):
+        t.table("_labels", overrides.JOINED_LABELS)
+        t.table("_members", MEMBERS_SELECT.format(area=""))
 
 
 def _history_on_spark(t: SparkTables, params: dict) -> int:
