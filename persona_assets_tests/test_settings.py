@@ -11,6 +11,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from persona_assets.core.engine import SPARK_STAGES
 from persona_assets.definitions import build_definitions
 from persona_assets.settings import (
     CleaningConfig,
@@ -113,11 +114,12 @@ def test_every_run_reads_the_file_of_its_home(persona_home):
 def test_engine_spark_is_refused_at_startup_naming_what_runs(tmp_path, persona_home):
     (persona_home / "persona.yaml").write_text("engine: spark\n")
     proc = cli(persona_home, "run")
-    assert proc.returncode == 2 and "engine: spark runs only cleaning so far" in proc.stderr
+    running = f"engine: spark runs only {', '.join(SPARK_STAGES)} so far"
+    assert proc.returncode == 2 and running in proc.stderr
     assert "Traceback" not in proc.stderr
     settings = tmp_path / "persona.yaml"
     settings.write_text("engine: spark\n")
-    with pytest.raises(SettingsError, match="engine: spark runs only cleaning so far; see docs/scaling.md"):
+    with pytest.raises(SettingsError, match=f"{running}; see docs/scaling.md"):
         load_settings(settings)
     settings.write_text("engine:\n  name: duckdb\n  spark_master: local[2]\n")
     assert load_settings(settings)["engine"]["name"] == "duckdb"

@@ -15,6 +15,9 @@ engines: the table in docs/scaling.md; each rule has a test giving DuckDB's answ
 - `date_diff('second', a, b)` becomes Spark's `DATEDIFF(SECOND, ...)`, which counts whole
   seconds elapsed; DuckDB counts second boundaries crossed (0.9 s across a boundary is 1).
   Spark's `unix_seconds(b) - unix_seconds(a)` counts boundaries, as DuckDB does.
+- `row_number() OVER ()` (a number unique to each row, in no order) Spark refuses (its
+  row_number needs an ORDER BY, and would then sort every row into one partition); Spark's
+  `monotonically_increasing_id()` is unique to each row too, numbered within each partition.
 - A decimal literal (`60.0`) is a DECIMAL in both, but DuckDB divides in DOUBLE while Spark
   divides in DECIMAL rounded to 6 places (count(*) / 6.0 gave 0.166667): on Spark such
   literals are written as DOUBLE.
@@ -53,7 +56,7 @@ if TYPE_CHECKING:  # pyspark is imported only by the Spark path
 ENGINES = ("duckdb", "spark")
 # The stages that run on Spark so far; `engine: spark` is refused until every stage from the
 # landing files on does (a partial run would leave half the tables where the next stage cannot read them).
-SPARK_STAGES = ("cleaning",)
+SPARK_STAGES = ("cleaning", "identity")
 
 
 @dataclass(frozen=True)
@@ -132,9 +135,15 @@ def _spark_rule(node: exp.Expression) -> exp.Expression:
         node = node.copy()
         node.set("replacement", exp.Literal.string(_java_replacement(node.args["replacement"].name)))
         return node
+    if isinstance(node, exp.Window) and isinstance(node.this, exp.RowNumber) and _unordered(node):
+        return exp.Anonymous(this="monotonically_increasing_id", expressions=[])
     if isinstance(node, exp.Literal) and not node.is_string and "." in node.name and "e" not in node.name.lower():
         return exp.cast(node.copy(), exp.DataType.build("DOUBLE"))
     return node
+
+
+def _unordered(window: exp.Window) -> bool:
+    return not window.args.get("partition_by") and window.args.get("order") is None
 
 
 def _utc(value: Any) -> Any:
@@ -165,8 +174,11 @@ class SparkTables:
     functions that name a stage's steps run unchanged on either engine.
     """
 
-    def __init__(self, spark: SparkSession, warehouse: Path) -> None:
+    def __init__(self, spark: SparkSession, warehouse: Path, checkpoint: bool = False) -> None:
         self.spark = spark
+        # An iterative stage's steps are local checkpoints, so each step's plan starts afresh
+        # (cached steps keep their whole lineage in the plan: one more join per round).
+        self.checkpoint = checkpoint
         self.warehouse = Path(warehouse)
         self.names: list[str] = []
         self._cached: list[DataFrame] = []
@@ -204,12 +216,21 @@ class SparkTables:
         return self._adopt(name)
 
     def table(self, name: str, select: str, params: dict | list | None = None) -> str:
-        """A step's rows as cached temp view `name` (computed once: later steps read it several times)."""
-        frame = self.query(select, params if isinstance(params, dict) else None).cache()
-        frame.count()
+        """A step's rows as temp view `name`, cached (or checkpointed) and computed once: later steps
+        read it several times."""
+        frame = self.query(select, params if isinstance(params, dict) else None)
+        if self.checkpoint:
+            frame = frame.localCheckpoint()
+        else:
+            frame = frame.cache()
+            frame.count()
         self._cached.append(frame)
         frame.createOrReplaceTempView(name)
         return self._adopt(name)
+
+    def scalar(self, select: str, params: dict | None = None) -> Any:
+        """The one value a SELECT gives (a count an iterative step stops on): one row to the driver."""
+        return self.query(select, params).first()[0]
 
     def write(self, model: type[pa.DataFrameModel], table: str, select: str, params: dict | None = None) -> int:
         """Replace warehouse table `table` with `select`'s rows in the contract's columns and types:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
@@ -30,12 +32,17 @@ from persona_assets.contracts import (
     PersonIdHistory,
     ddl,
 )
-from persona_assets.core import linkage, overrides, refresh
+from persona_assets.core import components, linkage, overrides, refresh
+from persona_assets.core.components import Steps
+from persona_assets.core.engine import SparkTables
 from persona_assets.core.faults import kill_point
 from persona_assets.core.options import setting
 from persona_assets.core.publish import sql_literal
 from persona_assets.core.stage import StageResult
-from persona_assets.core.warehouse import data_as_of, replace_tables, scratch, transaction
+from persona_assets.core.warehouse import Scratch, data_as_of, replace_tables, scratch, transaction
+
+if TYPE_CHECKING:  # pyspark is imported only by the Spark path
+    from pyspark.sql import SparkSession
 
 
 @dataclass(frozen=True)
@@ -137,67 +144,93 @@ def stage_scope_events(
     con.execute("DROP TABLE _scope_ids")
 
 
+IDENTIFIER_TUPLE = ", ".join(sorted({c for _, c in IDENTIFIER_COLUMNS}))
+
+# {events}: the events to read. Each distinct tuple of identifiers seen together, numbered
+# (any number unique to the row: see engine.to_spark), with when it was first and last seen.
+TUPLES = f"""
+SELECT row_number() OVER () AS tid, * FROM (
+  SELECT {IDENTIFIER_TUPLE}, min(event_at) AS first_at, max(event_at) AS last_at FROM {{events}} GROUP BY ALL
+) AS seen
+"""
+
+# Every identifier's occurrence in a tuple.
+OCCURRENCES = " UNION ALL ".join(
+    f"SELECT tid, '{t}' AS identifier_type, {c} AS identifier, first_at, last_at FROM _tuples WHERE {c} IS NOT NULL"
+    for t, c in IDENTIFIER_COLUMNS
+)
+
+# Each identifier numbered 0..n-1 (scipy's graph needs dense node numbers).
+NODES = """
+SELECT (row_number() OVER (ORDER BY identifier_type, identifier) - 1)::BIGINT AS node,
+       identifier_type, identifier, min(first_at) AS first_seen_at, max(last_at) AS last_seen_at
+FROM _occ GROUP BY identifier_type, identifier
+"""
+
+# Everything an identifier was seen with, counted per kind of identifier; those seen with too many link nobody.
+GUARD = """
+WITH seen AS (
+  SELECT o.identifier_type, o.identifier,
+         count(DISTINCT t.user_id) AS user_ids,
+         count(DISTINCT t.email_hash) AS emails,
+         count(DISTINCT coalesce(t.anonymous_id, t.previous_id)) AS anonymous_ids
+  FROM _occ o JOIN _tuples t USING (tid) GROUP BY 1, 2
+)
+SELECT *, concat_ws('; ',
+    CASE WHEN identifier_type <> 'user_id' AND user_ids > $max_users THEN user_ids || ' userIds' END,
+    CASE WHEN identifier_type <> 'email' AND emails > $max_emails THEN emails || ' emails' END,
+    CASE WHEN identifier_type <> 'anonymous_id' AND anonymous_ids > $max_anons
+         THEN anonymous_ids || ' anonymousIds' END) AS reason
+FROM seen
+WHERE (identifier_type <> 'user_id' AND user_ids > $max_users)
+   OR (identifier_type <> 'email' AND emails > $max_emails)
+   OR (identifier_type <> 'anonymous_id' AND anonymous_ids > $max_anons)
+"""
+
+
+def _guard_params(opts: IdentityOptions) -> dict[str, int]:
+    """GUARD's limits, bound as parameters on both engines."""
+    return {
+        "max_users": opts.max_user_ids_per_identifier,
+        "max_emails": opts.max_emails_per_identifier,
+        "max_anons": opts.max_anonymous_ids_per_identifier,
+    }
+
+
+def stage_identifiers(t: Steps, opts: IdentityOptions, events: str = "raw_events") -> None:
+    """Tables `_tuples`, `_occ`, `_nodes` and `_guard` from `events`, on either engine."""
+    t.table("_tuples", TUPLES.format(events=events))
+    t.table("_occ", OCCURRENCES)
+    t.table("_nodes", NODES)
+    t.table("_guard", GUARD, _guard_params(opts))
+
+
 def _stage_identifiers(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, events: str = "raw_events") -> None:
     """Temp tables: distinct identifier tuples, occurrences, nodes (integer ids) and guard hits,
-    from `events` (all of raw_events, or the events an incremental run touches)."""
-    cols = ", ".join(sorted({c for _, c in IDENTIFIER_COLUMNS}))
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _tuples AS
-        SELECT row_number() OVER () AS tid, {cols}, min(event_at) AS first_at, max(event_at) AS last_at
-        FROM {events} GROUP BY ALL"""
-    )
-    union = " UNION ALL ".join(
-        f"SELECT tid, '{t}' AS identifier_type, {c} AS identifier, first_at, last_at FROM _tuples WHERE {c} IS NOT NULL"
-        for t, c in IDENTIFIER_COLUMNS
-    )
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _occ AS {union}")
-    con.execute(
-        """CREATE OR REPLACE TEMP TABLE _nodes AS
-        SELECT (row_number() OVER (ORDER BY identifier_type, identifier) - 1)::BIGINT AS node,
-               identifier_type, identifier, min(first_at) AS first_seen_at, max(last_at) AS last_seen_at
-        FROM _occ GROUP BY identifier_type, identifier"""
-    )
-    # Everything an identifier was seen with, counted per kind of identifier.
-    con.execute(
-        """CREATE OR REPLACE TEMP TABLE _guard AS
-        WITH seen AS (
-          SELECT o.identifier_type, o.identifier,
-                 count(DISTINCT t.user_id) AS user_ids,
-                 count(DISTINCT t.email_hash) AS emails,
-                 count(DISTINCT coalesce(t.anonymous_id, t.previous_id)) AS anonymous_ids
-          FROM _occ o JOIN _tuples t USING (tid) GROUP BY 1, 2
-        )
-        SELECT *, concat_ws('; ',
-            CASE WHEN identifier_type <> 'user_id' AND user_ids > $max_users THEN user_ids || ' userIds' END,
-            CASE WHEN identifier_type <> 'email' AND emails > $max_emails THEN emails || ' emails' END,
-            CASE WHEN identifier_type <> 'anonymous_id' AND anonymous_ids > $max_anons
-                 THEN anonymous_ids || ' anonymousIds' END) AS reason
-        FROM seen
-        WHERE (identifier_type <> 'user_id' AND user_ids > $max_users)
-           OR (identifier_type <> 'email' AND emails > $max_emails)
-           OR (identifier_type <> 'anonymous_id' AND anonymous_ids > $max_anons)""",
-        {
-            "max_users": opts.max_user_ids_per_identifier,
-            "max_emails": opts.max_emails_per_identifier,
-            "max_anons": opts.max_anonymous_ids_per_identifier,
-        },
-    )
+    from `events` (all of raw_events, or the events an incremental run touches); the run's
+    scratch drops them."""
+    stage_identifiers(Scratch(con), opts, events)
     overrides.guard(con)  # identifiers a user took out (persona unmerge --identifier) link nobody either
 
 
+# The graph's edges (a, b): the identifiers of one event tuple, each joined to the tuple's first
+# node; guarded nodes carry no edges.
+EDGES = """
+WITH linked AS (
+  SELECT o.tid, n.node FROM _occ o
+  JOIN _nodes n USING (identifier_type, identifier)
+  ANTI JOIN _guard g USING (identifier_type, identifier)
+), hubs AS (SELECT tid, min(node) AS hub FROM linked GROUP BY tid)
+SELECT DISTINCT h.hub AS a, l.node AS b FROM linked l JOIN hubs h USING (tid) WHERE l.node <> h.hub
+"""
+
+
 def _components(con: duckdb.DuckDBPyConnection) -> None:
-    """Label each node with its component; guarded nodes carry no edges."""
-    edges = con.execute(
-        """WITH linked AS (
-             SELECT o.tid, n.node FROM _occ o
-             JOIN _nodes n USING (identifier_type, identifier)
-             ANTI JOIN _guard g USING (identifier_type, identifier)
-           ), hubs AS (SELECT tid, min(node) AS hub FROM linked GROUP BY tid)
-           SELECT DISTINCT h.hub, l.node FROM linked l JOIN hubs h USING (tid) WHERE l.node <> h.hub"""
-    ).fetchnumpy()
+    """Label each node with its component (`_labels`), by scipy's C implementation on this machine."""
+    edges = con.execute(EDGES).fetchnumpy()
     n = con.execute("SELECT count(*) FROM _nodes").fetchall()[0][0]
-    src = np.asarray(edges["hub"], dtype=np.int64)
-    dst = np.asarray(edges["node"], dtype=np.int64)
+    src = np.asarray(edges["a"], dtype=np.int64)
+    dst = np.asarray(edges["b"], dtype=np.int64)
     graph = coo_matrix((np.ones(len(src), dtype=np.int8), (src, dst)), shape=(n, n)).tocsr()
     _, labels = connected_components(graph, directed=False)
     con.register(
@@ -207,16 +240,17 @@ def _components(con: duckdb.DuckDBPyConnection) -> None:
     con.unregister("_labels_arrow")
 
 
-MEMBERS = """
-CREATE OR REPLACE TEMP VIEW _members AS
+# The identifiers that belong to someone, with their component; {area}: an optional filter.
+MEMBERS_SELECT = """
 SELECT n.*, l.component FROM _nodes n JOIN _labels l USING (node) {area}
 -- A guarded device, email or phone belongs to nobody; a guarded anonymous or user id is a person alone.
 WHERE NOT EXISTS (SELECT 1 FROM _guard g WHERE g.identifier_type = n.identifier_type
                   AND g.identifier = n.identifier AND n.identifier_type NOT IN ('anonymous_id', 'user_id'))
 """
+MEMBERS = f"CREATE OR REPLACE TEMP VIEW _members AS {MEMBERS_SELECT}"
 
-NEW_IDENTITY_MAP = """
-CREATE OR REPLACE TEMP TABLE identity_map__next AS
+# A person_id is a pure function of its component: the hash of its earliest-seen identifier.
+IDENTITY_MAP_SELECT = """
 WITH firsts AS (
   SELECT component, arg_min(identifier_type || ':' || identifier, (first_seen_at, identifier_type, identifier)) AS first_id
   FROM _members GROUP BY component
@@ -225,6 +259,7 @@ SELECT m.identifier_type, m.identifier, 'p' || left(sha256(f.first_id), 16) AS p
        m.first_seen_at, m.last_seen_at
 FROM _members m JOIN firsts f USING (component)
 """
+NEW_IDENTITY_MAP = f"CREATE OR REPLACE TEMP TABLE identity_map__next AS {IDENTITY_MAP_SELECT}"
 
 
 # What a usable trait value is (cleaning maps values with the same vocabularies). A trait
@@ -283,6 +318,13 @@ def _trait_columns() -> str:
     return ",\n  ".join(parts)
 
 
+# deduped_users' trait columns, named (Spark has no `* EXCLUDE`).
+TRAIT_OUTPUTS = ", ".join(
+    f"traits.{c}"
+    for c in ["first_seen_at", "last_seen_at"]
+    + [f"{t}{suffix}" for t in SURVIVING_TRAITS for suffix in ("", "_observed_at", "_message_id")]
+)
+
 VALID_COLUMNS = ", ".join(f"coalesce({sql}, false) AS {t}_valid" for t, sql in VALID_TRAITS.items())
 
 
@@ -304,12 +346,12 @@ WITH ids AS (
   {_trait_columns()}
   FROM events GROUP BY person_id
 )
-SELECT ids.*, coalesce(traits.event_count, 0) AS event_count, traits.* EXCLUDE (person_id, event_count)
+SELECT ids.*, coalesce(traits.event_count, 0) AS event_count, {TRAIT_OUTPUTS}
 FROM ids LEFT JOIN traits USING (person_id)
 """
 
-HISTORY = """
-INSERT INTO person_id_history
+# How people changed from the identity map to identity_map__next (merges, splits, new keys).
+HISTORY_SELECT = """
 WITH pairs AS (
   SELECT o.person_id AS old_person_id, n.person_id AS new_person_id
   FROM identity_map o JOIN identity_map__next n USING (identifier_type, identifier)
@@ -322,10 +364,11 @@ WITH pairs AS (
   SELECT new_person_id, count(DISTINCT old_person_id) AS old_ids FROM pairs GROUP BY 1
 )
 SELECT m.old_person_id, m.new_person_id,
-       CASE WHEN f.new_ids > 1 THEN 'split' WHEN fi.old_ids > 1 THEN 'merge' ELSE 'rekey' END,
-       m.identifiers_moved, $now, $run_id
+       CASE WHEN f.new_ids > 1 THEN 'split' WHEN fi.old_ids > 1 THEN 'merge' ELSE 'rekey' END AS change,
+       m.identifiers_moved, $now AS changed_at, $run_id AS run_id
 FROM moved m JOIN fan f USING (old_person_id) JOIN fan_in fi USING (new_person_id)
 """
+HISTORY = f"INSERT INTO person_id_history BY NAME {HISTORY_SELECT}"
 
 
 # Temp tables a run of identity makes (its steps share them; all are dropped when it ends).
@@ -648,3 +691,83 @@ def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, scope: re
     )
     con.execute("DROP TABLE _guard")
     con.execute("ALTER TABLE _guard_area RENAME TO _guard")
+
+
+# --- on Spark -------------------------------------------------------------------------------
+
+LINKAGE_ON_SPARK = (
+    "identity on Spark links people by the identifiers they share only: probabilistic linkage "
+    "(Splink, identity.linkage) runs on DuckDB; set identity.linkage: false to run identity on Spark"
+)
+
+
+def resolve_on_spark(
+    spark: SparkSession, warehouse: Path, opts: IdentityOptions | None = None, run_id: str | None = None
+) -> IdentityReport:
+    """identity_map, deduped_users, identity_guard and person_id_history rebuilt in full on Spark
+    from the Parquet table raw_events in `warehouse`, with the statements `resolve` runs on DuckDB
+    (compiled by `engine.to_spark`), the components found by `components.label` (distributed:
+    the graph never reaches the driver). The tables are written there as Parquet, each swapped
+    in whole, as `SparkTables.write` does.
+
+    persona merge / unmerge decisions (identity_overrides as Parquet there, when it exists) apply
+    as on DuckDB. Deterministic linkage only (`opts` defaults to linkage off): probabilistic
+    linkage is refused with the reason.
+    """
+    opts = opts or IdentityOptions(linkage=False)
+    if opts.linkage:
+        raise ValueError(LINKAGE_ON_SPARK)
+    t = SparkTables(spark, warehouse, checkpoint=True)
+    try:
+        t.read("raw_events")
+        decisions = t.path(overrides.TABLE).exists()
+        if decisions:
+            t.read(overrides.TABLE)
+        stage_identifiers(t, opts)
+        if decisions:  # identifiers a user took out (persona unmerge --identifier) link nobody either
+            t.table("_guard", f"SELECT * FROM _guard UNION ALL SELECT * FROM ({overrides.TAKEN_OUT_SELECT}) AS taken")
+        t.view("_identity_edges", EDGES)  # read once, by the components' first step
+        _, rounds = components.label(t, "_nodes", "_identity_edges")
+        t.table("_members", MEMBERS_SELECT.format(area=""))
+        if decisions:
+            _join_on_spark(t)
+        t.table("identity_map__next", IDENTITY_MAP_SELECT)
+        now = datetime.now(UTC).replace(tzinfo=None)
+        counts = {"person_id_history": _history_on_spark(t, {"now": now, "run_id": run_id})}
+        counts["identity_map"] = t.write(IdentityMap, "identity_map", "SELECT * FROM identity_map__next")
+        deduped = DEDUPED_USERS.format(map="identity_map__next", events="raw_events", people="")
+        counts["deduped_users"] = t.write(DedupedUsers, "deduped_users", deduped)
+        counts["identity_guard"] = t.write(IdentityGuard, "identity_guard", "SELECT * FROM _guard")
+    finally:
+        t.drop()
+    return IdentityReport(
+        mode="full",
+        why=f"Spark builds in full ({rounds} rounds of connected components)",
+        people=counts["deduped_users"],
+        counts=counts,
+        identifiers=counts["identity_map"],
+        guard_hits=counts["identity_guard"],
+    )
+
+
+def _join_on_spark(t: SparkTables) -> None:
+    """persona merge decisions: the components of each join's parts made one, with the statements
+    `overrides.apply` runs on DuckDB."""
+    if overrides.join_components(t):
+        t.table("_labels", overrides.JOINED_LABELS)
+        t.table("_members", MEMBERS_SELECT.format(area=""))
+
+
+def _history_on_spark(t: SparkTables, params: dict) -> int:
+    """person_id_history with this build's changes appended (against the identity map written
+    before; a first build has none to compare with)."""
+    if t.path("identity_map").exists():
+        t.read("identity_map")
+    else:
+        t.view("identity_map", "SELECT * FROM identity_map__next WHERE false")
+    new = HISTORY_SELECT
+    if t.path("person_id_history").exists():
+        t.read("person_id_history")
+        cols = ", ".join(PersonIdHistory.to_schema().columns)
+        new = f"SELECT {cols} FROM person_id_history UNION ALL SELECT {cols} FROM ({HISTORY_SELECT}) AS changes"
+    return t.write(PersonIdHistory, "person_id_history", new, params)

@@ -29,12 +29,12 @@ from datetime import UTC, datetime
 
 import duckdb
 import pandas as pd
-import pyarrow as pa
 
 from persona_assets.contracts import HEX64, IDENTIFIER_TYPES, OVERRIDE_ACTIONS, PERSON_ID, IdentityOverrides, ddl
-from persona_assets.core import refresh
+from persona_assets.core import components, refresh
+from persona_assets.core.components import Steps
 from persona_assets.core.pii import hmac_hex, normalize_email, normalize_phone
-from persona_assets.core.warehouse import table_exists, transaction
+from persona_assets.core.warehouse import scratch, table_exists, transaction
 
 TABLE = "identity_overrides"
 TAKEN_OUT = "taken out by persona unmerge"  # identity_guard's reason for a take_out, then its number
@@ -63,22 +63,44 @@ def ensure_table(con: duckdb.DuckDBPyConnection) -> None:
 # --- applied by identity --------------------------------------------------------------------
 
 
+# The identifiers taken out (and seen in the staged events), counted as the guard counts,
+# unless the guard already keeps them out: rows for `_guard`.
+TAKEN_OUT_SELECT = f"""
+WITH taken AS (SELECT identifier_type, identifier, min(override_id) AS override_id FROM {ACTIVE}
+               WHERE action = 'take_out' GROUP BY 1, 2)
+SELECT o.identifier_type, o.identifier, count(DISTINCT t.user_id) AS user_ids,
+       count(DISTINCT t.email_hash) AS emails,
+       count(DISTINCT coalesce(t.anonymous_id, t.previous_id)) AS anonymous_ids,
+       '{TAKEN_OUT} (decision ' || min(k.override_id) || ')' AS reason
+FROM _occ o JOIN taken k USING (identifier_type, identifier) JOIN _tuples t USING (tid)
+ANTI JOIN _guard g USING (identifier_type, identifier)
+GROUP BY o.identifier_type, o.identifier
+"""
+
+# Each active join decision's components (of `_members`): the components `apply` makes one.
+JOIN_PARTS = f"""
+SELECT DISTINCT a.override_id, m.component FROM {ACTIVE} a
+JOIN _members m USING (identifier_type, identifier) WHERE a.action = 'join'
+"""
+
+# The same as a graph's edges (a, b): each decision's components tied to its smallest one.
+JOIN_EDGES = f"""
+WITH parts AS ({JOIN_PARTS}), hubs AS (SELECT override_id, min(component) AS hub FROM parts GROUP BY override_id)
+SELECT p.component AS a, h.hub AS b FROM parts p JOIN hubs h ON h.override_id = p.override_id
+WHERE p.component <> h.hub
+"""
+
+# `_labels` with each join's components made one, named by the smallest (`_joined`: join_components).
+JOINED_LABELS = """
+SELECT l.node, coalesce(j.component, l.component) AS component
+FROM _labels l LEFT JOIN _joined j ON j.node = l.component
+"""
+
+
 def guard(con: duckdb.DuckDBPyConnection) -> None:
-    """Add the identifiers taken out (and seen in the staged events) to `_guard`, counted as the
-    guard counts, unless the guard already keeps them out."""
+    """Add the identifiers taken out (and seen in the staged events) to `_guard`."""
     ensure_table(con)
-    con.execute(
-        f"""INSERT INTO _guard BY NAME
-        WITH taken AS (SELECT identifier_type, identifier, min(override_id) AS override_id FROM {ACTIVE}
-                       WHERE action = 'take_out' GROUP BY 1, 2)
-        SELECT o.identifier_type, o.identifier, count(DISTINCT t.user_id) AS user_ids,
-               count(DISTINCT t.email_hash) AS emails,
-               count(DISTINCT coalesce(t.anonymous_id, t.previous_id)) AS anonymous_ids,
-               '{TAKEN_OUT} (decision ' || min(k.override_id) || ')' AS reason
-        FROM _occ o JOIN taken k USING (identifier_type, identifier) JOIN _tuples t USING (tid)
-        ANTI JOIN _guard g USING (identifier_type, identifier)
-        GROUP BY o.identifier_type, o.identifier"""
-    )
+    con.execute(f"INSERT INTO _guard BY NAME {TAKEN_OUT_SELECT}")
 
 
 def take_in(con: duckdb.DuckDBPyConnection, scope: refresh.Scope) -> int:
@@ -167,11 +189,9 @@ def apply(con: duckdb.DuckDBPyConnection) -> None:
     """Before the identity map is written: make each join's parts one component in `_labels`, and
     put the links kept apart back among the links, blocked with the decision's number."""
     ensure_table(con)
-    rows = con.execute(
-        f"""SELECT DISTINCT a.override_id, m.component FROM {ACTIVE} a
-            JOIN _members m USING (identifier_type, identifier) WHERE a.action = 'join' ORDER BY 1, 2"""
-    ).fetchall()
-    _join_components(con, rows)
+    with scratch(con) as s:
+        if join_components(s):
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _labels AS {JOINED_LABELS}")
     if table_exists_temp(con, "_kept_apart"):
         if table_exists_temp(con, "_link_status"):
             con.execute("INSERT INTO _candidates BY NAME SELECT * EXCLUDE (override_id) FROM _kept_apart")
@@ -182,34 +202,15 @@ def apply(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("DROP TABLE _kept_apart")
 
 
-def _join_components(con: duckdb.DuckDBPyConnection, rows: list[tuple[int, int]]) -> None:
-    """Relabel `_labels` so the components of each decision's parts are one (the smallest label)."""
-    parent: dict[int, int] = {}
-
-    def root(c: int) -> int:
-        while parent.setdefault(c, c) != c:
-            parent[c] = parent[parent[c]]
-            c = parent[c]
-        return c
-
-    by_decision: dict[int, list[int]] = {}
-    for override_id, component in rows:
-        by_decision.setdefault(override_id, []).append(component)
-    for components in by_decision.values():
-        for other in components[1:]:
-            a, b = sorted((root(components[0]), root(other)))
-            parent[b] = a
-    moved = {c: root(c) for c in list(parent) if root(c) != c}
-    if not moved:
-        return
-    con.register(
-        "_joins_arrow",
-        pa.table(
-            {"component": pa.array(list(moved), pa.int64()), "joined": pa.array(list(moved.values()), pa.int64())}
-        ),
-    )
-    con.execute("UPDATE _labels SET component = j.joined FROM _joins_arrow j WHERE _labels.component = j.component")
-    con.unregister("_joins_arrow")
+def join_components(t: Steps) -> bool:
+    """Table `_joined` (node: a component of `_labels`, component: the one its join decisions make
+    it part of), by the components algorithm identity's graph uses, on either engine; False
+    when no decision joins anything (then `_labels` stands as it is)."""
+    edges = t.table("_join_edges", JOIN_EDGES)
+    if not t.scalar(f"SELECT count(*) FROM {edges}"):
+        return False
+    components.label(t, "(SELECT DISTINCT component AS node FROM _labels)", edges, "_joined")
+    return True
 
 
 def table_exists_temp(con: duckdb.DuckDBPyConnection, name: str) -> bool:

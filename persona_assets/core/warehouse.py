@@ -46,6 +46,10 @@ class Scratch:
         self.con.execute(f'CREATE OR REPLACE TEMP TABLE "{name}" AS {select}', params)
         return self.adopt(name)
 
+    def scalar(self, select: str, params: dict | list | None = None):
+        """The one value a SELECT gives (a count an iterative step stops on)."""
+        return self.con.execute(select, params).fetchall()[0][0]
+
     def adopt(self, name: str) -> str:
         """Drop `name` with the rest (a temp table another function made for this step)."""
         if name not in self.names:
