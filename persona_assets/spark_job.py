@@ -62,6 +62,16 @@ def _ingest(spark, job: argparse.Namespace) -> dict:
     }
 
 
+def _identity(spark, job: argparse.Namespace) -> dict:
+    """identity_map, deduped_users, identity_guard and person_id_history from raw_events, with
+    deterministic links only: the settings must say `identity: {linkage: false}` (checked before
+    Spark starts), so no run silently links fewer people than the same settings would on DuckDB."""
+    from persona_assets.core.identity import resolve_on_spark
+
+    report = resolve_on_spark(spark, Path(job.warehouse), _stage_options(job.settings, "identity"))
+    return {"identifiers": report.identifiers, **report.counts}
+
+
 def _cleaning(spark, job: argparse.Namespace) -> dict:
     from persona_assets.core.cleaning import clean_on_spark
 
@@ -70,12 +80,21 @@ def _cleaning(spark, job: argparse.Namespace) -> dict:
 
 
 # In the graph's order; a stage reads what the ones before it wrote to the warehouse.
-STAGES = {"ingest": _ingest, "cleaning": _cleaning}
+STAGES = {"ingest": _ingest, "identity": _identity, "cleaning": _cleaning}
 
 
 def _executors(spark) -> int:
     """The executors the application holds now (the driver's own block manager not counted)."""
     return spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size() - 1
+
+
+def _refuse_before_starting(stages: list[str], job: argparse.Namespace) -> None:
+    """What would stop a stage half-way through the chain, said before Spark starts: identity's
+    settings must turn probabilistic linkage off (it runs on DuckDB only)."""
+    from persona_assets.core.identity import LINKAGE_ON_SPARK
+
+    if "identity" in stages and _stage_options(job.settings, "identity").linkage:
+        raise SystemExit(f"{job.settings or 'no --settings'}: {LINKAGE_ON_SPARK}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = args.stage or [stage for stage in STAGES if stage != "ingest" or args.landing]
     if "ingest" in stages and not args.landing:
         parser.error("--stage ingest needs --landing")
+    _refuse_before_starting(stages, args)
     from pyspark.sql import SparkSession
 
     spark = SparkSession.builder.appName("persona").config("spark.sql.session.timeZone", "UTC").getOrCreate()

@@ -21,12 +21,25 @@ import duckdb
 import pytest
 
 from persona_assets.core import cleaning
-from persona_assets.core.identity import resolve
+from persona_assets.core.identity import IdentityOptions, resolve
 from persona_assets.core.ingest import ingest
 from persona_assets.datagen import generate
 from persona_assets_tests.test_spark import KEYS, _read_parquet, assert_same_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]  # Spark's JVMs one group at a time
+
+# The tables before cleaning's, each with the columns that make a row's key.
+CHAIN = {
+    "raw_events": ["message_id"],
+    "identity_map": ["identifier_type", "identifier"],
+    "deduped_users": ["person_id"],
+}
+
+
+def _keyed(frame, key):
+    """The frame with one key column, `_key`, made of `key`'s columns (a table's own key may be several)."""
+    columns = [key] if isinstance(key, str) else key
+    return frame.assign(_key=frame[columns].astype(str).agg("\x1f".join, axis=1))
 
 
 def _free_port() -> int:
@@ -92,34 +105,39 @@ def cluster(tmp_path):
 def test_the_spark_application_on_a_standalone_cluster_gives_duckdbs_tables(cluster, tmp_path):
     master, ui, env = cluster
     generate(150, 11, tmp_path / "landing", "jsonl", people_per_file=75)
-    warehouse = tmp_path / "parquet"
+    settings = tmp_path / "persona.yaml"
+    settings.write_text("identity:\n  linkage: false\n")
     with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as con:
         ingest(con, tmp_path / "landing", b"k")
-        resolve(con)
-        for table in cleaning.SPARK_INPUTS:
-            (warehouse / table).mkdir(parents=True)
-            con.execute(f"COPY {table} TO '{warehouse / table / 'part-0.parquet'}' (FORMAT parquet)")
+        resolve(con, IdentityOptions(linkage=False), full=True)
         cleaning.clean(con, cleaning.CleaningOptions(), full=True)
-        duck = {table: con.execute(f"SELECT * FROM {table}").df() for table in KEYS}
-        events = con.execute("SELECT * FROM raw_events").df()
+        duck = {table: con.execute(f"SELECT * FROM {table}").df() for table in [*KEYS, *CHAIN]}
 
+    # The whole chain on the cluster, from the landing files to cleaned_users: nothing from DuckDB.
+    warehouse = tmp_path / "parquet"
     job = Path(cleaning.__file__).parents[1] / "spark_job.py"
     cmd = [_spark_bin("spark-submit"), "--master", master, "--conf", "spark.executor.memory=512m"]
-    cmd += ["--conf", "spark.ui.enabled=false", "--conf", "spark.sql.shuffle.partitions=4"]
-    # Ingest on the cluster first (it replaces the raw_events exported above), then cleaning.
-    args = [str(job), "--warehouse", str(warehouse), "--landing", str(tmp_path / "landing")]
-    done = subprocess.run([*cmd, *args], env={**env, "PERSONA_HASH_KEY": "k"}, capture_output=True, text=True)
+    cmd += ["--conf", "spark.ui.enabled=false", "--conf", "spark.sql.shuffle.partitions=4", str(job)]
+    cmd += ["--warehouse", str(warehouse), "--landing", str(tmp_path / "landing"), "--settings", str(settings)]
+    done = subprocess.run(cmd, env={**env, "PERSONA_HASH_KEY": "k"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["master"] == master and report["executors"] == 2, report
-    assert list(report["stages"]) == ["ingest", "cleaning"]
-    assert report["stages"]["ingest"]["rows"]["raw_events"] == len(events)
+    assert list(report["stages"]) == ["ingest", "identity", "cleaning"]
+    assert report["stages"]["ingest"]["rows"]["raw_events"] == len(duck["raw_events"])
+    assert report["stages"]["identity"]["rows"]["identity_map"] == len(duck["identity_map"])
     assert report["stages"]["cleaning"]["rows"] == {table: len(duck[table]) for table in KEYS}
-    assert_same_table(events, _read_parquet(warehouse / "raw_events"), "message_id")
-    for table, key in KEYS.items():
-        assert_same_table(duck[table], _read_parquet(warehouse / table), key)
+    for table, key in {**CHAIN, **KEYS}.items():
+        assert_same_table(_keyed(duck[table], key), _keyed(_read_parquet(warehouse / table), key), "_key")
     # The master ran it: one finished application, which had cores on both workers.
     _wait(lambda: len(_master_state(ui)["completedapps"]) == 1, 30, "the application to be finished")
     state = _master_state(ui)
     assert [app["name"] for app in state["completedapps"]] == ["persona"], state["completedapps"]
     assert all(worker["coresused"] == 0 and worker["state"] == "ALIVE" for worker in state["workers"])
+
+
+def test_identity_on_the_spark_application_needs_linkage_off_and_says_so(tmp_path):
+    from persona_assets.spark_job import main
+
+    with pytest.raises(SystemExit, match="set identity.linkage: false to run identity on Spark"):
+        main(["--warehouse", str(tmp_path), "--stage", "identity"])
