@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -119,7 +120,7 @@ def test_engine_spark_is_refused_at_startup_naming_what_runs(tmp_path, persona_h
     assert "Traceback" not in proc.stderr
     settings = tmp_path / "persona.yaml"
     settings.write_text("engine: spark\n")
-    with pytest.raises(SettingsError, match=f"{running}; see docs/scaling.md"):
+    with pytest.raises(SettingsError, match=re.escape(f"{running}; see docs/scaling.md")):
         load_settings(settings)
     settings.write_text("engine:\n  name: duckdb\n  spark_master: local[2]\n")
     assert load_settings(settings)["engine"]["name"] == "duckdb"
