@@ -81,6 +81,12 @@ def _cleaning(spark, job: argparse.Namespace) -> dict:
 
 # In the graph's order; a stage reads what the ones before it wrote to the warehouse.
 STAGES = {"ingest": _ingest, "identity": _identity, "cleaning": _cleaning}
+INPUTS = {"ingest": (), "identity": ("raw_events",), "cleaning": ("raw_events", "identity_map", "deduped_users")}
+OUTPUTS = {
+    "ingest": ("raw_events", "quarantined_events", "ingest_files"),
+    "identity": ("identity_map", "deduped_users", "identity_guard", "person_id_history"),
+    "cleaning": ("sessions", "cleaned_users"),
+}
 
 
 def _executors(spark) -> int:
@@ -95,6 +101,17 @@ def _refuse_before_starting(stages: list[str], job: argparse.Namespace) -> None:
 
     if "identity" in stages and _stage_options(job.settings, "identity").linkage:
         raise SystemExit(f"{job.settings or 'no --settings'}: {LINKAGE_ON_SPARK}")
+    if job.landing and not Path(job.landing).is_dir():
+        raise SystemExit(f"--landing {job.landing}: no such folder")
+    made: set[str] = set()
+    for stage in sorted(stages, key=list(STAGES).index):
+        missing = [t for t in INPUTS[stage] if t not in made and not (Path(job.warehouse) / t).is_dir()]
+        if missing:
+            raise SystemExit(
+                f"{stage} reads {', '.join(missing)} from the warehouse {job.warehouse}, which has no such "
+                "table: run the stages before it (or pass --landing to start from the landing files)"
+            )
+        made.update(OUTPUTS[stage])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,3 +144,18 @@ def test_the_spark_application_takes_a_stages_settings_and_refuses_bad_ones_plai
     bad.write_text("cleaning: [1\n")
     with pytest.raises(SystemExit, match="not a readable YAML file"):
         _stage_options(bad, "cleaning")
+
+
+def test_the_spark_application_says_what_a_stage_lacks_before_spark_starts(tmp_path):
+    from persona_assets.spark_job import main
+
+    settings = tmp_path / "persona.yaml"
+    settings.write_text("identity:\n  linkage: false\n")
+    warehouse = ["--warehouse", str(tmp_path / "parquet"), "--settings", str(settings)]
+    with pytest.raises(SystemExit, match="cleaning reads raw_events, identity_map, deduped_users from the warehouse"):
+        main([*warehouse, "--stage", "cleaning"])
+    (tmp_path / "parquet" / "raw_events").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="cleaning reads identity_map, deduped_users from"):
+        main([*warehouse, "--stage", "cleaning"])
+    with pytest.raises(SystemExit, match="no such folder"):
+        main([*warehouse, "--landing", str(tmp_path / "nowhere")])
