@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ def _ingest(spark, job: argparse.Namespace) -> dict:
     from persona_assets.core.ingest_spark import SparkIngestRefused, ingest_on_spark
     from persona_assets.core.pii import load_key
 
-    key = load_key(Path(job.home) if job.home else Path.cwd())
+    key = load_key(Path(job.home or "."))  # PERSONA_HASH_KEY first; without it --home is required (checked)
     try:
         report = ingest_on_spark(
             spark, Path(job.landing), Path(job.warehouse), key, _stage_options(job.settings, "ingest")
@@ -98,9 +99,13 @@ def _refuse_before_starting(stages: list[str], job: argparse.Namespace) -> None:
     """What would stop a stage half-way through the chain, said before Spark starts: identity's
     settings must turn probabilistic linkage off (it runs on DuckDB only)."""
     from persona_assets.core.identity import LINKAGE_ON_SPARK
+    from persona_assets.core.pii import KEY_ENV
 
     if "identity" in stages and _stage_options(job.settings, "identity").linkage:
         raise SystemExit(f"{job.settings or 'no --settings'}: {LINKAGE_ON_SPARK}")
+    if "ingest" in stages and not (job.home or os.environ.get(KEY_ENV)):
+        # A key made up here would hash identifiers unlike the installation's: no one could be found.
+        raise SystemExit(f"ingest hashes identifiers with the installation's key: set {KEY_ENV} or pass --home")
     if job.landing and not Path(job.landing).is_dir():
         raise SystemExit(f"--landing {job.landing}: no such folder")
     made: set[str] = set()

@@ -146,8 +146,10 @@ def test_the_spark_application_takes_a_stages_settings_and_refuses_bad_ones_plai
         _stage_options(bad, "cleaning")
 
 
-def test_the_spark_application_says_what_a_stage_lacks_before_spark_starts(tmp_path):
+def test_the_spark_application_says_what_a_stage_lacks_before_spark_starts(tmp_path, monkeypatch):
     from persona_assets.spark_job import main
+
+    monkeypatch.delenv("PERSONA_HASH_KEY", raising=False)
 
     settings = tmp_path / "persona.yaml"
     settings.write_text("identity:\n  linkage: false\n")
@@ -157,5 +159,7 @@ def test_the_spark_application_says_what_a_stage_lacks_before_spark_starts(tmp_p
     (tmp_path / "parquet" / "raw_events").mkdir(parents=True)
     with pytest.raises(SystemExit, match="cleaning reads identity_map, deduped_users from"):
         main([*warehouse, "--stage", "cleaning"])
+    with pytest.raises(SystemExit, match="set PERSONA_HASH_KEY or pass --home"):
+        main([*warehouse, "--landing", str(tmp_path)])
     with pytest.raises(SystemExit, match="no such folder"):
-        main([*warehouse, "--landing", str(tmp_path / "nowhere")])
+        main([*warehouse, "--landing", str(tmp_path / "nowhere"), "--home", str(tmp_path)])
