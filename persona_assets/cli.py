@@ -154,6 +154,18 @@ def use_settings(path: str | None) -> int:
     return 0
 
 
+def engine_options(home: Path):
+    """The engine settings of the home's settings file (the defaults when it has none or cannot be read:
+    the command that reads it for a run says what is wrong)."""
+    from persona_assets.core.engine import EngineOptions
+    from persona_assets.settings import EngineConfig, SettingsError, load_settings, settings_path
+
+    try:
+        return EngineConfig(**load_settings(settings_path(home)).get("engine", {})).options()
+    except SettingsError:
+        return EngineOptions()
+
+
 def snapshot_totals() -> tuple[int, int] | None:
     """(files, lines read) the snapshot counts so far, or None when there is no snapshot yet."""
     from persona_assets.core.publish import open_snapshot
@@ -190,6 +202,10 @@ def summary(before: tuple[int, int] | None = None) -> str:
             "SELECT id || ' ' || name || ' (' || round(100 * share) || '%)' FROM segment_catalog "
             "WHERE level = 'segment' ORDER BY people DESC"
         ).fetchall()
+        stamped = con.execute(
+            "SELECT count(*) FROM duckdb_columns() WHERE table_name = 'snapshot_info' AND column_name = 'engine'"
+        ).fetchall()[0][0]
+        engine = con.execute("SELECT engine FROM snapshot_info").fetchall()[0][0] if stamped else "duckdb"
     if before is None:
         this_run = []
     elif files == before[0]:
@@ -199,6 +215,8 @@ def summary(before: tuple[int, int] | None = None) -> str:
     return "\n".join(
         [
             *this_run,
+            f"Built on:           {engine}"
+            + (" (the event-scale stages; the rest on DuckDB)" if engine != "duckdb" else ""),
             "Totals in the snapshot (every run so far):",
             f"Files ingested:     {files}",
             f"Lines read:         {lines or 0}",
@@ -802,7 +820,7 @@ def _forget_redis(home: Path, skip: bool):
 def cmd_forget(args: argparse.Namespace) -> int:
     from persona_assets import stream
     from persona_assets.assets.serving import INDEXED, published_tables
-    from persona_assets.core import erasure
+    from persona_assets.core import erasure, spark_stages
     from persona_assets.core.pii import load_key
     from persona_assets.core.publish import publish_snapshot, spare_path
 
@@ -816,6 +834,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         return forget_plan(path, key, args.who, args.wait)
     client, server = _forget_redis(home, args.skip_redis)
     done = []  # (who, report, Redis counts)
+    parquet: list[str] = []  # Spark's Parquet tables rewritten
     try:
         con = _writer(path, args.wait)
         try:
@@ -824,10 +843,16 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 hot = stream.forget(client, key, report) if client is not None else None
                 erasure.erase(con, key, report, home / "landing")
                 done.append((who, report, hot))
+            # Spark's Parquet warehouse (engine: spark, now or before): the same people gone from it.
+            engine = engine_options(home)
+            touched = {"ingest_files", *(t for _, report, _ in done for t in report.rows)}
+            parquet = spark_stages.forget_in_parquet(con, engine.warehouse(home), touched)
             snapshot = home / "serving" / "persona.duckdb"
             spare_path(snapshot).unlink(missing_ok=True)  # an older snapshot, kept for the next publish
             if snapshot.exists():  # written afresh: no copy of the old file, so no old rows in its free blocks
-                publish_snapshot(con, snapshot, published_tables(con), run_id="forget", indexes=INDEXED)
+                publish_snapshot(
+                    con, snapshot, published_tables(con), run_id="forget", indexes=INDEXED, engine=engine.name
+                )
         finally:
             con.close()
     finally:
@@ -854,6 +879,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
             print(
                 f"  Redis: {hot['hot_keys']} hot keys, {hot['stream_entries']} stream entries, {hot['seen']} messageIds"
             )
+    if parquet:
+        print(f"Spark's Parquet warehouse: {', '.join(parquet)} rewritten without them.")
     if not args.no_compact:
         print(f"Warehouse compacted ({saved / 1e6:.1f} MB freed); snapshot republished.")
     print("Later events for these identifiers are suppressed until one arrives with personalization consent.")

@@ -11,8 +11,8 @@ import dagster as dg
 from persona_assets import automation, schedules
 from persona_assets.assets import audiences, cleaning, identity, ingest, profiles, segments, serving
 from persona_assets.checks import CONTRACTS, column_schema
-from persona_assets.resources import PersonaHome, ServingPublisher, warehouse_resource
-from persona_assets.settings import CONFIG_ENV, persona_home
+from persona_assets.resources import PersonaHome, ServingPublisher, spark_resource, warehouse_resource
+from persona_assets.settings import CONFIG_ENV, SettingsError, persona_home
 
 
 def build_definitions(
@@ -56,10 +56,24 @@ def build_definitions(
             "persona": persona,
             "warehouse": warehouse_resource(persona),
             "serving": ServingPublisher(path=str(persona.serving_path)),
+            # Lazy: no JVM starts unless a stage runs on Spark (`engine: spark`).
+            "spark": spark_resource(_engine(persona)),
         },
         # One DuckDB writer at a time; in-process is also the fast choice on small machines.
         executor=dg.in_process_executor,
     )
+
+
+def _engine(persona: PersonaHome):
+    """The engine settings when Dagster loads the code (the Spark session's master and settings;
+    a run reads `engine.name` again). A settings file with a mistake is said by the run that reads
+    it, not by the code location failing to load."""
+    from persona_assets.core.engine import EngineOptions
+
+    try:
+        return persona.engine()
+    except SettingsError:
+        return EngineOptions()
 
 
 OWNERS = ["team:persona"]

@@ -59,6 +59,17 @@ class PersonaHome(dg.ConfigurableResource):
     def hash_key(self) -> bytes:
         return load_key(self.root)
 
+    def engine(self) -> EngineOptions:
+        """Which engine runs the event-scale stages (the settings file's `engine`, read at each run)."""
+        from persona_assets.settings import EngineConfig
+
+        return EngineConfig(**self.settings().get("engine", {})).options()
+
+    @property
+    def spark_warehouse(self) -> Path:
+        """Where Spark's Parquet tables live under `engine: spark`."""
+        return self.engine().warehouse(self.root)
+
 
 class ServingPublisher(dg.ConfigurableResource):
     """Publishes the read-only serving snapshot next to the warehouse, atomically."""
@@ -72,8 +83,11 @@ class ServingPublisher(dg.ConfigurableResource):
         run_id: str | None = None,
         append: dict | None = None,
         indexes: dict | None = None,
+        engine: str = "duckdb",
     ) -> dict:
-        return publish_snapshot(con, Path(self.path), tables, run_id=run_id, append=append, indexes=indexes)
+        return publish_snapshot(
+            con, Path(self.path), tables, run_id=run_id, append=append, indexes=indexes, engine=engine
+        )
 
 
 def warehouse_resource(home: PersonaHome) -> DuckDBResource:

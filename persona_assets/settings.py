@@ -274,7 +274,8 @@ def load_settings(path: Path | None) -> dict:
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise SettingsError(f"{path}: {section}: {plain_errors(exc)}") from None
         out[section] = dict(values)
-    refused = refuse_partial(EngineConfig(**out.get("engine", {})).options())
+    linkage = IdentityConfig(**out.get("identity", {})).options().linkage
+    refused = refuse_partial(EngineConfig(**out.get("engine", {})).options(), linkage)
     if refused:
         raise SettingsError(f"{path}: {refused}")
     return out

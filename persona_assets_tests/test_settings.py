@@ -12,7 +12,6 @@ import dagster as dg
 import duckdb
 import pytest
 
-from persona_assets.core.engine import SPARK_STAGES
 from persona_assets.definitions import build_definitions
 from persona_assets.settings import (
     CleaningConfig,
@@ -112,16 +111,18 @@ def test_every_run_reads_the_file_of_its_home(persona_home):
     assert reasons == [("timestamp_out_of_range",)], "the file's min_event_at applied"
 
 
-def test_engine_spark_is_refused_at_startup_naming_what_runs(tmp_path, persona_home):
+def test_engine_spark_with_linkage_on_is_refused_at_startup_saying_what_to_set(tmp_path, persona_home):
     (persona_home / "persona.yaml").write_text("engine: spark\n")
     proc = cli(persona_home, "run")
-    running = f"engine: spark runs only {', '.join(SPARK_STAGES)} so far"
-    assert proc.returncode == 2 and running in proc.stderr
+    said = "engine: spark runs identity without probabilistic linkage: add `identity: {linkage: false}`"
+    assert proc.returncode == 2 and said in proc.stderr
     assert "Traceback" not in proc.stderr
     settings = tmp_path / "persona.yaml"
     settings.write_text("engine: spark\n")
-    with pytest.raises(SettingsError, match=re.escape(f"{running}; see docs/scaling.md")):
+    with pytest.raises(SettingsError, match=re.escape(said)):
         load_settings(settings)
+    settings.write_text("engine: spark\nidentity:\n  linkage: false\n")
+    assert load_settings(settings)["engine"] == {"name": "spark"}
     settings.write_text("engine:\n  name: duckdb\n  spark_master: local[2]\n")
     assert load_settings(settings)["engine"]["name"] == "duckdb"
     settings.write_text("engine: flink\n")

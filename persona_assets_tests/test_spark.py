@@ -126,6 +126,15 @@ def _plain(value):
     return None if pd.isna(value) else value
 
 
+def _equal(x, y) -> bool:
+    """Plain cells equal, floats (also inside lists and maps) to 1e-9."""
+    if isinstance(x, float) and isinstance(y, float):
+        return abs(x - y) <= 1e-9
+    if isinstance(x, list | tuple) and isinstance(y, list | tuple):
+        return len(x) == len(y) and all(_equal(a, b) for a, b in zip(x, y))
+    return x == y
+
+
 def assert_same_table(duck: pd.DataFrame, spark: pd.DataFrame, key: str) -> None:
     """Same columns and types, same keys, every value equal (floats to 1e-9), NULL where NULL."""
     assert list(spark.columns) == list(duck.columns)
@@ -140,7 +149,7 @@ def assert_same_table(duck: pd.DataFrame, spark: pd.DataFrame, key: str) -> None
             both = a.notna()
             assert np.allclose(a[both], b[both], rtol=0, atol=1e-9), f"{column}: values differ beyond 1e-9"
         else:
-            mismatched = [k for k, x, y in zip(a.index, a, b) if _plain(x) != _plain(y)]
+            mismatched = [k for k, x, y in zip(a.index, a, b) if not _equal(_plain(x), _plain(y))]
             assert not mismatched, f"{column}: {len(mismatched)} differ, e.g. {mismatched[:3]}"
 
 

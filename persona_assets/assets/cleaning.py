@@ -3,10 +3,12 @@
 import dagster as dg
 import pandas as pd
 from dagster_duckdb import DuckDBResource
+from dagster_pyspark import LazyPySparkResource
 
 from persona_assets.automation import EAGER, full_refresh
 from persona_assets.checks import contract_check, frame_md, sql_check, stage_metadata
 from persona_assets.contracts import CleanedUsers, Sessions
+from persona_assets.core import spark_stages
 from persona_assets.core.cleaning import OUTLIER_FEATURES, clean
 from persona_assets.resources import PersonaHome
 from persona_assets.settings import CleaningConfig
@@ -36,10 +38,20 @@ GROUP = "cleaning"
     pool="duckdb",
 )
 def clean_users(
-    context: dg.AssetExecutionContext, config: CleaningConfig, warehouse: DuckDBResource, persona: PersonaHome
+    context: dg.AssetExecutionContext,
+    config: CleaningConfig,
+    warehouse: DuckDBResource,
+    persona: PersonaHome,
+    spark: LazyPySparkResource,
 ):
+    engine = persona.engine()
     with warehouse.get_connection() as con:
-        result = clean(con, persona.options(config), full=full_refresh(context, config))
+        if engine.name == "spark":
+            result = spark_stages.cleaning(
+                con, spark.spark_session, engine.warehouse(persona.root), persona.options(config)
+            )
+        else:
+            result = clean(con, persona.options(config), full=full_refresh(context, config))
         quality = con.execute(
             """SELECT count(*) AS people, count(*) FILTER (WHERE is_sparse) AS sparse,
                       count(*) FILTER (WHERE is_bot) AS bots, count(*) FILTER (WHERE has_long_session) AS long_sessions,
@@ -62,6 +74,7 @@ def clean_users(
         asset_key="cleaned_users",
         metadata={
             **stage_metadata(result),
+            "engine": engine.name,
             "quality": frame_md(quality),
             "outliers_per_feature": dg.MetadataValue.md(
                 outliers.to_markdown(index=False) if len(outliers) else "_none_"

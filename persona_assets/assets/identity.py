@@ -5,6 +5,7 @@ import json
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
+from dagster_pyspark import LazyPySparkResource
 
 from persona_assets.automation import EAGER, full_refresh
 from persona_assets.checks import contract_check, frame_md, markdown, sql_check, stage_metadata
@@ -16,7 +17,7 @@ from persona_assets.contracts import (
     IdentityPii,
     PersonIdHistory,
 )
-from persona_assets.core import linkage
+from persona_assets.core import linkage, spark_stages
 from persona_assets.core.identity import resolve
 from persona_assets.resources import PersonaHome
 from persona_assets.settings import IdentityConfig
@@ -55,16 +56,26 @@ def _spec(name: str, description: str, kinds: frozenset = frozenset({"duckdb"}))
     pool="duckdb",
 )
 def resolve_identities(
-    context: dg.AssetExecutionContext, config: IdentityConfig, warehouse: DuckDBResource, persona: PersonaHome
+    context: dg.AssetExecutionContext,
+    config: IdentityConfig,
+    warehouse: DuckDBResource,
+    persona: PersonaHome,
+    spark: LazyPySparkResource,
 ):
+    engine = persona.engine()
     with warehouse.get_connection() as con:
-        report = resolve(
-            con,
-            persona.options(config),
-            run_id=context.run_id,
-            full=full_refresh(context, config),
-            retrain_linkage=config.retrain_linkage,
-        )
+        if engine.name == "spark":
+            report = spark_stages.identity(
+                con, spark.spark_session, engine.warehouse(persona.root), persona.options(config), context.run_id
+            )
+        else:
+            report = resolve(
+                con,
+                persona.options(config),
+                run_id=context.run_id,
+                full=full_refresh(context, config),
+                retrain_linkage=config.retrain_linkage,
+            )
         link_rows = con.execute(
             "SELECT status, count(*) AS links, round(avg(match_probability), 4) AS mean_probability "
             "FROM identity_links GROUP BY 1 ORDER BY 1"
@@ -90,6 +101,7 @@ def resolve_identities(
         asset_key="deduped_users",
         metadata={
             **stage_metadata(report),
+            "engine": engine.name,
             "identifiers_in": report.identifiers,
             "people_out": report.people,
             "people_with_several_anonymous_ids": report.multi_identifier_people,

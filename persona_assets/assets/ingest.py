@@ -2,10 +2,12 @@
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
+from dagster_pyspark import LazyPySparkResource
 
 from persona_assets.automation import unread_files
 from persona_assets.checks import contract_check, frame_md, sql_check
 from persona_assets.contracts import HEX64, IngestFiles, QuarantinedEvents, RawEvents
+from persona_assets.core import spark_stages
 from persona_assets.core.ingest import ingest
 from persona_assets.resources import PersonaHome
 from persona_assets.settings import IngestConfig
@@ -40,7 +42,11 @@ GROUP = "ingest"
     pool="duckdb",
 )
 def ingest_landing(
-    context: dg.AssetExecutionContext, config: IngestConfig, persona: PersonaHome, warehouse: DuckDBResource
+    context: dg.AssetExecutionContext,
+    config: IngestConfig,
+    persona: PersonaHome,
+    warehouse: DuckDBResource,
+    spark: LazyPySparkResource,
 ):
     """Reads every new complete file in PERSONA_HOME/landing (or the files the config names).
 
@@ -48,10 +54,23 @@ def ingest_landing(
     nothing, so automation downstream is not woken for nothing.
     """
     only = set(config.files) or None
+    engine = persona.engine()
     with warehouse.get_connection() as con:
-        report = ingest(
-            con, persona.landing, persona.hash_key(), persona.options(config), run_id=context.run_id, only=only
-        )
+        if engine.name == "spark":
+            report = spark_stages.ingest(
+                con,
+                spark.spark_session,
+                engine.warehouse(persona.root),
+                persona.landing,
+                persona.hash_key(),
+                persona.options(config),
+                run_id=context.run_id,
+                only=only,
+            )
+        else:
+            report = ingest(
+                con, persona.landing, persona.hash_key(), persona.options(config), run_id=context.run_id, only=only
+            )
         if only and not report.files:
             context.log.info(f"Already ingested, nothing new: {', '.join(sorted(only))}")
             return
@@ -91,6 +110,7 @@ def ingest_landing(
         asset_key="raw_events",
         metadata={
             "dagster/row_count": totals[0],
+            "engine": engine.name,
             "new_files": len(report.files),
             "skipped_files": len(report.skipped),
             "files_not_read": dg.MetadataValue.md(

@@ -27,7 +27,7 @@ from persona_assets.contracts import (
     UserProfiles,
     columns,
 )
-from persona_assets.resources import ServingPublisher
+from persona_assets.resources import PersonaHome, ServingPublisher
 
 # What users may query: each contract's published columns (restricted ones stay behind).
 PUBLISHED = {
@@ -114,12 +114,18 @@ def published_tables(con=None) -> dict[str, str]:
     pool="duckdb",
     description="serving/persona.duckdb: a read-only snapshot of the published tables, swapped in atomically.",
 )
-def serving_snapshot(context: dg.AssetExecutionContext, warehouse: DuckDBResource, serving: ServingPublisher):
+def serving_snapshot(
+    context: dg.AssetExecutionContext, warehouse: DuckDBResource, serving: ServingPublisher, persona: PersonaHome
+):
+    engine = persona.engine().name
     with warehouse.get_connection() as con:
-        counts = serving.publish(con, published_tables(con), run_id=context.run_id, append=APPEND_ONLY, indexes=INDEXED)
+        counts = serving.publish(
+            con, published_tables(con), run_id=context.run_id, append=APPEND_ONLY, indexes=INDEXED, engine=engine
+        )
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(serving.path),
+            "engine": engine,
             "tables": dg.MetadataValue.md("\n".join(f"- `{t}`: {n} rows" for t, n in counts.items())),
             "example_query": dg.MetadataValue.md(
                 '```\npersona query "SELECT segment_name, count(*) FROM user_profiles GROUP BY 1"\npersona sql\n```'

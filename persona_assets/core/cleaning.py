@@ -564,31 +564,36 @@ def clean(con: duckdb.DuckDBPyConnection, opts: CleaningOptions | None = None, f
     )
 
 
+# The fences in force, in each feature's own units, with how many they flag (on either engine).
+PERSON_FENCES = """SELECT feature, fitted_on, round(exp(center) - 1, 2) AS typical, round(exp(lo) - 1, 2) AS low_fence,
+       round(exp(hi) - 1, 2) AS high_fence,
+       (SELECT count(*) FROM cleaned_users WHERE list_contains(outlier_flags, feature)) AS flagged,
+       CASE WHEN fitted_on = 0 THEN 'nobody has any: flags nobody'
+            WHEN coalesce(spread, 0) = 0 THEN 'no spread: flags nobody'
+            ELSE 'fitted on people with behaviour and a nonzero value; zeros never flagged' END AS note
+FROM _fences ORDER BY feature"""
+SESSION_FENCES = """SELECT 'session duration_seconds' AS feature, fitted_on, round(exp(long_hi) - 1, 2) AS high_fence,
+       (SELECT count(*) FROM sessions WHERE is_long) AS flagged,
+       'is_long: at least ' || $hours || ' h, or above the fence' AS note
+FROM _session_fences
+UNION ALL
+SELECT 'session events_per_minute', fitted_on, round(exp(burst_hi) - 1, 2),
+       (SELECT count(*) FROM sessions WHERE is_burst),
+       'is_burst: above the fence with at least ' || $burst_min || ' events'
+FROM _session_fences"""
+
+
+def _fence_params(opts: CleaningOptions) -> dict:
+    return {"hours": opts.long_session_hours, "burst_min": opts.burst_min_events}
+
+
 def fence_report(con: duckdb.DuckDBPyConnection, opts: CleaningOptions) -> list[dict]:
-    """The fences in force, in each feature's own units, with how many they flag (for the
-    asset's metadata: a reader sees where each line was drawn and why none was)."""
-    people = con.execute(
-        """SELECT feature, fitted_on, round(exp(center) - 1, 2) AS typical, round(exp(lo) - 1, 2) AS low_fence,
-                  round(exp(hi) - 1, 2) AS high_fence,
-                  (SELECT count(*) FROM cleaned_users WHERE list_contains(outlier_flags, feature)) AS flagged,
-                  CASE WHEN fitted_on = 0 THEN 'nobody has any: flags nobody'
-                       WHEN coalesce(spread, 0) = 0 THEN 'no spread: flags nobody'
-                       ELSE 'fitted on people with behaviour and a nonzero value; zeros never flagged' END AS note
-           FROM _fences"""
-    ).df()
-    sessions = con.execute(
-        """SELECT 'session duration_seconds' AS feature, fitted_on, round(exp(long_hi) - 1, 2) AS high_fence,
-                  (SELECT count(*) FROM sessions WHERE is_long) AS flagged,
-                  'is_long: at least ' || $hours || ' h, or above the fence' AS note
-           FROM _session_fences
-           UNION ALL
-           SELECT 'session events_per_minute', fitted_on, round(exp(burst_hi) - 1, 2),
-                  (SELECT count(*) FROM sessions WHERE is_burst),
-                  'is_burst: above the fence with at least ' || $burst_min || ' events'
-           FROM _session_fences""",
-        {"hours": opts.long_session_hours, "burst_min": opts.burst_min_events},
-    ).df()
-    rows = people.to_dict("records") + sessions.to_dict("records")
+    """The fences in force (for the asset's metadata: a reader sees where each line was drawn and why none was)."""
+    return _fence_rows([con.execute(PERSON_FENCES).df(), con.execute(SESSION_FENCES, _fence_params(opts)).df()])
+
+
+def _fence_rows(frames: list) -> list[dict]:
+    rows = [row for frame in frames for row in frame.to_dict("records")]
     return [{k: (None if v != v else v) for k, v in row.items()} for row in rows]
 
 
@@ -601,8 +606,8 @@ def clean_on_spark(spark: SparkSession, warehouse: Path, opts: CleaningOptions |
     `warehouse` (raw_events, identity_map, deduped_users), with the statements `clean` runs on
     DuckDB, compiled by `engine.to_spark`; the results are written there as Parquet.
 
-    Full builds only so far: the incremental path reads and splices DuckDB tables. The fences'
-    report (asset metadata) is not made on Spark yet.
+    Full builds only (the incremental path reads and splices DuckDB tables); a full build gives
+    the rows an incremental one would. The fences' report is made on Spark too.
     """
     opts = opts or CleaningOptions()
     t = SparkTables(spark, warehouse)
@@ -614,6 +619,11 @@ def clean_on_spark(spark: SparkSession, warehouse: Path, opts: CleaningOptions |
         params = parameters(opts, t.query(DATA_AS_OF).collect()[0][0])
         _stage_rows(t, opts, FULL_SOURCES, params)
         counts = {table: t.write(model, table, sql, params) for model, table, sql in results()}
+        fences = _fence_rows(
+            [t.query(PERSON_FENCES).toPandas(), t.query(SESSION_FENCES, _fence_params(opts)).toPandas()]
+        )
     finally:
         t.drop()
-    return CleaningResult(mode="full", why="Spark builds in full", people=counts["cleaned_users"], counts=counts)
+    return CleaningResult(
+        mode="full", why="Spark builds in full", people=counts["cleaned_users"], counts=counts, fences=fences
+    )

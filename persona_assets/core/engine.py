@@ -54,8 +54,8 @@ if TYPE_CHECKING:  # pyspark is imported only by the Spark path
     from pyspark.sql import DataFrame, SparkSession
 
 ENGINES = ("duckdb", "spark")
-# The stages that run on Spark so far; `engine: spark` is refused until every stage from the
-# landing files on does (a partial run would leave half the tables where the next stage cannot read them).
+# The stages that run on Spark under `engine: spark` (`core/spark_stages.py`); the person-level
+# stages after them run on DuckDB over what they wrote.
 SPARK_STAGES = ("ingest (JSONL files)", "identity (without linkage)", "cleaning")
 
 
@@ -92,10 +92,14 @@ class EngineOptions:
         }
 
 
-def refuse_partial(options: EngineOptions) -> str | None:
-    """Why a run cannot start on this engine yet (None: it can)."""
-    if options.name == "spark":
-        return f"engine: spark runs only {', '.join(SPARK_STAGES)} so far; see docs/scaling.md"
+def refuse_partial(options: EngineOptions, linkage: bool) -> str | None:
+    """Why a run cannot start on this engine (None: it can): on Spark, identity links people by the
+    identifiers they share; probabilistic linkage (on by default) runs on DuckDB only."""
+    if options.name == "spark" and linkage:
+        return (
+            "engine: spark runs identity without probabilistic linkage: add `identity: {linkage: false}` "
+            "to the settings, or use engine: duckdb (see docs/scaling.md)"
+        )
     return None
 
 

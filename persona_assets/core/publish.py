@@ -94,8 +94,10 @@ def publish_snapshot(
     run_id: str | None = None,
     append: dict[str, str] | None = None,
     indexes: dict[str, str] | None = None,
+    engine: str = "duckdb",
 ) -> dict[str, int]:
-    """Write each `name -> SELECT` into a new file, then rename it over `path`.
+    """Write each `name -> SELECT` into a new file, then rename it over `path` (`engine`: which
+    engine built the event-scale tables, said in `snapshot_info`).
 
     Table names are Persona's own; the SELECTs run on the warehouse connection `con`.
     `append` names append-only tables and their ever-growing key (`raw_events: batch_id`):
@@ -118,7 +120,7 @@ def publish_snapshot(
             name: _write_table(con, name, select, append.get(name) if name in existing else None, indexes.get(name))
             for name, select in tables.items()
         }
-        _stamp(con, run_id, list(tables))
+        _stamp(con, run_id, list(tables), engine)
     except BaseException:
         con.execute("DETACH _snapshot")
         tmp.unlink(missing_ok=True)
@@ -184,13 +186,14 @@ def _write_table(con: duckdb.DuckDBPyConnection, name: str, select: str, key: st
     return con.execute(f'SELECT count(*) FROM _snapshot."{name}"').fetchall()[0][0]
 
 
-def _stamp(con: duckdb.DuckDBPyConnection, run_id: str | None, tables: list[str]) -> None:
-    """`snapshot_info`: when the snapshot was published, by which run, with which tables; then on disk."""
+def _stamp(con: duckdb.DuckDBPyConnection, run_id: str | None, tables: list[str], engine: str) -> None:
+    """`snapshot_info`: when the snapshot was published, by which run and engine, with which tables;
+    then on disk."""
     con.execute("DROP TABLE IF EXISTS _snapshot.snapshot_info")
     con.execute(
         "CREATE TABLE _snapshot.snapshot_info AS SELECT ?::TIMESTAMP AS published_at, ?::VARCHAR AS run_id, "
-        "?::VARCHAR[] AS tables",
-        [datetime.now(UTC).replace(tzinfo=None), run_id, tables],
+        "?::VARCHAR[] AS tables, ?::VARCHAR AS engine",
+        [datetime.now(UTC).replace(tzinfo=None), run_id, tables, engine],
     )
     con.execute("CHECKPOINT _snapshot")
 

@@ -1,0 +1,248 @@
+"""`engine: spark`: the event-scale stages run on Spark over the Parquet warehouse, and what they
+write is carried into the DuckDB warehouse, where the person-level stages, the contracts'
+checks, the serving snapshot and every command read it as they do under `engine: duckdb`.
+
+The Parquet warehouse (`engine.spark_warehouse`, one folder a table) is where Spark's stages
+read their inputs and write their results: raw_events and the ledger from ingest, the
+identity tables, sessions and cleaned_users, category_scores. After a Spark stage has written
+its tables, `carry` replaces the DuckDB copies of them in one transaction, with the stage's
+refresh record, so a run killed half-way leaves the DuckDB warehouse as it was and the next
+run carries the whole stage again. Tables that only grow (raw_events, quarantined_events,
+ingest_files, by batch_id) take only their new batches.
+
+What DuckDB holds that Spark's stages read goes the other way before they run (`hand_over`):
+the persona merge / unmerge decisions and the erasure log. `persona forget` deletes a person
+from both warehouses (`forget_in_parquet`); a forget killed between the two is finished by the
+next Spark stage, which finds the erasure log ahead of the Parquet warehouse's copy.
+
+Why copy into DuckDB and not read the Parquet tables in place: the person-level stages splice
+and delete rows, the checks and the serving snapshot read DuckDB tables, and `persona forget`
+deletes in one transaction; views over Parquet would give every one of them a second path. The
+copy is one machine's work (DuckDB writes 20M events in seconds); at a billion events it is the
+serving side's limit, see docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import duckdb
+import pandera.pandas as pa
+
+from persona_assets.contracts import ddl
+from persona_assets.core import refresh
+from persona_assets.core.warehouse import replace_tables, table_exists, transaction
+
+# The tables that only grow, by the key they grow along (a carry takes their new batches only).
+APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "ingest_files": "batch_id"}
+# What Spark's stages read that only DuckDB writes (persona merge / unmerge, persona forget).
+HANDED_OVER = ("identity_overrides", "erasure_log")
+
+
+def parquet_files(warehouse: Path, table: str) -> str:
+    """The glob DuckDB reads a Parquet table by (its folder, partitioned by batch or not)."""
+    return str(Path(warehouse) / table / "**" / "*.parquet")
+
+
+def parquet_select(warehouse: Path, table: str) -> tuple[str, dict]:
+    """A SELECT of a Parquet table's rows in DuckDB, and its parameters (the path is bound, not pasted)."""
+    param = f"parquet_{table}"
+    sql = f"SELECT * FROM read_parquet(${param}, hive_partitioning = true, union_by_name = true)"
+    return sql, {param: parquet_files(warehouse, table)}
+
+
+def has_table(warehouse: Path, table: str) -> bool:
+    return any((Path(warehouse) / table).glob("**/*.parquet"))
+
+
+def carry(
+    con: duckdb.DuckDBPyConnection,
+    warehouse: Path,
+    stage: str | None,
+    tables: Iterable[tuple[type[pa.DataFrameModel], str]],
+    settings: object = None,
+    before_commit: Iterable[tuple[str | Callable[[], object], dict | None]] = (),
+) -> dict[str, int]:
+    """Spark's tables `tables` (contract, name) into the DuckDB warehouse in one transaction, with
+    `stage`'s refresh record (a full rebuild: the stages after it rebuild in full too). Returns
+    each table's rows."""
+    tables = list(tables)
+    whole = []
+    counts: dict[str, int] = {}
+    params: dict = {}
+    with transaction(con):
+        for model, table in tables:
+            select, bound = parquet_select(warehouse, table)
+            params.update(bound)
+            key = APPEND_ONLY.get(table)
+            if key and table_exists(con, table) and _append(con, model, table, key, select, bound):
+                counts[table] = con.execute(f'SELECT count(*) FROM "{table}"').fetchall()[0][0]
+            else:
+                whole.append((model, table, select))
+        after = list(before_commit)
+        if stage is not None:
+            p = refresh.plan(con, stage, settings, tuple(t for _, t in tables), full=True, full_reason="built on Spark")
+            after.append((lambda: refresh.record(con, p, _as_of(con), None), None))
+        counts.update(replace_tables(con, whole, params, before_commit=after, transaction=False))
+    return counts
+
+
+def _append(
+    con: duckdb.DuckDBPyConnection, model: type[pa.DataFrameModel], table: str, key: str, select: str, params: dict
+) -> bool:
+    """A growing table's batches past the DuckDB copy's last one, appended; False (nothing done)
+    when the copy is not a prefix of Spark's table (it was rebuilt there): it is then replaced whole."""
+    reached = con.execute(f'SELECT coalesce(max("{key}"), -1), count(*) FROM "{table}"').fetchall()[0]
+    older = con.execute(f'SELECT count(*) FROM ({select}) WHERE "{key}" <= $reached', {**params, "reached": reached[0]})
+    if older.fetchall()[0][0] != reached[1]:
+        return False
+    cols = ", ".join(f'"{c}"' for c in model.to_schema().columns)
+    con.execute(
+        f'INSERT INTO "{table}" ({cols}) SELECT {cols} FROM ({select}) WHERE "{key}" > $reached',
+        {**params, "reached": reached[0]},
+    )
+    return True
+
+
+def _as_of(con: duckdb.DuckDBPyConnection):
+    from persona_assets.core.warehouse import data_as_of
+
+    return data_as_of(con) if table_exists(con, "raw_events") else None
+
+
+def export(con: duckdb.DuckDBPyConnection, warehouse: Path, table: str, select: str | None = None) -> int:
+    """A DuckDB table (or a SELECT) as Parquet table `table` in the warehouse, written beside it and
+    moved in whole (as `SparkTables.write` does). Returns its rows."""
+    target = Path(warehouse) / table
+    aside = target.with_name(f".{table}.{uuid.uuid4().hex}")
+    aside.mkdir(parents=True)
+    try:
+        con.execute(
+            f"COPY ({select or f'SELECT * FROM {_quoted(table)}'}) TO $file (FORMAT parquet)",
+            {"file": str(aside / "part-0.parquet")},
+        )
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    old = target.with_name(f".{table}.old.{uuid.uuid4().hex}")
+    if target.exists():
+        target.rename(old)
+    aside.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return con.execute("SELECT count(*) FROM read_parquet($f)", {"f": str(target / "part-0.parquet")}).fetchall()[0][0]
+
+
+def _quoted(table: str) -> str:
+    return '"' + table.replace('"', '""') + '"'
+
+
+def hand_over(con: duckdb.DuckDBPyConnection, warehouse: Path) -> None:
+    """What Spark's stages read that DuckDB keeps, into the Parquet warehouse: the merge / unmerge
+    decisions and the erasure log (a table DuckDB has not made yet is removed there too). A forget
+    that reached DuckDB but not the Parquet tables (killed between the two) is finished first."""
+    if _erasures_behind(con, warehouse):
+        forget_in_parquet(con, warehouse)
+    for table in HANDED_OVER:
+        if table_exists(con, table):
+            export(con, warehouse, table)
+        else:
+            shutil.rmtree(Path(warehouse) / table, ignore_errors=True)
+
+
+def _erasures_behind(con: duckdb.DuckDBPyConnection, warehouse: Path) -> bool:
+    """Whether DuckDB's erasure log holds an erasure the Parquet warehouse's copy lacks."""
+    if not table_exists(con, "erasure_log") or not Path(warehouse).is_dir():
+        return False
+    if not has_table(warehouse, "erasure_log"):
+        return bool(con.execute("SELECT count(*) FROM erasure_log").fetchall()[0][0])
+    select, params = parquet_select(warehouse, "erasure_log")
+    missing = con.execute(
+        f"SELECT count(*) FROM erasure_log WHERE (erasure_hash, erased_at) NOT IN "
+        f"(SELECT (erasure_hash, erased_at) FROM ({select}))",
+        params,
+    )
+    return bool(missing.fetchall()[0][0])
+
+
+def forget_in_parquet(
+    con: duckdb.DuckDBPyConnection, warehouse: Path, tables: Iterable[str] | None = None
+) -> list[str]:
+    """After `persona forget` committed in DuckDB: the Parquet tables it changed (`tables`; None:
+    every table both warehouses hold), written again from DuckDB's copy, which no longer has the
+    person; then the erasure log. Every table Spark's stages write is carried into DuckDB after each
+    stage, so DuckDB's copy is Spark's table without the forgotten rows (and with the ledger's
+    counts moved to lines_erased). Returns the tables rewritten."""
+    warehouse = Path(warehouse)
+    if not warehouse.is_dir():
+        return []
+    held = sorted(p.name for p in warehouse.iterdir() if p.is_dir() and not p.name.startswith("."))
+    wanted = held if tables is None else [t for t in held if t in set(tables)]
+    rewritten = []
+    for table in wanted:
+        if table != "erasure_log" and table_exists(con, table) and has_table(warehouse, table):
+            export(con, warehouse, table)
+            rewritten.append(table)
+    if table_exists(con, "erasure_log"):
+        export(con, warehouse, "erasure_log")
+    return rewritten
+
+
+def ensure_ddl(con: duckdb.DuckDBPyConnection, tables: Iterable[tuple[type[pa.DataFrameModel], str]]) -> None:
+    """The DuckDB tables a Spark stage carries into, made empty when missing (a first run)."""
+    for model, table in tables:
+        con.execute(ddl(model, table))
+
+
+# --- the stages, as the assets run them under engine: spark ------------------------------------
+
+
+def ingest(con, spark, warehouse: Path, landing: Path, key: bytes, opts, run_id: str | None = None, only=None):
+    """Landing files into raw_events, quarantined_events and ingest_files on Spark, then carried."""
+    from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents
+    from persona_assets.core.ingest_spark import ingest_on_spark
+
+    hand_over(con, warehouse)
+    report = ingest_on_spark(spark, landing, warehouse, key, opts, run_id=run_id, **({"only": only} if only else {}))
+    tables = [(RawEvents, "raw_events"), (QuarantinedEvents, "quarantined_events"), (IngestFiles, "ingest_files")]
+    carry(con, warehouse, None, tables)
+    return report
+
+
+def identity(con, spark, warehouse: Path, opts, run_id: str | None = None):
+    """identity_map, deduped_users, identity_guard and person_id_history on Spark, then carried
+    (no probabilistic links stand: identity_links and identity_pii are emptied, as a DuckDB run with
+    linkage off leaves them)."""
+    from dataclasses import asdict
+
+    from persona_assets.contracts import DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory
+    from persona_assets.core import linkage
+    from persona_assets.core.identity import PERSON_EVENTS_VIEW, resolve_on_spark
+
+    hand_over(con, warehouse)
+    report = resolve_on_spark(spark, warehouse, opts, run_id=run_id)
+    linkage.ensure_tables(con)
+    tables = [
+        (IdentityMap, "identity_map"),
+        (DedupedUsers, "deduped_users"),
+        (IdentityGuard, "identity_guard"),
+        (PersonIdHistory, "person_id_history"),
+    ]
+    settings = {**asdict(opts), "link_model": None}
+    unlink = [("DELETE FROM identity_links", None), ("DELETE FROM identity_pii", None), (PERSON_EVENTS_VIEW, None)]
+    carry(con, warehouse, "identity", tables, settings, before_commit=unlink)
+    return report
+
+
+def cleaning(con, spark, warehouse: Path, opts):
+    """sessions and cleaned_users on Spark, then carried."""
+    from dataclasses import asdict
+
+    from persona_assets.contracts import CleanedUsers, Sessions
+    from persona_assets.core.cleaning import clean_on_spark
+
+    result = clean_on_spark(spark, warehouse, opts)
+    carry(con, warehouse, "cleaning", [(Sessions, "sessions"), (CleanedUsers, "cleaned_users")], asdict(opts))
+    return result

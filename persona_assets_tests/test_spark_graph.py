@@ -1,0 +1,159 @@
+"""The whole asset graph with `engine: spark` beside `engine: duckdb`: the same landing files, the
+same key, two homes; every table the same after a first run and after an incremental refresh (new
+files, one of them a later order of someone already known), on PySpark in local mode through
+dagster-pyspark's resource bound in the Definitions. Then `persona forget` reaches the Parquet
+warehouse, and the snapshot says which engine built it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+
+from persona_assets.core import spark_stages
+from persona_assets.core.affinity import AffinityOptions
+from persona_assets.datagen import generate
+from persona_assets_tests.conftest import materialize_all
+from persona_assets_tests.test_settings import cli
+from persona_assets_tests.test_spark import assert_same_table
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]  # one worker holds the Spark session
+
+PEOPLE = 120
+# Each compared table's key, and the columns that hold the moment of a run (not the data's).
+KEYS = {
+    "raw_events": ["message_id"],
+    "quarantined_events": ["source_file", "source_line"],
+    "identity_map": ["identifier_type", "identifier"],
+    "deduped_users": ["person_id"],
+    "sessions": ["person_id", "started_at"],
+    "cleaned_users": ["person_id"],
+    "category_scores": ["person_id"],
+    "segments": ["person_id"],
+    "imputed_attributes": ["person_id", "trait"],
+    "user_profiles": ["person_id"],
+}
+RUN_TIME = {"user_profiles": ["updated_at"], "quarantined_events": ["quarantined_at"]}
+SETTINGS = "identity:\n  linkage: false\n"
+
+
+def _later_order(path: Path, anonymous_id: str) -> None:
+    """A later order by someone the first run knew (by anonymousId) and a quarantined line."""
+    lines = [
+        {"messageId": "later-1", "type": "track", "event": "Order Completed", "anonymousId": anonymous_id,
+         "timestamp": "2026-11-30T12:00:00Z", "properties": {"order_id": "o-later", "revenue": 42.5}},
+        {"messageId": "later-2", "type": "track", "event": "Order Completed", "timestamp": "2026-11-30T12:00:00Z"},
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+# An incremental profiles run keeps the scores of people it did not touch valued at their own time
+# (profiles carry them to the as-of time when read); a full run values everyone at the as-of time.
+# Compared carried to the as-of time, as user_profiles reads them.
+AT_AS_OF = f"""SELECT person_id, top_category,
+       map_from_entries(list_transform(map_entries(scores), lambda e: {{'key': e.key, 'value': e.value * carried}})) AS scores
+FROM (SELECT *, pow(2.0, -epoch(max(scored_at) OVER () - scored_at) / 86400.0
+                         / {AffinityOptions().half_life_days}) AS carried FROM category_scores)"""
+
+
+def _tables(con: duckdb.DuckDBPyConnection) -> dict[str, pd.DataFrame]:
+    out = {}
+    for table, key in KEYS.items():
+        select = AT_AS_OF if table == "category_scores" else f"SELECT * FROM {table}"
+        frame = con.execute(select).df().drop(columns=RUN_TIME.get(table, []), errors="ignore")
+        out[table] = frame.assign(_key=["|".join(map(str, k)) for k in frame[key].itertuples(index=False)])
+    return out
+
+
+def _run(home: Path) -> dict[str, pd.DataFrame]:
+    materialize_all(home)
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as con:
+        return _tables(con)
+
+
+@pytest.fixture(scope="module")
+def homes(spark, tmp_path_factory, request):
+    """Two homes built twice from the same files: DuckDB's, and Spark's (sharing the test session)."""
+    root = tmp_path_factory.mktemp("spark-graph")
+    source = root / "generated"
+    generate(PEOPLE, 5, source, "jsonl", people_per_file=40)
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    mp = pytest.MonkeyPatch()
+    request.addfinalizer(mp.undo)
+    mp.setenv("PERSONA_HASH_KEY", "graph-key")
+    homes = {"duckdb": root / "duckdb", "spark": root / "spark"}
+    for engine, home in homes.items():
+        (home / "landing").mkdir(parents=True)
+        engine_section = "engine:\n  name: spark\n  spark_master: local[2]\n" if engine == "spark" else ""
+        (home / "persona.yaml").write_text(SETTINGS + engine_section)
+    builds: dict[str, list] = {"duckdb": [], "spark": []}
+
+    def build(batch: list[Path]) -> None:
+        for engine, home in homes.items():
+            for path in batch:
+                shutil.copy(path, home / "landing" / path.name)
+            mp.setenv("PERSONA_HOME", str(home))
+            builds[engine].append(_run(home))
+
+    build(files[:2])
+    later = root / "later.jsonl"
+    _later_order(later, builds["duckdb"][0]["raw_events"]["anonymous_id"].dropna().min())
+    build([*files[2:], later])
+    return homes, builds
+
+
+@pytest.mark.parametrize("build", [0, 1], ids=["first run", "incremental refresh"])
+@pytest.mark.parametrize("table", KEYS)
+def test_both_engines_give_the_same_tables(homes, build, table):
+    _, builds = homes
+    duck, on_spark = builds["duckdb"][build][table], builds["spark"][build][table]
+    assert len(duck) > 0
+    assert_same_table(duck, on_spark, "_key")
+
+
+def test_the_spark_home_built_on_spark_and_the_duckdb_one_refreshed_incrementally(homes):
+    paths, _ = homes
+    with duckdb.connect(str(paths["spark"] / "warehouse.duckdb"), read_only=True) as con:
+        spark_modes = dict(con.execute("SELECT stage, mode FROM refresh_state").fetchall())
+    with duckdb.connect(str(paths["duckdb"] / "warehouse.duckdb"), read_only=True) as con:
+        duck_modes = dict(con.execute("SELECT stage, mode FROM refresh_state").fetchall())
+    assert spark_modes["identity"] == spark_modes["cleaning"] == "full"
+    assert duck_modes["identity"] == "incremental"
+    warehouse = paths["spark"] / "spark"
+    for table in ("raw_events", "identity_map", "deduped_users", "sessions", "cleaned_users"):
+        assert spark_stages.has_table(warehouse, table), table
+    with duckdb.connect(str(paths["spark"] / "serving" / "persona.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT engine FROM snapshot_info").fetchall() == [("spark",)]
+
+
+def test_forget_reaches_the_parquet_warehouse_and_the_next_spark_run_keeps_them_gone(homes, tmp_path, monkeypatch):
+    paths, builds = homes
+    home = tmp_path / "spark"
+    shutil.copytree(paths["spark"], home)
+    warehouse = home / "spark"
+    user = builds["spark"][1]["deduped_users"]["user_id"].dropna().min()
+    person = builds["spark"][1]["deduped_users"].set_index("user_id").loc[user, "person_id"]
+    proc = cli(home, "forget", user)
+    assert proc.returncode == 0, proc.stderr
+    assert "Spark's Parquet warehouse: " in proc.stdout and "Traceback" not in proc.stderr
+
+    def parquet_rows(table: str, where: str, value: str) -> int:
+        select, params = spark_stages.parquet_select(warehouse, table)
+        with duckdb.connect() as con:
+            return con.execute(
+                f"SELECT count(*) FROM ({select}) WHERE {where} = $v", {**params, "v": value}
+            ).fetchall()[0][0]
+
+    assert parquet_rows("raw_events", "user_id", user) == 0
+    assert parquet_rows("identity_map", "person_id", person) == 0
+    assert parquet_rows("cleaned_users", "person_id", person) == 0
+    assert spark_stages.has_table(warehouse, "erasure_log")
+    monkeypatch.setenv("PERSONA_HOME", str(home))
+    again = _run(home)
+    assert user not in set(again["raw_events"]["user_id"].dropna())
+    assert person not in set(again["user_profiles"]["person_id"])
