@@ -39,7 +39,8 @@ KEYS = {
     "user_profiles": ["person_id"],
 }
 RUN_TIME = {"user_profiles": ["updated_at"], "quarantined_events": ["quarantined_at"]}
-SETTINGS = "identity:\n  linkage: false\n"
+# Both homes alike; fewer k tried than the default keeps the person-level stages (DuckDB on both) short.
+SETTINGS = "identity:\n  linkage: false\nsegments:\n  k_max: 4\n"
 
 
 def _later_order(path: Path, anonymous_id: str) -> None:
@@ -74,6 +75,20 @@ def _run(home: Path) -> dict[str, pd.DataFrame]:
     materialize_all(home)
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as con:
         return _tables(con)
+
+
+def _run_spark_stages(home: Path) -> None:
+    """The stages that run on Spark alone (ingest, identity, cleaning), as the landing sensor's run does."""
+    import dagster as dg
+
+    from persona_assets.definitions import build_definitions
+
+    keys = [
+        dg.AssetKey(k) for k in ("raw_events", "quarantined_events", "ingest_files", "deduped_users", "cleaned_users")
+    ]
+    job = build_definitions(home).resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), asset_selection=keys, raise_on_error=False)
+    assert result.success, [e.message for e in result.all_events if e.is_failure][:3]
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +169,9 @@ def test_forget_reaches_the_parquet_warehouse_and_the_next_spark_run_keeps_them_
     assert parquet_rows("cleaned_users", "person_id", person) == 0
     assert spark_stages.has_table(warehouse, "erasure_log")
     monkeypatch.setenv("PERSONA_HOME", str(home))
-    again = _run(home)
-    assert user not in set(again["raw_events"]["user_id"].dropna())
-    assert person not in set(again["user_profiles"]["person_id"])
+    _run_spark_stages(home)
+    assert parquet_rows("raw_events", "user_id", user) == 0
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as con:
+        for table in ("identity_map", "deduped_users", "cleaned_users", "user_profiles"):
+            held = con.execute(f"SELECT count(*) FROM {table} WHERE person_id = $p", {"p": person}).fetchall()[0][0]
+            assert held == 0, table
