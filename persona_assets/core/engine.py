@@ -36,7 +36,10 @@ engines: the table in docs/scaling.md; each rule has a test giving DuckDB's answ
   value, where DuckDB does the opposite: see docs/scaling.md).
 
 Where a construct has no Spark equivalent the single source was changed instead, in a form
-both engines run with DuckDB's results unchanged (see docs/scaling.md for the list). Values
+both engines run with DuckDB's results unchanged (see docs/scaling.md for the list). Where
+Spark has no function of DuckDB's meaning and SQL cannot say it (Jaro-Winkler: Spark 4.3's
+built-in counts transpositions otherwise), `duckdb_functions` registers DuckDB's own, run on
+the executors. Values
 are bound as parameters on both engines (`$name` in the source, `:name` on Spark), never
 pasted into the SQL text.
 """
@@ -53,6 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import pandas as pd
 import pandera.pandas as pa
 import sqlglot
 from sqlglot import exp
@@ -304,3 +308,27 @@ class SparkTables:
             if name not in keep:
                 self.spark.catalog.dropTempView(name)
         self.names = [n for n in self.names if n in keep]
+
+
+def duckdb_functions(spark: SparkSession, functions: dict[str, tuple[str, str]]) -> None:
+    """Register DuckDB's own functions of two text values in `spark`, by name: {name: (SQL type of
+    the result, DuckDB SQL of `l` and `r`)}. Each runs on the executors as a vectorized Python
+    function over a private DuckDB (the executors must run Persona's interpreter, as
+    `resources.spark_resource` sets), so Spark gets DuckDB's exact values where it has no
+    function of the same meaning."""
+    from pyspark.sql.functions import pandas_udf
+
+    for name, (result, sql) in functions.items():
+        spark.udf.register(name, pandas_udf(_duckdb_function(sql), result.lower()))
+
+
+def _duckdb_function(sql: str):
+    # (pandas is a module global: pandas_udf reads the type hints, strings under `annotations`.)
+    def run(l: pd.Series, r: pd.Series) -> pd.Series:  # noqa: E741  (DuckDB's names for the two sides)
+        import duckdb
+
+        with duckdb.connect() as con:
+            con.register("frame", pd.DataFrame({"l": l, "r": r}))
+            return con.execute(f"SELECT {sql} AS v FROM frame").df()["v"]
+
+    return run
