@@ -659,6 +659,12 @@ def measure(code: str, *args: str, profile: Path | None = None) -> tuple[float, 
     return seconds, peak_kb / 1024 / 1024, "\n".join(lines)
 
 
+# A Spark stage with no DuckDB stage of its own is set beside the DuckDB stage that does its work:
+# category scores are computed inside DuckDB's profiles stage (which also builds the profiles, so
+# the ratio flatters Spark).
+DUCKDB_STAGE_OF = {"scores": "profiles"}
+
+
 def spark_bench(landing: Path, warehouse: Path, work: Path, duckdb_stages: dict, master: str = "local[*]") -> dict:
     """Each stage that runs on Spark (`spark_job.STAGES`), on the landing files and the inputs the
     DuckDB build made (exported to Parquet, not timed), in its own process: seconds without the session's start,
@@ -681,6 +687,7 @@ def spark_bench(landing: Path, warehouse: Path, work: Path, duckdb_stages: dict,
     settings.write_text("identity:\n  linkage: false\n")
     out: dict = {"master": master, "stages": {}}
     for stage in STAGES:
+        against = DUCKDB_STAGE_OF.get(stage, stage)
         _, driver_gb, printed = measure(SPARK_STAGE, str(parquet), stage, master, str(landing), str(settings))
         got = json.loads(printed.splitlines()[-1])
         seconds = got["seconds"]
@@ -689,7 +696,8 @@ def spark_bench(landing: Path, warehouse: Path, work: Path, duckdb_stages: dict,
             "session_seconds": round(got["session_seconds"], 2),
             "peak_gb": round(driver_gb + got["jvm_peak_kb"] / 1024 / 1024, 2),
             "rows_out": got["rows"],
-            "ratio_to_duckdb": round(seconds / duckdb_stages[stage]["seconds"], 2),
+            "ratio_to_duckdb": round(seconds / duckdb_stages[against]["seconds"], 2),
+            "duckdb_stage": against,
         }
     shutil.rmtree(parquet, ignore_errors=True)
     return out
@@ -700,13 +708,18 @@ def spark_markdown(sp: dict, duckdb_stages: dict) -> list[str]:
         f"- On Spark ({sp['master']}, this machine; the session's start apart): "
         + "; ".join(
             f"{stage}{' (without linkage)' if stage == 'identity' else ''} {st['seconds']:.1f} s against "
-            f"DuckDB's {duckdb_stages[stage]['seconds']:.1f} s "
+            f"DuckDB's {_duckdb_name(stage)}{duckdb_stages[DUCKDB_STAGE_OF.get(stage, stage)]['seconds']:.1f} s "
             f"(**{st['ratio_to_duckdb']}x**), session start {st['session_seconds']:.0f} s, peak {st['peak_gb']} GB "
             f"(driver and JVM, a 6 GB heap allowed)"
             for stage, st in sp["stages"].items()
         )
         + "."
     ]
+
+
+def _duckdb_name(stage: str) -> str:
+    other = DUCKDB_STAGE_OF.get(stage)
+    return f"{other} stage (scores and profiles together) " if other else ""
 
 
 def replicate_snapshot(snapshot: Path, copies: int) -> dict:

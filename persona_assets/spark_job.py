@@ -80,13 +80,30 @@ def _cleaning(spark, job: argparse.Namespace) -> dict:
     return result.counts
 
 
+def _scores(spark, job: argparse.Namespace) -> dict:
+    """category_scores (profiles' event-scale part), with the profiles section's weights and half-life."""
+    from persona_assets.core.profiles import category_scores_on_spark
+
+    return {
+        "category_scores": category_scores_on_spark(
+            spark, Path(job.warehouse), _stage_options(job.settings, "profiles")
+        )
+    }
+
+
 # In the graph's order; a stage reads what the ones before it wrote to the warehouse.
-STAGES = {"ingest": _ingest, "identity": _identity, "cleaning": _cleaning}
-INPUTS = {"ingest": (), "identity": ("raw_events",), "cleaning": ("raw_events", "identity_map", "deduped_users")}
+STAGES = {"ingest": _ingest, "identity": _identity, "cleaning": _cleaning, "scores": _scores}
+INPUTS = {
+    "ingest": (),
+    "identity": ("raw_events",),
+    "cleaning": ("raw_events", "identity_map", "deduped_users"),
+    "scores": ("raw_events", "identity_map", "cleaned_users"),
+}
 OUTPUTS = {
     "ingest": ("raw_events", "quarantined_events", "ingest_files"),
     "identity": ("identity_map", "deduped_users", "identity_guard", "person_id_history"),
     "cleaning": ("sessions", "cleaned_users"),
+    "scores": ("category_scores",),
 }
 
 

@@ -65,7 +65,11 @@ def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
     assert on_spark["rows_out"]["cleaned_users"] > 0  # identity on Spark links deterministically only
     assert on_spark["seconds"] > 0 and on_spark["session_seconds"] > 0 and on_spark["peak_gb"] > 0
     assert on_spark["ratio_to_duckdb"] == pytest.approx(on_spark["seconds"] / stages["cleaning"]["seconds"], rel=0.05)
+    scores = results["spark"]["stages"]["scores"]  # DuckDB has no scores stage: set beside its profiles stage
+    assert scores["rows_out"]["category_scores"] > 0 and scores["duckdb_stage"] == "profiles"
+    assert scores["ratio_to_duckdb"] == pytest.approx(scores["seconds"] / stages["profiles"]["seconds"], rel=0.05)
     assert "- On Spark (local[*]" in report_markdown(results)
+    assert "DuckDB's profiles stage (scores and profiles together)" in report_markdown(results)
     # Nothing of the built warehouse is left behind: no warehouse, no snapshot, no spare of it.
     assert not [p.name for p in work.iterdir() if ".duckdb" in p.name]
 

@@ -1,7 +1,7 @@
 """A real standalone Spark cluster on this machine: a master and two workers started on loopback
 with the scripts inside the pyspark package, and Persona's Spark application
 (`persona_assets/spark_job.py`) submitted to it with the package's spark-submit: ingest of the
-landing files, then cleaning. Its tables must equal what the same stages make on DuckDB, and
+landing files, identity, cleaning and category scores. Its tables must equal what the same stages make on DuckDB, and
 the work must have had both workers."""
 
 from __future__ import annotations
@@ -20,11 +20,16 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from persona_assets.core import cleaning
+from persona_assets.contracts import CategoryScores
+from persona_assets.core import cleaning, profiles
+from persona_assets.core.affinity import AffinityOptions
+from persona_assets.core.engine import contract_select
 from persona_assets.core.identity import IdentityOptions, resolve
 from persona_assets.core.ingest import ingest
+from persona_assets.core.warehouse import data_as_of
 from persona_assets.datagen import generate
 from persona_assets_tests.test_spark import KEYS, _read_parquet, assert_same_table
+from persona_assets_tests.test_spark_profiles import assert_same_scores
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]  # Spark's JVMs one group at a time
 
@@ -112,6 +117,8 @@ def test_the_spark_application_on_a_standalone_cluster_gives_duckdbs_tables(clus
         resolve(con, IdentityOptions(linkage=False), full=True)
         cleaning.clean(con, cleaning.CleaningOptions(), full=True)
         duck = {table: con.execute(f"SELECT * FROM {table}").df() for table in [*KEYS, *CHAIN]}
+        scores = contract_select(CategoryScores, profiles.category_scores_sql(AffinityOptions()))
+        duck["category_scores"] = con.execute(scores, {"as_of": data_as_of(con)}).df()
 
     # The whole chain on the cluster, from the landing files to cleaned_users: nothing from DuckDB.
     warehouse = tmp_path / "parquet"
@@ -123,12 +130,14 @@ def test_the_spark_application_on_a_standalone_cluster_gives_duckdbs_tables(clus
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["master"] == master and report["executors"] == 2, report
-    assert list(report["stages"]) == ["ingest", "identity", "cleaning"]
+    assert list(report["stages"]) == ["ingest", "identity", "cleaning", "scores"]
     assert report["stages"]["ingest"]["rows"]["raw_events"] == len(duck["raw_events"])
     assert report["stages"]["identity"]["rows"]["identity_map"] == len(duck["identity_map"])
     assert report["stages"]["cleaning"]["rows"] == {table: len(duck[table]) for table in KEYS}
     for table, key in {**CHAIN, **KEYS}.items():
         assert_same_table(_keyed(duck[table], key), _keyed(_read_parquet(warehouse / table), key), "_key")
+    assert report["stages"]["scores"]["rows"] == {"category_scores": len(duck["category_scores"])}
+    assert_same_scores(duck["category_scores"], _read_parquet(warehouse / "category_scores"))
     # The master ran it: one finished application, which had cores on both workers.
     _wait(lambda: len(_master_state(ui)["completedapps"]) == 1, 30, "the application to be finished")
     state = _master_state(ui)

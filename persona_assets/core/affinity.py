@@ -89,7 +89,9 @@ def scores_sql(opts: AffinityOptions, events: str = "person_events") -> str:
         f"CASE kind WHEN 'view' THEN {float(opts.view_weight)} WHEN 'add_to_cart' THEN {float(opts.add_to_cart_weight)}"
         f" ELSE {float(opts.purchase_weight)} END"
     )
-    decay = f"pow(2.0, -greatest(epoch($as_of - event_at), 0) / 86400.0 / {float(opts.half_life_days)})"
+    # Age in microseconds, not `epoch($as_of - event_at)`: Spark has no epoch of an interval (docs/scaling.md).
+    age = "(epoch_us($as_of) - epoch_us(event_at)) / 1e6"
+    decay = f"pow(2.0, -greatest({age}, 0) / 86400.0 / {float(opts.half_life_days)})"
     return f"""
 SELECT person_id, category, sum({weight} * {decay}) AS score, $as_of::TIMESTAMP AS scored_at
 FROM ({interactions_sql(events)}) WHERE category IS NOT NULL GROUP BY 1, 2

@@ -26,15 +26,27 @@ engines: the table in docs/scaling.md; each rule has a test giving DuckDB's answ
   final line break).
 - `regexp_replace`'s back-reference `\1` (DuckDB, RE2) is passed on as text; Java writes it `$1`
   (and reads a bare `$` as one): Spark put `1` where DuckDB put the group.
+- `from_json(x, '[{"category": "VARCHAR"}]')` (DuckDB's structure, given as JSON) is passed on
+  as it is, which Spark cannot read as a schema. It becomes Spark's DDL (`array<struct<category:
+  string>>`); a list of structs is read item by item (`transform` over `array<string>`), because
+  Spark reads a list with one item that is not an object (`[1, {"category": "a"}]`) as NULL
+  where DuckDB keeps the objects and gives the others NULL fields.
+- `json_valid(x)` is left as is; Spark has no such function. `try_parse_json(x)` is NULL where
+  the text is not JSON (it also refuses an object with a key twice, and accepts text after the
+  value, where DuckDB does the opposite: see docs/scaling.md).
 
 Where a construct has no Spark equivalent the single source was changed instead, in a form
-both engines run with DuckDB's results unchanged (see docs/scaling.md for the list). Values
+both engines run with DuckDB's results unchanged (see docs/scaling.md for the list). Where
+Spark has no function of DuckDB's meaning and SQL cannot say it (Jaro-Winkler: Spark 4.3's
+built-in counts transpositions otherwise), `duckdb_functions` registers DuckDB's own, run on
+the executors. Values
 are bound as parameters on both engines (`$name` in the source, `:name` on Spark), never
 pasted into the SQL text.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import uuid
@@ -44,6 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import pandas as pd
 import pandera.pandas as pa
 import sqlglot
 from sqlglot import exp
@@ -56,7 +69,7 @@ if TYPE_CHECKING:  # pyspark is imported only by the Spark path
 ENGINES = ("duckdb", "spark")
 # The stages that run on Spark under `engine: spark` (`core/spark_stages.py`); the person-level
 # stages after them run on DuckDB over what they wrote.
-SPARK_STAGES = ("ingest (JSONL files)", "identity (without linkage)", "cleaning")
+SPARK_STAGES = ("ingest (JSONL files)", "identity (without linkage)", "cleaning", "category scores")
 
 
 @dataclass(frozen=True)
@@ -139,11 +152,39 @@ def _spark_rule(node: exp.Expression) -> exp.Expression:
         node = node.copy()
         node.set("replacement", exp.Literal.string(_java_replacement(node.args["replacement"].name)))
         return node
+    if isinstance(node, exp.FromJson) and isinstance(node.expression, exp.Literal):
+        return _from_json(node.this, json.loads(node.expression.name))
+    if isinstance(node, exp.Anonymous) and node.name.lower() == "json_valid":
+        (text,) = node.expressions
+        parsed = exp.Anonymous(this="try_parse_json", expressions=[text.copy()])
+        return exp.If(this=text.copy().is_(exp.null()), true=exp.null(), false=parsed.is_(exp.null()).not_())
     if isinstance(node, exp.Window) and isinstance(node.this, exp.RowNumber) and _unordered(node):
         return exp.Anonymous(this="monotonically_increasing_id", expressions=[])
     if isinstance(node, exp.Literal) and not node.is_string and "." in node.name and "e" not in node.name.lower():
         return exp.cast(node.copy(), exp.DataType.build("DOUBLE"))
     return node
+
+
+def _spark_type(structure: Any) -> str:
+    """DuckDB's JSON structure (`{"k": "VARCHAR"}`, `["BIGINT"]`) as a Spark DDL type."""
+    if isinstance(structure, list):
+        return f"array<{_spark_type(structure[0])}>"
+    if isinstance(structure, dict):
+        return "struct<" + ",".join(f"`{k}`:{_spark_type(v)}" for k, v in structure.items()) + ">"
+    return exp.DataType.build(structure, dialect="duckdb").sql(dialect="spark").lower()
+
+
+def _from_json(text: exp.Expression, structure: Any) -> exp.Expression:
+    """Spark's from_json of DuckDB's structure; a list of structs item by item (see the module docstring)."""
+    if not (isinstance(structure, list) and isinstance(structure[0], dict)):
+        return exp.Anonymous(this="from_json", expressions=[text, exp.Literal.string(_spark_type(structure))])
+    items = exp.Anonymous(this="from_json", expressions=[text, exp.Literal.string("array<string>")])
+    item = exp.Anonymous(
+        this="from_json", expressions=[exp.column("_item"), exp.Literal.string(_spark_type(structure[0]))]
+    )
+    return exp.Anonymous(
+        this="transform", expressions=[items, exp.Lambda(this=item, expressions=[exp.to_identifier("_item")])]
+    )
 
 
 def _unordered(window: exp.Window) -> bool:
@@ -271,3 +312,27 @@ class SparkTables:
             if name not in keep:
                 self.spark.catalog.dropTempView(name)
         self.names = [n for n in self.names if n in keep]
+
+
+def duckdb_functions(spark: SparkSession, functions: dict[str, tuple[str, str]]) -> None:
+    """Register DuckDB's own functions of two text values in `spark`, by name: {name: (SQL type of
+    the result, DuckDB SQL of `l` and `r`)}. Each runs on the executors as a vectorized Python
+    function over a private DuckDB (the executors must run Persona's interpreter, as
+    `resources.spark_resource` sets), so Spark gets DuckDB's exact values where it has no
+    function of the same meaning."""
+    from pyspark.sql.functions import pandas_udf
+
+    for name, (result, sql) in functions.items():
+        spark.udf.register(name, pandas_udf(_duckdb_function(sql), result.lower()))
+
+
+def _duckdb_function(sql: str):
+    # (pandas is a module global: pandas_udf reads the type hints, strings under `annotations`.)
+    def run(l: pd.Series, r: pd.Series) -> pd.Series:  # noqa: E741  (DuckDB's names for the two sides)
+        import duckdb
+
+        with duckdb.connect() as con:
+            con.register("frame", pd.DataFrame({"l": l, "r": r}))
+            return con.execute(f"SELECT {sql} AS v FROM frame").df()["v"]
+
+    return run

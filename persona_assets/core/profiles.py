@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 
@@ -17,10 +19,22 @@ from persona_assets.core.affinity import (
     segment_priors_sql,
     shrunk_top_sql,
 )
-from persona_assets.core.identity import stage_scope_events
+from persona_assets.core.engine import SparkTables
+from persona_assets.core.identity import PERSON_EVENTS, stage_scope_events
 from persona_assets.core.publish import find_person  # noqa: F401  (look-ups live beside the snapshot they read)
 from persona_assets.core.stage import StageResult
-from persona_assets.core.warehouse import Scratch, bind, data_as_of, replace_tables, scratch, transaction
+from persona_assets.core.warehouse import (
+    DATA_AS_OF,
+    Scratch,
+    bind,
+    data_as_of,
+    replace_tables,
+    scratch,
+    transaction,
+)
+
+if TYPE_CHECKING:  # pyspark is imported only by the Spark path
+    from pyspark.sql import SparkSession
 
 CORE_TRAITS = ("age_bracket", "gender", "country")
 INFERRED_TRAITS = ("primary_device", "usual_daypart")
@@ -30,6 +44,13 @@ NOT_COUNTED = ("intent_score", "age", "postal_code")
 
 # Events of the people being profiled: cleaning leaves out those who declined personalization.
 PROFILED = "(SELECT * FROM {events} WHERE person_id IN (SELECT person_id FROM cleaned_users))"
+# What Spark reads to score categories: the events, who they belong to, and who is profiled.
+SPARK_INPUTS = ("raw_events", "identity_map", "cleaned_users")
+
+
+def category_scores_sql(opts: AffinityOptions) -> str:
+    """Everyone's category scores as of `$as_of`, from `person_events` (one statement, both engines)."""
+    return person_scores_sql(opts, PROFILED.format(events="person_events"))
 
 
 def profiles_sql(opts: AffinityOptions, updated: str = "$updated_at") -> str:
@@ -84,30 +105,37 @@ LEFT JOIN shrunk sh USING (person_id)
 """
 
 
-def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, full: bool = False) -> StageResult:
+def build(
+    con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, full: bool = False, scores: str | None = None
+) -> StageResult:
     """Bring user_profiles up to date (one transaction).
 
     Category scores are the only part read from events: incrementally they are recomputed for
     the people imputation changed; everyone else's keep the time they were valued at and are
     carried forward to the new as-of time by the decay factor alone (the formula the
     real-time path uses). The profile rows are then rebuilt from the person-level tables.
+
+    `scores` names a table or view of category_scores rows computed elsewhere (Spark's
+    `category_scores_on_spark`, loaded into this database): they are taken as they are (the
+    people profiled only) instead of being computed from events, in a full build.
     """
     opts = opts or AffinityOptions()
     as_of = data_as_of(con)
     now = con.execute("SELECT now()::TIMESTAMP").fetchall()[0][0]
     # scores_layout: category_scores hold one row per person, valued at its own time (older
     # warehouses rebuild once)
+    settings = {**asdict(opts), "scores_layout": 3}
+    given = "category scores given (computed elsewhere)" if scores else ""
     p = refresh.plan(
-        con, "profiles", {**asdict(opts), "scores_layout": 3}, ("user_profiles", "category_scores"), full=full
+        con, "profiles", settings, ("user_profiles", "category_scores"), full=full or bool(scores), full_reason=given
     )
     params = {"as_of": as_of, "updated_at": now}
     record = [(lambda: refresh.record(con, p, as_of, p.scope.size(con)), None)]
     with scratch(con) as s:
         if p.full:
-            scores = [
-                (CategoryScores, "category_scores", person_scores_sql(opts, PROFILED.format(events="person_events")))
-            ]
-            counts = replace_tables(con, [*scores, (UserProfiles, "user_profiles", profiles_sql(opts))], params, record)
+            scored = PROFILED.format(events=_quoted(scores)) if scores else category_scores_sql(opts)
+            tables = [(CategoryScores, "category_scores", scored), (UserProfiles, "user_profiles", profiles_sql(opts))]
+            counts = replace_tables(con, tables, params, record)
         else:
             # Scores read product interactions only: their events and columns are all that is staged.
             stage_scope_events(con, p.scope, INTERACTION_COLUMNS, INTERACTION_EVENTS)
@@ -129,6 +157,29 @@ def build(con: duckdb.DuckDBPyConnection, opts: AffinityOptions | None = None, f
         people_recomputed=None if p.full else p.scope.size(con),
         counts=counts,
     )
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def category_scores_on_spark(spark: SparkSession, warehouse: Path, opts: AffinityOptions | None = None) -> int:
+    """`category_scores` rebuilt on Spark from the Parquet tables in `warehouse` (raw_events,
+    identity_map, cleaned_users) with the statement `build` runs on DuckDB (`category_scores_sql`,
+    compiled by `engine.to_spark`), written there as Parquet; returns its rows.
+
+    The scores are valued as of the newest event (`DATA_AS_OF`, the time DuckDB's build takes
+    from the same raw_events), recorded in `scored_at`: profiles carries them forward from it.
+    """
+    opts = opts or AffinityOptions()
+    t = SparkTables(spark, warehouse)
+    try:
+        t.read(*SPARK_INPUTS)
+        t.view("person_events", PERSON_EVENTS)
+        as_of = t.query(DATA_AS_OF).collect()[0][0]
+        return t.write(CategoryScores, "category_scores", category_scores_sql(opts), {"as_of": as_of})
+    finally:
+        t.drop()
 
 
 def _splice_scores(
