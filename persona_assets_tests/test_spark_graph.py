@@ -84,7 +84,9 @@ def _run_spark_stages(home: Path) -> None:
     from persona_assets.definitions import build_definitions
 
     keys = [
-        dg.AssetKey(k) for k in ("raw_events", "quarantined_events", "ingest_files", "deduped_users", "cleaned_users")
+        dg.AssetKey(k)
+        for k in ("raw_events", "quarantined_events", "ingest_files", "deduped_users", "identity_map")
+        + ("identity_guard", "identity_links", "identity_pii", "person_id_history", "cleaned_users", "sessions")
     ]
     job = build_definitions(home).resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), asset_selection=keys, raise_on_error=False)

@@ -2,6 +2,7 @@
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
+from dagster_pyspark import LazyPySparkResource
 
 from persona_assets.automation import EAGER, PROFILES_FRESHNESS, full_refresh
 from persona_assets.checks import contract_check, frame_md, sql_check, stage_metadata
@@ -12,7 +13,7 @@ from persona_assets.contracts import (
     TraitModelMetrics,
     UserProfiles,
 )
-from persona_assets.core import imputation, profiles
+from persona_assets.core import imputation, profiles, spark_stages
 from persona_assets.resources import PersonaHome
 from persona_assets.settings import ImputationConfig, ProfilesConfig
 
@@ -106,10 +107,20 @@ def impute_attributes(
     "segment path, quality, completeness and the next question to ask.",
 )
 def user_profiles(
-    context: dg.AssetExecutionContext, config: ProfilesConfig, warehouse: DuckDBResource, persona: PersonaHome
+    context: dg.AssetExecutionContext,
+    config: ProfilesConfig,
+    warehouse: DuckDBResource,
+    persona: PersonaHome,
+    spark: LazyPySparkResource,
 ):
+    engine = persona.engine()
     with warehouse.get_connection() as con:
-        result = profiles.build(con, persona.options(config), full=full_refresh(context, config))
+        if engine.name == "spark":  # the category scores (read from events) on Spark, the rest here
+            result = spark_stages.profiles(
+                con, spark.spark_session, engine.warehouse(persona.root), persona.options(config)
+            )
+        else:
+            result = profiles.build(con, persona.options(config), full=full_refresh(context, config))
         quality = con.execute(
             """SELECT round(avg(completeness), 3) AS mean_completeness,
                       count(*) FILTER (WHERE age_bracket IS NOT NULL) AS with_age_bracket,
@@ -130,6 +141,7 @@ def user_profiles(
     return dg.MaterializeResult(
         metadata={
             **stage_metadata(result),
+            "engine": engine.name,
             "quality": frame_md(quality),
             "next_questions": frame_md(questions),
             "preview_top_spenders": frame_md(preview),

@@ -246,3 +246,17 @@ def cleaning(con, spark, warehouse: Path, opts):
     result = clean_on_spark(spark, warehouse, opts)
     carry(con, warehouse, "cleaning", [(Sessions, "sessions"), (CleanedUsers, "cleaned_users")], asdict(opts))
     return result
+
+
+def profiles(con, spark, warehouse: Path, opts):
+    """user_profiles: the category scores (the part read from events) on Spark, then the profiles
+    built here from them and the person-level tables, in full."""
+    from persona_assets.core import profiles as stage
+
+    stage.category_scores_on_spark(spark, warehouse, opts)
+    select, params = parquet_select(warehouse, "category_scores")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _spark_scores AS {select}", params)
+    try:
+        return stage.build(con, opts, scores="_spark_scores")
+    finally:
+        con.execute("DROP TABLE IF EXISTS _spark_scores")
