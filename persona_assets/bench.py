@@ -665,18 +665,31 @@ def measure(code: str, *args: str, profile: Path | None = None) -> tuple[float, 
 DUCKDB_STAGE_OF = {"scores": "profiles"}
 
 
-def spark_bench(landing: Path, warehouse: Path, work: Path, duckdb_stages: dict, master: str = "local[*]") -> dict:
-    """Each stage that runs on Spark (`spark_job.STAGES`), on the landing files and the inputs the
+def spark_bench(
+    landing: Path,
+    warehouse: Path,
+    work: Path,
+    duckdb_stages: dict,
+    master: str = "local[*]",
+    only: tuple[str, ...] = (),
+) -> dict:
+    """Each stage that runs on Spark (`spark_job.STAGES`, or those of them in `only`), on the landing files and the inputs the
     DuckDB build made (exported to Parquet, not timed), in its own process: seconds without the session's start,
     the session's start, peak memory of the driver and the JVM together, rows out, and the ratio
     to the same stage on DuckDB in this run."""
-    from persona_assets.core.cleaning import SPARK_INPUTS
-    from persona_assets.spark_job import STAGES
+    from persona_assets.spark_job import INPUTS, OUTPUTS, STAGES
 
+    chosen = [s for s in STAGES if not only or s in only]
     parquet = work / "spark-warehouse"
     shutil.rmtree(parquet, ignore_errors=True)
+    # The chosen stages' inputs that no chosen stage before them makes, as the DuckDB build made them (not timed).
+    inputs: set[str] = set()
+    made: set[str] = set()
+    for stage in chosen:
+        inputs |= set(INPUTS[stage]) - made
+        made |= set(OUTPUTS[stage])
     with duckdb.connect(str(warehouse), read_only=True) as con:
-        for table in SPARK_INPUTS:
+        for table in sorted(inputs):
             (parquet / table).mkdir(parents=True)
             con.execute(
                 "COPY (SELECT * FROM query_table($t)) TO $f (FORMAT parquet)",
@@ -686,7 +699,7 @@ def spark_bench(landing: Path, warehouse: Path, work: Path, duckdb_stages: dict,
     settings = parquet / "persona.yaml"
     settings.write_text("identity:\n  linkage: false\n")
     out: dict = {"master": master, "stages": {}}
-    for stage in STAGES:
+    for stage in chosen:
         against = DUCKDB_STAGE_OF.get(stage, stage)
         _, driver_gb, printed = measure(SPARK_STAGE, str(parquet), stage, master, str(landing), str(settings))
         got = json.loads(printed.splitlines()[-1])
@@ -778,11 +791,21 @@ SCALES = {  # make bench SCALE=...: events generated, sign-ups linked, people re
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
+def _check_spark_stages(names: str) -> None:
+    """--spark-stages names only Spark stages: said before anything is built."""
+    from persona_assets.spark_job import STAGES
+
+    unknown = [s.strip() for s in names.split(",") if s.strip() and s.strip() not in STAGES]
+    if unknown:
+        raise SystemExit(f"--spark-stages: no Spark stage {', '.join(unknown)}; the stages: {', '.join(STAGES)}")
+
+
 def run(args) -> int:
     if args.scale:
         for key, value in SCALES[args.scale].items():
             setattr(args, key, value)
     work = Path(args.workdir) if args.workdir else persona_home() / "bench"
+    _check_spark_stages(getattr(args, "spark_stages", ""))
     if getattr(args, "only", None):
         return run_only(args.only, work, args.scale, getattr(args, "snapshot_copies", 1))
     people = max(100, args.events // EVENTS_PER_PERSON)
@@ -862,7 +885,8 @@ def run(args) -> int:
         results["people"] = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
     if getattr(args, "engine", "duckdb") == "spark":
         print("the Spark stages on the same inputs ...", flush=True)
-        results["spark"] = spark_bench(data, warehouse, work, stages)
+        only = tuple(s.strip() for s in getattr(args, "spark_stages", "").split(",") if s.strip())
+        results["spark"] = spark_bench(data, warehouse, work, stages, only=only)
     print("audiences ...", flush=True)
     audience_s, audience_gb, out = measure(AUDIENCES, str(warehouse), BENCH_AUDIENCES)
     results["audiences"] = {

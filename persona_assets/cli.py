@@ -1305,6 +1305,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="spark: also time the stages that run on Spark (local[*]) on the same inputs, beside DuckDB's",
     )
     p.add_argument(
+        "--spark-stages",
+        default="",
+        help="with --engine spark: only these Spark stages, comma-separated (ingest, identity, cleaning, scores); "
+        "default all",
+    )
+    p.add_argument(
         "--snapshot-copies",
         type=int,
         default=1,

@@ -31,6 +31,10 @@ def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
         "3000",
         "--engine",
         "spark",
+        # The one Spark stage whose figure is set beside another DuckDB stage; every Spark stage's
+        # rows are held to DuckDB's by the differential tests, and all of them run on the cluster.
+        "--spark-stages",
+        "scores",
         "--workdir",
         str(work),
     ]
@@ -58,16 +62,12 @@ def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
     assert refresh["new_events"] > 0 and 0 < refresh["share_of_full_build"] < 1
     assert 0 < results["lookup"]["p50_ms"] <= results["lookup"]["p99_ms"]
     assert results["linkage"]["link_records"] == 3000 and results["linkage"]["link_f1"] > 0.9
-    # --engine spark: each Spark stage on the same inputs, beside the same stage on DuckDB.
-    assert results["spark"]["stages"]["ingest"]["rows_out"]["raw_events"] == results["ingest_kept"]
-    assert results["spark"]["stages"]["identity"]["rows_out"]["identity_map"] > results["people"]
-    on_spark = results["spark"]["stages"]["cleaning"]
-    assert on_spark["rows_out"]["cleaned_users"] > 0  # identity on Spark links deterministically only
-    assert on_spark["seconds"] > 0 and on_spark["session_seconds"] > 0 and on_spark["peak_gb"] > 0
-    assert on_spark["ratio_to_duckdb"] == pytest.approx(on_spark["seconds"] / stages["cleaning"]["seconds"], rel=0.05)
+    # --engine spark --spark-stages scores: that Spark stage on the same inputs, beside DuckDB's.
+    assert list(results["spark"]["stages"]) == ["scores"]
     scores = results["spark"]["stages"]["scores"]  # DuckDB has no scores stage: set beside its profiles stage
     assert scores["rows_out"]["category_scores"] > 0 and scores["duckdb_stage"] == "profiles"
     assert scores["ratio_to_duckdb"] == pytest.approx(scores["seconds"] / stages["profiles"]["seconds"], rel=0.05)
+    assert scores["seconds"] > 0 and scores["session_seconds"] > 0 and scores["peak_gb"] > 0
     assert "- On Spark (local[*]" in report_markdown(results)
     assert "DuckDB's profiles stage (scores and profiles together)" in report_markdown(results)
     # Nothing of the built warehouse is left behind: no warehouse, no snapshot, no spare of it.

@@ -47,6 +47,7 @@ pasted into the SQL text.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import uuid
@@ -97,12 +98,17 @@ class EngineOptions:
 
     def spark_config(self) -> dict[str, str]:
         """The Spark session's settings (for dagster-pyspark's resource)."""
-        return {
+        config = {
             "spark.master": self.spark_master,
             "spark.app.name": "persona",
             # DuckDB's TIMESTAMP has no zone: read and compute it as UTC (hour(), unix_seconds()).
             "spark.sql.session.timeZone": "UTC",
+            "spark.ui.showConsoleProgress": "false",  # no progress bars in `persona run`'s output
         }
+        if self.spark_master.startswith("local"):
+            # One machine: shuffles in 2 partitions a core (Spark's 200 make hundreds of tiny tasks).
+            config["spark.sql.shuffle.partitions"] = str(2 * (os.cpu_count() or 1))
+        return config
 
 
 def refuse_partial(options: EngineOptions, linkage: bool) -> str | None:
