@@ -1165,19 +1165,20 @@ LEDGER = """SELECT *, lines_read - events_kept - lines_quarantined - lines_suppr
     ORDER BY batch_id"""
 
 
+def staged_ids_sql(stored: dict[str, str]) -> str:
+    """Every identifier a staged line carries, in identity_map form (what erasure suppression matches)."""
+    return f"""SELECT s.batch_id, s.line, s.event_at, s.consent,
+               unnest([s.user_id, s.anonymous_id, s.previous_id, {stored["email_hash"]},
+                       {stored["phone_hash"]}]) AS identifier
+        FROM _stage s {PHONE_MAP}"""
+
+
 def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, suppress: bool) -> None:
     """Move the staged lines to their three destinations (after taking out erased people's lines)."""
     _normalize_phones(con)
     stored = stored_columns(opts)
     if suppress:
-        suppress_staged(
-            con,
-            f"""SELECT s.batch_id, s.line, s.event_at, s.consent,
-                       unnest([s.user_id, s.anonymous_id, s.previous_id, {stored["email_hash"]},
-                               {stored["phone_hash"]}]) AS identifier
-                FROM _stage s {PHONE_MAP}""",
-            params,
-        )
+        suppress_staged(con, staged_ids_sql(stored), params)
     else:
         con.execute("CREATE OR REPLACE TEMP TABLE _suppressed (batch_id BIGINT, line BIGINT)")
     _first_copies(con)
@@ -1333,7 +1334,7 @@ class LandedFile:
     extends: int | None  # the batch of the earlier version it grew from by appending (`_withdraw_regrown`)
 
 
-def _new_files(
+def new_files(
     con: duckdb.DuckDBPyConnection, landing: Path, only: set[str] | None, report: IngestReport
 ) -> Iterator[LandedFile]:
     """The landing files not in the ledger (by name, size and mtime, then by name and checksum), oldest
@@ -1432,7 +1433,7 @@ def ingest(
     order, staged_bytes = 0, 0
     try:
         create_stage(con)
-        for landed in _new_files(con, landing, only, report):
+        for landed in new_files(con, landing, only, report):
             order += 1
             _stage_landed(con, landed, next_batch + order - 1, order, opts, params)
             staged_bytes += landed.size
