@@ -1323,6 +1323,10 @@ SCRATCH_TABLES = (
 )
 
 
+# The batch_id the run's first new file gets.
+NEXT_BATCH = "SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files"
+
+
 @dataclass
 class LandedFile:
     """A landing file not yet in the ledger."""
@@ -1429,7 +1433,7 @@ def ingest(
     params = {**hmac_params(key), **contract_params(opts, now)}
     suppress = active_erasures(con) > 0
     report.refusals = refused_files(landing)
-    next_batch = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files").fetchall()[0][0]
+    next_batch = con.execute(NEXT_BATCH).fetchall()[0][0]
     order, staged_bytes = 0, 0
     try:
         create_stage(con)

@@ -18,6 +18,7 @@ refused before anything is read.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 import uuid
@@ -30,43 +31,42 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents
-from persona_assets.core.engine import SparkTables
+from persona_assets.contracts import ErasureLog, IngestFiles, QuarantinedEvents, RawEvents, ddl
+from persona_assets.core.engine import SparkTables, contract_select, empty_select, parquet_glob
+from persona_assets.core.erasure import CONSENTED_LOG, SUPPRESSED, erasure_hits_sql
 from persona_assets.core.ingest import (
     CONFLICT_LINES,
     CONFLICT_MARK,
     COPY_ROWS,
     FIRST_COPY,
     LEDGER,
+    NEXT_BATCH,
     PHONE_PAIRS,
     UNREADABLE_FILES,
     FileReport,
     IngestOptions,
     IngestReport,
     LandedFile,
-    checksum,
     conflict_texts,
     conflicts_sql,
     contract_params,
     copies_sql,
     create_stage,
-    file_format,
-    landing_files,
+    new_files,
     phone_rows,
     quarantine_sql,
     raw_events_sql,
     refused_files,
     stage_file_row,
+    staged_ids_sql,
     stored_columns,
     valid_ids_sql,
 )
-from persona_assets.core.mappings import mapping_for
 from persona_assets.core.pii import hmac_params
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-SPARK_FORMATS = ("jsonl", "jsonl.gz")
 # Spark has no row id: each staged line gets one from its file's batch and its line number.
 STAGE_ROW = "batch_id * 4294967296 + line"
 ROW = "s.stage_row"
@@ -80,23 +80,6 @@ FILES_SCHEMA = (
 
 class SparkIngestRefused(ValueError):
     """Landing files Spark cannot ingest yet: nothing was read."""
-
-
-def refused_on_spark(landing: Path, opts: IngestOptions) -> dict[str, str]:
-    """The landing files Spark does not read yet, each with why (DuckDB reads them all)."""
-    refused = {}
-    for path in landing_files(landing):
-        fmt, mapping = file_format(path), mapping_for(opts.mappings, path.name)
-        if fmt not in SPARK_FORMATS:
-            refused[path.name] = f"{fmt} (Spark reads JSONL and JSONL.gz so far)"
-        elif mapping is not None:
-            refused[path.name] = f"mapped vocabulary {mapping.files!r} (Spark reads Segment events only so far)"
-    return refused
-
-
-def _landed(path: Path) -> LandedFile:
-    info = path.stat()
-    return LandedFile(path, info.st_size, info.st_mtime_ns, checksum(path), None)
 
 
 def _staged_lines(con: duckdb.DuckDBPyConnection) -> pa.Table:
@@ -117,7 +100,9 @@ def _stage_file(task: tuple) -> list:
     return row
 
 
-def _stage(tables: SparkTables, files: list[LandedFile], opts: IngestOptions, params: dict, stage_dir: Path) -> None:
+def _stage(
+    tables: SparkTables, files: list[LandedFile], first_batch: int, opts: IngestOptions, params: dict, stage_dir: Path
+) -> None:
     """Stage every file, a Spark task each, as views `_stage` (the lines) and `_files` (ledger rows to be)."""
     spark = tables.spark
     stage_dir.mkdir(parents=True)
@@ -125,10 +110,11 @@ def _stage(tables: SparkTables, files: list[LandedFile], opts: IngestOptions, pa
     with duckdb.connect() as con:
         create_stage(con)
         pq.write_table(_staged_lines(con), stage_dir / "columns.parquet")
-    tasks = [(landed, i + 1, i + 1, opts, params, str(stage_dir)) for i, landed in enumerate(files)]
+    tasks = [(landed, first_batch + i, i + 1, opts, params, str(stage_dir)) for i, landed in enumerate(files)]
     rows = spark.sparkContext.parallelize(tasks, max(1, len(tasks))).map(_stage_file).collect()
     spark.createDataFrame(rows, FILES_SCHEMA).createOrReplaceTempView("_files")
-    spark.read.parquet(str(stage_dir)).createOrReplaceTempView("_stage")
+    spark.read.parquet(str(stage_dir)).createOrReplaceTempView("_staged_lines")
+    spark.sql("SELECT * FROM _staged_lines").createOrReplaceTempView("_stage")
 
 
 def _e164_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -170,32 +156,160 @@ def _conflicts(tables: SparkTables, opts: IngestOptions, stored: dict[str, str],
     tables.view("_stage_marked", _marked_stage())
 
 
-def _publish(tables: SparkTables, opts: IngestOptions, params: dict, run_id: str | None) -> None:
-    """ingest.py's publishing statements on Spark, each table written as Parquet in turn."""
-    # A full build: nothing stored before, no erased people (the empty tables the statements read).
-    tables.view("raw_events", "SELECT message_id FROM _stage WHERE false")
-    tables.view("ingest_files", "SELECT batch_id, file_name FROM _files WHERE false")
-    tables.view("_suppressed", "SELECT batch_id, line FROM _stage WHERE false")
+def _stored(tables: SparkTables, model: type, table: str) -> str:
+    """Warehouse table `table` as it stands before this run, as view `_stored_<table>` (empty in the
+    contract's columns when no run wrote it yet)."""
+    name = f"_stored_{table}"
+    if _has_rows_files(tables.path(table)):
+        tables.parquet(name, tables.path(table))
+    else:
+        tables.view(name, empty_select(model))
+    return name
+
+
+def _has_rows_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.parquet"))
+
+
+def _suppress(tables: SparkTables, stored: dict[str, str], params: dict) -> None:
+    """Erasure suppression as DuckDB's ingest does it (`erasure.suppress_staged`): `_suppressed` holds
+    the erased people's staged lines, `_stage` becomes the lines without them, and `erasure_log` the
+    log with consents moved (written with the run)."""
+    _stored(tables, ErasureLog, "erasure_log")
+    tables.view("erasure_log", "SELECT * FROM _stored_erasure_log")
+    tables.table("_erasure_hits", erasure_hits_sql(staged_ids_sql(stored)), params)
+    tables.table("_consented_log", CONSENTED_LOG)
+    tables.view("erasure_log", "SELECT * FROM _consented_log")
+    tables.table("_suppressed", SUPPRESSED)
+    tables.view(
+        "_stage", "SELECT * FROM _staged_lines s ANTI JOIN _suppressed x ON s.batch_id = x.batch_id AND s.line = x.line"
+    )
+
+
+def _publish(tables: SparkTables, opts: IngestOptions, params: dict, run_id: str | None, run_dir: Path) -> None:
+    """ingest.py's publishing statements on Spark, over the tables as earlier runs left them: the run's
+    new rows and the whole new ledger are written in `run_dir`, to be moved in by `_commit`."""
+    _stored(tables, RawEvents, "raw_events")
+    _stored(tables, QuarantinedEvents, "quarantined_events")
+    _stored(tables, IngestFiles, "ingest_files")
+    tables.view("raw_events", "SELECT * FROM _stored_raw_events")
+    tables.view("ingest_files", "SELECT * FROM _stored_ingest_files")
     _phone_map(tables)
     stored = stored_columns(opts)
+    if _has_rows_files(tables.path("erasure_log")):
+        _suppress(tables, stored, params)
+    else:
+        tables.view("_suppressed", "SELECT batch_id, line FROM _staged_lines WHERE false")
     tables.table("_valid_ids", valid_ids_sql(ROW))
     tables.table("_first_copy", FIRST_COPY)
-    tables.write(RawEvents, "raw_events", raw_events_sql(stored, ROW), params)
+    _write_aside(tables, RawEvents, "raw_events", raw_events_sql(stored, ROW), run_dir, params)
+    tables.view("raw_events", "SELECT * FROM _stored_raw_events UNION ALL SELECT * FROM _new_raw_events")
     _conflicts(tables, opts, stored, params)
     quarantined = f"{quarantine_sql('_stage_marked')} UNION ALL {UNREADABLE_FILES}"
-    tables.write(QuarantinedEvents, "quarantined_events", quarantined)
-    tables.write(IngestFiles, "ingest_files", LEDGER, {"run_id": run_id})
+    _write_aside(tables, QuarantinedEvents, "quarantined_events", quarantined, run_dir)
+    # The ledger counts the run's own rows (its batches are in no earlier run's rows).
+    tables.view("raw_events", "SELECT * FROM _new_raw_events")
+    tables.view("quarantined_events", "SELECT * FROM _new_quarantined_events")
+    ledger = f"SELECT * FROM _stored_ingest_files UNION ALL {contract_select(IngestFiles, LEDGER)}"
+    _write_aside(tables, IngestFiles, "ingest_files", ledger, run_dir, {"run_id": run_id})
+    if tables.spark.catalog.tableExists("_consented_log"):
+        _write_aside(tables, ErasureLog, "erasure_log", "SELECT * FROM _consented_log", run_dir)
+
+
+def _write_aside(
+    tables: SparkTables, model: type, table: str, select: str, run_dir: Path, params: dict | None = None
+) -> None:
+    """`select`'s rows in the contract's columns written as Parquet in `run_dir/<table>`, and read back
+    as view `_new_<table>` (computed once)."""
+    folder = run_dir / table
+    tables.query(contract_select(model, select), params).write.parquet(str(folder))
+    tables.parquet(f"_new_{table}", folder)
+
+
+# A run's rows of an append-only table are files named after the run's first batch: a file of a
+# batch the ledger does not list is from a run killed before its ledger was written.
+RUN_FILE = re.compile(r"^batch-(\d+)-")
+APPENDED = ("raw_events", "quarantined_events")
+REPLACED = ("erasure_log", "ingest_files")  # the ledger last: it commits the run
+
+
+def _commit(warehouse: Path, run_dir: Path, first_batch: int) -> None:
+    """Move the run's files into the warehouse: its rows of the append-only tables appended (a file
+    rename each), then the erasure log and the ledger replaced (a folder rename each), the ledger
+    last. A run killed before the ledger is moved is done again by the next (`_drop_uncommitted`)."""
+    for table in APPENDED:
+        target = warehouse / table
+        target.mkdir(exist_ok=True)
+        for i, part in enumerate(sorted((run_dir / table).glob("part-*.parquet"))):
+            # An empty part file is kept only to give a new table its columns.
+            if pq.ParquetFile(part).metadata.num_rows or not _has_rows_files(target):
+                part.rename(target / f"batch-{first_batch:012d}-{i:05d}.parquet")
+    for table in REPLACED:
+        if (run_dir / table).exists():
+            _swap(run_dir / table, warehouse / table)
+
+
+def _swap(new: Path, target: Path) -> None:
+    """Replace folder `target` by `new`: a reader sees the old folder, for an instant none, or the new one."""
+    old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex}")
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _drop_uncommitted(warehouse: Path, committed: int) -> None:
+    """Take out what a run killed before its ledger was written left: its append-only files (batches
+    above the ledger's last) and its folders aside."""
+    for table in APPENDED:
+        for part in (warehouse / table).glob("batch-*.parquet"):
+            found = RUN_FILE.match(part.name)
+            if found and int(found.group(1)) > committed:
+                part.unlink()
+    for aside in warehouse.glob(".ingest-*"):
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _ledger(warehouse: Path) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection holding the Spark warehouse's ledger as table `ingest_files`, so ingest.py's
+    own `new_files` and `NEXT_BATCH` decide what is new."""
+    con = duckdb.connect()
+    con.execute(ddl(IngestFiles, "ingest_files"))
+    if _has_rows_files(warehouse / "ingest_files"):
+        con.execute(
+            "INSERT INTO ingest_files BY NAME SELECT * FROM read_parquet($p)",
+            {"p": parquet_glob(warehouse, "ingest_files")},
+        )
+    return con
 
 
 def _report(tables: SparkTables, report: IngestReport) -> None:
     """The run's files and quarantine reasons, as DuckDB's ingest reports them."""
     ledger = tables.query(
         """SELECT file_name, status, lines_read, events_kept, lines_quarantined, duplicates, lines_suppressed
-           FROM ingest_files ORDER BY batch_id"""
+           FROM _new_ingest_files WHERE batch_id IN (SELECT batch_id FROM _files) ORDER BY batch_id"""
     )
     report.files = [FileReport(*row) for row in ledger.collect()]
-    reasons = tables.query("SELECT reason, count(*) AS n FROM quarantined_events GROUP BY 1 ORDER BY 2 DESC")
+    reasons = tables.query("SELECT reason, count(*) AS n FROM _new_quarantined_events GROUP BY 1 ORDER BY 2 DESC")
     report.reasons = {row[0]: row[1] for row in reasons.collect()}
+
+
+def _new_landed(
+    warehouse: Path, landing: Path, only: set[str] | None, report: IngestReport
+) -> tuple[list[LandedFile], int]:
+    """The landing files not in the ledger (ingest.py's `new_files`), and the batch_id of the first."""
+    with _ledger(warehouse) as con:
+        committed = con.execute(NEXT_BATCH).fetchall()[0][0] - 1
+        _drop_uncommitted(warehouse, committed)
+        files = list(new_files(con, landing, only, report))
+    grown = {f.path.name: f"grew by appending since batch {f.extends}" for f in files if f.extends is not None}
+    if grown:
+        names = "; ".join(f"{name}: {why}" for name, why in grown.items())
+        raise SparkIngestRefused(
+            f"Spark cannot ingest these landing files yet (nothing was read): {names} "
+            "(withdrawing the earlier version's quarantine rows is DuckDB's only so far)"
+        )
+    return files, committed + 1
 
 
 def ingest_on_spark(
@@ -206,35 +320,43 @@ def ingest_on_spark(
     opts: IngestOptions | None = None,
     run_id: str | None = None,
     now: datetime | None = None,
+    *,
+    only: set[str] | None = None,
 ) -> IngestReport:
-    """Ingest every complete file in `landing` on Spark into `warehouse` (Parquet, a folder a table),
-    replacing `raw_events`, `quarantined_events` and `ingest_files`.
+    """Ingest the new complete files in `landing` (or, with `only`, those of the names given) on Spark
+    into `warehouse` (Parquet, a folder a table), as DuckDB's `ingest` does: the files the ledger
+    lists are skipped, the new ones get the next batch_ids, their rows are appended to `raw_events`
+    and `quarantined_events`, and the ledger `ingest_files` is written last.
 
-    Refuses (SparkIngestRefused, naming them) when a file is one Spark cannot read yet: never a
-    silent skip, never half a landing folder."""
+    Refuses (SparkIngestRefused, naming them) when a new file is one Spark cannot ingest yet: never
+    a silent skip, never half a landing folder."""
     opts = opts or IngestOptions()
     started = time.perf_counter()
-    refused = refused_on_spark(landing, opts)
-    if refused:
-        names = "; ".join(f"{name}: {why}" for name, why in refused.items())
-        raise SparkIngestRefused(f"Spark cannot ingest these landing files yet (nothing was read): {names}")
+    warehouse = Path(warehouse)
+    warehouse.mkdir(parents=True, exist_ok=True)
     now = now or datetime.now(UTC).replace(tzinfo=None)
     params = {**hmac_params(key), **contract_params(opts, now)}
     report = IngestReport(refusals=refused_files(landing))
+    files, first_batch = _new_landed(warehouse, landing, only, report)
     report.refused = sorted(report.refusals)
+    if not files and all(_has_rows_files(warehouse / t) for t in (*APPENDED, "ingest_files")):
+        report.seconds = time.perf_counter() - started
+        return report
     tables = SparkTables(spark, warehouse)
-    stage_dir = Path(warehouse) / f".ingest-stage-{uuid.uuid4().hex}"
+    run_dir = warehouse / f".ingest-{uuid.uuid4().hex}"
     try:
         # Staging binds the contract's limits only: the hash key's pads stay out of the tasks' closures.
-        _stage(tables, [_landed(p) for p in landing_files(landing)], opts, contract_params(opts, now), stage_dir)
-        _publish(tables, opts, params, run_id)
-        _report(tables, report)
+        _stage(tables, files, first_batch, opts, contract_params(opts, now), run_dir / "stage")
+        _publish(tables, opts, params, run_id, run_dir)
+        if files:
+            _report(tables, report)
+        _commit(warehouse, run_dir, first_batch)
     finally:
         if spark.catalog.tableExists("_phone_map"):
             spark.catalog.uncacheTable("_phone_map")
-        for name in ("_stage", "_files", "_phone_map", "_conflict_texts"):
+        for name in ("_staged_lines", "_stage", "_files", "_phone_map", "_conflict_texts"):
             spark.catalog.dropTempView(name)
         tables.drop()
-        shutil.rmtree(stage_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     report.seconds = time.perf_counter() - started
     return report
