@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from persona_assets.core import ingest_spark
 from persona_assets.core.engine import SparkTables, parquet_glob
 from persona_assets.core.erasure import erasure_hash
 from persona_assets.core.ingest import IngestOptions, ingest
@@ -373,6 +374,39 @@ def test_the_sequence_reaches_every_outcome(sequence):
     assert all(kept.values()), kept
     assert sum(f.duplicates for f in report.files) >= 2
     assert sorted(on_spark["ingest_files"].batch_id) == list(range(1, len(on_spark["ingest_files"]) + 1))
+
+
+def test_a_run_killed_before_its_ledger_is_done_again_by_the_next(spark, tmp_path, monkeypatch):
+    """A run stopped after its rows were moved in but before its ledger was: the next run takes its rows
+    out and ingests its files again, so the tables are DuckDB's after the same files, nothing twice."""
+    landing, warehouse = tmp_path / "landing", tmp_path / "warehouse"
+    landing.mkdir()
+    _lines(landing / "s1.jsonl", [_event(f"r-{i}", f"u-{i}") for i in range(5)])
+    ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+    _lines(landing / "s2.jsonl", [_event("r-1", "u-1"), _event("n-1", "u-9"), _event("n-2", None)])
+    swap = ingest_spark._swap
+
+    def killed(new, target):
+        if target.name == "ingest_files":
+            raise KeyboardInterrupt("killed before the ledger")
+        swap(new, target)
+
+    monkeypatch.setattr(ingest_spark, "_swap", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+    half = _spark_tables(warehouse)
+    assert len(half["ingest_files"]) == 1 and len(half["raw_events"]) == 6  # n-1 moved in, not in the ledger
+    monkeypatch.setattr(ingest_spark, "_swap", swap)
+    report = ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+    assert [f.file_name for f in report.files] == ["s2.jsonl"]
+    with duckdb.connect() as con:
+        ingest(con, landing, KEY, only={"s1.jsonl"}, now=NOW)
+        ingest(con, landing, KEY, now=NOW)
+        duck = _duckdb_tables(con)
+    on_spark = _spark_tables(warehouse)
+    for table, key in TABLES.items():
+        assert_same_table(_comparable(duck[table], table), _comparable(on_spark[table], table), key)
+    assert not list(warehouse.glob(".ingest-*"))
 
 
 RULES = [

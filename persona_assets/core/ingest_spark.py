@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from persona_assets.contracts import ErasureLog, IngestFiles, QuarantinedEvents, RawEvents, ddl
 from persona_assets.core.engine import SparkTables, contract_select, empty_select, parquet_glob
 from persona_assets.core.erasure import CONSENTED_LOG, SUPPRESSED, erasure_hits_sql
+from persona_assets.core.faults import kill_point
 from persona_assets.core.ingest import (
     CONFLICT_LINES,
     CONFLICT_MARK,
@@ -245,6 +246,8 @@ def _commit(warehouse: Path, run_dir: Path, first_batch: int) -> None:
             if pq.ParquetFile(part).metadata.num_rows or not _has_rows_files(target):
                 part.rename(target / f"batch-{first_batch:012d}-{i:05d}.parquet")
     for table in REPLACED:
+        if table == "ingest_files":
+            kill_point(["raw_events", "ingest_files"])
         if (run_dir / table).exists():
             _swap(run_dir / table, warehouse / table)
 
