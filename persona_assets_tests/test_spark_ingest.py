@@ -327,6 +327,7 @@ def sequence(spark, tmp_path_factory):
             if (warehouse / "erasure_log").exists():
                 on_spark["erasure_log"] = _read(warehouse, "erasure_log")
             after[step] = duck, on_spark, duck_report, spark_report
+            print(f"run {step!r}: DuckDB {duck_report.seconds:.2f} s, Spark {spark_report.seconds:.1f} s")
     return after
 
 

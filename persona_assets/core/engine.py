@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pyspark is imported only by the Spark path
 ENGINES = ("duckdb", "spark")
 # The stages that run on Spark so far; `engine: spark` is refused until every stage from the
 # landing files on does (a partial run would leave half the tables where the next stage cannot read them).
-SPARK_STAGES = ("ingest (JSONL files)", "identity (without linkage)", "cleaning")
+SPARK_STAGES = ("ingest", "identity (without linkage)", "cleaning")
 
 
 @dataclass(frozen=True)

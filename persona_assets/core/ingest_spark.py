@@ -1,19 +1,29 @@
-"""Landing files to `raw_events`, `quarantined_events` and `ingest_files` on Spark, with the rows
-DuckDB's `ingest.ingest` gives for the same files and key.
+"""Landing files to `raw_events`, `quarantined_events` and `ingest_files` on Spark, run after run, with
+the rows DuckDB's `ingest.ingest` gives after the same runs over the same files and key.
 
-One source: every rule is ingest.py's. A landing file is read and validated by ingest.py's own
-staging (`stage_file_row`: the line splitter and the validation statement) in a Spark task, a
-file per task, on a private single-thread DuckDB on the executor: Spark's text source gives lines
-without their numbers, the splitting rules are ingest.py's (byte-order mark, overlong lines,
-invalid UTF-8 per line), and the validation is written in DuckDB's JSON functions (`json_valid`,
-`json_type` over a list of paths) that have no Spark function of the same meaning: a compiled
-copy would risk quarantining other lines for other reasons. A gzip file cannot be
-split anyway. Publishing (one copy per messageId, keyed hashes, conflicting re-deliveries, the
-ledger) runs as Spark SQL: ingest.py's statements compiled by `engine.to_spark`.
+One source: every rule is ingest.py's. Which files are new (by name, size and mtime, then by
+checksum) and their batch_ids are decided by ingest.py's own `new_files` and `NEXT_BATCH`, run on
+the driver over the Parquet ledger. A new file is read and validated by ingest.py's own staging
+(`stage_file_row`: the line splitter, the CSV and Parquet readers, a mapping's select, the
+validation statement) in a Spark task, a file per task, on a private single-thread DuckDB on the
+executor: Spark's text source gives lines without their numbers, and the validation is written in
+DuckDB's JSON functions (`json_valid`, `json_type` over a list of paths) that have no Spark function
+of the same meaning. Publishing (erasure suppression, one copy per messageId against the ids already
+stored, keyed hashes, conflicting re-deliveries, the ledger) runs as Spark SQL: ingest.py's and
+erasure.py's statements compiled by `engine.to_spark`.
 
-So far a full build into an empty Spark warehouse: the tables are replaced by what the landing
-folder holds now (no ledger of earlier runs, no erasure log). CSV, Parquet and mapped files are
-refused before anything is read.
+The warehouse holds a folder of Parquet files a table. A run writes its new rows and the whole new
+ledger in a folder aside, then appends its rows to `raw_events` and `quarantined_events` as files
+named after its first batch (`batch-000000000007-00000.parquet`: the earlier files are never
+rewritten), then replaces `erasure_log` (consents moved) and last the ledger, a folder rename each.
+The ledger commits the run: the next run first deletes any file of a batch the ledger does not list
+(a run killed before its ledger) and ingests those files again, so nothing is counted twice. A
+reader may see a run's rows a moment before its ledger row. Read a table with
+`spark.read.parquet(str(warehouse / table))` or DuckDB's `read_parquet(engine.parquet_glob(warehouse, table))`.
+
+Refused by name (SparkIngestRefused, before anything is read or written): a file that grew by
+appending since it was ingested; DuckDB reads it again whole and withdraws its earlier version's
+quarantine rows, which here would rewrite an earlier run's files outside the ledger's commit.
 """
 
 from __future__ import annotations
