@@ -18,7 +18,7 @@ from persona_assets.core import ingest_spark
 from persona_assets.core.engine import SparkTables, parquet_glob
 from persona_assets.core.erasure import erasure_hash
 from persona_assets.core.ingest import IngestOptions, ingest
-from persona_assets.core.ingest_spark import SparkIngestRefused, ingest_on_spark
+from persona_assets.core.ingest_spark import ingest_on_spark
 from persona_assets.core.mappings import parse_mappings
 from persona_assets.core.pii import hmac_hex
 from persona_assets.datagen import generate
@@ -173,23 +173,6 @@ def test_nothing_is_lost_on_spark(both):
     assert "jo@example.com" not in texts and "2345678" not in texts and "<phone>" in texts
 
 
-def test_a_file_that_grew_is_refused_before_anything_is_read(spark, tmp_path):
-    """A landing file that grew by appending since it was ingested is refused by name (DuckDB alone
-    withdraws the earlier version's quarantine rows so far); the warehouse stays as it was."""
-    landing, warehouse = tmp_path / "landing", tmp_path / "warehouse"
-    landing.mkdir()
-    (landing / "events.jsonl").write_text(json.dumps(_event("r-1", "u-1")) + "\n")
-    ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
-    before = _spark_tables(warehouse)
-    with open(landing / "events.jsonl", "a") as fh:
-        fh.write(json.dumps(_event("r-2", "u-2")) + "\n")
-    with pytest.raises(SparkIngestRefused, match="events.jsonl: grew by appending since batch 1"):
-        ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
-    after = _spark_tables(warehouse)
-    for table in TABLES:
-        pd.testing.assert_frame_equal(before[table], after[table])
-
-
 # --- runs after the first, and the other file formats ------------------------------------------------
 
 MAPPINGS = parse_mappings(
@@ -294,6 +277,14 @@ def _other_formats(landing, warehouse, con) -> set[str] | None:
     return None
 
 
+def _a_file_grew(landing, warehouse, con) -> set[str] | None:
+    """s2.jsonl (with a conflicting copy, quarantined) grew by appending: read again whole, its earlier
+    version's quarantine row withdrawn and its ledger row a line fewer."""
+    with open(landing / "s2.jsonl", "a") as fh:
+        fh.write(json.dumps(_event("g-1", "u-1")) + "\n")
+    return None
+
+
 STEPS = {
     "first": _first_run,
     "second": _second_run,
@@ -302,6 +293,7 @@ STEPS = {
     "the rest": _nothing_new,
     "after an erasure": _after_an_erasure,
     "other formats": _other_formats,
+    "a file grew": _a_file_grew,
 }
 SEQUENCE_TABLES = {**TABLES, "erasure_log": "erasure_hash"}
 
@@ -374,6 +366,10 @@ def test_the_sequence_reaches_every_outcome(sequence):
     }
     assert all(kept.values()), kept
     assert sum(f.duplicates for f in report.files) >= 2
+    _, on_spark, _, report = sequence["a file grew"]
+    assert [(f.file_name, f.events_kept, f.lines_quarantined) for f in report.files] == [("s2.jsonl", 1, 1)]
+    versions = on_spark["ingest_files"].query("file_name == 's2.jsonl'").sort_values("batch_id")
+    assert list(versions.lines_read) == [12, 14] and list(versions.lines_quarantined) == [0, 1]
     assert sorted(on_spark["ingest_files"].batch_id) == list(range(1, len(on_spark["ingest_files"]) + 1))
 
 
@@ -408,6 +404,36 @@ def test_a_run_killed_before_its_ledger_is_done_again_by_the_next(spark, tmp_pat
     for table, key in TABLES.items():
         assert_same_table(_comparable(duck[table], table), _comparable(on_spark[table], table), key)
     assert not list(warehouse.glob(".ingest-*"))
+
+
+def test_a_grown_file_run_stopped_after_its_ledger_is_finished_by_the_next(spark, tmp_path, monkeypatch):
+    """A file that grew: its run is stopped after the ledger was written but before the earlier run's
+    quarantine file was replaced; the next run (nothing new) puts the replacement in place first."""
+    landing, warehouse = tmp_path / "landing", tmp_path / "warehouse"
+    landing.mkdir()
+    _lines(landing / "s1.jsonl", [_event("r-1", "u-1"), _event("r-2", None)])
+    with duckdb.connect() as con:
+        ingest(con, landing, KEY, now=NOW)
+        ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+        with open(landing / "s1.jsonl", "a") as fh:
+            fh.write(json.dumps(_event("r-3", "u-3")) + "\n")
+        ingest(con, landing, KEY, now=NOW)
+        duck = _duckdb_tables(con)
+    monkeypatch.setattr(ingest_spark, "_apply_pending", _raise_killed)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+    assert len(_read(warehouse, "quarantined_events")) == 2  # the earlier version's missing_id row, not yet withdrawn
+    monkeypatch.undo()
+    report = ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+    assert report.files == [] and report.skipped == ["s1.jsonl"]
+    on_spark = _spark_tables(warehouse)
+    for table, key in TABLES.items():
+        assert_same_table(_comparable(duck[table], table), _comparable(on_spark[table], table), key)
+    assert not list(warehouse.glob(".pending-*"))
+
+
+def _raise_killed(*args) -> None:
+    raise KeyboardInterrupt("killed before the rewritten files were moved in")
 
 
 RULES = [

@@ -1268,21 +1268,25 @@ def _line_texts(path: Path, fmt: str, opts: IngestOptions, lines: list[int]) -> 
     return found
 
 
+# The quarantine rows for lines of the earlier versions of files that grew by appending (`_withdraw_regrown`).
+WITHDRAWN = "source_line IS NOT NULL AND batch_id IN (SELECT extends FROM _files WHERE extends IS NOT NULL)"
+
+# Those earlier versions' ledger rows, each as many lines fewer as it had quarantined lines.
+REGROWN_LEDGER = f"""SELECT f.batch_id, f.lines_read - q.n AS lines_read, f.lines_quarantined - q.n AS lines_quarantined
+    FROM ingest_files f JOIN (SELECT batch_id, count(*) AS n FROM quarantined_events WHERE {WITHDRAWN} GROUP BY 1) q
+      ON f.batch_id = q.batch_id"""
+
+
 def _withdraw_regrown(con: duckdb.DuckDBPyConnection) -> None:
     """A file that grew by appending is read again whole, its earlier version's lines with it. The
     lines that version quarantined are counted again by the new one (as quarantined, or kept: a
     half-written last line the writer has since completed), so that version's quarantine rows for
     lines go and its ledger row reads as many lines fewer; both rows still add up."""
     con.execute(
-        """UPDATE ingest_files f SET lines_read = f.lines_read - q.n, lines_quarantined = f.lines_quarantined - q.n
-           FROM (SELECT batch_id, count(*) AS n FROM quarantined_events
-                 WHERE source_line IS NOT NULL AND batch_id IN (SELECT extends FROM _files) GROUP BY 1) q
-           WHERE f.batch_id = q.batch_id"""
+        f"""UPDATE ingest_files f SET lines_read = w.lines_read, lines_quarantined = w.lines_quarantined
+            FROM ({REGROWN_LEDGER}) w WHERE f.batch_id = w.batch_id"""
     )
-    con.execute(
-        """DELETE FROM quarantined_events
-           WHERE source_line IS NOT NULL AND batch_id IN (SELECT extends FROM _files)"""
-    )
+    con.execute(f"DELETE FROM quarantined_events WHERE {WITHDRAWN}")
 
 
 def _finish_group(

@@ -21,13 +21,16 @@ The ledger commits the run: the next run first deletes any file of a batch the l
 reader may see a run's rows a moment before its ledger row. Read a table with
 `spark.read.parquet(str(warehouse / table))` or DuckDB's `read_parquet(engine.parquet_glob(warehouse, table))`.
 
-Refused by name (SparkIngestRefused, before anything is read or written): a file that grew by
-appending since it was ingested; DuckDB reads it again whole and withdraws its earlier version's
-quarantine rows, which here would rewrite an earlier run's files outside the ledger's commit.
+A file that grew by appending is read again whole, as on DuckDB: the earlier version's line
+quarantine rows are withdrawn (`WITHDRAWN`, `REGROWN_LEDGER`) by writing each earlier run's
+quarantine file holding them again without them; the copies wait in `.pending-<first batch>` and
+replace the old files (a file rename each) once the ledger is written, or at the start of the next
+run if this one stopped in between. Nothing is refused on Spark that DuckDB reads.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -36,12 +39,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from persona_assets.contracts import ErasureLog, IngestFiles, QuarantinedEvents, RawEvents, ddl
+from persona_assets.contracts import ErasureLog, IngestFiles, QuarantinedEvents, RawEvents, columns, ddl
 from persona_assets.core.engine import SparkTables, contract_select, empty_select, parquet_glob
 from persona_assets.core.erasure import CONSENTED_LOG, SUPPRESSED, erasure_hits_sql
 from persona_assets.core.faults import kill_point
@@ -53,7 +57,9 @@ from persona_assets.core.ingest import (
     LEDGER,
     NEXT_BATCH,
     PHONE_PAIRS,
+    REGROWN_LEDGER,
     UNREADABLE_FILES,
+    WITHDRAWN,
     FileReport,
     IngestOptions,
     IngestReport,
@@ -90,7 +96,8 @@ FILES_SCHEMA = (
 
 
 class SparkIngestRefused(ValueError):
-    """Landing files Spark cannot ingest yet: nothing was read."""
+    """Landing files Spark cannot ingest: nothing was read. None is refused so far (every format,
+    mapping and grown file is read); kept for callers that catch it (`spark_job`)."""
 
 
 def _staged_lines(con: duckdb.DuckDBPyConnection) -> pa.Table:
@@ -197,6 +204,43 @@ def _suppress(tables: SparkTables, stored: dict[str, str], params: dict) -> None
     )
 
 
+def _withdraw_regrown(tables: SparkTables, run_dir: Path) -> None:
+    """DuckDB's `_withdraw_regrown` for the files that grew by appending: `_earlier_ledger` is the
+    ledger with their earlier versions' rows as many lines fewer (`REGROWN_LEDGER`), and each earlier
+    run's quarantine file holding `WITHDRAWN` rows is written again without them, in `run_dir/pending`
+    under its own name, to replace it once the ledger is committed (`_apply_pending`)."""
+    if not tables.scalar("SELECT count(*) FROM _files WHERE extends IS NOT NULL"):
+        tables.view("_earlier_ledger", "SELECT * FROM _stored_ingest_files")
+        return
+    tables.view("quarantined_events", "SELECT * FROM _stored_quarantined_events")
+    tables.table("_regrown", REGROWN_LEDGER)
+    counts = ("lines_read", "lines_quarantined")
+    cols = ", ".join(f"coalesce(w.{c}, l.{c}) AS {c}" if c in counts else f"l.{c}" for c in columns(IngestFiles))
+    tables.view("_earlier_ledger", f"SELECT {cols} FROM _stored_ingest_files l LEFT JOIN _regrown w USING (batch_id)")
+    folder = tables.path("quarantined_events")
+    files = tables.spark.read.parquet(str(folder)).selectExpr("*", "_metadata.file_path AS _file")
+    files.createOrReplaceTempView("_quarantine_files")
+    holding = tables.query(f"SELECT DISTINCT _file FROM _quarantine_files WHERE {WITHDRAWN}")
+    pending = run_dir / "pending" / "quarantined_events"
+    pending.mkdir(parents=True)
+    for (uri,) in holding.collect():
+        path = Path(unquote(urlparse(uri).path))
+        if path.parent.resolve() != folder.resolve():
+            raise RuntimeError(f"quarantined_events rows read from {uri}, not from {folder}")
+        tables.parquet("_rewritten", path)
+        kept = tables.query(f"SELECT * FROM _rewritten WHERE NOT ({WITHDRAWN})")
+        kept.coalesce(1).write.parquet(str(run_dir / "rewritten" / path.name))
+        next((run_dir / "rewritten" / path.name).glob("part-*.parquet")).rename(pending / path.name)
+
+
+def _apply_pending(warehouse: Path, pending: Path) -> None:
+    """Put a committed run's rewritten files of earlier runs in place (a file rename each), then drop
+    the folder: done after the ledger's swap, or by the next run if this one was stopped before."""
+    for part in sorted((pending / "quarantined_events").glob("*.parquet")):
+        os.replace(part, warehouse / "quarantined_events" / part.name)
+    shutil.rmtree(pending)
+
+
 def _publish(tables: SparkTables, opts: IngestOptions, params: dict, run_id: str | None, run_dir: Path) -> None:
     """ingest.py's publishing statements on Spark, over the tables as earlier runs left them: the run's
     new rows and the whole new ledger are written in `run_dir`, to be moved in by `_commit`."""
@@ -205,6 +249,7 @@ def _publish(tables: SparkTables, opts: IngestOptions, params: dict, run_id: str
     _stored(tables, IngestFiles, "ingest_files")
     tables.view("raw_events", "SELECT * FROM _stored_raw_events")
     tables.view("ingest_files", "SELECT * FROM _stored_ingest_files")
+    _withdraw_regrown(tables, run_dir)
     _phone_map(tables)
     stored = stored_columns(opts)
     if _has_rows_files(tables.path("erasure_log")):
@@ -221,7 +266,7 @@ def _publish(tables: SparkTables, opts: IngestOptions, params: dict, run_id: str
     # The ledger counts the run's own rows (its batches are in no earlier run's rows).
     tables.view("raw_events", "SELECT * FROM _new_raw_events")
     tables.view("quarantined_events", "SELECT * FROM _new_quarantined_events")
-    ledger = f"SELECT * FROM _stored_ingest_files UNION ALL {contract_select(IngestFiles, LEDGER)}"
+    ledger = f"SELECT * FROM _earlier_ledger UNION ALL {contract_select(IngestFiles, LEDGER)}"
     _write_aside(tables, IngestFiles, "ingest_files", ledger, run_dir, {"run_id": run_id})
     if tables.spark.catalog.tableExists("_consented_log"):
         _write_aside(tables, ErasureLog, "erasure_log", "SELECT * FROM _consented_log", run_dir)
@@ -255,11 +300,16 @@ def _commit(warehouse: Path, run_dir: Path, first_batch: int) -> None:
             # An empty part file is kept only to give a new table its columns.
             if pq.ParquetFile(part).metadata.num_rows or not _has_rows_files(target):
                 part.rename(target / f"batch-{first_batch:012d}-{i:05d}.parquet")
+    pending = warehouse / f".pending-{first_batch}"
+    if (run_dir / "pending").exists():
+        (run_dir / "pending").rename(pending)
     for table in REPLACED:
         if table == "ingest_files":
             kill_point(["raw_events", "ingest_files"])
         if (run_dir / table).exists():
             _swap(run_dir / table, warehouse / table)
+    if pending.exists():
+        _apply_pending(warehouse, pending)
 
 
 def _swap(new: Path, target: Path) -> None:
@@ -281,6 +331,11 @@ def _drop_uncommitted(warehouse: Path, committed: int) -> None:
                 part.unlink()
     for aside in warehouse.glob(".ingest-*"):
         shutil.rmtree(aside, ignore_errors=True)
+    for pending in warehouse.glob(".pending-*"):
+        if int(pending.name.removeprefix(".pending-")) <= committed:
+            _apply_pending(warehouse, pending)
+        else:
+            shutil.rmtree(pending)
 
 
 def _ledger(warehouse: Path) -> duckdb.DuckDBPyConnection:
@@ -315,13 +370,6 @@ def _new_landed(
         committed = con.execute(NEXT_BATCH).fetchall()[0][0] - 1
         _drop_uncommitted(warehouse, committed)
         files = list(new_files(con, landing, only, report))
-    grown = {f.path.name: f"grew by appending since batch {f.extends}" for f in files if f.extends is not None}
-    if grown:
-        names = "; ".join(f"{name}: {why}" for name, why in grown.items())
-        raise SparkIngestRefused(
-            f"Spark cannot ingest these landing files yet (nothing was read): {names} "
-            "(withdrawing the earlier version's quarantine rows is DuckDB's only so far)"
-        )
     return files, committed + 1
 
 
@@ -339,10 +387,7 @@ def ingest_on_spark(
     """Ingest the new complete files in `landing` (or, with `only`, those of the names given) on Spark
     into `warehouse` (Parquet, a folder a table), as DuckDB's `ingest` does: the files the ledger
     lists are skipped, the new ones get the next batch_ids, their rows are appended to `raw_events`
-    and `quarantined_events`, and the ledger `ingest_files` is written last.
-
-    Refuses (SparkIngestRefused, naming them) when a new file is one Spark cannot ingest yet: never
-    a silent skip, never half a landing folder."""
+    and `quarantined_events`, and the ledger `ingest_files` is written last."""
     opts = opts or IngestOptions()
     started = time.perf_counter()
     warehouse = Path(warehouse)
@@ -367,7 +412,7 @@ def ingest_on_spark(
     finally:
         if spark.catalog.tableExists("_phone_map"):
             spark.catalog.uncacheTable("_phone_map")
-        for name in ("_staged_lines", "_stage", "_files", "_phone_map", "_conflict_texts"):
+        for name in ("_staged_lines", "_stage", "_files", "_phone_map", "_conflict_texts", "_quarantine_files"):
             spark.catalog.dropTempView(name)
         tables.drop()
         shutil.rmtree(run_dir, ignore_errors=True)
