@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents, columns
 from persona_assets.core import ingest_spark
 from persona_assets.core.engine import SparkTables, parquet_glob
 from persona_assets.core.erasure import erasure_hash
@@ -434,6 +435,21 @@ def test_a_grown_file_run_stopped_after_its_ledger_is_finished_by_the_next(spark
 
 def _raise_killed(*args) -> None:
     raise KeyboardInterrupt("killed before the rewritten files were moved in")
+
+
+def test_an_empty_landing_folder_gives_the_empty_tables_with_the_contracts_columns(spark, tmp_path):
+    """Nothing landed yet: both readers find the three tables, empty, in the contracts' columns."""
+    (tmp_path / "landing").mkdir()
+    report = ingest_on_spark(spark, tmp_path / "landing", tmp_path / "warehouse", KEY, now=NOW)
+    assert report.files == []
+    for table, model in (
+        ("raw_events", RawEvents),
+        ("quarantined_events", QuarantinedEvents),
+        ("ingest_files", IngestFiles),
+    ):
+        assert spark.read.parquet(str(tmp_path / "warehouse" / table)).columns == columns(model)
+        assert list(_read(tmp_path / "warehouse", table).columns) == columns(model)
+        assert _read(tmp_path / "warehouse", table).empty
 
 
 RULES = [

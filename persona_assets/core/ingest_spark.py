@@ -178,14 +178,14 @@ def _stored(tables: SparkTables, model: type, table: str) -> str:
     """Warehouse table `table` as it stands before this run, as view `_stored_<table>` (empty in the
     contract's columns when no run wrote it yet)."""
     name = f"_stored_{table}"
-    if _has_rows_files(tables.path(table)):
+    if _has_parquet(tables.path(table)):
         tables.parquet(name, tables.path(table))
     else:
         tables.view(name, empty_select(model))
     return name
 
 
-def _has_rows_files(folder: Path) -> bool:
+def _has_parquet(folder: Path) -> bool:
     return folder.is_dir() and any(folder.glob("*.parquet"))
 
 
@@ -252,7 +252,7 @@ def _publish(tables: SparkTables, opts: IngestOptions, params: dict, run_id: str
     _withdraw_regrown(tables, run_dir)
     _phone_map(tables)
     stored = stored_columns(opts)
-    if _has_rows_files(tables.path("erasure_log")):
+    if _has_parquet(tables.path("erasure_log")):
         _suppress(tables, stored, params)
     else:
         tables.view("_suppressed", "SELECT batch_id, line FROM _staged_lines WHERE false")
@@ -298,7 +298,7 @@ def _commit(warehouse: Path, run_dir: Path, first_batch: int) -> None:
         target.mkdir(exist_ok=True)
         for i, part in enumerate(sorted((run_dir / table).glob("part-*.parquet"))):
             # An empty part file is kept only to give a new table its columns.
-            if pq.ParquetFile(part).metadata.num_rows or not _has_rows_files(target):
+            if pq.ParquetFile(part).metadata.num_rows or not _has_parquet(target):
                 part.rename(target / f"batch-{first_batch:012d}-{i:05d}.parquet")
     pending = warehouse / f".pending-{first_batch}"
     if (run_dir / "pending").exists():
@@ -343,7 +343,7 @@ def _ledger(warehouse: Path) -> duckdb.DuckDBPyConnection:
     own `new_files` and `NEXT_BATCH` decide what is new."""
     con = duckdb.connect()
     con.execute(ddl(IngestFiles, "ingest_files"))
-    if _has_rows_files(warehouse / "ingest_files"):
+    if _has_parquet(warehouse / "ingest_files"):
         con.execute(
             "INSERT INTO ingest_files BY NAME SELECT * FROM read_parquet($p)",
             {"p": parquet_glob(warehouse, "ingest_files")},
@@ -397,7 +397,7 @@ def ingest_on_spark(
     report = IngestReport(refusals=refused_files(landing))
     files, first_batch = _new_landed(warehouse, landing, only, report)
     report.refused = sorted(report.refusals)
-    if not files and all(_has_rows_files(warehouse / t) for t in (*APPENDED, "ingest_files")):
+    if not files and all(_has_parquet(warehouse / t) for t in (*APPENDED, "ingest_files")):
         report.seconds = time.perf_counter() - started
         return report
     tables = SparkTables(spark, warehouse)
