@@ -322,8 +322,9 @@ def _swap(new: Path, target: Path) -> None:
 
 
 def _drop_uncommitted(warehouse: Path, committed: int) -> None:
-    """Take out what a run killed before its ledger was written left: its append-only files (batches
-    above the ledger's last) and its folders aside."""
+    """Before a run: take out what a run stopped before its ledger was written left (its append-only
+    files, of batches above the ledger's last; its folders aside; its pending rewrites), and put in
+    place the pending rewrites of a run stopped after its ledger. One writer at a time, as on DuckDB."""
     for table in APPENDED:
         for part in (warehouse / table).glob("batch-*.parquet"):
             found = RUN_FILE.match(part.name)
