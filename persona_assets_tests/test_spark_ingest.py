@@ -10,14 +10,20 @@ from datetime import datetime
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from persona_assets.core.engine import SparkTables
+from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents, columns
+from persona_assets.core import ingest_spark
+from persona_assets.core.engine import SparkTables, parquet_glob
+from persona_assets.core.erasure import erasure_hash
 from persona_assets.core.ingest import IngestOptions, ingest
-from persona_assets.core.ingest_spark import SparkIngestRefused, ingest_on_spark
-from persona_assets.core.mappings import FileMapping
+from persona_assets.core.ingest_spark import ingest_on_spark
+from persona_assets.core.mappings import parse_mappings
 from persona_assets.core.pii import hmac_hex
 from persona_assets.datagen import generate
+from persona_assets_tests.test_mappings import GA4_LINES, ORDERS, REDELIVERED
 from persona_assets_tests.test_spark import assert_same_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]
@@ -75,13 +81,15 @@ def _duckdb_tables(con) -> dict[str, pd.DataFrame]:
     return {table: con.execute(f"SELECT * FROM {table}").df() for table in TABLES}
 
 
-def _spark_tables(warehouse) -> dict[str, pd.DataFrame]:
+def _read(warehouse, table: str) -> pd.DataFrame:
+    """A Spark warehouse table read by DuckDB (`parquet_glob`)."""
     with duckdb.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
-        return {
-            table: con.execute("SELECT * FROM read_parquet(?)", [str(warehouse / table / "*.parquet")]).df()
-            for table in TABLES
-        }
+        return con.execute("SELECT * FROM read_parquet(?)", [parquet_glob(warehouse, table)]).df()
+
+
+def _spark_tables(warehouse) -> dict[str, pd.DataFrame]:
+    return {table: _read(warehouse, table) for table in TABLES}
 
 
 def _comparable(frame: pd.DataFrame, table: str) -> pd.DataFrame:
@@ -166,21 +174,282 @@ def test_nothing_is_lost_on_spark(both):
     assert "jo@example.com" not in texts and "2345678" not in texts and "<phone>" in texts
 
 
-def test_files_spark_cannot_read_are_refused(spark, tmp_path):
-    """CSV, Parquet and mapped files are refused by name before anything is read or written."""
+# --- runs after the first, and the other file formats ------------------------------------------------
+
+MAPPINGS = parse_mappings(
+    [
+        {"files": "orders*.csv", "preset": "orders_csv"},
+        {
+            "files": "shop*.parquet",
+            "columns": {"userId": "cust", "timestamp": "day", "properties.revenue": "total"},
+            "defaults": {"type": "track", "event": "Order Completed"},
+            "timestamp_format": "%Y%m%d",
+        },
+        {"files": "ga4*.jsonl", "preset": "ga4"},
+    ]
+)
+SEQUENCE_OPTS = IngestOptions(mappings=MAPPINGS, min_event_at=datetime(1970, 1, 1))
+ERASED = "u-erased"
+
+
+def _lines(path, events: list[dict]) -> None:
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def _first_run(landing, warehouse, con) -> set[str] | None:
+    """Generated people in two files, and hand-written events some later files deliver again."""
+    generate(40, 31, landing.parent / "gen", "jsonl", people_per_file=20)
+    for path in sorted((landing.parent / "gen").glob("*.jsonl")):
+        (landing / path.name).write_bytes(path.read_bytes())
+    _lines(landing / "s1.jsonl", [_event(f"r-{i}", f"u-{i}", properties={"price": i}) for i in range(1, 6)])
+    return None
+
+
+def _second_run(landing, warehouse, con) -> set[str] | None:
+    """r-1 and r-3 delivered again as they were (duplicates), r-2 with another price (a conflicting copy),
+    new events, and the hostile files."""
+    events = [
+        _event("r-1", "u-1", properties={"price": 1}),
+        _event("r-2", "u-2", properties={"price": 99}),
+        _event("r-3", "u-3", properties={"price": 3}),
+        *(_event(f"n-{i}", f"u-{i}") for i in range(10)),
+    ]
+    _lines(landing / "s2.jsonl", events)
+    _write_hostile(landing)
+    return None
+
+
+def _nothing_new(landing, warehouse, con) -> set[str] | None:
+    return None
+
+
+def _only_one(landing, warehouse, con) -> set[str] | None:
+    """Two new files, one named: the other waits for a later run."""
+    _lines(landing / "s3.jsonl", [_event(f"o-{i}", f"u-{i}") for i in range(5)] + [_event("r-4", "u-4")])
+    _lines(landing / "s4.jsonl", [_event(f"w-{i}", f"u-{i}") for i in range(5)] + [_event("r-5", "u-5", event="X")])
+    return {"s3.jsonl"}
+
+
+def _after_an_erasure(landing, warehouse, con) -> set[str] | None:
+    """u-erased is logged as forgotten (both warehouses' erasure_log); a line of theirs before their
+    consent is suppressed, the consent line and those after it are kept."""
+    con.execute("INSERT INTO erasure_log VALUES ($h, $at, NULL)", {"h": erasure_hash(KEY, ERASED), "at": NOW})
+    (warehouse / "erasure_log").mkdir()
+    con.execute(f"COPY erasure_log TO '{warehouse / 'erasure_log' / 'part-0.parquet'}' (FORMAT parquet)")
+    granted = {"consent": {"personalization": "granted"}}
+    _lines(
+        landing / "s5.jsonl",
+        [
+            _event("e-1", ERASED, timestamp="2026-06-01T09:00:00Z"),
+            _event("e-2", ERASED, timestamp="2026-06-02T09:00:00Z", context=granted),
+            _event("e-3", ERASED, timestamp="2026-06-03T09:00:00Z"),
+            _event("e-4", "u-kept", anonymousId="a-1"),
+        ],
+    )
+    return None
+
+
+def _other_formats(landing, warehouse, con) -> set[str] | None:
+    """CSV and Parquet in Segment's flat names, a plain orders CSV, a shop's Parquet export and a GA4
+    export, each read through its mapping; one order re-delivered from the CSV, one conflicting."""
+    flat = "messageId,type,event,userId,timestamp,properties_price,context_traits_email\n"
+    flat += "c-1,track,Product Viewed,u-1,2026-06-01T10:00:00Z,5,Jo@Example.com\n"
+    flat += "c-2,track,,u-2,2026-06-01T10:00:00Z,x,\n"  # no event name, a price that is no number
+    flat += "c-3,track,Product Viewed,u-3,2026-06-01T10:00:00Z,1,2,3\n"  # a row too wide
+    (landing / "events.csv").write_text(flat)
+    table = pa.table(
+        {
+            "messageId": ["p-1", "p-2", "r-1"],
+            "type": ["identify", "track", "track"],
+            "event": [None, "Order Completed", "Product Viewed"],
+            "userId": ["u-7", "u-8", "u-1"],
+            "timestamp": ["2026-06-01T10:00:00Z", "2026-06-01T11:00:00+02:00", "2026-06-01T10:00:00.000Z"],
+            "traits_phone": ["+49 151 2345678", None, None],
+            "properties_revenue": [None, 12.5, None],
+            "properties_price": [None, None, 1.0],
+        }
+    )
+    pq.write_table(table, landing / "events.parquet")
+    (landing / "orders_a.csv").write_text(ORDERS)
+    (landing / "orders_b.csv").write_text(REDELIVERED + "C-1,1997-01-12,999,O-3\n")
+    shop = pa.table({"cust": ["K1", "K2", "K3"], "day": ["19970105", "19970106", "1997-01-08"], "total": [12.25, 7, 1]})
+    pq.write_table(shop, landing / "shop.parquet")
+    _lines(landing / "ga4-export.jsonl", GA4_LINES)
+    return None
+
+
+def _a_file_grew(landing, warehouse, con) -> set[str] | None:
+    """s2.jsonl (with a conflicting copy, quarantined) grew by appending: read again whole, its earlier
+    version's quarantine row withdrawn and its ledger row a line fewer."""
+    with open(landing / "s2.jsonl", "a") as fh:
+        fh.write(json.dumps(_event("g-1", "u-1")) + "\n")
+    return None
+
+
+STEPS = {
+    "first": _first_run,
+    "second": _second_run,
+    "nothing new": _nothing_new,
+    "only": _only_one,
+    "the rest": _nothing_new,
+    "after an erasure": _after_an_erasure,
+    "other formats": _other_formats,
+    "a file grew": _a_file_grew,
+}
+SEQUENCE_TABLES = {**TABLES, "erasure_log": "erasure_hash"}
+
+
+@pytest.fixture(scope="module")
+def sequence(spark, tmp_path_factory):
+    """The same landing folder ingested run after run (`STEPS`, each adding files first) by DuckDB and
+    by Spark: after each run, each engine's tables and report."""
+    root = tmp_path_factory.mktemp("spark-runs")
+    landing, warehouse = root / "landing", root / "warehouse"
+    landing.mkdir()
+    after = {}
+    with duckdb.connect() as con:
+        for i, (step, change) in enumerate(STEPS.items()):
+            only = change(landing, warehouse, con)
+            run = f"run-{i}"
+            duck_report = ingest(con, landing, KEY, SEQUENCE_OPTS, run_id=run, now=NOW, only=only)
+            spark_report = ingest_on_spark(
+                spark, landing, warehouse, KEY, SEQUENCE_OPTS, run_id=run, now=NOW, only=only
+            )
+            duck = _duckdb_tables(con) | {"erasure_log": con.execute("SELECT * FROM erasure_log").df()}
+            on_spark = _spark_tables(warehouse)
+            if (warehouse / "erasure_log").exists():
+                on_spark["erasure_log"] = _read(warehouse, "erasure_log")
+            after[step] = duck, on_spark, duck_report, spark_report
+            print(f"run {step!r}: DuckDB {duck_report.seconds:.2f} s, Spark {spark_report.seconds:.1f} s")
+    return after
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_runs_after_the_first_give_the_same_tables_on_spark_and_duckdb(sequence, step):
+    """After each run of the sequence, every table holds the same rows on both engines, and both
+    engines report the same files, skipped files and quarantine reasons."""
+    duck, on_spark, duck_report, spark_report = sequence[step]
+    for table, key in SEQUENCE_TABLES.items():
+        if table == "erasure_log" and table not in on_spark:
+            assert duck[table].empty
+            continue
+        assert_same_table(_comparable(duck[table], table), _comparable(on_spark[table], table), key)
+    assert spark_report.files == duck_report.files
+    assert spark_report.skipped == duck_report.skipped
+    assert spark_report.reasons == duck_report.reasons
+
+
+def test_the_sequence_reaches_every_outcome(sequence):
+    """The runs above are not vacuous: earlier runs' ids re-delivered (a duplicate, a conflicting
+    copy), files skipped, one file held back by `only`, an erased person's line suppressed and their
+    consent logged, and every format and mapping kept events."""
+    _, on_spark, _, report = sequence["second"]
+    ledger = on_spark["ingest_files"].set_index("file_name")
+    assert ledger.loc["s2.jsonl"].duplicates == 2 and ledger.loc["s2.jsonl"].lines_quarantined == 1
+    quarantined = on_spark["quarantined_events"]
+    conflict = quarantined[quarantined.reason == "conflicting_redelivery"].set_index("source_file")
+    assert "s1.jsonl line 2" in conflict.loc["s2.jsonl"].detail
+    assert sequence["nothing new"][3].files == [] and "s1.jsonl" in sequence["nothing new"][3].skipped
+    assert [f.file_name for f in sequence["only"][3].files] == ["s3.jsonl"]
+    assert [f.file_name for f in sequence["the rest"][3].files] == ["s4.jsonl"]
+    _, on_spark, _, report = sequence["after an erasure"]
+    assert [(f.file_name, f.lines_suppressed, f.events_kept) for f in report.files] == [("s5.jsonl", 1, 3)]
+    assert on_spark["erasure_log"].consented_at.notna().all()
+    _, on_spark, _, report = sequence["other formats"]
+    kept = {f.file_name: f.events_kept for f in report.files}
+    assert set(kept) == {
+        "events.csv",
+        "events.parquet",
+        "orders_a.csv",
+        "orders_b.csv",
+        "shop.parquet",
+        "ga4-export.jsonl",
+    }
+    assert all(kept.values()), kept
+    assert sum(f.duplicates for f in report.files) >= 2
+    _, on_spark, _, report = sequence["a file grew"]
+    assert [(f.file_name, f.events_kept, f.lines_quarantined) for f in report.files] == [("s2.jsonl", 1, 1)]
+    versions = on_spark["ingest_files"].query("file_name == 's2.jsonl'").sort_values("batch_id")
+    assert list(versions.lines_read) == [12, 14] and list(versions.lines_quarantined) == [0, 1]
+    assert sorted(on_spark["ingest_files"].batch_id) == list(range(1, len(on_spark["ingest_files"]) + 1))
+
+
+def test_a_run_killed_before_its_ledger_is_done_again_by_the_next(spark, tmp_path, monkeypatch):
+    """A run stopped after its rows were moved in but before its ledger was: the next run takes its rows
+    out and ingests its files again, so the tables are DuckDB's after the same files, nothing twice."""
     landing, warehouse = tmp_path / "landing", tmp_path / "warehouse"
     landing.mkdir()
-    (landing / "events.jsonl").write_text(json.dumps(_event("r-1", "u-1")) + "\n")
-    (landing / "orders.csv").write_text("messageId,userId\nr-2,u-2\n")
-    (landing / "old.parquet").write_bytes(b"PAR1")
-    (landing / "ga4-export.jsonl").write_text("{}\n")
-    mapped = IngestOptions(mappings=(FileMapping(files="ga4-*.jsonl", columns={"user_id": "user_pseudo_id"}),))
-    with pytest.raises(SparkIngestRefused) as refused:
-        ingest_on_spark(spark, landing, warehouse, KEY, opts=mapped, now=NOW)
-    for name in ("orders.csv", "old.parquet", "ga4-export.jsonl"):
-        assert name in str(refused.value)
-    assert "events.jsonl" not in str(refused.value)
-    assert not warehouse.exists()
+    _lines(landing / "s1.jsonl", [_event(f"r-{i}", f"u-{i}") for i in range(5)])
+    ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+    _lines(landing / "s2.jsonl", [_event("r-1", "u-1"), _event("n-1", "u-9"), _event("n-2", None)])
+    swap = ingest_spark._swap
+
+    def killed(new, target):
+        if target.name == "ingest_files":
+            raise KeyboardInterrupt("killed before the ledger")
+        swap(new, target)
+
+    monkeypatch.setattr(ingest_spark, "_swap", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+    half = _spark_tables(warehouse)
+    assert len(half["ingest_files"]) == 1 and len(half["raw_events"]) == 6  # n-1 moved in, not in the ledger
+    monkeypatch.setattr(ingest_spark, "_swap", swap)
+    report = ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+    assert [f.file_name for f in report.files] == ["s2.jsonl"]
+    with duckdb.connect() as con:
+        ingest(con, landing, KEY, only={"s1.jsonl"}, now=NOW)
+        ingest(con, landing, KEY, now=NOW)
+        duck = _duckdb_tables(con)
+    on_spark = _spark_tables(warehouse)
+    for table, key in TABLES.items():
+        assert_same_table(_comparable(duck[table], table), _comparable(on_spark[table], table), key)
+    assert not list(warehouse.glob(".ingest-*"))
+
+
+def test_a_grown_file_run_stopped_after_its_ledger_is_finished_by_the_next(spark, tmp_path, monkeypatch):
+    """A file that grew: its run is stopped after the ledger was written but before the earlier run's
+    quarantine file was replaced; the next run (nothing new) puts the replacement in place first."""
+    landing, warehouse = tmp_path / "landing", tmp_path / "warehouse"
+    landing.mkdir()
+    _lines(landing / "s1.jsonl", [_event("r-1", "u-1"), _event("r-2", None)])
+    with duckdb.connect() as con:
+        ingest(con, landing, KEY, now=NOW)
+        ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+        with open(landing / "s1.jsonl", "a") as fh:
+            fh.write(json.dumps(_event("r-3", "u-3")) + "\n")
+        ingest(con, landing, KEY, now=NOW)
+        duck = _duckdb_tables(con)
+    monkeypatch.setattr(ingest_spark, "_apply_pending", _raise_killed)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+    assert len(_read(warehouse, "quarantined_events")) == 2  # the earlier version's missing_id row, not yet withdrawn
+    monkeypatch.undo()
+    report = ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
+    assert report.files == [] and report.skipped == ["s1.jsonl"]
+    on_spark = _spark_tables(warehouse)
+    for table, key in TABLES.items():
+        assert_same_table(_comparable(duck[table], table), _comparable(on_spark[table], table), key)
+    assert not list(warehouse.glob(".pending-*"))
+
+
+def _raise_killed(*args) -> None:
+    raise KeyboardInterrupt("killed before the rewritten files were moved in")
+
+
+def test_an_empty_landing_folder_gives_the_empty_tables_with_the_contracts_columns(spark, tmp_path):
+    """Nothing landed yet: both readers find the three tables, empty, in the contracts' columns."""
+    (tmp_path / "landing").mkdir()
+    report = ingest_on_spark(spark, tmp_path / "landing", tmp_path / "warehouse", KEY, now=NOW)
+    assert report.files == []
+    for table, model in (
+        ("raw_events", RawEvents),
+        ("quarantined_events", QuarantinedEvents),
+        ("ingest_files", IngestFiles),
+    ):
+        assert spark.read.parquet(str(tmp_path / "warehouse" / table)).columns == columns(model)
+        assert list(_read(tmp_path / "warehouse", table).columns) == columns(model)
+        assert _read(tmp_path / "warehouse", table).empty
 
 
 RULES = [

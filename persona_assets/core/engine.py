@@ -70,7 +70,7 @@ if TYPE_CHECKING:  # pyspark is imported only by the Spark path
 ENGINES = ("duckdb", "spark")
 # The stages that run on Spark under `engine: spark` (`core/spark_stages.py`); the person-level
 # stages after them run on DuckDB over what they wrote.
-SPARK_STAGES = ("ingest (JSONL files)", "identity (without linkage)", "cleaning", "category scores")
+SPARK_STAGES = ("ingest", "identity (without linkage)", "cleaning", "category scores")
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,22 @@ def contract_select(model: type[pa.DataFrameModel], select: str) -> str:
     return f"SELECT {cols} FROM ({select}) AS _rows"
 
 
+def empty_select(model: type[pa.DataFrameModel]) -> str:
+    """No rows, in the contract's columns and SQL types (a table not written yet, read as empty)."""
+    columns = model.to_schema().columns
+    cols = ", ".join(
+        f'CAST(NULL AS {col.metadata["sql"].split(" DEFAULT ")[0]}) AS "{name}"' for name, col in columns.items()
+    )
+    return f"SELECT {cols} FROM (SELECT 1 AS one) AS _none WHERE false"
+
+
+def parquet_glob(warehouse: Path, table: str) -> str:
+    """The Parquet files of warehouse table `table`, for DuckDB: `read_parquet(parquet_glob(...))`.
+    Spark reads the folder itself (`spark.read.parquet(str(warehouse / table))`); both skip the
+    hidden and `_` files Spark's writer leaves beside them."""
+    return str(Path(warehouse) / table / "*.parquet")
+
+
 class SparkTables:
     """A stage's tables on Spark: inputs read from a warehouse folder of Parquet tables (one
     folder per table), steps kept as cached temp views, results written back as Parquet.
@@ -244,6 +260,11 @@ class SparkTables:
         for table in tables:
             self.spark.read.parquet(str(self.path(table))).createOrReplaceTempView(table)
             self._adopt(table)
+
+    def parquet(self, name: str, folder: Path) -> str:
+        """The Parquet files in `folder` as temp view `name`."""
+        self.spark.read.parquet(str(folder)).createOrReplaceTempView(name)
+        return self._adopt(name)
 
     def frame(self, name: str, frame: Any) -> str:
         """A small pandas frame (a vocabulary) as temp view `name`."""

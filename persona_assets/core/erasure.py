@@ -59,28 +59,39 @@ def active_erasures(con: duckdb.DuckDBPyConnection) -> int:
 # --- suppression at ingest -----------------------------------------------------------------
 
 
-def suppress_staged(con: duckdb.DuckDBPyConnection, ids_sql: str, params: dict) -> None:
-    """Mark the staged lines of erased people (into temp table `_suppressed(batch_id, line)`).
+def erasure_hits_sql(ids_sql: str) -> str:
+    """The staged lines carrying an erased identifier: (batch_id, line, event_at, consent, erasure_hash).
 
     `ids_sql` selects (batch_id, line, event_at, consent, identifier) for every identifier a
-    staged line carries, in identity_map form. A line with consent granted lifts its
-    identifiers' erasure from its time on; lines before that (or with no such line) are suppressed.
-    """
-    hits = f"""CREATE OR REPLACE TEMP TABLE _erasure_hits AS
-        SELECT i.batch_id, i.line, i.event_at, i.consent, l.erasure_hash
+    staged line carries, in identity_map form. Both engines run it (Spark through `engine.to_spark`)."""
+    return f"""SELECT i.batch_id, i.line, i.event_at, i.consent, l.erasure_hash
         FROM ({ids_sql}) i JOIN erasure_log l ON l.erasure_hash = {erasure_hash_sql("i.identifier")}"""
+
+
+# The erasure log with each identifier's consent moved to the earliest staged line that grants it
+# (a line with consent granted lifts its identifiers' erasure from its time on).
+CONSENTED_LOG = """SELECT l.erasure_hash, l.erased_at,
+      CASE WHEN g.first_consent IS NOT NULL AND (l.consented_at IS NULL OR l.consented_at > g.first_consent)
+           THEN g.first_consent ELSE l.consented_at END AS consented_at
+    FROM erasure_log l LEFT JOIN (
+      SELECT erasure_hash, min(event_at) AS first_consent FROM _erasure_hits
+      WHERE consent = 'granted' AND event_at IS NOT NULL GROUP BY 1) g ON g.erasure_hash = l.erasure_hash"""
+
+# The staged lines suppressed: an erased identifier with no consent since, or consent given later.
+SUPPRESSED = """SELECT DISTINCT h.batch_id, h.line FROM _erasure_hits h JOIN erasure_log l USING (erasure_hash)
+    WHERE l.consented_at IS NULL OR coalesce(h.event_at < l.consented_at, true)"""
+
+
+def suppress_staged(con: duckdb.DuckDBPyConnection, ids_sql: str, params: dict) -> None:
+    """Mark the staged lines of erased people (into temp table `_suppressed(batch_id, line)`) and take
+    them out of `_stage`; lines before a consent (or with no such line) are suppressed."""
+    hits = f"CREATE OR REPLACE TEMP TABLE _erasure_hits AS {erasure_hits_sql(ids_sql)}"
     con.execute(hits, {k: v for k, v in params.items() if f"${k}" in hits})
     con.execute(
-        """UPDATE erasure_log l SET consented_at = g.first_consent
-           FROM (SELECT erasure_hash, min(event_at) AS first_consent FROM _erasure_hits
-                 WHERE consent = 'granted' AND event_at IS NOT NULL GROUP BY 1) g
-           WHERE l.erasure_hash = g.erasure_hash AND (l.consented_at IS NULL OR l.consented_at > g.first_consent)"""
+        f"""UPDATE erasure_log l SET consented_at = n.consented_at FROM ({CONSENTED_LOG}) n
+            WHERE l.erasure_hash = n.erasure_hash AND l.consented_at IS DISTINCT FROM n.consented_at"""
     )
-    con.execute(
-        """CREATE OR REPLACE TEMP TABLE _suppressed AS
-           SELECT DISTINCT h.batch_id, h.line FROM _erasure_hits h JOIN erasure_log l USING (erasure_hash)
-           WHERE l.consented_at IS NULL OR coalesce(h.event_at < l.consented_at, true)"""
-    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _suppressed AS {SUPPRESSED}")
     con.execute("DELETE FROM _stage s USING _suppressed x WHERE s.batch_id = x.batch_id AND s.line = x.line")
     con.execute("DROP TABLE _erasure_hits")
 

@@ -1165,19 +1165,20 @@ LEDGER = """SELECT *, lines_read - events_kept - lines_quarantined - lines_suppr
     ORDER BY batch_id"""
 
 
+def staged_ids_sql(stored: dict[str, str]) -> str:
+    """Every identifier a staged line carries, in identity_map form (what erasure suppression matches)."""
+    return f"""SELECT s.batch_id, s.line, s.event_at, s.consent,
+               unnest([s.user_id, s.anonymous_id, s.previous_id, {stored["email_hash"]},
+                       {stored["phone_hash"]}]) AS identifier
+        FROM _stage s {PHONE_MAP}"""
+
+
 def _publish_stage(con: duckdb.DuckDBPyConnection, opts: IngestOptions, params: dict, suppress: bool) -> None:
     """Move the staged lines to their three destinations (after taking out erased people's lines)."""
     _normalize_phones(con)
     stored = stored_columns(opts)
     if suppress:
-        suppress_staged(
-            con,
-            f"""SELECT s.batch_id, s.line, s.event_at, s.consent,
-                       unnest([s.user_id, s.anonymous_id, s.previous_id, {stored["email_hash"]},
-                               {stored["phone_hash"]}]) AS identifier
-                FROM _stage s {PHONE_MAP}""",
-            params,
-        )
+        suppress_staged(con, staged_ids_sql(stored), params)
     else:
         con.execute("CREATE OR REPLACE TEMP TABLE _suppressed (batch_id BIGINT, line BIGINT)")
     _first_copies(con)
@@ -1267,21 +1268,25 @@ def _line_texts(path: Path, fmt: str, opts: IngestOptions, lines: list[int]) -> 
     return found
 
 
+# The quarantine rows for lines of the earlier versions of files that grew by appending (`_withdraw_regrown`).
+WITHDRAWN = "source_line IS NOT NULL AND batch_id IN (SELECT extends FROM _files WHERE extends IS NOT NULL)"
+
+# Those earlier versions' ledger rows, each as many lines fewer as it had quarantined lines.
+REGROWN_LEDGER = f"""SELECT f.batch_id, f.lines_read - q.n AS lines_read, f.lines_quarantined - q.n AS lines_quarantined
+    FROM ingest_files f JOIN (SELECT batch_id, count(*) AS n FROM quarantined_events WHERE {WITHDRAWN} GROUP BY 1) q
+      ON f.batch_id = q.batch_id"""
+
+
 def _withdraw_regrown(con: duckdb.DuckDBPyConnection) -> None:
     """A file that grew by appending is read again whole, its earlier version's lines with it. The
     lines that version quarantined are counted again by the new one (as quarantined, or kept: a
     half-written last line the writer has since completed), so that version's quarantine rows for
     lines go and its ledger row reads as many lines fewer; both rows still add up."""
     con.execute(
-        """UPDATE ingest_files f SET lines_read = f.lines_read - q.n, lines_quarantined = f.lines_quarantined - q.n
-           FROM (SELECT batch_id, count(*) AS n FROM quarantined_events
-                 WHERE source_line IS NOT NULL AND batch_id IN (SELECT extends FROM _files) GROUP BY 1) q
-           WHERE f.batch_id = q.batch_id"""
+        f"""UPDATE ingest_files f SET lines_read = w.lines_read, lines_quarantined = w.lines_quarantined
+            FROM ({REGROWN_LEDGER}) w WHERE f.batch_id = w.batch_id"""
     )
-    con.execute(
-        """DELETE FROM quarantined_events
-           WHERE source_line IS NOT NULL AND batch_id IN (SELECT extends FROM _files)"""
-    )
+    con.execute(f"DELETE FROM quarantined_events WHERE {WITHDRAWN}")
 
 
 def _finish_group(
@@ -1322,6 +1327,10 @@ SCRATCH_TABLES = (
 )
 
 
+# The batch_id the run's first new file gets.
+NEXT_BATCH = "SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files"
+
+
 @dataclass
 class LandedFile:
     """A landing file not yet in the ledger."""
@@ -1333,7 +1342,7 @@ class LandedFile:
     extends: int | None  # the batch of the earlier version it grew from by appending (`_withdraw_regrown`)
 
 
-def _new_files(
+def new_files(
     con: duckdb.DuckDBPyConnection, landing: Path, only: set[str] | None, report: IngestReport
 ) -> Iterator[LandedFile]:
     """The landing files not in the ledger (by name, size and mtime, then by name and checksum), oldest
@@ -1428,11 +1437,11 @@ def ingest(
     params = {**hmac_params(key), **contract_params(opts, now)}
     suppress = active_erasures(con) > 0
     report.refusals = refused_files(landing)
-    next_batch = con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM ingest_files").fetchall()[0][0]
+    next_batch = con.execute(NEXT_BATCH).fetchall()[0][0]
     order, staged_bytes = 0, 0
     try:
         create_stage(con)
-        for landed in _new_files(con, landing, only, report):
+        for landed in new_files(con, landing, only, report):
             order += 1
             _stage_landed(con, landed, next_batch + order - 1, order, opts, params)
             staged_bytes += landed.size
