@@ -43,7 +43,7 @@ def _stage_options(settings: Path | None, section: str):
 
 
 def _ingest(spark, job: argparse.Namespace) -> dict:
-    """The landing folder's JSONL files into raw_events, quarantined_events and ingest_files, their
+    """The landing folder's files into raw_events, quarantined_events and ingest_files, their
     identifiers hashed with the installation's key (PERSONA_HASH_KEY, or --home's key file)."""
     from persona_assets.core.ingest_spark import SparkIngestRefused, ingest_on_spark
     from persona_assets.core.pii import load_key

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -34,6 +35,7 @@ import pandera.pandas as pa
 
 from persona_assets.contracts import ddl
 from persona_assets.core import refresh
+from persona_assets.core.engine import parquet_glob
 from persona_assets.core.warehouse import replace_tables, table_exists, transaction
 
 # The tables that only grow, by the key they grow along (a carry takes their new batches only).
@@ -42,20 +44,27 @@ APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "inge
 HANDED_OVER = ("identity_overrides", "erasure_log")
 
 
-def parquet_files(warehouse: Path, table: str) -> str:
-    """The glob DuckDB reads a Parquet table by (its folder, partitioned by batch or not)."""
-    return str(Path(warehouse) / table / "**" / "*.parquet")
-
-
 def parquet_select(warehouse: Path, table: str) -> tuple[str, dict]:
-    """A SELECT of a Parquet table's rows in DuckDB, and its parameters (the path is bound, not pasted)."""
+    """A SELECT of a Parquet table's rows in DuckDB, and its parameters (the path is bound, not
+    pasted). Read inside `utc(con)`: Spark writes its timestamps as instants (TIMESTAMPTZ to DuckDB)."""
     param = f"parquet_{table}"
-    sql = f"SELECT * FROM read_parquet(${param}, hive_partitioning = true, union_by_name = true)"
-    return sql, {param: parquet_files(warehouse, table)}
+    return f"SELECT * FROM read_parquet(${param}, union_by_name = true)", {param: parquet_glob(warehouse, table)}
+
+
+@contextmanager
+def utc(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """The connection's time zone set to UTC while Spark's tables are read: a Spark timestamp
+    (an instant) then becomes the contract's TIMESTAMP as written, whatever the machine's zone."""
+    zone = con.execute("SELECT current_setting('TimeZone')").fetchall()[0][0]
+    con.execute("SET TimeZone = 'UTC'")
+    try:
+        yield
+    finally:
+        con.execute("SET TimeZone = $zone", {"zone": zone})
 
 
 def has_table(warehouse: Path, table: str) -> bool:
-    return any((Path(warehouse) / table).glob("**/*.parquet"))
+    return any((Path(warehouse) / table).glob("*.parquet"))
 
 
 def carry(
@@ -73,7 +82,7 @@ def carry(
     whole = []
     counts: dict[str, int] = {}
     params: dict = {}
-    with transaction(con):
+    with utc(con), transaction(con):
         for model, table in tables:
             select, bound = parquet_select(warehouse, table)
             params.update(bound)
@@ -159,12 +168,13 @@ def _erasures_behind(con: duckdb.DuckDBPyConnection, warehouse: Path) -> bool:
     if not has_table(warehouse, "erasure_log"):
         return bool(con.execute("SELECT count(*) FROM erasure_log").fetchall()[0][0])
     select, params = parquet_select(warehouse, "erasure_log")
-    missing = con.execute(
-        f"SELECT count(*) FROM erasure_log WHERE (erasure_hash, erased_at) NOT IN "
-        f"(SELECT (erasure_hash, erased_at) FROM ({select}))",
-        params,
-    )
-    return bool(missing.fetchall()[0][0])
+    with utc(con):
+        missing = con.execute(
+            f"SELECT count(*) FROM erasure_log WHERE (erasure_hash, erased_at) NOT IN "
+            f"(SELECT (erasure_hash, erased_at::TIMESTAMP) FROM ({select}))",
+            params,
+        )
+        return bool(missing.fetchall()[0][0])
 
 
 def forget_in_parquet(
@@ -199,14 +209,23 @@ def ensure_ddl(con: duckdb.DuckDBPyConnection, tables: Iterable[tuple[type[pa.Da
 # --- the stages, as the assets run them under engine: spark ------------------------------------
 
 
+def _quiet(spark) -> None:
+    """Spark's own warnings (a window over one partition, ...) are for its operators' logs, not
+    for `persona run`'s output: errors only."""
+    spark.sparkContext.setLogLevel("ERROR")
+
+
 def ingest(con, spark, warehouse: Path, landing: Path, key: bytes, opts, run_id: str | None = None, only=None):
     """Landing files into raw_events, quarantined_events and ingest_files on Spark, then carried."""
-    from persona_assets.contracts import IngestFiles, QuarantinedEvents, RawEvents
+    from persona_assets.contracts import ErasureLog, IngestFiles, QuarantinedEvents, RawEvents
     from persona_assets.core.ingest_spark import ingest_on_spark
 
+    _quiet(spark)
     hand_over(con, warehouse)
-    report = ingest_on_spark(spark, landing, warehouse, key, opts, run_id=run_id, **({"only": only} if only else {}))
+    report = ingest_on_spark(spark, landing, warehouse, key, opts, run_id=run_id, only=only)
     tables = [(RawEvents, "raw_events"), (QuarantinedEvents, "quarantined_events"), (IngestFiles, "ingest_files")]
+    if has_table(warehouse, "erasure_log"):  # consents that arrived lift suppressions: recorded there
+        tables.append((ErasureLog, "erasure_log"))
     carry(con, warehouse, None, tables)
     return report
 
@@ -221,6 +240,7 @@ def identity(con, spark, warehouse: Path, opts, run_id: str | None = None):
     from persona_assets.core import linkage
     from persona_assets.core.identity import PERSON_EVENTS_VIEW, resolve_on_spark
 
+    _quiet(spark)
     hand_over(con, warehouse)
     report = resolve_on_spark(spark, warehouse, opts, run_id=run_id)
     linkage.ensure_tables(con)
@@ -243,6 +263,7 @@ def cleaning(con, spark, warehouse: Path, opts):
     from persona_assets.contracts import CleanedUsers, Sessions
     from persona_assets.core.cleaning import clean_on_spark
 
+    _quiet(spark)
     result = clean_on_spark(spark, warehouse, opts)
     carry(con, warehouse, "cleaning", [(Sessions, "sessions"), (CleanedUsers, "cleaned_users")], asdict(opts))
     return result
@@ -253,9 +274,11 @@ def profiles(con, spark, warehouse: Path, opts):
     built here from them and the person-level tables, in full."""
     from persona_assets.core import profiles as stage
 
+    _quiet(spark)
     stage.category_scores_on_spark(spark, warehouse, opts)
     select, params = parquet_select(warehouse, "category_scores")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _spark_scores AS {select}", params)
+    with utc(con):
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _spark_scores AS {select}", params)
     try:
         return stage.build(con, opts, scores="_spark_scores")
     finally:
