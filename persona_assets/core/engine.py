@@ -51,7 +51,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -233,6 +233,28 @@ def parquet_glob(warehouse: Path, table: str) -> str:
     return str(Path(warehouse) / table / "*.parquet")
 
 
+def swap_folder(new: Path, target: Path) -> None:
+    """Replace folder `target` by `new` (beside it): a reader sees the old folder, for an instant
+    none, or the new one, never half of one (renames: a local or shared filesystem)."""
+    old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex}")
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_aside(target: Path, write: Callable[[Path], object]) -> None:
+    """Table folder `target` replaced by what `write(folder)` writes into a new folder beside it;
+    nothing is left behind when the write fails."""
+    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    try:
+        write(aside)
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    swap_folder(aside, target)
+
+
 class SparkTables:
     """A stage's tables on Spark: inputs read from a warehouse folder of Parquet tables (one
     folder per table), steps kept as cached temp views, results written back as Parquet.
@@ -311,17 +333,7 @@ class SparkTables:
         store). Returns the rows written."""
         frame = self.query(contract_select(model, select), params)
         target = self.path(table)
-        aside = target.with_name(f".{table}.{uuid.uuid4().hex}")
-        try:
-            frame.write.parquet(str(aside))
-        except BaseException:
-            shutil.rmtree(aside, ignore_errors=True)
-            raise
-        old = target.with_name(f".{table}.old.{uuid.uuid4().hex}")
-        if target.exists():
-            target.rename(old)
-        aside.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        write_aside(target, lambda aside: frame.write.parquet(str(aside)))
         self.read(table)
         return self.spark.read.parquet(str(target)).count()
 

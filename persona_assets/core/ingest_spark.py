@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from persona_assets.contracts import ErasureLog, IngestFiles, QuarantinedEvents, RawEvents, columns, ddl
-from persona_assets.core.engine import SparkTables, contract_select, empty_select, parquet_glob
+from persona_assets.core.engine import SparkTables, contract_select, empty_select, parquet_glob, swap_folder
 from persona_assets.core.erasure import CONSENTED_LOG, SUPPRESSED, erasure_hits_sql
 from persona_assets.core.faults import kill_point
 from persona_assets.core.ingest import (
@@ -307,18 +307,9 @@ def _commit(warehouse: Path, run_dir: Path, first_batch: int) -> None:
         if table == "ingest_files":
             kill_point(["raw_events", "ingest_files"])
         if (run_dir / table).exists():
-            _swap(run_dir / table, warehouse / table)
+            swap_folder(run_dir / table, warehouse / table)
     if pending.exists():
         _apply_pending(warehouse, pending)
-
-
-def _swap(new: Path, target: Path) -> None:
-    """Replace folder `target` by `new`: a reader sees the old folder, for an instant none, or the new one."""
-    old = target.with_name(f".{target.name}.old.{uuid.uuid4().hex}")
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _drop_uncommitted(warehouse: Path, committed: int) -> None:

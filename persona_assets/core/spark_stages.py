@@ -25,7 +25,6 @@ serving side's limit, see docs/scaling.md.
 from __future__ import annotations
 
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +34,7 @@ import pandera.pandas as pa
 
 from persona_assets.contracts import ddl
 from persona_assets.core import refresh
-from persona_assets.core.engine import parquet_glob
+from persona_assets.core.engine import parquet_glob, write_aside
 from persona_assets.core.warehouse import replace_tables, table_exists, transaction
 
 # The tables that only grow, by the key they grow along (a carry takes their new batches only).
@@ -126,21 +125,13 @@ def export(con: duckdb.DuckDBPyConnection, warehouse: Path, table: str, select: 
     """A DuckDB table (or a SELECT) as Parquet table `table` in the warehouse, written beside it and
     moved in whole (as `SparkTables.write` does). Returns its rows."""
     target = Path(warehouse) / table
-    aside = target.with_name(f".{table}.{uuid.uuid4().hex}")
-    aside.mkdir(parents=True)
-    try:
-        con.execute(
-            f"COPY ({select or f'SELECT * FROM {_quoted(table)}'}) TO $file (FORMAT parquet)",
-            {"file": str(aside / "part-0.parquet")},
-        )
-    except BaseException:
-        shutil.rmtree(aside, ignore_errors=True)
-        raise
-    old = target.with_name(f".{table}.old.{uuid.uuid4().hex}")
-    if target.exists():
-        target.rename(old)
-    aside.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def copy(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        select_sql = select or f"SELECT * FROM {_quoted(table)}"
+        con.execute(f"COPY ({select_sql}) TO $file (FORMAT parquet)", {"file": str(folder / "part-0.parquet")})
+
+    write_aside(target, copy)
     return con.execute("SELECT count(*) FROM read_parquet($f)", {"f": str(target / "part-0.parquet")}).fetchall()[0][0]
 
 
