@@ -818,6 +818,8 @@ def _forget_redis(home: Path, skip: bool):
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
+    import duckdb
+
     from persona_assets import stream
     from persona_assets.assets.serving import INDEXED, published_tables
     from persona_assets.core import erasure, spark_stages
@@ -835,6 +837,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     client, server = _forget_redis(home, args.skip_redis)
     done = []  # (who, report, Redis counts)
     parquet: list[str] = []  # Spark's Parquet tables rewritten
+    parquet_failed = ""
     try:
         con = _writer(path, args.wait)
         try:
@@ -843,16 +846,19 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 hot = stream.forget(client, key, report) if client is not None else None
                 erasure.erase(con, key, report, home / "landing")
                 done.append((who, report, hot))
-            # Spark's Parquet warehouse (engine: spark, now or before): the same people gone from it.
             engine = engine_options(home)
-            touched = {"ingest_files", *(t for _, report, _ in done for t in report.rows)}
-            parquet = spark_stages.forget_in_parquet(con, engine.warehouse(home), touched)
             snapshot = home / "serving" / "persona.duckdb"
             spare_path(snapshot).unlink(missing_ok=True)  # an older snapshot, kept for the next publish
             if snapshot.exists():  # written afresh: no copy of the old file, so no old rows in its free blocks
                 publish_snapshot(
                     con, snapshot, published_tables(con), run_id="forget", indexes=INDEXED, engine=engine.name
                 )
+            # Spark's Parquet warehouse (engine: spark, now or before): the same people gone from it.
+            touched = {"ingest_files", *(t for _, report, _ in done for t in report.rows)}
+            try:
+                parquet = spark_stages.forget_in_parquet(con, engine.warehouse(home), touched)
+            except (OSError, duckdb.Error) as exc:
+                parquet_failed = f"{engine.warehouse(home)}: {exc}"
         finally:
             con.close()
     finally:
@@ -881,6 +887,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
             )
     if parquet:
         print(f"Spark's Parquet warehouse: {', '.join(parquet)} rewritten without them.")
+    if parquet_failed:
+        print(
+            f"Spark's Parquet warehouse could not be rewritten ({parquet_failed}); the next stage run on "
+            "Spark rewrites it before it reads anything.",
+            file=sys.stderr,
+        )
     if not args.no_compact:
         print(f"Warehouse compacted ({saved / 1e6:.1f} MB freed); snapshot republished.")
     print("Later events for these identifiers are suppressed until one arrives with personalization consent.")

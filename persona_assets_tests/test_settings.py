@@ -164,3 +164,15 @@ def test_the_spark_application_says_what_a_stage_lacks_before_spark_starts(tmp_p
         main([*warehouse, "--landing", str(tmp_path)])
     with pytest.raises(SystemExit, match="no such folder"):
         main([*warehouse, "--landing", str(tmp_path / "nowhere"), "--home", str(tmp_path)])
+
+
+def test_engine_spark_without_java_is_refused_at_startup_naming_the_package(tmp_path, persona_home):
+    (persona_home / "persona.yaml").write_text("engine: spark\nidentity:\n  linkage: false\n")
+    env = {**os.environ, "PERSONA_HOME": str(persona_home), "PATH": str(tmp_path)}  # a PATH with no java
+    env.pop("JAVA_HOME", None)
+    env.pop("PERSONA_CONFIG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "persona_assets.cli", "run"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 2 and "engine: spark needs Java 17 or later" in proc.stderr
+    assert "openjdk-17-jre-headless" in proc.stderr and "Traceback" not in proc.stderr

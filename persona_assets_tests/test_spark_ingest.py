@@ -382,19 +382,19 @@ def test_a_run_killed_before_its_ledger_is_done_again_by_the_next(spark, tmp_pat
     _lines(landing / "s1.jsonl", [_event(f"r-{i}", f"u-{i}") for i in range(5)])
     ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
     _lines(landing / "s2.jsonl", [_event("r-1", "u-1"), _event("n-1", "u-9"), _event("n-2", None)])
-    swap = ingest_spark._swap
+    swap = ingest_spark.swap_folder
 
     def killed(new, target):
         if target.name == "ingest_files":
             raise KeyboardInterrupt("killed before the ledger")
         swap(new, target)
 
-    monkeypatch.setattr(ingest_spark, "_swap", killed)
+    monkeypatch.setattr(ingest_spark, "swap_folder", killed)
     with pytest.raises(KeyboardInterrupt):
         ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
     half = _spark_tables(warehouse)
     assert len(half["ingest_files"]) == 1 and len(half["raw_events"]) == 6  # n-1 moved in, not in the ledger
-    monkeypatch.setattr(ingest_spark, "_swap", swap)
+    monkeypatch.setattr(ingest_spark, "swap_folder", swap)
     report = ingest_on_spark(spark, landing, warehouse, KEY, now=NOW)
     assert [f.file_name for f in report.files] == ["s2.jsonl"]
     with duckdb.connect() as con:

@@ -104,6 +104,10 @@ class EngineOptions:
             # DuckDB's TIMESTAMP has no zone: read and compute it as UTC (hour(), unix_seconds()).
             "spark.sql.session.timeZone": "UTC",
             "spark.ui.showConsoleProgress": "false",  # no progress bars in `persona run`'s output
+            # Statements carry bound values (ingest's keyed-hash pads among them): no web UI shows
+            # their plans, and long hex strings are redacted from what Spark logs of them.
+            "spark.ui.enabled": "false",
+            "spark.sql.redaction.string.regex": "[0-9a-fA-F]{32,}",
         }
         if self.spark_master.startswith("local"):
             # One machine: shuffles in 2 partitions a core (Spark's 200 make hundreds of tiny tasks).
@@ -114,6 +118,11 @@ class EngineOptions:
 def refuse_partial(options: EngineOptions, linkage: bool) -> str | None:
     """Why a run cannot start on this engine (None: it can): on Spark, identity links people by the
     identifiers they share; probabilistic linkage (on by default) runs on DuckDB only."""
+    if options.name == "spark" and not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+        return (
+            "engine: spark needs Java 17 or later (Debian: apt-get install openjdk-17-jre-headless), "
+            "or use engine: duckdb"
+        )
     if options.name == "spark" and linkage:
         return (
             "engine: spark runs identity without probabilistic linkage: add `identity: {linkage: false}` "

@@ -37,8 +37,9 @@ from persona_assets.core import refresh
 from persona_assets.core.engine import parquet_glob, write_aside
 from persona_assets.core.warehouse import replace_tables, table_exists, transaction
 
-# The tables that only grow, by the key they grow along (a carry takes their new batches only).
-APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id", "ingest_files": "batch_id"}
+# The tables that only grow, by the key they grow along (a carry takes their new batches only; the
+# ledger is replaced whole: a file that grew changes its earlier rows).
+APPEND_ONLY = {"raw_events": "batch_id", "quarantined_events": "batch_id"}
 # What Spark's stages read that only DuckDB writes (persona merge / unmerge, persona forget).
 HANDED_OVER = ("identity_overrides", "erasure_log")
 
@@ -121,15 +122,28 @@ def _as_of(con: duckdb.DuckDBPyConnection):
     return data_as_of(con) if table_exists(con, "raw_events") else None
 
 
-def export(con: duckdb.DuckDBPyConnection, warehouse: Path, table: str, select: str | None = None) -> int:
-    """A DuckDB table (or a SELECT) as Parquet table `table` in the warehouse, written beside it and
-    moved in whole (as `SparkTables.write` does). Returns its rows."""
+def export(con: duckdb.DuckDBPyConnection, warehouse: Path, table: str) -> int:
+    """DuckDB table `table` as Parquet table `table` in the warehouse, written beside it and moved in
+    whole (as `SparkTables.write` does). Its timestamps are written as Spark writes them (instants,
+    the same UTC time), so Spark's later files in the same folder read with them. Returns its rows."""
     target = Path(warehouse) / table
+    stamps = [
+        name
+        for name, kind in con.execute(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = $t",
+            {"t": table},
+        ).fetchall()
+        if kind == "TIMESTAMP"
+    ]
+    instants = f" REPLACE ({', '.join(f'{_quoted(c)}::TIMESTAMPTZ AS {_quoted(c)}' for c in stamps)})" if stamps else ""
 
     def copy(folder: Path) -> None:
         folder.mkdir(parents=True)
-        select_sql = select or f"SELECT * FROM {_quoted(table)}"
-        con.execute(f"COPY ({select_sql}) TO $file (FORMAT parquet)", {"file": str(folder / "part-0.parquet")})
+        with utc(con):
+            con.execute(
+                f"COPY (SELECT *{instants} FROM {_quoted(table)}) TO $file (FORMAT parquet)",
+                {"file": str(folder / "part-0.parquet")},
+            )
 
     write_aside(target, copy)
     return con.execute("SELECT count(*) FROM read_parquet($f)", {"f": str(target / "part-0.parquet")}).fetchall()[0][0]
@@ -139,10 +153,25 @@ def _quoted(table: str) -> str:
     return '"' + table.replace('"', '""') + '"'
 
 
-def hand_over(con: duckdb.DuckDBPyConnection, warehouse: Path) -> None:
-    """What Spark's stages read that DuckDB keeps, into the Parquet warehouse: the merge / unmerge
-    decisions and the erasure log (a table DuckDB has not made yet is removed there too). A forget
-    that reached DuckDB but not the Parquet tables (killed between the two) is finished first."""
+# What each Spark stage reads that an earlier stage wrote (the ledger last: it commits ingest's tables).
+STAGE_INPUTS = {
+    "ingest": ("raw_events", "quarantined_events", "ingest_files"),
+    "identity": ("raw_events", "identity_map", "person_id_history"),
+    "cleaning": ("raw_events", "identity_map", "deduped_users"),
+    "scores": ("raw_events", "identity_map", "cleaned_users"),
+}
+
+
+def hand_over(con: duckdb.DuckDBPyConnection, warehouse: Path, stage: str) -> None:
+    """What `stage` on Spark reads, as the DuckDB warehouse has it, into the Parquet warehouse:
+    the merge / unmerge decisions and the erasure log (a table DuckDB has not made yet is removed
+    there too), and each input table whose Parquet copy is missing or holds another number of rows
+    than DuckDB's (a home that ran on DuckDB before, or a Spark stage stopped before its carry:
+    every Spark table is carried into DuckDB, so DuckDB's copy is the one the graph published). A
+    forget that reached DuckDB but not the Parquet tables (killed between the two) is finished
+    first; a Spark ingest whose carry into DuckDB was stopped is carried first (its ledger is ahead)."""
+    if _ledger_ahead(con, warehouse):
+        carry_ingest(con, warehouse)
     if _erasures_behind(con, warehouse):
         forget_in_parquet(con, warehouse)
     for table in HANDED_OVER:
@@ -150,6 +179,43 @@ def hand_over(con: duckdb.DuckDBPyConnection, warehouse: Path) -> None:
             export(con, warehouse, table)
         else:
             shutil.rmtree(Path(warehouse) / table, ignore_errors=True)
+    for table in STAGE_INPUTS[stage]:
+        if table_exists(con, table) and _rows(con, warehouse, table) != _rows(con, None, table):
+            export(con, warehouse, table)
+
+
+def _rows(con: duckdb.DuckDBPyConnection, warehouse: Path | None, table: str) -> int | None:
+    """A table's rows in DuckDB (warehouse None) or in the Parquet warehouse (None: it has no such table)."""
+    if warehouse is None:
+        return con.execute(f"SELECT count(*) FROM {_quoted(table)}").fetchall()[0][0]
+    if not has_table(warehouse, table):
+        return None
+    select, params = parquet_select(warehouse, table)
+    return con.execute(f"SELECT count(*) FROM ({select})", params).fetchall()[0][0]
+
+
+def _ledger_ahead(con: duckdb.DuckDBPyConnection, warehouse: Path) -> bool:
+    """Whether Spark's ledger holds a batch DuckDB's copy lacks (a carry stopped after Spark's commit)."""
+    if not has_table(warehouse, "ingest_files"):
+        return False
+    select, params = parquet_select(warehouse, "ingest_files")
+    spark_last = con.execute(f"SELECT max(batch_id) FROM ({select})", params).fetchall()[0][0]
+    duck_last = (
+        con.execute("SELECT max(batch_id) FROM ingest_files").fetchall()[0][0]
+        if table_exists(con, "ingest_files")
+        else None
+    )
+    return spark_last is not None and (duck_last is None or spark_last > duck_last)
+
+
+def carry_ingest(con: duckdb.DuckDBPyConnection, warehouse: Path) -> None:
+    """Ingest's tables (and the erasure log, whose consents ingest records) from Spark into DuckDB."""
+    from persona_assets.contracts import ErasureLog, IngestFiles, QuarantinedEvents, RawEvents
+
+    tables = [(RawEvents, "raw_events"), (QuarantinedEvents, "quarantined_events"), (IngestFiles, "ingest_files")]
+    if has_table(warehouse, "erasure_log"):  # consents that arrived lift suppressions: recorded there
+        tables.append((ErasureLog, "erasure_log"))
+    carry(con, warehouse, None, tables)
 
 
 def _erasures_behind(con: duckdb.DuckDBPyConnection, warehouse: Path) -> bool:
@@ -208,16 +274,12 @@ def _quiet(spark) -> None:
 
 def ingest(con, spark, warehouse: Path, landing: Path, key: bytes, opts, run_id: str | None = None, only=None):
     """Landing files into raw_events, quarantined_events and ingest_files on Spark, then carried."""
-    from persona_assets.contracts import ErasureLog, IngestFiles, QuarantinedEvents, RawEvents
     from persona_assets.core.ingest_spark import ingest_on_spark
 
     _quiet(spark)
-    hand_over(con, warehouse)
+    hand_over(con, warehouse, "ingest")
     report = ingest_on_spark(spark, landing, warehouse, key, opts, run_id=run_id, only=only)
-    tables = [(RawEvents, "raw_events"), (QuarantinedEvents, "quarantined_events"), (IngestFiles, "ingest_files")]
-    if has_table(warehouse, "erasure_log"):  # consents that arrived lift suppressions: recorded there
-        tables.append((ErasureLog, "erasure_log"))
-    carry(con, warehouse, None, tables)
+    carry_ingest(con, warehouse)
     return report
 
 
@@ -232,7 +294,7 @@ def identity(con, spark, warehouse: Path, opts, run_id: str | None = None):
     from persona_assets.core.identity import PERSON_EVENTS_VIEW, resolve_on_spark
 
     _quiet(spark)
-    hand_over(con, warehouse)
+    hand_over(con, warehouse, "identity")
     report = resolve_on_spark(spark, warehouse, opts, run_id=run_id)
     linkage.ensure_tables(con)
     tables = [
@@ -255,6 +317,7 @@ def cleaning(con, spark, warehouse: Path, opts):
     from persona_assets.core.cleaning import clean_on_spark
 
     _quiet(spark)
+    hand_over(con, warehouse, "cleaning")
     result = clean_on_spark(spark, warehouse, opts)
     carry(con, warehouse, "cleaning", [(Sessions, "sessions"), (CleanedUsers, "cleaned_users")], asdict(opts))
     return result
@@ -266,6 +329,7 @@ def profiles(con, spark, warehouse: Path, opts):
     from persona_assets.core import profiles as stage
 
     _quiet(spark)
+    hand_over(con, warehouse, "scores")
     stage.category_scores_on_spark(spark, warehouse, opts)
     select, params = parquet_select(warehouse, "category_scores")
     with utc(con):
