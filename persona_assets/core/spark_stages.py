@@ -32,7 +32,6 @@ from pathlib import Path
 import duckdb
 import pandera.pandas as pa
 
-from persona_assets.contracts import ddl
 from persona_assets.core import refresh
 from persona_assets.core.engine import parquet_glob, write_aside
 from persona_assets.core.warehouse import replace_tables, table_exists, transaction
@@ -255,12 +254,6 @@ def forget_in_parquet(
     if table_exists(con, "erasure_log"):
         export(con, warehouse, "erasure_log")
     return rewritten
-
-
-def ensure_ddl(con: duckdb.DuckDBPyConnection, tables: Iterable[tuple[type[pa.DataFrameModel], str]]) -> None:
-    """The DuckDB tables a Spark stage carries into, made empty when missing (a first run)."""
-    for model, table in tables:
-        con.execute(ddl(model, table))
 
 
 # --- the stages, as the assets run them under engine: spark ------------------------------------
