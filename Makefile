@@ -43,7 +43,8 @@ test: venv
 	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=30
 
 # Both lanes run the tests on two workers (pytest-xdist): most tests wait on a server, a browser or
-# a child process part of the time. The Spark tests keep to one worker, which holds the one session.
+# a child process part of the time. The Spark tests are two groups (xdist_group), each kept to one
+# worker with its own session: a module's fixtures are built once.
 # The development lane: everything but the slow end-to-end tests (make test runs those too).
 test-fast: venv
 	$(BIN)/ruff check persona_assets persona_assets_tests

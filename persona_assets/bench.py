@@ -682,6 +682,7 @@ def spark_bench(
     chosen = [s for s in STAGES if not only or s in only]
     parquet = work / "spark-warehouse"
     shutil.rmtree(parquet, ignore_errors=True)
+    parquet.mkdir(parents=True)  # (all stages chosen: nothing to export, the settings file still goes here)
     # The chosen stages' inputs that no chosen stage before them makes, as the DuckDB build made them (not timed).
     inputs: set[str] = set()
     made: set[str] = set()

@@ -274,8 +274,7 @@ def load_settings(path: Path | None) -> dict:
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise SettingsError(f"{path}: {section}: {plain_errors(exc)}") from None
         out[section] = dict(values)
-    linkage = IdentityConfig(**out.get("identity", {})).options().linkage
-    refused = refuse_partial(EngineConfig(**out.get("engine", {})).options(), linkage)
+    refused = refuse_partial(EngineConfig(**out.get("engine", {})).options())
     if refused:
         raise SettingsError(f"{path}: {refused}")
     return out

@@ -66,7 +66,9 @@ def _ingest(spark, job: argparse.Namespace) -> dict:
 def _identity(spark, job: argparse.Namespace) -> dict:
     """identity_map, deduped_users, identity_guard and person_id_history from raw_events, with
     deterministic links only: the settings must say `identity: {linkage: false}` (checked before
-    Spark starts), so no run silently links fewer people than the same settings would on DuckDB."""
+    Spark starts), so no run silently links fewer people than the same settings would on DuckDB.
+    Probabilistic linkage keeps its model and clusters on the driver's DuckDB warehouse: it runs
+    on Spark through the graph (`persona run`, Dagster), not in this application."""
     from persona_assets.core.identity import resolve_on_spark
 
     report = resolve_on_spark(spark, Path(job.warehouse), _stage_options(job.settings, "identity"))
@@ -114,7 +116,7 @@ def _executors(spark) -> int:
 
 def _refuse_before_starting(stages: list[str], job: argparse.Namespace) -> None:
     """What would stop a stage half-way through the chain, said before Spark starts: identity's
-    settings must turn probabilistic linkage off (it runs on DuckDB only)."""
+    settings must turn probabilistic linkage off (here: see `_identity`)."""
     from persona_assets.core.identity import LINKAGE_ON_SPARK
     from persona_assets.core.pii import KEY_ENV
 

@@ -163,7 +163,8 @@ def materialize_all(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def spark():
-    """One Spark session (local[2], dagster-pyspark's resource) for every Spark test: it takes 7-15 s to start."""
+    """One Spark session (local[2], dagster-pyspark's resource) for the Spark tests of a worker (each of the two
+    Spark test groups keeps to one worker): it takes 7-15 s to start."""
     if shutil.which("java") is None:
         if os.geteuid() != 0:
             pytest.skip("no java: Debian's openjdk-17-jre-headless is needed and only root can install it")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -111,17 +110,9 @@ def test_every_run_reads_the_file_of_its_home(persona_home):
     assert reasons == [("timestamp_out_of_range",)], "the file's min_event_at applied"
 
 
-def test_engine_spark_with_linkage_on_is_refused_at_startup_saying_what_to_set(tmp_path, persona_home):
-    (persona_home / "persona.yaml").write_text("engine: spark\n")
-    proc = cli(persona_home, "run")
-    said = "engine: spark runs identity without probabilistic linkage: add `identity: {linkage: false}`"
-    assert proc.returncode == 2 and said in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_engine_spark_is_a_setting_with_linkage_on_and_a_bad_engine_is_refused(tmp_path):
     settings = tmp_path / "persona.yaml"
-    settings.write_text("engine: spark\n")
-    with pytest.raises(SettingsError, match=re.escape(said)):
-        load_settings(settings)
-    settings.write_text("engine: spark\nidentity:\n  linkage: false\n")
+    settings.write_text("engine: spark\n")  # probabilistic linkage on (the default) runs on Spark too
     assert load_settings(settings)["engine"] == {"name": "spark"}
     settings.write_text("engine:\n  name: duckdb\n  spark_master: local[2]\n")
     assert load_settings(settings)["engine"]["name"] == "duckdb"

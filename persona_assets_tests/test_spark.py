@@ -24,7 +24,7 @@ from persona_assets.core.identity import resolve
 from persona_assets.core.ingest import ingest
 from persona_assets.datagen import generate
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]  # one worker holds the Spark session
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark-stages")]  # one worker, its Spark session (conftest)
 
 PEOPLE = 300
 SEED = 11  # at 300 people: long and burst sessions, outliers and a trait issue (seeds 3, 5, 7 lack some)

@@ -31,7 +31,7 @@ from persona_assets.datagen import generate
 from persona_assets_tests.test_spark import KEYS, _read_parquet, assert_same_table
 from persona_assets_tests.test_spark_profiles import assert_same_scores
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]  # Spark's JVMs one group at a time
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark-stages")]  # with the stages, not beside the graph test
 
 # The tables before cleaning's, each with the columns that make a row's key.
 CHAIN = {

@@ -22,7 +22,7 @@ from persona_assets_tests.conftest import materialize_all
 from persona_assets_tests.test_settings import cli
 from persona_assets_tests.test_spark import assert_same_table
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]  # one worker holds the Spark session
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark-graph")]  # one worker, its Spark session (conftest)
 
 PEOPLE = 120
 # Each compared table's key, and the columns that hold the moment of a run (not the data's).
@@ -32,6 +32,8 @@ KEYS = {
     "ingest_files": ["file_name", "batch_id"],
     "person_id_history": ["old_person_id", "new_person_id"],
     "identity_map": ["identifier_type", "identifier"],
+    "identity_pii": ["record_id"],
+    "identity_links": ["record_id_l", "record_id_r"],
     "deduped_users": ["person_id"],
     "sessions": ["person_id", "started_at"],
     "cleaned_users": ["person_id"],
@@ -48,7 +50,8 @@ RUN_TIME = {
 }
 # Both homes alike; fewer k tried than the default keeps the person-level stages (DuckDB on both) short.
 ON_SPARK = "engine:\n  name: spark\n  spark_master: local[2]\n"
-SETTINGS = "identity:\n  linkage: false\nsegments:\n  k_max: 4\n"
+# Probabilistic linkage on (the default), trained on the generated people's names and birth dates.
+SETTINGS = "identity:\n  min_link_records: 40\nsegments:\n  k_max: 4\n"
 
 
 def _later_order(path: Path, anonymous_id: str, ids: str = "later") -> None:
@@ -59,6 +62,37 @@ def _later_order(path: Path, anonymous_id: str, ids: str = "later") -> None:
         {"messageId": f"{ids}-2", "type": "track", "event": "Order Completed", "timestamp": "2026-11-30T12:00:00Z"},
     ]  # fmt: skip
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+# People who signed up twice as two anonymous visitors, written two ways (the generator makes no
+# such duplicates): only probabilistic linkage makes each one person.
+SIGNUPS = [
+    ("Margarethe", "Vandersloot", "1974-03-09", "10115", "Berlin"),
+    ("Téodor", "Przybylski", "1988-11-23", "00-950", "Warszawa"),
+    ("Oluwaseun", "Adeyemi-Cole", "1992-06-30", "SW1A 1AA", "London"),
+]
+
+
+def _signups(path: Path, prefix: str, people: list[tuple], day: str) -> None:
+    lines = []
+    for i, (first, last, born, postcode, city) in enumerate(people):
+        day_first = f"{born[8:]}/{born[5:7]}/{born[:4]}"
+        forms = [
+            (first, last, born, postcode, city),
+            (first.upper(), last.lower(), day_first, postcode.replace(" ", ""), city.lower()),
+        ]
+        for j, (f, surname, b, pc, c) in enumerate(forms):
+            traits = {"first_name": f, "last_name": surname, "birthday": b, "postal_code": pc, "city": c}
+            lines.append(
+                {
+                    "type": "identify",
+                    "messageId": f"{prefix}-{i}-{j}",
+                    "anonymousId": f"{prefix}-{i}-{j}",
+                    "timestamp": f"{day}T1{j}:00:00Z",
+                    "traits": traits,
+                }
+            )
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))  # fmt: skip
 
 
 # An incremental profiles run keeps the scores of people it did not touch valued at their own time
@@ -125,11 +159,15 @@ def homes(spark, tmp_path_factory, request):
             mp.setenv("PERSONA_HOME", str(home))
             builds[engine].append(_run(home))
 
-    build(files[:2])
+    signups, later_signups = root / "signups.jsonl", root / "later-signups.jsonl"
+    _signups(signups, "signup", SIGNUPS[:2], "2026-11-01")
+    build([*files[:2], signups])
     (homes["switched"] / "persona.yaml").write_text(SETTINGS + ON_SPARK)
     later = root / "later.jsonl"
     _later_order(later, builds["duckdb"][0]["raw_events"]["anonymous_id"].dropna().min())
-    build([*files[2:], later])
+    # A new person twice, and two more records of a known one: linkage reaches a person the run did not hold.
+    _signups(later_signups, "later-signup", [SIGNUPS[2], SIGNUPS[0]], "2026-11-29")
+    build([*files[2:], later, later_signups])
     return homes, builds
 
 
@@ -146,6 +184,16 @@ def test_both_engines_give_the_same_tables(homes, build, table):
 def test_a_home_switched_from_duckdb_to_spark_gives_the_same_tables(homes, table):
     _, builds = homes
     assert_same_table(builds["duckdb"][1][table], builds["switched"][1][table], "_key")
+
+
+def test_linkage_made_one_person_of_each_signup_on_both_engines(homes):
+    _, builds = homes
+    for engine in ("duckdb", "spark", "switched"):
+        tables = builds[engine][1]
+        people = tables["identity_map"].query("identifier.str.contains('signup')", engine="python")
+        links = tables["identity_links"].query("status == 'merged'")
+        assert len(people) == 8 and people["person_id"].nunique() == 3, engine  # 3 people, 8 sign-ups
+        assert len(links) >= 5 and (tables["identity_pii"]["anchor"].str.contains("signup")).sum() == 8, engine
 
 
 def test_the_spark_home_built_on_spark_and_the_duckdb_one_refreshed_incrementally(homes):

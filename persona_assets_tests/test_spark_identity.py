@@ -24,7 +24,7 @@ from persona_assets.core.ingest import ingest
 from persona_assets.datagen import generate
 from persona_assets_tests.test_spark import _read_parquet, assert_same_table
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]  # one worker holds the Spark session
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark-graph")]  # one worker, its Spark session (conftest)
 
 PEOPLE = 200
 SEED = 3
@@ -174,6 +174,6 @@ def test_unnumbered_row_number_is_unique_on_spark_as_on_duckdb(spark, tmp_path):
     assert SparkTables(spark, tmp_path).query(sql).collect()[0][0] is True
 
 
-def test_linkage_is_refused_on_spark(spark, builds):
-    with pytest.raises(ValueError, match="probabilistic linkage"):
+def test_linkage_on_spark_without_the_warehouse_its_model_is_kept_in_is_refused(spark, builds):
+    with pytest.raises(ValueError, match="needs the DuckDB warehouse its model is kept in"):
         identity.resolve_on_spark(spark, builds["warehouse"], identity.IdentityOptions(linkage=True))

@@ -26,7 +26,7 @@ from persona_assets.datagen import generate
 from persona_assets_tests.test_mappings import GA4_LINES, ORDERS, REDELIVERED
 from persona_assets_tests.test_spark import assert_same_table
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark-stages")]  # one worker, its Spark session (conftest)
 
 KEY = b"spark-ingest-key"
 NOW = datetime(2026, 12, 1, 12, 0, 0)

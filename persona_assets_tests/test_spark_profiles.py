@@ -31,7 +31,7 @@ from persona_assets.datagen import generate
 from persona_assets.settings import shipped_enrichment
 from persona_assets_tests.test_spark import _read_parquet, assert_same_table
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark")]  # one worker holds the Spark session
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("spark-stages")]  # one worker, its Spark session (conftest)
 
 PEOPLE = 150
 SEED = 11

@@ -66,7 +66,12 @@ def resolve_identities(
     with warehouse.get_connection() as con:
         if engine.name == "spark":
             report = spark_stages.identity(
-                con, spark.spark_session, engine.warehouse(persona.root), persona.options(config), context.run_id
+                con,
+                spark.spark_session,
+                engine.warehouse(persona.root),
+                persona.options(config),
+                context.run_id,
+                retrain_linkage=config.retrain_linkage,
             )
         else:
             report = resolve(

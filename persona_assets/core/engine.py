@@ -70,7 +70,7 @@ if TYPE_CHECKING:  # pyspark is imported only by the Spark path
 ENGINES = ("duckdb", "spark")
 # The stages that run on Spark under `engine: spark` (`core/spark_stages.py`); the person-level
 # stages after them run on DuckDB over what they wrote.
-SPARK_STAGES = ("ingest", "identity (without linkage)", "cleaning", "category scores")
+SPARK_STAGES = ("ingest", "identity", "cleaning", "category scores")
 
 
 @dataclass(frozen=True)
@@ -115,18 +115,12 @@ class EngineOptions:
         return config
 
 
-def refuse_partial(options: EngineOptions, linkage: bool) -> str | None:
-    """Why a run cannot start on this engine (None: it can): on Spark, identity links people by the
-    identifiers they share; probabilistic linkage (on by default) runs on DuckDB only."""
+def refuse_partial(options: EngineOptions) -> str | None:
+    """Why a run cannot start on this engine (None: it can): Spark needs Java."""
     if options.name == "spark" and not (shutil.which("java") or os.environ.get("JAVA_HOME")):
         return (
             "engine: spark needs Java 17 or later (Debian: apt-get install openjdk-17-jre-headless), "
             "or use engine: duckdb"
-        )
-    if options.name == "spark" and linkage:
-        return (
-            "engine: spark runs identity without probabilistic linkage: add `identity: {linkage: false}` "
-            "to the settings, or use engine: duckdb (see docs/scaling.md)"
         )
     return None
 
@@ -362,25 +356,37 @@ class SparkTables:
         self.names = [n for n in self.names if n in keep]
 
 
-def duckdb_functions(spark: SparkSession, functions: dict[str, tuple[str, str]]) -> None:
-    """Register DuckDB's own functions of two text values in `spark`, by name: {name: (SQL type of
-    the result, DuckDB SQL of `l` and `r`)}. Each runs on the executors as a vectorized Python
-    function over a private DuckDB (the executors must run Persona's interpreter, as
-    `resources.spark_resource` sets), so Spark gets DuckDB's exact values where it has no
-    function of the same meaning."""
+def duckdb_functions(spark: SparkSession, functions: dict[str, tuple]) -> None:
+    """Register DuckDB's own functions of text values in `spark`, by name: {name: (SQL type of
+    the result, DuckDB SQL of `l` and `r`)}, or (type, SQL, the argument names) for others, e.g.
+    ("x",). Each runs on the executors as a vectorized Python function over a private DuckDB (the
+    executors must run Persona's interpreter, as `resources.spark_resource` sets), so Spark gets
+    DuckDB's exact values where it has no function of the same meaning."""
     from pyspark.sql.functions import pandas_udf
 
-    for name, (result, sql) in functions.items():
-        spark.udf.register(name, pandas_udf(_duckdb_function(sql), result.lower()))
+    for name, (result, sql, *args) in functions.items():
+        run = _duckdb_function(sql, *(args or [("l", "r")]))
+        spark.udf.register(name, pandas_udf(run, result.lower()))
 
 
-def _duckdb_function(sql: str):
+def _duckdb_function(sql: str, args: tuple[str, ...]):
     # (pandas is a module global: pandas_udf reads the type hints, strings under `annotations`.)
-    def run(l: pd.Series, r: pd.Series) -> pd.Series:  # noqa: E741  (DuckDB's names for the two sides)
+    def run(*columns: pd.Series) -> pd.Series:
         import duckdb
 
         with duckdb.connect() as con:
-            con.register("frame", pd.DataFrame({"l": l, "r": r}))
+            con.register("frame", pd.DataFrame(dict(zip(args, columns))))
             return con.execute(f"SELECT {sql} AS v FROM frame").df()["v"]
 
-    return run
+    # pandas_udf reads the number of arguments from the hints: one per argument name.
+    if len(args) == 1:
+
+        def one(x: pd.Series) -> pd.Series:
+            return run(x)
+
+        return one
+
+    def two(l: pd.Series, r: pd.Series) -> pd.Series:  # noqa: E741  (DuckDB's names for the two sides)
+        return run(l, r)
+
+    return two

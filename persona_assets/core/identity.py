@@ -10,6 +10,7 @@ or split (recorded in `person_id_history`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +35,7 @@ from persona_assets.contracts import (
 )
 from persona_assets.core import components, linkage, overrides, refresh
 from persona_assets.core.components import Steps
-from persona_assets.core.engine import SparkTables
+from persona_assets.core.engine import SparkTables, duckdb_functions
 from persona_assets.core.faults import kill_point
 from persona_assets.core.options import setting
 from persona_assets.core.publish import sql_literal
@@ -91,6 +92,8 @@ class IdentityReport(StageResult):
     largest: list[tuple[str, int]] = field(default_factory=list)
     history: int = 0
     links: linkage.LinkReport = field(default_factory=linkage.LinkReport)
+    # A model a Spark run trained, saved by its caller in the carry's transaction (`spark_stages.identity`).
+    trained_model: dict | None = field(default=None, repr=False)
 
 
 # (identifier_type, column in the event tuple)
@@ -385,6 +388,7 @@ SCRATCH_TABLES = (
     "_records",
     "_candidates",
     "_link_status",
+    "_merges",
 )
 
 
@@ -452,14 +456,18 @@ class _Run:
 
 
 def _linkage_plan(
-    con: duckdb.DuckDBPyConnection, opts: IdentityOptions, retrain: bool
+    con: duckdb.DuckDBPyConnection,
+    opts: IdentityOptions,
+    retrain: bool,
+    matching_people: Callable[[], int] | None = None,
 ) -> tuple[tuple[int, dict] | None, bool, str]:
     """The linkage model in use (None: none yet, or linkage off), whether to train one, and why
-    linkage waits when there are too few people to train on."""
+    linkage waits when there are too few people to train on (`matching_people`: counted on the
+    engine holding the events, by default `con`)."""
     model = linkage.latest_model(con) if opts.linkage else None
     if not opts.linkage or model is not None:
         return model, opts.linkage and retrain, ""
-    people = linkage.matching_people(con)
+    people = matching_people() if matching_people else linkage.matching_people(con)
     if people >= opts.min_link_records:
         return None, True, ""
     waits = (
@@ -601,12 +609,19 @@ def _link(
     train: bool,
     outside: str | None,
     cluster: bool = True,
+    spark: SparkSession | None = None,
 ) -> dict | None:
     """Stage records, train a model if asked, score candidate pairs and (unless the caller merges
-    later) merge. Returns newly trained settings to save, else None."""
+    later) merge. Returns newly trained settings to save, else None. With `spark`, the records
+    (`_records`) and the records of keep_apart decisions (`_keep_apart_parts`) were staged on Spark
+    and brought here, the pairs are scored there, and the merges are left in `_merges` for Spark's
+    components (`_link_on_spark`)."""
     if not links.enabled:
         return None
-    links.records = linkage.stage_records(con, "_area_events" if outside else "raw_events", "_members")
+    if spark is None:
+        links.records = linkage.stage_records(con, "_area_events" if outside else "raw_events", "_members")
+    else:
+        links.records = con.execute("SELECT count(*) FROM _records").fetchall()[0][0]
     trained = None
     if train:
         if links.records < 2:
@@ -623,11 +638,15 @@ def _link(
         links.model_status = linkage.model_status(con, model[0])
     links.fallback = links.model_status.startswith("fallback")
     links.model_version = model[0] if model[0] is not None else linkage.next_version(con)
-    linkage.predict(con, model[1], opts.link_threshold, outside, opts.link_pairs_per_record, links)
+    args = (model[1], opts.link_threshold, outside, opts.link_pairs_per_record, links)
+    if spark is None:
+        linkage.predict(con, *args)
+    else:
+        linkage.predict_on_spark(spark, con, *args)
     links.links = con.execute("SELECT count(*) FROM _candidates").fetchall()[0][0]
-    overrides.keep_apart(con)
+    overrides.keep_apart(con, None if spark is None else "_keep_apart_parts")
     if cluster:
-        counts = linkage.cluster(con, _link_user_ids(opts))
+        counts = linkage.cluster(con, _link_user_ids(opts), relabel=spark is None)
         links.merges, links.blocked = counts["merged"], counts["blocked"]
     return trained
 
@@ -696,13 +715,21 @@ def _stage_area(con: duckdb.DuckDBPyConnection, opts: IdentityOptions, scope: re
 # --- on Spark -------------------------------------------------------------------------------
 
 LINKAGE_ON_SPARK = (
-    "identity on Spark links people by the identifiers they share only: probabilistic linkage "
-    "(Splink, identity.linkage) runs on DuckDB; set identity.linkage: false to run identity on Spark"
+    "identity on Spark with probabilistic linkage needs the DuckDB warehouse its model is kept in: "
+    "run it through the graph (persona run, Dagster), or set identity.linkage: false"
 )
+# What linkage's driver side leaves in the DuckDB connection on a Spark run, for the caller to write
+# identity_pii and identity_links from before dropping them (`spark_stages.identity`).
+LINKAGE_LEFT = ("_records", "_candidates", "_link_status", "_merges", "_kept_apart", "_keep_apart_parts")
 
 
 def resolve_on_spark(
-    spark: SparkSession, warehouse: Path, opts: IdentityOptions | None = None, run_id: str | None = None
+    spark: SparkSession,
+    warehouse: Path,
+    opts: IdentityOptions | None = None,
+    run_id: str | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
+    retrain_linkage: bool = False,
 ) -> IdentityReport:
     """identity_map, deduped_users, identity_guard and person_id_history rebuilt in full on Spark
     from the Parquet table raw_events in `warehouse`, with the statements `resolve` runs on DuckDB
@@ -711,15 +738,18 @@ def resolve_on_spark(
     in whole, as `SparkTables.write` does.
 
     persona merge / unmerge decisions (identity_overrides as Parquet there, when it exists) apply
-    as on DuckDB. Deterministic linkage only (`opts` defaults to linkage off): probabilistic
-    linkage is refused with the reason.
+    as on DuckDB. Probabilistic linkage (`opts.linkage`; `opts` defaults to linkage off) needs
+    `con`, the DuckDB warehouse its model is kept in (see `_link_on_spark`); a model trained by
+    this run is returned in the report (`trained_model`) for the caller to save.
     """
     opts = opts or IdentityOptions(linkage=False)
-    if opts.linkage:
+    if opts.linkage and con is None:
         raise ValueError(LINKAGE_ON_SPARK)
     t = SparkTables(spark, warehouse, checkpoint=True)
     try:
         t.read("raw_events")
+        model, train, waiting = _linkage_plan(con, opts, retrain_linkage, lambda: t.scalar(linkage.MATCHING_PEOPLE))
+        links = linkage.LinkReport(enabled=opts.linkage and (model is not None or train), note=waiting)
         decisions = t.path(overrides.TABLE).exists()
         if decisions:
             t.read(overrides.TABLE)
@@ -729,6 +759,7 @@ def resolve_on_spark(
         t.view("_identity_edges", EDGES)  # read once, by the components' first step
         _, rounds = components.label(t, "_nodes", "_identity_edges")
         t.table("_members", MEMBERS_SELECT.format(area=""))
+        trained = _link_on_spark(t, con, opts, links, model, train, decisions) if links.enabled else None
         if decisions:
             _join_on_spark(t)
         t.table("identity_map__next", IDENTITY_MAP_SELECT)
@@ -747,7 +778,59 @@ def resolve_on_spark(
         counts=counts,
         identifiers=counts["identity_map"],
         guard_hits=counts["identity_guard"],
+        links=links,
+        trained_model=trained,
     )
+
+
+def _link_on_spark(
+    t: SparkTables,
+    con: duckdb.DuckDBPyConnection,
+    opts: IdentityOptions,
+    links: linkage.LinkReport,
+    model: tuple[int, dict] | None,
+    train: bool,
+    decisions: bool,
+) -> dict | None:
+    """Probabilistic linkage with the events on Spark: the records (`linkage.records_select`, each
+    trait read by DuckDB's own SQL on the executors) staged there from every event, then brought to
+    the driver's DuckDB (`con`): one row per person with a name or birth date, person-level like
+    the features. There, as on DuckDB, a model is trained when none is saved, the pairs blocking
+    gives are scored on Spark (`linkage.predict_on_spark`), and the links clustered strongest first
+    under the userId guard (`linkage.cluster`); the merges go back to Spark's components. Returns
+    newly trained settings, else None."""
+    duckdb_functions(t.spark, linkage.SPARK_TRAIT_FUNCTIONS)
+    t.table("_records", linkage.records_select("raw_events", "_members", linkage.SPARK_TRAIT_SQL))
+    _to_duckdb(con, "_records", t.query("SELECT * FROM _records ORDER BY record_id"))
+    if decisions:
+        _to_duckdb(con, "_keep_apart_parts", t.query(overrides.KEEP_APART_PARTS))
+    else:
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _keep_apart_parts (override_id BIGINT, part BIGINT, record_id VARCHAR)"
+        )
+    trained = _link(con, opts, links, model, train, outside=None, spark=t.spark)
+    if not links.enabled:  # nothing to learn from: no model, nobody linked
+        return None
+    overrides.restore_kept_apart(con)
+    merges = con.execute("SELECT component, merged FROM _merges").fetchall()
+    if merges:
+        t.spark.createDataFrame(merges, "component BIGINT, merged BIGINT").createOrReplaceTempView("_merges")
+        t.table(
+            "_labels",
+            """SELECT l.node, coalesce(m.merged, l.component) AS component
+               FROM _labels l LEFT JOIN _merges m ON m.component = l.component""",
+        )
+        t.table("_members", MEMBERS_SELECT.format(area=""))
+    return trained
+
+
+def _to_duckdb(con: duckdb.DuckDBPyConnection, name: str, frame) -> None:
+    """A Spark query's rows (person-level: a few per person) as temp table `name` in `con`."""
+    con.register(f"{name}_arrow", frame.toArrow())
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {name}_arrow")
+    finally:
+        con.unregister(f"{name}_arrow")
 
 
 def _join_on_spark(t: SparkTables) -> None:

@@ -243,14 +243,28 @@ def _date(col: str) -> str:
 
 # How each matching trait is read from an event, the same way for every record: names without
 # accents, case or punctuation; a birth date as YYYY-MM-DD whatever format it came in; an age in
-# years; a postcode without spaces, upper-case.
-TRAIT_SQL = {
-    "first_name": _name("e.first_name"),
-    "last_name": _name("e.last_name"),
-    "birthday": _date("e.birthday"),
-    "age": "CASE WHEN TRY_CAST(trim(e.age) AS DOUBLE) BETWEEN 0 AND 120 THEN TRY_CAST(trim(e.age) AS DOUBLE)::BIGINT END",
-    "postal_code": "nullif(upper(regexp_replace(trim(e.postal_code), '[^A-Za-z0-9]', '', 'g')), '')",
-    "city": _name("e.city"),
+# years; a postcode without spaces, upper-case. Each is DuckDB SQL of one column.
+MATCH_VALUES = {
+    "first_name": _name,
+    "last_name": _name,
+    "birthday": _date,
+    "age": lambda c: (
+        f"CASE WHEN TRY_CAST(trim({c}) AS DOUBLE) BETWEEN 0 AND 120 THEN TRY_CAST(trim({c}) AS DOUBLE)::BIGINT END"
+    ),
+    "postal_code": lambda c: f"nullif(upper(regexp_replace(trim({c}), '[^A-Za-z0-9]', '', 'g')), '')",
+    "city": _name,
+}
+TRAIT_SQL = {name: value(f"e.{name}") for name, value in MATCH_VALUES.items()}
+
+# On Spark each trait is read by DuckDB's own SQL above, run on the executors (`duckdb_functions`):
+# Spark has no strip_accents and no regexp_extract into named groups, and casts 34.5 to an age of 34
+# where DuckDB gives 35. An age comes back as a DOUBLE (a count with NULLs reaches pandas as floats).
+SPARK_TRAIT_FUNCTIONS = {
+    f"duckdb_match_{name}": ("DOUBLE" if name == "age" else "STRING", value("x"), ("x",))
+    for name, value in MATCH_VALUES.items()
+}
+SPARK_TRAIT_SQL = {
+    name: f"duckdb_match_{name}(e.{name})" + ("::BIGINT" if name == "age" else "") for name in MATCH_VALUES
 }
 
 
@@ -278,35 +292,40 @@ def latest_model(con: duckdb.DuckDBPyConnection) -> tuple[int, dict] | None:
     return (row[0][0], json.loads(row[0][1])) if row else None
 
 
+# People (userIds, else anonymousIds) whose events carry a name or a birth date: with enough of
+# them a model can be trained. Cheap, and the same number at planning and training time.
+MATCHING_PEOPLE = """SELECT count(DISTINCT coalesce(user_id, anonymous_id)) FROM raw_events
+                     WHERE first_name IS NOT NULL OR last_name IS NOT NULL OR birthday IS NOT NULL"""
+
+
 def matching_people(con: duckdb.DuckDBPyConnection) -> int:
-    """People (userIds, else anonymousIds) whose events carry a name or a birth date: with enough
-    of them a model can be trained. Cheap, and the same number at planning and training time."""
-    return con.execute(
-        """SELECT count(DISTINCT coalesce(user_id, anonymous_id)) FROM raw_events
-           WHERE first_name IS NOT NULL OR last_name IS NOT NULL OR birthday IS NOT NULL"""
-    ).fetchall()[0][0]
+    return con.execute(MATCHING_PEOPLE).fetchall()[0][0]
 
 
-def stage_records(con: duckdb.DuckDBPyConnection, events: str, members: str) -> int:
-    """`_records`: one row per component of `members` (node, identifier_type, identifier,
-    first_seen_at, component) with its matching traits (most recent non-null, from `events`)
-    and its userIds. Components with no name and no birth date have nothing to compare."""
-    traits = ",\n".join(
+def records_select(events: str, members: str, traits: dict[str, str] = TRAIT_SQL) -> str:
+    """One row per component of `members` (node, identifier_type, identifier, first_seen_at,
+    component) with its matching traits (most recent non-null, from `events`, read by `traits`)
+    and its userIds; components with no name and no birth date have nothing to compare. Reads
+    identity's `_guard` and `_occ`. DuckDB's dialect, compiled for Spark too (`engine.to_spark`)."""
+    picked = ",\n".join(
         f"arg_max({sql}, (e.event_at, e.message_id)) FILTER (WHERE {sql} IS NOT NULL) AS {name}"
-        for name, sql in TRAIT_SQL.items()
+        for name, sql in traits.items()
     )
     any_trait = " OR ".join(f"e.{c} IS NOT NULL" for c in COMPARED)
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _records AS
+    first = "(first_seen_at, identifier_type, identifier)"
+    user_id = "WHERE identifier_type = 'user_id'"
+    return f"""
         WITH firsts AS (
           SELECT component,
-                 arg_min(identifier_type || ':' || identifier, (first_seen_at, identifier_type, identifier)) AS first_id,
-                 arg_min(identifier_type, (first_seen_at, identifier_type, identifier)) AS anchor_type,
-                 arg_min(identifier, (first_seen_at, identifier_type, identifier)) AS anchor,
-                 list(DISTINCT identifier ORDER BY identifier) FILTER (WHERE identifier_type = 'user_id') AS user_id_list
+                 arg_min(identifier_type || ':' || identifier, {first}) AS first_id,
+                 arg_min(identifier_type, {first}) AS anchor_type,
+                 arg_min(identifier, {first}) AS anchor,
+                 count(*) FILTER ({user_id}) AS user_ids,
+                 min(identifier) FILTER ({user_id}) AS user_id,
+                 list_sort(list(identifier) FILTER ({user_id})) AS user_id_list
           FROM {members} GROUP BY component
         ), traits AS (
-          SELECT coalesce(mu.component, ma.component) AS component, {traits}
+          SELECT coalesce(mu.component, ma.component) AS component, {picked}
           FROM {events} e
           LEFT JOIN {members} mu ON mu.identifier_type = 'user_id' AND mu.identifier = e.user_id
           LEFT JOIN {members} ma ON ma.identifier_type = 'anonymous_id' AND ma.identifier = e.anonymous_id
@@ -325,12 +344,15 @@ def stage_records(con: duckdb.DuckDBPyConnection, events: str, members: str) -> 
           GROUP BY 1
         )
         SELECT 'p' || left(sha256(f.first_id), 16) AS record_id, f.component, f.anchor_type, f.anchor,
-               coalesce(len(f.user_id_list), 0) AS user_ids, f.user_id_list[1] AS user_id,
-               coalesce(f.user_id_list, []) AS user_id_list,
-               t.* EXCLUDE (component), s.shared_contact
-        FROM firsts f JOIN traits t USING (component) LEFT JOIN shared s USING (component)
+               f.user_ids, f.user_id, coalesce(f.user_id_list, []) AS user_id_list,
+               {", ".join(f"t.{name}" for name in traits)}, s.shared_contact
+        FROM firsts f JOIN traits t ON t.component = f.component LEFT JOIN shared s ON s.component = f.component
         WHERE t.first_name IS NOT NULL OR t.last_name IS NOT NULL OR t.birthday IS NOT NULL"""
-    )
+
+
+def stage_records(con: duckdb.DuckDBPyConnection, events: str, members: str) -> int:
+    """`_records` (`records_select`) on DuckDB; returns how many."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _records AS {records_select(events, members)}")
     return con.execute("SELECT count(*) FROM _records").fetchall()[0][0]
 
 
@@ -878,11 +900,12 @@ def outside_people(con: duckdb.DuckDBPyConnection, scope: Scope) -> list[str]:
     ]
 
 
-def cluster(con: duckdb.DuckDBPyConnection, max_user_ids: int) -> dict[str, int]:
+def cluster(con: duckdb.DuckDBPyConnection, max_user_ids: int, relabel: bool = True) -> dict[str, int]:
     """Merge records along `_candidates`, strongest link first, unless the merged person would hold
     more than `max_user_ids` different userIds and the link is not two accounts sharing an email or
-    phone with agreeing records (`shared`). Relabels `_labels` so a merged person is one component,
-    and leaves each link's status in `_link_status`."""
+    phone with agreeing records (`shared`). Leaves the components merged (`_merges`: component, the
+    one it joins) and each link's status (`_link_status`); relabels `_labels` with the merges (so a
+    merged person is one component) unless `relabel` is off (on Spark `_labels` lives there)."""
     records = con.execute("SELECT record_id, component, user_id_list FROM _records").fetchall()
     component = {r: c for r, c, _ in records}
     users = {r: frozenset(u) for r, _, u in records}
@@ -918,8 +941,10 @@ def cluster(con: duckdb.DuckDBPyConnection, max_user_ids: int) -> dict[str, int]
             {"component": pa.array(list(merged), pa.int64()), "merged": pa.array(list(merged.values()), pa.int64())}
         ),
     )
-    con.execute("UPDATE _labels SET component = m.merged FROM _merges_arrow m WHERE _labels.component = m.component")
+    con.execute("CREATE OR REPLACE TEMP TABLE _merges AS SELECT * FROM _merges_arrow")
     con.unregister("_merges_arrow")
+    if relabel:
+        con.execute("UPDATE _labels SET component = m.merged FROM _merges m WHERE _labels.component = m.component")
     cols = list(zip(*statuses)) if statuses else [[], [], [], []]
     con.register(
         "_status_arrow",

@@ -164,16 +164,24 @@ def _guard_changed_people(con: duckdb.DuckDBPyConnection) -> list[str]:
     return sorted(people)
 
 
-def keep_apart(con: duckdb.DuckDBPyConnection) -> None:
+# The records holding each part of a keep_apart decision (identity's `_members` and `_records`),
+# on either engine.
+KEEP_APART_PARTS = f"""
+SELECT a.override_id, a.part, r.record_id FROM {ACTIVE} a
+JOIN _members m ON m.identifier_type = a.identifier_type AND m.identifier = a.identifier
+JOIN _records r ON r.component = m.component
+WHERE a.action = 'keep_apart'
+"""
+
+
+def keep_apart(con: duckdb.DuckDBPyConnection, parts: str | None = None) -> None:
     """Set aside (in `_kept_apart`) the scored links between records holding different parts of
-    one keep_apart decision, so that clustering never makes them; `apply` records them as blocked."""
+    one keep_apart decision, so that clustering never makes them; `restore_kept_apart` records
+    them as blocked. `parts`: a table of KEEP_APART_PARTS made elsewhere (on Spark), else made here."""
     ensure_table(con)
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _kept_apart AS
-        WITH parts AS (
-          SELECT a.override_id, a.part, r.record_id FROM {ACTIVE} a
-          JOIN _members m USING (identifier_type, identifier) JOIN _records r USING (component)
-          WHERE a.action = 'keep_apart')
+        WITH parts AS ({f"SELECT * FROM {parts}" if parts else KEEP_APART_PARTS})
         SELECT c.*, min(l.override_id) AS override_id FROM _candidates c
         JOIN parts l ON l.record_id = c.record_id_l
         JOIN parts r ON r.record_id = c.record_id_r AND r.override_id = l.override_id AND r.part <> l.part
@@ -187,11 +195,16 @@ def keep_apart(con: duckdb.DuckDBPyConnection) -> None:
 
 def apply(con: duckdb.DuckDBPyConnection) -> None:
     """Before the identity map is written: make each join's parts one component in `_labels`, and
-    put the links kept apart back among the links, blocked with the decision's number."""
+    put the links kept apart back among the links (`restore_kept_apart`)."""
     ensure_table(con)
     with scratch(con) as s:
         if join_components(s):
             con.execute(f"CREATE OR REPLACE TEMP TABLE _labels AS {JOINED_LABELS}")
+    restore_kept_apart(con)
+
+
+def restore_kept_apart(con: duckdb.DuckDBPyConnection) -> None:
+    """The links `keep_apart` set aside, back among the links, blocked with the decision's number."""
     if table_exists_temp(con, "_kept_apart"):
         if table_exists_temp(con, "_link_status"):
             con.execute("INSERT INTO _candidates BY NAME SELECT * EXCLUDE (override_id) FROM _kept_apart")

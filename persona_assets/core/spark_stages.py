@@ -276,29 +276,47 @@ def ingest(con, spark, warehouse: Path, landing: Path, key: bytes, opts, run_id:
     return report
 
 
-def identity(con, spark, warehouse: Path, opts, run_id: str | None = None):
-    """identity_map, deduped_users, identity_guard and person_id_history on Spark, then carried
-    (no probabilistic links stand: identity_links and identity_pii are emptied, as a DuckDB run with
-    linkage off leaves them)."""
+def identity(con, spark, warehouse: Path, opts, run_id: str | None = None, retrain_linkage: bool = False):
+    """identity_map, deduped_users, identity_guard and person_id_history on Spark, then carried;
+    with linkage, identity_pii and identity_links written here from the records and links the run
+    left in `con` (person-level), and a newly trained model saved, in the carry's transaction."""
     from dataclasses import asdict
 
     from persona_assets.contracts import DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory
     from persona_assets.core import linkage
-    from persona_assets.core.identity import PERSON_EVENTS_VIEW, resolve_on_spark
+    from persona_assets.core.identity import LINKAGE_LEFT, PERSON_EVENTS_VIEW, resolve_on_spark
 
     _quiet(spark)
     hand_over(con, warehouse, "identity")
-    report = resolve_on_spark(spark, warehouse, opts, run_id=run_id)
     linkage.ensure_tables(con)
-    tables = [
-        (IdentityMap, "identity_map"),
-        (DedupedUsers, "deduped_users"),
-        (IdentityGuard, "identity_guard"),
-        (PersonIdHistory, "person_id_history"),
-    ]
-    settings = {**asdict(opts), "link_model": None}
-    unlink = [("DELETE FROM identity_links", None), ("DELETE FROM identity_pii", None), (PERSON_EVENTS_VIEW, None)]
-    carry(con, warehouse, "identity", tables, settings, before_commit=unlink)
+    try:
+        report = resolve_on_spark(spark, warehouse, opts, run_id=run_id, con=con, retrain_linkage=retrain_linkage)
+        links = report.links
+        tables = [
+            (IdentityMap, "identity_map"),
+            (DedupedUsers, "deduped_users"),
+            (IdentityGuard, "identity_guard"),
+            (PersonIdHistory, "person_id_history"),
+        ]
+        settings = {**asdict(opts), "link_model": links.model_version if links.enabled else None}
+        # Linkage off (or no model yet): no links stand, and no matching traits are kept.
+        after = [("DELETE FROM identity_links", None), ("DELETE FROM identity_pii", None)]
+        if links.enabled:
+            people = linkage.record_people_sql("identity_map")
+            after += [
+                (f"INSERT INTO identity_pii BY NAME {linkage.PII_SELECT.format(people=people)}", None),
+                (
+                    f"INSERT INTO identity_links BY NAME {linkage.LINKS_SELECT.format(people=people)}",
+                    {"model_version": links.model_version},
+                ),
+            ]
+        if report.trained_model is not None:
+            model = report.trained_model
+            after.append((lambda: linkage.save_model(con, model, links.records, links.model_status), None))
+        carry(con, warehouse, "identity", tables, settings, before_commit=[*after, (PERSON_EVENTS_VIEW, None)])
+    finally:
+        for name in LINKAGE_LEFT:
+            con.execute(f"DROP TABLE IF EXISTS {name}")
     return report
 
 
