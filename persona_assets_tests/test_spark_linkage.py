@@ -243,6 +243,9 @@ def test_identity_with_linkage_on_spark_trains_the_same_model_and_links_the_same
         a.records, a.candidate_pairs, a.links, a.merges, a.blocked
     )  # fmt: skip
     assert a.merges > 400 and b.by_threshold == a.by_threshold
+    # The figures the asset shows, the same whichever engine built the tables.
+    figures = ("people", "identifiers", "guard_hits", "multi_identifier_people", "largest", "history")
+    assert [getattr(on_spark["report"], f) for f in figures] == [getattr(duck["report"], f) for f in figures]
     # The two ways of writing one person read alike on both engines and were linked into one person;
     # the two accounts sharing an email too (across userIds, by their shared contact).
     for state in (duck, on_spark):

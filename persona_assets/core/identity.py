@@ -569,26 +569,47 @@ def _splice_area(con: duckdb.DuckDBPyConnection, run: _Run) -> None:
 
 
 def _report(con: duckdb.DuckDBPyConnection, run: _Run) -> IdentityReport:
+    recomputed = None if run.plan.full else run.plan.scope.size(con)
+    return report_from_tables(con, run.plan.mode, run.plan.reason, run.links, run.run_id, run.now, recomputed)
+
+
+def report_from_tables(
+    con: duckdb.DuckDBPyConnection,
+    mode: str,
+    why: str,
+    links: linkage.LinkReport,
+    run_id: str | None,
+    now: datetime | None = None,
+    recomputed: int | None = None,
+) -> IdentityReport:
+    """A run's report read from the identity tables as it left them (on either engine: Spark's are
+    carried into `con` first); the history it wrote is that of `run_id` at `now` (None: its latest)."""
+
     def one(sql: str, params: list | None = None):
         return con.execute(sql, params).fetchall()[0][0]
 
     people = one("SELECT count(*) FROM deduped_users")
+    at = (
+        "?"
+        if now is not None
+        else "(SELECT max(changed_at) FROM person_id_history WHERE run_id IS NOT DISTINCT FROM ?)"
+    )
     return IdentityReport(
-        mode=run.plan.mode,
-        why=run.plan.reason,
+        mode=mode,
+        why=why,
         people=people,
-        people_recomputed=None if run.plan.full else run.plan.scope.size(con),
+        people_recomputed=recomputed,
         counts={"deduped_users": people, "identity_map": one("SELECT count(*) FROM identity_map")},
         identifiers=one("SELECT count(*) FROM identity_map"),
         guard_hits=one("SELECT count(*) FROM identity_guard"),
-        links=run.links,
+        links=links,
         multi_identifier_people=one("SELECT count(*) FROM deduped_users WHERE anonymous_id_count > 1"),
         largest=con.execute(
             "SELECT person_id, identifier_count FROM deduped_users ORDER BY identifier_count DESC, person_id LIMIT 5"
         ).fetchall(),
         history=one(
-            "SELECT count(*) FROM person_id_history WHERE run_id IS NOT DISTINCT FROM ? AND changed_at = ?",
-            [run.run_id, run.now],
+            f"SELECT count(*) FROM person_id_history WHERE run_id IS NOT DISTINCT FROM ? AND changed_at = {at}",
+            [run_id, now if now is not None else run_id],
         ),
     )
 

@@ -284,7 +284,7 @@ def identity(con, spark, warehouse: Path, opts, run_id: str | None = None, retra
 
     from persona_assets.contracts import DedupedUsers, IdentityGuard, IdentityMap, PersonIdHistory
     from persona_assets.core import linkage
-    from persona_assets.core.identity import LINKAGE_LEFT, PERSON_EVENTS_VIEW, resolve_on_spark
+    from persona_assets.core.identity import LINKAGE_LEFT, PERSON_EVENTS_VIEW, report_from_tables, resolve_on_spark
 
     _quiet(spark)
     hand_over(con, warehouse, "identity")
@@ -317,7 +317,8 @@ def identity(con, spark, warehouse: Path, opts, run_id: str | None = None, retra
     finally:
         for name in LINKAGE_LEFT:
             con.execute(f"DROP TABLE IF EXISTS {name}")
-    return report
+    # The figures a DuckDB run reports (largest people, those with several anonymousIds, history), from the carried tables.
+    return report_from_tables(con, report.mode, report.why, links, run_id)
 
 
 def cleaning(con, spark, warehouse: Path, opts):
