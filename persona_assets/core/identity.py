@@ -163,11 +163,23 @@ OCCURRENCES = " UNION ALL ".join(
     for t, c in IDENTIFIER_COLUMNS
 )
 
-# Each identifier numbered 0..n-1 (scipy's graph needs dense node numbers).
-NODES = """
-SELECT (row_number() OVER (ORDER BY identifier_type, identifier) - 1)::BIGINT AS node,
-       identifier_type, identifier, min(first_at) AS first_seen_at, max(last_at) AS last_seen_at
-FROM _occ GROUP BY identifier_type, identifier
+# Each identifier numbered 0..n-1 (scipy's graph needs dense node numbers), without one sort of
+# them all (on Spark a window over every row runs in a single task): the identifiers are spread
+# over NODE_BUCKETS buckets by a hash (any hash: the engine's own), numbered within their bucket,
+# and each bucket's numbers start after the buckets before it (a running sum over the buckets'
+# sizes, NODE_BUCKETS rows). What number an identifier gets changes no result: components, person
+# ids and links are read from the identifiers themselves.
+NODE_BUCKETS = 1024
+NODES = f"""
+WITH ids AS (
+  SELECT identifier_type, identifier, min(first_at) AS first_seen_at, max(last_at) AS last_seen_at,
+         hash(identifier) % {NODE_BUCKETS} AS bucket
+  FROM _occ GROUP BY identifier_type, identifier
+), sizes AS (SELECT bucket, count(*) AS n FROM ids GROUP BY bucket),
+starts AS (SELECT bucket, sum(n) OVER (ORDER BY bucket) - n AS start FROM sizes)
+SELECT (s.start + row_number() OVER (PARTITION BY i.bucket ORDER BY i.identifier_type, i.identifier) - 1)::BIGINT AS node,
+       i.identifier_type, i.identifier, i.first_seen_at, i.last_seen_at
+FROM ids i JOIN starts s ON s.bucket = i.bucket
 """
 
 # Everything an identifier was seen with, counted per kind of identifier; those seen with too many link nobody.
