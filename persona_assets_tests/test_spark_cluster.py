@@ -148,5 +148,5 @@ def test_the_spark_application_on_a_standalone_cluster_gives_duckdbs_tables(clus
 def test_identity_on_the_spark_application_needs_linkage_off_and_says_so(tmp_path):
     from persona_assets.spark_job import main
 
-    with pytest.raises(SystemExit, match="set identity.linkage: false to run identity on Spark"):
+    with pytest.raises(SystemExit, match="needs the DuckDB warehouse its model is kept in: run it through the graph"):
         main(["--warehouse", str(tmp_path), "--stage", "identity"])
