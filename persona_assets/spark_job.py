@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--landing", help="folder of landing files every executor can read (for ingest)")
     parser.add_argument("--home", help="the PERSONA_HOME whose hashing key ingest uses (or PERSONA_HASH_KEY)")
     args = parser.parse_args(argv)
+    from persona_assets.core.engine import warehouse_path
+
+    try:
+        args.warehouse = str(warehouse_path(args.warehouse))
+    except ValueError as refused:
+        parser.error(str(refused))
     stages = args.stage or [stage for stage in STAGES if stage != "ingest" or args.landing]
     if "ingest" in stages and not args.landing:
         parser.error("--stage ingest needs --landing")

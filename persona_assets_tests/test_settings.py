@@ -121,6 +121,29 @@ def test_engine_spark_is_a_setting_with_linkage_on_and_a_bad_engine_is_refused(t
         load_settings(settings)
 
 
+def test_an_object_store_warehouse_is_refused_saying_why_and_a_file_uri_is_its_path(tmp_path, persona_home, capsys):
+    from persona_assets.core.engine import EngineOptions
+    from persona_assets.spark_job import main
+
+    (persona_home / "persona.yaml").write_text("engine:\n  name: spark\n  spark_warehouse: s3a://shop/persona\n")
+    env = {**os.environ, "PERSONA_HOME": str(persona_home)}
+    env.pop("PERSONA_CONFIG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "persona_assets.cli", "config"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "s3a:// is not supported yet" in proc.stderr and "renaming folders" in proc.stderr
+    for uri in ("gs://b/w", "abfss://c@a.dfs.core.windows.net/w", "hdfs://nn:8020/w"):
+        with pytest.raises(ValueError, match="is not supported yet"):
+            EngineOptions(name="spark", spark_warehouse=uri)
+    local = EngineOptions(name="spark", spark_warehouse=(tmp_path / "my wh").as_uri())
+    assert local.warehouse(persona_home) == tmp_path / "my wh"
+    assert EngineOptions(name="spark").warehouse(persona_home) == persona_home / "spark"
+    with pytest.raises(SystemExit):  # spark-submit's application says the same, before Spark starts
+        main(["--warehouse", "s3a://shop/persona", "--stage", "cleaning"])
+    assert "warehouse s3a://shop/persona: s3a:// is not supported yet" in capsys.readouterr().err
+
+
 def test_the_spark_application_takes_a_stages_settings_and_refuses_bad_ones_plainly(tmp_path):
     from persona_assets.core.cleaning import CleaningOptions
     from persona_assets.spark_job import _stage_options

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
 import pandera.pandas as pa
@@ -68,6 +69,7 @@ if TYPE_CHECKING:  # pyspark is imported only by the Spark path
     from pyspark.sql import DataFrame, SparkSession
 
 ENGINES = ("duckdb", "spark")
+URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # The stages that run on Spark under `engine: spark` (`core/spark_stages.py`); the person-level
 # stages after them run on DuckDB over what they wrote.
 SPARK_STAGES = ("ingest", "identity", "cleaning", "category scores")
@@ -91,10 +93,12 @@ class EngineOptions:
             raise ValueError(f"name must be one of {ENGINES}, got {self.name!r}")
         if not self.spark_master:
             raise ValueError("spark_master must name a Spark master, e.g. local[*] or spark://host:7077")
+        if self.spark_warehouse:
+            warehouse_path(self.spark_warehouse)
 
     def warehouse(self, home: Path) -> Path:
         """Where Spark's Parquet tables live."""
-        return Path(self.spark_warehouse).expanduser() if self.spark_warehouse else Path(home) / "spark"
+        return warehouse_path(self.spark_warehouse) if self.spark_warehouse else Path(home) / "spark"
 
     def spark_config(self) -> dict[str, str]:
         """The Spark session's settings (for dagster-pyspark's resource)."""
@@ -113,6 +117,22 @@ class EngineOptions:
             # One machine: shuffles in 2 partitions a core (Spark's 200 make hundreds of tiny tasks).
             config["spark.sql.shuffle.partitions"] = str(2 * (os.cpu_count() or 1))
         return config
+
+
+def warehouse_path(location: str) -> Path:
+    """A Spark warehouse location as a filesystem path: a path or a `file://` URI. Other URIs
+    (`s3a://`, `gs://`, `abfss://`, `hdfs://`) are refused, saying why."""
+    scheme = URI_SCHEME.match(location)
+    if not scheme:
+        return Path(location).expanduser()
+    if scheme.group(1).lower() == "file":
+        return Path(unquote(urlparse(location).path))
+    raise ValueError(
+        f"warehouse {location}: {scheme.group(1)}:// is not supported yet: the warehouse's tables "
+        "are replaced by renaming folders on a filesystem path, which an object store does not offer; "
+        "use a path mounted at the same place on the driver and every worker (a local disk on one "
+        "machine, NFS or a cluster filesystem on several)"
+    )
 
 
 def refuse_partial(options: EngineOptions) -> str | None:
