@@ -22,6 +22,8 @@ from persona_assets.settings import persona_home
 
 EVENTS_PER_PERSON = 32  # what the generator makes on average
 STAGES = ("identity", "cleaning", "features", "segments", "imputation", "profiles", "serving")
+# The stages that read per person (the people's tables) rather than per event: timed on resampled people.
+PERSON_STAGES = STAGES[2:]
 
 
 FLOOR = """
@@ -766,28 +768,37 @@ def replicate_snapshot(snapshot: Path, copies: int) -> dict:
 
 
 def resample_people(warehouse: Path, people: int) -> int:
-    """Grow (or shrink) cleaned_users to `people` rows by resampling its rows under new person ids.
+    """Grow (or shrink) the people to `people` by resampling them under new person ids, in
+    deduped_users and cleaned_users alike (a resampled person has both rows, and no events).
 
-    Segmentation reads only person-level tables, so its cost at a million people can be
-    measured without generating and ingesting 32 million events; the rows keep the
-    generated population's distribution.
+    The person-level stages read these tables per person, so their cost at millions of people
+    can be measured without generating and ingesting hundreds of millions of events; the rows
+    keep the generated population's distribution. What those stages read of the events
+    (imputation's context and products, the profiles' sessions and scores) stays at the
+    build's size.
     """
     with duckdb.connect(str(warehouse)) as con:
         have = con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
         copies = -(-people // max(have, 1))
         con.execute(
-            f"""CREATE OR REPLACE TABLE cleaned_users AS
-                SELECT * REPLACE ('p' || left(sha256(person_id || '-' || copy), 16) AS person_id)
+            f"""CREATE TEMP TABLE _resampled AS
+                SELECT person_id, 'p' || left(sha256(person_id || '-' || r.copy), 16) AS new_id
                 FROM cleaned_users, range({copies}) AS r(copy)
-                ORDER BY hash(person_id, copy) LIMIT {people}"""
+                ORDER BY hash(person_id, r.copy) LIMIT {int(people)}"""
         )
+        for table in ("deduped_users", "cleaned_users"):
+            con.execute(
+                f"""CREATE OR REPLACE TABLE {table} AS
+                    SELECT t.* REPLACE (x.new_id AS person_id)
+                    FROM {table} t JOIN _resampled x USING (person_id) ORDER BY x.new_id"""
+            )
         return con.execute("SELECT count(*) FROM cleaned_users").fetchall()[0][0]
 
 
 SCALES = {  # make bench SCALE=...: events generated, sign-ups linked, people resampled for segmentation
-    "small": {"events": 100_000, "link_records": 10_000, "segment_people": 0},
-    "1m": {"events": 1_000_000, "link_records": 100_000, "segment_people": 0},
-    "20m": {"events": 20_000_000, "link_records": 1_000_000, "segment_people": 1_000_000},
+    "small": {"events": 100_000, "link_records": 10_000, "segment_people": []},
+    "1m": {"events": 1_000_000, "link_records": 100_000, "segment_people": []},
+    "20m": {"events": 20_000_000, "link_records": 1_000_000, "segment_people": [1_000_000]},
 }
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -921,13 +932,15 @@ def run(args) -> int:
         print("server (persona serve against its floor) ...", flush=True)
         results["server"] = server_bench(work, snapshot)
     if args.segment_people:
-        # Last: it replaces cleaned_users with resampled people that have no events.
-        print(f"segmentation on {args.segment_people} resampled people ...", flush=True)
-        results["resampled_people"] = resample_people(warehouse, args.segment_people)
-        for stage in ("features", "segments"):
-            stage_s, stage_gb, _ = measure(STAGE, str(warehouse), stage, "full")
-            results[f"resampled_{stage}_seconds"] = round(stage_s, 2)
-            results[f"resampled_{stage}_peak_gb"] = round(stage_gb, 2)
+        # Last: it replaces the people with resampled ones that have no events.
+        results["people_scaling"] = []
+        for count in sorted(args.segment_people):
+            print(f"person-level stages on {count:,} resampled people ...", flush=True)
+            row: dict = {"people": resample_people(warehouse, count)}
+            for stage in PERSON_STAGES:
+                stage_s, stage_gb, _ = measure(STAGE, str(warehouse), stage, "full")
+                row[stage] = {"seconds": round(stage_s, 2), "peak_gb": round(stage_gb, 2)}
+            results["people_scaling"].append(row)
     if not args.keep:
         for leftover in scratch:
             leftover.unlink(missing_ok=True)
@@ -1146,7 +1159,15 @@ def report_markdown(r: dict) -> str:
         lines += spark_markdown(r["spark"], r["stages"])
     if "server" in r:
         lines += server_markdown(r["server"])
-    if "resampled_people" in r:
+    for row in r.get("people_scaling", []):
+        lines.append(
+            f"- Person-level stages on {row['people']:,} resampled people (no events of their own): "
+            + ", ".join(
+                f"{stage} {row[stage]['seconds']:.1f} s ({row[stage]['peak_gb']} GB)" for stage in PERSON_STAGES
+            )
+            + "."
+        )
+    if "resampled_people" in r:  # as runs before the person-level stages were all timed wrote it
         lines.append(
             f"- Segmentation on {r['resampled_people']:,} resampled people: features "
             f"{r['resampled_features_seconds']:.1f} s ({r['resampled_features_peak_gb']} GB), segments "

@@ -1125,6 +1125,14 @@ def cmd_destinations(args: argparse.Namespace) -> int:
     return 0
 
 
+def _counts(text: str) -> list[int]:
+    """A comma-separated list of positive counts (argparse says which is not one)."""
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if any(count <= 0 for count in counts):
+        raise ValueError(text)
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persona", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1293,9 +1301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="where to generate and keep bench data (default PERSONA_HOME/bench)")
     p.add_argument(
         "--segment-people",
-        type=int,
-        default=0,
-        help="resample cleaned_users to this many people before timing segmentation (default: as generated)",
+        type=_counts,
+        default=[],
+        help="resample the people to these counts (comma-separated, e.g. 1000000,4000000) and time the "
+        "person-level stages (features, segments, imputation, profiles, serving) at each",
     )
     p.add_argument("--no-stream", dest="stream", action="store_false", help="skip the Redis stream benchmark")
     p.add_argument(

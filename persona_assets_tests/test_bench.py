@@ -7,9 +7,10 @@ import os
 import subprocess
 import sys
 
+import duckdb
 import pytest
 
-from persona_assets.bench import SCALES, report_markdown, write_docs
+from persona_assets.bench import SCALES, report_markdown, resample_people, write_docs
 
 # Slow: runs whole processes (make test runs it; make test-fast leaves it out).
 pytestmark = pytest.mark.slow
@@ -35,6 +36,8 @@ def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
         # rows are held to DuckDB's by the differential tests, and all of them run on the cluster.
         "--spark-stages",
         "scores",
+        "--segment-people",
+        "150,400",
         "--workdir",
         str(work),
     ]
@@ -70,6 +73,15 @@ def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
     assert scores["seconds"] > 0 and scores["session_seconds"] > 0 and scores["peak_gb"] > 0
     assert "- On Spark (local[*]" in report_markdown(results)
     assert "DuckDB's profiles stage (scores and profiles together)" in report_markdown(results)
+    # The person-level stages on resampled people, at each count asked for.
+    scaling = results["people_scaling"]
+    assert [row["people"] for row in scaling] == [150, 400]
+    for row in scaling:
+        for stage in ("features", "segments", "imputation", "profiles", "serving"):
+            assert row[stage]["seconds"] > 0 and row[stage]["peak_gb"] > 0, (row["people"], stage)
+    assert "- Person-level stages on 400 resampled people (no events of their own): features" in report_markdown(
+        results
+    )
     # Nothing of the built warehouse is left behind: no warehouse, no snapshot, no spare of it.
     assert not [p.name for p in work.iterdir() if ".duckdb" in p.name]
 
@@ -82,3 +94,20 @@ def test_bench_measures_every_stage_the_refresh_lookups_and_linkage(tmp_path):
     assert "### small:" in page and "| imputation |" in page and "| **full build** |" in page
     assert "goal (20m)" in report_markdown({**results, "scale": "20m"})
     assert set(SCALES) == {"small", "1m", "20m"}
+
+
+def test_resampled_people_have_both_person_rows_under_new_ids(tmp_path):
+    warehouse = tmp_path / "w.duckdb"
+    with duckdb.connect(str(warehouse)) as con:
+        con.execute("CREATE TABLE deduped_users AS SELECT 'p' || i AS person_id, i AS age FROM range(3) t(i)")
+        con.execute("CREATE TABLE cleaned_users AS SELECT person_id, age * 10 AS score FROM deduped_users")
+    assert resample_people(warehouse, 7) == 7
+    with duckdb.connect(str(warehouse)) as con:
+        deduped = con.execute("SELECT person_id, age FROM deduped_users ORDER BY 1").fetchall()
+        cleaned = con.execute("SELECT person_id, score FROM cleaned_users ORDER BY 1").fetchall()
+        columns = [c for (c,) in con.execute("SELECT name FROM pragma_table_info('cleaned_users')").fetchall()]
+    assert len({p for p, _ in deduped}) == 7 and [p for p, _ in deduped] == [p for p, _ in cleaned]
+    assert all(score == 10 * age for (_, age), (_, score) in zip(deduped, cleaned)), "one person's rows agree"
+    assert columns == ["person_id", "score"], "no column of the resampling's own"
+    assert {age for _, age in deduped} == {0, 1, 2}
+    assert resample_people(warehouse, 2) == 2  # and shrinks
