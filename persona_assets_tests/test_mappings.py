@@ -267,6 +267,47 @@ def test_orders_csvs_are_read_through_a_preset_and_explicit_columns(tmp_path):
     assert Decimal(str(sum(r[3] for r in shop))) == _sum(SHOP, "total") - Decimal(1)  # the bad date's 1 is out
 
 
+def test_a_ga4_export_as_parquet_or_csv_reads_its_nested_fields_as_the_jsonl_does(tmp_path):
+    # Parquet keeps GA4's records as structs and lists; a CSV export holds them as JSON text. The
+    # preset's nested sources (`ecommerce.purchase_revenue`, `items[0].item_id`) reach into both.
+    lines = [{**line, "event_timestamp": int(line["event_timestamp"])} for line in GA4_LINES]
+    header = ["event_name", "event_timestamp", "user_pseudo_id", "user_id", "device", "ecommerce", "items"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    for line in lines:
+        writer.writerow(
+            [json.dumps(line[k]) if isinstance(line.get(k), dict | list) else line.get(k, "") for k in header]
+        )
+    columns = (
+        "event_at, event_name, anonymous_id, user_id, device_type, category, product_id, price, "
+        "quantity, revenue, order_id"
+    )
+    got = {}
+    for fmt in ("jsonl", "parquet", "csv"):
+        landing = tmp_path / fmt / "landing"
+        landing.mkdir(parents=True)
+        if fmt == "jsonl":
+            (landing / "ga4.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+        elif fmt == "parquet":
+            # (from_pylist takes its columns from the first row: every row names them all)
+            pq.write_table(
+                pa.Table.from_pylist([{k: line.get(k) for k in header} for line in lines]), landing / "ga4.parquet"
+            )
+        else:
+            (landing / "ga4.csv").write_text(out.getvalue())
+        con, report = _ingest(tmp_path / fmt, landing, [{"files": "ga4*", "preset": "ga4"}])
+        _accounted(report)
+        assert report.total("events_kept") == 5, fmt
+        rows = con.execute(f"SELECT {columns} FROM raw_events ORDER BY 1").fetchall()
+        con.execute("CREATE VIEW person_events AS SELECT *, anonymous_id AS person_id FROM raw_events")
+        items = con.execute(f"SELECT kind, category, product_id FROM ({interactions_sql()}) ORDER BY ALL").fetchall()
+        got[fmt] = (rows, items)
+    assert got["jsonl"][0][4][-2:] == (179.8, "T-1001") and len(got["jsonl"][1]) == 4
+    assert got["jsonl"][0][1][4] == "mobile" and got["jsonl"][0][2][5:8] == ("Shoes", "SKU-9", 89.9)
+    assert got["parquet"] == got["jsonl"] == got["csv"]
+
+
 def test_a_mapped_parquet_file_with_typed_columns_is_read_as_text(tmp_path):
     landing = tmp_path / "landing"
     landing.mkdir()

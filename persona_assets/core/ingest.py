@@ -48,6 +48,7 @@ from persona_assets.core.mappings import (
     FileMapping,
     json_path,
     mapping_for,
+    mapping_top_key,
     strptime_has_zone,
 )
 from persona_assets.core.options import setting
@@ -422,11 +423,21 @@ def _csv_header(path: Path) -> list[str]:
 def _read_columns(names: list[str], sources: tuple[str, ...]) -> list[str]:
     """The columns read from a CSV or Parquet file: Segment's flat names and a mapping's, each once.
     A file naming one of them twice is ambiguous, so it is refused whole."""
-    wanted = list(dict.fromkeys((*FLAT_COLUMNS, *sources)))
+    # A nested source (`ecommerce.purchase_revenue`) not named as a column is read from its first key's.
+    nested = {s: _top_key(s) for s in sources if s not in names and _top_key(s) not in (None, s)}
+    own = [s for s in sources if s not in nested]
+    wanted = list(dict.fromkeys((*FLAT_COLUMNS, *own, *nested.values())))
     for name in wanted:
         if names.count(name) > 1:
             raise UnreadableFile(f"the header names {name!r} {names.count(name)} times")
     return wanted
+
+
+def _top_key(source: str) -> str | None:
+    try:
+        return mapping_top_key(source)
+    except ValueError:
+        return None
 
 
 def _csv_batches(path: Path, chunk_bytes: int, sources: tuple[str, ...] = ()) -> Iterator[pa.Table]:
@@ -526,7 +537,8 @@ def _flat_table(table: pa.Table, numbers: list[int], sources: tuple[str, ...] = 
 
     def text(name: str) -> pa.Array:
         if name not in table.column_names:
-            return pa.nulls(n, pa.string())
+            nested = _nested_text(table, name)
+            return pa.nulls(n, pa.string()) if nested is None else nested
         values, bad = _text(table[name])
         if bad is not None:
             bad_utf8[:] |= bad
@@ -568,6 +580,32 @@ def _text(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray | None]:
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
             pass
     return _json_text(values), None
+
+
+def _nested_text(table: pa.Table, source: str) -> pa.Array | None:
+    """A mapping's nested source (`ecommerce.purchase_revenue`, `items[0].item_id`) read from a CSV
+    or Parquet column holding a struct, a list or JSON text, as the JSON reader reads it from a line
+    (numbers as JSON writes them, objects and lists as JSON); None when no column starts it."""
+    top = _top_key(source)
+    if top is None or top not in table.column_names:
+        return None
+    rest = json_path(source)[len(json_path(top)) :]
+    column = table[top].combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    as_text = not pa.types.is_nested(column.type)
+    if as_text:
+        column, _ = _text(table[top])
+    document = "CASE WHEN json_valid(v) THEN v::JSON END" if as_text else "to_json(v)"
+    with duckdb.connect() as scratch:
+        try:
+            scratch.register("_values", pa.table({"i": np.arange(len(column)), "v": column}))
+            result = scratch.execute(
+                f"SELECT json_extract_string({document}, $path) AS v FROM _values ORDER BY i", {"path": "$" + rest}
+            ).to_arrow_table()
+        except READ_ERRORS as exc:
+            raise _damage(exc, f"column {top!r} cannot be read for {source!r}: ") from exc
+    return result["v"].combine_chunks()
 
 
 def _json_text(values: pa.Array) -> pa.Array:

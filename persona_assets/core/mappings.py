@@ -175,6 +175,15 @@ def json_path(dotted: str) -> str:
     return "$" + "".join(parts)
 
 
+def mapping_top_key(dotted: str) -> str:
+    """The first key of a dotted source path (`items[0].item_id` -> `items`): the column of a CSV or
+    Parquet file that holds the rest."""
+    match = _INDEXED.fullmatch(dotted.split(".")[0])
+    if match is None:
+        raise ValueError(f"not a dotted JSON path: {dotted!r}")
+    return match["name"]
+
+
 def strptime_has_zone(fmt: str) -> bool:
     """Whether a strptime format reads a time zone (then DuckDB returns an aware timestamp)."""
     return bool(re.search(r"%[zZ]", fmt.replace("%%", "")))
