@@ -177,6 +177,23 @@ def snapshot_totals() -> tuple[int, int] | None:
     return int(files), int(lines)
 
 
+LISTED = 5  # files or reasons the summary names before "and N more"
+# What to do about a file none of whose lines were kept, by its commonest quarantine reason.
+VOCABULARY = "if it is another vocabulary, map its fields (README: Other vocabularies: mappings)"
+NOTHING_KEPT_HINTS = {
+    "missing_id": VOCABULARY,
+    "missing_timestamp": VOCABULARY,
+    "missing_event_name": VOCABULARY,
+    "bad_timestamp": VOCABULARY + ", with its timestamp format",
+    "unknown_type": VOCABULARY + ", with a default type",
+    "timestamp_out_of_range": "ingest.min_event_at and max_event_at set the range kept",
+}
+
+
+def _listed(items: list[str]) -> str:
+    return ", ".join(items[:LISTED]) + (f" and {len(items) - LISTED} more" if len(items) > LISTED else "")
+
+
 def summary(before: tuple[int, int] | None = None) -> str:
     """What the snapshot holds, every run so far; with `before` (`snapshot_totals()` when the
     run started) first what this run added, or that it found nothing new."""
@@ -194,6 +211,21 @@ def summary(before: tuple[int, int] | None = None) -> str:
         people, sparse, bots = con.execute(
             "SELECT count(*), count(*) FILTER (WHERE is_sparse), count(*) FILTER (WHERE is_bot) FROM cleaned_users"
         ).fetchall()[0]
+        reasons = con.execute(
+            "SELECT reason, count(*) FROM quarantined_events GROUP BY 1 ORDER BY 2 DESC, 1"
+        ).fetchall()
+        unreadable = con.execute(
+            "SELECT source_file, detail FROM quarantined_events WHERE reason = 'unreadable_file' ORDER BY 1"
+        ).fetchall()
+        # Files none of whose lines were kept: most often another vocabulary that needs a mapping.
+        nothing_kept = con.execute(
+            """SELECT f.file_name, f.lines_read, string_agg(q.reason || ' ' || q.n, ', ' ORDER BY q.n DESC, q.reason)
+               FROM ingest_files f
+               JOIN (SELECT source_file, reason, count(*) AS n FROM quarantined_events GROUP BY 1, 2) q
+                 ON q.source_file = f.file_name
+               WHERE f.lines_read > 0 AND f.events_kept = 0 AND f.duplicates = 0
+               GROUP BY 1, 2 ORDER BY 1"""
+        ).fetchall()
         completeness, imputed = con.execute(
             "SELECT round(avg(completeness), 2), count(*) FILTER (WHERE age_bracket_source = 'imputed_model') "
             "FROM user_profiles"
@@ -222,11 +254,19 @@ def summary(before: tuple[int, int] | None = None) -> str:
             f"Lines read:         {lines or 0}",
             f"Events kept:        {kept or 0}",
             f"Lines quarantined:  {quarantined or 0}",
+            *([f"  by reason: {_listed([f'{r} {n}' for r, n in reasons])}"] if reasons else []),
+            *(f"  unreadable: {name} ({detail})" for name, detail in unreadable[:LISTED]),
+            *(
+                f"  nothing kept of {name}: all {n} lines quarantined ({why})"
+                + (f"; {NOTHING_KEPT_HINTS[why.split()[0]]}" if why.split()[0] in NOTHING_KEPT_HINTS else "")
+                for name, n, why in nothing_kept[:LISTED]
+            ),
             f"Re-delivered copies:{duplicates or 0:>7}",
             *([f"Forgotten people's lines: {forgotten} (suppressed or erased)"] if forgotten else []),
             f"Identities seen:    {anons} anonymousIds, {users} userIds",
             f"People:             {people} ({sparse} sparse, {bots} bots; all kept)",
-            f"Profiles:           {people} (mean completeness {completeness}; {imputed} age brackets imputed)",
+            f"Profiles:           {people}"
+            + (f" (mean completeness {completeness}; {imputed} age brackets imputed)" if people else ""),
             f"Segments:           {len(groups)}",
             *(f"  {g[0]}" for g in groups),
             f"Query the snapshot: {path}",
@@ -269,7 +309,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     home = writable_home()
     selection = [s.strip() for s in args.select.split(",") if s.strip()] if args.select else None
     if not (home / "warehouse.duckdb").exists() and not has_event_files(home / "landing"):
+        from persona_assets.automation import not_read_line
+
+        unread = not_read_line(home / "landing")
         where = "is empty" if (home / "landing").is_dir() else "does not exist"
+        if unread:
+            where = f"holds no event file ({unread})"
         raise Stop(
             f"nothing to build: {home / 'landing'} {where}. Put Segment event files there (JSON lines, "
             "CSV or Parquet), or `persona generate --people 1000` for synthetic ones; then `persona run`.",

@@ -195,6 +195,44 @@ def test_run_without_event_files_says_how_to_add_some(tmp_path):
     one_line_error(persona("run", home=home), "is empty", "persona generate", code=1)
 
 
+def test_a_landing_folder_of_files_that_are_not_event_files_names_them(tmp_path):
+    home = tmp_path / "persona"
+    (home / "landing").mkdir(parents=True)
+    (home / "landing" / "events.json").write_text("[]")
+    line = one_line_error(persona("run", home=home), "holds no event file", "events.json", ".jsonl", code=1)
+    assert "is empty" not in line
+
+
+def test_the_summary_says_why_lines_were_quarantined_and_which_files_gave_nothing(tmp_path):
+    home = tmp_path / "persona"
+    landing = home / "landing"
+    landing.mkdir(parents=True)
+    (landing / "twice.csv").write_text("userId,type,userId,timestamp\nu1,track,u2,2024-05-01T00:00:00Z\n")
+    (landing / "future.jsonl").write_text(
+        "".join(
+            json.dumps({"type": "track", "event": "x", "userId": f"u{i}", "timestamp": "2300-01-01T00:00:00Z"}) + "\n"
+            for i in range(2)
+        )
+    )
+    (landing / "ga.jsonl").write_text(
+        "".join(
+            json.dumps({"event_name": "page_view", "user_pseudo_id": f"p{i}", "timestamp": "2024-05-01T00:00:00Z"})
+            + "\n"
+            for i in range(3)
+        )
+    )
+    proc = persona("run", home=home)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "  by reason: missing_id 3, timestamp_out_of_range 2, unreadable_file 1" in out
+    assert "  unreadable: twice.csv (" in out and "the header names 'userId' 2 times" in out
+    assert "  nothing kept of ga.jsonl: all 3 lines quarantined (missing_id 3); if it is another vocabulary" in out
+    assert (
+        "  nothing kept of future.jsonl: all 2 lines quarantined (timestamp_out_of_range 2); ingest.min_event_at" in out
+    )
+    assert "Profiles:           0\n" in out and "None" not in out
+
+
 @pytest.mark.parametrize("command", [["run"], ["ui", "--port", "1"], ["generate", "--people", "3"]])
 def test_a_persona_home_that_cannot_be_written_is_named(tmp_path, command):
     # Tests run as root, whom a read-only mode does not stop: a path under a regular file is

@@ -521,3 +521,24 @@ def test_segment_fields_include_both_trait_spellings_and_the_list_must_be_a_list
     assert parse_mappings(None) == () and parse_mappings([]) == ()
     with pytest.raises(ValueError, match="mappings: expected a list"):
         parse_mappings({"files": "a"})
+
+
+def test_an_sdk_payload_with_only_original_timestamp_is_kept_at_that_time(tmp_path):
+    # RudderStack's payloads (and Segment's before its API stamps them) carry originalTimestamp only.
+    lines = [
+        {"type": "track", "event": "x", "userId": "u1", "originalTimestamp": "2024-05-01T10:00:00.123Z"},
+        {
+            "type": "track",
+            "event": "y",
+            "userId": "u1",
+            "timestamp": "2024-05-02T00:00:00Z",
+            "originalTimestamp": "2024-05-01T23:59:00Z",
+        },
+        {"type": "track", "event": "z", "userId": "u1", "sentAt": "2024-05-03T00:00:00Z"},
+    ]
+    landing = _landing(tmp_path, {"rudder.jsonl": "".join(json.dumps(line) + "\n" for line in lines)})
+    con, report = _ingest(tmp_path, landing, [])
+    _accounted(report)
+    kept = con.execute("SELECT event_name, event_at FROM raw_events ORDER BY 1").fetchall()
+    assert kept == [("x", datetime(2024, 5, 1, 10, 0, 0, 123000)), ("y", datetime(2024, 5, 2))]  # timestamp first
+    assert con.execute("SELECT reason FROM quarantined_events").fetchall() == [("missing_timestamp",)]

@@ -36,7 +36,8 @@ FIELDS: tuple[Field, ...] = (
     Field("user_id", ("$.userId",), "id"),
     Field("anonymous_id", ("$.anonymousId",), "id"),
     Field("previous_id", ("$.previousId",), "id"),
-    Field("event_at", ("$.timestamp",), "timestamp"),
+    # A payload as an SDK sends it (RudderStack's, Segment's before its API stamps it) has only originalTimestamp.
+    Field("event_at", ("$.timestamp", "$.originalTimestamp"), "timestamp"),
     _trait("email", "email"),
     _trait("phone", "phone"),
     _trait("first_name", "restricted"),
