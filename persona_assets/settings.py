@@ -6,7 +6,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import replace
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -262,6 +262,8 @@ def load_settings(path: Path | None) -> dict:
             values = {"name": values}  # `engine: spark` is short for `engine: {name: spark}`
         if not isinstance(values, dict):
             raise SettingsError(f"{path}: {section} must hold 'key: value' settings, got {type(values).__name__}")
+        # YAML reads an unquoted 1850-01-01 as a date: the settings take dates as text.
+        values = {k: v.isoformat() if isinstance(v, date) else v for k, v in values.items()}
         for key in values:
             if key in PER_RUN:
                 raise SettingsError(
@@ -309,8 +311,13 @@ def plain_errors(exc: ValueError) -> str:
         return str(exc)
     parts = []
     for error in errors():
-        where = ".".join(str(p) for p in error.get("loc", ())) or "value"
-        parts.append(f"{where}: {error.get('msg', '').removeprefix('Value error, ')} (got {error.get('input')!r})")
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        msg = error.get("msg", "").removeprefix("Value error, ")
+        value = error.get("input")
+        shown = value.isoformat() if isinstance(value, date) else repr(value)
+        # A check of the whole section was given the section itself: its message names the keys.
+        got = "" if isinstance(value, dict) or shown in msg else f" (got {shown})"
+        parts.append(f"{where + ': ' if where else ''}{msg}{got}")
     return "; ".join(parts)
 
 

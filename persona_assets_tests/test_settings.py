@@ -190,3 +190,17 @@ def test_engine_spark_without_java_is_refused_at_startup_naming_the_package(tmp_
     )
     assert proc.returncode == 2 and "engine: spark needs Java 17 or later" in proc.stderr
     assert "openjdk-17-jre-headless" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_unquoted_yaml_date_is_a_date_and_errors_show_no_python_values(tmp_path):
+    settings = tmp_path / "persona.yaml"
+    settings.write_text("ingest:\n  min_event_at: 1850-01-01\n")  # YAML reads it as a date, not text
+    assert load_settings(settings)["ingest"]["min_event_at"] == "1850-01-01"
+    settings.write_text("segments:\n  k_min: 5\n  k_max: 2\n")
+    with pytest.raises(SettingsError) as refused:
+        load_settings(settings)
+    assert "segments: need 2 <= k_min <= k_max, got 5..2" in str(refused.value) and "{" not in str(refused.value)
+    settings.write_text("ingest:\n  min_event_at: yesterday\n")
+    with pytest.raises(SettingsError) as refused:
+        load_settings(settings)
+    assert str(refused.value).count("yesterday") == 1
