@@ -542,3 +542,35 @@ def test_an_sdk_payload_with_only_original_timestamp_is_kept_at_that_time(tmp_pa
     kept = con.execute("SELECT event_name, event_at FROM raw_events ORDER BY 1").fetchall()
     assert kept == [("x", datetime(2024, 5, 1, 10, 0, 0, 123000)), ("y", datetime(2024, 5, 2))]  # timestamp first
     assert con.execute("SELECT reason FROM quarantined_events").fetchall() == [("missing_timestamp",)]
+
+
+def test_a_header_with_other_spaces_case_or_separators_still_finds_its_mapped_columns(tmp_path):
+    landing = _landing(
+        tmp_path,
+        {
+            "orders_shop.csv": "\ufeff Order_ID , Customer_Email,Order Date,AMOUNT\n"
+            "A1,ann@example.com,2024-01-05,49.90\nA2,bob@example.com,2024-01-06,120.00\n"
+        },
+    )
+    pq.write_table(
+        pa.table(
+            {"Order-ID": ["B1"], "customer email": ["cat@example.com"], "ORDER_DATE": ["2024-01-07"], "Amount": ["5"]}
+        ),
+        landing / "orders_more.parquet",
+    )
+    # Two columns loosely named alike: neither is taken for the other's name.
+    (landing / "orders_twice.csv").write_text(
+        "order_id,customer email,Customer_Email,order_date,amount\nC1,x,y,2024-01-08,1\n"
+    )
+    mapping = [{"files": "orders_*", "preset": "orders_csv", "columns": {"userId": "customer_email"}}]
+    con, report = _ingest(tmp_path, landing, mapping)
+    _accounted(report)
+    got = con.execute("SELECT message_id, user_id, event_at, revenue FROM raw_events ORDER BY 1").fetchall()
+    assert got == [
+        ("A1", "ann@example.com", datetime(2024, 1, 5), 49.9),
+        ("A2", "bob@example.com", datetime(2024, 1, 6), 120.0),
+        ("B1", "cat@example.com", datetime(2024, 1, 7), 5.0),
+    ]
+    assert con.execute("SELECT source_file, reason FROM quarantined_events").fetchall() == [
+        ("orders_twice.csv", "missing_id")
+    ]

@@ -14,6 +14,7 @@ import csv
 import functools
 import hashlib
 import io
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -420,17 +421,33 @@ def _csv_header(path: Path) -> list[str]:
     return next(csv.reader(io.StringIO(head)), [])
 
 
-def _read_columns(names: list[str], sources: tuple[str, ...]) -> list[str]:
-    """The columns read from a CSV or Parquet file: Segment's flat names and a mapping's, each once.
-    A file naming one of them twice is ambiguous, so it is refused whole."""
+def _read_columns(names: list[str], sources: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """The columns read from a CSV or Parquet file: Segment's flat names and a mapping's, each once,
+    as the file spells them; and the file's names to rename to those (a header written ` Order_ID `
+    or `Customer Email` is matched without its spaces, case or separators when no column has the
+    exact name and only one has the loose one). A file naming one of them twice is ambiguous, so it
+    is refused whole."""
     # A nested source (`ecommerce.purchase_revenue`) not named as a column is read from its first key's.
     nested = {s: _top_key(s) for s in sources if s not in names and _top_key(s) not in (None, s)}
     own = [s for s in sources if s not in nested]
-    wanted = list(dict.fromkeys((*FLAT_COLUMNS, *own, *nested.values())))
-    for name in wanted:
+    desired = list(dict.fromkeys((*FLAT_COLUMNS, *own, *nested.values())))
+    loose: dict[str, list[str]] = {}
+    for name in names:
+        loose.setdefault(_loose(name), []).append(name)
+    read, renamed = [], {}
+    for name in desired:
         if names.count(name) > 1:
             raise UnreadableFile(f"the header names {name!r} {names.count(name)} times")
-    return wanted
+        found = loose.get(_loose(name), [])
+        if name not in names and len(found) == 1 and found[0] not in desired:
+            renamed[found[0]] = name
+            name = found[0]
+        read.append(name)
+    return read, renamed
+
+
+def _loose(name: str) -> str:
+    return re.sub(r"[\s_.-]+", "_", name.strip().lstrip("\ufeff")).strip("_").casefold()
 
 
 def _top_key(source: str) -> str | None:
@@ -450,7 +467,7 @@ def _csv_batches(path: Path, chunk_bytes: int, sources: tuple[str, ...] = ()) ->
     header = _csv_header(path)
     if not header:
         raise UnreadableFile("CSV file without a header line")
-    wanted = _read_columns(header, sources)
+    wanted, renamed = _read_columns(header, sources)
     invalid: list[tuple[int, str]] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
@@ -488,7 +505,7 @@ def _csv_batches(path: Path, chunk_bytes: int, sources: tuple[str, ...] = ()) ->
         bad = [(n, t) for n, t in invalid if n < line]
         invalid[:] = [(n, t) for n, t in invalid if n >= line]
         next_line = line
-        yield _flat_table(pa.Table.from_batches([batch]), numbers, sources)
+        yield _flat_table(_renamed(pa.Table.from_batches([batch]), renamed), numbers, sources)
         if bad:
             yield _bad_rows_table(bad, sources)
     if invalid:
@@ -514,7 +531,8 @@ def _parquet_batches(path: Path, rows: int = 500_000, sources: tuple[str, ...] =
     try:
         parquet = pq.ParquetFile(path)
         names = parquet.schema_arrow.names
-        wanted = [name for name in _read_columns(names, sources) if name in names]
+        read, renamed = _read_columns(names, sources)
+        wanted = [name for name in read if name in names]
         total = parquet.metadata.num_rows
     except READ_ERRORS as exc:
         raise _damage(exc) from exc
@@ -522,8 +540,13 @@ def _parquet_batches(path: Path, rows: int = 500_000, sources: tuple[str, ...] =
     for group in range(parquet.num_row_groups):
         batches = parquet.iter_batches(batch_size=rows, row_groups=[group], columns=wanted, use_threads=False)
         for batch in _until_damaged(batches, lambda: f"rows {first} to {total} of {total} unreadable: "):  # noqa: B023
-            yield _flat_table(pa.Table.from_batches([batch]), list(range(first, first + batch.num_rows)), sources)
+            table = _renamed(pa.Table.from_batches([batch]), renamed)
+            yield _flat_table(table, list(range(first, first + batch.num_rows)), sources)
             first += batch.num_rows
+
+
+def _renamed(table: pa.Table, renamed: dict[str, str]) -> pa.Table:
+    return table.rename_columns([renamed.get(name, name) for name in table.column_names]) if renamed else table
 
 
 def _source_column(i: int) -> str:
