@@ -231,7 +231,7 @@ def summary(before: tuple[int, int] | None = None) -> str:
             "FROM user_profiles"
         ).fetchall()[0]
         groups = con.execute(
-            "SELECT id || ' ' || name || ' (' || round(100 * share) || '%)' FROM segment_catalog "
+            "SELECT id || ' ' || name || ' (' || round(100 * share, 1) || '%)' FROM segment_catalog "
             "WHERE level = 'segment' ORDER BY people DESC"
         ).fetchall()
         stamped = con.execute(
