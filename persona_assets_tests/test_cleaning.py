@@ -95,3 +95,34 @@ def test_settings_are_validated():
         CleaningOptions(outlier_method="magic")
     with pytest.raises(ValueError, match="missing_attributes"):
         CleaningOptions(missing_attributes=("shoe_size",))
+
+
+def test_birth_dates_in_the_forms_linkage_reads_give_ages(tmp_path):
+    # FEBRL writes 19500612; a European form writes 14/07/1961; both are dates, as linkage reads them.
+    import json
+
+    from persona_assets.core.identity import IdentityOptions, resolve
+    from persona_assets.core.ingest import ingest
+
+    births = {"u1": "19500612", "u2": "14/07/1961", "u3": "1961-07-14", "u4": "7.14.1990", "u5": "soon"}
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "people.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {"type": "identify", "userId": u, "traits": {"birthday": b}, "timestamp": "2025-03-01T00:00:00Z"}
+            )
+            + "\n"
+            for u, b in births.items()
+        )
+    )
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        ingest(con, landing, b"k")
+        resolve(con, IdentityOptions(linkage=False))
+        clean(con)
+        got = con.execute(
+            """SELECT m.identifier, c.age, c.trait_issues FROM cleaned_users c
+               JOIN identity_map m ON m.person_id = c.person_id AND m.identifier_type = 'user_id' ORDER BY 1"""
+        ).fetchall()
+    assert [(u, age) for u, age, _ in got] == [("u1", 75), ("u2", 64), ("u3", 64), ("u4", 35), ("u5", None)]
+    assert [list(issues or []) for _, _, issues in got] == [[], [], [], [], ["birthday_not_a_date"]]

@@ -18,7 +18,15 @@ import pandas as pd
 from persona_assets.contracts import CleanedUsers, Sessions
 from persona_assets.core import refresh
 from persona_assets.core.engine import SparkTables
-from persona_assets.core.identity import COUNTRIES, GENDERS, MAX_AGE, MIN_AGE, PERSON_EVENTS, stage_scope_events
+from persona_assets.core.identity import (
+    COUNTRIES,
+    GENDERS,
+    MAX_AGE,
+    MIN_AGE,
+    PERSON_EVENTS,
+    birth_date_sql,
+    stage_scope_events,
+)
 from persona_assets.core.options import setting
 from persona_assets.core.stage import StageResult
 from persona_assets.core.warehouse import DATA_AS_OF, Scratch, bind, data_as_of, replace_tables, scratch
@@ -293,7 +301,7 @@ def _trait_ctes(events: str, people: str) -> str:
   SELECT d.person_id, d.first_seen_at, d.last_seen_at, d.email_hash IS NOT NULL AS has_email,
          d.phone_hash IS NOT NULL AS has_phone, d.postal_code,
          TRY_CAST(d.age AS DOUBLE) AS age_number,
-         year($as_of::DATE) - year(TRY_CAST(d.birthday AS DATE)) AS birthday_age, d.birthday,
+         year($as_of::DATE) - year({birth_date_sql("d.birthday")}) AS birthday_age, d.birthday,
          gv.gender, cv.country,
          -- The latest values given, valid or not (a person's own events; else what survived).
          coalesce(l.latest_age, d.age) AS latest_age, coalesce(l.latest_birthday, d.birthday) AS latest_birthday,
@@ -314,7 +322,7 @@ def _trait_ctes(events: str, people: str) -> str:
     list_filter([
       CASE WHEN latest_age IS NOT NULL AND TRY_CAST(latest_age AS DOUBLE) IS NULL THEN 'age_not_a_number' END,
       CASE WHEN NOT TRY_CAST(latest_age AS DOUBLE) BETWEEN $min_age AND $max_age THEN 'age_out_of_range' END,
-      CASE WHEN latest_birthday IS NOT NULL AND TRY_CAST(latest_birthday AS DATE) IS NULL THEN 'birthday_not_a_date' END,
+      CASE WHEN latest_birthday IS NOT NULL AND {birth_date_sql("latest_birthday")} IS NULL THEN 'birthday_not_a_date' END,
       CASE WHEN gender_unknown THEN 'gender_unrecognized' END,
       CASE WHEN country_unknown THEN 'country_unrecognized' END
     ], lambda x: x IS NOT NULL) AS trait_issues
@@ -457,8 +465,8 @@ def _scope_sources(con: duckdb.DuckDBPyConnection, opts: CleaningOptions, p: ref
         con,
         """SELECT person_id FROM deduped_users WHERE birthday IS NOT NULL
            AND NOT coalesce(TRY_CAST(age AS DOUBLE) BETWEEN $min_age AND $max_age, false)
-           AND year($old::DATE) - year(TRY_CAST(birthday AS DATE))
-               IS DISTINCT FROM year($new::DATE) - year(TRY_CAST(birthday AS DATE))""",
+           AND year($old::DATE) - year({birthday})
+               IS DISTINCT FROM year($new::DATE) - year({birthday})""".format(birthday=birth_date_sql("birthday")),
         {"old": p.previous_as_of or as_of, "new": as_of, "min_age": opts.min_age, "max_age": opts.max_age},
     )
     stage_scope_events(con, p.scope, EVENT_COLUMNS)

@@ -314,9 +314,28 @@ def _in(expr: str, values) -> str:
     return f"{expr} IN ({', '.join(sql_literal(v) for v in sorted(values))})"
 
 
+def birth_date_sql(col: str) -> str:
+    """A birth date as a DATE, in SQL both engines run: what casts to a date (ISO), YYYYMMDD, or a
+    day-first D/M/YYYY with `.`, `/` or `-` (month-first when the second number cannot be a
+    month), the forms linkage compares (`linkage._date`); NULL otherwise."""
+    v = f"trim(CAST({col} AS VARCHAR))"
+    # No braces in the patterns: the SQL is pasted into templates that `str.format` fills.
+    digits = "[0-9]"
+    dmy = f"({digits}{digits}?)[./-]({digits}{digits}?)[./-]({digits * 4})"
+    first, second, year = (f"regexp_extract({v}, '{dmy}', {i})" for i in (1, 2, 3))
+    swap = f"coalesce(TRY_CAST({second} AS INT) > 12, false)"
+    day, month = (f"CASE WHEN {swap} THEN {a} ELSE {b} END" for a, b in ((second, first), (first, second)))
+    compact = f"substr({v}, 1, 4) || '-' || substr({v}, 5, 2) || '-' || substr({v}, 7, 2)"
+    return f"""coalesce(TRY_CAST({v} AS DATE), CASE
+        WHEN regexp_full_match({v}, '{digits * 8}') THEN TRY_CAST({compact} AS DATE)
+        WHEN regexp_full_match({v}, '{dmy}')
+          THEN TRY_CAST({year} || '-' || lpad({month}, 2, '0') || '-' || lpad({day}, 2, '0') AS DATE)
+        END)"""
+
+
 VALID_TRAITS = {
     "age": f"TRY_CAST(age AS DOUBLE) BETWEEN {MIN_AGE} AND {MAX_AGE}",
-    "birthday": "TRY_CAST(birthday AS DATE) IS NOT NULL",
+    "birthday": f"{birth_date_sql('birthday')} IS NOT NULL",
     "gender": _in("lower(trim(gender))", {a for aliases in GENDERS.values() for a in aliases}),
     "country": _in("upper(trim(country))", COUNTRIES),
 }
