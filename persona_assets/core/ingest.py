@@ -428,7 +428,8 @@ def _read_columns(names: list[str], sources: tuple[str, ...]) -> tuple[list[str]
     exact name and only one has the loose one). A file naming one of them twice is ambiguous, so it
     is refused whole."""
     # A nested source (`ecommerce.purchase_revenue`) not named as a column is read from its first key's.
-    nested = {s: _top_key(s) for s in sources if s not in names and _top_key(s) not in (None, s)}
+    tops = {s: _top_key(s) for s in sources if s not in names}
+    nested = {s: top for s, top in tops.items() if top not in (None, s)}
     own = [s for s in sources if s not in nested]
     desired = list(dict.fromkeys((*FLAT_COLUMNS, *own, *nested.values())))
     loose: dict[str, list[str]] = {}
@@ -613,34 +614,36 @@ def _nested_text(table: pa.Table, source: str) -> pa.Array | None:
     if top is None or top not in table.column_names:
         return None
     rest = json_path(source)[len(json_path(top)) :]
-    column = table[top].combine_chunks()
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
-    as_text = not pa.types.is_nested(column.type)
-    if as_text:
-        column, _ = _text(table[top])
-    document = "CASE WHEN json_valid(v) THEN v::JSON END" if as_text else "to_json(v)"
+    kind = table.schema.field(top).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if pa.types.is_nested(kind):
+        column, document = table[top].combine_chunks(), "to_json(v)"
+    else:
+        column, document = _text(table[top])[0], "CASE WHEN json_valid(v) THEN v::JSON END"
+    return _each_value(
+        column,
+        f"json_extract_string({document}, $path)",
+        {"path": "$" + rest},
+        f"column {top!r} cannot be read for {source!r}: ",
+    )
+
+
+def _each_value(values: pa.Array, expr: str, params: dict, what: str) -> pa.Array:
+    """DuckDB's `expr` of each value `v`, in order, in a connection of its own (so an error here is
+    no error of the warehouse's); one it cannot compute is UnreadableFile, saying `what`."""
     with duckdb.connect() as scratch:
         try:
-            scratch.register("_values", pa.table({"i": np.arange(len(column)), "v": column}))
-            result = scratch.execute(
-                f"SELECT json_extract_string({document}, $path) AS v FROM _values ORDER BY i", {"path": "$" + rest}
-            ).to_arrow_table()
+            scratch.register("_values", pa.table({"i": np.arange(len(values)), "v": values}))
+            result = scratch.execute(f"SELECT {expr} AS v FROM _values ORDER BY i", params).to_arrow_table()
         except READ_ERRORS as exc:
-            raise _damage(exc, f"column {top!r} cannot be read for {source!r}: ") from exc
+            raise _damage(exc, what) from exc
     return result["v"].combine_chunks()
 
 
 def _json_text(values: pa.Array) -> pa.Array:
-    """Values as JSON text, written by DuckDB (in a connection of its own, so an error here is no
-    error of the warehouse's)."""
-    with duckdb.connect() as scratch:
-        try:
-            scratch.register("_values", pa.table({"i": np.arange(len(values)), "v": values}))
-            result = scratch.execute("SELECT to_json(v)::VARCHAR AS v FROM _values ORDER BY i").to_arrow_table()
-        except READ_ERRORS as exc:
-            raise _damage(exc, f"values of type {values.type} cannot be read as text: ") from exc
-    return result["v"].combine_chunks()
+    """Values as JSON text, written by DuckDB."""
+    return _each_value(values, "to_json(v)::VARCHAR", {}, f"values of type {values.type} cannot be read as text: ")
 
 
 def _bad_rows_table(rows: list[tuple[int, str]], sources: tuple[str, ...] = ()) -> pa.Table:
